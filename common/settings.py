@@ -1,0 +1,54 @@
+"""All configuration of fgs, in one pydantic-settings object read once (environment prefix FGS_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FGS_", extra="ignore")
+
+    redis_url: str | None = Field(default=None, description="redis://host:port/db; unset: fgs up starts a local one")
+    redis_prefix: str = Field(default="fgs", description="key prefix for everything fgs stores in Redis")
+    data_dir: Path = Path(".fgs")
+    model: str = Field(default="fgs-digits", description="'fgs-digits' (embedded), 'tiny' (random weights) or a diffusers directory")
+    api_keys_file: Path | None = None
+    api_keys: str | None = Field(default=None, description="the keys file's JSON inline (for containers without a mounted file)")
+    dev_api_key: str | None = None
+    dev_tenant: str = "dev"
+    device: str | None = Field(default=None, description="torch device for the worker; default cuda if present else cpu")
+
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_queued_images_per_tenant: int = 2_000_000
+    job_timeout_s: int = 3600
+    job_retries: int = 2
+    max_batch_images: int = 8
+    classifier_cache_size: int = 8
+    heartbeat_s: float = 5.0
+
+    # Service
+    host: str = "127.0.0.1"
+    port: int = 8000
+    state_dir: Path = Field(default=Path(".fgs/state"), description="where `fgs up` keeps its local redis-server data")
+    max_classifier_bytes: int = 512 * 1024 * 1024
+    classifier_check_timeout_s: float = 120.0
+    classifier_check: bool = Field(
+        default=True,
+        description="run uploaded classifiers once in a subprocess (needs the worker extra) before accepting them",
+    )
+    idempotency_ttl_s: int = 24 * 3600
+    job_record_ttl_s: int = 30 * 24 * 3600
+    retry_backoff_s: list[int] = Field(default_factory=lambda: [5, 30])
+    worker_queue_poll_s: int = Field(default=1, ge=1, description="how often an idle worker looks for new tenant queues")
+    sse_poll_s: float = 0.25
+    worker_name: str | None = Field(default=None, description="name of this worker in Redis and metrics; default host-random")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,219 @@
+"""The wire format of fgs API v1: the one definition, imported by service, worker and client.
+
+Pulls in neither torch nor FastAPI. Defaults follow the paper (Askari-Hemmat et al., TMLR 2024, App. G/J):
+30 DDIM steps, feedback every 5 steps.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_IMAGES_PER_JOB = 256
+
+
+class Criterion(str, Enum):
+    """Feedback criterion C(x, y, f_phi) of Eq. 1 (paper section 2.1.1)."""
+
+    none = "none"
+    loss = "loss"  # Eq. 2: cross-entropy of class y
+    entropy = "entropy"  # Eq. 4: entropy of the classifier's softmax
+    hardness = "hardness"  # Eq. 5: Mahalanobis hardness score
+
+
+class GradientPath(str, Enum):
+    """How d C / d z_t is taken through the DDIM predicted x0."""
+
+    unet = "unet"  # back-propagate through the UNet's noise prediction, as the paper's released code does
+    constant_eps = "constant_eps"  # treat the noise prediction as constant: dx0/dz_t = 1/sqrt(alpha_t)
+
+
+class FeedbackResolution(str, Enum):
+    """At which size the VAE decodes the predicted x0 for the classifier."""
+
+    full = "full"  # decode at full size, then resize to the classifier input (the paper's code)
+    classifier = "classifier"  # resize the latents so the VAE decodes straight at the classifier's input size
+
+
+class JobState(str, Enum):
+    """One job lifecycle for worker, API and client."""
+
+    queued = "queued"
+    running = "running"
+    finished = "finished"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.finished, JobState.failed, JobState.canceled)
+
+
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+class GenerateRequest(BaseModel):
+    """Body of POST /v1/generate: N images of one class, optionally steered by the team's classifier."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    prompt: Annotated[str, Field(min_length=1, max_length=1000)]
+    class_index: Annotated[int, Field(ge=0)]
+    conditioning_image_ids: Annotated[list[str], Field(default_factory=list, max_length=MAX_IMAGES_PER_JOB)]
+    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES_PER_JOB)] = 1
+    criterion: Criterion = Criterion.none
+    omega: float = 0.0
+    gamma: float = 3.0
+    dropout_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    classifier_id: str | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    steps: Annotated[int, Field(ge=1, le=1000)] = 30
+    guidance_every: Annotated[int, Field(ge=1, le=1000)] = 5
+    width: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)] = None
+    height: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)] = None
+    noise_level: Annotated[int, Field(ge=0, le=999)] = 0
+    gradient_path: GradientPath = GradientPath.unet
+    feedback_resolution: FeedbackResolution = FeedbackResolution.full
+
+    @field_validator("omega", "gamma")
+    @classmethod
+    def _check_finite(cls, value: float, info) -> float:
+        return _finite(info.field_name, value)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "GenerateRequest":
+        n_ids = len(self.conditioning_image_ids)
+        if n_ids not in (0, 1, self.num_images):
+            raise ValueError(
+                f"conditioning_image_ids must hold one id (used for every image) or num_images={self.num_images} ids, got {n_ids}"
+            )
+        if self.steps < self.guidance_every:
+            raise ValueError(f"steps ({self.steps}) must be at least guidance_every ({self.guidance_every})")
+        if self.criterion is not Criterion.none and self.classifier_id is None:
+            raise ValueError(f"criterion '{self.criterion.value}' needs a classifier_id")
+        if self.omega < 0:
+            raise ValueError("omega must be >= 0")
+        return self
+
+    def seeds(self) -> list[int]:
+        """One seed per image: image i of a job uses seed + i, so a job is reproducible image by image."""
+        return [self.seed + i for i in range(self.num_images)]
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+
+
+class JobProgress(BaseModel):
+    images_done: int = 0
+    images_total: int = 0
+    step: int = 0
+    steps_total: int = 0
+
+
+class ImageResult(BaseModel):
+    image_id: str
+    seed: int
+    criterion_value: float | None = None
+    predicted_class: int | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    job_id: str
+    state: JobState
+    request: GenerateRequest
+    progress: JobProgress
+    results: list[ImageResult] = Field(default_factory=list)
+    error: JobError | None = None
+    batch_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    jobs: Annotated[list[GenerateRequest], Field(min_length=1, max_length=10_000)]
+
+
+class BatchAccepted(BaseModel):
+    batch_id: str
+    job_ids: list[str]
+
+
+class BatchPublic(BaseModel):
+    batch_id: str
+    job_ids: list[str]
+    counts: dict[JobState, int]
+    images_done: int
+    images_total: int
+
+
+class ImageUploaded(BaseModel):
+    id: str
+    width: int
+    height: int
+
+
+class ClassifierOutput(str, Enum):
+    """What the archive's forward returns."""
+
+    logits = "logits"
+    logits_embedding = "logits_embedding"  # a tuple (logits, embedding): the embedding feeds the hardness score
+
+
+class ClassifierSpec(BaseModel):
+    """The JSON that travels with an uploaded classifier archive."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_classes: Annotated[int, Field(ge=2, le=100_000)]
+    class_names: list[str] | None = None
+    input_size: Annotated[int, Field(ge=8, le=1024)]
+    in_channels: Literal[1, 3] = 3
+    mean: Annotated[list[float], Field(min_length=1, max_length=3)] = [0.5, 0.5, 0.5]
+    std: Annotated[list[float], Field(min_length=1, max_length=3)] = [0.5, 0.5, 0.5]
+    output: ClassifierOutput = ClassifierOutput.logits
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClassifierSpec":
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {self.num_classes}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, self.in_channels):
+                raise ValueError(f"{name} must have 1 or in_channels={self.in_channels} values")
+        if any(s <= 0 or not math.isfinite(s) for s in self.std):
+            raise ValueError("std values must be positive and finite")
+        return self
+
+
+class ClassifierUploaded(BaseModel):
+    id: str
+    spec: ClassifierSpec
+    has_hardness_stats: bool
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class JobsPublic(BaseModel):
+    jobs: list[JobPublic]
+    count: int

@@ -1,0 +1,269 @@
+"""The feedback-guided DDIM sampler on the tiny unCLIP pipeline, saved to disk and reloaded (issue 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import StableUnCLIPImg2ImgPipeline
+
+from fgs_common.wire import ClassifierOutput, ClassifierSpec, Criterion, FeedbackResolution, GradientPath
+from fgs_worker.classifier_registry import load_classifier
+from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
+from fgs_worker.guidance.hardness_stats import HardnessStats
+from fgs_worker.model_loading import load_pipeline
+from fgs_worker.small_cnn import SmallCNN, export_classifier
+from fgs_worker.tiny_model import TinyConfig, save_tiny_model
+
+PROMPT = "a handwritten digit seven"
+
+
+def random_images(n: int, seed: int = 0, size: int = 32) -> list[PIL.Image.Image]:
+    rng = np.random.RandomState(seed)
+    return [PIL.Image.fromarray((rng.rand(size, size, 3) * 255).astype(np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """SD 2.1 unCLIP predicts v; the tiny model does too."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-v"), TinyConfig(prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="module")
+def epsilon_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-eps"), TinyConfig(prediction_type="epsilon"))
+
+
+@pytest.fixture(scope="module")
+def sampler(model_dir) -> GuidedDDIMSampler:
+    return GuidedDDIMSampler(load_pipeline(str(model_dir), device="cpu"))
+
+
+def make_classifier(directory: Path, input_size: int = 32, sharpen: float = 30.0, seed: int = 0):
+    """A random SmallCNN whose head is scaled up so its predictions are confident (entropy well below log K)."""
+    torch.manual_seed(seed)
+    model = SmallCNN(num_classes=10, width=8, embedding_dim=16)
+    with torch.no_grad():
+        model.head.weight.mul_(sharpen)
+    spec = ClassifierSpec(num_classes=10, input_size=input_size, output=ClassifierOutput.logits_embedding)
+    archive, _ = export_classifier(model, directory, spec)
+    return archive, spec, model
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, sampler):
+    directory = tmp_path_factory.mktemp("classifier")
+    archive, spec, model = make_classifier(directory)
+    # Hardness statistics from the classifier's embeddings of random images, 30 per class label.
+    pixels = torch.rand(300, 3, 32, 32)
+    with torch.no_grad():
+        _, embeddings = model.eval()((pixels - 0.5) / 0.5)
+    stats = HardnessStats.fit(embeddings, torch.arange(300) % 10, num_classes=10)
+    stats_path = directory / "stats.safetensors"
+    stats.save(stats_path)
+    return load_classifier(archive, spec, stats_path)
+
+
+def run(sampler, **kwargs):
+    arguments = dict(prompt=PROMPT, class_index=7, steps=10, guidance_every=2, gamma=3.0)
+    arguments.update(kwargs)
+    return sampler(**arguments)
+
+
+def diffusers_reference(sampler, images, seeds, steps=10, **kwargs) -> np.ndarray:
+    pipe: StableUnCLIPImg2ImgPipeline = sampler.pipeline
+    return pipe(
+        prompt=[PROMPT] * len(seeds),
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        output_type="np",
+        **({"image": images} if images is not None else {}),
+        **kwargs,
+    ).images
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_unguided_output_equals_diffusers_pipeline(sampler, batch):
+    assert_equals_diffusers(sampler, batch)
+
+
+def test_epsilon_prediction_model_also_equals_diffusers(epsilon_model_dir):
+    sampler = GuidedDDIMSampler(load_pipeline(str(epsilon_model_dir), device="cpu"))
+    assert sampler.pipeline.scheduler.config.prediction_type == "epsilon"
+    assert_equals_diffusers(sampler, 2)
+
+
+def assert_equals_diffusers(sampler, batch):
+    images, seeds = random_images(batch), [11 + i for i in range(batch)]
+    ours = run(sampler, conditioning_images=images, seeds=seeds).pixels.permute(0, 2, 3, 1).numpy()
+    reference = diffusers_reference(sampler, images, seeds)
+    assert ours.shape == reference.shape == (batch, 32, 32, 3)
+    assert np.abs(ours - reference).max() <= 1e-4
+
+
+def test_dropout_one_reproduces_text_only_conditioning(sampler):
+    seeds = [3, 4]
+    dropped = run(sampler, conditioning_images=random_images(1), seeds=seeds, dropout_p=1.0).pixels
+    text_only = run(sampler, conditioning_images=[], seeds=seeds).pixels
+    reference = diffusers_reference(sampler, None, seeds, image_embeds=torch.zeros(2, 32))
+    assert torch.equal(dropped, text_only)
+    assert np.abs(text_only.permute(0, 2, 3, 1).numpy() - reference).max() <= 1e-4
+
+
+def test_pixel_diversity_across_seeds_grows_with_dropout(sampler):
+    image = random_images(1, seed=5)
+    seeds = list(range(8))
+
+    def diversity(p: float) -> float:
+        pixels = run(sampler, conditioning_images=image, seeds=seeds, dropout_p=p).pixels.flatten(1)
+        return torch.pdist(pixels).mean().item()
+
+    values = [diversity(p) for p in (0.0, 0.5, 0.9)]
+    assert values[0] < values[1] < values[2], values
+
+
+@pytest.mark.parametrize("path", list(GradientPath))
+def test_batch_of_four_equals_four_single_calls_with_feedback(sampler, classifier, path):
+    images, seeds = random_images(4, seed=2), [21, 22, 23, 24]
+    common = dict(criterion="entropy", omega=0.2, classifier=classifier, dropout_p=0.3, gradient_path=path)
+    batch = run(sampler, conditioning_images=images, seeds=seeds, **common)
+    for i, seed in enumerate(seeds):
+        single = run(sampler, conditioning_images=[images[i]], seeds=[seed], **common)
+        assert (single.pixels[0] - batch.pixels[i]).abs().max().item() <= 1e-4
+        assert single.criterion_values[0] == pytest.approx(batch.criterion_values[i], abs=1e-4)
+
+
+@pytest.mark.parametrize("criterion", [Criterion.loss, Criterion.entropy, Criterion.hardness])
+@pytest.mark.parametrize(
+    "path, resolution",
+    [(GradientPath.unet, FeedbackResolution.full), (GradientPath.constant_eps, FeedbackResolution.classifier)],
+)
+def test_feedback_raises_the_mean_final_criterion(sampler, classifier, criterion, path, resolution):
+    images, seeds = random_images(1, seed=7), list(range(100, 108))
+    common = dict(conditioning_images=images, seeds=seeds, criterion=criterion, classifier=classifier,
+                  gradient_path=path, feedback_resolution=resolution)
+    plain = run(sampler, omega=0.0, **common)
+    guided = run(sampler, omega=0.5, **common)
+    assert len(guided.criterion_values) == 8 and len(guided.probabilities[0]) == 10
+    assert np.mean(guided.criterion_values) > np.mean(plain.criterion_values) + 1e-3
+
+
+def test_feedback_resolution_decodes_at_the_classifier_size(sampler, tmp_path):
+    archive, spec, _ = make_classifier(tmp_path, input_size=16)
+    small = load_classifier(archive, spec)
+    latents = torch.randn(2, 4, 8, 8)
+    full = sampler.decode_for_classifier(latents, small, FeedbackResolution.full)
+    reduced = sampler.decode_for_classifier(latents, small, FeedbackResolution.classifier)
+    assert full.shape[-2:] == (32, 32) and reduced.shape[-2:] == (16, 16)
+    guided = run(sampler, conditioning_images=random_images(1), seeds=[1, 2], criterion="entropy", omega=0.3,
+                 classifier=small, feedback_resolution="classifier")
+    assert len(guided.images) == 2 and guided.images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "prediction, path",
+    [("v", GradientPath.unet), ("v", GradientPath.constant_eps), ("epsilon", GradientPath.unet)],
+)
+def test_criterion_gradient_matches_finite_differences_in_float64(model_dir, epsilon_model_dir, tmp_path, prediction, path):
+    directory = model_dir if prediction == "v" else epsilon_model_dir
+    pipe = load_pipeline(str(directory), device="cpu", dtype=torch.float64)
+    sampler = GuidedDDIMSampler(pipe)
+    archive, spec, _ = make_classifier(tmp_path, sharpen=3.0)
+    clf = load_classifier(archive, spec, dtype=torch.float64)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[3]
+    alpha_t = scheduler.alphas_cumprod[t].to(torch.float64)
+    generators = [torch.Generator().manual_seed(0)]
+    prompt_embeds, _ = pipe.encode_prompt(prompt=[PROMPT], device="cpu", num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    image_embeds = sampler._image_embeddings(random_images(1), [0], 0.0, 0, generators)
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    guided_output = torch.randn_like(z0)
+    kwargs = dict(t=t, alpha_t=alpha_t, scheduler=scheduler, guided_output=guided_output,
+                  cond_prompt_embeds=prompt_embeds, cond_image_embeds=image_embeds, classifier=clf,
+                  criterion=Criterion.entropy, labels=torch.tensor([7]), gradient_path=path,
+                  resolution=FeedbackResolution.full)
+
+    def criterion_at(z):
+        return sampler.feedback_criterion(z, **kwargs).sum()
+
+    z = z0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(criterion_at(z), z)
+    directions = torch.randn(24, *z0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    h = 1e-5
+    with torch.no_grad():
+        if path is GradientPath.constant_eps:
+            # Hold eps_hat at its value for z0, exactly as the constant path differentiates.
+            eps0 = sampler._predicted_noise(scheduler, guided_output, z0, alpha_t)
+            kwargs["guided_output"] = None
+            def criterion_at(z):  # noqa: F811
+                x0 = (z - (1 - alpha_t).sqrt() * eps0) / alpha_t.sqrt()
+                logits, _ = clf(sampler.decode_for_classifier(x0, clf, FeedbackResolution.full))
+                from fgs_worker.guidance.criteria import entropy
+                return entropy(logits).sum()
+        finite = torch.stack([(criterion_at(z0 + h * d) - criterion_at(z0 - h * d)) / (2 * h) for d in directions])
+    analytic = (directions * grad).flatten(1).sum(1)
+    cosine = torch.nn.functional.cosine_similarity(finite, analytic, dim=0).item()
+    assert cosine >= 0.99, cosine
+    assert grad.abs().sum() > 0
+
+
+def test_gradient_paths_differ(sampler, classifier):
+    common = dict(conditioning_images=random_images(1), seeds=[5], criterion="entropy", omega=0.5, classifier=classifier)
+    through_unet = run(sampler, gradient_path="unet", **common).pixels
+    constant = run(sampler, gradient_path="constant_eps", **common).pixels
+    assert (through_unet - constant).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "arguments, named",
+    [
+        (dict(criterion="sharpness"), "criterion"),
+        (dict(omega=float("nan"), criterion="entropy"), "omega"),
+        (dict(omega=float("inf"), criterion="entropy"), "omega"),
+        (dict(gamma=float("nan")), "gamma"),
+        (dict(steps=3, guidance_every=5), "guidance_every"),
+        (dict(conditioning_images=random_images(2), seeds=[1, 2, 3]), "conditioning_images"),
+        (dict(criterion="hardness", omega=0.1, use_stats=False), "hardness"),
+        (dict(criterion="entropy", omega=0.1, class_index=12), "class_index"),
+        (dict(criterion="entropy", omega=0.1, no_classifier=True), "classifier"),
+        (dict(dropout_p=1.5), "dropout_p"),
+        (dict(noise_level=1000), "noise_level"),
+        (dict(width=30), "width"),
+    ],
+)
+def test_bad_arguments_raise_a_clear_error(sampler, classifier, tmp_path, arguments, named):
+    arguments = dict(arguments)
+    clf = classifier
+    if arguments.pop("use_stats", True) is False:
+        archive, spec, _ = make_classifier(tmp_path)
+        clf = load_classifier(archive, spec)
+    if arguments.pop("no_classifier", False):
+        clf = None
+    arguments.setdefault("seeds", [1])
+    with pytest.raises(ValueError, match=named):
+        run(sampler, classifier=clf, **arguments)
+
+
+def test_classifier_with_wrong_number_of_classes_is_refused(tmp_path):
+    from fgs_worker.classifier_registry import InvalidClassifier
+
+    archive, _, _ = make_classifier(tmp_path)
+    wrong = ClassifierSpec(num_classes=7, input_size=32, output=ClassifierOutput.logits_embedding)
+    with pytest.raises(InvalidClassifier, match="num_classes"):
+        load_classifier(archive, wrong)
+
+
+def test_a_pickle_is_never_loaded_as_a_classifier(tmp_path):
+    from fgs_worker.classifier_registry import InvalidClassifier
+
+    path = tmp_path / "model.pt"
+    torch.save(SmallCNN(10).state_dict(), path)
+    spec = ClassifierSpec(num_classes=10, input_size=32)
+    with pytest.raises(InvalidClassifier, match="pickle"):
+        load_classifier(path, spec)

@@ -1,0 +1,357 @@
+"""Feedback-guided DDIM sampling on a StableUnCLIP img2img pipeline.
+
+Askari-Hemmat et al., "Feedback-guided Data Synthesis for Imbalanced Classification" (TMLR 2024). The score
+this loop follows is Eq. 1 (derived in App. A.1):
+
+    grad log p(x | h, y) = grad log p(x) + gamma * grad log p(y | x) + omega * grad C(x, y, f_phi)
+                           \\_____ classifier-free guidance (Eq. 12) ____/   \\__ feedback (Eq. 2-6) __/
+
+Notation (latent diffusion, section 2.1.2):
+    z_t        latents at DDIM timestep t          alpha_t    the scheduler's cumulative alpha product
+    eps_hat    predicted noise (from eps or v)     x0_hat     DDIM predicted x0 (Eq. 11, first term)
+    C          criterion (criteria.py)             omega      feedback scale; gamma: CFG scale
+
+Conditioning (section 2.2, 2.3): the class prompt, and the CLIP embedding of a real image of the class with
+dropout p on the embedding, noise-augmented as unCLIP does. With omega = 0 and p = 0 this loop computes exactly
+what diffusers' StableUnCLIPImg2ImgPipeline computes for the same components and seeds (tested).
+
+Every image of a batch has its own seed, conditioning image and dropout mask; nothing in image i depends on
+the other images, so a batch of B gives the same images as B single calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import StableUnCLIPImg2ImgPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+from fgs_common.wire import Criterion, FeedbackResolution, GradientPath
+from fgs_worker.classifier_registry import LoadedClassifier
+from fgs_worker.guidance import criteria
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class SampleOutput:
+    images: list[PIL.Image.Image]
+    pixels: torch.Tensor  # [B, 3, H, W] float in [0, 1], before 8-bit rounding
+    criterion_values: list[float] | None  # C of each final image under the classifier
+    probabilities: list[list[float]] | None  # the classifier's softmax of each final image
+
+
+def _dropout_generator(seed: int) -> torch.Generator:
+    """A generator for image i's dropout mask, independent of its noise stream (a different, fixed seed)."""
+    return torch.Generator().manual_seed((seed * 6364136223846793005 + 1442695040888963407) % 2**63)
+
+
+class GuidedDDIMSampler:
+    """Feedback-guided DDIM over the components of a loaded StableUnCLIPImg2ImgPipeline.
+
+    Stateless between calls except for the pipeline's weights: each call builds its own scheduler from the
+    pipeline's config, so concurrent jobs never share scheduler state.
+    """
+
+    def __init__(self, pipeline: StableUnCLIPImg2ImgPipeline):
+        self.pipeline = pipeline
+        self.vae_scale_factor = pipeline.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.unet.dtype
+
+    # ------------------------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        *,
+        prompt: str,
+        class_index: int,
+        conditioning_images: Sequence[PIL.Image.Image],
+        seeds: Sequence[int],
+        criterion: Criterion,
+        omega: float,
+        gamma: float,
+        dropout_p: float,
+        classifier: LoadedClassifier | None,
+        steps: int,
+        guidance_every: int,
+        width: int,
+        height: int,
+        noise_level: int,
+    ) -> None:
+        """Raise ValueError naming the first bad argument; runs before any model work."""
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt must be a non-empty string")
+        if len(seeds) < 1:
+            raise ValueError("seeds must hold one seed per image (at least one)")
+        if len(conditioning_images) not in (0, 1, len(seeds)):
+            raise ValueError(
+                f"conditioning_images must hold 0 (text only), 1 (shared) or {len(seeds)} (one per seed) images, "
+                f"got {len(conditioning_images)}"
+            )
+        for name, value in (("omega", omega), ("gamma", gamma), ("dropout_p", dropout_p)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if not 0.0 <= dropout_p <= 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if guidance_every < 1 or steps < guidance_every:
+            raise ValueError(f"guidance_every must be in [1, steps={steps}], got {guidance_every}")
+        if width % self.vae_scale_factor or height % self.vae_scale_factor or width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive multiples of {self.vae_scale_factor}, got {width}x{height}")
+        max_noise = self.pipeline.image_noising_scheduler.config.num_train_timesteps
+        if not 0 <= noise_level < max_noise:
+            raise ValueError(f"noise_level must be in [0, {max_noise - 1}], got {noise_level}")
+        if criterion is Criterion.none:
+            return
+        if classifier is None:
+            raise ValueError(f"criterion '{criterion.value}' needs a classifier")
+        if not 0 <= class_index < classifier.num_classes:
+            raise ValueError(
+                f"class_index {class_index} is outside the classifier's {classifier.num_classes} classes "
+                "(classifier with the wrong number of classes?)"
+            )
+        if criterion is Criterion.hardness and classifier.hardness_stats is None:
+            raise ValueError("criterion 'hardness' needs a classifier uploaded with hardness statistics")
+
+    # ------------------------------------------------------------------------------------------------------
+    def _image_embeddings(
+        self,
+        conditioning_images: Sequence[PIL.Image.Image],
+        seeds: Sequence[int],
+        dropout_p: float,
+        noise_level: int,
+        generators: list[torch.Generator],
+    ) -> torch.Tensor:
+        """CLIP image embedding per image, dropout p (section 2.3), then unCLIP noise augmentation."""
+        pipe = self.pipeline
+        batch = len(seeds)
+        embed_dim = pipe.image_normalizer.mean.shape[-1]
+        if conditioning_images:
+            pixel_values = pipe.feature_extractor(images=list(conditioning_images), return_tensors="pt").pixel_values
+            embeds = pipe.image_encoder(pixel_values.to(self.device, pipe.image_encoder.dtype)).image_embeds
+            if embeds.shape[0] == 1:
+                embeds = embeds.expand(batch, -1)
+        else:
+            # Text only: a zero image embedding, as unCLIP's unconditional branch.
+            embeds = torch.zeros(batch, embed_dim, device=self.device, dtype=pipe.image_encoder.dtype)
+        if dropout_p > 0:
+            # Section 2.3: drop embedding units with probability p (inverted-dropout scaling keeps the expected
+            # embedding), a mask per image from its own seed. p = 1 is the text-only zero embedding.
+            keep = torch.stack(
+                [torch.rand(embed_dim, generator=_dropout_generator(seed)) >= dropout_p for seed in seeds]
+            ).to(self.device)
+            scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
+            embeds = embeds * keep.to(embeds.dtype) * scale
+        # unCLIP noise augmentation: normalise, add noise at `noise_level`, append the level's timestep embedding.
+        return pipe.noise_image_embeddings(image_embeds=embeds, noise_level=noise_level, generator=generators)
+
+    def _noise_prediction(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        scheduler,
+        prompt_embeds: torch.Tensor,
+        image_embeds: torch.Tensor,
+        gamma: float,
+    ) -> torch.Tensor:
+        """The UNet's output for z_t under classifier-free guidance (Eq. 12): uncond + gamma * (cond - uncond)."""
+        do_cfg = gamma != 1.0
+        model_input = torch.cat([latents] * 2) if do_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        output = self.pipeline.unet(
+            model_input, t, encoder_hidden_states=prompt_embeds, class_labels=image_embeds, return_dict=False
+        )[0]
+        if do_cfg:
+            uncond, cond = output.chunk(2)
+            output = uncond + gamma * (cond - uncond)
+        return output
+
+    @staticmethod
+    def _predicted_noise(scheduler, model_output: torch.Tensor, latents: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+        """eps_hat from the UNet output, for epsilon- and v-prediction models (SD 2.1 unCLIP predicts v)."""
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            return model_output
+        if kind == "v_prediction":
+            return alpha_t.sqrt() * model_output + (1 - alpha_t).sqrt() * latents
+        raise ValueError(f"unsupported prediction_type '{kind}' (epsilon or v_prediction)")
+
+    def decode_for_classifier(
+        self, x0_latents: torch.Tensor, classifier: LoadedClassifier, resolution: FeedbackResolution
+    ) -> torch.Tensor:
+        """VAE-decode predicted x0 latents to pixels in [0, 1] (differentiably) for the classifier."""
+        vae = self.pipeline.vae
+        if resolution is FeedbackResolution.classifier:
+            # Decode straight at the classifier's size: the VAE decoder's cost scales with its output pixels.
+            side = max(1, math.ceil(classifier.spec.input_size / self.vae_scale_factor))
+            if x0_latents.shape[-2:] != (side, side):
+                x0_latents = F.interpolate(x0_latents, size=(side, side), mode="bilinear", align_corners=False)
+        decoded = vae.decode(x0_latents / vae.config.scaling_factor, return_dict=False)[0]
+        # No clamp: clamping would zero the gradient of every saturated pixel.
+        return decoded / 2 + 0.5
+
+    def feedback_criterion(
+        self,
+        z: torch.Tensor,
+        *,
+        t: torch.Tensor,
+        alpha_t: torch.Tensor,
+        scheduler,
+        guided_output: torch.Tensor,
+        cond_prompt_embeds: torch.Tensor,
+        cond_image_embeds: torch.Tensor,
+        classifier: LoadedClassifier,
+        criterion: Criterion,
+        labels: torch.Tensor,
+        gradient_path: GradientPath,
+        resolution: FeedbackResolution,
+    ) -> torch.Tensor:
+        """C(f_phi(D(x0_hat(z_t)))) per image, differentiable in z_t (section 2.1.2)."""
+        if gradient_path is GradientPath.unet:
+            # Through the UNet, on the conditional branch, as the paper's released code does.
+            model_input = scheduler.scale_model_input(z, t)
+            output = self.pipeline.unet(
+                model_input, t, encoder_hidden_states=cond_prompt_embeds, class_labels=cond_image_embeds,
+                return_dict=False,
+            )[0]
+            eps_hat = self._predicted_noise(scheduler, output, z, alpha_t)
+        else:
+            # eps_hat held constant: dx0_hat/dz_t = 1 / sqrt(alpha_t), no UNet backward.
+            eps_hat = self._predicted_noise(scheduler, guided_output, z, alpha_t).detach()
+        # Eq. 11, "predicted x0": x0_hat = (z_t - sqrt(1 - alpha_t) eps_hat) / sqrt(alpha_t)
+        x0_hat = (z - (1 - alpha_t).sqrt() * eps_hat) / alpha_t.sqrt()
+        pixels = self.decode_for_classifier(x0_hat, classifier, resolution)
+        logits, embedding = classifier(pixels)
+        return criteria.evaluate(criterion, logits, labels, embedding, classifier.hardness_stats)
+
+    def feedback_gradient(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
+        """grad_z C per image (Eq. 1's feedback term), rescaled to the norm of that image's latents."""
+        with torch.enable_grad():
+            z = latents.detach().requires_grad_(True)
+            value = self.feedback_criterion(z, **kwargs)
+            # Images are independent, so the gradient of the sum is each image's own gradient.
+            (grad,) = torch.autograd.grad(value.sum(), z)
+        # As in the paper's released code: rescale to the latents' norm, so omega is a relative step size.
+        dims = tuple(range(1, grad.ndim))
+        grad_norm = torch.linalg.vector_norm(grad.float(), dim=dims, keepdim=True)
+        latent_norm = torch.linalg.vector_norm(latents.float(), dim=dims, keepdim=True)
+        return (grad.float() / (grad_norm + 1e-8) * latent_norm).to(latents.dtype)
+
+    @torch.no_grad()
+    def score(
+        self, pixels: torch.Tensor, classifier: LoadedClassifier, criterion: Criterion, labels: torch.Tensor
+    ) -> tuple[list[float] | None, list[list[float]]]:
+        """Criterion value (None for criterion 'none') and class probabilities of images [B, 3, H, W] in [0, 1]."""
+        logits, embedding = classifier(pixels.to(classifier.device))
+        probabilities = torch.softmax(logits.float(), dim=-1).tolist()
+        if criterion is Criterion.none:
+            return None, probabilities
+        values = criteria.evaluate(criterion, logits, labels, embedding, classifier.hardness_stats)
+        return values.tolist(), probabilities
+
+    # ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        *,
+        prompt: str,
+        class_index: int,
+        conditioning_images: Sequence[PIL.Image.Image] = (),
+        seeds: Sequence[int],
+        criterion: Criterion | str = Criterion.none,
+        omega: float = 0.0,
+        gamma: float = 3.0,
+        dropout_p: float = 0.0,
+        classifier: LoadedClassifier | None = None,
+        steps: int = 30,
+        guidance_every: int = 5,
+        width: int | None = None,
+        height: int | None = None,
+        noise_level: int = 0,
+        gradient_path: GradientPath | str = GradientPath.unet,
+        feedback_resolution: FeedbackResolution | str = FeedbackResolution.full,
+        on_step: StepCallback | None = None,
+    ) -> SampleOutput:
+        """Sample len(seeds) images of class `class_index`; see the module docstring for the algorithm."""
+        pipe = self.pipeline
+        try:
+            criterion = Criterion(criterion)
+            gradient_path = GradientPath(gradient_path)
+            feedback_resolution = FeedbackResolution(feedback_resolution)
+        except ValueError as error:
+            raise ValueError(f"bad argument: {error} (criterion: none|loss|entropy|hardness)") from None
+        default_side = pipe.unet.config.sample_size * self.vae_scale_factor
+        width, height = width or default_side, height or default_side
+        # 1. Check inputs, before any model work.
+        self.check_inputs(
+            prompt=prompt, class_index=class_index, conditioning_images=conditioning_images, seeds=seeds,
+            criterion=criterion, omega=omega, gamma=gamma, dropout_p=dropout_p, classifier=classifier,
+            steps=steps, guidance_every=guidance_every, width=width, height=height, noise_level=noise_level,
+        )
+        batch = len(seeds)
+        feedback_on = criterion is not Criterion.none and omega != 0
+        # One CPU generator per image: the same seed gives the same image on any device and in any batch.
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        labels = torch.full((batch,), class_index, dtype=torch.long, device=self.device)
+
+        # 2. Text: the class prompt and the empty prompt (Eq. 12's unconditional score).
+        do_cfg = gamma != 1.0
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            prompt=[prompt] * batch, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg
+        )
+        # 3. Image: CLIP embedding, dropout, noise augmentation; the unconditional branch gets zeros.
+        image_embeds = self._image_embeddings(conditioning_images, seeds, dropout_p, noise_level, generators)
+        cond_prompt_embeds, cond_image_embeds = prompt_embeds, image_embeds
+        if do_cfg:
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+            image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
+
+        # 4. A scheduler of this call's own (schedulers are stateful), and z_T ~ N(0, I) per seed.
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        shape = (batch, pipe.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=prompt_embeds.dtype)
+        latents = latents * scheduler.init_noise_sigma
+
+        # 5. Denoising loop: DDIM (Eq. 11) with feedback every `guidance_every` steps (Eq. 1).
+        alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
+        for i, t in enumerate(scheduler.timesteps):
+            model_output = self._noise_prediction(latents, t, scheduler, prompt_embeds, image_embeds, gamma)
+            if feedback_on and i % guidance_every == 0:
+                alpha_t = alphas_cumprod[t].to(latents.dtype)
+                grad = self.feedback_gradient(
+                    latents, t=t, alpha_t=alpha_t, scheduler=scheduler, guided_output=model_output,
+                    cond_prompt_embeds=cond_prompt_embeds, cond_image_embeds=cond_image_embeds,
+                    classifier=classifier, criterion=criterion, labels=labels, gradient_path=gradient_path,
+                    resolution=feedback_resolution,
+                )
+                # Eq. 1: + omega * grad C, applied to z_t before the DDIM step.
+                latents = latents + omega * grad
+            latents = scheduler.step(model_output, t, latents, eta=0.0, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i + 1, steps)
+
+        # 6. Decode, score the final images under the classifier.
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        pixels = (decoded / 2 + 0.5).clamp(0, 1).float()
+        values = probabilities = None
+        if classifier is not None:
+            values, probabilities = self.score(pixels, classifier, criterion, labels)
+        arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        images = [PIL.Image.fromarray(array) for array in arrays]
+        return SampleOutput(images=images, pixels=pixels.cpu(), criterion_values=values, probabilities=probabilities)

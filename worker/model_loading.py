@@ -1,0 +1,67 @@
+"""Load the unCLIP pipeline a worker keeps resident: the embedded model, the tiny one, or a user's SD 2.1 unCLIP.
+
+All three go through the same call, `StableUnCLIPImg2ImgPipeline.from_pretrained(dir, local_files_only=True)`,
+so the embedded model exercises exactly the code path of the real one. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import StableUnCLIPImg2ImgPipeline
+
+EMBEDDED_MODELS_DIR = Path(__file__).parent / "models"
+EMBEDDED_MODEL = "fgs-digits"
+TINY_MODEL = "tiny"
+
+
+def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
+    """The directory holding `model`: 'fgs-digits' (embedded), 'tiny' (random weights, built once) or a path."""
+    if model == TINY_MODEL:
+        from fgs_worker.tiny_model import save_tiny_model
+
+        cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "fgs-models")
+        target = cache_dir / "tiny"
+        if not (target / "model_index.json").exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename: concurrent workers never see a half-written model.
+            staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=cache_dir))
+            save_tiny_model(staging)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                pass  # another process won the race; its copy is identical (fixed seed)
+        return target
+    path = EMBEDDED_MODELS_DIR / model if model == EMBEDDED_MODEL else Path(model).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model '{model}': {path} is not a diffusers pipeline directory (no model_index.json). "
+            "Point --model / FGS_MODEL at a local copy of stable-diffusion-2-1-unclip, or use 'fgs-digits' or 'tiny'."
+        )
+    return path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(
+    model: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    cache_dir: Path | None = None,
+) -> StableUnCLIPImg2ImgPipeline:
+    """Load a StableUnCLIP img2img pipeline from a local directory: fp16 on CUDA, fp32 on the CPU."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    path = resolve_model_dir(model, cache_dir)
+    pipeline = StableUnCLIPImg2ImgPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline = pipeline.to(device)
+    for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.image_encoder):
+        component.requires_grad_(False)
+        component.eval()
+    return pipeline
