@@ -52,6 +52,23 @@ def _dropout_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 6364136223846793005 + 1442695040888963407) % 2**63)
 
 
+
+def rescaled_criterion_gradient(latents: torch.Tensor, criterion_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """grad_z sum_b C_b(z) for a batch of independent samples, each rescaled to its own latents' norm.
+
+    As in the paper's released code, the gradient is rescaled to the norm of the latents, so omega is a step
+    size relative to z_t whatever the criterion's scale. `criterion_of` maps z [B, ...] to C [B], differentiably.
+    """
+    with torch.enable_grad():
+        z = latents.detach().requires_grad_(True)
+        # Samples are independent, so the gradient of the sum is each sample's own gradient.
+        (grad,) = torch.autograd.grad(criterion_of(z).sum(), z)
+    dims = tuple(range(1, grad.ndim))
+    grad_norm = torch.linalg.vector_norm(grad.float(), dim=dims, keepdim=True)
+    latent_norm = torch.linalg.vector_norm(latents.float(), dim=dims, keepdim=True)
+    return (grad.float() / (grad_norm + 1e-8) * latent_norm).to(latents.dtype)
+
+
 class GuidedDDIMSampler:
     """Feedback-guided DDIM over the components of a loaded StableUnCLIPImg2ImgPipeline.
 
@@ -241,16 +258,7 @@ class GuidedDDIMSampler:
 
     def feedback_gradient(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
         """grad_z C per image (Eq. 1's feedback term), rescaled to the norm of that image's latents."""
-        with torch.enable_grad():
-            z = latents.detach().requires_grad_(True)
-            value = self.feedback_criterion(z, **kwargs)
-            # Images are independent, so the gradient of the sum is each image's own gradient.
-            (grad,) = torch.autograd.grad(value.sum(), z)
-        # As in the paper's released code: rescale to the latents' norm, so omega is a relative step size.
-        dims = tuple(range(1, grad.ndim))
-        grad_norm = torch.linalg.vector_norm(grad.float(), dim=dims, keepdim=True)
-        latent_norm = torch.linalg.vector_norm(latents.float(), dim=dims, keepdim=True)
-        return (grad.float() / (grad_norm + 1e-8) * latent_norm).to(latents.dtype)
+        return rescaled_criterion_gradient(latents, lambda z: self.feedback_criterion(z, **kwargs))
 
     @torch.no_grad()
     def score(

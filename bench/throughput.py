@@ -1,0 +1,125 @@
+"""Shared measurement for bench/sampler.py (CPU, tiny model) and bench/gpu.py (GPU, full-size SD 2.1 unCLIP).
+
+Images per second of each sampler variant at each batch size, in one process on one model, with ratios
+against the reference loop (the paper's released code style, bench/reference_loop.py) and the feedback
+overhead against fgs unguided at the same batch size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+
+from fgs_worker.classifier_registry import LoadedClassifier
+from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
+
+try:  # run as a script: bench/ is on sys.path
+    from reference_loop import reference_guided_image
+except ImportError:  # imported as bench.throughput
+    from bench.reference_loop import reference_guided_image
+
+PROMPT = "a handwritten digit seven"
+
+
+@dataclass
+class Row:
+    variant: str
+    batch: int
+    images_per_s: float
+    vs_reference: float
+    vs_fgs_unguided: float | None
+    peak_memory_gb: float | None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> tuple[float, float | None]:
+    """Best wall time of `repeats` runs after `warmup` runs, and peak GPU memory (GB) where there is a GPU."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    return best, peak
+
+
+def conditioning_image(side: int = 224) -> PIL.Image.Image:
+    rng = np.random.RandomState(0)
+    return PIL.Image.fromarray((rng.rand(side, side, 3) * 255).astype(np.uint8))
+
+
+def measure(
+    sampler: GuidedDDIMSampler,
+    classifier: LoadedClassifier,
+    batches: list[int],
+    side: int,
+    steps: int,
+    omega: float,
+    repeats: int,
+    extra_variants: dict[str, Callable[[int], object]] | None = None,
+    gradient_variants: list[tuple[str, str]] | None = None,
+    warmup: int = 1,
+) -> tuple[float, list[Row]]:
+    """Reference images/s and a Row per (variant, batch). `extra_variants` map a name to f(batch) (e.g. diffusers)."""
+    device = sampler.device
+    image = conditioning_image()
+    common = dict(prompt=PROMPT, class_index=7, conditioning_images=[image], gamma=3.0, steps=steps,
+                  guidance_every=5, width=side, height=side)
+    n_reference = max(1, min(max(batches), 4))
+
+    def reference() -> None:
+        for seed in range(n_reference):
+            reference_guided_image(sampler.pipeline, classifier, PROMPT, 7, image, seed, omega, steps=steps, side=side)
+
+    reference_s = timed(reference, repeats, device, warmup)[0] / n_reference
+    gradient_variants = gradient_variants or [(p, r) for p in ("unet", "constant_eps") for r in ("full", "classifier")]
+    variants: dict[str, Callable[[int], object]] = dict(extra_variants or {})
+    variants["fgs unguided"] = lambda b: sampler(seeds=list(range(b)), criterion="none", **common)
+    for path, resolution in gradient_variants:
+        variants[f"fgs entropy {path}/{resolution}"] = (
+            lambda b, p=path, r=resolution: sampler(seeds=list(range(b)), criterion="entropy", omega=omega,
+                                                    classifier=classifier, gradient_path=p, feedback_resolution=r,
+                                                    **common)
+        )
+    rows: list[Row] = []
+    for batch in batches:
+        unguided_s = None
+        for name, run in variants.items():
+            try:
+                seconds, peak = timed(lambda: run(batch), repeats, device, warmup)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                continue
+            seconds /= batch
+            if name == "fgs unguided":
+                unguided_s = seconds
+            rows.append(Row(name, batch, 1 / seconds, reference_s / seconds,
+                            None if unguided_s is None else unguided_s / seconds, peak))
+    return 1 / reference_s, rows
+
+
+def print_table(title: str, reference_ips: float, rows: list[Row]) -> None:
+    print(title)
+    print(f"reference loop (paper's released code style, one image per call): {reference_ips:.3f} images/s")
+    print(f"| {'variant':<36} | {'B':>2} | {'images/s':>9} | {'x reference':>11} | {'x fgs unguided':>14} | {'peak GB':>7} |")
+    print(f"|{'-' * 38}|{'-' * 4}|{'-' * 11}|{'-' * 13}|{'-' * 16}|{'-' * 9}|")
+    for row in rows:
+        unguided = "" if row.vs_fgs_unguided is None else f"{row.vs_fgs_unguided:.2f}"
+        peak = "" if row.peak_memory_gb is None else f"{row.peak_memory_gb:.1f}"
+        print(f"| {row.variant:<36} | {row.batch:>2} | {row.images_per_s:>9.3f} | {row.vs_reference:>11.2f} | "
+              f"{unguided:>14} | {peak:>7} |")
