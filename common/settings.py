@@ -13,6 +13,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FGS_", extra="ignore")
 
     redis_url: str | None = Field(default=None, description="redis://host:port/db; unset: fgs up starts a local one")
+    default_redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="where `fgs up` looks for a Redis when FGS_REDIS_URL is unset"
+    )
     redis_prefix: str = Field(default="fgs", description="key prefix for everything fgs stores in Redis")
     data_dir: Path = Path(".fgs")
     model: str = Field(default="fgs-digits", description="'fgs-digits' (embedded), 'tiny' (random weights) or a diffusers directory")

@@ -1,0 +1,380 @@
+"""`balance`: run a balance plan against the service and write the balanced dataset; resumable at any point.
+
+Steps: 1. plan and fingerprint; 2. bind the state file (refuse a different plan); 3. carry the real files;
+4. upload the conditioning images (content-addressed: known sha256s are never sent twice) and the classifier;
+5. submit pending chunks through /v1/batches (Idempotency-Key derived from the plan, so a crash between the POST
+and the state commit gets the same jobs back); 6. poll, download finished jobs (temp name + rename), retry failed
+ones; 7. write the layout's index files and manifest.csv from the state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field, replace
+from io import BytesIO
+from pathlib import Path
+
+from PIL import Image
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+from fgs_client.balance_planner import BalancePlan, JobSlot, build_jobs, plan_balance, UnitCounts
+from fgs_client.balance_state import STATE_NAME, BalanceState
+from fgs_client.dataset_readers import RealImage, ScannedDataset, SyntheticImage
+from fgs_client.dataset_writer import (
+    ManifestRow,
+    carry_real_files,
+    remove_temporary_files,
+    write_index_files,
+    write_manifest,
+    write_png_atomic,
+)
+from fgs_client.http_client import ApiError, Client
+from fgs_common.wire import ClassifierSpec, Criterion, FeedbackResolution, GenerateRequest, GradientPath, JobPublic, JobState
+
+
+@dataclass
+class BalanceOptions:
+    criterion: Criterion = Criterion.none
+    omega: float = 0.0
+    gamma: float = 3.0
+    dropout_p: float = 0.0
+    steps: int = 30
+    guidance_every: int = 5
+    width: int | None = None
+    height: int | None = None
+    noise_level: int = 0
+    gradient_path: GradientPath = GradientPath.unet
+    feedback_resolution: FeedbackResolution = FeedbackResolution.full
+    text_only: bool = False  # condition on the prompt alone, never on a real image (the paper's "text only" ablation)
+    images_per_job: int = 8
+    seed: int = 0
+    max_retries: int = 3
+    classifier_id: str | None = None
+    classifier: Path | None = None
+    classifier_spec: Path | None = None
+    hardness_stats: Path | None = None
+    real_files: str = "link"
+    chunk_size: int = 500
+    poll_s: float = 0.5
+    window: int = 64
+    show_progress: bool = True
+
+    def generation_fields(self) -> dict:
+        return {
+            "criterion": Criterion(self.criterion).value, "omega": self.omega, "gamma": self.gamma, "dropout_p": self.dropout_p,
+            "steps": self.steps, "guidance_every": self.guidance_every, "width": self.width, "height": self.height,
+            "noise_level": self.noise_level, "gradient_path": GradientPath(self.gradient_path).value,
+            "feedback_resolution": FeedbackResolution(self.feedback_resolution).value,
+        }
+
+
+@dataclass
+class BalanceReport:
+    out: Path
+    planned_images: int
+    planned_jobs: int
+    synthetic_written: int
+    real_images: int
+    skipped_files: int
+    failed_jobs: list[tuple[str, str]] = field(default_factory=list)  # (plan slot, error)
+    retried_jobs: int = 0
+    manifest: Path | None = None
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed_jobs and self.synthetic_written == self.planned_images
+
+
+def plan_fingerprint(dataset: ScannedDataset, plan: BalancePlan, slots: list[JobSlot], options: BalanceOptions) -> str:
+    body = {
+        "dataset": dataset.name, "classes": dataset.class_names, "groups": dataset.groups,
+        "entries": [(e.key, e.before, e.to_add) for e in plan.entries], "images_per_job": plan.images_per_job,
+        "seed": options.seed, "generation": options.generation_fields(),
+        "jobs": [(s.key, s.seed, s.prompt, [im.rel_path for im in s.conditioning]) for s in slots],
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def synthetic_rel_path(dataset: ScannedDataset, slot: JobSlot, index: int) -> str:
+    directory = dataset.layout.synthetic_dir(dataset, slot.entry.class_index, slot.entry.group)
+    name = f"{slot.file_stem}_{index:03d}.png"
+    return f"{directory}/{name}" if directory else name
+
+
+def check_out_dir(dataset: ScannedDataset, out: Path) -> None:
+    if dataset.root is None:
+        return
+    root, target = dataset.root.resolve(), out.resolve()
+    if target == root or target.is_relative_to(root) or root.is_relative_to(target):
+        raise ValueError(f"--out {out} must lie outside the dataset root {dataset.root} (and not contain it)")
+
+
+def check_balance_options(options: BalanceOptions) -> None:
+    """Reject generation settings the service would refuse, before any scan, upload or file write."""
+    for name in ("classifier", "classifier_spec", "hardness_stats"):
+        path = getattr(options, name)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"--{name.replace('_', '-')} {path} does not exist")
+    if options.classifier is not None and options.classifier_spec is None:
+        raise ValueError("--classifier needs --classifier-spec (the JSON spec: num_classes, input_size, mean, std, output)")
+    has_classifier = options.classifier is not None or options.classifier_id is not None
+    try:
+        GenerateRequest(prompt="check", class_index=0, classifier_id="check" if has_classifier else None, **options.generation_fields())
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"invalid generation settings: {problems}") from None
+
+
+class BalanceRun:
+    def __init__(self, client: Client, dataset: ScannedDataset, out: Path, plan: BalancePlan, options: BalanceOptions, console: Console | None = None):
+        self.client = client
+        self.dataset = dataset
+        self.out = out
+        self.plan = plan
+        self.options = options
+        self.console = console or Console(stderr=True)
+        self.slots = build_jobs(plan, dataset, seed=options.seed)
+        if options.text_only:
+            self.slots = [replace(slot, conditioning=()) for slot in self.slots]
+        self.by_key = {s.key: s for s in self.slots}
+        self.fingerprint = plan_fingerprint(dataset, plan, self.slots, options)
+        self.failures: list[tuple[str, str]] = []
+        self.retries_this_run: dict[str, int] = {}
+        self.retried = 0
+        self.bad_conditioning: set[Path] = set()
+        self.classifier_id: str | None = options.classifier_id
+        self._image_ids: dict[Path, str | None] = {}  # conditioning file -> uploaded id, for this run
+
+    # 1-2. state
+    def run(self) -> BalanceReport:
+        check_balance_options(self.options)
+        check_out_dir(self.dataset, self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = BalanceState(self.out / STATE_NAME)
+        try:
+            state.bind_plan(self.fingerprint, [(s.key, i, s.num_images) for i, s in enumerate(self.slots)], self.options.chunk_size)
+            state.reopen_failed()
+            # 3. real files; leftovers of an interrupted write
+            carry_real_files(self.dataset, self.out, self.options.real_files)
+            written_dirs = {self.dataset.layout.synthetic_dir(self.dataset, e.class_index, e.group) for e in self.plan.entries}
+            written_dirs |= {image.rel_path.rpartition("/")[0] for image in self.dataset.images}
+            for directory in written_dirs:
+                remove_temporary_files(self.out / directory)
+            # 4. classifier (conditioning images are uploaded per chunk, just before it is submitted)
+            if state.pending_chunks() or state.active(1):
+                self._resolve_classifier(state)
+            self._generate(state)
+            return self._finish(state)
+        finally:
+            state.close()
+
+    def _resolve_classifier(self, state: BalanceState) -> None:
+        options = self.options
+        if options.classifier is None:
+            return
+        digest = hashlib.sha256(options.classifier.read_bytes() + options.classifier_spec.read_bytes()
+                                + (options.hardness_stats.read_bytes() if options.hardness_stats else b"")).hexdigest()
+        known = state.meta(f"classifier:{digest}")
+        if known:
+            self.classifier_id = known
+            return
+        spec = ClassifierSpec.model_validate_json(options.classifier_spec.read_text(encoding="utf-8"))
+        uploaded = self.client.upload_classifier(options.classifier, spec, options.hardness_stats)
+        state.set_meta(f"classifier:{digest}", uploaded.id)
+        self.classifier_id = uploaded.id
+
+    def _image_id(self, state: BalanceState, image: RealImage) -> str | None:
+        """Upload one conditioning image unless its sha256 is known; None when the file does not decode."""
+        if image.path not in self._image_ids:
+            self._image_ids[image.path] = self._upload_image(state, image)
+        return self._image_ids[image.path]
+
+    def _upload_image(self, state: BalanceState, image: RealImage) -> str | None:
+        data = image.path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        known = state.uploaded_id(digest)
+        if known:
+            return known
+        try:
+            with Image.open(BytesIO(data)) as decoded:
+                decoded.load()
+        except (OSError, ValueError):
+            self.bad_conditioning.add(image.path)
+            return None
+        uploaded = self.client.upload_image(data, filename=image.path.name)
+        state.record_upload(digest, uploaded.id)
+        return uploaded.id
+
+    def _request(self, state: BalanceState, slot: JobSlot) -> GenerateRequest:
+        ids = [self._image_id(state, image) for image in slot.conditioning]
+        good = [i for i in ids if i is not None]
+        # A pick that does not decode is replaced by the slot's first good pick (deterministic on rerun).
+        ids = [i if i is not None else good[0] for i in ids] if good else []
+        return GenerateRequest(
+            prompt=slot.prompt, class_index=slot.entry.class_index, conditioning_image_ids=ids, num_images=slot.num_images,
+            classifier_id=self.classifier_id, seed=slot.seed, **self.options.generation_fields(),
+        )
+
+    # 5-6. submit, poll, download
+    def _generate(self, state: BalanceState) -> None:
+        total = self.plan.total_to_add
+        done_images = sum(r.num_images for r in state.rows("done"))
+        with self._progress() as progress:
+            task = progress.add_task("generating", total=total, completed=done_images, failures=0)
+            for chunk in state.pending_chunks():
+                self._submit_chunk(state, chunk, progress, task)
+                self._poll_once(state, progress, task)  # download early results while later chunks upload
+            while state.active(1):
+                if not self._poll_once(state, progress, task):
+                    time.sleep(self.options.poll_s)
+
+    def _poll_once(self, state: BalanceState, progress: Progress, task) -> bool:
+        """One look at the oldest submitted jobs; True when any of them moved on."""
+        moved = False
+        for row in state.active(self.options.window):
+            finished_images = self._advance(state, row)
+            if finished_images is not None:
+                moved = True
+                progress.update(task, advance=finished_images, failures=len(self.failures))
+        return moved
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+            TaskProgressColumn(), _RateColumn(), TimeRemainingColumn(), TextColumn("[red]{task.fields[failures]} failed"),
+            console=self.console, disable=not self.options.show_progress,
+        )
+
+    def _submit_chunk(self, state: BalanceState, chunk: int, progress: Progress, task) -> None:
+        """Submit a chunk as one batch; when the tenant's queue cannot take it whole, job by job as room frees up."""
+        rows = [r for r in state.chunk_rows(chunk) if r.state == "pending"]
+        if not rows:
+            return
+        requests = [self._request(state, self.by_key[r.key]) for r in rows]
+        key = f"fgs-balance-{self.fingerprint[:32]}-chunk-{chunk}"
+        try:
+            accepted = self.client.submit_batch(requests, idempotency_key=key, wait_when_full=False)
+        except ApiError as error:
+            if error.status != 429:
+                raise
+            self._submit_job_by_job(state, rows, requests, progress, task)
+            return
+        if len(accepted.job_ids) != len(requests):
+            raise ApiError(500, "batch_mismatch", f"sent {len(requests)} jobs, the service accepted {len(accepted.job_ids)}")
+        state.record_chunk_submitted(
+            accepted.batch_id, [(r.key, job_id, req.model_dump_json()) for r, job_id, req in zip(rows, accepted.job_ids, requests)]
+        )
+
+    def _submit_job_by_job(self, state: BalanceState, rows, requests: list[GenerateRequest], progress: Progress, task) -> None:
+        for row, request in zip(rows, requests):
+            key = f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a0"
+            while True:
+                # With none of our jobs in the queue, only others' work can free room: wait as the service says.
+                ours_queued = bool(state.active(1))
+                try:
+                    accepted = self.client.submit(request, idempotency_key=key, wait_when_full=not ours_queued)
+                    break
+                except ApiError as error:
+                    if error.status != 429 or not ours_queued:
+                        raise
+                    # The queue is full of our own jobs: collect some results, then try again.
+                    while not self._poll_once(state, progress, task):
+                        time.sleep(self.options.poll_s)
+            state.record_chunk_submitted(None, [(row.key, accepted.job_id, request.model_dump_json())])
+
+    def _advance(self, state: BalanceState, row) -> int | None:
+        """Look at one submitted job; returns images newly completed (0 for a retry or failure), None if unchanged."""
+        try:
+            job = self.client.job(row.job_id)
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            return self._retry_or_fail(state, row, f"job {row.job_id} is unknown to the service (404)")
+        if job.state is JobState.finished:
+            self._download(state, row, job)
+            return row.num_images
+        if job.state in (JobState.failed, JobState.canceled):
+            message = job.error.message if job.error else job.state.value
+            return self._retry_or_fail(state, row, f"job {job.job_id} {job.state.value}: {message}")
+        return None
+
+    def _retry_or_fail(self, state: BalanceState, row, message: str) -> int:
+        used = self.retries_this_run.get(row.key, 0)
+        if used >= self.options.max_retries:
+            state.record_failed(row.key, message)
+            self.failures.append((row.key, message))
+            return 0
+        slot = self.by_key[row.key]
+        for index in range(slot.num_images):  # a new attempt rewrites the slot's images as a whole
+            (self.out / synthetic_rel_path(self.dataset, slot, index)).unlink(missing_ok=True)
+        request = GenerateRequest.model_validate_json(row.request)
+        attempt = row.attempt + 1
+        accepted = self.client.submit(request, idempotency_key=f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a{attempt}")
+        state.record_resubmitted(row.key, attempt, accepted.job_id)
+        self.retries_this_run[row.key] = used + 1
+        self.retried += 1
+        return 0
+
+    def _download(self, state: BalanceState, row, job: JobPublic) -> None:
+        slot = self.by_key[row.key]
+        if len(job.results) != slot.num_images:
+            raise ApiError(500, "result_mismatch", f"job {job.job_id} finished with {len(job.results)} images, expected {slot.num_images}")
+        records = []
+        for index, result in enumerate(job.results):
+            rel = synthetic_rel_path(self.dataset, slot, index)
+            dest = self.out / rel
+            if not dest.exists():  # a file under its final name is complete (written by rename)
+                write_png_atomic(dest, self.client.image_bytes(result.image_id))
+            records.append({"path": rel, "seed": result.seed, "criterion_value": result.criterion_value, "image_id": result.image_id})
+        state.record_done(row.key, job.job_id, records)
+
+    # 7. index files and manifest
+    def _finish(self, state: BalanceState) -> BalanceReport:
+        fields_ = self.options.generation_fields()
+        rows: list[ManifestRow] = []
+        for image in self.dataset.images:
+            rows.append(ManifestRow(image.rel_path, image.class_index, self.dataset.class_names[image.class_index], image.group or "", "real"))
+        synthetic: list[SyntheticImage] = []
+        for job in state.rows("done"):
+            slot = self.by_key[job.key]
+            request = GenerateRequest.model_validate_json(job.request) if job.request else None
+            for record in job.results or []:
+                synthetic.append(SyntheticImage(record["path"], slot.entry.class_index, slot.entry.group))
+                value = record.get("criterion_value")
+                rows.append(ManifestRow(
+                    record["path"], slot.entry.class_index, slot.entry.class_name, slot.entry.group or "", "synthetic",
+                    seed=str(record["seed"]), criterion=fields_["criterion"], omega=str(request.omega if request else fields_["omega"]),
+                    gamma=str(request.gamma if request else fields_["gamma"]), dropout_p=str(request.dropout_p if request else fields_["dropout_p"]),
+                    criterion_value="" if value is None else repr(float(value)), job_id=job.job_id or "",
+                ))
+        write_index_files(self.out, self.dataset, synthetic)
+        manifest = write_manifest(self.out, rows)
+        failed = [(r.key, r.error or "failed") for r in state.rows("failed")]
+        return BalanceReport(
+            out=self.out, planned_images=self.plan.total_to_add, planned_jobs=len(self.slots), synthetic_written=len(synthetic),
+            real_images=len(self.dataset.images), skipped_files=len(self.dataset.skipped) + len(self.bad_conditioning),
+            failed_jobs=failed, retried_jobs=self.retried, manifest=manifest,
+        )
+
+
+class _RateColumn(TextColumn):
+    """Images per second over the run."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def render(self, task):
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} img/s" if speed else "-- img/s", style="green")
+
+
+def balance_dataset(client: Client, dataset: ScannedDataset, out: Path, target, options: BalanceOptions, console: Console | None = None) -> BalanceReport:
+    """Plan and run a balance (the Python API behind `fgs-client balance`)."""
+    plan = plan_balance(UnitCounts.from_dataset(dataset), target, images_per_job=options.images_per_job)
+    return BalanceRun(client, dataset, out, plan, options, console=console).run()

@@ -1,0 +1,310 @@
+"""`fgs-client`: balance a dataset on disk with the fgs service, and the commands around it.
+
+Exit codes: 0 done; 1 some jobs failed (rerun the same command to retry them); 2 bad input;
+3 service unreachable (rerun later: the run resumes); 4 API key rejected; 5 other service error.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fgs_client.balance_planner import BalancePlan, PlanError, UnitCounts, parse_target, plan_balance, read_counts_csv
+from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
+from fgs_client.dataset_readers import DatasetError, packaged_path, read_dataset
+from fgs_client.http_client import ApiError, AuthenticationFailed, Client, ServiceUnreachable
+from fgs_common.settings import get_settings
+from fgs_common.wire import ClassifierSpec, Criterion, FeedbackResolution, GradientPath
+
+app = typer.Typer(help="fgs client: balance long-tailed datasets with feedback-guided synthetic images.", no_args_is_help=True)
+out_console = Console()
+err_console = Console(stderr=True)
+
+EXIT_FAILED_JOBS, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_API = 1, 2, 3, 4, 5
+
+
+class DatasetName(str, Enum):
+    nicopp = "nico++"
+    imagenet_lt = "imagenet-lt"
+    imagefolder = "imagefolder"
+    digits_lt = "digits-lt"
+
+
+class RealFiles(str, Enum):
+    link = "link"
+    copy = "copy"
+
+
+UrlOption = Annotated[str, typer.Option("--url", envvar="FGS_URL", help="the fgs service")]
+KeyOption = Annotated[Optional[str], typer.Option("--api-key", envvar="FGS_API_KEY", help="API key (default: FGS_DEV_API_KEY)")]
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def make_client(url: str, api_key: str | None) -> Client:
+    return Client(url, api_key or get_settings().dev_api_key)
+
+
+def print_plan(plan: BalancePlan, grouped: bool, console: Console = out_console) -> None:
+    """The plan as a table (before, to add, after per unit) and its totals."""
+    table = Table(title="balance plan")
+    table.add_column("class")
+    if grouped:
+        table.add_column("group")
+    for name in ("before", "to add", "after"):
+        table.add_column(name, justify="right")
+    table.add_column("conditioning")
+    for entry in plan.entries:
+        cells = [entry.class_name] + ([entry.group or ""] if grouped else [])
+        table.add_row(*cells, f"{entry.before:,}", f"{entry.to_add:,}", f"{entry.after:,}", entry.conditioning.value)
+    console.print(table)
+    units = "groups" if grouped else "classes"
+    console.print(
+        f"{len(plan.entries):,} {units}: {plan.total_before:,} real images, "
+        f"{plan.total_to_add:,} images to add in {plan.job_count:,} jobs (up to {plan.images_per_job} images per job), "
+        f"{plan.total_before + plan.total_to_add:,} after",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def balance(
+    dataset: Annotated[DatasetName, typer.Option("--dataset", help="layout of the data on disk")],
+    root: Annotated[Optional[Path], typer.Option("--root", help="the dataset root")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="where the balanced dataset goes (default: <root>-balanced)")] = None,
+    target: Annotated[str, typer.Option("--target", help="'max', a number per unit, or a JSON object/file of per-class totals")] = "max",
+    counts: Annotated[Optional[Path], typer.Option("--counts", help="counts CSV instead of images (dry run only); 'builtin': the packaged ImageNet-LT train counts")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and exit")] = False,
+    criterion: Annotated[Criterion, typer.Option("--criterion")] = Criterion.none,
+    omega: Annotated[float, typer.Option("--omega", help="feedback scale ω")] = 0.0,
+    gamma: Annotated[float, typer.Option("--gamma", help="classifier-free guidance scale γ")] = 3.0,
+    dropout_p: Annotated[float, typer.Option("--dropout-p", help="image-embedding dropout p")] = 0.0,
+    steps: Annotated[int, typer.Option("--steps")] = 30,
+    guidance_every: Annotated[int, typer.Option("--guidance-every")] = 5,
+    width: Annotated[Optional[int], typer.Option("--width")] = None,
+    height: Annotated[Optional[int], typer.Option("--height")] = None,
+    noise_level: Annotated[int, typer.Option("--noise-level")] = 0,
+    gradient_path: Annotated[GradientPath, typer.Option("--gradient-path", help="how dC/dz_t is taken: through the UNet, or with the noise prediction held constant")] = GradientPath.unet,
+    feedback_resolution: Annotated[FeedbackResolution, typer.Option("--feedback-resolution", help="decode x0 at full size, or straight at the classifier's input size")] = FeedbackResolution.full,
+    text_only: Annotated[bool, typer.Option("--text-only", help="condition on the class prompt alone, not on real images")] = False,
+    images_per_job: Annotated[int, typer.Option("--images-per-job")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="plan seed: conditioning picks and generation seeds")] = 0,
+    max_retries: Annotated[int, typer.Option("--max-retries", help="retries per failed job in one run")] = 3,
+    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="TorchScript/torch.export archive to upload")] = None,
+    classifier_spec: Annotated[Optional[Path], typer.Option("--classifier-spec", help="its ClassifierSpec JSON")] = None,
+    hardness_stats: Annotated[Optional[Path], typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")] = None,
+    classifier_id: Annotated[Optional[str], typer.Option("--classifier-id", help="an already uploaded classifier")] = None,
+    real_files: Annotated[RealFiles, typer.Option("--real-files", help="how real images enter --out")] = RealFiles.link,
+    split_file: Annotated[Optional[Path], typer.Option("--split-file", help="imagenet-lt: the train split file")] = None,
+    class_names: Annotated[Optional[Path], typer.Option("--class-names", help="imagenet-lt: class-name file")] = None,
+    groups: Annotated[Optional[Path], typer.Option("--groups", help="imagefolder: CSV path,group")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Fill what each class or group lacks with generated images and write the balanced dataset to --out."""
+    from fgs_client.balance_runner import BalanceOptions, BalanceRun, check_balance_options
+
+    options = BalanceOptions(
+        criterion=criterion, omega=omega, gamma=gamma, dropout_p=dropout_p, steps=steps, guidance_every=guidance_every,
+        width=width, height=height, noise_level=noise_level, gradient_path=gradient_path, feedback_resolution=feedback_resolution,
+        text_only=text_only, images_per_job=images_per_job, seed=seed, max_retries=max_retries,
+        classifier_id=classifier_id, classifier=classifier, classifier_spec=classifier_spec, hardness_stats=hardness_stats,
+        real_files=real_files.value, show_progress=progress,
+    )
+    try:
+        target_value = parse_target(target)
+        if counts is not None:
+            if str(counts) == "builtin":
+                if dataset is not DatasetName.imagenet_lt:
+                    raise fail("--counts builtin exists for imagenet-lt only", EXIT_BAD_INPUT)
+                counts = packaged_path("imagenet_lt_train_counts.csv")
+            if not dry_run:
+                raise fail("--counts plans from counts only: add --dry-run (a real balance needs --root)", EXIT_BAD_INPUT)
+            print_plan(plan_balance(read_counts_csv(counts), target_value, images_per_job), grouped=_grouped_counts(counts))
+            return
+        if root is None:
+            raise fail("--root is required (or --counts FILE with --dry-run)", EXIT_BAD_INPUT)
+        if not dry_run:
+            check_balance_options(options)
+        scanned = read_dataset(dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups)
+        if scanned.skipped:
+            err_console.print(f"[yellow]skipped {len(scanned.skipped):,} files that are not readable images[/] (first: {scanned.skipped[0].path}: {scanned.skipped[0].reason})", soft_wrap=True)
+        plan = plan_balance(UnitCounts.from_dataset(scanned), target_value, images_per_job)
+        if dry_run:
+            print_plan(plan, grouped=scanned.groups is not None)
+            return
+    except (DatasetError, PlanError, ValueError) as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
+    out = out or root.with_name(root.name + "-balanced")
+    with make_client(url, api_key) as client:
+        try:
+            report = BalanceRun(client, scanned, out, plan, options, console=err_console).run()
+        except StateConflict as error:
+            raise fail(str(error), EXIT_BAD_INPUT) from None
+        except ValueError as error:
+            raise fail(str(error), EXIT_BAD_INPUT) from None
+        except ServiceUnreachable as error:
+            raise fail(f"{error}. Nothing is lost: rerun the same command when the service is up to resume.", EXIT_UNREACHABLE) from None
+        except AuthenticationFailed as error:
+            raise fail(f"{error}. Pass the right key with --api-key or FGS_API_KEY.", EXIT_AUTH) from None
+        except ApiError as error:
+            raise fail(f"the service refused a request: {error}. Rerun the same command to resume.", EXIT_API) from None
+    summary = (
+        f"{report.synthetic_written:,}/{report.planned_images:,} synthetic images in {report.out} "
+        f"({report.real_images:,} real, {report.skipped_files:,} files skipped, {report.retried_jobs} jobs retried); manifest: {report.manifest}"
+    )
+    if report.failed_jobs:
+        err_console.print(summary, soft_wrap=True)
+        for key, message in report.failed_jobs[:20]:
+            err_console.print(f"  failed {key}: {message}")
+        raise fail(f"{len(report.failed_jobs)} jobs failed after {max_retries} retries; rerun the same command to retry them", EXIT_FAILED_JOBS)
+    out_console.print(f"balanced: {summary}", soft_wrap=True)
+
+
+def _grouped_counts(path: Path) -> bool:
+    with open(path, encoding="utf-8") as handle:
+        return "group" in handle.readline().strip().split(",")
+
+
+@app.command()
+def status(
+    out: Annotated[Optional[Path], typer.Option("--out", help="a balance output directory")] = None,
+    job: Annotated[Optional[str], typer.Option("--job", help="a job id to look up on the service")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+) -> None:
+    """Progress of a balance run (from its state file) or of one job (from the service)."""
+    if out is None and job is None:
+        raise fail("give --out DIR (a balance run) or --job ID", EXIT_BAD_INPUT)
+    if out is not None:
+        path = out / STATE_NAME
+        if not path.is_file():
+            raise fail(f"{out} holds no balance run ({STATE_NAME} missing)", EXIT_BAD_INPUT)
+        state = BalanceState(path)
+        try:
+            table = Table(title=f"balance run in {out}")
+            for column in ("state", "jobs", "images"):
+                table.add_column(column, justify="right" if column != "state" else "left")
+            for name, (jobs, images) in sorted(state.counts().items()):
+                table.add_row(name, f"{jobs:,}", f"{images or 0:,}")
+            out_console.print(table)
+            for row in state.rows("failed")[:20]:
+                out_console.print(f"failed {row.key}: {row.error}")
+        finally:
+            state.close()
+    if job is not None:
+        with make_client(url, api_key) as client:
+            try:
+                out_console.print_json(client.job(job).model_dump_json())
+            except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
+                raise fail(str(error), _exit_code(error)) from None
+
+
+def _exit_code(error: Exception) -> int:
+    if isinstance(error, ServiceUnreachable):
+        return EXIT_UNREACHABLE
+    if isinstance(error, AuthenticationFailed):
+        return EXIT_AUTH
+    return EXIT_API
+
+
+def _read_spec(path: Path) -> ClassifierSpec:
+    try:
+        return ClassifierSpec.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise fail(f"cannot read the classifier spec {path}: {error}", EXIT_BAD_INPUT) from None
+
+
+@app.command("upload-classifier")
+def upload_classifier(
+    archive: Annotated[Path, typer.Option("--classifier", help="TorchScript (.pt) or torch.export (.pt2) archive")],
+    spec: Annotated[Path, typer.Option("--spec", help="ClassifierSpec JSON")],
+    hardness_stats: Annotated[Optional[Path], typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+) -> None:
+    """Upload a classifier (and its hardness statistics); prints its id for --classifier-id."""
+    if not archive.is_file():
+        raise fail(f"classifier archive {archive} does not exist", EXIT_BAD_INPUT)
+    if hardness_stats is not None and not hardness_stats.is_file():
+        raise fail(f"hardness statistics {hardness_stats} do not exist", EXIT_BAD_INPUT)
+    parsed = _read_spec(spec)
+    with make_client(url, api_key) as client:
+        try:
+            uploaded = client.upload_classifier(archive, parsed, hardness_stats)
+        except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
+            raise fail(str(error), _exit_code(error)) from None
+    out_console.print(uploaded.id)
+
+
+@app.command("hardness-stats")
+def hardness_stats_command(
+    dataset: Annotated[DatasetName, typer.Option("--dataset")],
+    root: Annotated[Path, typer.Option("--root")],
+    classifier: Annotated[Path, typer.Option("--classifier", help="TorchScript (.pt) or torch.export (.pt2) archive returning (logits, embedding)")],
+    spec: Annotated[Path, typer.Option("--spec", help="ClassifierSpec JSON")],
+    out: Annotated[Path, typer.Option("--out", help="safetensors file to write")],
+    shrinkage: Annotated[Optional[float], typer.Option("--shrinkage", help="covariance shrinkage in [0, 1] (default: Ledoit-Wolf)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    split_file: Annotated[Optional[Path], typer.Option("--split-file")] = None,
+    class_names: Annotated[Optional[Path], typer.Option("--class-names")] = None,
+    groups: Annotated[Optional[Path], typer.Option("--groups")] = None,
+) -> None:
+    """Class means, shrinkage covariances, precisions and log-dets of the classifier's embeddings over the real
+    training set (the hardness criterion's statistics), saved as safetensors. Needs the `train` extra (torch)."""
+    try:
+        from fgs_client.training import embed_images, load_classifier_archive
+        from fgs_worker.guidance.hardness_stats import HardnessStats
+    except ImportError as error:
+        raise fail(f"hardness-stats needs torch and the worker package (pip install 'fgs[train,worker]'): {error}", EXIT_BAD_INPUT) from None
+    parsed = _read_spec(spec)
+    try:
+        scanned = read_dataset(dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups)
+    except DatasetError as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
+    if len(scanned.class_names) != parsed.num_classes:
+        raise fail(f"the dataset has {len(scanned.class_names)} classes, the classifier spec {parsed.num_classes}", EXIT_BAD_INPUT)
+    try:
+        model = load_classifier_archive(classifier, parsed)
+        embeddings, labels = embed_images(model, [im.path for im in scanned.images], [im.class_index for im in scanned.images], batch_size=batch_size)
+    except ValueError as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
+    stats = HardnessStats.fit(embeddings, labels, parsed.num_classes, shrinkage=shrinkage)
+    stats.save(out)
+    out_console.print(f"hardness statistics of {len(labels):,} images, {parsed.num_classes} classes, embedding size {embeddings.shape[1]} -> {out}")
+
+
+@app.command()
+def grid(
+    out: Annotated[Path, typer.Option("--out", help="a balanced dataset written by `balance` (holds manifest.csv)")],
+    dest: Annotated[Optional[Path], typer.Option("--dest", help="folder for the contact sheets (default: <out>-grid)")] = None,
+    per_class: Annotated[int, typer.Option("--per-class", help="images per row")] = 8,
+    size: Annotated[int, typer.Option("--size", help="thumbnail side in pixels")] = 96,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """A PNG contact sheet per class: real images (top row) beside synthetic ones (bottom row)."""
+    from fgs_client.contact_sheet import write_contact_sheets
+
+    manifest = out / "manifest.csv"
+    if not manifest.is_file():
+        raise fail(f"{out} has no manifest.csv: run `fgs-client balance` first", EXIT_BAD_INPUT)
+    dest = dest or out.with_name(out.name + "-grid")
+    written = write_contact_sheets(out, dest, per_class=per_class, size=size, seed=seed)
+    out_console.print(f"{len(written)} contact sheets in {dest}")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m fgs_client.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,125 @@
+"""Writing the balanced dataset: real files carried over, synthetic PNGs written atomically, the layout's
+index files, and `manifest.csv` (one row per image, real and synthetic)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from io import BytesIO
+from pathlib import Path
+
+from PIL import Image
+
+from fgs_client.dataset_readers import ScannedDataset, SyntheticImage
+
+MANIFEST_NAME = "manifest.csv"
+TMP_MARK = ".tmp-"
+REAL_FILE_MODES = ("link", "copy")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    path: str  # relative to the output directory
+    class_index: int
+    class_name: str
+    group: str
+    source: str  # real | synthetic
+    seed: str = ""
+    criterion: str = ""
+    omega: str = ""
+    gamma: str = ""
+    dropout_p: str = ""
+    criterion_value: str = ""
+    job_id: str = ""
+
+
+# The CSV says `class` where the dataclass must say class_name.
+MANIFEST_COLUMNS = ["class" if f.name == "class_name" else f.name for f in fields(ManifestRow)]
+
+
+def _to_csv(row: ManifestRow) -> dict:
+    record = asdict(row)
+    record["class"] = record.pop("class_name")
+    return record
+
+
+def write_manifest(out: Path, rows: list[ManifestRow]) -> Path:
+    path = out / MANIFEST_NAME
+    tmp = out / f".{MANIFEST_NAME}{TMP_MARK}{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(_to_csv(row) for row in rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = []
+        for record in csv.DictReader(handle):
+            record["class_name"] = record.pop("class")
+            record["class_index"] = int(record["class_index"])
+            rows.append(ManifestRow(**record))
+        return rows
+
+
+def carry_file(source: Path, dest: Path, mode: str) -> None:
+    """Put a real file at dest: a hard link (a symlink across file systems) or a copy; an existing dest is kept."""
+    if os.path.lexists(dest):
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "link":
+        try:
+            os.link(source, dest)
+        except OSError:
+            os.symlink(source.resolve(), dest)
+        return
+    tmp = dest.with_name(f".{dest.name}{TMP_MARK}{os.getpid()}")
+    shutil.copy2(source, tmp)
+    os.replace(tmp, dest)
+
+
+def carry_real_files(dataset: ScannedDataset, out: Path, mode: str) -> None:
+    """Carry the real training images and the layout's passthrough files (other splits, label maps) into out."""
+    if mode not in REAL_FILE_MODES:
+        raise ValueError(f"real-files mode must be one of {REAL_FILE_MODES}, got {mode!r}")
+    for image in dataset.images:
+        carry_file(image.path, out / image.rel_path, mode)
+    for source, rel in dataset.layout.passthrough:
+        carry_file(source, out / rel, mode)
+
+
+def write_png_atomic(dest: Path, data: bytes) -> None:
+    """Check that data is a complete PNG, then write it under a temporary name, fsync and rename:
+    a crash leaves either no file or the whole file."""
+    with Image.open(BytesIO(data)) as image:
+        if image.format != "PNG":
+            raise ValueError(f"expected a PNG for {dest.name}, got {image.format}")
+        image.load()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}{TMP_MARK}{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, dest)
+
+
+def remove_temporary_files(directory: Path) -> int:
+    """Delete what an interrupted write left behind (files named .<name>.tmp-<pid>)."""
+    removed = 0
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.name.startswith(".") and TMP_MARK in path.name and path.is_file():
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def write_index_files(out: Path, dataset: ScannedDataset, synthetic: list[SyntheticImage]) -> list[str]:
+    return dataset.layout.write_index(out, dataset, dataset.images, synthetic)

@@ -1,0 +1,214 @@
+"""`Client`: the fgs wire API v1 over HTTP (httpx), with the typed models of fgs_common.wire."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from fgs_common.wire import (
+    BatchAccepted,
+    BatchCreate,
+    BatchPublic,
+    ClassifierSpec,
+    ClassifierUploaded,
+    ErrorResponse,
+    GenerateRequest,
+    ImageUploaded,
+    JobAccepted,
+    JobPublic,
+    JobState,
+)
+
+if TYPE_CHECKING:
+    from fgs_client.balance_runner import BalanceReport
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+MAX_RETRY_AFTER_S = 30.0
+
+
+class FgsClientError(Exception):
+    """Base of every error the client raises."""
+
+
+class ServiceUnreachable(FgsClientError):
+    """The service does not answer (down, wrong URL, network)."""
+
+
+class AuthenticationFailed(FgsClientError):
+    """The service rejected the API key."""
+
+
+class ApiError(FgsClientError):
+    """The service answered with an error (4xx/5xx) and its `{"error": {code, message}}` body."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class JobFailed(FgsClientError):
+    def __init__(self, job: JobPublic):
+        error = job.error.message if job.error else job.state.value
+        super().__init__(f"job {job.job_id} {job.state.value}: {error}")
+        self.job = job
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    job: JobPublic
+    images: list[bytes]  # PNG bytes, in the order of job.results
+
+    def pil_images(self):
+        """The images as PIL images."""
+        from io import BytesIO
+
+        from PIL import Image
+
+        return [Image.open(BytesIO(data)) for data in self.images]
+
+
+class Client:
+    """HTTP client of an fgs service. `Client(url, api_key).generate(prompt=..., class_index=..., num_images=4)`."""
+
+    def __init__(self, url: str, api_key: str | None, *, timeout_s: float = 60.0, retries: int = 4, backoff_s: float = 0.5):
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.backoff_s = backoff_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- transport
+
+    def _request(self, method: str, path: str, *, retry_statuses: frozenset[int] = RETRY_STATUSES, **kwargs: Any) -> httpx.Response:
+        """One call with retries on connection errors and retry_statuses; errors become typed exceptions."""
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as error:
+                if attempt >= self.retries:
+                    raise ServiceUnreachable(f"cannot reach the fgs service at {self.url} ({error.__class__.__name__}: {error})") from error
+            else:
+                if response.status_code not in retry_statuses or attempt >= self.retries:
+                    return self._check(response)
+                retry_after = response.headers.get("Retry-After", "")
+                if retry_after.isdigit():
+                    time.sleep(min(float(retry_after), MAX_RETRY_AFTER_S))
+                    attempt += 1
+                    continue
+            time.sleep(self.backoff_s * 2**attempt)
+            attempt += 1
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.status_code < 400:
+            return response
+        try:
+            body = ErrorResponse.model_validate(response.json()).error
+            code, message = body.code, body.message
+        except (ValueError, TypeError):
+            code, message = "http_error", response.text[:500] or response.reason_phrase
+        if response.status_code in (401, 403):
+            raise AuthenticationFailed(f"the fgs service at {self.url} rejected the API key ({response.status_code}: {message})")
+        if response.status_code in (502, 503, 504):
+            raise ServiceUnreachable(f"the fgs service at {self.url} is unavailable ({response.status_code}: {message})")
+        raise ApiError(response.status_code, code, message)
+
+    # -------------------------------------------------------------- endpoints
+
+    def health(self) -> dict:
+        return self._request("GET", "/healthz").json()
+
+    def upload_image(self, data: bytes, filename: str = "image.png") -> ImageUploaded:
+        """POST /v1/images: a conditioning image (content-addressed by the service)."""
+        response = self._request("POST", "/v1/images", files={"file": (filename, data, "application/octet-stream")})
+        return ImageUploaded.model_validate(response.json())
+
+    def upload_classifier(self, archive: Path, spec: ClassifierSpec, hardness_stats: Path | None = None) -> ClassifierUploaded:
+        """POST /v1/classifiers: a TorchScript (.pt) or torch.export (.pt2) archive, its spec, optional hardness statistics."""
+        files = {"archive": (archive.name, archive.read_bytes(), "application/octet-stream")}
+        if hardness_stats is not None:
+            files["hardness_stats"] = (hardness_stats.name, hardness_stats.read_bytes(), "application/octet-stream")
+        response = self._request("POST", "/v1/classifiers", files=files, data={"spec": spec.model_dump_json()})
+        return ClassifierUploaded.model_validate(response.json())
+
+    def submit(self, request: GenerateRequest, idempotency_key: str | None = None, wait_when_full: bool = True) -> JobAccepted:
+        """POST /v1/generate: one job; the same Idempotency-Key returns the same job.
+        wait_when_full=False raises ApiError(429) at once when the tenant's queue is full."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        response = self._request(
+            "POST", "/v1/generate", content=request.model_dump_json(), headers={"Content-Type": "application/json", **headers},
+            retry_statuses=RETRY_STATUSES if wait_when_full else RETRY_STATUSES - {429},
+        )
+        return JobAccepted.model_validate(response.json())
+
+    def submit_batch(self, requests: list[GenerateRequest], idempotency_key: str | None = None, wait_when_full: bool = True) -> BatchAccepted:
+        """POST /v1/batches: many jobs in one call (all or none are queued)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = BatchCreate(jobs=requests).model_dump_json()
+        response = self._request(
+            "POST", "/v1/batches", content=body, headers={"Content-Type": "application/json", **headers},
+            retry_statuses=RETRY_STATUSES if wait_when_full else RETRY_STATUSES - {429},
+        )
+        return BatchAccepted.model_validate(response.json())
+
+    def job(self, job_id: str) -> JobPublic:
+        return JobPublic.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def batch(self, batch_id: str) -> BatchPublic:
+        return BatchPublic.model_validate(self._request("GET", f"/v1/batches/{batch_id}").json())
+
+    def cancel(self, job_id: str) -> None:
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
+    def image_bytes(self, image_id: str) -> bytes:
+        """GET /v1/images/{id}: the PNG."""
+        return self._request("GET", f"/v1/images/{image_id}").content
+
+    def wait(self, job_id: str, poll_s: float = 0.5, timeout_s: float | None = None) -> JobPublic:
+        """Poll a job until it is finished, failed or canceled."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if job.state.is_terminal:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout_s} s")
+            time.sleep(poll_s)
+
+    def generate(self, request: GenerateRequest | None = None, *, timeout_s: float | None = None, idempotency_key: str | None = None, **fields: Any) -> GenerationResult:
+        """Submit one job (a GenerateRequest or its fields), wait for it, and download its images."""
+        if request is None:
+            request = GenerateRequest(**fields)
+        elif fields:
+            raise TypeError("pass either a GenerateRequest or its fields, not both")
+        accepted = self.submit(request, idempotency_key=idempotency_key)
+        job = self.wait(accepted.job_id, timeout_s=timeout_s)
+        if job.state is not JobState.finished:
+            raise JobFailed(job)
+        return GenerationResult(job=job, images=[self.image_bytes(r.image_id) for r in job.results])
+
+    def balance(self, dataset: str, root: Path, out: Path, target: str | int | dict[str, int] = "max", **options: Any) -> "BalanceReport":
+        """Balance a dataset on disk (see `fgs-client balance`); resumable: call again with the same arguments."""
+        from fgs_client.balance_runner import BalanceOptions, balance_dataset, check_balance_options
+        from fgs_client.dataset_readers import read_dataset
+
+        reader_options = {k: options.pop(k) for k in ("split_file", "class_names_file", "groups_csv") if k in options}
+        balance_options = BalanceOptions(**options)
+        check_balance_options(balance_options)
+        scanned = read_dataset(dataset, Path(root), **reader_options)
+        return balance_dataset(self, scanned, Path(out), target, balance_options)

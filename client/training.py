@@ -1,0 +1,289 @@
+"""Training on a balanced result (the `train` extra: imports torch; the rest of fgs_client does not).
+
+- `RealSyntheticBatchSampler`: a fixed real/synthetic ratio in every minibatch (paper App. J.1: 50/50), class-balanced;
+- `balanced_softmax_loss`: Balanced Softmax (Ren et al. 2020): cross-entropy of logits + log class prior;
+- `shot_accuracy`: Many (>100) / Medium (20..100) / Few (<20) training images per class, as classifier-balancing reports;
+- `group_accuracy`: per-group, worst-group and mean-group accuracy as SubpopBench reports them;
+- `class_embedding_statistics`: the hardness statistics (delegates to fgs_worker's HardnessStats);
+- `ManifestDataset`: the images of a `manifest.csv`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fgs_client.dataset_writer import MANIFEST_NAME, read_manifest
+
+
+# ---------------------------------------------------------------- sampling
+
+
+class RealSyntheticBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices with round(batch_size * real_fraction) real and the rest synthetic examples.
+
+    Classes are drawn so that over the whole batch each class is equally likely: a class with only real
+    (or only synthetic) examples is drawn more often in its half, and classes with both share what remains.
+    When that is impossible (more real-only classes than the real half can carry), each half is class-balanced
+    on its own, with a warning. Examples within a class and half are drawn uniformly with replacement.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        is_synthetic: Sequence[bool],
+        batch_size: int,
+        real_fraction: float = 0.5,
+        num_batches: int | None = None,
+        seed: int = 0,
+    ):
+        labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+        synthetic_t = torch.as_tensor(list(is_synthetic), dtype=torch.bool)
+        if labels_t.shape != synthetic_t.shape:
+            raise ValueError("labels and is_synthetic must have the same length")
+        if batch_size < 1 or not 0.0 <= real_fraction <= 1.0:
+            raise ValueError("batch_size must be >= 1 and real_fraction in [0, 1]")
+        self.batch_size = batch_size
+        self.num_real = round(batch_size * real_fraction)
+        self.num_synthetic = batch_size - self.num_real
+        self.num_batches = num_batches if num_batches is not None else max(1, len(labels_t) // batch_size)
+        self.seed = seed
+        self.epoch = 0
+        num_classes = int(labels_t.max()) + 1 if len(labels_t) else 0
+        self._real = _ClassIndex(labels_t, ~synthetic_t, num_classes)
+        self._synthetic = _ClassIndex(labels_t, synthetic_t, num_classes)
+        if self.num_real and not self._real.present.any():
+            raise ValueError("real_fraction > 0 but there is no real example")
+        if self.num_synthetic and not self._synthetic.present.any():
+            raise ValueError("real_fraction < 1 but there is no synthetic example")
+        self.real_weights, self.synthetic_weights = self._class_weights(real_fraction)
+
+    def _class_weights(self, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+        real, synthetic = self._real.present, self._synthetic.present
+        classes = real | synthetic
+        n = int(classes.sum())
+        real_only, synthetic_only, both = real & ~synthetic, synthetic & ~real, real & synthetic
+        w_real = torch.zeros(len(classes), dtype=torch.float64)
+        w_synth = torch.zeros(len(classes), dtype=torch.float64)
+        # Solve r * p_real(c) + (1 - r) * p_synth(c) = 1 / n for every class c.
+        feasible = 0.0 < r < 1.0 and int(real_only.sum()) <= n * r and int(synthetic_only.sum()) <= n * (1 - r)
+        if feasible and both.any():
+            w_real[real_only] = 1.0 / (n * r)
+            w_synth[synthetic_only] = 1.0 / (n * (1 - r))
+            w_real[both] = (1.0 - int(real_only.sum()) / (n * r)) / int(both.sum())
+            w_synth[both] = (1.0 - int(synthetic_only.sum()) / (n * (1 - r))) / int(both.sum())
+        else:
+            if 0.0 < r < 1.0 and not torch.equal(real, synthetic):
+                warnings.warn("classes cannot be balanced across the whole batch; each half is class-balanced on its own")
+            w_real[real] = 1.0
+            w_synth[synthetic] = 1.0
+        return w_real.clamp_min(0), w_synth.clamp_min(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        for _ in range(self.num_batches):
+            picks = []
+            if self.num_real:
+                picks.append(self._real.draw(self.real_weights, self.num_real, generator))
+            if self.num_synthetic:
+                picks.append(self._synthetic.draw(self.synthetic_weights, self.num_synthetic, generator))
+            yield torch.cat(picks).tolist()
+
+
+class _ClassIndex:
+    """Indices of one source (real or synthetic) grouped by class, for vectorised draws."""
+
+    def __init__(self, labels: torch.Tensor, mask: torch.Tensor, num_classes: int):
+        indices = torch.nonzero(mask).flatten()
+        order = torch.argsort(labels[indices], stable=True)
+        self.sorted_indices = indices[order]
+        self.counts = torch.bincount(labels[indices], minlength=num_classes)
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.present = self.counts > 0
+
+    def draw(self, weights: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+        classes = torch.multinomial(weights, n, replacement=True, generator=generator)
+        within = (torch.rand(n, generator=generator, dtype=torch.float64) * self.counts[classes]).long()
+        return self.sorted_indices[self.offsets[classes] + within]
+
+
+# ---------------------------------------------------------------- loss
+
+
+def balanced_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, class_counts, reduction: str = "mean") -> torch.Tensor:
+    """Balanced Softmax: cross-entropy of (logits + log prior), prior = class counts / total.
+
+    A class with no training image would get log 0 = -inf; it is counted as one image instead, so its
+    logit is pushed down strongly but the loss stays finite."""
+    counts = torch.as_tensor(class_counts, dtype=logits.dtype, device=logits.device).clamp_min(1)
+    if counts.shape != logits.shape[-1:]:
+        raise ValueError(f"class_counts has {counts.numel()} entries; the logits have {logits.shape[-1]} classes")
+    log_prior = torch.log(counts / counts.sum())
+    return F.cross_entropy(logits + log_prior, labels, reduction=reduction)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _predictions(predictions) -> np.ndarray:
+    array = predictions.detach().cpu().numpy() if isinstance(predictions, torch.Tensor) else np.asarray(predictions)
+    return array.argmax(-1) if array.ndim == 2 else array
+
+
+def _as_numpy(values) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
+@dataclass(frozen=True)
+class ShotAccuracy:
+    many: float  # mean per-class accuracy over classes with > many_threshold training images (nan if none)
+    medium: float
+    few: float  # classes with < few_threshold training images
+    overall: float  # accuracy over all test examples
+    many_classes: int
+    medium_classes: int
+    few_classes: int
+
+
+def shot_accuracy(predictions, labels, train_class_counts, many_threshold: int = 100, few_threshold: int = 20) -> ShotAccuracy:
+    """Accuracy by shot, classifier-balancing's convention: the mean of per-class accuracies of the classes in
+    each split, classes taken from the test labels; predictions are class ids [N] or logits [N, C]."""
+    predicted, truth = _predictions(predictions), _as_numpy(labels)
+    counts = _as_numpy(train_class_counts)
+    buckets: dict[str, list[float]] = {"many": [], "medium": [], "few": []}
+    for label in np.unique(truth):
+        mask = truth == label
+        accuracy = float((predicted[mask] == label).mean())
+        count = counts[label]
+        bucket = "many" if count > many_threshold else "few" if count < few_threshold else "medium"
+        buckets[bucket].append(accuracy)
+    mean = {k: float(np.mean(v)) if v else math.nan for k, v in buckets.items()}
+    return ShotAccuracy(
+        many=mean["many"], medium=mean["medium"], few=mean["few"], overall=float((predicted == truth).mean()),
+        many_classes=len(buckets["many"]), medium_classes=len(buckets["medium"]), few_classes=len(buckets["few"]),
+    )
+
+
+@dataclass(frozen=True)
+class GroupAccuracy:
+    overall: float  # accuracy over all examples
+    per_group: dict[int, float]  # accuracy of every group present in the evaluation set
+    worst_group: float  # the minimum of per_group (SubpopBench's worst-group accuracy)
+    worst_group_id: int
+    mean_group: float  # unweighted mean of per_group (SubpopBench's adjusted accuracy)
+
+
+def subpop_group_ids(labels, attributes, num_attributes: int) -> np.ndarray:
+    """SubpopBench's group id: attribute + num_attributes * class (NICO++: a + 6 y)."""
+    return _as_numpy(attributes) + num_attributes * _as_numpy(labels)
+
+
+def group_accuracy(predictions, labels, groups) -> GroupAccuracy:
+    """Per-group, worst-group and mean-group accuracy over the groups present in `groups`."""
+    correct = _predictions(predictions) == _as_numpy(labels)
+    group_ids = _as_numpy(groups)
+    per_group = {int(g): float(correct[group_ids == g].mean()) for g in np.unique(group_ids)}
+    worst = min(per_group, key=per_group.get)
+    return GroupAccuracy(
+        overall=float(correct.mean()), per_group=per_group, worst_group=per_group[worst], worst_group_id=worst,
+        mean_group=float(np.mean(list(per_group.values()))),
+    )
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+def class_embedding_statistics(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float | None = None):
+    """Class means, shrinkage covariances, precisions and log-dets for the hardness criterion (fgs_worker's HardnessStats)."""
+    from fgs_worker.guidance.hardness_stats import HardnessStats
+
+    return HardnessStats.fit(torch.as_tensor(embeddings), torch.as_tensor(labels), num_classes, shrinkage=shrinkage)
+
+
+def load_classifier_archive(archive: Path, spec):
+    """A TorchScript or torch.export archive with its ClassifierSpec, on the CPU (never unpickles)."""
+    from fgs_worker.classifier_registry import load_classifier
+
+    return load_classifier(Path(archive), spec, None, device="cpu")
+
+
+def image_tensor(path: Path, size: int | None = None) -> torch.Tensor:
+    """An image file as a [3, H, W] float tensor in [0, 1] (resized to size x size when given)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def embed_images(classifier, paths: Sequence[Path], labels: Sequence[int], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings [N, k] of images under a loaded classifier whose forward returns (logits, embedding)."""
+    if classifier.spec.output.value != "logits_embedding":
+        raise ValueError("hardness statistics need a classifier whose spec output is 'logits_embedding'")
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            pixels = torch.stack([image_tensor(p, classifier.spec.input_size) for p in paths[start : start + batch_size]])
+            _logits, embedding = classifier(pixels.to(classifier.device))
+            chunks.append(embedding.float().cpu())
+    if not chunks:
+        raise ValueError("no images to embed")
+    return torch.cat(chunks), torch.as_tensor(list(labels), dtype=torch.long)
+
+
+# ---------------------------------------------------------------- dataset
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """The images listed in `<out>/manifest.csv` (real and synthetic), as (image, class index[, group]).
+
+    Without a transform, an image is a [3, H, W] float tensor in [0, 1]. `labels`, `is_synthetic` and `groups`
+    feed RealSyntheticBatchSampler."""
+
+    def __init__(self, out_dir: Path, transform=None, source: str | None = None, return_group: bool = False):
+        self.root = Path(out_dir)
+        rows = read_manifest(self.root / MANIFEST_NAME)
+        if source is not None:
+            if source not in ("real", "synthetic"):
+                raise ValueError("source must be 'real', 'synthetic' or None")
+            rows = [r for r in rows if r.source == source]
+        self.rows = rows
+        self.transform = transform
+        self.return_group = return_group
+        self.labels = [r.class_index for r in rows]
+        self.is_synthetic = [r.source == "synthetic" for r in rows]
+        self.groups = [r.group for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = self.rows[index]
+        path = self.root / row.path
+        if self.transform is None:
+            image = image_tensor(path)
+        else:
+            with Image.open(path) as opened:
+                image = self.transform(opened.convert("RGB"))
+        return (image, row.class_index, row.group) if self.return_group else (image, row.class_index)
+
+    def class_counts(self, source: str | None = "real") -> torch.Tensor:
+        """Images per class (of one source, or all with None): e.g. the prior of balanced_softmax_loss."""
+        labels = [r.class_index for r in self.rows if source is None or r.source == source]
+        num_classes = max(self.labels, default=-1) + 1
+        return torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes)

@@ -1,0 +1,121 @@
+"""The artifact store: a directory (FGS_DATA_DIR, a shared volume when workers run elsewhere), one folder per tenant.
+
+    {data_dir}/tenants/{tenant}/images/{sha256}.{png|jpeg|webp}   uploaded conditioning images and generated PNGs
+    {data_dir}/tenants/{tenant}/classifiers/{id}/archive.{pt|pt2}, spec.json[, hardness.safetensors]
+
+Ids are sha256 digests of the content, so the same upload twice is one object. Every write goes to a temporary
+name in the same directory and is renamed into place: a reader never sees half a file. Shared by the API and
+the workers; imports neither torch nor FastAPI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_ID = re.compile(r"^[0-9a-f]{64}$")
+_TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+IMAGE_EXTENSIONS = ("png", "jpeg", "webp")
+ARCHIVE_NAMES = ("archive.pt", "archive.pt2")
+
+
+def is_object_id(value: str) -> bool:
+    return bool(_ID.match(value))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ArtifactStore:
+    """Per-tenant files under one root."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def tenant_dir(self, tenant: str) -> Path:
+        if not _TENANT.match(tenant):
+            raise ValueError(f"invalid tenant name {tenant!r}")
+        return self.root / "tenants" / tenant
+
+    # ---- images ----
+    def put_image(self, tenant: str, data: bytes, fmt: str) -> str:
+        """Store image bytes (format 'png'|'jpeg'|'webp'); returns the content id."""
+        if fmt not in IMAGE_EXTENSIONS:
+            raise ValueError(f"unsupported image format {fmt!r}")
+        image_id = sha256_hex(data)
+        path = self.tenant_dir(tenant) / "images" / f"{image_id}.{fmt}"
+        if not path.exists():
+            _atomic_write(path, data)
+        return image_id
+
+    def image_path(self, tenant: str, image_id: str) -> Path | None:
+        if not is_object_id(image_id):
+            return None
+        folder = self.tenant_dir(tenant) / "images"
+        for ext in IMAGE_EXTENSIONS:
+            path = folder / f"{image_id}.{ext}"
+            if path.exists():
+                return path
+        return None
+
+    # ---- classifiers ----
+    def put_classifier(self, tenant: str, archive: bytes, archive_name: str, spec_json: bytes, hardness: bytes | None) -> str:
+        """Store a classifier as one folder, renamed into place whole; returns its content id."""
+        if archive_name not in ARCHIVE_NAMES:
+            raise ValueError(f"archive name must be one of {ARCHIVE_NAMES}")
+        digest = hashlib.sha256()
+        for part in (archive, b"\0spec\0", spec_json, b"\0stats\0", hardness or b""):
+            digest.update(part)
+        classifier_id = digest.hexdigest()
+        final = self.tenant_dir(tenant) / "classifiers" / classifier_id
+        if final.exists():
+            return classifier_id
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+        try:
+            (tmp / archive_name).write_bytes(archive)
+            (tmp / "spec.json").write_bytes(spec_json)
+            if hardness is not None:
+                (tmp / "hardness.safetensors").write_bytes(hardness)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.exists():  # lost a race with the same upload: the other copy is identical
+                    raise
+        finally:
+            if tmp.exists():
+                for child in tmp.iterdir():
+                    child.unlink()
+                tmp.rmdir()
+        return classifier_id
+
+    def classifier_dir(self, tenant: str, classifier_id: str) -> Path | None:
+        if not is_object_id(classifier_id):
+            return None
+        path = self.tenant_dir(tenant) / "classifiers" / classifier_id
+        return path if (path / "spec.json").exists() else None
+
+    @staticmethod
+    def classifier_archive(folder: Path) -> Path:
+        for name in ARCHIVE_NAMES:
+            if (folder / name).exists():
+                return folder / name
+        raise FileNotFoundError(f"no archive in {folder}")

@@ -1,0 +1,184 @@
+"""Job records in Redis: the key layout and the state machine shared by the API and the workers.
+
+A job record is one Redis hash, `{prefix}:job:{id}`, next to (not inside) RQ's own job hash: RQ carries the
+work, the record carries what the API reports (state, progress, results, error). Every state change runs as
+one Lua script, so the state, the tenant's queued-image count and the jobs-by-state counter move together
+and a change from a state the job is no longer in is refused (a canceled job cannot become running).
+The client is duck-typed: this module imports neither redis nor torch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from fgs_common.telemetry import counter_field, counter_key
+from fgs_common.wire import GenerateRequest, ImageResult, JobError, JobProgress, JobPublic, JobState
+
+ACTIVE_STATES = (JobState.queued, JobState.running)
+
+
+class Keys:
+    """Every Redis key fgs writes, derived from one prefix."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def request(self, job_id: str) -> str:
+        """The job's GenerateRequest JSON, beside the record: a hash whose values all stay under 64 bytes is
+        stored compactly by Redis (listpack), which keeps a queued million-image plan small."""
+        return f"{self.prefix}:req:{job_id}"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:jobs"
+
+    def queued_images(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:queued_images"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def idempotency(self, tenant: str, digest: str) -> str:
+        return f"{self.prefix}:idem:{tenant}:{digest}"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def tenant_queues(self) -> str:
+        """Set of the RQ queue names workers serve (one per tenant)."""
+        return f"{self.prefix}:queues"
+
+    def queue_name(self, tenant: str) -> str:
+        return f"{self.prefix}:{tenant}"
+
+    def worker_alive(self, worker: str) -> str:
+        return f"{self.prefix}:worker:{worker}"
+
+    def worker_alive_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+
+# KEYS: job hash, tenant queued-image counter, metrics counter hash
+# ARGV: new state, comma-separated allowed current states, counter field of the new state,
+#       "1" when the new state is terminal, then field/value pairs to write
+_TRANSITION_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do if s == state then allowed = true end end
+if not allowed then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[4] == '1' then
+  local n = tonumber(redis.call('HGET', KEYS[1], 'images_total') or '0')
+  local left = redis.call('DECRBY', KEYS[2], n)
+  if left < 0 then redis.call('SET', KEYS[2], 0) end
+end
+redis.call('HINCRBYFLOAT', KEYS[3], ARGV[3], 1)
+return 1
+"""
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobRecords:
+    """Reads and changes job records. `redis` is a redis-py client (decode_responses=True)."""
+
+    def __init__(self, redis: Any, prefix: str, record_ttl_s: int = 30 * 24 * 3600):
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.record_ttl_s = record_ttl_s
+        self._transition = redis.register_script(_TRANSITION_LUA)
+
+    # ---- creation (inside the caller's pipeline, with the RQ enqueue) ----
+    def create(self, pipe: Any, job_id: str, tenant: str, request: GenerateRequest, batch_id: str | None, now: float) -> None:
+        """Write a new queued record into `pipe` (the caller executes it together with the enqueue)."""
+        fields = {
+            "tenant": tenant,
+            "state": JobState.queued.value,
+            "criterion": request.criterion.value,
+            "images_total": request.num_images,
+            "created_at": round(now, 3),
+        }
+        if batch_id:
+            fields["batch_id"] = batch_id
+        pipe.hset(self.keys.job(job_id), mapping=fields)
+        pipe.expire(self.keys.job(job_id), self.record_ttl_s)
+        # exclude_defaults keeps big plans small (bench/api.py measures bytes per queued image)
+        pipe.set(self.keys.request(job_id), request.model_dump_json(exclude_defaults=True), ex=self.record_ttl_s)
+        pipe.zadd(self.keys.tenant_jobs(tenant), {job_id: now})
+        pipe.hincrbyfloat(
+            counter_key(self.keys.prefix),
+            counter_field("jobs", {"tenant": tenant, "criterion": request.criterion.value, "status": "queued"}),
+            1,
+        )
+
+    # ---- state changes ----
+    def transition(self, job_id: str, new: JobState, allowed: tuple[JobState, ...], **fields: Any) -> bool:
+        """Move the job to `new` if it is in one of `allowed`; write `fields` in the same step. False if refused."""
+        tenant, criterion = self.redis.hmget(self.keys.job(job_id), "tenant", "criterion")
+        if tenant is None:
+            return False
+        argv: list[Any] = [
+            new.value,
+            ",".join(s.value for s in allowed),
+            counter_field("jobs", {"tenant": tenant, "criterion": criterion, "status": new.value}),
+            "1" if new.is_terminal else "0",
+        ]
+        for name, value in fields.items():
+            argv += [name, value if isinstance(value, (str, int, float)) else json.dumps(value)]
+        keys = [self.keys.job(job_id), self.keys.queued_images(tenant), counter_key(self.keys.prefix)]
+        return self._transition(keys=keys, args=argv) == 1
+
+    def set_progress(self, job_id: str, **fields: Any) -> None:
+        self.redis.hset(self.keys.job(job_id), mapping=fields)
+
+    # ---- reads ----
+    def raw(self, job_id: str) -> dict[str, str]:
+        """The record's fields plus 'request' (the GenerateRequest JSON); {} when there is no such job."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.job(job_id))
+            pipe.get(self.keys.request(job_id))
+            fields, request = pipe.execute()
+        if fields and request:
+            fields["request"] = request
+        return fields if fields and request else {}
+
+    def tenant_of(self, job_id: str) -> str | None:
+        return self.redis.hget(self.keys.job(job_id), "tenant")
+
+
+def _ts(value: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(value), timezone.utc) if value else None
+
+
+def job_public(job_id: str, raw: dict[str, str]) -> JobPublic:
+    """The wire view of one stored record."""
+    return JobPublic(
+        job_id=job_id,
+        state=JobState(raw["state"]),
+        request=GenerateRequest.model_validate_json(raw["request"]),
+        progress=JobProgress(
+            images_done=int(raw.get("images_done", 0)),
+            images_total=int(raw.get("images_total", 0)),
+            step=int(raw.get("step", 0)),
+            steps_total=int(raw.get("steps_total", 0)),
+        ),
+        results=[ImageResult.model_validate(r) for r in json.loads(raw.get("results", "[]"))],
+        error=JobError.model_validate_json(raw["error"]) if raw.get("error") else None,
+        batch_id=raw.get("batch_id") or None,
+        created_at=_ts(raw.get("created_at")) or utc_now(),
+        started_at=_ts(raw.get("started_at")),
+        finished_at=_ts(raw.get("finished_at")),
+    )
+
+
+def now_ts() -> float:
+    return time.time()

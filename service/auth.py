@@ -1,0 +1,69 @@
+"""API keys -> tenants. Keys are stored only as sha256 digests.
+
+Keys file (FGS_API_KEYS_FILE, or the same JSON inline in FGS_API_KEYS):
+
+    {"tenants": [{"name": "vision-team", "key_sha256": ["<hex>", ...], "max_queued_images": 100000}]}
+
+`fgs hash-key KEY` prints a key's digest. FGS_DEV_API_KEY adds one tenant (FGS_DEV_TENANT, default "dev")
+for local use. API keys are long random strings, so an unsalted sha256 is enough to make a leaked file useless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from fgs_common.settings import Settings
+
+
+class TenantEntry(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    key_sha256: list[str] = Field(min_length=1)
+    max_queued_images: int | None = Field(default=None, ge=0)
+
+
+class KeysFile(BaseModel):
+    tenants: list[TenantEntry]
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    max_queued_images: int
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class KeyRing:
+    """Maps a presented key to its tenant."""
+
+    def __init__(self, by_digest: dict[str, Tenant]):
+        self._by_digest = by_digest
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "KeyRing":
+        entries: list[TenantEntry] = []
+        if settings.api_keys_file is not None:
+            entries += KeysFile.model_validate_json(settings.api_keys_file.read_text()).tenants
+        if settings.api_keys:
+            entries += KeysFile.model_validate(json.loads(settings.api_keys)).tenants
+        by_digest: dict[str, Tenant] = {}
+        for entry in entries:
+            tenant = Tenant(entry.name, entry.max_queued_images if entry.max_queued_images is not None else settings.max_queued_images_per_tenant)
+            for digest in entry.key_sha256:
+                by_digest[digest.lower()] = tenant
+        if settings.dev_api_key:
+            by_digest[hash_key(settings.dev_api_key)] = Tenant(settings.dev_tenant, settings.max_queued_images_per_tenant)
+        return cls(by_digest)
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def tenant_for(self, api_key: str) -> Tenant | None:
+        # Looking up the digest leaks nothing useful about the key itself, so a dict lookup is fine.
+        return self._by_digest.get(hash_key(api_key))

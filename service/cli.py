@@ -1,0 +1,167 @@
+"""The `fgs` command: the whole stack on one machine (`fgs up`), or its processes one by one."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fgs_common.settings import get_settings
+
+app = typer.Typer(help="fgs: feedback-guided data synthesis service", no_args_is_help=True, add_completion=False)
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except Exception:  # any failure to connect means "no Redis there"
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_local_redis(state_dir: Path) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise typer.BadParameter("no Redis answers and redis-server is not installed: install it or set FGS_REDIS_URL")
+    data = state_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()), "--appendonly", "yes", "--save", ""],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C goes to us; we stop it last, after the workers
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        if _redis_answers(url):
+            return process, url
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("local redis-server did not start")
+
+
+def _dev_key(state_dir: Path) -> str:
+    path = state_dir / "dev_api_key"
+    if path.exists():
+        return path.read_text().strip()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = "fgs-dev-" + secrets.token_urlsafe(24)
+    path.write_text(key)
+    path.chmod(0o600)
+    return key
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="API bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port")] = 8000,
+    workers: Annotated[int, typer.Option(min=0, help="worker processes")] = 1,
+    model: Annotated[Optional[str], typer.Option(help="'fgs-digits' (embedded), 'tiny', or a local SD 2.1 unCLIP directory")] = None,
+) -> None:
+    """API + workers (+ a local redis-server when none is configured or answering). Ctrl-C stops them all."""
+    settings = get_settings()
+    env = dict(os.environ)
+    started: list[subprocess.Popen] = []
+    redis_process = None
+    url = settings.redis_url
+    if url is None:
+        url = settings.default_redis_url
+        if not _redis_answers(url):
+            redis_process, url = _start_local_redis(settings.state_dir)
+            typer.echo(f"started redis-server at {url} (data in {settings.state_dir / 'redis'})")
+    elif not _redis_answers(url):
+        raise typer.BadParameter(f"FGS_REDIS_URL={url} does not answer")
+    env["FGS_REDIS_URL"] = url
+    if model:
+        env["FGS_MODEL"] = model
+    if not (settings.api_keys_file or settings.api_keys or settings.dev_api_key):
+        env["FGS_DEV_API_KEY"] = _dev_key(settings.state_dir)
+    try:
+        for i in range(workers):
+            started.append(subprocess.Popen([sys.executable, "-m", "fgs_worker.main"], env=env, start_new_session=True))
+        started.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory", "--host", host, "--port", str(port), "--timeout-keep-alive", "120"],
+                env=env,
+                start_new_session=True,
+            )
+        )
+        typer.echo(f"fgs API on http://{host}:{port} with {workers} worker(s), model {env.get('FGS_MODEL', settings.model)}")
+        if "FGS_DEV_API_KEY" in env:
+            typer.echo(f"API key: {env['FGS_DEV_API_KEY']}")
+        while all(p.poll() is None for p in started):
+            time.sleep(0.5)
+        typer.echo("a process exited; stopping the rest", err=True)
+    except KeyboardInterrupt:
+        typer.echo("stopping (workers finish their current job)...")
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in started:
+            try:
+                process.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(timeout=30)
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """The HTTP API alone (FGS_REDIS_URL must be set)."""
+    import uvicorn
+
+    uvicorn.run("fgs_service.app:create_app", factory=True, host=host, port=port, timeout_keep_alive=120)
+
+
+@app.command()
+def worker(model: Annotated[Optional[str], typer.Option(help="model to keep resident (default FGS_MODEL)")] = None) -> None:
+    """One worker process (FGS_REDIS_URL must be set)."""
+    if model:
+        os.environ["FGS_MODEL"] = model
+        get_settings.cache_clear()
+    from fgs_worker.main import run_worker
+
+    run_worker(get_settings())
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(directory: Path) -> None:
+    """Write the random-weight tiny unCLIP pipeline to DIRECTORY (offline)."""
+    from fgs_worker.tiny_model import save_tiny_model
+
+    save_tiny_model(directory)
+    typer.echo(f"tiny model written to {directory}")
+
+
+@app.command("hash-key")
+def hash_key_command(api_key: str) -> None:
+    """Print the sha256 of an API key, for the keys file."""
+    from fgs_service.auth import hash_key
+
+    typer.echo(hash_key(api_key))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,179 @@
+"""The RQ adapter: one queue per tenant, JSON serializer, timeouts and retries with backoff.
+
+An enqueue writes the job record, the RQ job and the tenant's queue entry in one MULTI, after the
+tenant's queued-image cap has been reserved; a refused request leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, now_ts
+from fgs_common.settings import Settings
+from fgs_common.wire import GenerateRequest, JobState
+from fgs_service.auth import Tenant
+
+JOB_FUNCTION = "fgs_worker.jobs.run_generate_job"
+
+
+class QueueFull(Exception):
+    """The tenant's queued-image cap would be exceeded."""
+
+    def __init__(self, queued: int, cap: int, wanted: int):
+        super().__init__(f"tenant has {queued} images queued; cap is {cap}, this request adds {wanted}")
+        self.retry_after_s = 30
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    ids: list[str]  # the job ids (for a replayed batch: empty, read them with batch_job_ids)
+    replayed: bool  # an Idempotency-Key matched an earlier request: these are the first request's ids
+    batch_id: str | None = None
+
+
+class JobQueue:
+    """Enqueue, cancel and inspect jobs. `redis` decodes responses (records); `rq_redis` is raw bytes (RQ)."""
+
+    def __init__(self, redis: Any, rq_redis: Any, settings: Settings):
+        self.redis = redis
+        self.rq_redis = rq_redis
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self.records = JobRecords(redis, settings.redis_prefix, settings.job_record_ttl_s)
+
+    def queue(self, tenant: str) -> Queue:
+        return Queue(self.keys.queue_name(tenant), connection=self.rq_redis, serializer=JSONSerializer)
+
+    def _retry(self) -> Retry | None:
+        if self.settings.job_retries <= 0:
+            return None
+        return Retry(max=self.settings.job_retries, interval=self.settings.retry_backoff_s)
+
+    # ---- idempotency ----
+    def _idempotency_claim(self, tenant: Tenant, key: str | None, scope: str, value: str) -> str | None:
+        """Claim an Idempotency-Key for `value`; return the earlier value if the key was used before."""
+        if not key:
+            return None
+        digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
+        redis_key = self.keys.idempotency(tenant.name, digest)
+        if self.redis.set(redis_key, value, nx=True, ex=self.settings.idempotency_ttl_s):
+            return None
+        return self.redis.get(redis_key)
+
+    def _idempotency_release(self, tenant: Tenant, key: str | None, scope: str) -> None:
+        if key:
+            digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
+            self.redis.delete(self.keys.idempotency(tenant.name, digest))
+
+    # ---- cap ----
+    def _reserve(self, tenant: Tenant, images: int) -> None:
+        counter = self.keys.queued_images(tenant.name)
+        queued = self.redis.incrby(counter, images)
+        if queued > tenant.max_queued_images:
+            self.redis.decrby(counter, images)
+            raise QueueFull(queued - images, tenant.max_queued_images, images)
+
+    # ---- enqueue ----
+    def enqueue(
+        self, tenant: Tenant, requests: list[GenerateRequest], batch_id: str | None = None, idempotency_key: str | None = None
+    ) -> Enqueued:
+        """Queue one job per request. With `batch_id` the jobs form a batch (stored with the batch)."""
+        job_ids = [uuid.uuid4().hex for _ in requests]
+        scope = "batch" if batch_id else "job"
+        claim_value = batch_id if batch_id else job_ids[0]
+        earlier = self._idempotency_claim(tenant, idempotency_key, scope, claim_value)
+        if earlier is not None:
+            if batch_id:
+                return Enqueued([], replayed=True, batch_id=earlier)
+            return Enqueued([earlier], replayed=True)
+        try:
+            self._reserve(tenant, sum(r.num_images for r in requests))
+        except QueueFull:
+            self._idempotency_release(tenant, idempotency_key, scope)
+            raise
+        queue = self.queue(tenant.name)
+        now = now_ts()
+        retry = self._retry()
+        try:
+            with self.rq_redis.pipeline(transaction=True) as pipe:
+                if batch_id:
+                    pipe.hset(self.keys.batch(batch_id), mapping={"tenant": tenant.name, "job_ids": ",".join(job_ids), "created_at": now})
+                    pipe.expire(self.keys.batch(batch_id), self.settings.job_record_ttl_s)
+                for job_id, request in zip(job_ids, requests):
+                    self.records.create(pipe, job_id, tenant.name, request, batch_id, now)
+                datas = [
+                    Queue.prepare_data(
+                        JOB_FUNCTION,
+                        args=(),  # the function reads its RQ job id; no args keeps RQ's job hash compact
+                        job_id=job_id,
+                        timeout=self.settings.job_timeout_s,
+                        result_ttl=600,
+                        failure_ttl=self.settings.job_record_ttl_s,
+                        description="generate",
+                        retry=retry,
+                    )
+                    for job_id in job_ids
+                ]
+                queue.enqueue_many(datas, pipeline=pipe)
+                pipe.sadd(self.keys.tenant_queues(), queue.name)
+                pipe.execute()
+        except BaseException:
+            self.redis.decrby(self.keys.queued_images(tenant.name), sum(r.num_images for r in requests))
+            self._idempotency_release(tenant, idempotency_key, scope)
+            raise
+        return Enqueued(job_ids, replayed=False, batch_id=batch_id)
+
+    def batch_job_ids(self, tenant: Tenant, batch_id: str) -> list[str] | None:
+        """The batch's job ids, or None when there is no such batch of this tenant."""
+        owner, job_ids = self.redis.hmget(self.keys.batch(batch_id), "tenant", "job_ids")
+        if owner != tenant.name:
+            return None
+        return job_ids.split(",") if job_ids else []
+
+    # ---- cancel ----
+    def cancel(self, tenant: Tenant, job_id: str) -> bool:
+        """Cancel a queued job (it never runs) or ask a running one to stop. False if already final."""
+        if self.records.transition(job_id, JobState.canceled, (JobState.queued,), finished_at=now_ts()):
+            # Only a job still in the list is ours to delete; one a worker already popped is skipped by the
+            # worker (its claim queued -> running fails) and expires with RQ's result TTL.
+            if self.rq_redis.lrem(self.queue(tenant.name).key, 1, job_id):
+                self.rq_redis.delete(Job.key_for(job_id))
+            return True
+        raw = self.records.raw(job_id)
+        if raw.get("state") == JobState.running.value:
+            # the worker checks this flag between denoising steps (fgs_worker.cancel)
+            self.redis.set(self.keys.cancel(job_id), "1", ex=self.settings.job_timeout_s + 600)
+            return True
+        return False
+
+    # ---- failures RQ saw but the job never reported (worker killed hard, timeout in teardown) ----
+    def reconcile(self, job_id: str, raw: dict[str, str]) -> dict[str, str]:
+        """If RQ has given up on an active job, record it as failed with RQ's error."""
+        if raw.get("state") not in {s.value for s in ACTIVE_STATES}:
+            return raw
+        try:
+            job = Job.fetch(job_id, connection=self.rq_redis, serializer=JSONSerializer)
+        except Exception:  # no RQ job left: nothing to reconcile
+            return raw
+        if job.get_status(refresh=False) != JobStatus.FAILED:
+            return raw
+        message = (job.exc_info or "the worker stopped without reporting").strip().splitlines()[-1][:2000]
+        error = {"code": "worker_failed", "message": message}
+        self.records.transition(job_id, JobState.failed, ACTIVE_STATES, error=error, finished_at=now_ts())
+        return self.records.raw(job_id)
+
+    def queue_depths(self) -> dict[str, int]:
+        names = sorted(self.redis.smembers(self.keys.tenant_queues()))
+        prefix = self.keys.prefix + ":"
+        with self.rq_redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(f"rq:queue:{name}")
+            counts = pipe.execute()
+        return {name.removeprefix(prefix): int(count) for name, count in zip(names, counts)}

@@ -1,0 +1,139 @@
+"""Classifier upload: a TorchScript / torch.export archive, its spec JSON and optional hardness statistics.
+
+The service never imports torch, so it checks what it can without it (size, zip layout of a TorchScript or
+torch.export archive, never a pickle; spec JSON; safetensors header) and then runs the archive once in a
+short-lived subprocess, `python -m fgs_worker.classifier_check`, which loads it the way a worker will and
+checks its outputs against the spec. Only a classifier that passes is stored: a mismatch is a 422 and
+nothing is written. An API-only install without torch skips the subprocess (FGS_CLASSIFIER_CHECK=false, or
+torch absent); the worker then runs the same check at first use and fails that job with the same message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, UploadFile
+from pydantic import ValidationError
+
+from fgs_common.artifact_store import ArtifactStore
+from fgs_common.classifier_archive import ArchiveFormat, NotAClassifierArchive, detect_archive_format
+from fgs_common.settings import Settings
+from fgs_common.wire import ClassifierSpec, ClassifierUploaded
+from fgs_service.deps import SettingsDep, StoreDep, TenantDep
+from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
+from fgs_service.uploads import read_limited
+
+router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"], responses=ERROR_RESPONSES)
+
+_ARCHIVE_NAME = {ArchiveFormat.torchscript: "archive.pt", ArchiveFormat.torch_export: "archive.pt2"}
+
+
+def _parse_spec(spec: str) -> ClassifierSpec:
+    try:
+        return ClassifierSpec.model_validate_json(spec)
+    except ValidationError as error:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors()[:5])
+        raise ApiError(422, "invalid_spec", f"classifier spec is not a valid ClassifierSpec: {details}") from None
+
+
+def _check_safetensors(data: bytes) -> None:
+    """A safetensors file starts with an 8-byte little-endian header length and a JSON header."""
+    if len(data) < 8:
+        raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (too short)")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (bad header length)")
+    try:
+        json.loads(data[8 : 8 + length])
+    except ValueError:
+        raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (header is not JSON)") from None
+
+
+def _worker_check_available() -> bool:
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("fgs_worker") is not None
+
+
+def _run_classifier_check(archive: Path, spec: Path, stats: Path | None, settings: Settings) -> None:
+    """Load and run the classifier in a subprocess (torch stays out of the API process)."""
+    command = [sys.executable, "-m", "fgs_worker.classifier_check", str(archive), str(spec)] + ([str(stats)] if stats else [])
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=settings.classifier_check_timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ApiError(422, "classifier_check_timeout", f"classifier did not load and run within {settings.classifier_check_timeout_s} s") from None
+    if result.returncode == 2:
+        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "classifier does not match its spec"
+        raise ApiError(422, "classifier_mismatch", message)
+    if result.returncode != 0:
+        raise RuntimeError(f"classifier check crashed (exit {result.returncode}): {result.stderr[-2000:]}")
+
+
+def _validated(archive: bytes, spec_json: bytes, stats: bytes | None, settings: SettingsDep, scratch: Path) -> ArchiveFormat:
+    archive_path = scratch / "upload"
+    archive_path.write_bytes(archive)
+    try:
+        archive_format = detect_archive_format(archive_path)
+    except NotAClassifierArchive as error:
+        raise ApiError(415, "not_a_classifier_archive", str(error)) from None
+    if settings.classifier_check and _worker_check_available():
+        named = archive_path.rename(scratch / _ARCHIVE_NAME[archive_format])
+        (scratch / "spec.json").write_bytes(spec_json)
+        stats_path = None
+        if stats is not None:
+            stats_path = scratch / "hardness.safetensors"
+            stats_path.write_bytes(stats)
+        _run_classifier_check(named, scratch / "spec.json", stats_path, settings)
+    return archive_format
+
+
+@router.post("", status_code=201)
+def upload_classifier(
+    archive: UploadFile,
+    spec: Annotated[str, Form(description="ClassifierSpec JSON")],
+    tenant: TenantDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    hardness_stats: UploadFile | None = None,
+) -> ClassifierUploaded:
+    """Check and store a classifier; its id is a digest of archive, spec and statistics."""
+    parsed = _parse_spec(spec)
+    archive_bytes = read_limited(archive, settings.max_classifier_bytes, "classifier archive")
+    stats_bytes = read_limited(hardness_stats, settings.max_upload_bytes, "hardness statistics") if hardness_stats else None
+    if stats_bytes is not None:
+        _check_safetensors(stats_bytes)
+    spec_json = parsed.model_dump_json().encode()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".classifier-check-", dir=settings.data_dir))
+    try:
+        archive_format = _validated(archive_bytes, spec_json, stats_bytes, settings, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    classifier_id = store.put_classifier(tenant.name, archive_bytes, _ARCHIVE_NAME[archive_format], spec_json, stats_bytes)
+    return ClassifierUploaded(id=classifier_id, spec=parsed, has_hardness_stats=stats_bytes is not None)
+
+
+def load_classifier_record(store: ArtifactStore, tenant: str, classifier_id: str) -> ClassifierUploaded:
+    folder = store.classifier_dir(tenant, classifier_id)
+    if folder is None:
+        raise not_found("classifier", classifier_id)
+    spec = ClassifierSpec.model_validate_json((folder / "spec.json").read_bytes())
+    return ClassifierUploaded(id=classifier_id, spec=spec, has_hardness_stats=(folder / "hardness.safetensors").exists())
+
+
+@router.get("/{classifier_id}")
+def get_classifier(classifier_id: str, tenant: TenantDep, store: StoreDep) -> ClassifierUploaded:
+    return load_classifier_record(store, tenant.name, classifier_id)
+
+
+@router.get("")
+def list_classifiers(tenant: TenantDep, store: StoreDep) -> list[ClassifierUploaded]:
+    folder = store.tenant_dir(tenant.name) / "classifiers"
+    ids = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+    return [load_classifier_record(store, tenant.name, i) for i in ids]

@@ -1,0 +1,84 @@
+"""POST /v1/generate (one job), POST /v1/batches (a whole plan), GET /v1/batches/{id}."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header
+
+from fgs_common.artifact_store import ArtifactStore
+from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted, JobState
+from fgs_service.auth import Tenant
+from fgs_service.deps import JobQueueDep, StoreDep, TenantDep
+from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
+from fgs_service.job_queue import QueueFull
+from fgs_service.routers.classifiers import load_classifier_record
+
+router = APIRouter(tags=["generate"], responses=ERROR_RESPONSES)
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+def check_references(store: ArtifactStore, tenant: Tenant, requests: list[GenerateRequest]) -> None:
+    """Every referenced image and classifier must be the tenant's own, and fit the request."""
+    image_ids = {i for r in requests for i in r.conditioning_image_ids}
+    for image_id in sorted(image_ids):
+        if store.image_path(tenant.name, image_id) is None:
+            raise not_found("image", image_id)
+    classifiers = {}
+    for request in requests:
+        if request.classifier_id is None:
+            continue
+        if request.classifier_id not in classifiers:
+            classifiers[request.classifier_id] = load_classifier_record(store, tenant.name, request.classifier_id)
+        record = classifiers[request.classifier_id]
+        if request.class_index >= record.spec.num_classes:
+            raise ApiError(422, "invalid_request", f"class_index {request.class_index} is out of range: the classifier has {record.spec.num_classes} classes")
+        if request.criterion is Criterion.hardness and not record.has_hardness_stats:
+            raise ApiError(422, "invalid_request", "criterion 'hardness' needs a classifier uploaded with hardness statistics")
+
+
+def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch_id: str | None, key: str | None):
+    try:
+        return queue.enqueue(tenant, requests, batch_id=batch_id, idempotency_key=key)
+    except QueueFull as error:
+        raise ApiError(429, "queue_full", str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
+
+
+@router.post("/v1/generate", status_code=202)
+def generate(body: GenerateRequest, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> JobAccepted:
+    """Queue one job of `num_images` images; the same Idempotency-Key returns the first job."""
+    check_references(store, tenant, [body])
+    enqueued = _enqueue(queue, tenant, [body], None, idempotency_key)
+    return JobAccepted(job_id=enqueued.ids[0])
+
+
+@router.post("/v1/batches", status_code=202)
+def create_batch(body: BatchCreate, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> BatchAccepted:
+    """Queue many jobs (a balancing plan) in one call, all or nothing."""
+    check_references(store, tenant, body.jobs)
+    enqueued = _enqueue(queue, tenant, body.jobs, uuid.uuid4().hex, idempotency_key)
+    if enqueued.replayed:
+        return BatchAccepted(batch_id=enqueued.batch_id, job_ids=queue.batch_job_ids(tenant, enqueued.batch_id) or [])
+    return BatchAccepted(batch_id=enqueued.batch_id, job_ids=enqueued.ids)
+
+
+@router.get("/v1/batches/{batch_id}")
+def get_batch(batch_id: str, tenant: TenantDep, queue: JobQueueDep) -> BatchPublic:
+    """Counts of the batch's jobs by state and its images done / total."""
+    job_ids = queue.batch_job_ids(tenant, batch_id)
+    if job_ids is None:
+        raise not_found("batch", batch_id)
+    counts = {state: 0 for state in JobState}
+    done = total = 0
+    with queue.redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hmget(queue.keys.job(job_id), "state", "images_done", "images_total")
+        for state, images_done, images_total in pipe.execute():
+            if state is None:
+                continue
+            counts[JobState(state)] += 1
+            done += int(images_done or 0)
+            total += int(images_total or 0)
+    return BatchPublic(batch_id=batch_id, job_ids=job_ids, counts=counts, images_done=done, images_total=total)

@@ -1,0 +1,92 @@
+"""Job status, server-sent progress events, listing and cancel. Another tenant's job is a 404."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from fgs_common.job_records import job_public
+from fgs_common.wire import JobPublic, JobsPublic, JobState
+from fgs_service.deps import JobQueueDep, SettingsDep, TenantDep
+from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+
+_KEEPALIVE_S = 15.0
+
+
+def _owned_job(job_id: str, tenant: TenantDep, queue: JobQueueDep) -> JobPublic:
+    """The job's public view if it belongs to the caller (404 otherwise, also for other tenants' jobs)."""
+    raw = queue.records.raw(job_id)
+    if not raw or raw.get("tenant") != tenant.name:
+        raise not_found("job", job_id)
+    return job_public(job_id, queue.reconcile(job_id, raw))
+
+
+OwnedJob = Annotated[JobPublic, Depends(_owned_job)]
+
+
+@router.get("")
+def list_jobs(
+    tenant: TenantDep,
+    queue: JobQueueDep,
+    state: JobState | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobsPublic:
+    """The caller's jobs, newest first."""
+    ids = queue.redis.zrevrange(queue.keys.tenant_jobs(tenant.name), offset, offset + limit - 1)
+    jobs = []
+    for job_id in ids:
+        raw = queue.records.raw(job_id)
+        if raw:
+            job = job_public(job_id, raw)
+            if state is None or job.state is state:
+                jobs.append(job)
+    return JobsPublic(jobs=jobs, count=len(jobs))
+
+
+@router.get("/{job_id}")
+def get_job(job: OwnedJob) -> JobPublic:
+    return job
+
+
+@router.delete("/{job_id}", status_code=202)
+def cancel_job(job: OwnedJob, tenant: TenantDep, queue: JobQueueDep) -> JobPublic:
+    """Cancel: a queued job never runs; a running job stops at its next denoising step."""
+    if job.state.is_terminal:
+        raise ApiError(409, "job_finished", f"job {job.job_id} is already {job.state.value}")
+    queue.cancel(tenant, job.job_id)
+    return job_public(job.job_id, queue.records.raw(job.job_id))
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(job: OwnedJob, request: Request, queue: JobQueueDep, settings: SettingsDep) -> StreamingResponse:
+    """Server-sent events: one `job` event (a JobPublic) per change, the last one in a final state."""
+
+    async def stream():
+        last = None
+        last_sent = time.monotonic()
+        while True:
+            raw = await anyio.to_thread.run_sync(queue.records.raw, job.job_id)
+            if not raw:
+                return
+            raw = await anyio.to_thread.run_sync(queue.reconcile, job.job_id, raw)
+            current = job_public(job.job_id, raw)
+            payload = current.model_dump_json()
+            if payload != last:
+                last, last_sent = payload, time.monotonic()
+                yield f"event: job\ndata: {payload}\n\n"
+            elif time.monotonic() - last_sent > _KEEPALIVE_S:
+                last_sent = time.monotonic()
+                yield ": keep-alive\n\n"
+            if current.state.is_terminal or await request.is_disconnected():
+                return
+            await asyncio.sleep(settings.sse_poll_s)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

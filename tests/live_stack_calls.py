@@ -1,0 +1,70 @@
+"""HTTP calls the service tests share: uploads, following a job, polling."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+from PIL import Image
+
+from fgs_common.wire import ClassifierSpec, JobPublic, JobState
+
+
+def png_bytes(seed: int = 0, size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload_classifier(client, archive_bytes: bytes, spec: ClassifierSpec | str, filename: str = "classifier.pt"):
+    spec_json = spec if isinstance(spec, str) else spec.model_dump_json()
+    return client.post(
+        "/v1/classifiers",
+        files={"archive": (filename, archive_bytes, "application/octet-stream")},
+        data={"spec": spec_json},
+    )
+
+
+def follow_events(client, job_id: str) -> list[JobPublic]:
+    """All `job` events of the SSE stream, until the server ends it (the job reached a final state)."""
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=300) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(JobPublic.model_validate_json(line[len("data: ") :]))
+    return events
+
+
+def get_job(client, job_id: str) -> JobPublic:
+    response = client.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return JobPublic.model_validate(response.json())
+
+
+def wait_for(client, job_id: str, predicate, timeout: float = 120, poll: float = 0.05) -> JobPublic:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = get_job(client, job_id)
+        if predicate(job):
+            return job
+        time.sleep(poll)
+    raise AssertionError(f"job {job_id} did not reach the expected state in {timeout} s; last: {job}")
+
+
+def wait_final(client, job_id: str, timeout: float = 120) -> JobPublic:
+    return wait_for(client, job_id, lambda j: j.state.is_terminal, timeout)
+
+
+def generate(client, **overrides) -> str:
+    body = {"prompt": "a photo of digit one", "class_index": 1, "num_images": 1, "steps": 2, "guidance_every": 1}
+    body.update(overrides)
+    response = client.post("/v1/generate", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+__all__ = ["JobState", "png_bytes", "upload_classifier", "follow_events", "get_job", "wait_for", "wait_final", "generate"]

@@ -1,0 +1,110 @@
+"""Crash safety on files and state, without a server: atomic PNG writes, leftovers, the state file, early refusals."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
+from fgs_client.cli import app
+from fgs_client.dataset_writer import remove_temporary_files, write_png_atomic
+
+from test_client_readers import make_nicopp_tree
+
+runner = CliRunner()
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_write_png_atomic_refuses_truncated_and_non_png(tmp_path):
+    data = png_bytes()
+    write_png_atomic(tmp_path / "a" / "ok.png", data)
+    with Image.open(tmp_path / "a" / "ok.png") as image:
+        assert image.size == (16, 16)
+    with pytest.raises(OSError):
+        write_png_atomic(tmp_path / "a" / "cut.png", data[: len(data) // 2])
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(jpeg, format="JPEG")
+    with pytest.raises(ValueError, match="expected a PNG"):
+        write_png_atomic(tmp_path / "a" / "j.png", jpeg.getvalue())
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["ok.png"]
+
+
+def test_remove_temporary_files_keeps_finished_ones(tmp_path):
+    (tmp_path / "fgs_c0_j00000_000.png").write_bytes(b"x")
+    (tmp_path / ".fgs_c0_j00000_001.png.tmp-4242").write_bytes(b"half")
+    assert remove_temporary_files(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["fgs_c0_j00000_000.png"]
+
+
+def test_state_binds_one_plan_and_commits_chunks_whole(tmp_path):
+    state = BalanceState(tmp_path / STATE_NAME)
+    state.bind_plan("plan-a", [("0/0", 0, 4), ("0/1", 1, 4), ("1/0", 2, 2)], chunk_size=2)
+    state.bind_plan("plan-a", [("ignored", 0, 1)], chunk_size=2)  # same plan: a resume, nothing changes
+    with pytest.raises(StateConflict, match="different plan"):
+        state.bind_plan("plan-b", [], chunk_size=2)
+    assert state.pending_chunks() == [0, 1]
+    state.record_chunk_submitted("batch-1", [("0/0", "job-1", "{}"), ("0/1", "job-2", "{}")])
+    assert state.pending_chunks() == [1]
+    assert [r.job_id for r in state.active(10)] == ["job-1", "job-2"]
+    state.record_done("0/0", "job-1", [{"path": "x.png", "seed": 1}])
+    state.record_failed("0/1", "boom")
+    assert state.counts() == {"done": (1, 4), "failed": (1, 4), "pending": (1, 2)}
+    assert state.reopen_failed() == 1
+    state.record_upload("ab" * 32, "img-1")
+    state.close()
+    # what another process sees after the close (or a kill) is the committed state
+    reopened = BalanceState(tmp_path / STATE_NAME)
+    assert [r.key for r in reopened.active(10)] == ["0/1"]
+    assert reopened.rows("done")[0].results == [{"path": "x.png", "seed": 1}]
+    assert reopened.uploaded_id("ab" * 32) == "img-1"
+    reopened.close()
+
+
+def test_cli_refuses_a_different_plan_in_the_same_out(tmp_path):
+    make_nicopp_tree(tmp_path / "nico", {("cat", "autumn"): 2})
+    out = tmp_path / "out"
+    out.mkdir()
+    state = BalanceState(out / STATE_NAME)
+    state.bind_plan("someone-elses-plan", [], chunk_size=10)
+    state.close()
+    result = runner.invoke(app, ["balance", "--dataset", "nico++", "--root", str(tmp_path / "nico"), "--out", str(out), "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert "different plan" in result.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--criterion", "entropy"], "needs a classifier_id"),
+        (["--steps", "3", "--guidance-every", "5"], "must be at least guidance_every"),
+        (["--classifier", "/no/such.pt", "--classifier-spec", "/no/spec.json"], "does not exist"),
+        (["--dropout-p", "1.5"], "dropout_p"),
+    ],
+)
+def test_cli_rejects_bad_generation_settings_before_any_work(tmp_path, extra, message):
+    make_nicopp_tree(tmp_path / "nico", {("cat", "autumn"): 2})
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["balance", "--dataset", "nico++", "--root", str(tmp_path / "nico"), "--out", str(out), *extra], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_cli_refuses_out_inside_root(tmp_path):
+    make_nicopp_tree(tmp_path / "nico", {("cat", "autumn"): 2})
+    result = runner.invoke(app, ["balance", "--dataset", "nico++", "--root", str(tmp_path / "nico"), "--out", str(tmp_path / "nico" / "out"), "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert "outside the dataset root" in result.output
+
+
+def test_status_of_missing_run(tmp_path):
+    result = runner.invoke(app, ["status", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no balance run" in result.output

@@ -1,0 +1,67 @@
+"""`fgs up`: one command starts Redis (when none answers), the API and a worker; Ctrl-C stops all of them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import redis
+
+from conftest import free_port
+from live_stack_calls import JobState, generate, wait_final
+
+
+def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_path):
+    api_port, nothing_there = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
+    env.update(
+        FGS_DEFAULT_REDIS_URL=f"redis://127.0.0.1:{nothing_there}/0",  # no Redis answers there: fgs up starts its own
+        FGS_STATE_DIR=str(tmp_path / "state"),
+        FGS_DATA_DIR=str(tmp_path / "data"),
+        FGS_DEVICE="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    command = [sys.executable, "-m", "fgs_service.cli", "up", "--port", str(api_port), "--workers", "1", "--model", str(tiny_model_dir)]
+    up = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        while not any(line.startswith("API key:") for line in lines):
+            line = up.stdout.readline()
+            assert line, "fgs up exited early:\n" + "".join(lines)
+            lines.append(line)
+        output = "".join(lines)
+        redis_url = re.search(r"started redis-server at (\S+)", output).group(1)
+        api_key = re.search(r"API key: (\S+)", output).group(1)
+        base = f"http://127.0.0.1:{api_port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}, timeout=60) as client:
+            job_id = generate(client, steps=3, guidance_every=1)
+            assert wait_final(client, job_id).state is JobState.finished
+        assert (tmp_path / "state" / "redis").is_dir()
+    finally:
+        up.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert up.wait(timeout=120) == 0
+    for url in (f"{base}/healthz",):
+        try:
+            httpx.get(url, timeout=2)
+            raise AssertionError("the API still answers after Ctrl-C")
+        except httpx.ConnectError:
+            pass
+    try:
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+        raise AssertionError("the redis-server fgs up started still answers after Ctrl-C")
+    except redis.ConnectionError:
+        pass

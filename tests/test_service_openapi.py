@@ -1,0 +1,55 @@
+"""The OpenAPI schema is served, and schemathesis finds no 5xx anywhere in it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import start_stack
+
+
+@pytest.fixture(scope="module")
+def api_only(redis_server, tiny_model_dir, tmp_path_factory):
+    """An API without workers (own Redis prefix): fuzzed jobs stay queued instead of occupying the test workers."""
+    stack = start_stack(redis_server, tiny_model_dir, tmp_path_factory.mktemp("openapi"), workers=0)
+    yield stack
+    stack.close()
+
+
+def test_openapi_schema_is_served(api_only):
+    schema = httpx.get(f"{api_only.base_url}/openapi.json").json()
+    for path in ("/v1/images", "/v1/classifiers", "/v1/generate", "/v1/batches", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/healthz", "/readyz", "/metrics"):
+        assert path in schema["paths"], path
+    assert "GenerateRequest" in schema["components"]["schemas"]
+
+
+def test_schemathesis_finds_no_server_errors(api_only, tmp_path):
+    cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
+    if cli is None:
+        pytest.skip("schemathesis is not installed (pip install schemathesis==4.32.5)")
+    result = subprocess.run(
+        [
+            cli, "run", f"{api_only.base_url}/openapi.json",
+            "--checks", "not_a_server_error",
+            "--header", f"Authorization: Bearer {api_only.keys['alpha']}",
+            "--max-examples", "50",
+            "--phases", "examples,fuzzing,stateful",
+            # /readyz answers 503 by design here (this API has no workers); an event stream of a job
+            # that stays queued never ends, so it is covered by the end-to-end tests instead.
+            "--exclude-path", "/readyz",
+            "--exclude-path", "/v1/jobs/{job_id}/events",
+            "--seed", "1",
+            "--request-timeout", "30",
+            "--generation-database", "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # schemathesis writes a .schemathesis folder into its working directory
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

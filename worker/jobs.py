@@ -1,0 +1,207 @@
+"""The enqueued function: run one generate job and write its images to the artifact store.
+
+    run_generate_job(job_id)
+      1. claim the job (queued -> running, atomically; a canceled job is never run)
+      2. load conditioning images and the classifier (resident LRU)
+      3. sample in chunks of at most FGS_MAX_BATCH_IMAGES, writing each chunk's PNGs before reporting progress
+      4. mark it finished (or canceled / failed) in one step
+
+Errors in the request that only the model can see (ValueError from the sampler's check_inputs, a classifier
+that no longer matches) fail the job at once; anything else is raised to RQ, which retries with backoff and
+finally files the job in its failed-job registry.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from rq import get_current_job
+
+from fgs_common import telemetry
+from fgs_common.job_records import now_ts
+from fgs_common.wire import ClassifierSpec, GenerateRequest, ImageResult, JobState
+from fgs_worker.cancel import JobCanceled, cancel_requested
+from fgs_worker.classifier_registry import InvalidClassifier, LoadedClassifier, load_classifier
+from fgs_worker.runtime import WorkerRuntime, current_runtime
+
+PNG_METADATA_KEY = "fgs"
+
+
+def png_with_metadata(image: Image.Image, parameters: dict) -> bytes:
+    """PNG bytes with the generation parameters as a JSON text chunk under key 'fgs'."""
+    info = PngInfo()
+    info.add_text(PNG_METADATA_KEY, json.dumps(parameters, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def _error(code: str, message: str) -> str:
+    return json.dumps({"code": code, "message": message[:4000]})
+
+
+class _StepReporter:
+    """The sampler's on_step: progress into the record, cancel check, heartbeats."""
+
+    def __init__(self, runtime: WorkerRuntime, job_id: str):
+        self.runtime = runtime
+        self.job_id = job_id
+        self.cancel_key = runtime.keys.cancel(job_id)
+
+    def __call__(self, step: int, steps_total: int) -> None:
+        self.runtime.records.set_progress(self.job_id, step=step, steps_total=steps_total)
+        self.runtime.beat()
+        if cancel_requested(self.runtime.redis, self.cancel_key):
+            raise JobCanceled(self.job_id)
+
+
+def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
+    folder = runtime.store.classifier_dir(tenant, classifier_id)
+    if folder is None:
+        raise InvalidClassifier(f"classifier {classifier_id} is no longer in the artifact store")
+    spec = ClassifierSpec.model_validate_json((folder / "spec.json").read_bytes())
+    stats = folder / "hardness.safetensors"
+
+    def load() -> LoadedClassifier:
+        return load_classifier(runtime.store.classifier_archive(folder), spec, stats if stats.exists() else None, device=runtime.device)
+
+    return runtime.classifiers.get(f"{tenant}/{classifier_id}", load)
+
+
+def _conditioning_images(runtime: WorkerRuntime, tenant: str, image_ids: list[str]) -> list[Image.Image]:
+    loaded: dict[str, Image.Image] = {}
+    for image_id in image_ids:
+        if image_id not in loaded:
+            path: Path | None = runtime.store.image_path(tenant, image_id)
+            if path is None:
+                raise FileNotFoundError(f"conditioning image {image_id} is no longer in the artifact store")
+            with Image.open(path) as image:
+                loaded[image_id] = image.convert("RGB")
+    return [loaded[i] for i in image_ids]
+
+
+def _generate(runtime: WorkerRuntime, job_id: str, tenant: str, request: GenerateRequest) -> list[ImageResult]:
+    settings, prefix = runtime.settings, runtime.keys.prefix
+    images = _conditioning_images(runtime, tenant, request.conditioning_image_ids)
+    classifier = _load_classifier(runtime, tenant, request.classifier_id) if request.classifier_id else None
+    on_step = _StepReporter(runtime, job_id)
+    seeds = request.seeds()
+    results: list[ImageResult] = []
+    sampling_s = 0.0
+    for start in range(0, len(seeds), settings.max_batch_images):
+        chunk = seeds[start : start + settings.max_batch_images]
+        began = time.perf_counter()
+        out = runtime.sampler(
+            prompt=request.prompt,
+            class_index=request.class_index,
+            conditioning_images=images if len(images) <= 1 else images[start : start + len(chunk)],
+            seeds=chunk,
+            criterion=request.criterion,
+            omega=request.omega,
+            gamma=request.gamma,
+            dropout_p=request.dropout_p,
+            classifier=classifier,
+            steps=request.steps,
+            guidance_every=request.guidance_every,
+            width=request.width,
+            height=request.height,
+            noise_level=request.noise_level,
+            gradient_path=request.gradient_path,
+            feedback_resolution=request.feedback_resolution,
+            on_step=on_step,
+        )
+        sampling_s += time.perf_counter() - began
+        telemetry.observe(runtime.redis, prefix, "batch_size", len(chunk))
+        for i, (seed, image) in enumerate(zip(chunk, out.images)):
+            value = out.criterion_values[i] if out.criterion_values is not None else None
+            probabilities = out.probabilities[i] if out.probabilities is not None else None
+            predicted = max(range(len(probabilities)), key=probabilities.__getitem__) if probabilities else None
+            parameters = {
+                "prompt": request.prompt,
+                "class_index": request.class_index,
+                "seed": seed,
+                "criterion": request.criterion.value,
+                "omega": request.omega,
+                "gamma": request.gamma,
+                "dropout_p": request.dropout_p,
+                "steps": request.steps,
+                "guidance_every": request.guidance_every,
+                "noise_level": request.noise_level,
+                "gradient_path": request.gradient_path.value,
+                "feedback_resolution": request.feedback_resolution.value,
+                "conditioning_image_id": (request.conditioning_image_ids[start + i] if len(images) > 1 else (request.conditioning_image_ids or [None])[0]),
+                "model": runtime.model_id,
+                "classifier_id": request.classifier_id,
+                "criterion_value": value,
+            }
+            image_id = runtime.store.put_image(tenant, png_with_metadata(image, parameters), "png")
+            results.append(ImageResult(image_id=image_id, seed=seed, criterion_value=value, predicted_class=predicted))
+        # Files first, then the record: a reported image is always on disk.
+        runtime.records.set_progress(job_id, images_done=len(results), results=json.dumps([r.model_dump() for r in results]))
+        telemetry.incr_counter(runtime.redis, prefix, "images_generated", len(chunk), tenant=tenant)
+    telemetry.observe(runtime.redis, prefix, "sampling_seconds", sampling_s)
+    return results
+
+
+def run_generate_job(job_id: str | None = None) -> dict:
+    """Run job `job_id` (default: the current RQ job's id, which is the fgs job id).
+
+    The request lives in the job record, not in the RQ job's arguments: big plans stay small in Redis.
+    """
+    if job_id is None:
+        rq_job = get_current_job()
+        if rq_job is None:
+            raise RuntimeError("run_generate_job() without a job id runs only inside an RQ worker")
+        job_id = rq_job.id
+    runtime = current_runtime()
+    records, prefix = runtime.records, runtime.keys.prefix
+    raw = records.raw(job_id)
+    if not raw:
+        return {"skipped": "no job record"}
+    tenant = raw["tenant"]
+    request = GenerateRequest.model_validate_json(raw["request"])
+    started = now_ts()
+    claimed = records.transition(
+        job_id, JobState.running, (JobState.queued,),
+        started_at=started, worker=runtime.name, step=0, steps_total=request.steps, images_done=0, results="[]", error="",
+    )
+    if not claimed and raw.get("state") == JobState.running.value and not runtime.redis.exists(runtime.keys.worker_alive(raw.get("worker", ""))):
+        # RQ handed us a job whose worker died mid-run (its heartbeat expired): take it over.
+        claimed = records.transition(
+            job_id, JobState.running, (JobState.running,),
+            started_at=started, worker=runtime.name, step=0, steps_total=request.steps, images_done=0, results="[]", error="",
+        )
+    if not claimed:
+        return {"skipped": f"job is {records.raw(job_id).get('state')}"}
+    telemetry.observe(runtime.redis, prefix, "queue_wait_seconds", max(0.0, started - float(raw["created_at"])))
+
+    def end(state: JobState, **fields) -> None:
+        finished = now_ts()
+        if records.transition(job_id, state, (JobState.running,), finished_at=finished, **fields):
+            telemetry.observe(runtime.redis, prefix, "end_to_end_seconds", max(0.0, finished - float(raw["created_at"])))
+        runtime.redis.delete(runtime.keys.cancel(job_id))
+
+    try:
+        results = _generate(runtime, job_id, tenant, request)
+    except JobCanceled:
+        end(JobState.canceled)
+        return {"canceled": True}
+    except (InvalidClassifier, ValueError, FileNotFoundError) as error:
+        # the request cannot succeed on any worker: fail now, do not retry
+        end(JobState.failed, error=_error("invalid_job", str(error)))
+        return {"failed": str(error)}
+    except Exception as error:
+        rq_job = get_current_job()
+        message = f"{type(error).__name__}: {error}"
+        if rq_job is not None and rq_job.retries_left:
+            records.transition(job_id, JobState.queued, (JobState.running,), error=_error("retrying", message))
+        else:
+            end(JobState.failed, error=_error("worker_error", message))
+        raise
+    end(JobState.finished, images_done=len(results), results=json.dumps([r.model_dump() for r in results]))
+    return {"images": len(results)}

@@ -1,0 +1,125 @@
+"""The worker process: load the model once, then take jobs from every tenant's queue in turn.
+
+`FgsWorker` is an RQ SimpleWorker (no fork per job: the resident model and CUDA context survive between
+jobs) that
+- rediscovers tenant queues while idle (a tenant's queue appears with its first job),
+- serves them round-robin, starting after the tenant it served last, so a tenant with a million queued images
+  cannot starve one with ten,
+- moves due retries (RQ's scheduled-job registry, for retry backoff) back into their queues,
+- heartbeats while it samples (RQ's own heartbeats only run between jobs in a SimpleWorker),
+- on SIGTERM stops taking work and finishes the job in hand (RQ's warm shutdown); a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from rq import Queue
+from rq.exceptions import DequeueTimeout
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
+from rq.worker import SimpleWorker, WorkerStatus
+
+from fgs_common.settings import Settings, get_settings
+from fgs_worker.runtime import WorkerRuntime, reset_current_runtime, set_current_runtime
+
+log = logging.getLogger("fgs.worker")
+
+
+class FgsWorker(SimpleWorker):
+    """A non-forking RQ worker over all tenant queues, round-robin."""
+
+    def __init__(self, runtime: WorkerRuntime):
+        self.runtime = runtime
+        self._last_served: str | None = None
+        idle = Queue(f"{runtime.keys.prefix}:_none", connection=runtime.rq_redis, serializer=JSONSerializer)
+        super().__init__([idle], name=runtime.name, connection=runtime.rq_redis, serializer=JSONSerializer)
+        runtime.on_heartbeat = self._rq_heartbeat
+
+    # ---- queues ----
+    def _refresh_queues(self) -> None:
+        names = sorted(self.runtime.redis.smembers(self.runtime.keys.tenant_queues()))
+        if not names:
+            return
+        if self._last_served in names:  # start after the tenant served last
+            cut = names.index(self._last_served) + 1
+            names = names[cut:] + names[:cut]
+        self.queues = [Queue(n, connection=self.connection, serializer=JSONSerializer) for n in names]
+        self._ordered_queues = self.queues[:]
+
+    def reorder_queues(self, reference_queue: Queue) -> None:
+        self._last_served = reference_queue.name
+
+    def _enqueue_due_retries(self) -> None:
+        """Retries with backoff wait in each queue's scheduled registry; move the due ones back."""
+        for queue in self.queues:
+            registry = queue.scheduled_job_registry
+            for job_id in registry.get_jobs_to_schedule():
+                # ZREM decides which worker moves it, when several look at once
+                if self.connection.zrem(registry.key, job_id):
+                    try:
+                        queue._enqueue_job(Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer))
+                    except Exception:  # the job hash expired or was deleted (canceled): nothing to retry
+                        log.warning("retry of job %s dropped: job no longer exists", job_id)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("fgs worker: waiting for jobs")
+        poll_s = self.runtime.settings.worker_queue_poll_s
+        while True:
+            self.heartbeat()
+            self.runtime.beat(force=True)
+            if self.should_run_maintenance_tasks:
+                self.run_maintenance_tasks()
+            self._refresh_queues()
+            self._enqueue_due_retries()
+            try:
+                result = Queue.dequeue_any(
+                    self._ordered_queues, poll_s, connection=self.connection, job_class=self.job_class,
+                    serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+                )
+            except DequeueTimeout:
+                continue
+            if result is not None:
+                job, queue = result
+                self.reorder_queues(queue)
+                log.info("worker %s: job %s from %s", self.name, job.id, queue.name)
+                return result
+
+    # ---- jobs ----
+    def execute_job(self, job, queue):
+        token = set_current_runtime(self.runtime)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            reset_current_runtime(token)
+
+    def _rq_heartbeat(self) -> None:
+        """Called from the step callback: keep RQ's view of this worker and its job alive during long jobs."""
+        job = self.get_current_job()
+        ttl = self.runtime.settings.job_timeout_s + 60
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(ttl, pipeline=pipe)
+            if job is not None:
+                job.heartbeat(rq_now(), ttl, pipeline=pipe, xx=True)
+            pipe.execute()
+
+    def teardown(self):
+        super().teardown()
+        self.runtime.retire()
+
+
+def run_worker(settings: Settings | None = None, name: str | None = None) -> None:
+    """Load the model and work until SIGTERM/SIGINT (finishing the job in hand)."""
+    settings = settings or get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    log.info("loading model %s", settings.model)
+    runtime = WorkerRuntime.load(settings, name=name)
+    log.info("worker %s ready on %s", runtime.name, runtime.device)
+    FgsWorker(runtime).work(logging_level="INFO")
+
+
+if __name__ == "__main__":
+    run_worker()

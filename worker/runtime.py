@@ -1,0 +1,112 @@
+"""What a worker process keeps resident between jobs, and how a job reaches it.
+
+`WorkerRuntime.load` is the one-time setup (cog's `setup()`): the unCLIP pipeline, the sampler, the classifier
+LRU and the Redis clients. The worker sets it as the current runtime around each job (a context variable, not a
+module-level global), and `fgs_worker.jobs` reads it with `current_runtime()`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import torch
+
+from fgs_common import telemetry
+from fgs_common.artifact_store import ArtifactStore
+from fgs_common.job_records import JobRecords, Keys
+from fgs_common.settings import Settings
+from fgs_worker.classifier_registry import ClassifierRegistry
+from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
+from fgs_worker.model_loading import default_device, load_pipeline
+
+_CURRENT: contextvars.ContextVar["WorkerRuntime"] = contextvars.ContextVar("fgs_worker_runtime")
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    name: str
+    redis: Any  # decode_responses=True: job records, flags, metrics
+    rq_redis: Any  # bytes: RQ
+    store: ArtifactStore
+    records: JobRecords
+    keys: Keys
+    sampler: GuidedDDIMSampler
+    classifiers: ClassifierRegistry
+    device: torch.device
+    model_id: str
+    last_beat: float = field(default=0.0)
+    on_heartbeat: Any = None  # set by the worker: refreshes RQ's worker and job heartbeats
+
+    @classmethod
+    def load(cls, settings: Settings, name: str | None = None) -> "WorkerRuntime":
+        """Load the pipeline once and connect; takes seconds to minutes (model size)."""
+        if not settings.redis_url:
+            raise ValueError("FGS_REDIS_URL is not set")
+        name = name or settings.worker_name or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        device = torch.device(settings.device) if settings.device else default_device()
+        decoded = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        prefix = settings.redis_prefix
+
+        def on_cache_event(event: str) -> None:
+            name_of = {"hit": "classifier_cache_hits", "miss": "classifier_cache_misses", "eviction": "classifier_cache_evictions"}
+            telemetry.incr_counter(decoded, prefix, name_of[event])
+
+        pipeline = load_pipeline(settings.model, device=device)
+        return cls(
+            settings=settings,
+            name=name,
+            redis=decoded,
+            rq_redis=redis.Redis.from_url(settings.redis_url),
+            store=ArtifactStore(settings.data_dir),
+            records=JobRecords(decoded, prefix, settings.job_record_ttl_s),
+            keys=Keys(prefix),
+            sampler=GuidedDDIMSampler(pipeline),
+            classifiers=ClassifierRegistry(settings.classifier_cache_size, on_event=on_cache_event),
+            device=device,
+            model_id=settings.model,
+        )
+
+    def beat(self, force: bool = False) -> None:
+        """Mark this worker alive (readiness, metrics); at most once per heartbeat_s unless forced."""
+        now = time.time()
+        if not force and now - self.last_beat < self.settings.heartbeat_s:
+            return
+        self.last_beat = now
+        ttl = max(int(3 * self.settings.heartbeat_s), 15)
+        gauges: dict[str, float] = {"last_heartbeat": now}
+        if self.device.type == "cuda":
+            gauges["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.worker_alive(self.name), now, ex=ttl)
+            gauge_key = telemetry.worker_gauge_key(self.keys.prefix, self.name)
+            pipe.hset(gauge_key, mapping=gauges)
+            pipe.expire(gauge_key, ttl)
+            telemetry.incr_counter(pipe, self.keys.prefix, "worker_heartbeats")
+            pipe.execute()
+        if self.on_heartbeat is not None:
+            self.on_heartbeat()
+
+    def retire(self) -> None:
+        self.redis.delete(self.keys.worker_alive(self.name), telemetry.worker_gauge_key(self.keys.prefix, self.name))
+
+
+def current_runtime() -> WorkerRuntime:
+    try:
+        return _CURRENT.get()
+    except LookupError:
+        raise RuntimeError("fgs_worker.jobs functions run inside an fgs worker (fgs worker), which sets the runtime") from None
+
+
+def set_current_runtime(runtime: WorkerRuntime) -> contextvars.Token:
+    return _CURRENT.set(runtime)
+
+
+def reset_current_runtime(token: contextvars.Token) -> None:
+    _CURRENT.reset(token)
