@@ -3,7 +3,7 @@
 Same components and code path as `stabilityai/stable-diffusion-2-1-unclip` (CLIP text and vision towers,
 image normalizer, image-noising DDPM scheduler, UNet with a projection class embedding, VAE, DDIM), only
 smaller. `fgs make-tiny-model DIR` saves it with random weights; the embedded `fgs-digits` model is the
-same architecture, trained (see bench/train_digits_model.py).
+same architecture, trained (see bench/train_fgs_digits.py).
 """
 
 from __future__ import annotations
