@@ -136,14 +136,17 @@ def api(
 
 
 @app.command()
-def worker(model: Annotated[Optional[str], typer.Option(help="model to keep resident (default FGS_MODEL)")] = None) -> None:
+def worker(
+    model: Annotated[Optional[str], typer.Option(help="model to keep resident (default FGS_MODEL)")] = None,
+    ready_file: Annotated[Optional[Path], typer.Option(help="file written once the model is loaded, removed on exit (for probes)")] = None,
+) -> None:
     """One worker process (FGS_REDIS_URL must be set)."""
     if model:
         os.environ["FGS_MODEL"] = model
         get_settings.cache_clear()
     from fgs_worker.main import run_worker
 
-    run_worker(get_settings())
+    run_worker(get_settings(), ready_file=ready_file)
 
 
 @app.command("make-tiny-model")

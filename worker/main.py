@@ -13,7 +13,9 @@ jobs) that
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 from rq import Queue
 from rq.exceptions import DequeueTimeout
@@ -111,14 +113,32 @@ class FgsWorker(SimpleWorker):
         self.runtime.retire()
 
 
-def run_worker(settings: Settings | None = None, name: str | None = None) -> None:
-    """Load the model and work until SIGTERM/SIGINT (finishing the job in hand)."""
+def write_ready_file(path: Path, worker_name: str) -> None:
+    """Write `path` atomically (temp file + rename), so a probe never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(f"{worker_name}\n")
+    os.replace(temporary, path)
+
+
+def run_worker(settings: Settings | None = None, name: str | None = None, ready_file: Path | None = None) -> None:
+    """Load the model and work until SIGTERM/SIGINT (finishing the job in hand).
+
+    `ready_file` is written once the model is resident and removed on exit (the container probes test it).
+    """
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     log.info("loading model %s", settings.model)
     runtime = WorkerRuntime.load(settings, name=name)
     log.info("worker %s ready on %s", runtime.name, runtime.device)
-    FgsWorker(runtime).work(logging_level="INFO")
+    worker = FgsWorker(runtime)
+    try:
+        if ready_file is not None:
+            write_ready_file(ready_file, runtime.name)
+        worker.work(logging_level="INFO")
+    finally:
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

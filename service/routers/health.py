@@ -25,12 +25,14 @@ def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 def readyz(queue: JobQueueDep):
-    """Ready when Redis answers and at least one worker has sent a heartbeat recently."""
+    """Ready when Redis answers; the body counts the workers with a recent heartbeat.
+
+    Zero workers is still 200: with workers scaled to zero (KEDA scales on queue length) the API must stay
+    in its Service to accept the jobs that make the workers come back. 503 only when Redis is unreachable.
+    """
     try:
         queue.redis.ping()
         workers = sum(1 for _ in queue.redis.scan_iter(match=queue.keys.worker_alive_pattern(), count=1000))
     except Exception:  # any Redis failure means not ready; the probe must answer, not raise
         return JSONResponse(Health(status="redis unreachable", redis=False).model_dump(), status_code=503)
-    if workers == 0:
-        return JSONResponse(Health(status="no live workers", redis=True, workers=0).model_dump(), status_code=503)
-    return Health(status="ready", redis=True, workers=workers)
+    return Health(status="ready" if workers else "ready, no live workers", redis=True, workers=workers)
