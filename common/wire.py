@@ -74,7 +74,7 @@ class GenerateRequest(BaseModel):
     dropout_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     classifier_id: str | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
-    steps: Annotated[int, Field(ge=1, le=1000)] = 30
+    steps: Annotated[int, Field(ge=1, le=999)] = 30
     guidance_every: Annotated[int, Field(ge=1, le=1000)] = 5
     width: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)] = None
     height: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)] = None

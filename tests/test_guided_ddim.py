@@ -228,6 +228,7 @@ def test_gradient_paths_differ(sampler, classifier):
         (dict(omega=float("inf"), criterion="entropy"), "omega"),
         (dict(gamma=float("nan")), "gamma"),
         (dict(steps=3, guidance_every=5), "guidance_every"),
+        (dict(steps=1000), "steps"),
         (dict(conditioning_images=random_images(2), seeds=[1, 2, 3]), "conditioning_images"),
         (dict(criterion="hardness", omega=0.1, use_stats=False), "hardness"),
         (dict(criterion="entropy", omega=0.1, class_index=12), "class_index"),

@@ -52,13 +52,14 @@ def test_tenant_over_its_cap_gets_429_with_retry_after(live_stack):
         assert int(too_many.headers["Retry-After"]) > 0
         assert "cap" in too_many.json()["error"]["message"]
 
-        first = generate(capped, num_images=CAPPED_MAX_IMAGES, steps=1000, guidance_every=5)
+        first = generate(capped, num_images=CAPPED_MAX_IMAGES, steps=900, guidance_every=5)
         one_more = capped.post("/v1/generate", json={"prompt": "a photo", "class_index": 0, "num_images": 1})
         assert one_more.status_code == 429, one_more.text
         batch = capped.post("/v1/batches", json={"jobs": [{"prompt": "a photo", "class_index": 0}]})
         assert batch.status_code == 429
         assert capped.delete(f"/v1/jobs/{first}").status_code == 202
-        assert wait_final(capped, first).state is JobState.canceled
+        final = wait_final(capped, first)
+        assert final.state is JobState.canceled, final.error
         # the canceled job's images no longer count against the cap
         assert generate_status(capped, num_images=CAPPED_MAX_IMAGES, steps=1) == 202
 

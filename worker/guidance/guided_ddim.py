@@ -88,6 +88,12 @@ class GuidedDDIMSampler:
     def dtype(self) -> torch.dtype:
         return self.pipeline.unet.dtype
 
+    def new_scheduler(self, steps: int):
+        """A scheduler of this call's own (schedulers are stateful), built from the pipeline's config."""
+        scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
     # ------------------------------------------------------------------------------------------------------
     def check_inputs(
         self,
@@ -128,6 +134,9 @@ class GuidedDDIMSampler:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if guidance_every < 1 or steps < guidance_every:
             raise ValueError(f"guidance_every must be in [1, steps={steps}], got {guidance_every}")
+        train_steps = self.pipeline.scheduler.config.num_train_timesteps
+        if steps > train_steps or int(self.new_scheduler(steps).timesteps.max()) >= train_steps:
+            raise ValueError(f"steps={steps} is more than this model's scheduler can take (its timesteps run to {train_steps - 1})")
         if width % self.vae_scale_factor or height % self.vae_scale_factor or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of {self.vae_scale_factor}, got {width}x{height}")
         max_noise = self.pipeline.image_noising_scheduler.config.num_train_timesteps
@@ -330,8 +339,7 @@ class GuidedDDIMSampler:
             image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
 
         # 4. A scheduler of this call's own (schedulers are stateful), and z_T ~ N(0, I) per seed.
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(steps, device=self.device)
+        scheduler = self.new_scheduler(steps)
         shape = (batch, pipe.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents = randn_tensor(shape, generator=generators, device=self.device, dtype=prompt_embeds.dtype)
         latents = latents * scheduler.init_noise_sigma
