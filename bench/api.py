@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import numpy as np
 import redis
 from PIL import Image
 
+from fgs_service.cli import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 COUNTS_CSV = ROOT / "client" / "data" / "imagenet_lt_train_counts.csv"
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -43,10 +44,6 @@ HEADING = "## bench/api.py"
 API_KEY = "bench-key-" + "x" * 24
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_services(tmp: Path, api_processes: int) -> tuple[list[subprocess.Popen], str, str]:

@@ -29,7 +29,8 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +42,7 @@ def _start_local_redis(state_dir: Path) -> tuple[subprocess.Popen, str]:
         raise typer.BadParameter("no Redis answers and redis-server is not installed: install it or set FGS_REDIS_URL")
     data = state_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()), "--appendonly", "yes", "--save", ""],
         stdout=subprocess.DEVNULL,

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fgs_service.cli import free_port
+
 TENANT_KEYS = {"alpha": "key-alpha-" + "a" * 24, "beta": "key-beta-" + "b" * 24, "capped": "key-capped-" + "c" * 24}
 CAPPED_MAX_IMAGES = 10
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
