@@ -1,16 +1,21 @@
 """The RQ adapter: one queue per tenant, JSON serializer, timeouts and retries with backoff.
 
 An enqueue writes the job record, the RQ job and the tenant's queue entry in one MULTI, after the
-tenant's queued-image cap has been reserved; a refused request leaves nothing behind.
+tenant's queued-image cap has been reserved; a refused request leaves nothing behind. Enqueueing is the
+API's hot path, so it runs on the event loop with the asyncio Redis client: RQ only appends commands to the
+pipeline it is handed (nothing in `enqueue_many` reads from Redis), and we send that pipeline ourselves.
+The rarer calls (cancel, reconcile, inspection) use the blocking clients from the threadpool.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.to_thread
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -21,6 +26,9 @@ from fgs_common.wire import GenerateRequest, JobState
 from fgs_service.auth import Tenant
 
 JOB_FUNCTION = "fgs_worker.jobs.run_generate_job"
+# A batch of more jobs than this is turned into Redis commands in a worker thread, not on the event loop
+# (500 jobs take ~0.1 s of CPU, which would stall every other request meanwhile).
+INLINE_JOBS = 16
 
 
 class QueueFull(Exception):
@@ -39,16 +47,19 @@ class Enqueued:
 
 
 class JobQueue:
-    """Enqueue, cancel and inspect jobs. `redis` decodes responses (records); `rq_redis` is raw bytes (RQ)."""
+    """Enqueue, cancel and inspect jobs. `redis` decodes responses (records); `rq_redis` is raw bytes (RQ);
+    `async_redis` (decoding) carries the enqueue path."""
 
-    def __init__(self, redis: Any, rq_redis: Any, settings: Settings):
+    def __init__(self, redis: Any, rq_redis: Any, async_redis: Any, settings: Settings):
         self.redis = redis
         self.rq_redis = rq_redis
+        self.async_redis = async_redis
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)
         self.records = JobRecords(redis, settings.redis_prefix, settings.job_record_ttl_s)
+        self.queue = lru_cache(maxsize=1024)(self._queue)  # a Queue asks Redis its version once, then remembers
 
-    def queue(self, tenant: str) -> Queue:
+    def _queue(self, tenant: str) -> Queue:
         return Queue(self.keys.queue_name(tenant), connection=self.rq_redis, serializer=JSONSerializer)
 
     def _retry(self) -> Retry | None:
@@ -57,78 +68,86 @@ class JobQueue:
         return Retry(max=self.settings.job_retries, interval=self.settings.retry_backoff_s)
 
     # ---- idempotency ----
-    def _idempotency_claim(self, tenant: Tenant, key: str | None, scope: str, value: str) -> str | None:
+    async def _idempotency_claim(self, tenant: Tenant, key: str | None, scope: str, value: str) -> str | None:
         """Claim an Idempotency-Key for `value`; return the earlier value if the key was used before."""
         if not key:
             return None
         digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
         redis_key = self.keys.idempotency(tenant.name, digest)
-        if self.redis.set(redis_key, value, nx=True, ex=self.settings.idempotency_ttl_s):
+        if await self.async_redis.set(redis_key, value, nx=True, ex=self.settings.idempotency_ttl_s):
             return None
-        return self.redis.get(redis_key)
+        return await self.async_redis.get(redis_key)
 
-    def _idempotency_release(self, tenant: Tenant, key: str | None, scope: str) -> None:
+    async def _idempotency_release(self, tenant: Tenant, key: str | None, scope: str) -> None:
         if key:
             digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
-            self.redis.delete(self.keys.idempotency(tenant.name, digest))
+            await self.async_redis.delete(self.keys.idempotency(tenant.name, digest))
 
     # ---- cap ----
-    def _reserve(self, tenant: Tenant, images: int) -> None:
+    async def _reserve(self, tenant: Tenant, images: int) -> None:
         counter = self.keys.queued_images(tenant.name)
-        queued = self.redis.incrby(counter, images)
+        queued = await self.async_redis.incrby(counter, images)
         if queued > tenant.max_queued_images:
-            self.redis.decrby(counter, images)
+            await self.async_redis.decrby(counter, images)
             raise QueueFull(queued - images, tenant.max_queued_images, images)
 
     # ---- enqueue ----
-    def enqueue(
+    async def enqueue(
         self, tenant: Tenant, requests: list[GenerateRequest], batch_id: str | None = None, idempotency_key: str | None = None
     ) -> Enqueued:
         """Queue one job per request. With `batch_id` the jobs form a batch (stored with the batch)."""
         job_ids = [uuid.uuid4().hex for _ in requests]
         scope = "batch" if batch_id else "job"
         claim_value = batch_id if batch_id else job_ids[0]
-        earlier = self._idempotency_claim(tenant, idempotency_key, scope, claim_value)
+        earlier = await self._idempotency_claim(tenant, idempotency_key, scope, claim_value)
         if earlier is not None:
             if batch_id:
                 return Enqueued([], replayed=True, batch_id=earlier)
             return Enqueued([earlier], replayed=True)
+        images = sum(r.num_images for r in requests)
         try:
-            self._reserve(tenant, sum(r.num_images for r in requests))
+            await self._reserve(tenant, images)
         except QueueFull:
-            self._idempotency_release(tenant, idempotency_key, scope)
+            await self._idempotency_release(tenant, idempotency_key, scope)
             raise
-        queue = self.queue(tenant.name)
-        now = now_ts()
-        retry = self._retry()
         try:
-            with self.rq_redis.pipeline(transaction=True) as pipe:
-                if batch_id:
-                    pipe.hset(self.keys.batch(batch_id), mapping={"tenant": tenant.name, "job_ids": ",".join(job_ids), "created_at": now})
-                    pipe.expire(self.keys.batch(batch_id), self.settings.job_record_ttl_s)
-                for job_id, request in zip(job_ids, requests):
-                    self.records.create(pipe, job_id, tenant.name, request, batch_id, now)
-                datas = [
-                    Queue.prepare_data(
-                        JOB_FUNCTION,
-                        args=(),  # the function reads its RQ job id; no args keeps RQ's job hash compact
-                        job_id=job_id,
-                        timeout=self.settings.job_timeout_s,
-                        result_ttl=600,
-                        failure_ttl=self.settings.job_record_ttl_s,
-                        description="generate",
-                        retry=retry,
-                    )
-                    for job_id in job_ids
-                ]
-                queue.enqueue_many(datas, pipeline=pipe)
-                pipe.sadd(self.keys.tenant_queues(), queue.name)
-                pipe.execute()
+            async with self.async_redis.pipeline(transaction=True) as pipe:
+                if len(requests) > INLINE_JOBS:
+                    await anyio.to_thread.run_sync(self._write_jobs, pipe, tenant, requests, job_ids, batch_id)
+                else:
+                    self._write_jobs(pipe, tenant, requests, job_ids, batch_id)
+                await pipe.execute()
         except BaseException:
-            self.redis.decrby(self.keys.queued_images(tenant.name), sum(r.num_images for r in requests))
-            self._idempotency_release(tenant, idempotency_key, scope)
+            await self.async_redis.decrby(self.keys.queued_images(tenant.name), images)
+            await self._idempotency_release(tenant, idempotency_key, scope)
             raise
         return Enqueued(job_ids, replayed=False, batch_id=batch_id)
+
+    def _write_jobs(self, pipe: Any, tenant: Tenant, requests: list[GenerateRequest], job_ids: list[str], batch_id: str | None) -> None:
+        """Append the batch, the job records and the RQ jobs to `pipe` (commands only: nothing is sent)."""
+        now = now_ts()
+        retry = self._retry()
+        queue = self.queue(tenant.name)
+        if batch_id:
+            pipe.hset(self.keys.batch(batch_id), mapping={"tenant": tenant.name, "job_ids": ",".join(job_ids), "created_at": now})
+            pipe.expire(self.keys.batch(batch_id), self.settings.job_record_ttl_s)
+        for job_id, request in zip(job_ids, requests):
+            self.records.create(pipe, job_id, tenant.name, request, batch_id, now)
+        datas = [
+            Queue.prepare_data(
+                JOB_FUNCTION,
+                args=(),  # the function reads its RQ job id; no args keeps RQ's job hash compact
+                job_id=job_id,
+                timeout=self.settings.job_timeout_s,
+                result_ttl=600,
+                failure_ttl=self.settings.job_record_ttl_s,
+                description="generate",
+                retry=retry,
+            )
+            for job_id in job_ids
+        ]
+        queue.enqueue_many(datas, pipeline=pipe)
+        pipe.sadd(self.keys.tenant_queues(), queue.name)
 
     def batch_job_ids(self, tenant: Tenant, batch_id: str) -> list[str] | None:
         """The batch's job ids, or None when there is no such batch of this tenant."""

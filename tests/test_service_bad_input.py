@@ -139,3 +139,20 @@ def test_unknown_routes_and_ids_use_the_error_shape(live_stack):
         assert_error(client.get("/v1/images/" + "a" * 64), 404, "not_found")
         assert_error(client.get("/v1/nothing-here"), 404)
         assert_error(client.get("/v1/batches/nope"), 404, "not_found")
+
+
+def test_declared_body_over_the_limit_is_refused_before_it_is_sent(live_stack, nothing_changes):
+    """A Content-Length past the largest possible upload gets 413 at once; the server reads no body."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(live_stack.base_url)
+    request = (
+        f"POST /v1/classifiers HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {live_stack.keys['beta']}\r\n"
+        "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 99999999999\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+        conn.sendall(request.encode())
+        head = conn.recv(65536).decode("latin-1")
+    assert head.startswith("HTTP/1.1 413"), head
+    assert '"upload_too_large"' in head

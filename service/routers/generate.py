@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Header
 
 from fgs_common.artifact_store import ArtifactStore
@@ -39,28 +40,31 @@ def check_references(store: ArtifactStore, tenant: Tenant, requests: list[Genera
             raise ApiError(422, "invalid_request", "criterion 'hardness' needs a classifier uploaded with hardness statistics")
 
 
-def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch_id: str | None, key: str | None):
+async def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch_id: str | None, key: str | None):
     try:
-        return queue.enqueue(tenant, requests, batch_id=batch_id, idempotency_key=key)
+        return await queue.enqueue(tenant, requests, batch_id=batch_id, idempotency_key=key)
     except QueueFull as error:
         raise ApiError(429, "queue_full", str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
 
 
+# Both handlers are async: the enqueue awaits Redis on the event loop (fgs_service.job_queue). The reference
+# checks are a few stat() calls and small JSON reads; a batch's run in a thread.
 @router.post("/v1/generate", status_code=202)
-def generate(body: GenerateRequest, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> JobAccepted:
+async def generate(body: GenerateRequest, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> JobAccepted:
     """Queue one job of `num_images` images; the same Idempotency-Key returns the first job."""
     check_references(store, tenant, [body])
-    enqueued = _enqueue(queue, tenant, [body], None, idempotency_key)
+    enqueued = await _enqueue(queue, tenant, [body], None, idempotency_key)
     return JobAccepted(job_id=enqueued.ids[0])
 
 
 @router.post("/v1/batches", status_code=202)
-def create_batch(body: BatchCreate, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> BatchAccepted:
+async def create_batch(body: BatchCreate, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> BatchAccepted:
     """Queue many jobs (a balancing plan) in one call, all or nothing."""
-    check_references(store, tenant, body.jobs)
-    enqueued = _enqueue(queue, tenant, body.jobs, uuid.uuid4().hex, idempotency_key)
+    await anyio.to_thread.run_sync(check_references, store, tenant, body.jobs)
+    enqueued = await _enqueue(queue, tenant, body.jobs, uuid.uuid4().hex, idempotency_key)
     if enqueued.replayed:
-        return BatchAccepted(batch_id=enqueued.batch_id, job_ids=queue.batch_job_ids(tenant, enqueued.batch_id) or [])
+        job_ids = await anyio.to_thread.run_sync(queue.batch_job_ids, tenant, enqueued.batch_id)
+        return BatchAccepted(batch_id=enqueued.batch_id, job_ids=job_ids or [])
     return BatchAccepted(batch_id=enqueued.batch_id, job_ids=enqueued.ids)
 
 
