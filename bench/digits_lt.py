@@ -61,6 +61,17 @@ def ablation_variants(dropout_p: float, gamma: float, low_gamma: float, omegas: 
     ]
 
 
+def omega_variants(sweep: str, dropout_p: float, gamma: float) -> list[Variant]:
+    """Extra feedback strengths, e.g. "entropy:0.03,entropy:0.3" (the prototype's working range is 0.03 to 0.3)."""
+    letters = {"loss": "d", "entropy": "e", "hardness": "f"}
+    variants = []
+    for item in filter(None, sweep.split(",")):
+        criterion, _, omega = item.partition(":")
+        args = ("--dropout-p", str(dropout_p), "--gamma", str(gamma), "--criterion", criterion, "--omega", omega)
+        variants.append(Variant(f"{letters[criterion]}_{criterion}_w{omega}", f"({letters[criterion]}) (c) + feedback {criterion} ω={omega}", args, criterion))
+    return variants
+
+
 def path_variants(best: Variant) -> list[Variant]:
     """The best criterion with the other gradient path and the other feedback resolution."""
     return [
@@ -164,6 +175,38 @@ class Experiment:
         return result
 
 
+def paired(a: Result, b: Result, shot: str) -> tuple[float, float]:
+    """Mean and SE over seeds of a - b (percentage points), paired by classifier seed."""
+    return mean_se([100 * (x[shot] - y[shot]) for x, y in zip(a.accuracies, b.accuracies)])
+
+
+def target_checks(results: list[Result], bs: Result) -> list[str]:
+    """The issue's targets, each a paired difference on Few accuracy that must exceed two standard errors."""
+    plain = [r for r in results if r.variant.criterion == "none"]
+    guided = [r for r in results if r.variant.criterion != "none"]
+    lines = ["## Targets (paired over seeds; met when the difference is above two standard errors)", "",
+             "| comparison | Δ Few (pp) | SE | met |", "|---|---:|---:|---|"]
+
+    def check(label: str, a: Result, b: Result) -> None:
+        mean, se = paired(a, b, "few")
+        lines.append(f"| {label} | {mean:+.1f} | {se:.1f} | {'yes' if mean > 2 * se else 'no'} |")
+
+    if plain and guided:
+        best_plain = max(plain, key=lambda r: (r.mean("few"), r.mean("overall")))
+        best_guided = max(guided, key=lambda r: (r.mean("few"), r.mean("overall")))
+        check(f"best feedback {best_guided.label} − best plain {best_plain.label}", best_guided, best_plain)
+        for other in plain:
+            if other is not best_plain:
+                check(f"best feedback − {other.label}", best_guided, other)
+        check(f"best plain {best_plain.label} − real only (Balanced Softmax)", best_plain, bs)
+    by_name = {r.variant.name: r for r in results}
+    if "a_text" in by_name and "b_text_image" in by_name:
+        a, b = by_name["a_text"], by_name["b_text_image"]
+        lines += ["", f"Closeness to the real test set: text + image Fréchet distance {b.fid:.1f} vs text only {a.fid:.1f} "
+                      f"({'closer' if b.fid < a.fid else 'NOT closer'}); density {b.density:.3f} vs {a.density:.3f}."]
+    return lines
+
+
 def render(results: list[Result], erm: Result, bs: Result, budget: list[tuple[float, int, Result]], best: Variant, header: list[str]) -> str:
     lines = header + ["", "## Accuracy (%) on the balanced test split, mean ± SE over seeds", "",
                       "| training set | synthetic | Overall | Many | Medium | Few | Δ Overall vs BS (paired) | Δ Few vs BS (paired) |",
@@ -181,6 +224,7 @@ def render(results: list[Result], erm: Result, bs: Result, budget: list[tuple[fl
         return f"| {result.label} | {result.synthetic} | " + " | ".join(cells + deltas) + " |"
 
     lines += [row(erm), row(bs)] + [row(r) for r in results]
+    lines += ["", *target_checks(results, bs)]
     lines += ["", "## Synthetic sets against the real test split (digit-classifier feature space; paper Table 2's columns)", "",
               "| variant | images | Fréchet distance ↓ | density ↑ | coverage ↑ | generation (s) |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.label} | {r.synthetic} | {r.fid:.2f} | {r.density:.3f} | {r.coverage:.3f} | {r.generate_s:.0f} |" for r in results]
@@ -205,6 +249,7 @@ def main(
     omega_entropy: float = typer.Option(0.1),
     omega_loss: float = typer.Option(0.05),
     omega_hardness: float = typer.Option(0.1),
+    omega_sweep: str = typer.Option("entropy:0.03,entropy:0.3", help="extra criterion:ω variants (comma-separated)"),
     only: str = typer.Option(None, help="comma-separated variant names to run (a reduced run; the report says so)"),
     work: Path = typer.Option(Path("out/digits-lt-bench"), help="scratch directory (datasets, synthetic sets, stack)"),
     report: Path = typer.Option(BENCH / "digits_lt.md", help="markdown report to write"),
@@ -226,6 +271,7 @@ def main(
     feedback = export_digits_classifier(train_small_cnn(experiment.train, "balanced_softmax", 0, experiment.train_config), work / "classifier")
     hardness = work / "classifier" / "hardness.safetensors"
     variants = ablation_variants(dropout_p, gamma, low_gamma, {"entropy": omega_entropy, "loss": omega_loss, "hardness": omega_hardness})
+    variants += omega_variants("" if quick else omega_sweep, dropout_p, gamma)
     wanted = set(only.split(",")) if only else None
     results: list[Result] = []
     stack = start_embedded_stack(work / "stack", model, redis_url=redis_url)
@@ -262,6 +308,8 @@ def main(
         f"Shot groups: Many > {experiment.thresholds[0]}, Few < {experiment.thresholds[1]} train images. "
         f"Best criterion (highest mean Few among the guided variants): {best.label}. Grids: `{grids.relative_to(REPO) if grids.is_relative_to(REPO) else grids}/<variant>.png` "
         "(per class: real top row, synthetic below).",
+        "",
+        "What these numbers say, and what was tried: `bench/digits_lt_analysis.md` (hand-written for the committed run).",
     ]
     text = render(results, erm, bs, budget, best.variant, header)
     report.write_text(text)
