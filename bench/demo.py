@@ -55,9 +55,9 @@ def accuracy_row(name: str, accuracy) -> list[str]:
 def main(
     work: Path = typer.Option(Path("demo-out"), help="where the dataset, classifier and balanced set go"),
     model: str = typer.Option(None, help="diffusion model (default: fgs-digits, or tiny when it is missing)"),
-    target: str = typer.Option("15", help="images per class after balancing (53 new images for the 6 classes under 15; 'max': all up to 60, 415 images)"),
+    target: str = typer.Option("max", help="images per class after balancing ('max': all up to 60, 415 new images; 15: 53 images)"),
     criterion: str = typer.Option("entropy"),
-    omega: float = typer.Option(0.1, help="feedback scale ω (entropy works from 0.03 to 0.3)"),
+    omega: float = typer.Option(0.03, help="feedback scale ω (bench/digits_lt.md: on fgs-digits entropy is best at 0.03, worse above)"),
     dropout_p: float = typer.Option(0.3, help="dropout on the conditioning image's embedding (diversity)"),
     steps: int = typer.Option(30, help="DDIM steps per image"),
     seed: int = typer.Option(0),
