@@ -66,3 +66,34 @@ def test_failing_job_is_retried_then_failed_with_its_error(own_stack):
         assert saw_retry
         registry = FailedJobRegistry(f"{own_stack.prefix}:beta", connection=redis.Redis.from_url(own_stack.redis_url), serializer=JSONSerializer)
         assert job_id in registry.get_job_ids()
+
+
+def test_a_stop_that_arrives_while_busy_ends_the_idle_loop(redis_server, tiny_model_dir, tmp_path):
+    """SIGTERM just after a job (RQ still counts the worker busy) only sets a flag; the worker must still exit.
+
+    This is the race that once kept `fgs up` from stopping on Ctrl-C: the idle loop polled forever.
+    """
+    import threading
+
+    from rq.exceptions import StopRequested
+
+    from fgs_common.settings import Settings
+    from fgs_worker.main import FgsWorker
+    from fgs_worker.runtime import WorkerRuntime
+
+    settings = Settings(redis_url=redis_server, redis_prefix="fgs-test-stopflag", model=str(tiny_model_dir), device="cpu", data_dir=tmp_path)
+    worker = FgsWorker(WorkerRuntime.load(settings, name="stopflag"))
+    worker._stop_requested = True  # what RQ's SIGTERM handler does when the state is still 'busy'
+    outcome: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            worker.dequeue_job_and_maintain_ttl(timeout=1)
+        except BaseException as error:  # noqa: BLE001 - the test wants whatever ended the loop
+            outcome.append(error)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the idle loop kept polling after a stop request"
+    assert len(outcome) == 1 and isinstance(outcome[0], StopRequested)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from rq import Queue
-from rq.exceptions import DequeueTimeout
+from rq.exceptions import DequeueTimeout, StopRequested
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
@@ -71,6 +71,10 @@ class FgsWorker(SimpleWorker):
         self.procline("fgs worker: waiting for jobs")
         poll_s = self.runtime.settings.worker_queue_poll_s
         while True:
+            if self._stop_requested:
+                # A stop signal that came while RQ still counted us busy (between the end of a job and the
+                # set_state above) only set this flag; RQ checks it once per job, this loop once per poll.
+                raise StopRequested()
             self.heartbeat()
             self.runtime.beat(force=True)
             if self.should_run_maintenance_tasks:
