@@ -68,6 +68,10 @@ def _dev_key(state_dir: Path) -> str:
     return key
 
 
+def _stop_requested(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command()
 def up(
     host: Annotated[str, typer.Option(help="API bind address")] = "127.0.0.1",
@@ -76,6 +80,11 @@ def up(
     model: Annotated[Optional[str], typer.Option(help="'fgs-digits' (embedded), 'tiny', or a local SD 2.1 unCLIP directory")] = None,
 ) -> None:
     """API + workers (+ a local redis-server when none is configured or answering). Ctrl-C stops them all."""
+    # Ctrl-C and SIGTERM both stop everything below. Installed explicitly: a shell starts a background job
+    # (`fgs up &` in a script) with SIGINT ignored, and SIGTERM (docker stop, systemd) would otherwise kill
+    # this process alone and orphan its children, which run in their own sessions.
+    signal.signal(signal.SIGINT, _stop_requested)
+    signal.signal(signal.SIGTERM, _stop_requested)
     settings = get_settings()
     env = dict(os.environ)
     started: list[subprocess.Popen] = []

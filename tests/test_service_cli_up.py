@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -29,12 +30,16 @@ def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_p
     )
     command = [sys.executable, "-m", "fgs_service.cli", "up", "--port", str(api_port), "--workers", "1", "--model", str(tiny_model_dir)]
     up = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Read fgs up's output (its children's logs too) all the time: a pipe nobody reads fills up and blocks
+    # the writers, and a blocked child cannot shut down.
     lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
+        deadline = time.time() + 120
         while not any(line.startswith("API key:") for line in lines):
-            line = up.stdout.readline()
-            assert line, "fgs up exited early:\n" + "".join(lines)
-            lines.append(line)
+            assert up.poll() is None and time.time() < deadline, "fgs up did not print its API key:\n" + "".join(lines)
+            time.sleep(0.1)
         output = "".join(lines)
         redis_url = re.search(r"started redis-server at (\S+)", output).group(1)
         api_key = re.search(r"API key: (\S+)", output).group(1)
@@ -53,7 +58,13 @@ def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_p
         assert (tmp_path / "state" / "redis").is_dir()
     finally:
         up.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        assert up.wait(timeout=120) == 0
+        try:
+            code = up.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,args", "--ppid", str(up.pid)], capture_output=True, text=True).stdout
+            up.kill()
+            raise AssertionError(f"fgs up still running 120 s after Ctrl-C; its children:\n{tree}\noutput tail:\n{''.join(lines[-40:])}") from None
+        assert code == 0, "".join(lines[-40:])
     for url in (f"{base}/healthz",):
         try:
             httpx.get(url, timeout=2)
