@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     max_batch_images: int = 8
     classifier_cache_size: int = 8
     heartbeat_s: float = 5.0
+    abandoned_after_s: int = Field(
+        default=120,
+        ge=3,
+        description="a running job whose worker has not heartbeated for this long is retried on another worker "
+        "(keep it well above the longest denoising step; workers check this often)",
+    )
 
     # Service
     host: str = "127.0.0.1"

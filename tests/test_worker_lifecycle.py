@@ -97,3 +97,27 @@ def test_a_stop_that_arrives_while_busy_ends_the_idle_loop(redis_server, tiny_mo
     thread.join(timeout=10)
     assert not thread.is_alive(), "the idle loop kept polling after a stop request"
     assert len(outcome) == 1 and isinstance(outcome[0], StopRequested)
+
+
+def test_a_killed_workers_job_is_taken_over_and_finished(redis_server, tiny_model_dir, tmp_path):
+    """SIGKILL mid-job (no chance to clean up): once its heartbeats stop for FGS_ABANDONED_AFTER_S, another
+    worker retries the job, takes its record over and finishes it."""
+    stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=2, extra_env={"FGS_ABANDONED_AFTER_S": "4"})
+    try:
+        with stack.client("alpha") as client:
+            job_id = generate(client, num_images=4, steps=120, guidance_every=5)
+            wait_for(client, job_id, lambda j: j.state is JobState.running and j.progress.step >= 3, timeout=120)
+            records = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+            first = records.hget(f"{stack.prefix}:job:{job_id}", "worker")
+            victim = stack.workers[int(first.split("-")[0][1:])]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+
+            finished = wait_final(client, job_id, timeout=240)
+            assert finished.state is JobState.finished, finished
+            assert finished.progress.images_done == 4 and len(finished.results) == 4
+            assert records.hget(f"{stack.prefix}:job:{job_id}", "worker") != first
+            for result in finished.results:
+                assert client.get(f"/v1/images/{result.image_id}").status_code == 200
+    finally:
+        stack.close()

@@ -178,6 +178,9 @@ def run_generate_job(job_id: str | None = None) -> dict:
         )
     if not claimed:
         return {"skipped": f"job is {records.raw(job_id).get('state')}"}
+    # Beat now, not a heartbeat_s later: until the first beat RQ holds the job for the whole job timeout, so a
+    # worker killed in its first second would leave the job stranded for an hour.
+    runtime.beat(force=True)
     telemetry.observe(runtime.redis, prefix, "queue_wait_seconds", max(0.0, started - float(raw["created_at"])))
 
     def end(state: JobState, **fields) -> None:

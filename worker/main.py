@@ -6,7 +6,8 @@ jobs) that
 - serves them round-robin, starting after the tenant it served last, so a tenant with a million queued images
   cannot starve one with ten,
 - moves due retries (RQ's scheduled-job registry, for retry backoff) back into their queues,
-- heartbeats while it samples (RQ's own heartbeats only run between jobs in a SimpleWorker),
+- heartbeats while it samples (RQ's own heartbeats only run between jobs in a SimpleWorker), so that the job
+  of a worker that was killed is retried elsewhere after FGS_ABANDONED_AFTER_S,
 - on SIGTERM stops taking work and finishes the job in hand (RQ's warm shutdown); a second signal stops at once.
 """
 
@@ -37,7 +38,12 @@ class FgsWorker(SimpleWorker):
         self.runtime = runtime
         self._last_served: str | None = None
         idle = Queue(f"{runtime.keys.prefix}:_none", connection=runtime.rq_redis, serializer=JSONSerializer)
-        super().__init__([idle], name=runtime.name, connection=runtime.rq_redis, serializer=JSONSerializer)
+        # Maintenance includes RQ's sweep for abandoned jobs (a started job whose heartbeat expired): run it as
+        # often as a job can be abandoned, so a killed worker's job is retried within ~2x abandoned_after_s.
+        super().__init__(
+            [idle], name=runtime.name, connection=runtime.rq_redis, serializer=JSONSerializer,
+            maintenance_interval=runtime.settings.abandoned_after_s,
+        )
         runtime.on_heartbeat = self._rq_heartbeat
 
     # ---- queues ----
@@ -103,12 +109,20 @@ class FgsWorker(SimpleWorker):
             reset_current_runtime(token)
 
     def _rq_heartbeat(self) -> None:
-        """Called from the step callback: keep RQ's view of this worker and its job alive during long jobs."""
-        job = self.get_current_job()
-        ttl = self.runtime.settings.job_timeout_s + 60
+        """Called from the step callback: keep RQ's view of this worker and its job alive during long jobs.
+
+        RQ scores the job's execution in the queue's started-job registry with an expiry time; another worker's
+        maintenance retries an execution whose time has passed (AbandonedJobError). Refreshing it with
+        `abandoned_after_s` on every beat means: a long job is never taken for abandoned while it samples, and
+        the job of a killed worker is retried elsewhere soon after (jobs.run_generate_job takes its record over).
+        """
+        execution = self.execution
+        ttl = self.runtime.settings.abandoned_after_s
         with self.connection.pipeline() as pipe:
-            self.heartbeat(ttl, pipeline=pipe)
-            if job is not None:
+            self.heartbeat(self.runtime.settings.job_timeout_s + 60, pipeline=pipe)
+            if execution is not None:
+                job = self.get_current_job()
+                execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
                 job.heartbeat(rq_now(), ttl, pipeline=pipe, xx=True)
             pipe.execute()
 

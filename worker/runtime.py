@@ -79,7 +79,7 @@ class WorkerRuntime:
         if not force and now - self.last_beat < self.settings.heartbeat_s:
             return
         self.last_beat = now
-        ttl = max(int(3 * self.settings.heartbeat_s), 15)
+        ttl = self.settings.abandoned_after_s  # the same TTL as the job's RQ heartbeat (FgsWorker._rq_heartbeat)
         gauges: dict[str, float] = {"last_heartbeat": now}
         if self.device.type == "cuda":
             gauges["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
