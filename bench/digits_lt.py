@@ -47,29 +47,30 @@ class Variant:
     criterion: str = "none"
 
 
+CRITERION_ROWS = {"loss": "d", "entropy": "e", "hardness": "f"}  # Table 2's row letter of each criterion
+
+
+def feedback_variant(criterion: str, omega: str, dropout_p: float, gamma: float, name: str | None = None) -> Variant:
+    """(c) plus feedback: rows (d)-(f), and the ω sweep's extra rows."""
+    letter = CRITERION_ROWS[criterion]
+    args = ("--dropout-p", str(dropout_p), "--gamma", str(gamma), "--criterion", criterion, "--omega", omega)
+    return Variant(name or f"{letter}_{criterion}_w{omega}", f"({letter}) (c) + feedback {criterion} ω={omega}", args, criterion)
+
+
 def ablation_variants(dropout_p: float, gamma: float, low_gamma: float, omegas: dict[str, float]) -> list[Variant]:
     """Table 2's rows (a)-(f) and the diversity control (c) at a lower γ."""
-    dropout = ("--dropout-p", str(dropout_p), "--gamma", str(gamma))
     return [
         Variant("a_text", "(a) text only", ("--text-only", "--gamma", str(gamma))),
         Variant("b_text_image", "(b) text + image", ("--gamma", str(gamma))),
-        Variant("c_dropout", f"(c) text + image + dropout p={dropout_p}", dropout),
+        Variant("c_dropout", f"(c) text + image + dropout p={dropout_p}", ("--dropout-p", str(dropout_p), "--gamma", str(gamma))),
         Variant("c_low_gamma", f"(c') as (c), γ={low_gamma}", ("--dropout-p", str(dropout_p), "--gamma", str(low_gamma))),
-        Variant("d_loss", f"(d) (c) + feedback loss ω={omegas['loss']}", dropout + ("--criterion", "loss", "--omega", str(omegas["loss"])), "loss"),
-        Variant("e_entropy", f"(e) (c) + feedback entropy ω={omegas['entropy']}", dropout + ("--criterion", "entropy", "--omega", str(omegas["entropy"])), "entropy"),
-        Variant("f_hardness", f"(f) (c) + feedback hardness ω={omegas['hardness']}", dropout + ("--criterion", "hardness", "--omega", str(omegas["hardness"])), "hardness"),
+        *[feedback_variant(c, str(omegas[c]), dropout_p, gamma, name=f"{letter}_{c}") for c, letter in CRITERION_ROWS.items()],
     ]
 
 
 def omega_variants(sweep: str, dropout_p: float, gamma: float) -> list[Variant]:
     """Extra feedback strengths, e.g. "entropy:0.03,entropy:0.3" (the prototype's working range is 0.03 to 0.3)."""
-    letters = {"loss": "d", "entropy": "e", "hardness": "f"}
-    variants = []
-    for item in filter(None, sweep.split(",")):
-        criterion, _, omega = item.partition(":")
-        args = ("--dropout-p", str(dropout_p), "--gamma", str(gamma), "--criterion", criterion, "--omega", omega)
-        variants.append(Variant(f"{letters[criterion]}_{criterion}_w{omega}", f"({letters[criterion]}) (c) + feedback {criterion} ω={omega}", args, criterion))
-    return variants
+    return [feedback_variant(*item.split(":"), dropout_p, gamma) for item in filter(None, sweep.split(","))]
 
 
 def path_variants(best: Variant) -> list[Variant]:

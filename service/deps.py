@@ -17,7 +17,6 @@ from fgs_service.errors import ApiError
 from fgs_service.job_queue import JobQueue
 
 
-
 async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import anyio.to_thread
@@ -68,20 +68,22 @@ class JobQueue:
         return Retry(max=self.settings.job_retries, interval=self.settings.retry_backoff_s)
 
     # ---- idempotency ----
+    def _idempotency_key(self, tenant: Tenant, key: str, scope: str) -> str:
+        digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
+        return self.keys.idempotency(tenant.name, digest)
+
     async def _idempotency_claim(self, tenant: Tenant, key: str | None, scope: str, value: str) -> str | None:
         """Claim an Idempotency-Key for `value`; return the earlier value if the key was used before."""
         if not key:
             return None
-        digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
-        redis_key = self.keys.idempotency(tenant.name, digest)
+        redis_key = self._idempotency_key(tenant, key, scope)
         if await self.async_redis.set(redis_key, value, nx=True, ex=self.settings.idempotency_ttl_s):
             return None
         return await self.async_redis.get(redis_key)
 
     async def _idempotency_release(self, tenant: Tenant, key: str | None, scope: str) -> None:
         if key:
-            digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
-            await self.async_redis.delete(self.keys.idempotency(tenant.name, digest))
+            await self.async_redis.delete(self._idempotency_key(tenant, key, scope))
 
     # ---- cap ----
     async def _reserve(self, tenant: Tenant, images: int) -> None:

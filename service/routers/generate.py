@@ -48,7 +48,7 @@ async def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch
 
 
 # Both handlers are async: the enqueue awaits Redis on the event loop (fgs_service.job_queue). The reference
-# checks are a few stat() calls and small JSON reads; a batch's run in a thread.
+# checks are a few stat() calls and small JSON reads; for a batch they run in a thread.
 @router.post("/v1/generate", status_code=202)
 async def generate(body: GenerateRequest, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> JobAccepted:
     """Queue one job of `num_images` images; the same Idempotency-Key returns the first job."""
