@@ -38,7 +38,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from fgs_service.cli import free_port
+from fgs_common.loopback import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTS_CSV = ROOT / "client" / "data" / "imagenet_lt_train_counts.csv"

@@ -10,7 +10,7 @@
    (e) + feedback entropy, (f) + feedback hardness; then, for the best criterion, the other gradient path
    (constant_eps) and the other feedback resolution (classifier).
 4. Closeness (Fréchet distance, density) and diversity (coverage) of each synthetic set against the real test set,
-   in a digit classifier's feature space (bench/synthetic_set_metrics.py).
+   in a digit classifier's feature space (fgs_lab/synthetic_set_metrics.py).
 5. Retrain on real + synthetic (50/50 batches, Balanced Softmax) for every seed; paired differences against the
    real-only Balanced Softmax CNN of the same seed. Few accuracy against the synthetic budget (25/50/100 %).
 6. Write bench/digits_lt.md and a PNG grid per variant (bench/digits_lt_grids/).
@@ -28,13 +28,14 @@ import torch
 import typer
 from PIL import Image
 
-from digits_classifier import (
+from fgs_lab.digits_classifier import (
     ImageSet, TrainConfig, evaluate, export_digits_classifier, load_split, load_synthetic, shot_thresholds, train_small_cnn,
 )
-from embedded_stack import REPO, run_client, start_embedded_stack
-from synthetic_set_metrics import density_coverage, frechet_distance
+from fgs_lab.embedded_stack import run_client, start_embedded_stack
+from fgs_lab.synthetic_set_metrics import density_coverage, frechet_distance
 from fgs_client.digits_lt import build_digits_lt, generator_indices
 
+REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 SHOTS = ("overall", "many", "medium", "few")
 
@@ -148,7 +149,7 @@ class Experiment:
 
     def feature_space(self):
         if self.features is None:
-            from fgs_worker.digits_model_evaluation import original_style_classifier
+            from fgs_lab.digits_model_evaluation import original_style_classifier
 
             self.features = original_style_classifier(generator_indices(), seed=0)
             self.test_features = self.features.features(self.test.images)

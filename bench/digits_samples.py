@@ -18,7 +18,7 @@ from diffusers import StableUnCLIPImg2ImgPipeline
 from PIL import Image
 
 from fgs_client.digits_lt import CLASS_NAMES, digits_split, load_digit_arrays, original_style_image
-from fgs_worker.digits_model_evaluation import sample_digits
+from fgs_lab.digits_model_evaluation import sample_digits
 
 REPO = Path(__file__).resolve().parents[1]
 CELL = 32

@@ -24,16 +24,13 @@ from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import 
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from fgs_worker.classifier_registry import load_classifier
+from fgs_classifier.registry import load_classifier
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import load_pipeline
-from fgs_worker.small_cnn import random_small_cnn
+from fgs_classifier.small_cnn import random_small_cnn
 from fgs_worker.tiny_model import write_tokenizer
 
-try:
-    from throughput import PROMPT, conditioning_image, measure, print_table
-except ImportError:
-    from bench.throughput import PROMPT, conditioning_image, measure, print_table
+from fgs_lab.throughput import PROMPT, conditioning_image, measure, print_table
 
 
 def full_size_unclip(workdir: Path, device: torch.device, dtype: torch.dtype) -> StableUnCLIPImg2ImgPipeline:

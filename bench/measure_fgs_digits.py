@@ -22,7 +22,7 @@ import typer
 from diffusers import StableUnCLIPImg2ImgPipeline
 
 from fgs_client.digits_lt import CLASS_NAMES, digits_split, load_digit_arrays, original_style_image
-from fgs_worker.digits_model_evaluation import (
+from fgs_lab.digits_model_evaluation import (
     generator_style_classifier,
     mean_pairwise_distance,
     original_style_classifier,

@@ -16,15 +16,12 @@ from pathlib import Path
 
 import torch
 
-from fgs_worker.classifier_registry import load_classifier
+from fgs_classifier.registry import load_classifier
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import load_pipeline
-from fgs_worker.small_cnn import random_small_cnn
+from fgs_classifier.small_cnn import random_small_cnn
 
-try:
-    from throughput import measure, print_table
-except ImportError:
-    from bench.throughput import measure, print_table
+from fgs_lab.throughput import measure, print_table
 
 
 def main() -> None:

@@ -262,10 +262,9 @@ def hardness_stats_command(
     """Class means, shrinkage covariances, precisions and log-dets of the classifier's embeddings over the real
     training set (the hardness criterion's statistics), saved as safetensors. Needs the `train` extra (torch)."""
     try:
-        from fgs_client.training import embed_images, load_classifier_archive
-        from fgs_worker.guidance.hardness_stats import HardnessStats
+        from fgs_client.training import class_embedding_statistics, embed_images, load_classifier_archive
     except ImportError as error:
-        raise fail(f"hardness-stats needs torch and the worker package (pip install 'fgs[train,worker]'): {error}", EXIT_BAD_INPUT) from None
+        raise fail(f"hardness-stats needs the train extra (pip install 'fgs[train]'): {error}", EXIT_BAD_INPUT) from None
     parsed = _read_spec(spec)
     try:
         scanned = read_dataset(dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups)
@@ -278,7 +277,7 @@ def hardness_stats_command(
         embeddings, labels = embed_images(model, [im.path for im in scanned.images], [im.class_index for im in scanned.images], batch_size=batch_size)
     except ValueError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
-    stats = HardnessStats.fit(embeddings, labels, parsed.num_classes, shrinkage=shrinkage)
+    stats = class_embedding_statistics(embeddings, labels, parsed.num_classes, shrinkage=shrinkage)
     stats.save(out)
     out_console.print(f"hardness statistics of {len(labels):,} images, {parsed.num_classes} classes, embedding size {embeddings.shape[1]} -> {out}")
 

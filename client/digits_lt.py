@@ -17,7 +17,7 @@ images per class) to a largest class of 60: **Many** > 20 train images (zero, on
 
 Images are written in the target's *original style*: dark ink on a white background, grey, upscaled to 32x32
 RGB. The generator is trained on the same kind of digits under random style transforms (see
-`fgs_worker.digits_model_training`), so its world is broader than the target's.
+`fgs_lab.digits_model_training`), so its world is broader than the target's.
 
 Layout written by `build_digits_lt(root)`:
 `root/train/<class name>/<index>.png`, `root/test/<class name>/<index>.png` (index = load_digits index) and

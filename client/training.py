@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fgs_classifier.hardness_stats import HardnessStats
+from fgs_classifier.registry import load_classifier
 from fgs_client.dataset_writer import MANIFEST_NAME, read_manifest
 
 
@@ -208,16 +210,12 @@ def group_accuracy(predictions, labels, groups) -> GroupAccuracy:
 
 
 def class_embedding_statistics(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float | None = None):
-    """Class means, shrinkage covariances, precisions and log-dets for the hardness criterion (fgs_worker's HardnessStats)."""
-    from fgs_worker.guidance.hardness_stats import HardnessStats
-
+    """Class means, shrinkage covariances, precisions and log-dets for the hardness criterion (HardnessStats)."""
     return HardnessStats.fit(torch.as_tensor(embeddings), torch.as_tensor(labels), num_classes, shrinkage=shrinkage)
 
 
 def load_classifier_archive(archive: Path, spec):
     """A TorchScript or torch.export archive with its ClassifierSpec, on the CPU (never unpickles)."""
-    from fgs_worker.classifier_registry import load_classifier
-
     return load_classifier(Path(archive), spec, None, device="cpu")
 
 

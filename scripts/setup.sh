@@ -20,10 +20,12 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 stamp=.venv/.fgs-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ lab/pyproject.toml -nt "$stamp" ]; then
   echo "==> installing fgs into .venv (torch 2.13.0 CPU build where no GPU build is wanted)"
   # torch first and pinned: an unpinned resolve could pull a multi-GB CUDA wheel.
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[all,dev]"
+  # the lab (training and experiments) is a distribution of its own: never in a deployment image
+  .venv/bin/python -m pip install -q -e ./lab
   touch "$stamp"
 fi

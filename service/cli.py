@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from fgs_common.loopback import free_port
 from fgs_common.settings import get_settings
 
 app = typer.Typer(help="fgs: feedback-guided data synthesis service", no_args_is_help=True, add_completion=False)
@@ -27,13 +27,6 @@ def _redis_answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
     except Exception:  # any failure to connect means "no Redis there"
         return False
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_local_redis(state_dir: Path) -> tuple[subprocess.Popen, str]:
@@ -153,18 +146,17 @@ def worker(
     """One worker process (FGS_REDIS_URL must be set)."""
     if model:
         os.environ["FGS_MODEL"] = model
-        get_settings.cache_clear()
-    from fgs_worker.main import run_worker
-
-    run_worker(get_settings(), ready_file=ready_file)
+    # exec, not import: the service package never imports the worker (docs/ARCHITECTURE.md, import rules)
+    argv = [sys.executable, "-m", "fgs_worker.main"] + (["--ready-file", str(ready_file)] if ready_file else [])
+    os.execv(sys.executable, argv)
 
 
 @app.command("make-tiny-model")
 def make_tiny_model(directory: Path) -> None:
     """Write the random-weight tiny unCLIP pipeline to DIRECTORY (offline)."""
-    from fgs_worker.tiny_model import save_tiny_model
-
-    save_tiny_model(directory)
+    result = subprocess.run([sys.executable, "-m", "fgs_worker.tiny_model", str(directory)])
+    if result.returncode != 0:
+        raise typer.Exit(result.returncode)
     typer.echo(f"tiny model written to {directory}")
 
 

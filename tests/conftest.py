@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fgs_service.cli import free_port
+from fgs_common.loopback import free_port
 
 TENANT_KEYS = {"alpha": "key-alpha-" + "a" * 24, "beta": "key-beta-" + "b" * 24, "capped": "key-capped-" + "c" * 24}
 CAPPED_MAX_IMAGES = 10
@@ -68,7 +68,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def classifier_files(tmp_path_factory):
     """A random-weight SmallCNN (10 classes, 32x32 RGB) as TorchScript, and its ClassifierSpec."""
-    from fgs_worker.small_cnn import random_small_cnn
+    from fgs_classifier.small_cnn import random_small_cnn
 
     directory = tmp_path_factory.mktemp("classifier")
     return random_small_cnn(directory, num_classes=10, input_size=32, seed=0)

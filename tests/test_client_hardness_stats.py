@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fgs_client.cli import app
-from fgs_worker.guidance.hardness_stats import HardnessStats
+from fgs_classifier.hardness_stats import HardnessStats
 
 runner = CliRunner()
 

@@ -11,7 +11,8 @@ import httpx
 import pytest
 import yaml
 
-from conftest import free_port, start_stack
+from conftest import start_stack
+from fgs_common.loopback import free_port
 from live_stack_calls import JobState, generate, wait_final
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"

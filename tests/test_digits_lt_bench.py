@@ -38,9 +38,8 @@ def test_digits_lt_quick_writes_report_and_grids(redis_server, tmp_path):
 
 
 def test_synthetic_set_metrics_on_known_distributions():
-    sys.path.insert(0, str(REPO / "bench"))
     import numpy as np
-    from synthetic_set_metrics import density_coverage, frechet_distance
+    from fgs_lab.synthetic_set_metrics import density_coverage, frechet_distance
 
     rng = np.random.default_rng(0)
     real, same = rng.normal(size=(2000, 4)), rng.normal(size=(2000, 4))

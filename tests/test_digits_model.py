@@ -10,8 +10,8 @@ import torch
 from diffusers import StableUnCLIPImg2ImgPipeline
 
 from fgs_client.digits_lt import digits_split, generator_indices, load_digit_arrays, original_style_image
-from fgs_worker.digits_model_evaluation import generator_style_classifier, mean_pairwise_distance, sample_digits
-from fgs_worker.digits_model_training import StyleProbabilities, build_style_bank
+from fgs_lab.digits_model_evaluation import generator_style_classifier, mean_pairwise_distance, sample_digits
+from fgs_lab.digits_model_training import StyleProbabilities, build_style_bank
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "worker" / "models" / "fgs-digits"
 

@@ -11,11 +11,11 @@ import torch
 from diffusers import StableUnCLIPImg2ImgPipeline
 
 from fgs_common.wire import ClassifierOutput, ClassifierSpec, Criterion, FeedbackResolution, GradientPath
-from fgs_worker.classifier_registry import load_classifier
+from fgs_classifier.registry import load_classifier
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
-from fgs_worker.guidance.hardness_stats import HardnessStats
+from fgs_classifier.hardness_stats import HardnessStats
 from fgs_worker.model_loading import load_pipeline
-from fgs_worker.small_cnn import SmallCNN, export_classifier
+from fgs_classifier.small_cnn import SmallCNN, export_classifier
 from fgs_worker.tiny_model import TinyConfig, save_tiny_model
 
 PROMPT = "a handwritten digit seven"
@@ -252,7 +252,7 @@ def test_bad_arguments_raise_a_clear_error(sampler, classifier, tmp_path, argume
 
 
 def test_classifier_with_wrong_number_of_classes_is_refused(tmp_path):
-    from fgs_worker.classifier_registry import InvalidClassifier
+    from fgs_classifier.registry import InvalidClassifier
 
     archive, _, _ = make_classifier(tmp_path)
     wrong = ClassifierSpec(num_classes=7, input_size=32, output=ClassifierOutput.logits_embedding)
@@ -261,7 +261,7 @@ def test_classifier_with_wrong_number_of_classes_is_refused(tmp_path):
 
 
 def test_a_pickle_is_never_loaded_as_a_classifier(tmp_path):
-    from fgs_worker.classifier_registry import InvalidClassifier
+    from fgs_classifier.registry import InvalidClassifier
 
     path = tmp_path / "model.pt"
     torch.save(SmallCNN(10).state_dict(), path)

@@ -13,7 +13,7 @@ import time
 import httpx
 import redis
 
-from conftest import free_port
+from fgs_common.loopback import free_port
 from live_stack_calls import JobState, generate, wait_final
 
 

@@ -56,7 +56,7 @@ def test_generate_entropy_feedback_matches_in_process_sampler(live_stack, classi
             assert result.criterion_value is not None
 
     # The same request, in this process, with the sampler itself.
-    from fgs_worker.classifier_registry import load_classifier
+    from fgs_classifier.registry import load_classifier
     from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
     from fgs_worker.model_loading import load_pipeline
 

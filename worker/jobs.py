@@ -26,7 +26,7 @@ from fgs_common import telemetry
 from fgs_common.job_records import now_ts
 from fgs_common.wire import ClassifierSpec, GenerateRequest, ImageResult, JobState
 from fgs_worker.cancel import JobCanceled, cancel_requested
-from fgs_worker.classifier_registry import InvalidClassifier, LoadedClassifier, load_classifier
+from fgs_classifier.registry import InvalidClassifier, LoadedClassifier, load_classifier
 from fgs_worker.runtime import WorkerRuntime, current_runtime
 
 PNG_METADATA_KEY = "fgs"

@@ -13,6 +13,7 @@ jobs) that
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -159,5 +160,13 @@ def run_worker(settings: Settings | None = None, name: str | None = None, ready_
             ready_file.unlink(missing_ok=True)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python -m fgs_worker.main [--ready-file PATH]` (what `fgs worker` and `fgs up` start)."""
+    parser = argparse.ArgumentParser(prog="fgs worker", description="one fgs worker process (model from FGS_MODEL)")
+    parser.add_argument("--ready-file", type=Path, help="written once the model is resident, removed on exit")
+    args = parser.parse_args(argv)
+    run_worker(ready_file=args.ready_file)
+
+
 if __name__ == "__main__":
-    run_worker()
+    main()

@@ -21,7 +21,7 @@ from fgs_common import telemetry
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.job_records import JobRecords, Keys
 from fgs_common.settings import Settings
-from fgs_worker.classifier_registry import ClassifierRegistry
+from fgs_classifier.registry import ClassifierRegistry
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import default_device, load_pipeline
 

@@ -3,12 +3,13 @@
 Same components and code path as `stabilityai/stable-diffusion-2-1-unclip` (CLIP text and vision towers,
 image normalizer, image-noising DDPM scheduler, UNet with a projection class embedding, VAE, DDIM), only
 smaller. `fgs make-tiny-model DIR` saves it with random weights; the embedded `fgs-digits` model is the
-same architecture, trained (see bench/train_fgs_digits.py).
+same architecture, trained (see examples/train_fgs_digits.py).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,3 +187,7 @@ def save_tiny_model(directory: Path, config: TinyConfig = TinyConfig(), seed: in
     pipeline = build_tiny_pipeline(directory, config, seed)
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+if __name__ == "__main__":  # `fgs make-tiny-model DIR` runs this
+    save_tiny_model(Path(sys.argv[1]))

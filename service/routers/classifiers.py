@@ -2,7 +2,7 @@
 
 The service never imports torch, so it checks what it can without it (size, zip layout of a TorchScript or
 torch.export archive, never a pickle; spec JSON; safetensors header) and then runs the archive once in a
-short-lived subprocess, `python -m fgs_worker.classifier_check`, which loads it the way a worker will and
+short-lived subprocess, `python -m fgs_classifier.check`, which loads it the way a worker will and
 checks its outputs against the spec. Only a classifier that passes is stored: a mismatch is a 422 and
 nothing is written. An API-only install without torch skips the subprocess (FGS_CLASSIFIER_CHECK=false, or
 torch absent); the worker then runs the same check at first use and fails that job with the same message.
@@ -63,7 +63,7 @@ def _worker_check_available() -> bool:
 
 def _run_classifier_check(archive: Path, spec: Path, stats: Path | None, settings: Settings) -> None:
     """Load and run the classifier in a subprocess (torch stays out of the API process)."""
-    command = [sys.executable, "-m", "fgs_worker.classifier_check", str(archive), str(spec)] + ([str(stats)] if stats else [])
+    command = [sys.executable, "-m", "fgs_classifier.check", str(archive), str(spec)] + ([str(stats)] if stats else [])
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=settings.classifier_check_timeout_s)
     except subprocess.TimeoutExpired:

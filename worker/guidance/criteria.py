@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fgs_common.wire import Criterion
-from fgs_worker.guidance.hardness_stats import HardnessStats
+from fgs_classifier.hardness_stats import HardnessStats
 
 
 def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

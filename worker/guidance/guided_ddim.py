@@ -33,7 +33,7 @@ from diffusers import StableUnCLIPImg2ImgPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from fgs_common.wire import Criterion, FeedbackResolution, GradientPath
-from fgs_worker.classifier_registry import LoadedClassifier
+from fgs_classifier.registry import LoadedClassifier
 from fgs_worker.guidance import criteria
 
 StepCallback = Callable[[int, int], None]

@@ -13,7 +13,7 @@ import PIL.Image
 import torch
 
 from fgs_common.wire import Criterion
-from fgs_worker.classifier_registry import LoadedClassifier
+from fgs_classifier.registry import LoadedClassifier
 from fgs_worker.guidance import criteria
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fgs_common.classifier_archive import ArchiveFormat, NotAClassifierArchive, detect_archive_format
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
-from fgs_worker.guidance.hardness_stats import HardnessStats
+from fgs_classifier.hardness_stats import HardnessStats
 
 
 class InvalidClassifier(ValueError):

@@ -19,12 +19,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from digits_classifier import evaluate, export_digits_classifier, load_split, load_synthetic, shot_thresholds, train_small_cnn
-from embedded_stack import REPO, run_client, start_embedded_stack
+from fgs_lab.digits_classifier import evaluate, export_digits_classifier, load_split, load_synthetic, shot_thresholds, train_small_cnn
+from fgs_lab.embedded_stack import run_client, start_embedded_stack
 from fgs_client.digits_lt import build_digits_lt
+from fgs_worker.model_loading import EMBEDDED_MODEL, EMBEDDED_MODELS_DIR
 
 console = Console()
-EMBEDDED_MODEL_DIR = REPO / "worker" / "models" / "fgs-digits"
+EMBEDDED_MODEL_DIR = EMBEDDED_MODELS_DIR / EMBEDDED_MODEL
 
 
 def default_model() -> str:

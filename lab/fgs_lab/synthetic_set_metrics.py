@@ -5,7 +5,7 @@
   neighbourhoods a synthetic point falls into (fidelity, 1 for matching distributions), coverage = the share of real
   points whose neighbourhood holds a synthetic point (diversity).
 The features here are the hidden layer of a digit classifier trained on generator-split digits
-(fgs_worker.digits_model_evaluation.original_style_classifier): it never saw a Digits-LT test digit.
+(fgs_lab.digits_model_evaluation.original_style_classifier): it never saw a Digits-LT test digit.
 """
 
 from __future__ import annotations

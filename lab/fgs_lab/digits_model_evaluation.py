@@ -17,7 +17,7 @@ from diffusers import StableUnCLIPImg2ImgPipeline
 from PIL import Image
 
 from fgs_client.digits_lt import CLASS_NAMES, class_prompt
-from fgs_worker.digits_model_training import StyleProbabilities, build_style_bank, original_style_digits
+from fgs_lab.digits_model_training import StyleProbabilities, build_style_bank, original_style_digits
 
 
 def thumbnails(images: torch.Tensor | np.ndarray) -> np.ndarray:

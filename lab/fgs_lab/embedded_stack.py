@@ -18,9 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from fgs_service.cli import free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from fgs_common.loopback import free_port
 
 
 

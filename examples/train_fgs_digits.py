@@ -1,10 +1,10 @@
 """Train the embedded `fgs-digits` pipeline and save it (safetensors, diffusers layout).
 
-    .venv/bin/python bench/train_fgs_digits.py                       # -> worker/models/fgs-digits (about 20 min, 2 cores)
-    .venv/bin/python bench/train_fgs_digits.py --out /tmp/d --scale 0.1  # a short smoke run
+    .venv/bin/python examples/train_fgs_digits.py                       # -> worker/models/fgs-digits (about 20 min, 2 cores)
+    .venv/bin/python examples/train_fgs_digits.py --out /tmp/d --scale 0.1  # a short smoke run
 
 Seeded: the same seed, step counts and thread count give the same weights. The training itself lives in
-`fgs_worker.digits_model_training`; this script adds the progress bar and writes the model directory.
+`fgs_lab.digits_model_training`; this script adds the progress bar and writes the model directory.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fgs_worker.digits_model_training import TrainingPlan, train_fgs_digits
+from fgs_lab.digits_model_training import TrainingPlan, train_fgs_digits
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "worker" / "models" / "fgs-digits"

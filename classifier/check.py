@@ -1,4 +1,4 @@
-"""`python -m fgs_worker.classifier_check ARCHIVE SPEC_JSON [HARDNESS_STATS]`: load a classifier as a worker would.
+"""`python -m fgs_classifier.check ARCHIVE SPEC_JSON [HARDNESS_STATS]`: load a classifier as a worker would.
 
 The API runs this in a subprocess before it stores an upload (the API itself never imports torch).
 Exit 0: the archive loads and its outputs match the spec. Exit 2: they do not; the reason is the last
@@ -15,9 +15,9 @@ from fgs_common.wire import ClassifierSpec
 
 def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3):
-        print("usage: python -m fgs_worker.classifier_check ARCHIVE SPEC_JSON [HARDNESS_STATS]", file=sys.stderr)
+        print("usage: python -m fgs_classifier.check ARCHIVE SPEC_JSON [HARDNESS_STATS]", file=sys.stderr)
         return 64
-    from fgs_worker.classifier_registry import InvalidClassifier, load_classifier
+    from fgs_classifier.registry import InvalidClassifier, load_classifier
 
     spec = ClassifierSpec.model_validate_json(Path(argv[1]).read_text())
     try:

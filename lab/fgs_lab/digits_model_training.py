@@ -18,7 +18,7 @@ loads through the code that loads SD 2.1 unCLIP (`StableUnCLIPImg2ImgPipeline.fr
    whole class vector zeroed (the unconditional branch of classifier-free guidance); the prompt becomes "" at
    random for classifier-free guidance. The UNet's weights are an exponential moving average.
 
-Seeded and deterministic on CPU for a given thread count; `bench/train_fgs_digits.py` runs it with a progress bar.
+Seeded and deterministic on CPU for a given thread count; `examples/train_fgs_digits.py` runs it with a progress bar.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shared measurement for bench/sampler.py (CPU, tiny model) and bench/gpu.py (GPU, full-size SD 2.1 unCLIP).
 
 Images per second of each sampler variant at each batch size, in one process on one model, with ratios
-against the reference loop (the paper's released code style, bench/reference_loop.py) and the feedback
+against the reference loop (the paper's released code style, fgs_lab/reference_loop.py) and the feedback
 overhead against fgs unguided at the same batch size.
 """
 
@@ -15,13 +15,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from fgs_worker.classifier_registry import LoadedClassifier
+from fgs_classifier.registry import LoadedClassifier
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 
-try:  # run as a script: bench/ is on sys.path
-    from reference_loop import reference_guided_image
-except ImportError:  # imported as bench.throughput
-    from bench.reference_loop import reference_guided_image
+from fgs_lab.reference_loop import reference_guided_image
 
 PROMPT = "a handwritten digit seven"
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fgs_client.digits_lt import CLASS_NAMES, METADATA_FILE
 from fgs_client.training import RealSyntheticBatchSampler, ShotAccuracy, balanced_softmax_loss, image_tensor, shot_accuracy
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
-from fgs_worker.small_cnn import SmallCNN, export_classifier
+from fgs_classifier.small_cnn import SmallCNN, export_classifier
 
 
 @dataclass

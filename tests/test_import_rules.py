@@ -1,0 +1,100 @@
+"""The arrows between the packages point one way (docs/ARCHITECTURE.md, "Import rules").
+
+The check is static: every `import` statement in a package's files, function-local ones included, so a lazy
+import cannot slip past it. A second test imports the whole worker with scikit-learn made unimportable, and a
+third reads the worker image's build context off its .dockerignore.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# package -> (its folder, top-level modules it must never import)
+TORCH_HEAVY = {"torch", "diffusers", "transformers", "safetensors", "fgs_classifier", "fgs_worker"}
+OUR_OTHERS = {"fgs_service", "fgs_worker", "fgs_client", "fgs_classifier", "fgs_lab"}
+RULES: dict[str, tuple[str, set[str]]] = {
+    "fgs_common": ("common", OUR_OTHERS | TORCH_HEAVY | {"fastapi", "starlette", "rq"}),
+    "fgs_service": ("service", TORCH_HEAVY | {"fgs_client", "fgs_lab", "sklearn"}),
+    "fgs_classifier": ("classifier", {"fgs_service", "fgs_worker", "fgs_client", "fgs_lab", "fastapi", "sklearn"}),
+    "fgs_worker": ("worker", {"fgs_service", "fgs_client", "fgs_lab", "fastapi", "sklearn"}),
+    "fgs_client": ("client", TORCH_HEAVY | {"fgs_service", "fgs_lab"}),
+}
+# The client's training utilities are its `train` extra: they may use torch and the classifier package.
+EXCEPTIONS = {"client/training.py": {"torch", "safetensors", "fgs_classifier"}}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level module) of every absolute import in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def forbidden_imports(package: str) -> list[str]:
+    folder, forbidden = RULES[package]
+    problems = []
+    for path in sorted((REPO / folder).rglob("*.py")):
+        relative = path.relative_to(REPO).as_posix()
+        allowed = EXCEPTIONS.get(relative, set())
+        for line, module in imported_modules(path):
+            if module in forbidden and module not in allowed:
+                problems.append(f"{relative}:{line} imports {module}")
+    return problems
+
+
+@pytest.mark.parametrize("package", sorted(RULES))
+def test_package_imports_point_one_way(package):
+    assert forbidden_imports(package) == []
+
+
+def test_the_rule_catches_a_lazy_forbidden_import(tmp_path, monkeypatch):
+    """A function-local `import fgs_client` inside the worker is found (the check itself can fail)."""
+    fake_repo = tmp_path / "repo"
+    (fake_repo / "worker").mkdir(parents=True)
+    (fake_repo / "worker" / "jobs.py").write_text("def run():\n    from fgs_client.cli import app\n    return app\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", fake_repo)
+    assert forbidden_imports("fgs_worker") == ["worker/jobs.py:2 imports fgs_client"]
+
+
+def test_worker_imports_without_scikit_learn():
+    """Every fgs_worker module imports with sklearn made unimportable (the worker extra does not install it)."""
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "sys.modules['sklearn'] = None  # any `import sklearn` now raises ImportError\n"
+        "import fgs_worker, fgs_classifier\n"
+        "for package in (fgs_worker, fgs_classifier):\n"
+        "    for info in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        "assert 'fgs_client' not in sys.modules and 'fgs_lab' not in sys.modules\n"
+        "print('imported', len([m for m in sys.modules if m.startswith(('fgs_worker', 'fgs_classifier'))]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) >= 10
+
+
+def docker_context(dockerignore: Path) -> list[str]:
+    """Tracked files that reach the build context under an allow-list .dockerignore (`*` then `!path/`)."""
+    allowed = [line[1:].rstrip("/") for line in dockerignore.read_text().splitlines() if line.startswith("!")]
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    return [f for f in tracked if any(f == a or f.startswith(a + "/") or fnmatch.fnmatch(f, a) for a in allowed)]
+
+
+@pytest.mark.parametrize("image", ["worker", "api"])
+def test_image_build_context_holds_no_training_code(image):
+    context = docker_context(REPO / "docker" / f"Dockerfile.{image}.dockerignore")
+    assert any(f.startswith("worker/") for f in context)
+    training = [f for f in context if f.split("/")[0] in ("lab", "examples", "bench", "tests")]
+    assert training == []
