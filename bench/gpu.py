@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from fgs_classifier.registry import load_classifier
+from fgs_common.wire import GenerationParams
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import load_pipeline
 from fgs_classifier.small_cnn import random_small_cnn
@@ -108,8 +109,8 @@ def main() -> None:
 
     # fgs unguided must equal diffusers for the same seeds, on this device.
     seeds = [0, 1]
-    ours = sampler(prompt=PROMPT, class_index=7, conditioning_images=[image] * 2, seeds=seeds, steps=args.steps,
-                   width=side, height=side).pixels.permute(0, 2, 3, 1).numpy()
+    ours = sampler(prompt=PROMPT, class_index=7, conditioning_images=[image] * 2, seeds=seeds,
+                   params=GenerationParams(steps=args.steps, width=side, height=side)).pixels.permute(0, 2, 3, 1).numpy()
     theirs = pipe(image=[image] * 2, prompt=[PROMPT] * 2, generator=[torch.Generator().manual_seed(s) for s in seeds],
                   num_inference_steps=args.steps, guidance_scale=3.0, width=side, height=side, output_type="np").images
     difference = float(np.abs(ours - theirs).max())

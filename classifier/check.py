@@ -17,7 +17,8 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3):
         print("usage: python -m fgs_classifier.check ARCHIVE SPEC_JSON [HARDNESS_STATS]", file=sys.stderr)
         return 64
-    from fgs_classifier.registry import InvalidClassifier, load_classifier
+    from fgs_classifier.registry import load_classifier
+    from fgs_common.exceptions import InvalidClassifier
 
     spec = ClassifierSpec.model_validate_json(Path(argv[1]).read_text())
     try:

@@ -17,12 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from fgs_common.classifier_archive import ArchiveFormat, NotAClassifierArchive, detect_archive_format
+from fgs_common.exceptions import InvalidClassifier
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
 from fgs_classifier.hardness_stats import HardnessStats
-
-
-class InvalidClassifier(ValueError):
-    """The archive, its spec and its statistics do not fit together."""
 
 
 @dataclass

@@ -32,23 +32,14 @@ from fgs_client.dataset_writer import (
     write_manifest,
     write_png_atomic,
 )
+from fgs_client.generation_options import validation_message
 from fgs_client.http_client import ApiError, Client
-from fgs_common.wire import ClassifierSpec, Criterion, FeedbackResolution, GenerateRequest, GradientPath, JobPublic, JobState
+from fgs_common.wire import ClassifierSpec, GenerateRequest, GenerationParams, JobPublic, JobState
 
 
 @dataclass
 class BalanceOptions:
-    criterion: Criterion = Criterion.none
-    omega: float = 0.0
-    gamma: float = 3.0
-    dropout_p: float = 0.0
-    steps: int = 30
-    guidance_every: int = 5
-    width: int | None = None
-    height: int | None = None
-    noise_level: int = 0
-    gradient_path: GradientPath = GradientPath.unet
-    feedback_resolution: FeedbackResolution = FeedbackResolution.full
+    generation: GenerationParams = field(default_factory=GenerationParams)  # how every image is sampled
     text_only: bool = False  # condition on the prompt alone, never on a real image (the paper's "text only" ablation)
     images_per_job: int = 8
     seed: int = 0
@@ -64,12 +55,8 @@ class BalanceOptions:
     show_progress: bool = True
 
     def generation_fields(self) -> dict:
-        return {
-            "criterion": Criterion(self.criterion).value, "omega": self.omega, "gamma": self.gamma, "dropout_p": self.dropout_p,
-            "steps": self.steps, "guidance_every": self.guidance_every, "width": self.width, "height": self.height,
-            "noise_level": self.noise_level, "gradient_path": GradientPath(self.gradient_path).value,
-            "feedback_resolution": FeedbackResolution(self.feedback_resolution).value,
-        }
+        """The generation parameters as JSON values (what the plan fingerprint and each request carry)."""
+        return self.generation.model_dump(mode="json")
 
 
 @dataclass
@@ -125,8 +112,7 @@ def check_balance_options(options: BalanceOptions) -> None:
     try:
         GenerateRequest(prompt="check", class_index=0, classifier_id="check" if has_classifier else None, **options.generation_fields())
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in error.errors())
-        raise ValueError(f"invalid generation settings: {problems}") from None
+        raise ValueError(validation_message(error)) from None
 
 
 class BalanceRun:

@@ -19,7 +19,8 @@ from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
 from fgs_client.dataset_readers import DatasetError, packaged_path, read_dataset
 from fgs_client.http_client import ApiError, AuthenticationFailed, Client, ServiceUnreachable
 from fgs_common.settings import get_settings
-from fgs_common.wire import ClassifierSpec, Criterion, FeedbackResolution, GradientPath
+from fgs_client.generation_options import generation_options
+from fgs_common.wire import ClassifierSpec, GenerationParams
 
 app = typer.Typer(help="fgs client: balance long-tailed datasets with feedback-guided synthetic images.", no_args_is_help=True)
 out_console = Console()
@@ -76,6 +77,7 @@ def print_plan(plan: BalancePlan, grouped: bool, console: Console = out_console)
 
 
 @app.command()
+@generation_options(on_invalid=lambda message: fail(message, EXIT_BAD_INPUT))
 def balance(
     dataset: Annotated[DatasetName, typer.Option("--dataset", help="layout of the data on disk")],
     root: Annotated[Optional[Path], typer.Option("--root", help="the dataset root")] = None,
@@ -83,17 +85,6 @@ def balance(
     target: Annotated[str, typer.Option("--target", help="'max', a number per unit, or a JSON object/file of per-class totals")] = "max",
     counts: Annotated[Optional[Path], typer.Option("--counts", help="counts CSV instead of images (dry run only); 'builtin': the packaged ImageNet-LT train counts")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and exit")] = False,
-    criterion: Annotated[Criterion, typer.Option("--criterion")] = Criterion.none,
-    omega: Annotated[float, typer.Option("--omega", help="feedback scale ω")] = 0.0,
-    gamma: Annotated[float, typer.Option("--gamma", help="classifier-free guidance scale γ")] = 3.0,
-    dropout_p: Annotated[float, typer.Option("--dropout-p", help="image-embedding dropout p")] = 0.0,
-    steps: Annotated[int, typer.Option("--steps")] = 30,
-    guidance_every: Annotated[int, typer.Option("--guidance-every")] = 5,
-    width: Annotated[Optional[int], typer.Option("--width")] = None,
-    height: Annotated[Optional[int], typer.Option("--height")] = None,
-    noise_level: Annotated[int, typer.Option("--noise-level")] = 0,
-    gradient_path: Annotated[GradientPath, typer.Option("--gradient-path", help="how dC/dz_t is taken: through the UNet, or with the noise prediction held constant")] = GradientPath.unet,
-    feedback_resolution: Annotated[FeedbackResolution, typer.Option("--feedback-resolution", help="decode x0 at full size, or straight at the classifier's input size")] = FeedbackResolution.full,
     text_only: Annotated[bool, typer.Option("--text-only", help="condition on the class prompt alone, not on real images")] = False,
     images_per_job: Annotated[int, typer.Option("--images-per-job")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="plan seed: conditioning picks and generation seeds")] = 0,
@@ -109,13 +100,14 @@ def balance(
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    *,
+    generation: GenerationParams,
 ) -> None:
     """Fill what each class or group lacks with generated images and write the balanced dataset to --out."""
     from fgs_client.balance_runner import BalanceOptions, BalanceRun, check_balance_options
 
     options = BalanceOptions(
-        criterion=criterion, omega=omega, gamma=gamma, dropout_p=dropout_p, steps=steps, guidance_every=guidance_every,
-        width=width, height=height, noise_level=noise_level, gradient_path=gradient_path, feedback_resolution=feedback_resolution,
+        generation=generation,
         text_only=text_only, images_per_job=images_per_job, seed=seed, max_retries=max_retries,
         classifier_id=classifier_id, classifier=classifier, classifier_spec=classifier_spec, hardness_stats=hardness_stats,
         real_files=real_files.value, show_progress=progress,

@@ -17,6 +17,7 @@ from fgs_common.wire import (
     ClassifierUploaded,
     ErrorResponse,
     GenerateRequest,
+    GenerationParams,
     ImageUploaded,
     JobAccepted,
     JobPublic,
@@ -208,7 +209,9 @@ class Client:
         from fgs_client.dataset_readers import read_dataset
 
         reader_options = {k: options.pop(k) for k in ("split_file", "class_names_file", "groups_csv") if k in options}
-        balance_options = BalanceOptions(**options)
+        # generation parameters by their GenerationParams names, the rest as BalanceOptions fields
+        generation = {k: options.pop(k) for k in list(options) if k in GenerationParams.model_fields}
+        balance_options = BalanceOptions(generation=GenerationParams(**generation), **options)
         check_balance_options(balance_options)
         scanned = read_dataset(dataset, Path(root), **reader_options)
         return balance_dataset(self, scanned, Path(out), target, balance_options)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fgs_common.telemetry import counter_field, counter_key
-from fgs_common.wire import GenerateRequest, ImageResult, JobError, JobProgress, JobPublic, JobState
+from fgs_common.wire import ErrorBody, GenerateRequest, ImageResult, JobProgress, JobPublic, JobState
 
 ACTIVE_STATES = (JobState.queued, JobState.running)
 
@@ -172,7 +172,7 @@ def job_public(job_id: str, raw: dict[str, str]) -> JobPublic:
             steps_total=int(raw.get("steps_total", 0)),
         ),
         results=[ImageResult.model_validate(r) for r in json.loads(raw.get("results", "[]"))],
-        error=JobError.model_validate_json(raw["error"]) if raw.get("error") else None,
+        error=ErrorBody.model_validate_json(raw["error"]) if raw.get("error") else None,
         batch_id=raw.get("batch_id") or None,
         created_at=_ts(raw.get("created_at")) or utc_now(),
         started_at=_ts(raw.get("started_at")),

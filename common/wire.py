@@ -59,28 +59,42 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
-class GenerateRequest(BaseModel):
-    """Body of POST /v1/generate: N images of one class, optionally steered by the team's classifier."""
+class GenerationParams(BaseModel):
+    """How each image is sampled: the parameters of feedback-guided DDIM, defined once.
+
+    The sampler takes this model; `GenerateRequest` extends it; the client's options and CLI flags and the PNG
+    metadata are derived from its fields. A new parameter is added here, in the sampler, and in a test.
+    """
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
 
-    prompt: Annotated[str, Field(min_length=1, max_length=1000)]
-    class_index: Annotated[int, Field(ge=0)]
-    conditioning_image_ids: Annotated[list[str], Field(default_factory=list, max_length=MAX_IMAGES_PER_JOB)]
-    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES_PER_JOB)] = 1
-    criterion: Criterion = Criterion.none
-    omega: float = 0.0
-    gamma: float = 3.0
-    dropout_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    classifier_id: str | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
-    steps: Annotated[int, Field(ge=1, le=999)] = 30
-    guidance_every: Annotated[int, Field(ge=1, le=1000)] = 5
-    width: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)] = None
-    height: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)] = None
-    noise_level: Annotated[int, Field(ge=0, le=999)] = 0
-    gradient_path: GradientPath = GradientPath.unet
-    feedback_resolution: FeedbackResolution = FeedbackResolution.full
+    criterion: Criterion = Field(
+        Criterion.none, description="feedback criterion C (paper section 2.1.1); 'none' samples without feedback"
+    )
+    omega: float = Field(0.0, ge=0.0, description="feedback scale ω of Eq. 1 (relative to the latents' norm)")
+    # γ = 3.0 is our choice, not the paper's (its released code uses 5); issue 13 revisits it with provenance.
+    gamma: float = Field(3.0, ge=0.0, description="classifier-free guidance scale γ (Eq. 12)")
+    dropout_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="dropout probability p on the image embedding (paper section 2.3)"
+    )
+    # Paper App. G / J: 30 DDIM steps, feedback every 5th step.
+    steps: int = Field(30, ge=1, le=999, description="DDIM denoising steps")
+    guidance_every: int = Field(5, ge=1, le=1000, description="apply the feedback every k-th denoising step")
+    width: int | None = Field(
+        None, ge=8, le=2048, multiple_of=8, description="image width in pixels (default: the model's native size)"
+    )
+    height: int | None = Field(
+        None, ge=8, le=2048, multiple_of=8, description="image height in pixels (default: the model's native size)"
+    )
+    noise_level: int = Field(0, ge=0, le=999, description="unCLIP noise augmentation of the image embedding")
+    gradient_path: GradientPath = Field(
+        GradientPath.unet,
+        description="how dC/dz_t is taken: through the UNet, or with the noise prediction held constant",
+    )
+    feedback_resolution: FeedbackResolution = Field(
+        FeedbackResolution.full,
+        description="decode the predicted x0 at full size, or straight at the classifier's input size",
+    )
 
     @field_validator("omega", "gamma")
     @classmethod
@@ -88,23 +102,55 @@ class GenerateRequest(BaseModel):
         return _finite(info.field_name, value)
 
     @model_validator(mode="after")
+    def _check_steps(self) -> "GenerationParams":
+        if self.steps < self.guidance_every:
+            raise ValueError(f"steps ({self.steps}) must be at least guidance_every ({self.guidance_every})")
+        return self
+
+    def generation_params(self) -> "GenerationParams":
+        """The generation parameters alone (a subclass such as GenerateRequest carries more)."""
+        return GenerationParams.model_validate(self.model_dump(include=set(GenerationParams.model_fields)))
+
+
+class GenerateRequest(GenerationParams):
+    """Body of POST /v1/generate: N images of one class, optionally steered by the team's classifier."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=1000, description="the class prompt")]
+    class_index: Annotated[int, Field(ge=0, description="index of the class in the classifier's outputs")]
+    conditioning_image_ids: Annotated[
+        list[str],
+        Field(
+            default_factory=list,
+            max_length=MAX_IMAGES_PER_JOB,
+            description="uploaded real images to condition on: none (text only), one for every image, or one each",
+        ),
+    ]
+    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES_PER_JOB, description="images to generate")] = 1
+    classifier_id: str | None = Field(None, description="an uploaded classifier (needed by every criterion)")
+    seed: Annotated[int, Field(ge=0, lt=2**63, description="image i of the job uses seed + i")] = 0
+
+    @model_validator(mode="after")
     def _check_consistency(self) -> "GenerateRequest":
         n_ids = len(self.conditioning_image_ids)
         if n_ids not in (0, 1, self.num_images):
             raise ValueError(
-                f"conditioning_image_ids must hold one id (used for every image) or num_images={self.num_images} ids, got {n_ids}"
+                f"conditioning_image_ids must hold one id (used for every image) or num_images={self.num_images} "
+                f"ids, got {n_ids}"
             )
-        if self.steps < self.guidance_every:
-            raise ValueError(f"steps ({self.steps}) must be at least guidance_every ({self.guidance_every})")
         if self.criterion is not Criterion.none and self.classifier_id is None:
             raise ValueError(f"criterion '{self.criterion.value}' needs a classifier_id")
-        if self.omega < 0:
-            raise ValueError("omega must be >= 0")
         return self
 
     def seeds(self) -> list[int]:
         """One seed per image: image i of a job uses seed + i, so a job is reproducible image by image."""
         return [self.seed + i for i in range(self.num_images)]
+
+
+class ErrorBody(BaseModel):
+    """What went wrong, for a person: a stable code and a message (HTTP errors and failed jobs alike)."""
+
+    code: str = Field(description="machine-readable reason, e.g. invalid_job, worker_error, not_found")
+    message: str = Field(description="what went wrong and what to do about it")
 
 
 class JobAccepted(BaseModel):
@@ -125,18 +171,13 @@ class ImageResult(BaseModel):
     predicted_class: int | None = None
 
 
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
 class JobPublic(BaseModel):
     job_id: str
     state: JobState
     request: GenerateRequest
     progress: JobProgress
     results: list[ImageResult] = Field(default_factory=list)
-    error: JobError | None = None
+    error: ErrorBody | None = None
     batch_id: str | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -203,11 +244,6 @@ class ClassifierUploaded(BaseModel):
     id: str
     spec: ClassifierSpec
     has_hardness_stats: bool
-
-
-class ErrorBody(BaseModel):
-    code: str
-    message: str
 
 
 class ErrorResponse(BaseModel):

@@ -10,7 +10,9 @@ import pytest
 import torch
 from diffusers import StableUnCLIPImg2ImgPipeline
 
-from fgs_common.wire import ClassifierOutput, ClassifierSpec, Criterion, FeedbackResolution, GradientPath
+from fgs_common.wire import (
+    ClassifierOutput, ClassifierSpec, Criterion, FeedbackResolution, GenerationParams, GradientPath,
+)
 from fgs_classifier.registry import load_classifier
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_classifier.hardness_stats import HardnessStats
@@ -68,9 +70,11 @@ def classifier(tmp_path_factory, sampler):
 
 
 def run(sampler, **kwargs):
+    """The sampler with GenerationParams fields given as keywords beside its other arguments."""
     arguments = dict(prompt=PROMPT, class_index=7, steps=10, guidance_every=2, gamma=3.0)
     arguments.update(kwargs)
-    return sampler(**arguments)
+    params = GenerationParams(**{k: arguments.pop(k) for k in list(arguments) if k in GenerationParams.model_fields})
+    return sampler(params=params, **arguments)
 
 
 def diffusers_reference(sampler, images, seeds, steps=10, **kwargs) -> np.ndarray:
@@ -252,7 +256,7 @@ def test_bad_arguments_raise_a_clear_error(sampler, classifier, tmp_path, argume
 
 
 def test_classifier_with_wrong_number_of_classes_is_refused(tmp_path):
-    from fgs_classifier.registry import InvalidClassifier
+    from fgs_common.exceptions import InvalidClassifier
 
     archive, _, _ = make_classifier(tmp_path)
     wrong = ClassifierSpec(num_classes=7, input_size=32, output=ClassifierOutput.logits_embedding)
@@ -261,7 +265,7 @@ def test_classifier_with_wrong_number_of_classes_is_refused(tmp_path):
 
 
 def test_a_pickle_is_never_loaded_as_a_classifier(tmp_path):
-    from fgs_classifier.registry import InvalidClassifier
+    from fgs_common.exceptions import InvalidClassifier
 
     path = tmp_path / "model.pt"
     torch.save(SmallCNN(10).state_dict(), path)

@@ -57,6 +57,7 @@ def test_generate_entropy_feedback_matches_in_process_sampler(live_stack, classi
 
     # The same request, in this process, with the sampler itself.
     from fgs_classifier.registry import load_classifier
+    from fgs_common.wire import GenerationParams
     from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
     from fgs_worker.model_loading import load_pipeline
 
@@ -70,8 +71,8 @@ def test_generate_entropy_feedback_matches_in_process_sampler(live_stack, classi
         cond_rgb = cond.convert("RGB")
     out = sampler(
         prompt=body["prompt"], class_index=3, conditioning_images=[cond_rgb], seeds=list(range(1234, 1242)),
-        criterion="entropy", omega=0.5, gamma=3.0, classifier=load_classifier(archive, spec, None, device="cpu"),
-        steps=10, guidance_every=5,
+        params=GenerationParams(criterion="entropy", omega=0.5, gamma=3.0, steps=10, guidance_every=5),
+        classifier=load_classifier(archive, spec, None, device="cpu"),
     )
     torch.set_num_threads(threads)
     for expected, got in zip(out.images, downloaded):

@@ -6,9 +6,10 @@
       3. sample in chunks of at most FGS_MAX_BATCH_IMAGES, writing each chunk's PNGs before reporting progress
       4. mark it finished (or canceled / failed) in one step
 
-Errors in the request that only the model can see (ValueError from the sampler's check_inputs, a classifier
-that no longer matches) fail the job at once; anything else is raised to RQ, which retries with backoff and
-finally files the job in its failed-job registry.
+Failures are told apart by type (fgs_common.exceptions): an InvalidJob (bad arguments that only the model can
+see, a classifier that does not fit, an artifact gone for good) fails the job at once with its message;
+anything else, a ValueError from inside torch included, is raised to RQ, which retries it with backoff
+(FGS_JOB_RETRIES, FGS_RETRY_BACKOFF_S) and finally files the job in its failed-job registry.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from rq import get_current_job
 
 from fgs_common import telemetry
 from fgs_common.job_records import now_ts
-from fgs_common.wire import ClassifierSpec, GenerateRequest, ImageResult, JobState
-from fgs_worker.cancel import JobCanceled, cancel_requested
-from fgs_classifier.registry import InvalidClassifier, LoadedClassifier, load_classifier
+from fgs_classifier.registry import LoadedClassifier, load_classifier
+from fgs_common.exceptions import ArtifactGone, InvalidJob, JobCanceled
+from fgs_common.wire import ClassifierSpec, ErrorBody, GenerateRequest, ImageResult, JobState
+from fgs_worker.cancel import cancel_requested
 from fgs_worker.runtime import WorkerRuntime, current_runtime
 
 PNG_METADATA_KEY = "fgs"
@@ -42,7 +44,7 @@ def png_with_metadata(image: Image.Image, parameters: dict) -> bytes:
 
 
 def _error(code: str, message: str) -> str:
-    return json.dumps({"code": code, "message": message[:4000]})
+    return ErrorBody(code=code, message=message[:4000]).model_dump_json()
 
 
 class _StepReporter:
@@ -63,7 +65,7 @@ class _StepReporter:
 def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
     folder = runtime.store.classifier_dir(tenant, classifier_id)
     if folder is None:
-        raise InvalidClassifier(f"classifier {classifier_id} is no longer in the artifact store")
+        raise ArtifactGone(f"classifier {classifier_id} is no longer in the artifact store")
     spec = ClassifierSpec.model_validate_json((folder / "spec.json").read_bytes())
     stats = folder / "hardness.safetensors"
 
@@ -79,7 +81,7 @@ def _conditioning_images(runtime: WorkerRuntime, tenant: str, image_ids: list[st
         if image_id not in loaded:
             path: Path | None = runtime.store.image_path(tenant, image_id)
             if path is None:
-                raise FileNotFoundError(f"conditioning image {image_id} is no longer in the artifact store")
+                raise ArtifactGone(f"conditioning image {image_id} is no longer in the artifact store")
             with Image.open(path) as image:
                 loaded[image_id] = image.convert("RGB")
     return [loaded[i] for i in image_ids]
@@ -89,6 +91,7 @@ def _generate(runtime: WorkerRuntime, job_id: str, tenant: str, request: Generat
     settings, prefix = runtime.settings, runtime.keys.prefix
     images = _conditioning_images(runtime, tenant, request.conditioning_image_ids)
     classifier = _load_classifier(runtime, tenant, request.classifier_id) if request.classifier_id else None
+    params = request.generation_params()
     on_step = _StepReporter(runtime, job_id)
     seeds = request.seeds()
     results: list[ImageResult] = []
@@ -101,18 +104,8 @@ def _generate(runtime: WorkerRuntime, job_id: str, tenant: str, request: Generat
             class_index=request.class_index,
             conditioning_images=images if len(images) <= 1 else images[start : start + len(chunk)],
             seeds=chunk,
-            criterion=request.criterion,
-            omega=request.omega,
-            gamma=request.gamma,
-            dropout_p=request.dropout_p,
+            params=params,
             classifier=classifier,
-            steps=request.steps,
-            guidance_every=request.guidance_every,
-            width=request.width,
-            height=request.height,
-            noise_level=request.noise_level,
-            gradient_path=request.gradient_path,
-            feedback_resolution=request.feedback_resolution,
             on_step=on_step,
         )
         sampling_s += time.perf_counter() - began
@@ -121,22 +114,13 @@ def _generate(runtime: WorkerRuntime, job_id: str, tenant: str, request: Generat
             value = out.criterion_values[i] if out.criterion_values is not None else None
             probabilities = out.probabilities[i] if out.probabilities is not None else None
             predicted = max(range(len(probabilities)), key=probabilities.__getitem__) if probabilities else None
+            ids = request.conditioning_image_ids
             parameters = {
-                "prompt": request.prompt,
-                "class_index": request.class_index,
+                # the request as sent (every generation parameter), then what is this image's own
+                **request.model_dump(mode="json", exclude={"conditioning_image_ids", "num_images", "seed"}),
                 "seed": seed,
-                "criterion": request.criterion.value,
-                "omega": request.omega,
-                "gamma": request.gamma,
-                "dropout_p": request.dropout_p,
-                "steps": request.steps,
-                "guidance_every": request.guidance_every,
-                "noise_level": request.noise_level,
-                "gradient_path": request.gradient_path.value,
-                "feedback_resolution": request.feedback_resolution.value,
-                "conditioning_image_id": (request.conditioning_image_ids[start + i] if len(images) > 1 else (request.conditioning_image_ids or [None])[0]),
+                "conditioning_image_id": ids[start + i] if len(ids) > 1 else (ids or [None])[0],
                 "model": runtime.model_id,
-                "classifier_id": request.classifier_id,
                 "criterion_value": value,
             }
             image_id = runtime.store.put_image(tenant, png_with_metadata(image, parameters), "png")
@@ -194,9 +178,9 @@ def run_generate_job(job_id: str | None = None) -> dict:
     except JobCanceled:
         end(JobState.canceled)
         return {"canceled": True}
-    except (InvalidClassifier, ValueError, FileNotFoundError) as error:
-        # the request cannot succeed on any worker: fail now, do not retry
-        end(JobState.failed, error=_error("invalid_job", str(error)))
+    except InvalidJob as error:
+        # the job cannot succeed on any worker: fail now, do not retry
+        end(JobState.failed, error=_error(error.code, str(error)))
         return {"failed": str(error)}
     except Exception as error:
         rq_job = get_current_job()

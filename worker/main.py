@@ -33,7 +33,12 @@ log = logging.getLogger("fgs.worker")
 
 
 class FgsWorker(SimpleWorker):
-    """A non-forking RQ worker over all tenant queues, round-robin."""
+    """A non-forking RQ worker over all tenant queues, round-robin.
+
+    Written against RQ 3.0 and pinned to that minor (pyproject.toml): `dequeue_job_and_maintain_ttl`,
+    `execute_job`, `_ordered_queues`, `reorder_queues` and the execution heartbeat are RQ internals that a
+    new minor may change. Rerun tests/test_worker_*.py before moving the pin.
+    """
 
     def __init__(self, runtime: WorkerRuntime):
         self.runtime = runtime

@@ -16,6 +16,7 @@ import PIL.Image
 import torch
 
 from fgs_classifier.registry import LoadedClassifier
+from fgs_common.wire import GenerationParams
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 
 from fgs_lab.reference_loop import reference_guided_image
@@ -75,8 +76,8 @@ def measure(
     """Reference images/s and a Row per (variant, batch). `extra_variants` map a name to f(batch) (e.g. diffusers)."""
     device = sampler.device
     image = conditioning_image()
-    common = dict(prompt=PROMPT, class_index=7, conditioning_images=[image], gamma=3.0, steps=steps,
-                  guidance_every=5, width=side, height=side)
+    common = dict(prompt=PROMPT, class_index=7, conditioning_images=[image])
+    params = GenerationParams(gamma=3.0, steps=steps, guidance_every=5, width=side, height=side)
     n_reference = max(1, min(max(batches), 4))
 
     def reference() -> None:
@@ -86,12 +87,14 @@ def measure(
     reference_s = timed(reference, repeats, device, warmup)[0] / n_reference
     gradient_variants = gradient_variants or [(p, r) for p in ("unet", "constant_eps") for r in ("full", "classifier")]
     variants: dict[str, Callable[[int], object]] = dict(extra_variants or {})
-    variants["fgs unguided"] = lambda b: sampler(seeds=list(range(b)), criterion="none", **common)
+    variants["fgs unguided"] = lambda b: sampler(seeds=list(range(b)), params=params, **common)
     for path, resolution in gradient_variants:
+        guided = GenerationParams(
+            **{**params.model_dump(), "criterion": "entropy", "omega": omega, "gradient_path": path,
+               "feedback_resolution": resolution}
+        )
         variants[f"fgs entropy {path}/{resolution}"] = (
-            lambda b, p=path, r=resolution: sampler(seeds=list(range(b)), criterion="entropy", omega=omega,
-                                                    classifier=classifier, gradient_path=p, feedback_resolution=r,
-                                                    **common)
+            lambda b, guided=guided: sampler(seeds=list(range(b)), params=guided, classifier=classifier, **common)
         )
     rows: list[Row] = []
     for batch in batches:

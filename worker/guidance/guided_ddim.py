@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from diffusers import StableUnCLIPImg2ImgPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from fgs_common.wire import Criterion, FeedbackResolution, GradientPath
+from fgs_common.exceptions import InvalidJob
+from fgs_common.wire import Criterion, FeedbackResolution, GenerationParams, GradientPath
 from fgs_classifier.registry import LoadedClassifier
 from fgs_worker.guidance import criteria
 
@@ -95,6 +96,11 @@ class GuidedDDIMSampler:
         return scheduler
 
     # ------------------------------------------------------------------------------------------------------
+    def image_size(self, params: GenerationParams) -> tuple[int, int]:
+        """(width, height) of this call: the request's, else the model's native size."""
+        native = self.pipeline.unet.config.sample_size * self.vae_scale_factor
+        return params.width or native, params.height or native
+
     def check_inputs(
         self,
         *,
@@ -102,57 +108,49 @@ class GuidedDDIMSampler:
         class_index: int,
         conditioning_images: Sequence[PIL.Image.Image],
         seeds: Sequence[int],
-        criterion: Criterion,
-        omega: float,
-        gamma: float,
-        dropout_p: float,
+        params: GenerationParams,
         classifier: LoadedClassifier | None,
-        steps: int,
-        guidance_every: int,
-        width: int,
-        height: int,
-        noise_level: int,
     ) -> None:
-        """Raise ValueError naming the first bad argument; runs before any model work."""
+        """Raise InvalidJob (a ValueError) naming the first bad argument; runs before any model work.
+
+        The parameters' own ranges are GenerationParams' (pydantic); what is checked here depends on the
+        loaded model or classifier.
+        """
         if not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt must be a non-empty string")
+            raise InvalidJob("prompt must be a non-empty string")
         if len(seeds) < 1:
-            raise ValueError("seeds must hold one seed per image (at least one)")
+            raise InvalidJob("seeds must hold one seed per image (at least one)")
         if len(conditioning_images) not in (0, 1, len(seeds)):
-            raise ValueError(
+            raise InvalidJob(
                 f"conditioning_images must hold 0 (text only), 1 (shared) or {len(seeds)} (one per seed) images, "
                 f"got {len(conditioning_images)}"
             )
-        for name, value in (("omega", omega), ("gamma", gamma), ("dropout_p", dropout_p)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-        if not 0.0 <= dropout_p <= 1.0:
-            raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if guidance_every < 1 or steps < guidance_every:
-            raise ValueError(f"guidance_every must be in [1, steps={steps}], got {guidance_every}")
+        steps = params.steps
         train_steps = self.pipeline.scheduler.config.num_train_timesteps
         if steps > train_steps or int(self.new_scheduler(steps).timesteps.max()) >= train_steps:
-            raise ValueError(f"steps={steps} is more than this model's scheduler can take (its timesteps run to {train_steps - 1})")
-        if width % self.vae_scale_factor or height % self.vae_scale_factor or width <= 0 or height <= 0:
-            raise ValueError(f"width and height must be positive multiples of {self.vae_scale_factor}, got {width}x{height}")
+            raise InvalidJob(
+                f"steps={steps} is more than this model's scheduler can take (its timesteps run to {train_steps - 1})"
+            )
+        width, height = self.image_size(params)
+        if width % self.vae_scale_factor or height % self.vae_scale_factor:
+            raise InvalidJob(
+                f"width and height must be positive multiples of {self.vae_scale_factor}, got {width}x{height}"
+            )
         max_noise = self.pipeline.image_noising_scheduler.config.num_train_timesteps
-        if not 0 <= noise_level < max_noise:
-            raise ValueError(f"noise_level must be in [0, {max_noise - 1}], got {noise_level}")
+        if not 0 <= params.noise_level < max_noise:
+            raise InvalidJob(f"noise_level must be in [0, {max_noise - 1}], got {params.noise_level}")
+        criterion = params.criterion
         if criterion is Criterion.none:
             return
         if classifier is None:
-            raise ValueError(f"criterion '{criterion.value}' needs a classifier")
+            raise InvalidJob(f"criterion '{criterion.value}' needs a classifier")
         if not 0 <= class_index < classifier.num_classes:
-            raise ValueError(
+            raise InvalidJob(
                 f"class_index {class_index} is outside the classifier's {classifier.num_classes} classes "
                 "(classifier with the wrong number of classes?)"
             )
         if criterion is Criterion.hardness and classifier.hardness_stats is None:
-            raise ValueError("criterion 'hardness' needs a classifier uploaded with hardness statistics")
+            raise InvalidJob("criterion 'hardness' needs a classifier uploaded with hardness statistics")
 
     # ------------------------------------------------------------------------------------------------------
     def _image_embeddings(
@@ -215,7 +213,7 @@ class GuidedDDIMSampler:
             return model_output
         if kind == "v_prediction":
             return alpha_t.sqrt() * model_output + (1 - alpha_t).sqrt() * latents
-        raise ValueError(f"unsupported prediction_type '{kind}' (epsilon or v_prediction)")
+        raise InvalidJob(f"unsupported prediction_type '{kind}' (epsilon or v_prediction)")
 
     def decode_for_classifier(
         self, x0_latents: torch.Tensor, classifier: LoadedClassifier, resolution: FeedbackResolution
@@ -290,36 +288,25 @@ class GuidedDDIMSampler:
         class_index: int,
         conditioning_images: Sequence[PIL.Image.Image] = (),
         seeds: Sequence[int],
-        criterion: Criterion | str = Criterion.none,
-        omega: float = 0.0,
-        gamma: float = 3.0,
-        dropout_p: float = 0.0,
+        params: GenerationParams | None = None,
         classifier: LoadedClassifier | None = None,
-        steps: int = 30,
-        guidance_every: int = 5,
-        width: int | None = None,
-        height: int | None = None,
-        noise_level: int = 0,
-        gradient_path: GradientPath | str = GradientPath.unet,
-        feedback_resolution: FeedbackResolution | str = FeedbackResolution.full,
         on_step: StepCallback | None = None,
     ) -> SampleOutput:
-        """Sample len(seeds) images of class `class_index`; see the module docstring for the algorithm."""
+        """Sample len(seeds) images of class `class_index`; see the module docstring for the algorithm.
+
+        `params` holds how (criterion, ω, γ, p, steps, ...; defaults: GenerationParams()).
+        """
         pipe = self.pipeline
-        try:
-            criterion = Criterion(criterion)
-            gradient_path = GradientPath(gradient_path)
-            feedback_resolution = FeedbackResolution(feedback_resolution)
-        except ValueError as error:
-            raise ValueError(f"bad argument: {error} (criterion: none|loss|entropy|hardness)") from None
-        default_side = pipe.unet.config.sample_size * self.vae_scale_factor
-        width, height = width or default_side, height or default_side
+        params = (params or GenerationParams()).generation_params()
         # 1. Check inputs, before any model work.
         self.check_inputs(
             prompt=prompt, class_index=class_index, conditioning_images=conditioning_images, seeds=seeds,
-            criterion=criterion, omega=omega, gamma=gamma, dropout_p=dropout_p, classifier=classifier,
-            steps=steps, guidance_every=guidance_every, width=width, height=height, noise_level=noise_level,
+            params=params, classifier=classifier,
         )
+        criterion, omega, gamma, steps, guidance_every = (
+            params.criterion, params.omega, params.gamma, params.steps, params.guidance_every
+        )
+        width, height = self.image_size(params)
         batch = len(seeds)
         feedback_on = criterion is not Criterion.none and omega != 0
         # One CPU generator per image: the same seed gives the same image on any device and in any batch.
@@ -332,7 +319,9 @@ class GuidedDDIMSampler:
             prompt=[prompt] * batch, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg
         )
         # 3. Image: CLIP embedding, dropout, noise augmentation; the unconditional branch gets zeros.
-        image_embeds = self._image_embeddings(conditioning_images, seeds, dropout_p, noise_level, generators)
+        image_embeds = self._image_embeddings(
+            conditioning_images, seeds, params.dropout_p, params.noise_level, generators
+        )
         cond_prompt_embeds, cond_image_embeds = prompt_embeds, image_embeds
         if do_cfg:
             prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
@@ -353,8 +342,8 @@ class GuidedDDIMSampler:
                 grad = self.feedback_gradient(
                     latents, t=t, alpha_t=alpha_t, scheduler=scheduler, guided_output=model_output,
                     cond_prompt_embeds=cond_prompt_embeds, cond_image_embeds=cond_image_embeds,
-                    classifier=classifier, criterion=criterion, labels=labels, gradient_path=gradient_path,
-                    resolution=feedback_resolution,
+                    classifier=classifier, criterion=criterion, labels=labels, gradient_path=params.gradient_path,
+                    resolution=params.feedback_resolution,
                 )
                 # Eq. 1: + omega * grad C, applied to z_t before the DDIM step.
                 latents = latents + omega * grad

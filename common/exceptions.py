@@ -1,0 +1,39 @@
+"""The failures fgs names, in one place (as rq/exceptions.py does).
+
+The worker decides what to do with a job by the type of the error alone:
+- `InvalidJob` and its subclasses: the job can never succeed on any worker (bad arguments, a classifier that
+  does not fit, an artifact that is gone for good). The job fails at once with the message; no retry.
+- `JobCanceled`: the tenant canceled it; raised only between denoising steps.
+- anything else (a ValueError from inside torch, a file briefly missing on a shared volume, a Redis blip) is
+  retried with backoff, up to FGS_JOB_RETRIES times.
+"""
+
+from __future__ import annotations
+
+
+class InvalidJob(ValueError):
+    """A job that cannot succeed on any worker; the message says what to fix.
+
+    A ValueError, as diffusers' `check_inputs` raises, so callers of the sampler may catch either.
+    """
+
+    code = "invalid_job"
+
+
+class InvalidClassifier(InvalidJob):
+    """The classifier archive, its spec and its statistics do not fit together (or the archive is gone)."""
+
+    code = "invalid_classifier"
+
+
+class ArtifactGone(InvalidJob):
+    """A conditioning image or classifier the job names is no longer in the artifact store."""
+
+    code = "artifact_gone"
+
+
+class JobCanceled(BaseException):
+    """The job was canceled through the API; raised only between denoising steps.
+
+    A BaseException so that no `except Exception` on the way up can swallow it.
+    """
