@@ -64,23 +64,32 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
 
-    prompt: Annotated[str, Field(min_length=1, max_length=1000)]
-    class_index: Annotated[int, Field(ge=0)]
-    conditioning_image_ids: Annotated[list[str], Field(default_factory=list, max_length=MAX_IMAGES_PER_JOB)]
-    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES_PER_JOB)] = 1
-    criterion: Criterion = Criterion.none
-    omega: float = 0.0
-    gamma: float = 3.0
-    dropout_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    classifier_id: str | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
-    steps: Annotated[int, Field(ge=1, le=999)] = 30
-    guidance_every: Annotated[int, Field(ge=1, le=1000)] = 5
-    width: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)] = None
-    height: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)] = None
-    noise_level: Annotated[int, Field(ge=0, le=999)] = 0
-    gradient_path: GradientPath = GradientPath.unet
-    feedback_resolution: FeedbackResolution = FeedbackResolution.full
+    prompt: Annotated[str, Field(min_length=1, max_length=1000, description="text prompt, usually the class name")]
+    class_index: Annotated[int, Field(ge=0, description="the intended class y: the classifier's output index")]
+    conditioning_image_ids: Annotated[
+        list[str],
+        Field(
+            default_factory=list,
+            max_length=MAX_IMAGES_PER_JOB,
+            description="uploaded real images to condition on: none, one for every image, or one per image",
+        ),
+    ]
+    num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES_PER_JOB, description="images to generate in this job")] = 1
+    criterion: Annotated[Criterion, Field(description="feedback criterion C; 'none': no feedback")] = Criterion.none
+    omega: Annotated[float, Field(description="feedback scale ω: ω·∇C is added to the latents (Eq. 6)")] = 0.0
+    gamma: Annotated[float, Field(description="classifier-free guidance scale γ")] = 3.0
+    dropout_p: Annotated[float, Field(ge=0.0, le=1.0, description="dropout p on the image embedding (variety)")] = 0.0
+    classifier_id: Annotated[str | None, Field(description="an uploaded classifier (any criterion needs one)")] = None
+    seed: Annotated[int, Field(ge=0, lt=2**63, description="seed of the first image; image i uses seed + i")] = 0
+    steps: Annotated[int, Field(ge=1, le=999, description="DDIM denoising steps")] = 30
+    guidance_every: Annotated[int, Field(ge=1, le=1000, description="apply the feedback every k-th step")] = 5
+    width: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8, description="default: the model's")] = None
+    height: Annotated[int | None, Field(ge=8, le=2048, multiple_of=8, description="default: the model's")] = None
+    noise_level: Annotated[int, Field(ge=0, le=999, description="unCLIP noise level of the image embedding")] = 0
+    gradient_path: Annotated[GradientPath, Field(description="how ∇C reaches the latents")] = GradientPath.unet
+    feedback_resolution: Annotated[
+        FeedbackResolution, Field(description="at which size x0 is decoded for the classifier")
+    ] = FeedbackResolution.full
 
     @field_validator("omega", "gamma")
     @classmethod
@@ -108,63 +117,65 @@ class GenerateRequest(BaseModel):
 
 
 class JobAccepted(BaseModel):
-    job_id: str
+    job_id: str = Field(description="the new job's id")
 
 
 class JobProgress(BaseModel):
-    images_done: int = 0
-    images_total: int = 0
-    step: int = 0
-    steps_total: int = 0
+    images_done: int = Field(0, description="images written to the artifact store so far")
+    images_total: int = Field(0, description="images the job makes in all")
+    step: int = Field(0, description="denoising step of the chunk being sampled")
+    steps_total: int = Field(0, description="denoising steps per chunk")
 
 
 class ImageResult(BaseModel):
-    image_id: str
-    seed: int
-    criterion_value: float | None = None
-    predicted_class: int | None = None
+    image_id: str = Field(description="id of the generated PNG (GET /v1/images/{id})")
+    seed: int = Field(description="the seed this image was sampled with")
+    criterion_value: float | None = Field(None, description="final criterion value C; none without a classifier")
+    predicted_class: int | None = Field(None, description="the classifier's arg-max class for the image")
 
 
 class JobError(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description="machine-readable error code")
+    message: str = Field(description="what went wrong, for people")
 
 
 class JobPublic(BaseModel):
-    job_id: str
-    state: JobState
-    request: GenerateRequest
-    progress: JobProgress
-    results: list[ImageResult] = Field(default_factory=list)
-    error: JobError | None = None
-    batch_id: str | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    job_id: str = Field(description="the job's id")
+    state: JobState = Field(description="queued, running, finished, failed or canceled")
+    request: GenerateRequest = Field(description="the request the job was created with")
+    progress: JobProgress = Field(description="images and denoising steps done")
+    results: list[ImageResult] = Field(default_factory=list, description="one entry per image written so far")
+    error: JobError | None = Field(None, description="why the job failed (or is being retried)")
+    batch_id: str | None = Field(None, description="the batch the job belongs to, if any")
+    created_at: datetime = Field(description="when the job was queued")
+    started_at: datetime | None = Field(None, description="when a worker took the job")
+    finished_at: datetime | None = Field(None, description="when the job reached its final state")
 
 
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    jobs: Annotated[list[GenerateRequest], Field(min_length=1, max_length=10_000)]
+    jobs: Annotated[
+        list[GenerateRequest], Field(min_length=1, max_length=10_000, description="one request per job, all or nothing")
+    ]
 
 
 class BatchAccepted(BaseModel):
-    batch_id: str
-    job_ids: list[str]
+    batch_id: str = Field(description="the new batch's id")
+    job_ids: list[str] = Field(description="its jobs' ids, in request order")
 
 
 class BatchPublic(BaseModel):
-    batch_id: str
-    job_ids: list[str]
-    counts: dict[JobState, int]
-    images_done: int
-    images_total: int
+    batch_id: str = Field(description="the batch's id")
+    job_ids: list[str] = Field(description="its jobs' ids, in request order")
+    counts: dict[JobState, int] = Field(description="number of its jobs in each state")
+    images_done: int = Field(description="images written, over all its jobs")
+    images_total: int = Field(description="images requested, over all its jobs")
 
 
 class ImageUploaded(BaseModel):
-    id: str
-    width: int
-    height: int
+    id: str = Field(description="the image's id: sha256 of its bytes")
+    width: int = Field(description="width in pixels")
+    height: int = Field(description="height in pixels")
 
 
 class ClassifierOutput(str, Enum):
@@ -179,13 +190,13 @@ class ClassifierSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_classes: Annotated[int, Field(ge=2, le=100_000)]
-    class_names: list[str] | None = None
-    input_size: Annotated[int, Field(ge=8, le=1024)]
-    in_channels: Literal[1, 3] = 3
-    mean: Annotated[list[float], Field(min_length=1, max_length=3)] = [0.5, 0.5, 0.5]
-    std: Annotated[list[float], Field(min_length=1, max_length=3)] = [0.5, 0.5, 0.5]
-    output: ClassifierOutput = ClassifierOutput.logits
+    num_classes: Annotated[int, Field(ge=2, le=100_000, description="number of classes (logits)")]
+    class_names: list[str] | None = Field(None, description="a name per class, in index order")
+    input_size: Annotated[int, Field(ge=8, le=1024, description="side of the square input in pixels")]
+    in_channels: Literal[1, 3] = Field(3, description="1 (grey) or 3 (RGB) input channels")
+    mean: Annotated[list[float], Field(min_length=1, max_length=3, description="mean per channel")] = [0.5, 0.5, 0.5]
+    std: Annotated[list[float], Field(min_length=1, max_length=3, description="std per channel")] = [0.5, 0.5, 0.5]
+    output: ClassifierOutput = Field(ClassifierOutput.logits, description="what the forward returns")
 
     @model_validator(mode="after")
     def _check(self) -> "ClassifierSpec":
@@ -200,20 +211,20 @@ class ClassifierSpec(BaseModel):
 
 
 class ClassifierUploaded(BaseModel):
-    id: str
-    spec: ClassifierSpec
-    has_hardness_stats: bool
+    id: str = Field(description="the classifier's id: digest of archive, spec and statistics")
+    spec: ClassifierSpec = Field(description="the spec it was uploaded with")
+    has_hardness_stats: bool = Field(description="whether hardness statistics came with it")
 
 
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description="machine-readable error code")
+    message: str = Field(description="what to fix, for people")
 
 
 class ErrorResponse(BaseModel):
-    error: ErrorBody
+    error: ErrorBody = Field(description="the error")
 
 
 class JobsPublic(BaseModel):
-    jobs: list[JobPublic]
-    count: int
+    jobs: list[JobPublic] = Field(description="the jobs, newest first")
+    count: int = Field(description="number of jobs in this page")
