@@ -536,10 +536,11 @@ async function refreshOperator() {
     el("td", { class: "mono" }, w.job_id ? `${shortId(w.job_id)} (${w.job_tenant})` : "idle"))));
   if (!view.workers.length) $("op-workers").append(el("tr", {}, el("td", { colspan: 3, class: "muted" }, "no live workers")));
   const peak = Math.max(1, ...view.throughput.map((m) => m.images));
-  $("op-throughput").replaceChildren(...view.throughput.map((m) => el("div", { class: "bar-col", title: `${new Date(m.minute).toLocaleTimeString()}: ${m.images} images` },
-    el("div", { class: "bar-value" }, Math.round(m.images)),
+  const clock = (date) => new Date(date).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
+  $("op-throughput").replaceChildren(...view.throughput.map((m, i) => el("div", { class: "bar-col", title: `${clock(m.minute)}: ${m.images} images` },
+    el("div", { class: "bar-value" }, m.images >= 0.5 ? Math.round(m.images) : ""),
     el("div", { class: "bar-fill", style: `height:${(100 * m.images) / peak}%` }),
-    el("div", { class: "bar-label" }, new Date(m.minute).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })))));
+    el("div", { class: "bar-label" }, i % 2 === view.throughput.length % 2 ? "" : clock(m.minute)))));
   $("op-rate").textContent = `${view.images_per_s_last_minute.toFixed(2)} images/s over the last minute`;
   $("op-failed").replaceChildren(...view.failed_jobs.map((f) => el("tr", { "data-job-id": f.job_id },
     el("td", { class: "mono", title: f.job_id }, shortId(f.job_id)), el("td", {}, f.tenant), el("td", {}, ago(f.finished_at)),
