@@ -450,7 +450,7 @@ function galleryTile(item) {
   const figure = el("figure", {
     class: item.disagrees ? "tile disagrees" : "tile", "data-image-id": item.image_id, tabindex: 0,
     onclick: () => showDetail(item), onkeydown: (e) => { if (e.key === "Enter") showDetail(item); },
-  }, img, el("figcaption", {}, `seed ${item.seed}`, el("br"), `C=${fmt(item.criterion_value)} · ŷ=${item.predicted_class ?? "–"}`));
+  }, img, el("figcaption", {}, `seed ${item.seed}`, el("br"), `C=${fmt(item.criterion_value)} · ŷ=${item.predicted_class ?? "–"}${item.disagrees ? " ≠ y" : ""}`));
   figure.loaded = imageUrl(thumbnailPath(item.image_id))
     .then((url) => { img.src = url; return img.decode().catch(() => {}); })
     .catch((error) => { img.alt = `not loaded: ${error.message}`; img.classList.add("broken"); });
