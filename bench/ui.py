@@ -35,7 +35,7 @@ from fgs_common.job_records import now_ts
 from fgs_common.settings import Settings
 from fgs_common.wire import GenerateRequest, ImageResult, JobState
 from fgs_service.auth import Tenant, hash_key
-from fgs_service.cli import free_port
+from fgs_common.loopback import free_port
 from fgs_service.job_queue import JobQueue
 
 REPO = Path(__file__).resolve().parents[1]
