@@ -63,8 +63,13 @@ def write_batch(settings: Settings) -> str:
     tenant = Tenant("bench", 10**9)
     requests = [
         GenerateRequest(
-            prompt=f"a photo of digit {j % CLASSES}", class_index=j % CLASSES, num_images=IMAGES_PER_JOB, seed=1000 * j,
-            criterion="entropy", omega=[0.0, 0.03, 0.1, 0.3][(j // CLASSES) % 4], classifier_id="0" * 64,
+            prompt=f"a photo of digit {j % CLASSES}",
+            class_index=j % CLASSES,
+            num_images=IMAGES_PER_JOB,
+            seed=1000 * j,
+            criterion="entropy",
+            omega=[0.0, 0.03, 0.1, 0.3][(j // CLASSES) % 4],
+            classifier_id="0" * 64,
         )
         for j in range(JOBS)
     ]
@@ -81,17 +86,26 @@ def write_batch(settings: Settings) -> str:
     store = ArtifactStore(settings.data_dir)
     rng = np.random.default_rng(0)
     for job_id, request in zip(job_ids, requests):
-        assert queue.records.transition(job_id, JobState.running, (JobState.queued,), started_at=now_ts(), worker="bench")
+        assert queue.records.transition(
+            job_id, JobState.running, (JobState.queued,), started_at=now_ts(), worker="bench"
+        )
         results = []
         for seed in request.seeds():
             pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
             value = float(rng.uniform(0, 2.3))
             predicted = int(rng.integers(0, CLASSES))
-            image_id = store.put_image(tenant.name, png_with_metadata(pixels, {"seed": seed, "criterion_value": value}), "png")
+            image_id = store.put_image(
+                tenant.name, png_with_metadata(pixels, {"seed": seed, "criterion_value": value}), "png"
+            )
             results.append(ImageResult(image_id=image_id, seed=seed, criterion_value=value, predicted_class=predicted))
         payload = json.dumps([r.model_dump() for r in results])
         assert queue.records.transition(
-            job_id, JobState.finished, (JobState.running,), finished_at=now_ts(), images_done=len(results), results=payload
+            job_id,
+            JobState.finished,
+            (JobState.running,),
+            finished_at=now_ts(),
+            images_done=len(results),
+            results=payload,
         )
     raw.delete(queue.queue("bench").key)  # nothing for a worker to pick up
     return batch_id
@@ -142,8 +156,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fgs-bench-ui-"))
     port, redis_port = free_port(), free_port()
     redis_process = subprocess.Popen(
-        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL,
+        [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
     )
     api = None
     try:
@@ -160,10 +184,27 @@ def main() -> None:
         print(f"wrote {JOBS * IMAGES_PER_JOB} images in {JOBS} job records in {time.perf_counter() - began:.1f} s")
         keys = {"tenants": [{"name": "bench", "key_sha256": [hash_key(KEY)]}]}
         env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
-        env.update(FGS_REDIS_URL=redis_url, FGS_REDIS_PREFIX="fgs-bench-ui", FGS_DATA_DIR=str(work / "data"), FGS_API_KEYS=json.dumps(keys))
+        env.update(
+            FGS_REDIS_URL=redis_url,
+            FGS_REDIS_PREFIX="fgs-bench-ui",
+            FGS_DATA_DIR=str(work / "data"),
+            FGS_API_KEYS=json.dumps(keys),
+        )
         api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"], env=env,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "fgs_service.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
         )
         base_url = f"http://127.0.0.1:{port}"
         for _ in range(200):
@@ -183,7 +224,8 @@ def main() -> None:
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"### bench/ui.py ({when}, {platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} before the run)",
+        f"### bench/ui.py ({when}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {load:.1f} before the run)",
         f"Command: `.venv/bin/python bench/ui.py`; a batch of {JOBS} jobs x {IMAGES_PER_JOB} = "
         f"{JOBS * IMAGES_PER_JOB:,} images (32x32), 60 thumbnails a page; API and Chromium on the same machine.",
         "",

@@ -59,7 +59,7 @@ class KeyRing:
             entries += KeysFile.model_validate(json.loads(settings.api_keys)).tenants
         by_digest: dict[str, Tenant] = {}
         for entry in entries:
-            cap = entry.max_queued_images if entry.max_queued_images is not None else settings.max_queued_images_per_tenant
+            cap = settings.max_queued_images_per_tenant if entry.max_queued_images is None else entry.max_queued_images
             tenant = Tenant(entry.name, cap, admin=entry.admin)
             for digest in entry.key_sha256:
                 by_digest[digest.lower()] = tenant

@@ -35,9 +35,13 @@ class GalleryFilter:
             return False
         if self.disagrees is not None and item.disagrees is not self.disagrees:
             return False
-        if self.min_criterion is not None and (item.criterion_value is None or item.criterion_value < self.min_criterion):
+        if self.min_criterion is not None and (
+            item.criterion_value is None or item.criterion_value < self.min_criterion
+        ):
             return False
-        if self.max_criterion is not None and (item.criterion_value is None or item.criterion_value > self.max_criterion):
+        if self.max_criterion is not None and (
+            item.criterion_value is None or item.criterion_value > self.max_criterion
+        ):
             return False
         return True
 
@@ -74,7 +78,9 @@ class JobImages:
                 dropout_p=request.dropout_p,
                 predicted_class=result.get("predicted_class"),
                 criterion_value=result.get("criterion_value"),
-                disagrees=None if result.get("predicted_class") is None else result["predicted_class"] != request.class_index,
+                disagrees=None
+                if result.get("predicted_class") is None
+                else result["predicted_class"] != request.class_index,
             )
             for result in self.results
         ]
@@ -88,12 +94,17 @@ def _sort_key(sort: GallerySort):
     return lambda item: (item.criterion_value is None, sign * (item.criterion_value or 0.0))
 
 
-def gallery_page(jobs: list[JobImages], where: GalleryFilter, sort: GallerySort, offset: int, limit: int) -> GalleryPage:
+def gallery_page(
+    jobs: list[JobImages], where: GalleryFilter, sort: GallerySort, offset: int, limit: int
+) -> GalleryPage:
     classes: dict[int, ClassCount] = {}
     items: list[GalleryItem] = []
     for job in jobs:
         job_items = job.items()
-        count = classes.setdefault(job.request.class_index, ClassCount(class_index=job.request.class_index, prompt=job.request.prompt, images=0))
+        count = classes.setdefault(
+            job.request.class_index,
+            ClassCount(class_index=job.request.class_index, prompt=job.request.prompt, images=0),
+        )
         count.images += len(job_items)
         items += [item for item in job_items if where.admits(item)]
     key = _sort_key(sort)

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,6 +31,10 @@ ADMIN_KEY = "key-ops-" + "o" * 24
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = {"127.0.0.1", "localhost"}
 TIMEOUT_MS = 60_000
+GRID_SHOWS_IDS = (
+    "ids => JSON.stringify([...document.querySelectorAll('#gallery-grid figure.tile')].map(t => t.dataset.imageId))"
+    " === JSON.stringify(ids)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,11 @@ def ui_stack(redis_server, tiny_model_dir, tmp_path_factory):
     """The stack with one worker and an admin tenant 'ops' besides alpha, beta and capped."""
     admin = {"tenants": [{"name": "ops", "key_sha256": [hash_key(ADMIN_KEY)], "admin": True}]}
     stack = start_stack(
-        redis_server, tiny_model_dir, tmp_path_factory.mktemp("ui"), workers=1, extra_env={"FGS_API_KEYS": json.dumps(admin)}
+        redis_server,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("ui"),
+        workers=1,
+        extra_env={"FGS_API_KEYS": json.dumps(admin)},
     )
     stack.keys["ops"] = ADMIN_KEY
     yield stack
@@ -137,8 +144,16 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
     page = session.page
     with ui_stack.client("alpha") as alpha:
         job_id = generate(
-            alpha, prompt="a photo of digit three", class_index=3, num_images=6, steps=6, guidance_every=2,
-            criterion="entropy", omega=0.05, classifier_id=classifier_id, seed=11,
+            alpha,
+            prompt="a photo of digit three",
+            class_index=3,
+            num_images=6,
+            steps=6,
+            guidance_every=2,
+            criterion="entropy",
+            omega=0.05,
+            classifier_id=classifier_id,
+            seed=11,
         )
         row = page.locator(f"tr.job[data-job-id='{job_id}']")
         row.wait_for()
@@ -166,13 +181,17 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
         # the side panel shows the full image: the same bytes as GET /v1/images/{id}, and its metadata
         first = job.results[0]
         page.click(f"#gallery-grid figure.tile[data-image-id='{first.image_id}']")
-        page.wait_for_function("id => { const i = document.querySelector('#detail-image');"
-                               " return i.dataset.imageId === id && i.src.startsWith('blob:') && i.complete; }",
-                               arg=first.image_id)
+        page.wait_for_function(
+            "id => { const i = document.querySelector('#detail-image');"
+            " return i.dataset.imageId === id && i.src.startsWith('blob:') && i.complete; }",
+            arg=first.image_id,
+        )
         full = alpha.get(f"/v1/images/{first.image_id}")
         assert full.status_code == 200
         assert page_bytes(page, page.get_attribute("#detail-image", "src")) == full.content
-        meta = dict(zip(page.locator("#detail-meta th").all_inner_texts(), page.locator("#detail-meta td").all_inner_texts()))
+        meta = dict(
+            zip(page.locator("#detail-meta th").all_inner_texts(), page.locator("#detail-meta td").all_inner_texts())
+        )
         assert meta["seed"] == str(first.seed) and meta["criterion"] == "entropy" and meta["ω"] == "0.05"
         assert meta["γ"] == "3" and meta["p"] == "0"
         assert meta["predicted class"] == str(first.predicted_class)
@@ -184,15 +203,13 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
         page.wait_for_function("() => document.querySelector('#gallery-grid').getAttribute('aria-busy') === 'false'")
         by_value = sorted(job.results, key=lambda r: -r.criterion_value)
         page.wait_for_function(
-            "ids => JSON.stringify([...document.querySelectorAll('#gallery-grid figure.tile')].map(t => t.dataset.imageId))"
-            " === JSON.stringify(ids)",
+            GRID_SHOWS_IDS,
             arg=[r.image_id for r in by_value],
         )
         page.check("#gallery-disagrees")
         disagreeing = [r.image_id for r in by_value if r.predicted_class != 3]
         page.wait_for_function(
-            "ids => JSON.stringify([...document.querySelectorAll('#gallery-grid figure.tile')].map(t => t.dataset.imageId))"
-            " === JSON.stringify(ids)",
+            GRID_SHOWS_IDS,
             arg=disagreeing,
         )
     shared["job"] = job
@@ -254,7 +271,9 @@ def test_thumbnail_endpoint_is_small_cached_and_tenant_checked(ui_stack, shared)
         assert "immutable" in response.headers["cache-control"]
         with Image.open(io.BytesIO(response.content)) as thumbnail:
             assert max(thumbnail.size) <= 64
-        again = alpha.get(f"/v1/images/{image_id}/thumbnail", params={"size": 64}, headers={"If-None-Match": response.headers["etag"]})
+        again = alpha.get(
+            f"/v1/images/{image_id}/thumbnail", params={"size": 64}, headers={"If-None-Match": response.headers["etag"]}
+        )
         assert again.status_code == 304
         assert beta.get(f"/v1/images/{image_id}/thumbnail").status_code == 404
         assert httpx.get(f"{ui_stack.base_url}/v1/images/{image_id}/thumbnail").status_code == 401
@@ -306,7 +325,11 @@ def test_docs_and_redoc_render_with_the_network_cut_off(session_of, ui_stack):
     page.goto(ui_stack.base_url + "/redoc")
     page.get_by_text("/v1/generate").first.wait_for()
     schema = httpx.get(f"{ui_stack.base_url}/openapi.json").json()
-    assert schema["components"]["securitySchemes"]["ApiKey"] == {"type": "http", "scheme": "bearer", "description": "the tenant's API key"}
+    assert schema["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the tenant's API key",
+    }
     assert {"ApiKey": []} in schema["paths"]["/v1/generate"]["post"]["security"]
 
 

@@ -73,4 +73,3 @@ def overview(_: AdminDep, queue: JobQueueDep) -> OperatorOverview:
         failed_jobs=failed,
         generated_at=_utc(now),
     )
-

@@ -29,7 +29,9 @@ async def image_thumbnail(
     request: Request,
     tenant: TenantDep,
     store: StoreDep,
-    size: Annotated[int, Query(ge=32, le=512, description="longest side in pixels (never larger than the image)")] = 160,
+    size: Annotated[
+        int, Query(ge=32, le=512, description="longest side in pixels (never larger than the image)")
+    ] = 160,
 ) -> Response:
     """A WebP thumbnail of one of the caller's images, made on first request and cached on disk."""
     etag = f'"{image_id}-{size}"'

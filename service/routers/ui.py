@@ -19,7 +19,9 @@ _DOCS_POLICY = (
     "img-src 'self' data: blob:; worker-src 'self' blob:; connect-src 'self'"
 )
 # The page sets inline styles (progress bars) but runs only its own script.
-_PAGE_POLICY = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self' blob:"
+_PAGE_POLICY = (
+    "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self' blob:"
+)
 
 router = APIRouter(include_in_schema=False)
 

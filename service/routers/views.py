@@ -89,7 +89,9 @@ async def gallery(
     job_id: JobId = None,
     batch_id: BatchId = None,
     class_index: Annotated[int | None, Query(ge=0, description="only images of this intended class")] = None,
-    disagrees: Annotated[bool | None, Query(description="true: only images the classifier assigns to another class")] = None,
+    disagrees: Annotated[
+        bool | None, Query(description="true: only images the classifier assigns to another class")
+    ] = None,
     min_criterion: Annotated[float | None, Query(description="only images with a criterion value ≥ this")] = None,
     max_criterion: Annotated[float | None, Query(description="only images with a criterion value ≤ this")] = None,
     sort: GallerySort = GallerySort.seed,
