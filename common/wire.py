@@ -115,8 +115,8 @@ class GenerationParams(BaseModel):
 class GenerateRequest(GenerationParams):
     """Body of POST /v1/generate: N images of one class, optionally steered by the team's classifier."""
 
-    prompt: Annotated[str, Field(min_length=1, max_length=1000, description="the class prompt")]
-    class_index: Annotated[int, Field(ge=0, description="index of the class in the classifier's outputs")]
+    prompt: Annotated[str, Field(min_length=1, max_length=1000, description="text prompt, usually the class name")]
+    class_index: Annotated[int, Field(ge=0, description="the intended class y: the classifier's output index")]
     conditioning_image_ids: Annotated[
         list[str],
         Field(
@@ -154,58 +154,60 @@ class ErrorBody(BaseModel):
 
 
 class JobAccepted(BaseModel):
-    job_id: str
+    job_id: str = Field(description="the new job's id")
 
 
 class JobProgress(BaseModel):
-    images_done: int = 0
-    images_total: int = 0
-    step: int = 0
-    steps_total: int = 0
+    images_done: int = Field(0, description="images written to the artifact store so far")
+    images_total: int = Field(0, description="images the job makes in all")
+    step: int = Field(0, description="denoising step of the chunk being sampled")
+    steps_total: int = Field(0, description="denoising steps per chunk")
 
 
 class ImageResult(BaseModel):
-    image_id: str
-    seed: int
-    criterion_value: float | None = None
-    predicted_class: int | None = None
+    image_id: str = Field(description="id of the generated PNG (GET /v1/images/{id})")
+    seed: int = Field(description="the seed this image was sampled with")
+    criterion_value: float | None = Field(None, description="final criterion value C; none without a classifier")
+    predicted_class: int | None = Field(None, description="the classifier's arg-max class for the image")
 
 
 class JobPublic(BaseModel):
-    job_id: str
-    state: JobState
-    request: GenerateRequest
-    progress: JobProgress
-    results: list[ImageResult] = Field(default_factory=list)
-    error: ErrorBody | None = None
-    batch_id: str | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    job_id: str = Field(description="the job's id")
+    state: JobState = Field(description="queued, running, finished, failed or canceled")
+    request: GenerateRequest = Field(description="the request the job was created with")
+    progress: JobProgress = Field(description="images and denoising steps done")
+    results: list[ImageResult] = Field(default_factory=list, description="one entry per image written so far")
+    error: ErrorBody | None = Field(None, description="why the job failed (or is being retried)")
+    batch_id: str | None = Field(None, description="the batch the job belongs to, if any")
+    created_at: datetime = Field(description="when the job was queued")
+    started_at: datetime | None = Field(None, description="when a worker took the job")
+    finished_at: datetime | None = Field(None, description="when the job reached its final state")
 
 
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    jobs: Annotated[list[GenerateRequest], Field(min_length=1, max_length=10_000)]
+    jobs: Annotated[
+        list[GenerateRequest], Field(min_length=1, max_length=10_000, description="one request per job, all or nothing")
+    ]
 
 
 class BatchAccepted(BaseModel):
-    batch_id: str
-    job_ids: list[str]
+    batch_id: str = Field(description="the new batch's id")
+    job_ids: list[str] = Field(description="its jobs' ids, in request order")
 
 
 class BatchPublic(BaseModel):
-    batch_id: str
-    job_ids: list[str]
-    counts: dict[JobState, int]
-    images_done: int
-    images_total: int
+    batch_id: str = Field(description="the batch's id")
+    job_ids: list[str] = Field(description="its jobs' ids, in request order")
+    counts: dict[JobState, int] = Field(description="number of its jobs in each state")
+    images_done: int = Field(description="images written, over all its jobs")
+    images_total: int = Field(description="images requested, over all its jobs")
 
 
 class ImageUploaded(BaseModel):
-    id: str
-    width: int
-    height: int
+    id: str = Field(description="the image's id: sha256 of its bytes")
+    width: int = Field(description="width in pixels")
+    height: int = Field(description="height in pixels")
 
 
 class ClassifierOutput(str, Enum):
@@ -220,13 +222,13 @@ class ClassifierSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_classes: Annotated[int, Field(ge=2, le=100_000)]
-    class_names: list[str] | None = None
-    input_size: Annotated[int, Field(ge=8, le=1024)]
-    in_channels: Literal[1, 3] = 3
-    mean: Annotated[list[float], Field(min_length=1, max_length=3)] = [0.5, 0.5, 0.5]
-    std: Annotated[list[float], Field(min_length=1, max_length=3)] = [0.5, 0.5, 0.5]
-    output: ClassifierOutput = ClassifierOutput.logits
+    num_classes: Annotated[int, Field(ge=2, le=100_000, description="number of classes (logits)")]
+    class_names: list[str] | None = Field(None, description="a name per class, in index order")
+    input_size: Annotated[int, Field(ge=8, le=1024, description="side of the square input in pixels")]
+    in_channels: Literal[1, 3] = Field(3, description="1 (grey) or 3 (RGB) input channels")
+    mean: Annotated[list[float], Field(min_length=1, max_length=3, description="mean per channel")] = [0.5, 0.5, 0.5]
+    std: Annotated[list[float], Field(min_length=1, max_length=3, description="std per channel")] = [0.5, 0.5, 0.5]
+    output: ClassifierOutput = Field(ClassifierOutput.logits, description="what the forward returns")
 
     @model_validator(mode="after")
     def _check(self) -> "ClassifierSpec":
@@ -241,15 +243,15 @@ class ClassifierSpec(BaseModel):
 
 
 class ClassifierUploaded(BaseModel):
-    id: str
-    spec: ClassifierSpec
-    has_hardness_stats: bool
+    id: str = Field(description="the classifier's id: digest of archive, spec and statistics")
+    spec: ClassifierSpec = Field(description="the spec it was uploaded with")
+    has_hardness_stats: bool = Field(description="whether hardness statistics came with it")
 
 
 class ErrorResponse(BaseModel):
-    error: ErrorBody
+    error: ErrorBody = Field(description="the error")
 
 
 class JobsPublic(BaseModel):
-    jobs: list[JobPublic]
-    count: int
+    jobs: list[JobPublic] = Field(description="the jobs, newest first")
+    count: int = Field(description="number of jobs in this page")

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# the web page's end-to-end tests drive this browser (playwright never downloads one of its own here)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ "${FGS_WITH_PROMETHEUS:-0}" = 1 ] && ! command -v promtool >/dev/null 2>&1; then need_apt+=(prometheus); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing system packages: ${need_apt[*]}"

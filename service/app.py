@@ -17,7 +17,7 @@ from fgs_service.auth import KeyRing
 from fgs_service.errors import install_error_handlers
 from fgs_service.job_queue import JobQueue
 from fgs_service.metrics import build_registry
-from fgs_service.routers import classifiers, generate, health, images, jobs, metrics
+from fgs_service.routers import admin, classifiers, generate, health, images, jobs, metrics, thumbnails, ui, views
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,6 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="Feedback-guided data synthesis: balance long-tailed datasets with classifier-guided unCLIP sampling",
         lifespan=lifespan,
+        # served by fgs_service.routers.ui from vendored files: the defaults load Swagger UI and ReDoc from a CDN
+        docs_url=None,
+        redoc_url=None,
     )
 
     # On app.state, not through dependency_overrides: an override makes FastAPI re-inspect the dependency's
@@ -61,8 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_classifier_bytes + 2 * settings.max_upload_bytes)
 
-    for module in (images, classifiers, generate, jobs, health, metrics):
+    # thumbnails before images: /v1/images/{id}/thumbnail must not be taken for an image id
+    for module in (thumbnails, images, classifiers, generate, jobs, views, admin, health, metrics, ui):
         app.include_router(module.router)
+    ui.mount_static(app)
     return app
 
 

@@ -2,7 +2,10 @@
 
 Keys file (FGS_API_KEYS_FILE, or the same JSON inline in FGS_API_KEYS):
 
-    {"tenants": [{"name": "vision-team", "key_sha256": ["<hex>", ...], "max_queued_images": 100000}]}
+    {"tenants": [{"name": "vision-team", "key_sha256": ["<hex>", ...], "max_queued_images": 100000},
+                 {"name": "ops", "key_sha256": ["<hex>"], "admin": true}]}
+
+An admin tenant's key also opens the operator view (/v1/admin/..., every tenant's load and failures).
 
 `fgs hash-key KEY` prints a key's digest. FGS_DEV_API_KEY adds one tenant (FGS_DEV_TENANT, default "dev")
 for local use. API keys are long random strings, so an unsalted sha256 is enough to make a leaked file useless.
@@ -23,6 +26,7 @@ class TenantEntry(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     key_sha256: list[str] = Field(min_length=1)
     max_queued_images: int | None = Field(default=None, ge=0)
+    admin: bool = Field(default=False, description="may read the operator view of all tenants")
 
 
 class KeysFile(BaseModel):
@@ -33,6 +37,7 @@ class KeysFile(BaseModel):
 class Tenant:
     name: str
     max_queued_images: int
+    admin: bool = False
 
 
 def hash_key(api_key: str) -> str:
@@ -54,11 +59,14 @@ class KeyRing:
             entries += KeysFile.model_validate(json.loads(settings.api_keys)).tenants
         by_digest: dict[str, Tenant] = {}
         for entry in entries:
-            tenant = Tenant(entry.name, entry.max_queued_images if entry.max_queued_images is not None else settings.max_queued_images_per_tenant)
+            cap = settings.max_queued_images_per_tenant if entry.max_queued_images is None else entry.max_queued_images
+            tenant = Tenant(entry.name, cap, admin=entry.admin)
             for digest in entry.key_sha256:
                 by_digest[digest.lower()] = tenant
         if settings.dev_api_key:
-            by_digest[hash_key(settings.dev_api_key)] = Tenant(settings.dev_tenant, settings.max_queued_images_per_tenant)
+            # the local developer runs the whole stack: they are its operator too
+            dev = Tenant(settings.dev_tenant, settings.max_queued_images_per_tenant, admin=True)
+            by_digest[hash_key(settings.dev_api_key)] = dev
         return cls(by_digest)
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.settings import Settings
@@ -37,14 +38,26 @@ async def _keyring(request: Request) -> KeyRing:
     return request.app.state.keyring
 
 
-async def _tenant(request: Request, keyring: Annotated[KeyRing, Depends(_keyring)]) -> Tenant:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+# Declares the Bearer scheme in the OpenAPI schema (Swagger's Authorize button); auto_error=False so that a
+# missing key gets our own 401 body rather than FastAPI's 403.
+_bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey", description="the tenant's API key")
+
+
+async def _tenant(
+    keyring: Annotated[KeyRing, Depends(_keyring)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    if credentials is None or not credentials.credentials.strip():
         raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <api key>'")
-    tenant = keyring.tenant_for(key.strip())
+    tenant = keyring.tenant_for(credentials.credentials.strip())
     if tenant is None:
         raise ApiError(401, "unauthorized", "unknown API key")
+    return tenant
+
+
+async def _admin(tenant: Annotated[Tenant, Depends(_tenant)]) -> Tenant:
+    if not tenant.admin:
+        raise ApiError(403, "forbidden", "this API key is not marked admin in the keys file")
     return tenant
 
 
@@ -53,3 +66,4 @@ RedisDep = Annotated[object, Depends(_redis)]
 JobQueueDep = Annotated[JobQueue, Depends(_job_queue)]
 StoreDep = Annotated[ArtifactStore, Depends(_store)]
 TenantDep = Annotated[Tenant, Depends(_tenant)]
+AdminDep = Annotated[Tenant, Depends(_admin)]

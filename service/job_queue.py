@@ -20,6 +20,7 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from fgs_common import telemetry
 from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, now_ts
 from fgs_common.settings import Settings
 from fgs_common.wire import GenerateRequest, JobState
@@ -198,3 +199,115 @@ class JobQueue:
                 pipe.llen(f"rq:queue:{name}")
             counts = pipe.execute()
         return {name.removeprefix(prefix): int(count) for name, count in zip(names, counts)}
+
+    # ---- reads for the page and the operator view (routers never touch key names or RQ registries) ----
+    def tenant_job_ids(self, tenant: Tenant, offset: int = 0, limit: int = 100) -> list[str]:
+        """The tenant's job ids, newest first."""
+        return self.redis.zrevrange(self.keys.tenant_jobs(tenant.name), offset, offset + limit - 1)
+
+    def tenant_job_count(self, tenant: Tenant) -> int:
+        return int(self.redis.zcard(self.keys.tenant_jobs(tenant.name)))
+
+    def raw_many(self, job_ids: list[str], with_results: bool = True) -> list[dict[str, str]]:
+        """Like `records.raw` for many jobs in one round trip; {} for a job that no longer exists.
+
+        Without results only the small fields are read: a job's results JSON is most of its record.
+        """
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                if with_results:
+                    pipe.hgetall(self.keys.job(job_id))
+                else:
+                    pipe.hmget(self.keys.job(job_id), *SUMMARY_FIELDS)
+                pipe.get(self.keys.request(job_id))
+            replies = pipe.execute()
+        records = []
+        for fields, request in zip(replies[0::2], replies[1::2]):
+            if not with_results:
+                fields = {name: value for name, value in zip(SUMMARY_FIELDS, fields) if value is not None}
+            records.append(dict(fields, request=request) if fields and request else {})
+        return records
+
+    def cancel_batch(self, tenant: Tenant, job_ids: list[str]) -> int:
+        """Cancel every job of a batch that is not final yet; returns how many were canceled."""
+        return sum(1 for job_id in job_ids if self.cancel(tenant, job_id))
+
+    def tenant_loads(self) -> list[TenantLoad]:
+        """Per tenant with a queue: jobs waiting, images queued or running, jobs running."""
+        depths = self.queue_depths()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in depths:
+                pipe.get(self.keys.queued_images(tenant))
+            queued = pipe.execute()
+        running: dict[str, int] = {}
+        for tenant in depths:
+            running[tenant] = len(self._queue(tenant).started_job_registry.get_job_ids(cleanup=False))
+        return [
+            TenantLoad(tenant, int(depths[tenant]), int(images or 0), running[tenant])
+            for tenant, images in zip(depths, queued)
+        ]
+
+    def live_workers(self) -> list[WorkerSeen]:
+        """Workers whose heartbeat has not expired, with their last beat and the job each is running."""
+        alive = self.redis.scan_iter(match=self.keys.worker_alive_pattern(), count=1000)
+        names = sorted(key.rsplit(":", 1)[1] for key in alive)
+        started = self._registry_job_ids("started_job_registry")
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hget(telemetry.worker_gauge_key(self.keys.prefix, name), "last_heartbeat")
+            for job_id in started:
+                pipe.hmget(self.keys.job(job_id), "worker", "tenant", "state")
+            replies = pipe.execute()
+        beats = replies[: len(names)]
+        running = {}
+        for job_id, (worker, tenant, state) in zip(started, replies[len(names):]):
+            if worker and state == JobState.running.value:
+                running[worker] = (job_id, tenant)
+        return [
+            WorkerSeen(name, float(beat) if beat else None, *running.get(name, (None, None)))
+            for name, beat in zip(names, beats)
+        ]
+
+    def recent_job_records(self) -> dict[str, dict[str, str]]:
+        """Records (without results) of the jobs RQ ran lately: running, finished within its result TTL, failed.
+
+        RQ keeps a finished job for `result_ttl` (600 s), which bounds how far back the throughput reaches.
+        """
+        job_ids = list(dict.fromkeys(
+            self._registry_job_ids("started_job_registry")
+            + self._registry_job_ids("finished_job_registry")
+            + self._registry_job_ids("failed_job_registry", newest=FAILED_JOBS_SHOWN)
+        ))
+        return {job_id: raw for job_id, raw in zip(job_ids, self.raw_many(job_ids, with_results=False)) if raw}
+
+    def _registry_job_ids(self, registry: str, newest: int | None = None) -> list[str]:
+        """Job ids in one RQ registry of every tenant queue; read only (RQ's cleanup is the workers' job)."""
+        ids: list[str] = []
+        for tenant in self.queue_depths():
+            end = -1 if newest is None else newest - 1
+            ids += getattr(self._queue(tenant), registry).get_job_ids(0, end, desc=True, cleanup=False)
+        return ids
+
+
+# What a job summary reads of a record (everything but the results list).
+SUMMARY_FIELDS = (
+    "tenant", "state", "criterion", "images_total", "images_done", "step", "steps_total", "batch_id",
+    "created_at", "started_at", "finished_at", "error", "worker",
+)
+FAILED_JOBS_SHOWN = 50
+
+
+@dataclass(frozen=True)
+class TenantLoad:
+    tenant: str
+    queued_jobs: int
+    queued_images: int
+    running_jobs: int
+
+
+@dataclass(frozen=True)
+class WorkerSeen:
+    name: str
+    last_heartbeat: float | None
+    job_id: str | None
+    job_tenant: str | None

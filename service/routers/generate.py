@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted, JobState
+from fgs_common.wire_views import BatchCanceled
 from fgs_service.auth import Tenant
 from fgs_service.deps import JobQueueDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
@@ -86,3 +87,12 @@ def get_batch(batch_id: str, tenant: TenantDep, queue: JobQueueDep) -> BatchPubl
             done += int(images_done or 0)
             total += int(images_total or 0)
     return BatchPublic(batch_id=batch_id, job_ids=job_ids, counts=counts, images_done=done, images_total=total)
+
+
+@router.delete("/v1/batches/{batch_id}", status_code=202)
+def cancel_batch(batch_id: str, tenant: TenantDep, queue: JobQueueDep) -> BatchCanceled:
+    """Cancel every job of the batch that has not finished: queued ones never run, running ones stop soon."""
+    job_ids = queue.batch_job_ids(tenant, batch_id)
+    if job_ids is None:
+        raise not_found("batch", batch_id)
+    return BatchCanceled(batch_id=batch_id, canceled=queue.cancel_batch(tenant, job_ids))

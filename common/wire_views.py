@@ -1,0 +1,140 @@
+"""Wire models of the read-only views behind the web page: job summaries, gallery, compare grid, operator view.
+
+Beside `fgs_common.wire` (the generation API) rather than in it: these are views over job records that the
+page and scripts read, and no request body depends on them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+from fgs_common.wire import Criterion, ErrorBody, JobState
+
+
+class JobSummary(BaseModel):
+    """A job without its results list: what the jobs table shows."""
+
+    job_id: str = Field(description="the job's id")
+    state: JobState = Field(description="queued, running, finished, failed or canceled")
+    batch_id: str | None = Field(None, description="the batch the job belongs to, if any")
+    prompt: str = Field(description="the job's prompt")
+    class_index: int = Field(description="the intended class")
+    criterion: Criterion = Field(description="feedback criterion")
+    omega: float = Field(description="feedback scale ω")
+    images_done: int = Field(description="images written so far")
+    images_total: int = Field(description="images the job makes")
+    step: int = Field(description="denoising step of the chunk being sampled")
+    steps_total: int = Field(description="denoising steps per chunk")
+    error: ErrorBody | None = Field(None, description="why the job failed (or is being retried)")
+    created_at: datetime | None = Field(None, description="when the job was queued")
+    started_at: datetime | None = Field(None, description="when a worker took it")
+    finished_at: datetime | None = Field(None, description="when it reached its final state")
+
+
+class JobSummaries(BaseModel):
+    jobs: list[JobSummary] = Field(description="a page of the tenant's jobs, newest first")
+    total: int = Field(description="all jobs of the tenant still on record")
+    offset: int = Field(description="index of the first job of this page")
+
+
+class GallerySort(str, Enum):
+    """Order of gallery images."""
+
+    seed = "seed"  # job order, then seed: the order they were generated in
+    criterion_asc = "criterion_asc"
+    criterion_desc = "criterion_desc"
+
+
+class GalleryItem(BaseModel):
+    """One generated image and how it was made."""
+
+    image_id: str = Field(description="the PNG's id (GET /v1/images/{id}, thumbnail at /v1/images/{id}/thumbnail)")
+    job_id: str = Field(description="the job that made it")
+    class_index: int = Field(description="the intended class")
+    prompt: str = Field(description="the job's prompt")
+    seed: int = Field(description="the image's seed")
+    criterion: Criterion = Field(description="feedback criterion")
+    omega: float = Field(description="feedback scale ω")
+    gamma: float = Field(description="classifier-free guidance scale γ")
+    dropout_p: float = Field(description="embedding dropout p")
+    predicted_class: int | None = Field(None, description="the classifier's arg-max class")
+    criterion_value: float | None = Field(None, description="final criterion value")
+    disagrees: bool | None = Field(None, description="the classifier predicts another class than the intended one")
+
+
+class ClassCount(BaseModel):
+    class_index: int = Field(description="a class in the gallery's scope")
+    prompt: str = Field(description="the prompt of its first job")
+    images: int = Field(description="images of that class in scope")
+
+
+class GalleryPage(BaseModel):
+    items: list[GalleryItem] = Field(description="this page's images")
+    total: int = Field(description="images matching the filters, over all pages")
+    offset: int = Field(description="index of this page's first image")
+    limit: int = Field(description="page size asked for")
+    classes: list[ClassCount] = Field(description="the classes in scope (before the class filter)")
+    conditioning_image_ids: list[str] = Field(description="real images the shown jobs were conditioned on (≤ 16)")
+
+
+class CompareRows(str, Enum):
+    """What varies down the compare grid."""
+
+    omega = "omega"
+    criterion = "criterion"
+    setting = "setting"  # criterion, ω, γ and p together
+
+
+class CompareRow(BaseModel):
+    label: str = Field(description="the row's setting, e.g. 'ω=0.1'")
+    cells: list[GalleryItem | None] = Field(description="one image per seed column (null: no image with that seed)")
+
+
+class CompareGrid(BaseModel):
+    class_index: int = Field(description="the class compared")
+    rows_by: CompareRows = Field(description="what varies down the rows")
+    seeds: list[int] = Field(description="the seed of each column")
+    rows: list[CompareRow] = Field(description="one row per setting")
+
+
+class BatchCanceled(BaseModel):
+    batch_id: str = Field(description="the batch")
+    canceled: int = Field(description="jobs canceled now (queued ones never run, running ones stop at their next step)")
+
+
+class TenantLoadPublic(BaseModel):
+    tenant: str = Field(description="tenant name")
+    queued_jobs: int = Field(description="jobs waiting in its queue")
+    queued_images: int = Field(description="images of its queued and running jobs")
+    running_jobs: int = Field(description="its jobs being sampled now")
+
+
+class WorkerPublic(BaseModel):
+    name: str = Field(description="worker name")
+    last_heartbeat: datetime | None = Field(None, description="its last heartbeat")
+    job_id: str | None = Field(None, description="the job it is running, if any")
+    job_tenant: str | None = Field(None, description="that job's tenant")
+
+
+class ThroughputMinute(BaseModel):
+    minute: datetime = Field(description="start of the minute")
+    images: float = Field(description="images finished in that minute")
+
+
+class FailedJob(BaseModel):
+    job_id: str = Field(description="the job")
+    tenant: str = Field(description="its tenant")
+    finished_at: datetime | None = Field(None, description="when it failed")
+    error: ErrorBody | None = Field(None, description="why")
+
+
+class OperatorOverview(BaseModel):
+    tenants: list[TenantLoadPublic] = Field(description="load per tenant with a queue")
+    workers: list[WorkerPublic] = Field(description="workers with a live heartbeat")
+    throughput: list[ThroughputMinute] = Field(description="images per minute over the last 10 minutes, oldest first")
+    images_per_s_last_minute: float = Field(description="images per second over the last minute")
+    failed_jobs: list[FailedJob] = Field(description="recently failed jobs, newest first")
+    generated_at: datetime = Field(description="when this overview was read")

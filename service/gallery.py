@@ -1,0 +1,154 @@
+"""Gallery and compare grid: the images of a set of job records, filtered, sorted, paged or laid out by setting.
+
+Works on raw records (`JobQueue.raw_many`): at 10,000 images a page costs one Redis round trip and a sort
+of plain tuples; pydantic models are built only for the page returned.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from fgs_common.wire import GenerateRequest
+from fgs_common.wire_views import (
+    ClassCount,
+    CompareGrid,
+    CompareRow,
+    CompareRows,
+    GalleryItem,
+    GalleryPage,
+    GallerySort,
+)
+
+MAX_CONDITIONING_SHOWN = 16
+
+
+@dataclass(frozen=True)
+class GalleryFilter:
+    class_index: int | None = None
+    disagrees: bool | None = None
+    min_criterion: float | None = None
+    max_criterion: float | None = None
+
+    def admits(self, item: GalleryItem) -> bool:
+        if self.class_index is not None and item.class_index != self.class_index:
+            return False
+        if self.disagrees is not None and item.disagrees is not self.disagrees:
+            return False
+        if self.min_criterion is not None and (
+            item.criterion_value is None or item.criterion_value < self.min_criterion
+        ):
+            return False
+        if self.max_criterion is not None and (
+            item.criterion_value is None or item.criterion_value > self.max_criterion
+        ):
+            return False
+        return True
+
+
+@dataclass
+class JobImages:
+    """One job's request and results, as stored."""
+
+    job_id: str
+    request: GenerateRequest
+    results: list[dict]
+
+    @classmethod
+    def from_records(cls, records: dict[str, dict[str, str]]) -> list["JobImages"]:
+        return [
+            cls(job_id, GenerateRequest.model_validate_json(raw["request"]), json.loads(raw.get("results") or "[]"))
+            for job_id, raw in records.items()
+            if raw
+        ]
+
+    def items(self) -> list[GalleryItem]:
+        request = self.request
+        # model_construct: the values come from our own records, already validated once
+        return [
+            GalleryItem.model_construct(
+                image_id=result["image_id"],
+                job_id=self.job_id,
+                class_index=request.class_index,
+                prompt=request.prompt,
+                seed=result["seed"],
+                criterion=request.criterion,
+                omega=request.omega,
+                gamma=request.gamma,
+                dropout_p=request.dropout_p,
+                predicted_class=result.get("predicted_class"),
+                criterion_value=result.get("criterion_value"),
+                disagrees=None
+                if result.get("predicted_class") is None
+                else result["predicted_class"] != request.class_index,
+            )
+            for result in self.results
+        ]
+
+
+def _sort_key(sort: GallerySort):
+    if sort is GallerySort.seed:
+        return None
+    sign = 1.0 if sort is GallerySort.criterion_asc else -1.0
+    # images without a value go last either way
+    return lambda item: (item.criterion_value is None, sign * (item.criterion_value or 0.0))
+
+
+def gallery_page(
+    jobs: list[JobImages], where: GalleryFilter, sort: GallerySort, offset: int, limit: int
+) -> GalleryPage:
+    classes: dict[int, ClassCount] = {}
+    items: list[GalleryItem] = []
+    for job in jobs:
+        job_items = job.items()
+        count = classes.setdefault(
+            job.request.class_index,
+            ClassCount(class_index=job.request.class_index, prompt=job.request.prompt, images=0),
+        )
+        count.images += len(job_items)
+        items += [item for item in job_items if where.admits(item)]
+    key = _sort_key(sort)
+    if key is not None:
+        items.sort(key=key)
+    shown_jobs = {item.job_id for item in items[offset : offset + limit]}
+    conditioning = []
+    for job in jobs:
+        if job.job_id in shown_jobs:
+            conditioning += [i for i in job.request.conditioning_image_ids if i not in conditioning]
+    return GalleryPage(
+        items=items[offset : offset + limit],
+        total=len(items),
+        offset=offset,
+        limit=limit,
+        classes=sorted(classes.values(), key=lambda c: c.class_index),
+        conditioning_image_ids=conditioning[:MAX_CONDITIONING_SHOWN],
+    )
+
+
+def _row_of(item: GalleryItem, rows_by: CompareRows) -> tuple[tuple, str]:
+    """The row key (for ordering) and label of an item."""
+    if rows_by is CompareRows.omega:
+        return (item.omega,), f"ω={item.omega:g}"
+    if rows_by is CompareRows.criterion:
+        return (item.criterion.value,), item.criterion.value
+    key = (item.criterion.value, item.omega, item.gamma, item.dropout_p)
+    return key, f"{item.criterion.value} ω={item.omega:g} γ={item.gamma:g} p={item.dropout_p:g}"
+
+
+def compare_grid(jobs: list[JobImages], class_index: int, rows_by: CompareRows, max_seeds: int) -> CompareGrid:
+    """Rows: the settings; columns: the first `max_seeds` seeds; a cell is the first image of that row and seed."""
+    items = [item for job in jobs if job.request.class_index == class_index for item in job.items()]
+    seeds = sorted({item.seed for item in items})[:max_seeds]
+    column = {seed: index for index, seed in enumerate(seeds)}
+    rows: dict[tuple, tuple[str, list[GalleryItem | None]]] = {}
+    for item in items:
+        key, label = _row_of(item, rows_by)
+        cells = rows.setdefault(key, (label, [None] * len(seeds)))[1]
+        if item.seed in column and cells[column[item.seed]] is None:
+            cells[column[item.seed]] = item
+    return CompareGrid(
+        class_index=class_index,
+        rows_by=rows_by,
+        seeds=seeds,
+        rows=[CompareRow(label=label, cells=cells) for _, (label, cells) in sorted(rows.items())],
+    )

@@ -1,0 +1,75 @@
+"""The operator view: every tenant's load, live workers, throughput and failures (admin keys only)."""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime, timezone
+
+from fastapi import APIRouter
+
+from fgs_common.wire import ErrorResponse, ErrorBody, JobState
+from fgs_common.wire_views import FailedJob, OperatorOverview, TenantLoadPublic, ThroughputMinute, WorkerPublic
+from fgs_service.deps import AdminDep, JobQueueDep
+from fgs_service.errors import ERROR_RESPONSES
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses={**ERROR_RESPONSES, 403: {"model": ErrorResponse}})
+
+THROUGHPUT_MINUTES = 10  # RQ keeps finished jobs for 600 s: the window the records cover
+
+
+def _utc(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, timezone.utc) if ts else None
+
+
+def _share_in(raw: dict[str, str], low: float, high: float, now: float) -> float:
+    """The share of a job's run time that falls in [low, high): its images are counted evenly over that time."""
+    start = float(raw["started_at"])
+    end = float(raw["finished_at"]) if raw.get("finished_at") else now
+    overlap = min(end, high) - max(start, low)
+    return max(overlap, 0.0) / max(end - start, 1e-3)
+
+
+def _images_between(records: dict[str, dict[str, str]], low: float, high: float, now: float) -> float:
+    return sum(
+        int(raw.get("images_done") or 0) * _share_in(raw, low, high, now)
+        for raw in records.values()
+        if raw.get("started_at")
+    )
+
+
+@router.get("/overview")
+def overview(_: AdminDep, queue: JobQueueDep) -> OperatorOverview:
+    """Queued images per tenant, live workers with their last heartbeat and job, images per minute, failures."""
+    now = time.time()
+    records = queue.recent_job_records()
+    first_minute = math.floor(now / 60) - THROUGHPUT_MINUTES + 1
+    minutes = [(first_minute + i) * 60 for i in range(THROUGHPUT_MINUTES)]
+    failed = sorted(
+        (
+            FailedJob(
+                job_id=job_id,
+                tenant=raw.get("tenant", ""),
+                finished_at=_utc(float(raw["finished_at"])) if raw.get("finished_at") else None,
+                error=ErrorBody.model_validate_json(raw["error"]) if raw.get("error") else None,
+            )
+            for job_id, raw in records.items()
+            if raw.get("state") == JobState.failed.value
+        ),
+        key=lambda job: job.finished_at or datetime.min.replace(tzinfo=timezone.utc),
+        reverse=True,
+    )
+    return OperatorOverview(
+        tenants=[TenantLoadPublic(**vars(load)) for load in queue.tenant_loads()],
+        workers=[
+            WorkerPublic(name=w.name, last_heartbeat=_utc(w.last_heartbeat), job_id=w.job_id, job_tenant=w.job_tenant)
+            for w in queue.live_workers()
+        ],
+        throughput=[
+            ThroughputMinute(minute=_utc(low), images=round(_images_between(records, low, low + 60, now), 2))
+            for low in minutes
+        ],
+        images_per_s_last_minute=round(_images_between(records, now - 60, now, now) / 60, 3),
+        failed_jobs=failed,
+        generated_at=_utc(now),
+    )

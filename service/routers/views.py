@@ -1,0 +1,119 @@
+"""Read-only views for the web page: job summaries, the gallery (per job, batch or class) and the compare grid."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Query
+
+from fgs_common.wire import GenerateRequest, ErrorBody, JobState
+from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries, JobSummary
+from fgs_service.auth import Tenant
+from fgs_service.deps import JobQueueDep, TenantDep
+from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
+from fgs_service.gallery import GalleryFilter, JobImages, compare_grid, gallery_page
+from fgs_service.job_queue import JobQueue
+
+router = APIRouter(prefix="/v1/views", tags=["views"], responses=ERROR_RESPONSES)
+
+# A gallery without a job or batch shows the tenant's most recent jobs.
+RECENT_JOBS = 500
+
+JobId = Annotated[str | None, Query(max_length=64, description="only this job's images")]
+BatchId = Annotated[str | None, Query(max_length=64, description="only this batch's images")]
+
+
+def _ts(value: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(value), timezone.utc) if value else None
+
+
+def _summary(job_id: str, raw: dict[str, str]) -> JobSummary:
+    request = GenerateRequest.model_validate_json(raw["request"])
+    return JobSummary(
+        job_id=job_id,
+        state=JobState(raw["state"]),
+        batch_id=raw.get("batch_id") or None,
+        prompt=request.prompt,
+        class_index=request.class_index,
+        criterion=request.criterion,
+        omega=request.omega,
+        images_done=int(raw.get("images_done", 0)),
+        images_total=int(raw.get("images_total", 0)),
+        step=int(raw.get("step", 0)),
+        steps_total=int(raw.get("steps_total", 0)),
+        error=ErrorBody.model_validate_json(raw["error"]) if raw.get("error") else None,
+        created_at=_ts(raw.get("created_at")),
+        started_at=_ts(raw.get("started_at")),
+        finished_at=_ts(raw.get("finished_at")),
+    )
+
+
+@router.get("/jobs")
+def job_summaries(
+    tenant: TenantDep,
+    queue: JobQueueDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobSummaries:
+    """The caller's jobs without their results lists, newest first: light enough to poll."""
+    ids = queue.tenant_job_ids(tenant, offset, limit)
+    records = queue.raw_many(ids, with_results=False)
+    jobs = [_summary(job_id, raw) for job_id, raw in zip(ids, records) if raw]
+    return JobSummaries(jobs=jobs, total=queue.tenant_job_count(tenant), offset=offset)
+
+
+def _scope(queue: JobQueue, tenant: Tenant, job_id: str | None, batch_id: str | None) -> list[JobImages]:
+    """The jobs a gallery or grid covers: one job, one batch, or the tenant's recent jobs; all the caller's."""
+    if job_id and batch_id:
+        raise ApiError(422, "invalid_request", "give job_id or batch_id, not both")
+    if job_id:
+        ids = [job_id]
+    elif batch_id:
+        ids = queue.batch_job_ids(tenant, batch_id)
+        if ids is None:
+            raise not_found("batch", batch_id)
+    else:
+        ids = queue.tenant_job_ids(tenant, 0, RECENT_JOBS)
+    records = {i: raw for i, raw in zip(ids, queue.raw_many(ids)) if raw and raw.get("tenant") == tenant.name}
+    if job_id and not records:
+        raise not_found("job", job_id)
+    return JobImages.from_records(records)
+
+
+@router.get("/gallery")
+async def gallery(
+    tenant: TenantDep,
+    queue: JobQueueDep,
+    job_id: JobId = None,
+    batch_id: BatchId = None,
+    class_index: Annotated[int | None, Query(ge=0, description="only images of this intended class")] = None,
+    disagrees: Annotated[
+        bool | None, Query(description="true: only images the classifier assigns to another class")
+    ] = None,
+    min_criterion: Annotated[float | None, Query(description="only images with a criterion value ≥ this")] = None,
+    max_criterion: Annotated[float | None, Query(description="only images with a criterion value ≤ this")] = None,
+    sort: GallerySort = GallerySort.seed,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> GalleryPage:
+    """A page of generated images with their settings and the classifier's verdict."""
+    where = GalleryFilter(class_index, disagrees, min_criterion, max_criterion)
+    jobs = await anyio.to_thread.run_sync(_scope, queue, tenant, job_id, batch_id)
+    return await anyio.to_thread.run_sync(gallery_page, jobs, where, sort, offset, limit)
+
+
+@router.get("/compare")
+async def compare(
+    tenant: TenantDep,
+    queue: JobQueueDep,
+    class_index: Annotated[int, Query(ge=0, description="the class to compare")],
+    job_id: JobId = None,
+    batch_id: BatchId = None,
+    rows: CompareRows = CompareRows.setting,
+    seeds: Annotated[int, Query(ge=1, le=32, description="columns: the first this many seeds")] = 8,
+) -> CompareGrid:
+    """One class across settings: a row per setting (ω, criterion, or all of them), a column per seed."""
+    jobs = await anyio.to_thread.run_sync(_scope, queue, tenant, job_id, batch_id)
+    return compare_grid(jobs, class_index, rows, seeds)
