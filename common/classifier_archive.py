@@ -12,7 +12,7 @@ files; what torch would do with each member on load decides what may be in them:
 - TorchScript (`.pt`): its pickles (`data.pkl`, `constants.pkl`, `*.debug_pkl`) are read by torch's own C++
   unpickler, which builds tensors and TorchScript objects only. Its code is compiled on load and
   `__setstate__` runs then, so the code is scanned here for operators that touch files before torch sees it;
-  the loaded graphs are checked again, inlined, by `fgs_worker.classifier_graph_check`.
+  the loaded graphs are checked again, inlined, by `fgs_classifier.graph_check`.
 """
 
 from __future__ import annotations
