@@ -6,6 +6,7 @@ thread hop per dependency per request was most of the enqueue latency under load
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -33,6 +34,10 @@ async def _store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
+async def _check_slots(request: Request) -> threading.BoundedSemaphore:
+    return request.app.state.classifier_check_slots
+
+
 async def _keyring(request: Request) -> KeyRing:
     return request.app.state.keyring
 
@@ -53,3 +58,5 @@ RedisDep = Annotated[object, Depends(_redis)]
 JobQueueDep = Annotated[JobQueue, Depends(_job_queue)]
 StoreDep = Annotated[ArtifactStore, Depends(_store)]
 TenantDep = Annotated[Tenant, Depends(_tenant)]
+# One slot per classifier check that may run at once (FGS_CLASSIFIER_CHECKS_AT_ONCE).
+CheckSlotsDep = Annotated[threading.BoundedSemaphore, Depends(_check_slots)]
