@@ -64,9 +64,12 @@ def main(argv: list[str]) -> int:
 
     isolated = confine_this_process(args.memory_bytes, args.cpu_seconds, _MAX_FILE_BYTES)
     if not isolated and args.require_network_isolation:
-        code, message = "classifier_check_unavailable", (
-            "classifier checks need a network namespace and this host refuses one "
-            "(FGS_CLASSIFIER_CHECK_REQUIRE_NETWORK_ISOLATION is set)"
+        code, message = (
+            "classifier_check_unavailable",
+            (
+                "classifier checks need a network namespace and this host refuses one "
+                "(FGS_CLASSIFIER_CHECK_REQUIRE_NETWORK_ISOLATION is set)"
+            ),
         )
     else:
         code, message = _verdict(args)

@@ -48,7 +48,9 @@ def _walk_script_nodes(block, where: str) -> None:
     for node in block.nodes():
         kind = node.kind()
         if kind in _OPAQUE_CALLS:
-            raise UnsafeClassifierArchive(f"{where} calls code that cannot be inspected ({kind}: a C++ class or interface)")
+            raise UnsafeClassifierArchive(
+                f"{where} calls code that cannot be inspected ({kind}: a C++ class or interface)"
+            )
         _check_operator(kind, where)
         for output in node.outputs():
             if "torch.classes" in output.type().annotation_str:
@@ -85,4 +87,6 @@ def check_exported_program(program: torch.export.ExportedProgram) -> None:
                 continue
             qualified = f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
             if qualified not in ALLOWED_EXPORT_CALLABLES:
-                raise UnsafeClassifierArchive(f"exported graph calls {qualified[:200]!r}: only aten/prim operators allowed")
+                raise UnsafeClassifierArchive(
+                    f"exported graph calls {qualified[:200]!r}: only aten/prim operators allowed"
+                )

@@ -52,28 +52,98 @@ ALLOWED_OP_NAMESPACES = frozenset({"aten", "prim"})
 DENIED_OP_NAMES = frozenset({"from_file", "save", "load", "_load", "load_library", "_load_for_lite_interpreter"})
 # Python callables an exported graph may call besides aten ops: arithmetic on shapes (dynamic batch).
 ALLOWED_EXPORT_CALLABLES = frozenset(
-    {f"_operator.{name}" for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg",
-                                       "pos", "abs", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_")}
+    {
+        f"_operator.{name}"
+        for name in (
+            "getitem",
+            "add",
+            "sub",
+            "mul",
+            "floordiv",
+            "truediv",
+            "mod",
+            "pow",
+            "neg",
+            "pos",
+            "abs",
+            "eq",
+            "ne",
+            "lt",
+            "le",
+            "gt",
+            "ge",
+            "and_",
+            "or_",
+            "not_",
+        )
+    }
     | {f"math.{name}" for name in ("ceil", "floor", "trunc", "sqrt")}
     | {f"torch.{name}" for name in ("sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt")}
 )
 # What torch.export's deserializer hands to sympy (torch/_export/serde/serialize.py, `sympy_functions`).
 _SYMPY_FUNCTIONS = frozenset(
-    {"Symbol", "Integer", "Rational", "Float", "Mod", "FloorDiv", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt",
-     "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "TruncToFloat",
-     "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le",
-     "Gt", "Ge", "And", "Or", "Not", "ModularIndexing", "Where", "IsNonOverlappingAndDenseIndicator", "oo"}
+    {
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Mod",
+        "FloorDiv",
+        "PythonMod",
+        "CleanDiv",
+        "CeilToInt",
+        "FloorToInt",
+        "CeilDiv",
+        "LShift",
+        "RShift",
+        "PowByNatural",
+        "FloatPow",
+        "FloatTrueDiv",
+        "IntTrueDiv",
+        "TruncToFloat",
+        "TruncToInt",
+        "RoundToInt",
+        "RoundDecimal",
+        "ToFloat",
+        "Identity",
+        "Max",
+        "Min",
+        "Abs",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "ModularIndexing",
+        "Where",
+        "IsNonOverlappingAndDenseIndicator",
+        "oo",
+    }
 )
 _SYMBOL_NAME = re.compile(r"[a-z]{1,3}\d+")
 _SYMBOL_ASSUMPTIONS = frozenset({"positive", "integer", "real", "nonnegative", "negative", "finite"})
 _EXPORT_TARGET = re.compile(r"torch\.ops\.(?P<namespace>\w+)\.(?P<name>\w+)\.(?P<overload>\w+)")
 
 _TORCHSCRIPT_PICKLES = re.compile(r"(data|constants)\.pkl|code/.+\.debug_pkl")
-_TORCHSCRIPT_MEMBERS = re.compile(r"version|byteorder|\.data/version|\.data/serialization_id|data/\d+|code/.+\.py|extra/.+")
+_TORCHSCRIPT_MEMBERS = re.compile(
+    r"version|byteorder|\.data/version|\.data/serialization_id|data/\d+|code/.+\.py|extra/.+"
+)
 _EXPORT_FIXED_MEMBERS = frozenset(
-    {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id", "models/model.json",
-     "data/weights/model_weights_config.json", "data/constants/model_constants_config.json",
-     "data/sample_inputs/model.pt"}
+    {
+        "archive_format",
+        "archive_version",
+        "byteorder",
+        ".data/version",
+        ".data/serialization_id",
+        "models/model.json",
+        "data/weights/model_weights_config.json",
+        "data/constants/model_constants_config.json",
+        "data/sample_inputs/model.pt",
+    }
 )
 # torch stores tensors uncompressed, so a real archive unpacks to about its own size: twice the largest upload
 # (FGS_MAX_CLASSIFIER_BYTES, 512 MiB) leaves room, and a zip bomb is refused before anything decompresses it.
@@ -161,7 +231,9 @@ def _looks_like_pickle(data: bytes) -> bool:
 
 def _read_text_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     if info.file_size > _MAX_TEXT_MEMBER_BYTES:
-        raise ArchiveTooLarge(f"classifier archive member {info.filename[:200]!r} is over {_MAX_TEXT_MEMBER_BYTES} bytes")
+        raise ArchiveTooLarge(
+            f"classifier archive member {info.filename[:200]!r} is over {_MAX_TEXT_MEMBER_BYTES} bytes"
+        )
     return archive.read(info)
 
 
@@ -173,7 +245,9 @@ def _check_torchscript_members(archive: zipfile.ZipFile, members: dict[str, zipf
         if _TORCHSCRIPT_PICKLES.fullmatch(tail):
             continue  # read by torch's C++ unpickler, which builds tensors and TorchScript objects only
         if tail.endswith(".pkl") or not _TORCHSCRIPT_MEMBERS.fullmatch(tail):
-            raise UnsafeClassifierArchive(f"TorchScript archive member {tail[:200]!r} is not part of a torch.jit.save archive")
+            raise UnsafeClassifierArchive(
+                f"TorchScript archive member {tail[:200]!r} is not part of a torch.jit.save archive"
+            )
         if tail.startswith(("code/", "extra/")):
             data = _read_text_member(archive, info)
             if _looks_like_pickle(data):
@@ -191,7 +265,9 @@ def _check_torchscript_code(tail: str, source: bytes) -> None:
     try:
         tree = ast.parse(source.decode("utf-8"), filename=tail)
     except (SyntaxError, UnicodeDecodeError, ValueError, RecursionError, MemoryError) as error:
-        raise UnsafeClassifierArchive(f"TorchScript code {tail[:200]!r} cannot be read: {type(error).__name__}") from None
+        raise UnsafeClassifierArchive(
+            f"TorchScript code {tail[:200]!r} cannot be read: {type(error).__name__}"
+        ) from None
     for node in ast.walk(tree):
         word = None
         if isinstance(node, ast.Attribute):
@@ -206,13 +282,19 @@ def _check_torchscript_code(tail: str, source: bytes) -> None:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             word = node.value
             if "torch.classes" in word:
-                raise UnsafeClassifierArchive(f"TorchScript code {tail[:200]!r} uses a C++ custom class (torch.classes)")
+                raise UnsafeClassifierArchive(
+                    f"TorchScript code {tail[:200]!r} uses a C++ custom class (torch.classes)"
+                )
         if word in DENIED_OP_NAMES:
             raise UnsafeClassifierArchive(
                 f"TorchScript code {tail[:200]!r} uses {word!r}: classifiers may not read or write files "
                 "or load code (torch.from_file, torch.save, torch.load are refused)"
             )
-        if word == "classes" and isinstance(node, ast.Attribute) and _dotted(node.value) in ("torch", "__torch__.torch"):
+        if (
+            word == "classes"
+            and isinstance(node, ast.Attribute)
+            and _dotted(node.value) in ("torch", "__torch__.torch")
+        ):
             raise UnsafeClassifierArchive(f"TorchScript code {tail[:200]!r} uses a C++ custom class (torch.classes)")
 
 
@@ -317,10 +399,25 @@ def check_symbolic_expression(expression) -> None:
     try:
         tree = ast.parse(expression, mode="eval")
     except (SyntaxError, RecursionError, MemoryError):
-        raise UnsafeClassifierArchive(f"exported program holds an unreadable shape expression {expression[:100]!r}") from None
+        raise UnsafeClassifierArchive(
+            f"exported program holds an unreadable shape expression {expression[:100]!r}"
+        ) from None
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.Load, ast.operator,
-                             ast.unaryop, ast.cmpop, ast.boolop)):
+        if isinstance(
+            node,
+            (
+                ast.Expression,
+                ast.BinOp,
+                ast.UnaryOp,
+                ast.Compare,
+                ast.BoolOp,
+                ast.Load,
+                ast.operator,
+                ast.unaryop,
+                ast.cmpop,
+                ast.boolop,
+            ),
+        ):
             continue
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool)):
             continue
@@ -328,11 +425,19 @@ def check_symbolic_expression(expression) -> None:
             continue
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SYMPY_FUNCTIONS:
             if node.func.id == "Symbol":
-                if not (len(node.args) == 1 and isinstance(node.args[0], ast.Constant)
-                        and isinstance(node.args[0].value, str) and _SYMBOL_NAME.fullmatch(node.args[0].value)):
+                if not (
+                    len(node.args) == 1
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)
+                    and _SYMBOL_NAME.fullmatch(node.args[0].value)
+                ):
                     break
-                if any(k.arg not in _SYMBOL_ASSUMPTIONS or not isinstance(k.value, ast.Constant)
-                       or not isinstance(k.value.value, bool) for k in node.keywords):
+                if any(
+                    k.arg not in _SYMBOL_ASSUMPTIONS
+                    or not isinstance(k.value, ast.Constant)
+                    or not isinstance(k.value.value, bool)
+                    for k in node.keywords
+                ):
                     break
                 continue
             if not node.keywords:

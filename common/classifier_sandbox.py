@@ -91,11 +91,17 @@ def confine_this_process(memory_bytes: int, cpu_s: int, file_bytes: int) -> bool
 
 def _command(archive: Path, spec: Path, stats: Path | None, result: Path, settings: Settings) -> list[str]:
     command = [
-        sys.executable, "-m", "fgs_classifier.check",
-        "--result", str(result),
-        "--memory-bytes", str(settings.classifier_check_memory_bytes),
-        "--cpu-seconds", str(settings.classifier_check_cpu_s),
-        "--max-unpacked-bytes", str(settings.max_classifier_unpacked_bytes),
+        sys.executable,
+        "-m",
+        "fgs_classifier.check",
+        "--result",
+        str(result),
+        "--memory-bytes",
+        str(settings.classifier_check_memory_bytes),
+        "--cpu-seconds",
+        str(settings.classifier_check_cpu_s),
+        "--max-unpacked-bytes",
+        str(settings.max_classifier_unpacked_bytes),
     ]
     if settings.classifier_check_require_network_isolation:
         command.append("--require-network-isolation")
@@ -178,11 +184,13 @@ def _outcome(returncode: int, result: Path, log: Path, settings: Settings) -> Ch
             f"classifier check used more than {settings.classifier_check_cpu_s} s of CPU time "
             "(FGS_CLASSIFIER_CHECK_CPU_S)",
         )
-    logger.warning("classifier check ended with status %s without a result; its output:\n%s", returncode, _log_tail(log))
+    logger.warning(
+        "classifier check ended with status %s without a result; its output:\n%s", returncode, _log_tail(log)
+    )
     ended = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
     return CheckOutcome(
         "classifier_check_failed",
         f"classifier check ended abnormally ({ended}): the archive is damaged or the classifier needs more than "
-        f"the check's {settings.classifier_check_memory_bytes // 2**20} MiB of memory (FGS_CLASSIFIER_CHECK_MEMORY_BYTES)",
+        f"the check's {settings.classifier_check_memory_bytes // 2**20} MiB of memory "
+        "(FGS_CLASSIFIER_CHECK_MEMORY_BYTES)",
     )
-

@@ -41,8 +41,9 @@ def test_exported_classifier_uploads_and_serves_a_feedback_job(live_stack, tmp_p
         assert uploaded.status_code == 201, uploaded.text
         classifier_id = uploaded.json()["id"]
         # 3 images: the static export (batch 2) runs in a full and a padded chunk
-        job_id = generate(client, num_images=3, criterion="entropy", omega=0.5, classifier_id=classifier_id,
-                          steps=4, guidance_every=2)
+        job_id = generate(
+            client, num_images=3, criterion="entropy", omega=0.5, classifier_id=classifier_id, steps=4, guidance_every=2
+        )
         job = wait_final(client, job_id, timeout=300)
     assert job.state is JobState.finished, job
     assert len(job.results) == 3
@@ -104,7 +105,10 @@ MAX_UNPACKED_BYTES = 128 * 1024 * 1024
 def limited_stack(redis_server, tiny_model_dir, tmp_path_factory):
     """An API alone, with tight check limits: one check at a time, 1.5 GiB, 6 s of CPU, 128 MiB unpacked."""
     stack = start_stack(
-        redis_server, tiny_model_dir, tmp_path_factory.mktemp("limited-stack"), workers=0,
+        redis_server,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("limited-stack"),
+        workers=0,
         extra_env={
             "FGS_CLASSIFIER_CHECKS_AT_ONCE": "1",
             "FGS_CLASSIFIER_CHECK_RETRY_AFTER_S": "7",

@@ -76,7 +76,7 @@ _CHECK_STATUS = {"classifier_check_unavailable": 503}
 def _run_classifier_check(
     archive: Path, spec: Path, stats: Path | None, settings: Settings, slots: threading.BoundedSemaphore
 ) -> None:
-    """Load and run the classifier in the sandbox (torch stays out of the API process), or 429 when all slots are busy."""
+    """Load and run the classifier in the sandbox (torch stays out of the API process); 429 when no slot is free."""
     if not slots.acquire(blocking=False):
         raise ApiError(
             429,
