@@ -272,7 +272,8 @@ def _check_torchscript_code(tail: str, source: bytes) -> None:
         word = None
         if isinstance(node, ast.Attribute):
             word = node.attr
-            if isinstance(node.value, ast.Name) and node.value.id == "ops" and node.attr not in ALLOWED_OP_NAMESPACES:
+            namespace_of = _dotted(node.value)  # `ops.aten.relu` as TorchScript writes it, or `torch.ops.aten.relu`
+            if namespace_of in ("ops", "torch.ops") and node.attr not in ALLOWED_OP_NAMESPACES:
                 raise UnsafeClassifierArchive(
                     f"TorchScript code {tail[:200]!r} calls operators of namespace {node.attr[:80]!r}; "
                     f"only {sorted(ALLOWED_OP_NAMESPACES)} are allowed"

@@ -103,3 +103,47 @@ def test_zip_bomb_is_refused_by_its_declared_size(tmp_path):
     assert bomb.stat().st_size < 1024 * 1024
     with pytest.raises(ArchiveTooLarge, match="unpacks to"):
         inspect_archive(bomb, max_unpacked_bytes=32 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "source, named",
+    [
+        ("x = torch.ops.c10d.allreduce_(y)", "namespace 'c10d'"),
+        ("x = ops.profiler._record_function_enter(y)", "namespace 'profiler'"),
+        ("x = getattr(torch, 'from_file')", "from_file"),
+        ("x = torch.save(y, 'out')", "save"),
+        ("p : __torch__.torch.classes.quantized.LinearPackedParamsBase", "custom class"),
+    ],
+    ids=["c10d", "profiler", "getattr-string", "save", "custom-class"],
+)
+def test_torchscript_code_scan_refuses_what_loading_could_run(source, named):
+    """The scan runs before torch.jit.load, which compiles this code and runs its __setstate__."""
+    from fgs_common.classifier_archive import _check_torchscript_code
+
+    _check_torchscript_code("code/ok.py", b"x = ops.aten.relu(ops.prim.unchecked_cast(y))")
+    with pytest.raises(UnsafeClassifierArchive, match=named):
+        _check_torchscript_code("code/hostile.py", source.encode())
+
+
+@pytest.mark.parametrize(
+    "expression, safe",
+    [
+        ("Symbol('s77', positive=True, integer=True)", True),
+        ("2*s0 + FloorDiv(s1, 4) - Max(1, s0)", True),
+        ("Eq(Mod(s0, 2), 0)", True),
+        ("__import__('os').system('true')", False),
+        ("exec(chr(112) + chr(33))", False),
+        ("Symbol('s0').__class__", False),
+        ("Symbol('s0', positive=chr(1))", False),
+        ("lambda: 0", False),
+    ],
+)
+def test_shape_expressions_are_arithmetic_only(expression, safe):
+    """torch.export's deserializer hands these strings to sympy.sympify, which evaluates them as Python."""
+    from fgs_common.classifier_archive import check_symbolic_expression
+
+    if safe:
+        check_symbolic_expression(expression)
+    else:
+        with pytest.raises(UnsafeClassifierArchive, match="shape"):
+            check_symbolic_expression(expression)
