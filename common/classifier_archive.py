@@ -148,8 +148,12 @@ _EXPORT_FIXED_MEMBERS = frozenset(
 # torch stores tensors uncompressed, so a real archive unpacks to about its own size: twice the largest upload
 # (FGS_MAX_CLASSIFIER_BYTES, 512 MiB) leaves room, and a zip bomb is refused before anything decompresses it.
 DEFAULT_MAX_UNPACKED_BYTES = 1024 * 1024 * 1024
-# JSON and code members are read whole into memory: bound them before reading.
+# JSON and code members are read whole into memory: bound them before reading. The code of all TorchScript
+# members together is parsed in the API process. The SmallCNN's is 16 KB, and code grows with the number of
+# distinct module classes, not with depth: 16 MiB bounds the parse's time and memory (an AST takes tens of times
+# its source) with room to spare.
 _MAX_TEXT_MEMBER_BYTES = 64 * 1024 * 1024
+_MAX_CODE_BYTES = 16 * 1024 * 1024
 
 
 def detect_archive_format(path: Path) -> ArchiveFormat:
@@ -241,6 +245,9 @@ def _read_text_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
 
 
 def _check_torchscript_members(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo]) -> None:
+    code_bytes = sum(info.file_size for tail, info in members.items() if tail.startswith("code/"))
+    if code_bytes > _MAX_CODE_BYTES:
+        raise ArchiveTooLarge(f"TorchScript archive holds {code_bytes} bytes of code, over {_MAX_CODE_BYTES}")
     for tail, info in members.items():
         if _TORCHSCRIPT_PICKLES.fullmatch(tail):
             continue  # read by torch's C++ unpickler, which builds tensors and TorchScript objects only
