@@ -1,33 +1,81 @@
-"""`python -m fgs_classifier.check ARCHIVE SPEC_JSON [HARDNESS_STATS]`: load a classifier as a worker would.
+"""`python -m fgs_classifier.check --result FILE [limits] ARCHIVE SPEC_JSON [HARDNESS_STATS]`.
 
-The API runs this in a subprocess before it stores an upload (the API itself never imports torch).
-Exit 0: the archive loads and its outputs match the spec. Exit 2: they do not; the reason is the last
-line on stderr.
+Loads a classifier as a worker would and runs it once, inside the sandbox that `fgs_common.classifier_sandbox`
+describes: the first thing it does is confine itself (memory, CPU time, file size, no network), before torch is
+imported or the archive read. It writes its verdict as JSON to FILE: {"code", "message", "network_isolated"},
+code "ok" or the error code a client sees. The message is ours; torch's own text appears only as a short detail.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
-from fgs_common.wire import ClassifierSpec
+from fgs_common.classifier_sandbox import confine_this_process
+
+# What a file written by the check may hold at most: the verdict (the log's own size is bounded the same way).
+_MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+def _is_out_of_memory(error: BaseException | None) -> bool:
+    """Whether an allocation failed (the address-space limit), anywhere in the chain of causes."""
+    while error is not None:
+        if isinstance(error, MemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _verdict(args: argparse.Namespace) -> tuple[str, str]:
+    from fgs_common.wire import ClassifierSpec
+    from fgs_classifier.registry import load_classifier
+    from fgs_common.exceptions import InvalidClassifier, UnsafeClassifier
+
+    spec = ClassifierSpec.model_validate_json(Path(args.spec).read_text())
+    stats = Path(args.stats) if args.stats else None
+    try:
+        load_classifier(Path(args.archive), spec, stats, device="cpu", max_unpacked_bytes=args.max_unpacked_bytes)
+    except UnsafeClassifier as error:
+        return "unsafe_classifier_archive", str(error)
+    except (InvalidClassifier, MemoryError, RuntimeError) as error:
+        if _is_out_of_memory(error):
+            return "classifier_resource_limit", (
+                f"classifier needs more than the check's {args.memory_bytes // 2**20} MiB of memory "
+                "(FGS_CLASSIFIER_CHECK_MEMORY_BYTES)"
+            )
+        if isinstance(error, InvalidClassifier):
+            return "classifier_mismatch", " ".join(str(error).split())
+        raise
+    return "ok", "ok"
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (2, 3):
-        print("usage: python -m fgs_classifier.check ARCHIVE SPEC_JSON [HARDNESS_STATS]", file=sys.stderr)
-        return 64
-    from fgs_classifier.registry import load_classifier
-    from fgs_common.exceptions import InvalidClassifier
+    parser = argparse.ArgumentParser(prog="python -m fgs_classifier.check")
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--memory-bytes", type=int, required=True)
+    parser.add_argument("--cpu-seconds", type=int, required=True)
+    parser.add_argument("--max-unpacked-bytes", type=int, required=True)
+    parser.add_argument("--require-network-isolation", action="store_true")
+    parser.add_argument("archive")
+    parser.add_argument("spec")
+    parser.add_argument("stats", nargs="?")
+    args = parser.parse_args(argv)
 
-    spec = ClassifierSpec.model_validate_json(Path(argv[1]).read_text())
-    try:
-        load_classifier(Path(argv[0]), spec, Path(argv[2]) if len(argv) == 3 else None, device="cpu")
-    except InvalidClassifier as error:
-        print(" ".join(str(error).split()), file=sys.stderr)
-        return 2
-    print("ok")
-    return 0
+    isolated = confine_this_process(args.memory_bytes, args.cpu_seconds, _MAX_FILE_BYTES)
+    if not isolated and args.require_network_isolation:
+        code, message = (
+            "classifier_check_unavailable",
+            (
+                "classifier checks need a network namespace and this host refuses one "
+                "(FGS_CLASSIFIER_CHECK_REQUIRE_NETWORK_ISOLATION is set)"
+            ),
+        )
+    else:
+        code, message = _verdict(args)
+    Path(args.result).write_text(json.dumps({"code": code, "message": message, "network_isolated": isolated}))
+    return 0 if code == "ok" else 2
 
 
 if __name__ == "__main__":

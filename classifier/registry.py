@@ -2,12 +2,17 @@
 
 A classifier is a TorchScript or torch.export archive plus a ClassifierSpec (input size, normalisation,
 class count, whether forward also returns the embedding used by the hardness score). Loading never
-unpickles Python objects: torch.jit.load and torch.export.load read their own formats only.
+unpickles Python objects: the archive is vetted first (`fgs_common.classifier_archive`: no pickled weights, no
+file operators, no code in shape expressions), a `.pt2` is read without its sample inputs (the one pickle
+torch.export.load would otherwise read), and the loaded graphs are checked against the operator allow-list
+(`fgs_classifier.graph_check`) before anything runs.
 """
 
 from __future__ import annotations
 
+import io
 import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,21 +21,34 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fgs_common.classifier_archive import ArchiveFormat, NotAClassifierArchive, detect_archive_format
-from fgs_common.exceptions import InvalidClassifier
+from fgs_common.classifier_archive import (
+    DEFAULT_MAX_UNPACKED_BYTES,
+    ArchiveFormat,
+    ArchiveTooLarge,
+    NotAClassifierArchive,
+    UnsafeClassifierArchive,
+    inspect_archive,
+)
+from fgs_common.exceptions import InvalidClassifier, UnsafeClassifier
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
+from fgs_classifier.graph_check import check_exported_program, check_script_module
 from fgs_classifier.hardness_stats import HardnessStats
 
 
 @dataclass
 class LoadedClassifier:
-    """A resident classifier f_phi with its input preprocessing: pixels in [0, 1] -> (logits, embedding)."""
+    """A resident classifier f_phi with its input preprocessing: pixels in [0, 1] -> (logits, embedding).
+
+    `batch_size` is set for an export with a static batch dimension: inputs then go through in chunks of
+    exactly that size (the last one zero-padded), since the exported graph accepts no other.
+    """
 
     module: torch.nn.Module
     spec: ClassifierSpec
     hardness_stats: HardnessStats | None
     device: torch.device
     dtype: torch.dtype
+    batch_size: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -47,27 +65,86 @@ class LoadedClassifier:
         std = torch.tensor(self.spec.std, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
         return (pixels - mean) / std
 
+    def forward_module(self, inputs: torch.Tensor):
+        """The module's output for preprocessed `inputs`, in chunks of `batch_size` when the export fixes it."""
+        size = self.batch_size
+        if size is None or inputs.shape[0] == size:
+            return self.module(inputs)
+        outputs = []
+        for chunk in inputs.split(size):
+            count = chunk.shape[0]
+            if count < size:
+                chunk = torch.cat([chunk, chunk.new_zeros((size - count, *chunk.shape[1:]))])
+            output = self.module(chunk)
+            outputs.append(tuple(o[:count] for o in output) if isinstance(output, (tuple, list)) else output[:count])
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outputs))
+        return torch.cat(outputs)
+
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output = self.module(self.preprocess(pixels.to(self.dtype)))
+        output = self.forward_module(self.preprocess(pixels.to(self.dtype)))
         if self.spec.output is ClassifierOutput.logits_embedding:
             logits, embedding = output
             return logits, embedding
         return output, None
 
 
-def _load_module(path: Path, device: torch.device) -> torch.nn.Module:
+def _export_archive_without_sample_inputs(path: Path) -> io.BytesIO:
+    """A copy of a vetted `.pt2` whose sample inputs are empty: torch.export.load reads them with torch.load and
+    falls back to weights_only=False when that fails; with no bytes it reads nothing (and they are not needed)."""
+    copy = io.BytesIO()
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(copy, "w") as target:
+        for info in source.infolist():
+            is_sample_inputs = info.filename.split("/", 1)[1].startswith("data/sample_inputs/")
+            target.writestr(info, b"" if is_sample_inputs else source.read(info))
+    copy.seek(0)
+    return copy
+
+
+def _static_batch_size(program: torch.export.ExportedProgram) -> int | None:
+    """The export's fixed batch size, or None when its batch dimension is dynamic."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    if len(placeholders) != 1:
+        raise InvalidClassifier(f"exported classifier takes {len(placeholders)} inputs; it must take one image batch")
+    shape = getattr(placeholders[0].meta.get("val"), "shape", None)
+    if shape is None or len(shape) != 4:
+        raise InvalidClassifier("exported classifier's input is not a 4-D image batch [B, C, H, W]")
+    return int(shape[0]) if isinstance(shape[0], int) else None
+
+
+def _load_module(path: Path, device: torch.device, max_unpacked_bytes: int) -> tuple[torch.nn.Module, int | None]:
+    """The vetted, loaded and graph-checked module, and its static batch size (exports only)."""
     try:
-        archive_format = detect_archive_format(path)
+        archive_format = inspect_archive(path, max_unpacked_bytes)
+    except (UnsafeClassifierArchive, ArchiveTooLarge) as error:
+        raise UnsafeClassifier(str(error)) from error
     except NotAClassifierArchive as error:
         raise InvalidClassifier(str(error)) from error
     try:
         if archive_format is ArchiveFormat.torchscript:
             module = torch.jit.load(str(path), map_location=device)
         else:
-            module = torch.export.load(str(path)).module().to(device)
+            program = torch.export.load(_export_archive_without_sample_inputs(path))
     except Exception as error:  # a damaged archive surfaces as any of torch's internal errors
-        raise InvalidClassifier(f"classifier archive could not be loaded as {archive_format.value}: {error}") from error
-    return module
+        raise InvalidClassifier(
+            f"classifier archive could not be loaded as {archive_format.value}: {_short(error)}"
+        ) from error
+    try:
+        if archive_format is ArchiveFormat.torchscript:
+            check_script_module(module)
+            return module, None
+        check_exported_program(program)
+    except UnsafeClassifierArchive as error:
+        raise UnsafeClassifier(str(error)) from error
+    batch_size = _static_batch_size(program)
+    return program.module().to(device), batch_size
+
+
+def _short(error: BaseException) -> str:
+    """One line of at most 300 characters of torch's own error text (it can hold the archive's strings)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _check_against_spec(classifier: LoadedClassifier) -> None:
@@ -76,11 +153,11 @@ def _check_against_spec(classifier: LoadedClassifier) -> None:
     probe = torch.rand(2, 3, spec.input_size, spec.input_size, device=classifier.device)
     try:
         with torch.no_grad():
-            output = classifier.module(classifier.preprocess(probe.to(classifier.dtype)))
+            output = classifier.forward_module(classifier.preprocess(probe.to(classifier.dtype)))
     except Exception as error:
         raise InvalidClassifier(
             f"classifier does not run on a batch of 2 images of {spec.in_channels}x{spec.input_size}x{spec.input_size} "
-            f"(input_size/in_channels in the spec, or a static batch size in the export): {error}"
+            f"(input_size/in_channels in the spec): {_short(error)}"
         ) from error
     if spec.output is ClassifierOutput.logits_embedding:
         if not (isinstance(output, (tuple, list)) and len(output) == 2):
@@ -112,14 +189,15 @@ def load_classifier(
     hardness_stats_path: Path | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
 ) -> LoadedClassifier:
     """Load and check a classifier; fp16 on CUDA, fp32 elsewhere unless `dtype` says otherwise."""
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    module = _load_module(Path(archive_path), device)
-    module = module.to(dtype) if hasattr(module, "to") else module
-    if hasattr(module, "eval"):
-        module.eval()
+    module, batch_size = _load_module(Path(archive_path), device, max_unpacked_bytes)
+    module = module.to(dtype)
+    if isinstance(module, torch.jit.ScriptModule):
+        module.eval()  # an exported module has no eval(): export already fixed its mode
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     stats = None
@@ -128,7 +206,9 @@ def load_classifier(
             stats = HardnessStats.load(Path(hardness_stats_path)).to(device)
         except Exception as error:
             raise InvalidClassifier(f"hardness statistics are not a valid safetensors file: {error}") from error
-    classifier = LoadedClassifier(module=module, spec=spec, hardness_stats=stats, device=device, dtype=dtype)
+    classifier = LoadedClassifier(
+        module=module, spec=spec, hardness_stats=stats, device=device, dtype=dtype, batch_size=batch_size
+    )
     _check_against_spec(classifier)
     return classifier
 

@@ -26,6 +26,12 @@ class InvalidClassifier(InvalidJob):
     code = "invalid_classifier"
 
 
+class UnsafeClassifier(InvalidClassifier):
+    """The archive could run code or touch the host if loaded or run; nothing of it was run."""
+
+    code = "unsafe_classifier"
+
+
 class ArtifactGone(InvalidJob):
     """A conditioning image or classifier the job names is no longer in the artifact store."""
 

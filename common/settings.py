@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fgs_common.classifier_archive import DEFAULT_MAX_UNPACKED_BYTES
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FGS_", extra="ignore")
@@ -46,6 +48,31 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default=Path(".fgs/state"), description="where `fgs up` keeps its local redis-server data")
     max_classifier_bytes: int = 512 * 1024 * 1024
     classifier_check_timeout_s: float = 120.0
+    # The classifier check's sandbox (fgs_common.classifier_sandbox). Measured with torch 2.13 CPU, one thread, on
+    # the 10-class SmallCNN: a TorchScript check peaks at 0.6 GiB of address space (VmPeak; 0.3 GiB resident), a
+    # .pt2 check at 0.7 GiB (0.4 GiB), almost all of it torch itself. An archive's weights come on top, about
+    # twice (a .pt2 is copied once to drop its sample inputs): 4 GiB holds a 512 MiB archive
+    # (FGS_MAX_CLASSIFIER_BYTES) with room to run it on a batch of 2.
+    classifier_check_memory_bytes: int = Field(
+        default=4 * 1024**3, ge=512 * 1024**2, description="address-space limit of one classifier check (RLIMIT_AS)"
+    )
+    # The same checks take 1.4 s (TorchScript) and 2.7 s (.pt2) of CPU, mostly importing torch and loading; 60 s
+    # leaves a large classifier room while a spinning one ends well before the 120 s wall-clock limit above.
+    classifier_check_cpu_s: int = Field(
+        default=60, ge=5, description="CPU-time limit of one classifier check (RLIMIT_CPU)"
+    )
+    # Each check is one CPU-bound process of up to classifier_check_memory_bytes: two at once keep an API host of
+    # 4 cores and 16 GiB responsive while a third upload waits.
+    classifier_checks_at_once: int = Field(default=2, ge=1, description="classifier checks run at once; 429 beyond")
+    classifier_check_retry_after_s: int = Field(default=10, ge=1, description="Retry-After of that 429")
+    classifier_check_require_network_isolation: bool = Field(
+        default=False,
+        description="refuse uploads (503) where the kernel gives the check no network namespace of its own; "
+        "off: the check then runs with the host's network and a warning is logged",
+    )
+    max_classifier_unpacked_bytes: int = Field(
+        default=DEFAULT_MAX_UNPACKED_BYTES, description="total unpacked size of a classifier archive (zip bombs)"
+    )
     classifier_check: bool = Field(
         default=True,
         description="run uploaded classifiers once in a subprocess (needs the worker extra) before accepting them",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 from contextlib import asynccontextmanager
 
 import redis
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # On app.state, not through dependency_overrides: an override makes FastAPI re-inspect the dependency's
     # signature on every request (measured: 6% of an enqueue's CPU).
     app.state.settings = settings
+    app.state.classifier_check_slots = threading.BoundedSemaphore(settings.classifier_checks_at_once)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_classifier_bytes + 2 * settings.max_upload_bytes)
 

@@ -6,6 +6,7 @@ thread hop per dependency per request was most of the enqueue latency under load
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -32,6 +33,10 @@ async def _job_queue(request: Request) -> JobQueue:
 
 async def _store(request: Request) -> ArtifactStore:
     return request.app.state.store
+
+
+async def _check_slots(request: Request) -> threading.BoundedSemaphore:
+    return request.app.state.classifier_check_slots
 
 
 async def _keyring(request: Request) -> KeyRing:
@@ -67,3 +72,5 @@ JobQueueDep = Annotated[JobQueue, Depends(_job_queue)]
 StoreDep = Annotated[ArtifactStore, Depends(_store)]
 TenantDep = Annotated[Tenant, Depends(_tenant)]
 AdminDep = Annotated[Tenant, Depends(_admin)]
+# One slot per classifier check that may run at once (FGS_CLASSIFIER_CHECKS_AT_ONCE).
+CheckSlotsDep = Annotated[threading.BoundedSemaphore, Depends(_check_slots)]

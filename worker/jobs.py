@@ -2,7 +2,7 @@
 
     run_generate_job(job_id)
       1. claim the job (queued -> running, atomically; a canceled job is never run)
-      2. load conditioning images and the classifier (resident LRU)
+      2. load conditioning images and the classifier (resident LRU; a first load is checked in the sandbox first)
       3. sample in chunks of at most FGS_MAX_BATCH_IMAGES, writing each chunk's PNGs before reporting progress
       4. mark it finished (or canceled / failed) in one step
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from PIL.PngImagePlugin import PngInfo
 from rq import get_current_job
 
 from fgs_common import telemetry
+from fgs_common.classifier_sandbox import run_classifier_check
 from fgs_common.job_records import now_ts
 from fgs_classifier.registry import LoadedClassifier, load_classifier
-from fgs_common.exceptions import ArtifactGone, InvalidJob, JobCanceled
+from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob, JobCanceled
 from fgs_common.wire import ClassifierSpec, ErrorBody, GenerateRequest, ImageResult, JobState
 from fgs_worker.cancel import cancel_requested
 from fgs_worker.runtime import WorkerRuntime, current_runtime
@@ -70,7 +72,20 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
     stats = folder / "hardness.safetensors"
 
     def load() -> LoadedClassifier:
-        return load_classifier(runtime.store.classifier_archive(folder), spec, stats if stats.exists() else None, device=runtime.device)
+        archive = runtime.store.classifier_archive(folder)
+        stats_path = stats if stats.exists() else None
+        # First load in this worker: run the archive in the sandbox before this process (the GPU, the Redis
+        # connection) touches it. The API checked it too, unless it runs without torch (FGS_CLASSIFIER_CHECK).
+        with tempfile.TemporaryDirectory(prefix="fgs-classifier-check-") as scratch:
+            outcome = run_classifier_check(
+                archive, folder / "spec.json", stats_path, runtime.settings, Path(scratch), on_wait=runtime.beat
+            )
+        if not outcome.ok:
+            raise InvalidClassifier(outcome.message)
+        return load_classifier(
+            archive, spec, stats_path, device=runtime.device,
+            max_unpacked_bytes=runtime.settings.max_classifier_unpacked_bytes,
+        )
 
     return runtime.classifiers.get(f"{tenant}/{classifier_id}", load)
 

@@ -1,11 +1,13 @@
 """Classifier upload: a TorchScript / torch.export archive, its spec JSON and optional hardness statistics.
 
 The service never imports torch, so it checks what it can without it (size, zip layout of a TorchScript or
-torch.export archive, never a pickle; spec JSON; safetensors header) and then runs the archive once in a
-short-lived subprocess, `python -m fgs_classifier.check`, which loads it the way a worker will and
-checks its outputs against the spec. Only a classifier that passes is stored: a mismatch is a 422 and
-nothing is written. An API-only install without torch skips the subprocess (FGS_CLASSIFIER_CHECK=false, or
-torch absent); the worker then runs the same check at first use and fails that job with the same message.
+torch.export archive whose contents cannot run code: `fgs_common.classifier_archive.inspect_archive`; spec
+JSON; safetensors header) and then runs the archive once in a sandboxed subprocess
+(`fgs_common.classifier_sandbox`), which loads it the way a worker will and checks its outputs against the
+spec. At most FGS_CLASSIFIER_CHECKS_AT_ONCE checks run at once; an upload beyond that is a 429 with Retry-After.
+Only a classifier that passes is stored: a failure is a 4xx whose message fgs wrote (never the check's output)
+and nothing is written. An API-only install without torch skips the subprocess (FGS_CLASSIFIER_CHECK=false, or
+torch absent); the worker then runs the same sandboxed check at first use and fails that job with its message.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import importlib.util
 import json
 import shutil
 import struct
-import subprocess
-import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -24,10 +25,17 @@ from fastapi import APIRouter, Form, UploadFile
 from pydantic import ValidationError
 
 from fgs_common.artifact_store import ArtifactStore
-from fgs_common.classifier_archive import ArchiveFormat, NotAClassifierArchive, detect_archive_format
+from fgs_common.classifier_archive import (
+    ArchiveFormat,
+    ArchiveTooLarge,
+    NotAClassifierArchive,
+    UnsafeClassifierArchive,
+    inspect_archive,
+)
+from fgs_common.classifier_sandbox import run_classifier_check
 from fgs_common.settings import Settings
 from fgs_common.wire import ClassifierSpec, ClassifierUploaded
-from fgs_service.deps import SettingsDep, StoreDep, TenantDep
+from fgs_service.deps import CheckSlotsDep, SettingsDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
 from fgs_service.uploads import read_limited
 
@@ -58,30 +66,51 @@ def _check_safetensors(data: bytes) -> None:
 
 
 def _worker_check_available() -> bool:
-    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("fgs_worker") is not None
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("fgs_classifier") is not None
 
 
-def _run_classifier_check(archive: Path, spec: Path, stats: Path | None, settings: Settings) -> None:
-    """Load and run the classifier in a subprocess (torch stays out of the API process)."""
-    command = [sys.executable, "-m", "fgs_classifier.check", str(archive), str(spec)] + ([str(stats)] if stats else [])
+# Statuses of the check's outcomes that are not the uploader's to fix by changing the archive.
+_CHECK_STATUS = {"classifier_check_unavailable": 503}
+
+
+def _run_classifier_check(
+    archive: Path, spec: Path, stats: Path | None, settings: Settings, slots: threading.BoundedSemaphore
+) -> None:
+    """Load and run the classifier in the sandbox (torch stays out of the API process); 429 when no slot is free."""
+    if not slots.acquire(blocking=False):
+        raise ApiError(
+            429,
+            "classifier_checks_busy",
+            f"{settings.classifier_checks_at_once} classifier checks are running; retry in "
+            f"{settings.classifier_check_retry_after_s} s",
+            headers={"Retry-After": str(settings.classifier_check_retry_after_s)},
+        )
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=settings.classifier_check_timeout_s)
-    except subprocess.TimeoutExpired:
-        raise ApiError(422, "classifier_check_timeout", f"classifier did not load and run within {settings.classifier_check_timeout_s} s") from None
-    if result.returncode == 2:
-        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "classifier does not match its spec"
-        raise ApiError(422, "classifier_mismatch", message)
-    if result.returncode != 0:
-        raise RuntimeError(f"classifier check crashed (exit {result.returncode}): {result.stderr[-2000:]}")
+        outcome = run_classifier_check(archive, spec, stats, settings, scratch=archive.parent)
+    finally:
+        slots.release()
+    if not outcome.ok:
+        raise ApiError(_CHECK_STATUS.get(outcome.code, 422), outcome.code, outcome.message)
 
 
-def _validated(archive: bytes, spec_json: bytes, stats: bytes | None, settings: SettingsDep, scratch: Path) -> ArchiveFormat:
+def _validated(
+    archive: bytes,
+    spec_json: bytes,
+    stats: bytes | None,
+    settings: Settings,
+    scratch: Path,
+    slots: threading.BoundedSemaphore,
+) -> ArchiveFormat:
     archive_path = scratch / "upload"
     archive_path.write_bytes(archive)
     try:
-        archive_format = detect_archive_format(archive_path)
+        archive_format = inspect_archive(archive_path, settings.max_classifier_unpacked_bytes)
     except NotAClassifierArchive as error:
         raise ApiError(415, "not_a_classifier_archive", str(error)) from None
+    except ArchiveTooLarge as error:
+        raise ApiError(422, "classifier_archive_too_large", str(error)) from None
+    except UnsafeClassifierArchive as error:
+        raise ApiError(422, "unsafe_classifier_archive", str(error)) from None
     if settings.classifier_check and _worker_check_available():
         named = archive_path.rename(scratch / _ARCHIVE_NAME[archive_format])
         (scratch / "spec.json").write_bytes(spec_json)
@@ -89,7 +118,7 @@ def _validated(archive: bytes, spec_json: bytes, stats: bytes | None, settings: 
         if stats is not None:
             stats_path = scratch / "hardness.safetensors"
             stats_path.write_bytes(stats)
-        _run_classifier_check(named, scratch / "spec.json", stats_path, settings)
+        _run_classifier_check(named, scratch / "spec.json", stats_path, settings, slots)
     return archive_format
 
 
@@ -100,6 +129,7 @@ def upload_classifier(
     tenant: TenantDep,
     store: StoreDep,
     settings: SettingsDep,
+    check_slots: CheckSlotsDep,
     hardness_stats: UploadFile | None = None,
 ) -> ClassifierUploaded:
     """Check and store a classifier; its id is a digest of archive, spec and statistics."""
@@ -112,7 +142,7 @@ def upload_classifier(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".classifier-check-", dir=settings.data_dir))
     try:
-        archive_format = _validated(archive_bytes, spec_json, stats_bytes, settings, scratch)
+        archive_format = _validated(archive_bytes, spec_json, stats_bytes, settings, scratch, check_slots)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     classifier_id = store.put_classifier(tenant.name, archive_bytes, _ARCHIVE_NAME[archive_format], spec_json, stats_bytes)
