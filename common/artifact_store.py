@@ -37,7 +37,7 @@ class ArtifactStore:
         self.root = Path(root)
 
     def tenant_dir(self, tenant: str) -> Path:
-        if not _TENANT.match(tenant):
+        if not _TENANT.match(tenant) or tenant in (".", ".."):  # "..": the folder above, not a tenant's own
             raise ValueError(f"invalid tenant name {tenant!r}")
         return self.root / "tenants" / tenant
 
