@@ -20,6 +20,17 @@ TENANT_KEYS = {"alpha": "key-alpha-" + "a" * 24, "beta": "key-beta-" + "b" * 24,
 CAPPED_MAX_IMAGES = 10
 
 
+def keys_document() -> str:
+    """The keys file (FGS_API_KEYS_FILE / FGS_API_KEYS) of the test tenants; `capped` may queue CAPPED_MAX_IMAGES."""
+    from fgs_service.auth import hash_key
+
+    tenants = [
+        {"name": name, "key_sha256": [hash_key(key)], **({"max_queued_images": CAPPED_MAX_IMAGES} if name == "capped" else {})}
+        for name, key in TENANT_KEYS.items()
+    ]
+    return json.dumps({"tenants": tenants})
+
+
 @dataclass
 class Stack:
     """A running API and its workers on one Redis prefix."""
@@ -80,13 +91,7 @@ def start_stack(redis_url: str, model_dir: Path, root: Path, workers: int = 2, e
     """Start uvicorn on a free loopback port and `workers` worker subprocesses, on a fresh Redis prefix."""
     root.mkdir(parents=True, exist_ok=True)
     keys_file = root / "keys.json"
-    from fgs_service.auth import hash_key
-
-    tenants = [
-        {"name": name, "key_sha256": [hash_key(key)], **({"max_queued_images": CAPPED_MAX_IMAGES} if name == "capped" else {})}
-        for name, key in TENANT_KEYS.items()
-    ]
-    keys_file.write_text(json.dumps({"tenants": tenants}))
+    keys_file.write_text(keys_document())
     prefix = "fgs-test-" + uuid.uuid4().hex[:8]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
