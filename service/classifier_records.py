@@ -12,7 +12,8 @@ def classifier_record(store: ArtifactStore, tenant: str, classifier_id: str) -> 
     if folder is None:
         return None
     spec = ClassifierSpec.model_validate_json((folder / "spec.json").read_bytes())
-    return ClassifierUploaded(id=classifier_id, spec=spec, has_hardness_stats=(folder / "hardness.safetensors").exists())
+    has_stats = (folder / "hardness.safetensors").exists()
+    return ClassifierUploaded(id=classifier_id, spec=spec, has_hardness_stats=has_stats)
 
 
 def classifier_records(store: ArtifactStore, tenant: str) -> list[ClassifierUploaded]:

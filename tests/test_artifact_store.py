@@ -61,7 +61,8 @@ def test_a_classifier_is_one_folder_whose_id_covers_archive_spec_and_statistics(
     assert ArtifactStore.classifier_archive(folder).name == "archive.pt"
     assert store.classifier_dir("beta", plain) is None
     assert store.classifier_dir("alpha", "not-an-id") is None
-    assert sorted(p.name for p in (tmp_path / "tenants/alpha/classifiers").iterdir()) == sorted([plain, with_stats, other_spec])
+    stored = sorted(p.name for p in (tmp_path / "tenants/alpha/classifiers").iterdir())
+    assert stored == sorted([plain, with_stats, other_spec])
 
 
 def test_concurrent_uploads_of_one_classifier_leave_one_folder(tmp_path):
@@ -79,4 +80,5 @@ def test_concurrent_uploads_of_one_classifier_leave_one_folder(tmp_path):
     for thread in threads:
         thread.join()
     assert len(ids) == 6 and len(set(ids)) == 1
-    assert files_under(tmp_path) == [f"tenants/alpha/classifiers/{ids[0]}/{name}" for name in ("archive.pt2", "spec.json")]
+    folder = f"tenants/alpha/classifiers/{ids[0]}"
+    assert files_under(tmp_path) == [f"{folder}/archive.pt2", f"{folder}/spec.json"]

@@ -25,7 +25,8 @@ def keys_document() -> str:
     from fgs_service.auth import hash_key
 
     tenants = [
-        {"name": name, "key_sha256": [hash_key(key)], **({"max_queued_images": CAPPED_MAX_IMAGES} if name == "capped" else {})}
+        {"name": name, "key_sha256": [hash_key(key)]}
+        | ({"max_queued_images": CAPPED_MAX_IMAGES} if name == "capped" else {})
         for name, key in TENANT_KEYS.items()
     ]
     return json.dumps({"tenants": tenants})
@@ -46,7 +47,8 @@ class Stack:
     log_dir: Path | None = None
 
     def client(self, tenant: str = "alpha", **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.keys[tenant]}"}, timeout=60, **kwargs)
+        headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kwargs)
 
     def spawn_worker(self, name: str | None = None) -> subprocess.Popen:
         name = name or f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}"
@@ -87,7 +89,9 @@ class Stack:
                 process.kill()
 
 
-def start_stack(redis_url: str, model_dir: Path, root: Path, workers: int = 2, extra_env: dict[str, str] | None = None) -> Stack:
+def start_stack(
+    redis_url: str, model_dir: Path, root: Path, workers: int = 2, extra_env: dict[str, str] | None = None
+) -> Stack:
     """Start uvicorn on a free loopback port and `workers` worker subprocesses, on a fresh Redis prefix."""
     root.mkdir(parents=True, exist_ok=True)
     keys_file = root / "keys.json"
@@ -114,12 +118,14 @@ def start_stack(redis_url: str, model_dir: Path, root: Path, workers: int = 2, e
     log_dir.mkdir(exist_ok=True)
     api_log = open(log_dir / "api.log", "wb")
     api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--timeout-keep-alive", "120"],
+        [sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--timeout-keep-alive", "120"],
         env=env,
         stdout=api_log,
         stderr=api_log,
     )
-    stack = Stack(f"http://127.0.0.1:{port}", dict(TENANT_KEYS), redis_url, prefix, root / "data", env, api, log_dir=log_dir)
+    base_url = f"http://127.0.0.1:{port}"
+    stack = Stack(base_url, dict(TENANT_KEYS), redis_url, prefix, root / "data", env, api, log_dir=log_dir)
     for _ in range(workers):
         stack.spawn_worker()
     try:
