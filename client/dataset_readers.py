@@ -19,6 +19,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from fgs_common.atomic_files import atomic_writer, write_atomic
+
 DATASET_NAMES = ("nico++", "imagenet-lt", "imagefolder", "digits-lt")
 NICOPP_TRAIN_DIR = "track_1/public_dg_0416/train"
 NICOPP_MAPPING = "track_1/dg_label_id_mapping.json"
@@ -187,14 +189,10 @@ def _strip_base(rel_path: str, base: str) -> str:
 
 
 def _write_csv_atomic(path: Path, columns: list[str], rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_writer(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _read_label_mapping(path: Path) -> list[str]:
@@ -326,9 +324,7 @@ class ImagenetLtLayout(DatasetLayout):
 
     def write_index(self, out, dataset, real, synthetic):
         lines = [f"{im.rel_path} {im.class_index}\n" for im in list(real) + list(synthetic)]
-        tmp = out / f".{self.split_file}.tmp-{os.getpid()}"
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, out / self.split_file)
+        write_atomic(out / self.split_file, "".join(lines))
         return [self.split_file]
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from PIL import Image
 
 from fgs_client.dataset_readers import ScannedDataset, SyntheticImage
+from fgs_common.atomic_files import atomic_path, atomic_writer, is_temporary_name, write_atomic
 
 MANIFEST_NAME = "manifest.csv"
-TMP_MARK = ".tmp-"
 REAL_FILE_MODES = ("link", "copy")
 
 
@@ -47,14 +47,10 @@ def _to_csv(row: ManifestRow) -> dict:
 
 def write_manifest(out: Path, rows: list[ManifestRow]) -> Path:
     path = out / MANIFEST_NAME
-    tmp = out / f".{MANIFEST_NAME}{TMP_MARK}{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_writer(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         writer.writerows(_to_csv(row) for row in rows)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -79,9 +75,8 @@ def carry_file(source: Path, dest: Path, mode: str) -> None:
         except OSError:
             os.symlink(source.resolve(), dest)
         return
-    tmp = dest.with_name(f".{dest.name}{TMP_MARK}{os.getpid()}")
-    shutil.copy2(source, tmp)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as temporary:
+        shutil.copy2(source, temporary)
 
 
 def carry_real_files(dataset: ScannedDataset, out: Path, mode: str) -> None:
@@ -101,21 +96,15 @@ def write_png_atomic(dest: Path, data: bytes) -> None:
         if image.format != "PNG":
             raise ValueError(f"expected a PNG for {dest.name}, got {image.format}")
         image.load()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, dest)
+    write_atomic(dest, data)
 
 
 def remove_temporary_files(directory: Path) -> int:
-    """Delete what an interrupted write left behind (files named .<name>.tmp-<pid>)."""
+    """Delete what an interrupted atomic write left behind (`fgs_common.atomic_files` temporary names)."""
     removed = 0
     if directory.is_dir():
         for path in directory.iterdir():
-            if path.name.startswith(".") and TMP_MARK in path.name and path.is_file():
+            if is_temporary_name(path.name) and path.is_file():
                 path.unlink()
                 removed += 1
     return removed

@@ -3,18 +3,18 @@
     {data_dir}/tenants/{tenant}/images/{sha256}.{png|jpeg|webp}   uploaded conditioning images and generated PNGs
     {data_dir}/tenants/{tenant}/classifiers/{id}/archive.{pt|pt2}, spec.json[, hardness.safetensors]
 
-Ids are sha256 digests of the content, so the same upload twice is one object. Every write goes to a temporary
-name in the same directory and is renamed into place: a reader never sees half a file. Shared by the API and
-the workers; imports neither torch nor FastAPI.
+Ids are sha256 digests of the content, so the same upload twice is one object. Every write goes through
+`fgs_common.atomic_files` (temporary name in the same directory, fsync, rename): a reader never sees half a
+file, nor half a classifier folder. Shared by the API and the workers; imports neither torch nor FastAPI.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from fgs_common.atomic_files import atomic_directory, write_atomic
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -30,20 +30,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ArtifactStore:
     """Per-tenant files under one root."""
 
@@ -51,7 +37,7 @@ class ArtifactStore:
         self.root = Path(root)
 
     def tenant_dir(self, tenant: str) -> Path:
-        if not _TENANT.match(tenant):
+        if not _TENANT.match(tenant) or tenant in (".", ".."):  # "..": the folder above, not a tenant's own
             raise ValueError(f"invalid tenant name {tenant!r}")
         return self.root / "tenants" / tenant
 
@@ -63,7 +49,7 @@ class ArtifactStore:
         image_id = sha256_hex(data)
         path = self.tenant_dir(tenant) / "images" / f"{image_id}.{fmt}"
         if not path.exists():
-            _atomic_write(path, data)
+            write_atomic(path, data)
         return image_id
 
     def image_path(self, tenant: str, image_id: str) -> Path | None:
@@ -88,23 +74,11 @@ class ArtifactStore:
         final = self.tenant_dir(tenant) / "classifiers" / classifier_id
         if final.exists():
             return classifier_id
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-        try:
-            (tmp / archive_name).write_bytes(archive)
-            (tmp / "spec.json").write_bytes(spec_json)
+        with atomic_directory(final) as staging:  # a lost race with the same upload keeps the identical copy
+            (staging / archive_name).write_bytes(archive)
+            (staging / "spec.json").write_bytes(spec_json)
             if hardness is not None:
-                (tmp / "hardness.safetensors").write_bytes(hardness)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.exists():  # lost a race with the same upload: the other copy is identical
-                    raise
-        finally:
-            if tmp.exists():
-                for child in tmp.iterdir():
-                    child.unlink()
-                tmp.rmdir()
+                (staging / "hardness.safetensors").write_bytes(hardness)
         return classifier_id
 
     def classifier_dir(self, tenant: str, classifier_id: str) -> Path | None:

@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from fgs_common.settings import Settings
 
@@ -27,6 +27,14 @@ class TenantEntry(BaseModel):
     key_sha256: list[str] = Field(min_length=1)
     max_queued_images: int | None = Field(default=None, ge=0)
     admin: bool = Field(default=False, description="may read the operator view of all tenants")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_relative_folder(cls, name: str) -> str:
+        # The name is the tenant's folder in the artifact store: "." or ".." would be another tenant's or the root.
+        if name in (".", ".."):
+            raise ValueError(f"tenant name {name!r} is not allowed")
+        return name
 
 
 class KeysFile(BaseModel):

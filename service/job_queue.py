@@ -4,7 +4,9 @@ An enqueue writes the job record, the RQ job and the tenant's queue entry in one
 tenant's queued-image cap has been reserved; a refused request leaves nothing behind. Enqueueing is the
 API's hot path, so it runs on the event loop with the asyncio Redis client: RQ only appends commands to the
 pipeline it is handed (nothing in `enqueue_many` reads from Redis), and we send that pipeline ourselves.
-The rarer calls (cancel, reconcile, inspection) use the blocking clients from the threadpool.
+The rarer calls (cancel, reconcile, inspection) use the blocking clients from the threadpool. The routers read
+through this class only (`job`, `list_jobs`, `batch_summary`, `live_workers`, `ping`): key names stay here and in
+`fgs_common.job_records`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from fgs_common import telemetry
-from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, now_ts
+from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, job_public, now_ts
 from fgs_common.settings import Settings
-from fgs_common.wire import GenerateRequest, JobState
+from fgs_common.wire import BatchPublic, GenerateRequest, JobPublic, JobsPublic, JobState
 from fgs_service.auth import Tenant
 
 JOB_FUNCTION = "fgs_worker.jobs.run_generate_job"
@@ -151,6 +153,53 @@ class JobQueue:
         ]
         queue.enqueue_many(datas, pipeline=pipe)
         pipe.sadd(self.keys.tenant_queues(), queue.name)
+
+    # ---- reads ----
+    def ping(self) -> None:
+        """Raise if Redis does not answer."""
+        self.redis.ping()
+
+    def live_workers(self) -> list[str]:
+        """Names of the workers whose heartbeat key has not expired."""
+        pattern = self.keys.worker_alive_pattern()
+        return sorted(key.rsplit(":", 1)[1] for key in self.redis.scan_iter(match=pattern, count=1000))
+
+    def job(self, tenant: Tenant, job_id: str) -> JobPublic | None:
+        """The tenant's job, reconciled with RQ; None when there is no such job or it is another tenant's."""
+        raw = self.records.raw(job_id)
+        if not raw or raw.get("tenant") != tenant.name:
+            return None
+        return job_public(job_id, self.reconcile(job_id, raw))
+
+    def list_jobs(self, tenant: Tenant, state: JobState | None, limit: int, offset: int) -> JobsPublic:
+        """A page of the tenant's jobs, newest first; `state` filters within the page."""
+        ids = self.redis.zrevrange(self.keys.tenant_jobs(tenant.name), offset, offset + limit - 1)
+        jobs = []
+        for job_id in ids:
+            raw = self.records.raw(job_id)
+            if raw:
+                job = job_public(job_id, raw)
+                if state is None or job.state is state:
+                    jobs.append(job)
+        return JobsPublic(jobs=jobs, count=len(jobs))
+
+    def batch_summary(self, tenant: Tenant, batch_id: str) -> BatchPublic | None:
+        """Counts of the batch's jobs by state and its images done / total; None when the tenant has no such batch."""
+        job_ids = self.batch_job_ids(tenant, batch_id)
+        if job_ids is None:
+            return None
+        counts = {state: 0 for state in JobState}
+        done = total = 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.keys.job(job_id), "state", "images_done", "images_total")
+            for state, images_done, images_total in pipe.execute():
+                if state is None:  # the record expired before the batch did
+                    continue
+                counts[JobState(state)] += 1
+                done += int(images_done or 0)
+                total += int(images_total or 0)
+        return BatchPublic(batch_id=batch_id, job_ids=job_ids, counts=counts, images_done=done, images_total=total)
 
     def batch_job_ids(self, tenant: Tenant, batch_id: str) -> list[str] | None:
         """The batch's job ids, or None when there is no such batch of this tenant."""

@@ -22,7 +22,7 @@ from PIL import Image
 
 from fgs_client.balance_state import STATE_NAME
 from fgs_client.http_client import AuthenticationFailed, Client
-from test_client_readers import make_nicopp_tree, write_image
+from support.dataset_trees import make_nicopp_tree, write_image
 
 FAST = ["--steps", "4", "--guidance-every", "2", "--images-per-job", "4", "--no-progress"]
 WITH_PROGRESS = FAST[:-1]
@@ -230,7 +230,7 @@ def test_feedback_guided_balance_with_uploaded_classifier(live_stack, tmp_path):
     """upload-classifier then balance with entropy feedback; and hardness feedback with statistics from hardness-stats."""
     import torch
 
-    from test_client_hardness_stats import TinyClassifier
+    from support.tiny_classifier import TinyClassifier
 
     root = tmp_path / "folder"
     for class_name, n in (("ant", 3), ("bee", 1)):
@@ -308,7 +308,7 @@ def test_failing_jobs_are_retried_then_reported(live_stack, tmp_path):
 
 def test_balance_larger_than_the_tenant_queue_cap(live_stack, tmp_path):
     """The capped tenant may queue 10 images: a 12-image plan goes in job by job as its own jobs finish."""
-    from conftest import CAPPED_MAX_IMAGES
+    from support.stack import CAPPED_MAX_IMAGES
 
     root = tmp_path / "folder"
     for class_name, n in (("ant", 13), ("bee", 1)):

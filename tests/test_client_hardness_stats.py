@@ -12,19 +12,9 @@ from typer.testing import CliRunner
 from fgs_client.cli import app
 from fgs_classifier.hardness_stats import HardnessStats
 
+from support.tiny_classifier import TinyClassifier
+
 runner = CliRunner()
-
-
-class TinyClassifier(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Linear(3 * 8 * 8, 4)
-        self.head = torch.nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.embed(x.flatten(1))
-        return self.head(embedding), embedding
 
 
 def test_hardness_stats_of_a_torchscript_classifier(tmp_path):

@@ -19,7 +19,7 @@ from fgs_client.balance_planner import (
 from fgs_client.cli import app
 from fgs_client.dataset_readers import packaged_path, read_dataset
 
-from test_client_readers import make_nicopp_tree
+from support.dataset_trees import make_nicopp_tree
 
 runner = CliRunner()
 

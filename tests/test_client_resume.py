@@ -12,7 +12,7 @@ from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
 from fgs_client.cli import app
 from fgs_client.dataset_writer import remove_temporary_files, write_png_atomic
 
-from test_client_readers import make_nicopp_tree
+from support.dataset_trees import make_nicopp_tree
 
 runner = CliRunner()
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import yaml
 
-from conftest import start_stack
+from support.stack import start_stack
 from fgs_common.loopback import free_port
-from live_stack_calls import JobState, generate, wait_final
+from support.live_calls import JobState, generate, wait_final
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 SCRAPE_CONFIG = Path(__file__).resolve().parent.parent / "docker" / "prometheus.yml"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis
 
-from live_stack_calls import png_bytes, upload_classifier
+from support.live_calls import png_bytes, upload_classifier
 
 GOOD = {"prompt": "a photo of digit four", "class_index": 4, "num_images": 1, "steps": 2, "guidance_every": 1}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from live_stack_calls import JobState, generate, get_job, wait_final, wait_for
+from support.live_calls import JobState, generate, get_job, wait_final, wait_for
 
 
 def test_cancel_queued_and_running_jobs(live_stack):

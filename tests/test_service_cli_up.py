@@ -14,7 +14,7 @@ import httpx
 import redis
 
 from fgs_common.loopback import free_port
-from live_stack_calls import JobState, generate, wait_final
+from support.live_calls import JobState, generate, wait_final
 
 
 def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_path):

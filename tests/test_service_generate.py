@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fgs_common.wire import JobState
-from live_stack_calls import follow_events, png_bytes, upload_classifier
+from support.live_calls import follow_events, png_bytes, upload_classifier
 
 
 def test_generate_entropy_feedback_matches_in_process_sampler(live_stack, classifier_files, tiny_model_dir):

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import start_stack
+from support.stack import start_stack
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from conftest import CAPPED_MAX_IMAGES
-from live_stack_calls import JobState, generate, get_job, png_bytes, upload_classifier, wait_final, wait_for
+from support.stack import CAPPED_MAX_IMAGES
+from support.live_calls import JobState, generate, get_job, png_bytes, upload_classifier, wait_final, wait_for
 
 
 def test_other_tenants_objects_are_404(live_stack, classifier_files):

@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
-from conftest import start_stack
-from live_stack_calls import JobState, generate, get_job, png_bytes, wait_final, wait_for
+from support.stack import start_stack
+from support.live_calls import JobState, generate, get_job, png_bytes, wait_final, wait_for
 
 
 @pytest.fixture(scope="module")

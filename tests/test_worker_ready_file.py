@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from conftest import start_stack
+from support.stack import start_stack
 
 
 def test_ready_file_written_when_loaded_and_removed_on_sigterm(redis_server, tiny_model_dir, tmp_path):

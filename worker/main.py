@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
+from fgs_common.atomic_files import write_atomic
 from fgs_common.settings import Settings, get_settings
 from fgs_worker.runtime import WorkerRuntime, reset_current_runtime, set_current_runtime
 
@@ -138,11 +138,8 @@ class FgsWorker(SimpleWorker):
 
 
 def write_ready_file(path: Path, worker_name: str) -> None:
-    """Write `path` atomically (temp file + rename), so a probe never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(f"{worker_name}\n")
-    os.replace(temporary, path)
+    """Write `path` atomically, so a probe never sees a half-written file."""
+    write_atomic(path, f"{worker_name}\n")
 
 
 def run_worker(settings: Settings | None = None, name: str | None = None, ready_file: Path | None = None) -> None:

@@ -6,12 +6,13 @@ so the embedded model exercises exactly the code path of the real one. Nothing i
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import StableUnCLIPImg2ImgPipeline
+
+from fgs_common.atomic_files import atomic_directory
 
 EMBEDDED_MODELS_DIR = Path(__file__).parent / "models"
 EMBEDDED_MODEL = "fgs-digits"
@@ -26,14 +27,10 @@ def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
         cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "fgs-models")
         target = cache_dir / "tiny"
         if not (target / "model_index.json").exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            # Build beside the target and rename: concurrent workers never see a half-written model.
-            staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=cache_dir))
-            save_tiny_model(staging)
-            try:
-                os.rename(staging, target)
-            except OSError:
-                pass  # another process won the race; its copy is identical (fixed seed)
+            # Concurrent workers never see a half-written model; one that loses the race keeps the winner's
+            # copy, which is identical (fixed seed).
+            with atomic_directory(target) as staging:
+                save_tiny_model(staging)
         return target
     path = EMBEDDED_MODELS_DIR / model if model == EMBEDDED_MODEL else Path(model).expanduser()
     if not (path / "model_index.json").is_file():

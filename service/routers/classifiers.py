@@ -35,6 +35,7 @@ from fgs_common.classifier_archive import (
 from fgs_common.classifier_sandbox import run_classifier_check
 from fgs_common.settings import Settings
 from fgs_common.wire import ClassifierSpec, ClassifierUploaded
+from fgs_service.classifier_records import classifier_record, classifier_records
 from fgs_service.deps import CheckSlotsDep, SettingsDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
 from fgs_service.uploads import read_limited
@@ -149,21 +150,14 @@ def upload_classifier(
     return ClassifierUploaded(id=classifier_id, spec=parsed, has_hardness_stats=stats_bytes is not None)
 
 
-def load_classifier_record(store: ArtifactStore, tenant: str, classifier_id: str) -> ClassifierUploaded:
-    folder = store.classifier_dir(tenant, classifier_id)
-    if folder is None:
-        raise not_found("classifier", classifier_id)
-    spec = ClassifierSpec.model_validate_json((folder / "spec.json").read_bytes())
-    return ClassifierUploaded(id=classifier_id, spec=spec, has_hardness_stats=(folder / "hardness.safetensors").exists())
-
-
 @router.get("/{classifier_id}")
 def get_classifier(classifier_id: str, tenant: TenantDep, store: StoreDep) -> ClassifierUploaded:
-    return load_classifier_record(store, tenant.name, classifier_id)
+    record = classifier_record(store, tenant.name, classifier_id)
+    if record is None:
+        raise not_found("classifier", classifier_id)
+    return record
 
 
 @router.get("")
 def list_classifiers(tenant: TenantDep, store: StoreDep) -> list[ClassifierUploaded]:
-    folder = store.tenant_dir(tenant.name) / "classifiers"
-    ids = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
-    return [load_classifier_record(store, tenant.name, i) for i in ids]
+    return classifier_records(store, tenant.name)

@@ -9,13 +9,13 @@ import anyio.to_thread
 from fastapi import APIRouter, Header
 
 from fgs_common.artifact_store import ArtifactStore
-from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted, JobState
+from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted
 from fgs_common.wire_views import BatchCanceled
+from fgs_service.classifier_records import classifier_record
 from fgs_service.auth import Tenant
 from fgs_service.deps import JobQueueDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
 from fgs_service.job_queue import QueueFull
-from fgs_service.routers.classifiers import load_classifier_record
 
 router = APIRouter(tags=["generate"], responses=ERROR_RESPONSES)
 
@@ -33,8 +33,10 @@ def check_references(store: ArtifactStore, tenant: Tenant, requests: list[Genera
         if request.classifier_id is None:
             continue
         if request.classifier_id not in classifiers:
-            classifiers[request.classifier_id] = load_classifier_record(store, tenant.name, request.classifier_id)
+            classifiers[request.classifier_id] = classifier_record(store, tenant.name, request.classifier_id)
         record = classifiers[request.classifier_id]
+        if record is None:
+            raise not_found("classifier", request.classifier_id)
         if request.class_index >= record.spec.num_classes:
             raise ApiError(422, "invalid_request", f"class_index {request.class_index} is out of range: the classifier has {record.spec.num_classes} classes")
         if request.criterion is Criterion.hardness and not record.has_hardness_stats:
@@ -72,21 +74,10 @@ async def create_batch(body: BatchCreate, tenant: TenantDep, queue: JobQueueDep,
 @router.get("/v1/batches/{batch_id}")
 def get_batch(batch_id: str, tenant: TenantDep, queue: JobQueueDep) -> BatchPublic:
     """Counts of the batch's jobs by state and its images done / total."""
-    job_ids = queue.batch_job_ids(tenant, batch_id)
-    if job_ids is None:
+    summary = queue.batch_summary(tenant, batch_id)
+    if summary is None:
         raise not_found("batch", batch_id)
-    counts = {state: 0 for state in JobState}
-    done = total = 0
-    with queue.redis.pipeline(transaction=False) as pipe:
-        for job_id in job_ids:
-            pipe.hmget(queue.keys.job(job_id), "state", "images_done", "images_total")
-        for state, images_done, images_total in pipe.execute():
-            if state is None:
-                continue
-            counts[JobState(state)] += 1
-            done += int(images_done or 0)
-            total += int(images_total or 0)
-    return BatchPublic(batch_id=batch_id, job_ids=job_ids, counts=counts, images_done=done, images_total=total)
+    return summary
 
 
 @router.delete("/v1/batches/{batch_id}", status_code=202)

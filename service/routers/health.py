@@ -31,8 +31,8 @@ def readyz(queue: JobQueueDep):
     in its Service to accept the jobs that make the workers come back. 503 only when Redis is unreachable.
     """
     try:
-        queue.redis.ping()
-        workers = sum(1 for _ in queue.redis.scan_iter(match=queue.keys.worker_alive_pattern(), count=1000))
+        queue.ping()
+        workers = len(queue.live_workers())
     except Exception:  # any Redis failure means not ready; the probe must answer, not raise
         return JSONResponse(Health(status="redis unreachable", redis=False).model_dump(), status_code=503)
     return Health(status="ready" if workers else "ready, no live workers", redis=True, workers=workers)

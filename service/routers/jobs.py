@@ -10,7 +10,6 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from fgs_common.job_records import job_public
 from fgs_common.wire import JobPublic, JobsPublic, JobState
 from fgs_service.deps import JobQueueDep, SettingsDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
@@ -22,10 +21,10 @@ _KEEPALIVE_S = 15.0
 
 def _owned_job(job_id: str, tenant: TenantDep, queue: JobQueueDep) -> JobPublic:
     """The job's public view if it belongs to the caller (404 otherwise, also for other tenants' jobs)."""
-    raw = queue.records.raw(job_id)
-    if not raw or raw.get("tenant") != tenant.name:
+    job = queue.job(tenant, job_id)
+    if job is None:
         raise not_found("job", job_id)
-    return job_public(job_id, queue.reconcile(job_id, raw))
+    return job
 
 
 OwnedJob = Annotated[JobPublic, Depends(_owned_job)]
@@ -40,15 +39,7 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobsPublic:
     """The caller's jobs, newest first."""
-    ids = queue.redis.zrevrange(queue.keys.tenant_jobs(tenant.name), offset, offset + limit - 1)
-    jobs = []
-    for job_id in ids:
-        raw = queue.records.raw(job_id)
-        if raw:
-            job = job_public(job_id, raw)
-            if state is None or job.state is state:
-                jobs.append(job)
-    return JobsPublic(jobs=jobs, count=len(jobs))
+    return queue.list_jobs(tenant, state, limit, offset)
 
 
 @router.get("/{job_id}")
@@ -62,22 +53,25 @@ def cancel_job(job: OwnedJob, tenant: TenantDep, queue: JobQueueDep) -> JobPubli
     if job.state.is_terminal:
         raise ApiError(409, "job_finished", f"job {job.job_id} is already {job.state.value}")
     queue.cancel(tenant, job.job_id)
-    return job_public(job.job_id, queue.records.raw(job.job_id))
+    after = queue.job(tenant, job.job_id)
+    if after is None:  # the record expired in between
+        raise not_found("job", job.job_id)
+    return after
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(job: OwnedJob, request: Request, queue: JobQueueDep, settings: SettingsDep) -> StreamingResponse:
+async def job_events(
+    job: OwnedJob, request: Request, tenant: TenantDep, queue: JobQueueDep, settings: SettingsDep
+) -> StreamingResponse:
     """Server-sent events: one `job` event (a JobPublic) per change, the last one in a final state."""
 
     async def stream():
         last = None
         last_sent = time.monotonic()
         while True:
-            raw = await anyio.to_thread.run_sync(queue.records.raw, job.job_id)
-            if not raw:
+            current = await anyio.to_thread.run_sync(queue.job, tenant, job.job_id)
+            if current is None:
                 return
-            raw = await anyio.to_thread.run_sync(queue.reconcile, job.job_id, raw)
-            current = job_public(job.job_id, raw)
             payload = current.model_dump_json()
             if payload != last:
                 last, last_sent = payload, time.monotonic()

@@ -67,4 +67,6 @@ def generate(client, **overrides) -> str:
     return response.json()["job_id"]
 
 
-__all__ = ["JobState", "png_bytes", "upload_classifier", "follow_events", "get_job", "wait_for", "wait_final", "generate"]
+__all__ = [
+    "JobState", "png_bytes", "upload_classifier", "follow_events", "get_job", "wait_for", "wait_final", "generate"
+]

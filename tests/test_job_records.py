@@ -1,0 +1,131 @@
+"""The job state machine of fgs_common.job_records on a real Redis: the Lua transition moves state, the tenant's
+queued-image count and the jobs-by-state counter together, once, and never out of a final state."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from fgs_common.job_records import ACTIVE_STATES, JobRecords, job_public
+from fgs_common.telemetry import counter_field, counter_key
+from fgs_common.wire import GenerateRequest, JobState
+from support.service_settings import fresh_prefix
+
+TENANT = "alpha"
+# Every transition fgs makes, as (new state, allowed current states):
+CLAIM = (JobState.running, (JobState.queued,))  # a worker takes a queued job
+TAKE_OVER = (JobState.running, (JobState.running,))  # a worker takes over a dead worker's job
+RETRY = (JobState.queued, (JobState.running,))  # a failed attempt goes back to the queue
+CANCEL = (JobState.canceled, (JobState.queued,))  # the API cancels a queued job
+RECONCILE = (JobState.failed, ACTIVE_STATES)  # RQ gave up on an active job
+ENDS = [(state, (JobState.running,)) for state in (JobState.finished, JobState.failed, JobState.canceled)]
+ALL_TRANSITIONS = [CLAIM, TAKE_OVER, RETRY, CANCEL, RECONCILE, *ENDS]
+
+
+@pytest.fixture
+def records(redis_server):
+    client = redis.Redis.from_url(redis_server, decode_responses=True)
+    yield JobRecords(client, fresh_prefix())
+    client.close()
+
+
+def create_job(records: JobRecords, job_id: str, num_images: int = 3) -> None:
+    """A queued record and its reserved images, as JobQueue.enqueue leaves them."""
+    request = GenerateRequest(prompt="a digit", class_index=1, num_images=num_images, steps=2, guidance_every=1)
+    with records.redis.pipeline(transaction=True) as pipe:
+        records.create(pipe, job_id, TENANT, request, None, 1_700_000_000.0)
+        pipe.incrby(records.keys.queued_images(TENANT), num_images)
+        pipe.execute()
+
+
+def queued_images(records: JobRecords) -> int:
+    return int(records.redis.get(records.keys.queued_images(TENANT)) or 0)
+
+
+def entered(records: JobRecords, state: JobState) -> float:
+    """How many times the jobs-by-state counter says a job entered `state`."""
+    field = counter_field("jobs", {"tenant": TENANT, "criterion": "none", "status": state.value})
+    return float(records.redis.hget(counter_key(records.keys.prefix), field) or 0)
+
+
+def test_a_job_runs_and_finishes_moving_each_counter_once(records):
+    create_job(records, "j1", num_images=3)
+    assert queued_images(records) == 3 and entered(records, JobState.queued) == 1
+    assert records.transition("j1", *CLAIM, step=0, steps_total=2) is True
+    assert queued_images(records) == 3  # running images still count against the cap
+    results = [{"image_id": "ab" * 32, "seed": 7}]
+    assert records.transition("j1", JobState.finished, (JobState.running,), images_done=3, results=results) is True
+    raw = records.raw("j1")
+    assert raw["state"] == "finished" and raw["images_done"] == "3"
+    assert queued_images(records) == 0
+    assert [entered(records, s) for s in JobState] == [1, 1, 1, 0, 0]
+    job = job_public("j1", raw)
+    assert job.state is JobState.finished and [(r.image_id, r.seed) for r in job.results] == [("ab" * 32, 7)]
+
+
+@pytest.mark.parametrize("final", [JobState.finished, JobState.failed, JobState.canceled])
+def test_no_transition_leaves_a_final_state(records, final):
+    create_job(records, "j1", num_images=2)
+    if final is JobState.canceled:
+        assert records.transition("j1", *CANCEL)
+    else:
+        assert records.transition("j1", *CLAIM)
+        assert records.transition("j1", final, (JobState.running,))
+    before = records.redis.hgetall(counter_key(records.keys.prefix))
+    for new, allowed in ALL_TRANSITIONS:
+        assert records.transition("j1", new, allowed, error="late") is False, (new, allowed)
+    raw = records.raw("j1")
+    assert raw["state"] == final.value and "error" not in raw  # refused changes write no field either
+    assert records.redis.hgetall(counter_key(records.keys.prefix)) == before
+    assert queued_images(records) == 0
+
+
+def test_a_retry_keeps_the_images_reserved(records):
+    create_job(records, "j1", num_images=4)
+    assert records.transition("j1", *CLAIM)
+    assert records.transition("j1", *RETRY, error='{"code": "retrying"}')
+    assert records.raw("j1")["state"] == "queued"
+    assert queued_images(records) == 4
+    assert entered(records, JobState.queued) == 2  # created, then requeued
+    assert records.transition("j1", *CANCEL)
+    assert queued_images(records) == 0
+
+
+def test_racing_final_transitions_release_the_images_exactly_once(records):
+    """Eight threads try to end one running job (a worker finishing, a cancel, a reconcile): one wins."""
+    create_job(records, "j1", num_images=5)
+    create_job(records, "other", num_images=2)  # the tenant's other job keeps its reservation
+    assert records.transition("j1", *CLAIM)
+    results: list[bool] = []
+    candidates = [ENDS[0], ENDS[1], ENDS[2], RECONCILE] * 2
+    barrier = threading.Barrier(len(candidates))
+
+    def attempt(new, allowed):
+        barrier.wait()
+        results.append(records.transition("j1", new, allowed))
+
+    threads = [threading.Thread(target=attempt, args=c) for c in candidates]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+    assert queued_images(records) == 2
+    assert sum(entered(records, s) for s in (JobState.finished, JobState.failed, JobState.canceled)) == 1
+
+
+def test_a_released_count_never_goes_below_zero(records):
+    """A counter lost (e.g. Redis restarted without it) is floored at 0, not left negative to lift the cap."""
+    create_job(records, "j1", num_images=3)
+    records.redis.delete(records.keys.queued_images(TENANT))
+    assert records.transition("j1", *CANCEL)
+    assert records.redis.get(records.keys.queued_images(TENANT)) == "0"
+
+
+def test_a_missing_job_is_refused_and_reads_empty(records):
+    assert records.transition("nope", *CLAIM) is False
+    assert records.raw("nope") == {}
+    assert records.tenant_of("nope") is None
+    assert records.redis.exists(records.keys.job("nope")) == 0

@@ -1,0 +1,240 @@
+"""The routers in process: `TestClient(create_app(settings))` against the session's redis-server, no workers.
+
+What a worker does is the end-to-end tests' part; here every status code and body a client sees from the API
+alone, exactly, in well under a second per test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from fgs_common.job_records import JobRecords
+from fgs_common.loopback import free_port
+from fgs_common.wire import ClassifierSpec, JobState
+from fgs_service.app import create_app
+from support.live_calls import png_bytes
+from support.service_settings import service_settings
+from support.stack import CAPPED_MAX_IMAGES, TENANT_KEYS
+
+JOB = {"prompt": "a digit", "class_index": 1, "num_images": 2, "steps": 2, "guidance_every": 1}
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TENANT_KEYS[tenant]}"}
+
+
+def torchscript_shaped_zip() -> bytes:
+    """A zip with TorchScript's member layout: what the API recognises without torch (the check is off here)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("clf/constants.pkl", b"")
+        archive.writestr("clf/code/__torch__.py", b"")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def settings(redis_server, tmp_path):
+    return service_settings(redis_server, tmp_path / "data")
+
+
+@pytest.fixture
+def api(settings):
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def records(redis_server, settings):
+    """A view of the app's Redis under its prefix, for what a worker would have written."""
+    client = redis.Redis.from_url(redis_server, decode_responses=True)
+    yield JobRecords(client, settings.redis_prefix)
+    client.close()
+
+
+def upload_classifier(api, tenant: str = "alpha", num_classes: int = 10, stats: bytes | None = None) -> str:
+    files = {"archive": ("clf.pt", torchscript_shaped_zip(), "application/octet-stream")}
+    if stats is not None:
+        files["hardness_stats"] = ("stats.safetensors", stats, "application/octet-stream")
+    spec = ClassifierSpec(num_classes=num_classes, input_size=32).model_dump_json()
+    response = api.post("/v1/classifiers", files=files, data={"spec": spec}, headers=auth(tenant))
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def safetensors_bytes() -> bytes:
+    header = b'{"__metadata__": {}}'
+    return len(header).to_bytes(8, "little") + header
+
+
+def test_probes_and_the_worker_count(api, records):
+    assert api.get("/healthz").json() == {"status": "ok", "redis": None, "workers": None}
+    assert api.get("/readyz").json() == {"status": "ready, no live workers", "redis": True, "workers": 0}
+    records.redis.set(records.keys.worker_alive("w1"), "1", ex=30)
+    response = api.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "redis": True, "workers": 1}
+
+
+def test_readyz_is_503_when_redis_does_not_answer(tmp_path):
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    with TestClient(create_app(service_settings(nobody, tmp_path / "data"))) as client:
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json() == {"status": "redis unreachable", "redis": False, "workers": None}
+        assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers, message",
+    [({}, "send 'Authorization: Bearer <api key>'"), ({"Authorization": "Bearer nope"}, "unknown API key"),
+     ({"Authorization": f"Basic {TENANT_KEYS['alpha']}"}, "send 'Authorization: Bearer <api key>'")],
+)
+def test_requests_without_a_known_key_are_401(api, headers, message):
+    response = api.get("/v1/jobs", headers=headers)
+    assert response.status_code == 401
+    assert response.json() == {"error": {"code": "unauthorized", "message": message}}
+
+
+def test_image_upload_download_and_tenancy(api):
+    data = png_bytes(seed=3, size=16)
+    response = api.post("/v1/images", files={"file": ("a.png", data, "image/png")}, headers=auth("alpha"))
+    assert response.status_code == 201
+    assert response.json() == {"id": hashlib.sha256(data).hexdigest(), "width": 16, "height": 16}
+    image_id = response.json()["id"]
+    download = api.get(f"/v1/images/{image_id}", headers=auth("alpha"))
+    assert download.status_code == 200 and download.content == data
+    assert download.headers["content-type"] == "image/png"
+    assert api.get(f"/v1/images/{image_id}", headers=auth("beta")).status_code == 404
+    not_image = api.post("/v1/images", files={"file": ("a.png", b"hello", "image/png")}, headers=auth("alpha"))
+    assert not_image.status_code == 415 and not_image.json()["error"]["code"] == "not_an_image"
+    empty = api.post("/v1/images", files={"file": ("a.png", b"", "image/png")}, headers=auth("alpha"))
+    assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_upload"
+
+
+def test_generate_read_list_and_cancel_a_job(api):
+    response = api.post("/v1/generate", json=JOB, headers=auth("alpha"))
+    assert response.status_code == 202
+    job_id = response.json()["job_id"]
+    job = api.get(f"/v1/jobs/{job_id}", headers=auth("alpha")).json()
+    assert job["state"] == "queued" and job["progress"]["images_total"] == 2 and job["request"]["prompt"] == "a digit"
+    assert api.get(f"/v1/jobs/{job_id}", headers=auth("beta")).status_code == 404
+    listed = api.get("/v1/jobs", params={"state": "queued"}, headers=auth("alpha")).json()
+    assert listed["count"] == 1 and [j["job_id"] for j in listed["jobs"]] == [job_id]
+    assert api.get("/v1/jobs", headers=auth("beta")).json() == {"jobs": [], "count": 0}
+    assert api.delete(f"/v1/jobs/{job_id}", headers=auth("beta")).status_code == 404
+    canceled = api.delete(f"/v1/jobs/{job_id}", headers=auth("alpha"))
+    assert canceled.status_code == 202 and canceled.json()["state"] == "canceled"
+    again = api.delete(f"/v1/jobs/{job_id}", headers=auth("alpha"))
+    assert again.status_code == 409
+    assert again.json() == {"error": {"code": "job_finished", "message": f"job {job_id} is already canceled"}}
+
+
+def test_events_of_a_finished_job_are_one_event_then_the_end(api):
+    job_id = api.post("/v1/generate", json=JOB, headers=auth("alpha")).json()["job_id"]
+    api.delete(f"/v1/jobs/{job_id}", headers=auth("alpha"))
+    with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth("alpha")) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[0] == "event: job" and len(lines) == 2
+    assert JobState(json.loads(lines[1].removeprefix("data: "))["state"]) is JobState.canceled
+
+
+def test_the_same_idempotency_key_answers_with_the_first_job(api):
+    headers = {**auth("alpha"), "Idempotency-Key": "once"}
+    first = api.post("/v1/generate", json=JOB, headers=headers)
+    second = api.post("/v1/generate", json={**JOB, "seed": 9}, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert second.json() == first.json()
+    assert api.get("/v1/jobs", headers=auth("alpha")).json()["count"] == 1
+
+
+def test_a_batch_is_queued_whole_and_summarised(api, records):
+    body = {"jobs": [JOB, {**JOB, "num_images": 3}]}
+    headers = {**auth("alpha"), "Idempotency-Key": "plan-1"}
+    accepted = api.post("/v1/batches", json=body, headers=headers)
+    assert accepted.status_code == 202
+    batch_id, job_ids = accepted.json()["batch_id"], accepted.json()["job_ids"]
+    assert len(job_ids) == 2
+    assert api.post("/v1/batches", json=body, headers=headers).json() == accepted.json()
+    assert records.transition(job_ids[0], JobState.running, (JobState.queued,), images_done=1)
+    summary = api.get(f"/v1/batches/{batch_id}", headers=auth("alpha")).json()
+    assert summary == {
+        "batch_id": batch_id, "job_ids": job_ids, "images_done": 1, "images_total": 5,
+        "counts": {"queued": 1, "running": 1, "finished": 0, "failed": 0, "canceled": 0},
+    }
+    assert api.get(f"/v1/batches/{batch_id}", headers=auth("beta")).status_code == 404
+
+
+def test_the_queued_image_cap_is_429_with_retry_after_and_keeps_nothing(api):
+    full = {**JOB, "num_images": CAPPED_MAX_IMAGES}
+    assert api.post("/v1/generate", json=full, headers=auth("capped")).status_code == 202
+    refused = api.post("/v1/generate", json={**JOB, "num_images": 1}, headers=auth("capped"))
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "30"
+    assert refused.json()["error"]["code"] == "queue_full"
+    refused_batch = api.post("/v1/batches", json={"jobs": [JOB]}, headers=auth("capped"))
+    assert refused_batch.status_code == 429
+    assert api.get("/v1/jobs", headers=auth("capped")).json()["count"] == 1
+
+
+def test_references_must_exist_and_fit_the_classifier(api):
+    missing_image = api.post("/v1/generate", json={**JOB, "conditioning_image_ids": ["0" * 64]}, headers=auth("alpha"))
+    assert missing_image.status_code == 404
+    assert missing_image.json()["error"]["message"] == f"no image with id {'0' * 64!r}"
+    missing_classifier = api.post(
+        "/v1/generate", json={**JOB, "criterion": "entropy", "classifier_id": "f" * 64}, headers=auth("alpha")
+    )
+    assert missing_classifier.status_code == 404
+    assert missing_classifier.json()["error"]["message"] == f"no classifier with id {'f' * 64!r}"
+    classifier_id = upload_classifier(api, num_classes=2)
+    out_of_range = api.post(
+        "/v1/generate", json={**JOB, "class_index": 2, "criterion": "entropy", "classifier_id": classifier_id},
+        headers=auth("alpha"),
+    )
+    assert out_of_range.status_code == 422
+    assert out_of_range.json()["error"]["message"] == (
+        "class_index 2 is out of range: the classifier has 2 classes"
+    )
+    no_stats = api.post(
+        "/v1/generate", json={**JOB, "criterion": "hardness", "classifier_id": classifier_id}, headers=auth("alpha")
+    )
+    assert no_stats.status_code == 422
+    assert "needs a classifier uploaded with hardness statistics" in no_stats.json()["error"]["message"]
+    # another tenant's classifier is not there for beta
+    other = api.post(
+        "/v1/generate", json={**JOB, "criterion": "entropy", "classifier_id": classifier_id}, headers=auth("beta")
+    )
+    assert other.status_code == 404
+    assert api.get("/v1/jobs", headers=auth("alpha")).json()["count"] == 0
+
+
+def test_classifier_upload_read_and_list(api):
+    plain = upload_classifier(api, num_classes=10)
+    with_stats = upload_classifier(api, num_classes=10, stats=safetensors_bytes())
+    record = api.get(f"/v1/classifiers/{with_stats}", headers=auth("alpha")).json()
+    assert record["has_hardness_stats"] is True and record["spec"]["num_classes"] == 10
+    listed = api.get("/v1/classifiers", headers=auth("alpha")).json()
+    assert sorted(c["id"] for c in listed) == sorted([plain, with_stats])
+    assert api.get("/v1/classifiers", headers=auth("beta")).json() == []
+    assert api.get(f"/v1/classifiers/{plain}", headers=auth("beta")).status_code == 404
+    pickle = api.post(
+        "/v1/classifiers", files={"archive": ("clf.pt", b"\x80\x04not a zip", "application/octet-stream")},
+        data={"spec": ClassifierSpec(num_classes=2, input_size=8).model_dump_json()}, headers=auth("alpha"),
+    )
+    assert pickle.status_code == 415 and pickle.json()["error"]["code"] == "not_a_classifier_archive"
+    bad_stats = api.post(
+        "/v1/classifiers",
+        files={"archive": ("clf.pt", torchscript_shaped_zip(), "application/octet-stream"),
+               "hardness_stats": ("s", b"short", "application/octet-stream")},
+        data={"spec": ClassifierSpec(num_classes=2, input_size=8).model_dump_json()}, headers=auth("alpha"),
+    )
+    assert bad_stats.status_code == 422 and bad_stats.json()["error"]["code"] == "invalid_hardness_stats"
+    assert len(api.get("/v1/classifiers", headers=auth("alpha")).json()) == 2
