@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hostile_archives as hostile
+from support import hostile_archives as hostile
 from fgs_classifier.graph_check import check_script_module
 from fgs_classifier.registry import load_classifier
 from fgs_common.exceptions import UnsafeClassifier

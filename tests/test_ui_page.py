@@ -20,9 +20,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import start_stack
+from support.stack import start_stack
 from fgs_service.auth import hash_key
-from live_stack_calls import generate, png_bytes, upload_classifier, wait_final, wait_for
+from support.live_calls import generate, png_bytes, upload_classifier, wait_final, wait_for
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
