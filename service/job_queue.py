@@ -5,8 +5,8 @@ tenant's queued-image cap has been reserved; a refused request leaves nothing be
 API's hot path, so it runs on the event loop with the asyncio Redis client: RQ only appends commands to the
 pipeline it is handed (nothing in `enqueue_many` reads from Redis), and we send that pipeline ourselves.
 The rarer calls (cancel, reconcile, inspection) use the blocking clients from the threadpool. The routers read
-through this class only (`job`, `list_jobs`, `batch_summary`, `live_workers`, `ping`): key names stay here and in
-`fgs_common.job_records`.
+through this class only (`job`, `list_jobs`, `batch_summary`, `live_worker_names`, `live_workers`, `ping`):
+key names stay here and in `fgs_common.job_records`.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class JobQueue:
         """Raise if Redis does not answer."""
         self.redis.ping()
 
-    def live_workers(self) -> list[str]:
+    def live_worker_names(self) -> list[str]:
         """Names of the workers whose heartbeat key has not expired."""
         pattern = self.keys.worker_alive_pattern()
         return sorted(key.rsplit(":", 1)[1] for key in self.redis.scan_iter(match=pattern, count=1000))

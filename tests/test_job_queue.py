@@ -169,8 +169,8 @@ def test_batch_summary_counts_jobs_by_state(harness):
 
 def test_live_workers_are_those_with_a_heartbeat_key(harness):
     harness.queue.ping()
-    assert harness.queue.live_workers() == []
+    assert harness.queue.live_worker_names() == []
     harness.redis.set(harness.queue.keys.worker_alive("w-b"), "1", ex=30)
     harness.redis.set(harness.queue.keys.worker_alive("w-a"), "1", ex=30)
     harness.redis.set("some-other-prefix:worker:w-c", "1", ex=30)
-    assert harness.queue.live_workers() == ["w-a", "w-b"]
+    assert harness.queue.live_worker_names() == ["w-a", "w-b"]

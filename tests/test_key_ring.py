@@ -28,7 +28,8 @@ def test_keys_from_file_inline_json_and_the_dev_key(tmp_path):
     assert ring.tenant_for("v-key-1") == Tenant("vision", 7)
     assert ring.tenant_for("v-key-2") == Tenant("vision", 7)
     assert ring.tenant_for("s-key") == Tenant("speech", 500)  # no cap of its own: the default
-    assert ring.tenant_for("dev-key") == Tenant("dev", 500)
+    # the dev key is the local operator: its tenant sees the operator view (fgs_service.auth)
+    assert ring.tenant_for("dev-key") == Tenant("dev", 500, admin=True)
     assert ring.tenant_for("V-KEY-1") is None  # keys themselves are case-sensitive
     assert ring.tenant_for("") is None
 

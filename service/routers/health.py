@@ -32,7 +32,7 @@ def readyz(queue: JobQueueDep):
     """
     try:
         queue.ping()
-        workers = len(queue.live_workers())
+        workers = len(queue.live_worker_names())
     except Exception:  # any Redis failure means not ready; the probe must answer, not raise
         return JSONResponse(Health(status="redis unreachable", redis=False).model_dump(), status_code=503)
     return Health(status="ready" if workers else "ready, no live workers", redis=True, workers=workers)
