@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fgs_common.telemetry import counter_field, counter_key
-from fgs_common.wire import ErrorBody, GenerateRequest, ImageResult, JobProgress, JobPublic, JobState
+from fgs_common.wire import ErrorBody, GenerateRequest, ImageResult, JobBase, JobProgress, JobPublic, JobState
 
 ACTIVE_STATES = (JobState.queued, JobState.running)
 
@@ -159,9 +159,9 @@ def _ts(value: str | None) -> datetime | None:
     return datetime.fromtimestamp(float(value), timezone.utc) if value else None
 
 
-def job_public(job_id: str, raw: dict[str, str]) -> JobPublic:
-    """The wire view of one stored record."""
-    return JobPublic(
+def job_base(job_id: str, raw: dict[str, str]) -> JobBase:
+    """The wire view of one stored record without its results (a record read without them will do)."""
+    return JobBase(
         job_id=job_id,
         state=JobState(raw["state"]),
         request=GenerateRequest.model_validate_json(raw["request"]),
@@ -171,13 +171,18 @@ def job_public(job_id: str, raw: dict[str, str]) -> JobPublic:
             step=int(raw.get("step", 0)),
             steps_total=int(raw.get("steps_total", 0)),
         ),
-        results=[ImageResult.model_validate(r) for r in json.loads(raw.get("results", "[]"))],
         error=ErrorBody.model_validate_json(raw["error"]) if raw.get("error") else None,
         batch_id=raw.get("batch_id") or None,
         created_at=_ts(raw.get("created_at")) or utc_now(),
         started_at=_ts(raw.get("started_at")),
         finished_at=_ts(raw.get("finished_at")),
     )
+
+
+def job_public(job_id: str, raw: dict[str, str]) -> JobPublic:
+    """The wire view of one stored record, with its results."""
+    results = [ImageResult.model_validate(r) for r in json.loads(raw.get("results", "[]"))]
+    return JobPublic(**dict(job_base(job_id, raw)), results=results)
 
 
 def now_ts() -> float:

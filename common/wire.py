@@ -112,11 +112,16 @@ class GenerationParams(BaseModel):
         return GenerationParams.model_validate(self.model_dump(include=set(GenerationParams.model_fields)))
 
 
+# What an image is of: a request's prompt and class, also shown beside each image of the gallery.
+Prompt = Annotated[str, Field(min_length=1, max_length=1000, description="text prompt, usually the class name")]
+ClassIndex = Annotated[int, Field(ge=0, description="the intended class y: the classifier's output index")]
+
+
 class GenerateRequest(GenerationParams):
     """Body of POST /v1/generate: N images of one class, optionally steered by the team's classifier."""
 
-    prompt: Annotated[str, Field(min_length=1, max_length=1000, description="text prompt, usually the class name")]
-    class_index: Annotated[int, Field(ge=0, description="the intended class y: the classifier's output index")]
+    prompt: Prompt
+    class_index: ClassIndex
     conditioning_image_ids: Annotated[
         list[str],
         Field(
@@ -171,17 +176,24 @@ class ImageResult(BaseModel):
     predicted_class: int | None = Field(None, description="the classifier's arg-max class for the image")
 
 
-class JobPublic(BaseModel):
+class JobBase(BaseModel):
+    """A job without its results: what the page's jobs table reads; `JobPublic` adds the results."""
+
     job_id: str = Field(description="the job's id")
     state: JobState = Field(description="queued, running, finished, failed or canceled")
     request: GenerateRequest = Field(description="the request the job was created with")
     progress: JobProgress = Field(description="images and denoising steps done")
-    results: list[ImageResult] = Field(default_factory=list, description="one entry per image written so far")
     error: ErrorBody | None = Field(None, description="why the job failed (or is being retried)")
     batch_id: str | None = Field(None, description="the batch the job belongs to, if any")
     created_at: datetime = Field(description="when the job was queued")
     started_at: datetime | None = Field(None, description="when a worker took the job")
     finished_at: datetime | None = Field(None, description="when the job reached its final state")
+
+
+class JobPublic(JobBase):
+    """A job with one result per image written so far."""
+
+    results: list[ImageResult] = Field(default_factory=list, description="one entry per image written so far")
 
 
 class BatchCreate(BaseModel):

@@ -11,31 +11,13 @@ from enum import Enum
 
 from pydantic import BaseModel, Field
 
-from fgs_common.wire import Criterion, ErrorBody, JobState
-
-
-class JobSummary(BaseModel):
-    """A job without its results list: what the jobs table shows."""
-
-    job_id: str = Field(description="the job's id")
-    state: JobState = Field(description="queued, running, finished, failed or canceled")
-    batch_id: str | None = Field(None, description="the batch the job belongs to, if any")
-    prompt: str = Field(description="the job's prompt")
-    class_index: int = Field(description="the intended class")
-    criterion: Criterion = Field(description="feedback criterion")
-    omega: float = Field(description="feedback scale ω")
-    images_done: int = Field(description="images written so far")
-    images_total: int = Field(description="images the job makes")
-    step: int = Field(description="denoising step of the chunk being sampled")
-    steps_total: int = Field(description="denoising steps per chunk")
-    error: ErrorBody | None = Field(None, description="why the job failed (or is being retried)")
-    created_at: datetime | None = Field(None, description="when the job was queued")
-    started_at: datetime | None = Field(None, description="when a worker took it")
-    finished_at: datetime | None = Field(None, description="when it reached its final state")
+from fgs_common.wire import ClassIndex, GenerationParams, ImageResult, JobBase, Prompt
 
 
 class JobSummaries(BaseModel):
-    jobs: list[JobSummary] = Field(description="a page of the tenant's jobs, newest first")
+    """A page of the jobs table: each job without its results, light enough to poll."""
+
+    jobs: list[JobBase] = Field(description="a page of the tenant's jobs, newest first")
     total: int = Field(description="all jobs of the tenant still on record")
     offset: int = Field(description="index of the first job of this page")
 
@@ -48,20 +30,13 @@ class GallerySort(str, Enum):
     criterion_desc = "criterion_desc"
 
 
-class GalleryItem(BaseModel):
-    """One generated image and how it was made."""
+class GalleryItem(ImageResult):
+    """One generated image and how it was made: its result, with its job's prompt, class and settings."""
 
-    image_id: str = Field(description="the PNG's id (GET /v1/images/{id}, thumbnail at /v1/images/{id}/thumbnail)")
     job_id: str = Field(description="the job that made it")
-    class_index: int = Field(description="the intended class")
-    prompt: str = Field(description="the job's prompt")
-    seed: int = Field(description="the image's seed")
-    criterion: Criterion = Field(description="feedback criterion")
-    omega: float = Field(description="feedback scale ω")
-    gamma: float = Field(description="classifier-free guidance scale γ")
-    dropout_p: float = Field(description="embedding dropout p")
-    predicted_class: int | None = Field(None, description="the classifier's arg-max class")
-    criterion_value: float | None = Field(None, description="final criterion value")
+    class_index: ClassIndex
+    prompt: Prompt
+    generation: GenerationParams = Field(description="the generation parameters of its job")
     disagrees: bool | None = Field(None, description="the classifier predicts another class than the intended one")
 
 
@@ -124,11 +99,10 @@ class ThroughputMinute(BaseModel):
     images: float = Field(description="images finished in that minute")
 
 
-class FailedJob(BaseModel):
-    job_id: str = Field(description="the job")
-    tenant: str = Field(description="its tenant")
-    finished_at: datetime | None = Field(None, description="when it failed")
-    error: ErrorBody | None = Field(None, description="why")
+class FailedJob(JobBase):
+    """A failed job (`error` says why, `finished_at` when) and whose it is."""
+
+    tenant: str = Field(description="the job's tenant")
 
 
 class OperatorOverview(BaseModel):

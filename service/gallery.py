@@ -64,20 +64,18 @@ class JobImages:
 
     def items(self) -> list[GalleryItem]:
         request = self.request
+        generation = request.generation_params()
         # model_construct: the values come from our own records, already validated once
         return [
             GalleryItem.model_construct(
                 image_id=result["image_id"],
+                seed=result["seed"],
+                criterion_value=result.get("criterion_value"),
+                predicted_class=result.get("predicted_class"),
                 job_id=self.job_id,
                 class_index=request.class_index,
                 prompt=request.prompt,
-                seed=result["seed"],
-                criterion=request.criterion,
-                omega=request.omega,
-                gamma=request.gamma,
-                dropout_p=request.dropout_p,
-                predicted_class=result.get("predicted_class"),
-                criterion_value=result.get("criterion_value"),
+                generation=generation,
                 disagrees=None
                 if result.get("predicted_class") is None
                 else result["predicted_class"] != request.class_index,
@@ -127,12 +125,13 @@ def gallery_page(
 
 def _row_of(item: GalleryItem, rows_by: CompareRows) -> tuple[tuple, str]:
     """The row key (for ordering) and label of an item."""
+    setting = item.generation
     if rows_by is CompareRows.omega:
-        return (item.omega,), f"ω={item.omega:g}"
+        return (setting.omega,), f"ω={setting.omega:g}"
     if rows_by is CompareRows.criterion:
-        return (item.criterion.value,), item.criterion.value
-    key = (item.criterion.value, item.omega, item.gamma, item.dropout_p)
-    return key, f"{item.criterion.value} ω={item.omega:g} γ={item.gamma:g} p={item.dropout_p:g}"
+        return (setting.criterion.value,), setting.criterion.value
+    key = (setting.criterion.value, setting.omega, setting.gamma, setting.dropout_p)
+    return key, f"{setting.criterion.value} ω={setting.omega:g} γ={setting.gamma:g} p={setting.dropout_p:g}"
 
 
 def compare_grid(jobs: list[JobImages], class_index: int, rows_by: CompareRows, max_seeds: int) -> CompareGrid:

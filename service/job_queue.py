@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -26,6 +27,7 @@ from fgs_common import telemetry
 from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, job_public, now_ts
 from fgs_common.settings import Settings
 from fgs_common.wire import BatchPublic, GenerateRequest, JobPublic, JobsPublic, JobState
+from fgs_common.wire_views import TenantLoadPublic, WorkerPublic
 from fgs_service.auth import Tenant
 
 JOB_FUNCTION = "fgs_worker.jobs.run_generate_job"
@@ -281,7 +283,7 @@ class JobQueue:
         """Cancel every job of a batch that is not final yet; returns how many were canceled."""
         return sum(1 for job_id in job_ids if self.cancel(tenant, job_id))
 
-    def tenant_loads(self) -> list[TenantLoad]:
+    def tenant_loads(self) -> list[TenantLoadPublic]:
         """Per tenant with a queue: jobs waiting, images queued or running, jobs running."""
         depths = self.queue_depths()
         with self.redis.pipeline(transaction=False) as pipe:
@@ -292,11 +294,14 @@ class JobQueue:
         for tenant in depths:
             running[tenant] = len(self._queue(tenant).started_job_registry.get_job_ids(cleanup=False))
         return [
-            TenantLoad(tenant, int(depths[tenant]), int(images or 0), running[tenant])
+            TenantLoadPublic(
+                tenant=tenant, queued_jobs=int(depths[tenant]), queued_images=int(images or 0),
+                running_jobs=running[tenant],
+            )
             for tenant, images in zip(depths, queued)
         ]
 
-    def live_workers(self) -> list[WorkerSeen]:
+    def live_workers(self) -> list[WorkerPublic]:
         """Workers whose heartbeat has not expired, with their last beat and the job each is running."""
         alive = self.redis.scan_iter(match=self.keys.worker_alive_pattern(), count=1000)
         names = sorted(key.rsplit(":", 1)[1] for key in alive)
@@ -311,9 +316,13 @@ class JobQueue:
         running = {}
         for job_id, (worker, tenant, state) in zip(started, replies[len(names):]):
             if worker and state == JobState.running.value:
-                running[worker] = (job_id, tenant)
+                running[worker] = {"job_id": job_id, "job_tenant": tenant}
         return [
-            WorkerSeen(name, float(beat) if beat else None, *running.get(name, (None, None)))
+            WorkerPublic(
+                name=name,
+                last_heartbeat=datetime.fromtimestamp(float(beat), timezone.utc) if beat else None,
+                **running.get(name, {}),
+            )
             for name, beat in zip(names, beats)
         ]
 
@@ -345,18 +354,3 @@ SUMMARY_FIELDS = (
 )
 FAILED_JOBS_SHOWN = 50
 
-
-@dataclass(frozen=True)
-class TenantLoad:
-    tenant: str
-    queued_jobs: int
-    queued_images: int
-    running_jobs: int
-
-
-@dataclass(frozen=True)
-class WorkerSeen:
-    name: str
-    last_heartbeat: float | None
-    job_id: str | None
-    job_tenant: str | None

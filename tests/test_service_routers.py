@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from fgs_common.job_records import JobRecords
 from fgs_common.loopback import free_port
-from fgs_common.wire import ClassifierSpec, JobState
+from fgs_common.wire import ClassifierSpec, GenerationParams, JobState
 from fgs_service.app import create_app
 from support.live_calls import png_bytes
 from support.service_settings import service_settings
@@ -171,6 +171,32 @@ def test_a_batch_is_queued_whole_and_summarised(api, records):
         "counts": {"queued": 1, "running": 1, "finished": 0, "failed": 0, "canceled": 0},
     }
     assert api.get(f"/v1/batches/{batch_id}", headers=auth("beta")).status_code == 404
+
+
+def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, records):
+    body = {**JOB, "criterion": "none", "omega": 0.2, "gamma": 2.5, "seed": 40}
+    job_id = api.post("/v1/generate", json=body, headers=auth("alpha")).json()["job_id"]
+    results = [
+        {"image_id": "a" * 64, "seed": 40, "criterion_value": 0.5, "predicted_class": 1},
+        {"image_id": "b" * 64, "seed": 41, "criterion_value": None, "predicted_class": 7},
+    ]
+    assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
+    assert records.transition(
+        job_id, JobState.finished, (JobState.running,), images_done=2, finished_at=2.0, results=json.dumps(results)
+    )
+    job = api.get(f"/v1/jobs/{job_id}", headers=auth("alpha")).json()
+    # the jobs table: the same record as GET /v1/jobs/{id}, without the results
+    summaries = api.get("/v1/views/jobs", headers=auth("alpha")).json()
+    assert summaries["total"] == 1 and summaries["jobs"] == [{k: v for k, v in job.items() if k != "results"}]
+    # the gallery: each result with its job's prompt, class and generation parameters
+    page = api.get("/v1/views/gallery", params={"job_id": job_id}, headers=auth("alpha")).json()
+    generation = {k: v for k, v in job["request"].items() if k in GenerationParams.model_fields}
+    assert page["items"] == [
+        {**result, "job_id": job_id, "class_index": 1, "prompt": "a digit", "generation": generation,
+         "disagrees": result["predicted_class"] != 1}
+        for result in results
+    ]
+    assert generation["omega"] == 0.2 and generation["gamma"] == 2.5
 
 
 def test_the_queued_image_cap_is_429_with_retry_after_and_keeps_nothing(api):

@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 
 from fastapi import APIRouter
 
-from fgs_common.wire import ErrorResponse, ErrorBody, JobState
-from fgs_common.wire_views import FailedJob, OperatorOverview, TenantLoadPublic, ThroughputMinute, WorkerPublic
+from fgs_common.job_records import job_base
+from fgs_common.wire import ErrorResponse, JobState
+from fgs_common.wire_views import FailedJob, OperatorOverview, ThroughputMinute
 from fgs_service.deps import AdminDep, JobQueueDep
 from fgs_service.errors import ERROR_RESPONSES
 
@@ -47,12 +48,7 @@ def overview(_: AdminDep, queue: JobQueueDep) -> OperatorOverview:
     minutes = [(first_minute + i) * 60 for i in range(THROUGHPUT_MINUTES)]
     failed = sorted(
         (
-            FailedJob(
-                job_id=job_id,
-                tenant=raw.get("tenant", ""),
-                finished_at=_utc(float(raw["finished_at"])) if raw.get("finished_at") else None,
-                error=ErrorBody.model_validate_json(raw["error"]) if raw.get("error") else None,
-            )
+            FailedJob(**dict(job_base(job_id, raw)), tenant=raw.get("tenant", ""))
             for job_id, raw in records.items()
             if raw.get("state") == JobState.failed.value
         ),
@@ -60,11 +56,8 @@ def overview(_: AdminDep, queue: JobQueueDep) -> OperatorOverview:
         reverse=True,
     )
     return OperatorOverview(
-        tenants=[TenantLoadPublic(**vars(load)) for load in queue.tenant_loads()],
-        workers=[
-            WorkerPublic(name=w.name, last_heartbeat=_utc(w.last_heartbeat), job_id=w.job_id, job_tenant=w.job_tenant)
-            for w in queue.live_workers()
-        ],
+        tenants=queue.tenant_loads(),
+        workers=queue.live_workers(),
         throughput=[
             ThroughputMinute(minute=_utc(low), images=round(_images_between(records, low, low + 60, now), 2))
             for low in minutes

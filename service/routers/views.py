@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Annotated
 
 import anyio.to_thread
 from fastapi import APIRouter, Query
 
-from fgs_common.wire import GenerateRequest, ErrorBody, JobState
-from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries, JobSummary
+from fgs_common.job_records import job_base
+from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries
 from fgs_service.auth import Tenant
 from fgs_service.deps import JobQueueDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
@@ -25,31 +24,6 @@ JobId = Annotated[str | None, Query(max_length=64, description="only this job's 
 BatchId = Annotated[str | None, Query(max_length=64, description="only this batch's images")]
 
 
-def _ts(value: str | None) -> datetime | None:
-    return datetime.fromtimestamp(float(value), timezone.utc) if value else None
-
-
-def _summary(job_id: str, raw: dict[str, str]) -> JobSummary:
-    request = GenerateRequest.model_validate_json(raw["request"])
-    return JobSummary(
-        job_id=job_id,
-        state=JobState(raw["state"]),
-        batch_id=raw.get("batch_id") or None,
-        prompt=request.prompt,
-        class_index=request.class_index,
-        criterion=request.criterion,
-        omega=request.omega,
-        images_done=int(raw.get("images_done", 0)),
-        images_total=int(raw.get("images_total", 0)),
-        step=int(raw.get("step", 0)),
-        steps_total=int(raw.get("steps_total", 0)),
-        error=ErrorBody.model_validate_json(raw["error"]) if raw.get("error") else None,
-        created_at=_ts(raw.get("created_at")),
-        started_at=_ts(raw.get("started_at")),
-        finished_at=_ts(raw.get("finished_at")),
-    )
-
-
 @router.get("/jobs")
 def job_summaries(
     tenant: TenantDep,
@@ -60,7 +34,7 @@ def job_summaries(
     """The caller's jobs without their results lists, newest first: light enough to poll."""
     ids = queue.tenant_job_ids(tenant, offset, limit)
     records = queue.raw_many(ids, with_results=False)
-    jobs = [_summary(job_id, raw) for job_id, raw in zip(ids, records) if raw]
+    jobs = [job_base(job_id, raw) for job_id, raw in zip(ids, records) if raw]
     return JobSummaries(jobs=jobs, total=queue.tenant_job_count(tenant), offset=offset)
 
 

@@ -111,8 +111,9 @@ function rates(job) {
   const start = seconds(job.started_at);
   if (!start) return { perSecond: null, eta: null };
   const end = seconds(job.finished_at) || Date.now() / 1000;
-  const perSecond = job.images_done > 0 ? job.images_done / Math.max(end - start, 1e-3) : null;
-  const left = job.images_total - job.images_done;
+  const { images_done: done, images_total: total } = job.progress;
+  const perSecond = done > 0 ? done / Math.max(end - start, 1e-3) : null;
+  const left = total - done;
   const eta = TERMINAL.has(job.state) ? null : perSecond ? left / perSecond : null;
   return { perSecond, eta };
 }
@@ -162,7 +163,7 @@ async function showSignedIn() {
 
 // ---------- state ----------
 const state = {
-  jobs: new Map(), // job id -> JobSummary (merged with SSE updates)
+  jobs: new Map(), // job id -> a JobBase from the poll, or a JobPublic from the job's SSE stream
   streams: new Map(), // job id -> AbortController
   streamFailed: new Map(), // job id -> time its stream last broke off (not retried for a while)
   admin: false,
@@ -203,7 +204,8 @@ async function refreshJobs() {
   for (const job of page.jobs) {
     const known = state.jobs.get(job.job_id);
     // an SSE event may be newer than this poll: keep the further progress
-    if (!known || TERMINAL.has(job.state) || job.images_done >= known.images_done) state.jobs.set(job.job_id, job);
+    const further = !known || job.progress.images_done >= known.progress.images_done;
+    if (TERMINAL.has(job.state) || further) state.jobs.set(job.job_id, job);
   }
   const ids = new Set(page.jobs.map((j) => j.job_id));
   for (const id of [...state.jobs.keys()]) if (!ids.has(id)) state.jobs.delete(id);
@@ -259,14 +261,8 @@ async function followJob(jobId) {
 }
 
 function onJobEvent(job) {
-  // a JobPublic: flatten it into the summary shape the table draws
-  state.jobs.set(job.job_id, {
-    job_id: job.job_id, state: job.state, batch_id: job.batch_id, prompt: job.request.prompt,
-    class_index: job.request.class_index, criterion: job.request.criterion, omega: job.request.omega,
-    images_done: job.progress.images_done, images_total: job.progress.images_total, step: job.progress.step,
-    steps_total: job.progress.steps_total, error: job.error, created_at: job.created_at,
-    started_at: job.started_at, finished_at: job.finished_at,
-  });
+  // a JobPublic: a JobBase, which the table draws, with its results
+  state.jobs.set(job.job_id, job);
   if (parseHash().name === "jobs") renderJobs();
 }
 
@@ -283,7 +279,8 @@ function stateBadge(value) { return el("span", { class: `state state-${value}` }
 
 function jobRow(job, nested) {
   const { perSecond, eta } = rates(job);
-  const step = job.state === "running" && job.steps_total ? `step ${job.step}/${job.steps_total}` : "";
+  const { request, progress } = job;
+  const step = job.state === "running" && progress.steps_total ? `step ${progress.step}/${progress.steps_total}` : "";
   const actions = el("td", { class: "actions" },
     el("a", { href: `#gallery?job=${job.job_id}` }, "gallery"));
   if (!TERMINAL.has(job.state)) {
@@ -291,10 +288,10 @@ function jobRow(job, nested) {
   }
   const row = el("tr", { class: nested ? "job nested" : "job", "data-job-id": job.job_id, "data-state": job.state },
     el("td", { class: "mono", title: job.job_id }, shortId(job.job_id)),
-    el("td", {}, `${job.class_index} · ${job.prompt}`),
-    el("td", {}, job.criterion === "none" ? "no feedback" : `${job.criterion} ω=${job.omega}`),
+    el("td", {}, `${request.class_index} · ${request.prompt}`),
+    el("td", {}, request.criterion === "none" ? "no feedback" : `${request.criterion} ω=${request.omega}`),
     el("td", {}, stateBadge(job.state)),
-    progressCell(job.images_done, job.images_total, step),
+    progressCell(progress.images_done, progress.images_total, step),
     el("td", {}, perSecond ? perSecond.toFixed(2) : "–"),
     el("td", {}, duration(eta)),
     actions);
@@ -305,8 +302,8 @@ function jobRow(job, nested) {
 }
 
 function batchRow(batchId, jobs) {
-  const done = jobs.reduce((n, j) => n + j.images_done, 0);
-  const total = jobs.reduce((n, j) => n + j.images_total, 0);
+  const done = jobs.reduce((n, j) => n + j.progress.images_done, 0);
+  const total = jobs.reduce((n, j) => n + j.progress.images_total, 0);
   const counts = {};
   for (const j of jobs) counts[j.state] = (counts[j.state] || 0) + 1;
   const starts = jobs.map((j) => seconds(j.started_at)).filter(Boolean);
@@ -321,7 +318,7 @@ function batchRow(batchId, jobs) {
   if (running) actions.append(" ", el("button", { type: "button", class: "cancel", onclick: () => cancelBatch(batchId) }, "Cancel batch"));
   return el("tr", { class: "batch", "data-batch-id": batchId },
     el("td", { class: "mono", title: batchId }, `batch ${shortId(batchId)}`),
-    el("td", {}, `${new Set(jobs.map((j) => j.class_index)).size} classes`),
+    el("td", {}, `${new Set(jobs.map((j) => j.request.class_index)).size} classes`),
     el("td", {}, `${jobs.length} jobs`),
     el("td", {}, summary),
     progressCell(done, total, ""),
@@ -439,7 +436,8 @@ async function loadGallery() {
 function metaRows(item) {
   return [
     ["image", item.image_id], ["job", item.job_id], ["class", `${item.class_index} · ${item.prompt}`],
-    ["seed", item.seed], ["criterion", item.criterion], ["ω", item.omega], ["γ", item.gamma], ["p", item.dropout_p],
+    ["seed", item.seed], ["criterion", item.generation.criterion], ["ω", item.generation.omega],
+    ["γ", item.generation.gamma], ["p", item.generation.dropout_p],
     ["predicted class", item.predicted_class ?? "–"], ["criterion value", fmt(item.criterion_value, 4)],
   ];
 }
@@ -490,7 +488,8 @@ async function openCompare(params) {
   batchSelect.replaceChildren(el("option", { value: "" }, "recent jobs"),
     ...batches.map((b) => el("option", { value: b }, shortId(b))));
   batchSelect.value = wanted;
-  const classes = [...new Set([...state.jobs.values()].filter((j) => !wanted || j.batch_id === wanted).map((j) => j.class_index))].sort((a, b) => a - b);
+  const inScope = [...state.jobs.values()].filter((j) => !wanted || j.batch_id === wanted);
+  const classes = [...new Set(inScope.map((j) => j.request.class_index))].sort((a, b) => a - b);
   const classSelect = $("compare-class");
   const chosen = params.get("class") || classSelect.value;
   classSelect.replaceChildren(...classes.map((c) => el("option", { value: c }, c)));
