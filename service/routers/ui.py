@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -11,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 VENDOR = "/ui/static/vendor"
+FAVICON = f"{VENDOR}/swagger-ui/favicon-32x32.png"
 
 # Nothing outside this server: ReDoc's sidebar asks a CDN for its logo, which the policy stops in the browser
 # (the image then hides itself). Inline scripts and styles: the docs pages bootstrap inline; blob: workers: ReDoc.
@@ -44,31 +47,32 @@ async def ui_page() -> FileResponse:
     return FileResponse(UI_DIR / "index.html", media_type="text/html", headers=headers)
 
 
-@router.get("/docs")
-async def swagger_ui() -> HTMLResponse:
-    page = get_swagger_ui_html(
-        openapi_url="/openapi.json",
-        title="fgs API",
-        swagger_js_url=f"{VENDOR}/swagger-ui/swagger-ui-bundle.js",
-        swagger_css_url=f"{VENDOR}/swagger-ui/swagger-ui.css",
-        swagger_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
-        swagger_ui_parameters={"persistAuthorization": False},
-    )
+def _offline_docs(render: Callable[..., HTMLResponse], **assets: Any) -> HTMLResponse:
+    """A docs page of this API built by FastAPI's `render`, from the vendored `assets`, kept off the network."""
+    page = render(openapi_url="/openapi.json", title="fgs API", **assets)
     page.headers["Content-Security-Policy"] = _DOCS_POLICY
     return page
+
+
+@router.get("/docs")
+async def swagger_ui() -> HTMLResponse:
+    return _offline_docs(
+        get_swagger_ui_html,
+        swagger_js_url=f"{VENDOR}/swagger-ui/swagger-ui-bundle.js",
+        swagger_css_url=f"{VENDOR}/swagger-ui/swagger-ui.css",
+        swagger_favicon_url=FAVICON,
+        swagger_ui_parameters={"persistAuthorization": False},
+    )
 
 
 @router.get("/redoc")
 async def redoc() -> HTMLResponse:
-    page = get_redoc_html(
-        openapi_url="/openapi.json",
-        title="fgs API",
+    return _offline_docs(
+        get_redoc_html,
         redoc_js_url=f"{VENDOR}/redoc/redoc.standalone.js",
-        redoc_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
+        redoc_favicon_url=FAVICON,
         with_google_fonts=False,
     )
-    page.headers["Content-Security-Policy"] = _DOCS_POLICY
-    return page
 
 
 def mount_static(app: FastAPI) -> None:
