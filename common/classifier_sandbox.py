@@ -34,6 +34,15 @@ logger = logging.getLogger("fgs.classifier_check")
 
 # Variables the check may inherit: none holds a secret. Everything else (FGS_*, REDIS_*, cloud credentials) stays out.
 _INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "LD_LIBRARY_PATH")
+# Set in the check whatever the host has: no user site-packages, no bytecode written, one thread, and a second
+# lock on pickle (any torch.load the loader might reach reads weights only).
+_FIXED_ENV = {
+    "PYTHONNOUSERSITE": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1",
+}
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
 _LOG_TAIL_BYTES = 4000
@@ -52,19 +61,9 @@ class CheckOutcome:
 
 
 def sandbox_environment(scratch: Path) -> dict[str, str]:
-    """The check's whole environment: a few harmless inherited variables, one thread, no pickle in torch.load."""
-    env = {name: os.environ[name] for name in _INHERITED_ENV if name in os.environ}
-    env.update(
-        HOME=str(scratch),
-        TMPDIR=str(scratch),
-        PYTHONNOUSERSITE="1",
-        PYTHONDONTWRITEBYTECODE="1",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        # A second lock on pickle: any torch.load the loader might reach reads weights only.
-        TORCH_FORCE_WEIGHTS_ONLY_LOAD="1",
-    )
-    return env
+    """The check's whole environment: a few harmless inherited variables, its scratch folder, `_FIXED_ENV`."""
+    inherited = {name: os.environ[name] for name in _INHERITED_ENV if name in os.environ}
+    return {**inherited, "HOME": str(scratch), "TMPDIR": str(scratch), **_FIXED_ENV}
 
 
 def _unshare(flags: int) -> int:
