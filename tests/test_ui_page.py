@@ -167,6 +167,9 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
         assert job.state.value == "finished"
         assert job.progress.images_done == 6
         assert row.locator("td").nth(5).inner_text() != "–", "images/s is shown for a finished job"
+        # the row's request, read from the nested record
+        assert row.locator("td").nth(1).inner_text() == "3 · a photo of digit three"
+        assert row.locator("td").nth(2).inner_text() == "entropy ω=0.05"
 
         row.locator("a", has_text="gallery").click()
         page.wait_for_selector("#gallery-grid[aria-busy=false]")
