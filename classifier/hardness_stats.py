@@ -69,6 +69,14 @@ ClassEmbeddings = Callable[[int], torch.Tensor]
 """Class index y -> that class's embeddings [n_y, k]; called twice per class (the fit's two passes)."""
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _metadata(num_classes: int, dim: int) -> dict[str, str]:
+    return {"format": FORMAT, "num_classes": str(num_classes), "dim": str(dim)}
+
+
 def _ledoit_wolf_intensity(n: int, fourth_moment_sum: float, cov_norm2: float, distance2: float) -> float:
     """Ledoit-Wolf intensity pi/gamma clipped to [0, 1] (Lemma 3.2-3.4), from moments of n centred samples.
 
@@ -127,7 +135,9 @@ class _SafetensorsWriter:
         for entry in entries:
             nbytes = math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
             header[entry.name] = {
-                "dtype": _SAFETENSORS_DTYPE[entry.dtype], "shape": list(entry.shape), "data_offsets": [offset, offset + nbytes]
+                "dtype": _SAFETENSORS_DTYPE[entry.dtype],
+                "shape": list(entry.shape),
+                "data_offsets": [offset, offset + nbytes],
             }
             self._slots[entry.name] = (offset, entry)
             offset += nbytes
@@ -270,7 +280,7 @@ class ClassStatistics:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.mean, self.inverse_sqrt_diagonal, self.basis, self.damping))
+        return sum(_nbytes(t) for t in (self.mean, self.inverse_sqrt_diagonal, self.basis, self.damping))
 
 
 class HardnessStats:
@@ -313,7 +323,8 @@ class HardnessStats:
         entries = _layout(num_classes, embeddings.shape[1], ranks)
         for entry in entries:  # stored precision, the same as a saved and reloaded file
             tensors[entry.name] = tensors[entry.name].to(entry.dtype)
-        return cls(tensors.__getitem__, lambda name, row: tensors[name][row], {n: tuple(t.shape) for n, t in tensors.items()})
+        shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+        return cls(tensors.__getitem__, lambda name, row: tensors[name][row], shapes)
 
     @classmethod
     def fit_to_file(cls, path: Path, class_embeddings: ClassEmbeddings, counts: Sequence[int], dim: int,
@@ -329,8 +340,7 @@ class HardnessStats:
         if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
         entries = _layout(len(counts), dim, [max(min(c - 1, dim), 0) for c in counts])
-        metadata = {"format": FORMAT, "num_classes": str(len(counts)), "dim": str(dim)}
-        writer = _SafetensorsWriter(Path(path), entries, metadata)
+        writer = _SafetensorsWriter(Path(path), entries, _metadata(len(counts), dim))
         try:
             _fit(class_embeddings, counts, dim, shrinkage, writer)
         except BaseException:
@@ -359,8 +369,9 @@ class HardnessStats:
 
     def save(self, path: Path) -> None:
         """Write the statistics as one safetensors file (format `fgs-hardness-stats-v2`), class by class."""
-        entries = _layout(self.num_classes, self.dim, [self._shapes[f"class_basis.{y}"][1] for y in range(self.num_classes)])
-        writer = _SafetensorsWriter(Path(path), entries, {"format": FORMAT, "num_classes": str(self.num_classes), "dim": str(self.dim)})
+        ranks = [self._shapes[f"class_basis.{y}"][1] for y in range(self.num_classes)]
+        entries = _layout(self.num_classes, self.dim, ranks)
+        writer = _SafetensorsWriter(Path(path), entries, _metadata(self.num_classes, self.dim))
         try:
             for entry in entries:
                 writer.put(entry.name, self._read(entry.name))
@@ -368,7 +379,8 @@ class HardnessStats:
             writer.close()
 
     @classmethod
-    def load(cls, path: Path, device: torch.device | str = "cpu", cached_classes: int = DEFAULT_CACHED_CLASSES) -> "HardnessStats":
+    def load(cls, path: Path, device: torch.device | str = "cpu",
+             cached_classes: int = DEFAULT_CACHED_CLASSES) -> "HardnessStats":
         """Open statistics written by `save`/`fit_to_file` (safetensors: no pickle); reads no class factor yet.
 
         Raises ValueError when the file is not v2 statistics or its shapes disagree.
@@ -396,7 +408,7 @@ class HardnessStats:
 
     def to(self, device: torch.device | str) -> "HardnessStats":
         """The same statistics, scored on `device` (class factors move there at first use)."""
-        return HardnessStats(self._read, self._read_row, self._shapes, device=device, cached_classes=self.cached_classes)
+        return HardnessStats(self._read, self._read_row, self._shapes, device, self.cached_classes)
 
     # ---------------------------------------------------------------- reading
 
@@ -445,9 +457,9 @@ class HardnessStats:
 
     def resident_bytes(self) -> int:
         """Bytes of tensors held for scoring: V, the cached classes and the per-class vectors."""
-        shared = sum(t.numel() * t.element_size() for t in (self.counts, self.logdets, self.target_weights, self._eigenvalues))
+        shared = sum(_nbytes(t) for t in (self.counts, self.logdets, self.target_weights, self._eigenvalues))
         if self._eigenvectors is not None:
-            shared += self._eigenvectors.numel() * self._eigenvectors.element_size()
+            shared += _nbytes(self._eigenvectors)
         return shared + sum(c.nbytes for c in self._classes.values())
 
     # ---------------------------------------------------------------- scoring
@@ -500,7 +512,7 @@ class HardnessStats:
         for y in range(self.num_classes):
             basis = self._read(f"class_basis.{y}").to(COMPUTE_DTYPE)
             spectrum = self._read(f"class_spectrum.{y}").to(COMPUTE_DTYPE)
-            whitened = torch.eye(self.dim, dtype=COMPUTE_DTYPE) - basis @ torch.diag(spectrum / (1 + spectrum)) @ basis.T
+            whitened = torch.eye(self.dim, dtype=COMPUTE_DTYPE) - (basis * (spectrum / (1 + spectrum))) @ basis.T
             scale = eigenvectors * (float(self.target_weights[y]) * self._eigenvalues + self._ridge).rsqrt()
             out[y] = (scale @ whitened @ scale.T).float()
         return out
@@ -518,5 +530,7 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]]) -> None:
         ranks.append(basis[1])
     for entry in _layout(num_classes, dim, ranks):
         if shapes.get(entry.name) != entry.shape:
-            raise ValueError(f"hardness statistics: {entry.name} has shape {shapes.get(entry.name)}, expected {entry.shape}")
+            raise ValueError(
+                f"hardness statistics: {entry.name} has shape {shapes.get(entry.name)}, expected {entry.shape}"
+            )
 

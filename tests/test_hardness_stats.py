@@ -121,12 +121,14 @@ def test_equals_the_dense_computation(case, tmp_path):
     diff = queries.to(torch.float64) - means[query_labels]
     reference_mahalanobis = torch.einsum("bi,bij,bj->b", diff, precisions[query_labels], diff)
 
-    for stats in (in_memory, HardnessStats.load(tmp_path / "streamed.safetensors"), HardnessStats.load(tmp_path / "saved.safetensors")):
+    reference_score = dense_hardness(queries, query_labels, means, precisions, logdets)
+    reloaded = [HardnessStats.load(tmp_path / name) for name in ("streamed.safetensors", "saved.safetensors")]
+    for stats in [in_memory, *reloaded]:
         assert stats.counts.tolist() == dense_counts.tolist()
         assert relative_error(stats.means, means) <= TOLERANCE
         assert relative_error(stats.logdets, logdets) <= TOLERANCE
         assert relative_error(stats.mahalanobis(queries, query_labels), reference_mahalanobis) <= TOLERANCE
-        assert relative_error(stats.score(queries, query_labels), dense_hardness(queries, query_labels, means, precisions, logdets)) <= TOLERANCE
+        assert relative_error(stats.score(queries, query_labels), reference_score) <= TOLERANCE
     if shrinkage == 0.0:
         return  # Sigma_y here has condition number 3e8: float32 storage moves single entries of Sigma_y^-1 (not Eq. 5)
     # The dense view agrees too (elementwise, relative to each matrix's largest entry).
@@ -143,7 +145,8 @@ def test_criterion_value_and_gradient_equal_the_dense_computation(case):
     means, precisions, logdets, _ = dense_reference(embeddings, labels, len(counts), shrinkage)
     stats = HardnessStats.fit(embeddings, labels, len(counts), shrinkage=shrinkage)
     query_labels = torch.arange(3 * len(counts)) % len(counts)
-    start = means[query_labels].float() + torch.randn(len(query_labels), k, generator=torch.Generator().manual_seed(2)) * scales
+    noise = torch.randn(len(query_labels), k, generator=torch.Generator().manual_seed(2))
+    start = means[query_labels].float() + noise * scales
 
     ours_input = start.clone().requires_grad_(True)
     logits = torch.zeros(len(query_labels), len(counts))
@@ -186,7 +189,8 @@ torch.set_num_threads(1)
 counts = [1000, 600, 300, 100]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 HardnessStats.fit_to_file({str(tmp_path / 's.safetensors')!r},
-                          lambda y: torch.randn(counts[y], 256, generator=torch.Generator().manual_seed(y)), counts, 256)
+                          lambda y: torch.randn(counts[y], 256, generator=torch.Generator().manual_seed(y)),
+                          counts, 256)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
     grown_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)

@@ -62,7 +62,9 @@ def _check_safetensors(path: Path) -> None:
             raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (too short)")
         (length,) = struct.unpack("<Q", f.read(8))
         if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
-            raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (bad header length)")
+            raise ApiError(
+                422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (bad header length)"
+            )
         header = f.read(length)
     try:
         json.loads(header)
@@ -151,7 +153,8 @@ def upload_classifier(
                          "FGS_MAX_HARDNESS_STATS_BYTES")
             _check_safetensors(stats_path)
         archive_format = _validated(archive_bytes, spec_json, stats_path, settings, scratch, check_slots)
-        classifier_id = store.put_classifier(tenant.name, archive_bytes, _ARCHIVE_NAME[archive_format], spec_json, stats_path)
+        archive_name = _ARCHIVE_NAME[archive_format]
+        classifier_id = store.put_classifier(tenant.name, archive_bytes, archive_name, spec_json, stats_path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ClassifierUploaded(id=classifier_id, spec=parsed, has_hardness_stats=stats_path is not None)
