@@ -62,6 +62,8 @@ RIDGE = 1e-9
 COMPUTE_DTYPE = torch.float64
 # Classes kept resident per statistics object: a job needs one class; a few cover alternating jobs of one classifier.
 DEFAULT_CACHED_CLASSES = 4
+# Rows per block when a stored matrix is converted to COMPUTE_DTYPE (2,048 x 256 float32: 2 MiB at a time).
+_READ_ROWS = 256
 
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
 
@@ -290,10 +292,10 @@ class HardnessStats:
     per-class vectors; a class's factor is read at its first use and cached, at most `cached_classes` of them).
     """
 
-    def __init__(self, read: Callable[[str], torch.Tensor], read_row: Callable[[str, int], torch.Tensor],
+    def __init__(self, read: Callable[[str], torch.Tensor], read_rows: Callable[[str, int, int], torch.Tensor],
                  shapes: dict[str, tuple[int, ...]], device: torch.device | str = "cpu",
                  cached_classes: int = DEFAULT_CACHED_CLASSES):
-        self._read, self._read_row, self._shapes = read, read_row, shapes
+        self._read, self._read_rows, self._shapes = read, read_rows, shapes
         self.device = torch.device(device)
         self.cached_classes = cached_classes
         self.counts = read("counts")
@@ -324,7 +326,7 @@ class HardnessStats:
         for entry in entries:  # stored precision, the same as a saved and reloaded file
             tensors[entry.name] = tensors[entry.name].to(entry.dtype)
         shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
-        return cls(tensors.__getitem__, lambda name, row: tensors[name][row], shapes)
+        return cls(tensors.__getitem__, lambda name, start, stop: tensors[name][start:stop], shapes)
 
     @classmethod
     def fit_to_file(cls, path: Path, class_embeddings: ClassEmbeddings, counts: Sequence[int], dim: int,
@@ -400,15 +402,15 @@ class HardnessStats:
             with safe_open(str(path), framework="pt") as handle:
                 return handle.get_tensor(name)
 
-        def read_row(name: str, row: int) -> torch.Tensor:
+        def read_rows(name: str, start: int, stop: int) -> torch.Tensor:
             with safe_open(str(path), framework="pt") as handle:
-                return handle.get_slice(name)[row]
+                return handle.get_slice(name)[start:stop]
 
-        return cls(read, read_row, shapes, device=device, cached_classes=cached_classes)
+        return cls(read, read_rows, shapes, device=device, cached_classes=cached_classes)
 
     def to(self, device: torch.device | str) -> "HardnessStats":
         """The same statistics, scored on `device` (class factors move there at first use)."""
-        return HardnessStats(self._read, self._read_row, self._shapes, device, self.cached_classes)
+        return HardnessStats(self._read, self._read_rows, self._shapes, device, self.cached_classes)
 
     # ---------------------------------------------------------------- reading
 
@@ -435,10 +437,11 @@ class HardnessStats:
             raise ValueError(f"class {y} is outside the statistics' {self.num_classes} classes")
         weight = float(self.target_weights[y])
         spectrum = self._read(f"class_spectrum.{y}").to(self.device, COMPUTE_DTYPE)
+        basis = self._read_converted(f"class_basis.{y}")  # before V (below): the peak holds one float32 copy less
         loaded = ClassStatistics(
-            mean=self._read_row("means", y).to(self.device, COMPUTE_DTYPE),
+            mean=self._read_rows("means", y, y + 1)[0].to(self.device, COMPUTE_DTYPE),
             inverse_sqrt_diagonal=(weight * self._eigenvalues + self._ridge).rsqrt().to(self.device),
-            basis=self._read(f"class_basis.{y}").to(self.device, COMPUTE_DTYPE),
+            basis=basis,
             damping=1.0 / (1.0 + spectrum),
             logdet=float(self.logdets[y]),
         )
@@ -452,8 +455,16 @@ class HardnessStats:
         """V [k, k], shared by every class; read once."""
         with self._lock:
             if self._eigenvectors is None:
-                self._eigenvectors = self._read("target_eigenvectors").to(self.device, COMPUTE_DTYPE)
+                self._eigenvectors = self._read_converted("target_eigenvectors")
             return self._eigenvectors
+
+    def _read_converted(self, name: str) -> torch.Tensor:
+        """A stored float32 matrix in COMPUTE_DTYPE on `self.device`, read in row blocks: never a second whole copy."""
+        rows = self._shapes[name][0]
+        out = torch.empty(self._shapes[name], dtype=COMPUTE_DTYPE, device=self.device)
+        for start in range(0, rows, _READ_ROWS):
+            out[start : start + _READ_ROWS] = self._read_rows(name, start, min(start + _READ_ROWS, rows))
+        return out
 
     def resident_bytes(self) -> int:
         """Bytes of tensors held for scoring: V, the cached classes and the per-class vectors."""
@@ -473,10 +484,10 @@ class HardnessStats:
             raise ValueError(f"embedding must be [batch, {self.dim}], got {tuple(embedding.shape)}")
         values = torch.empty(embedding.shape[0], dtype=COMPUTE_DTYPE, device=embedding.device)
         parts = []
-        eigenvectors = self._target_eigenvectors().to(embedding.device)
         for y in torch.unique(labels).tolist():
             rows = (labels == y).nonzero().squeeze(1)
             stats = self.class_statistics(int(y))
+            eigenvectors = self._target_eigenvectors().to(embedding.device)  # after the class: a lower first peak
             mean, inverse_sqrt, basis, damping = (
                 t.to(embedding.device) for t in (stats.mean, stats.inverse_sqrt_diagonal, stats.basis, stats.damping)
             )
