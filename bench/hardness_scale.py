@@ -101,7 +101,8 @@ def run_worker(out: Path, dim: int) -> dict:
     assert torch.isfinite(value).all() and torch.isfinite(gradient).all() and torch.equal(again, value.detach())
     return {"class": largest, "class_images": counts[largest], "open_s": opened_s, "first_score_s": first_s,
             "cached_score_s": cached_s, "resident_tensor_mib": stats.resident_bytes() / 2**20,
-            "worker_peak_growth_mib": (after["VmHWM"] - before["VmRSS"]) / 1024, "hardness_mean": float(value.detach().mean())}
+            "worker_peak_growth_mib": (after["VmHWM"] - before["VmRSS"]) / 1024,
+            "hardness_mean": float(value.detach().mean())}
 
 
 def child(role: str, out: Path, dim: int, threads: int) -> dict:
