@@ -61,7 +61,7 @@ def synthetic_class_embeddings(dim: int, counts: list[int]):
 
 
 def run_fit(out: Path, dim: int) -> dict:
-    from fgs_worker.guidance.hardness_stats import HardnessStats
+    from fgs_classifier.hardness_stats import HardnessStats
 
     counts = imagenet_lt_counts()
     start = memory_kib()
@@ -77,9 +77,9 @@ def run_fit(out: Path, dim: int) -> dict:
 def run_worker(out: Path, dim: int) -> dict:
     import torch
 
+    from fgs_classifier.hardness_stats import HardnessStats
     from fgs_common.wire import Criterion
     from fgs_worker.guidance import criteria
-    from fgs_worker.guidance.hardness_stats import HardnessStats
 
     counts = imagenet_lt_counts()
     largest = max(range(len(counts)), key=counts.__getitem__)

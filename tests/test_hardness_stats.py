@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fgs_classifier.hardness_stats import FORMAT, HardnessStats
 from fgs_common.wire import Criterion
 from fgs_worker.guidance import criteria
-from fgs_worker.guidance.hardness_stats import FORMAT, HardnessStats
 
 TOLERANCE = 1e-5
 
@@ -184,7 +184,7 @@ def test_streaming_fit_never_builds_the_dense_intensity_term(tmp_path):
     """[n, k, k] at n = 2,000 and k = 256 would be 1 GB in float64; the fit must stay far below that."""
     script = f"""
 import resource, torch
-from fgs_worker.guidance.hardness_stats import HardnessStats
+from fgs_classifier.hardness_stats import HardnessStats
 torch.set_num_threads(1)
 counts = [1000, 600, 300, 100]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from conftest import start_stack
+from fgs_classifier.hardness_stats import HardnessStats
+from fgs_classifier.small_cnn import SmallCNN, export_classifier
 from fgs_client.dataset_readers import packaged_path
 from fgs_common.wire import ClassifierOutput, ClassifierSpec, JobState
-from fgs_worker.guidance.hardness_stats import HardnessStats
-from fgs_worker.small_cnn import SmallCNN, export_classifier
 from live_stack_calls import follow_events, png_bytes
 
 DIM = 256
@@ -114,7 +114,7 @@ def test_large_statistics_are_streamed_to_disk_and_scored_by_the_worker(stack, i
             with Image.open(io.BytesIO(client.get(f"/v1/images/{result.image_id}").content)) as png:
                 downloaded.append(np.asarray(png.convert("RGB")))
 
-    from fgs_worker.classifier_registry import load_classifier
+    from fgs_classifier.registry import load_classifier
     from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
     from fgs_worker.model_loading import load_pipeline
 

@@ -27,8 +27,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 def hardness(embedding: torch.Tensor, labels: torch.Tensor, stats: HardnessStats) -> torch.Tensor:
     """Eq. 5: 1/2 [(e - mu_y)^T Sigma_y^-1 (e - mu_y) + ln det Sigma_y + k ln 2 pi].
 
-    The statistics read only the classes in `labels` and score in float64 (hardness_stats.py); the value and its
-    gradient come back in the embedding's dtype.
+    The statistics read only the classes in `labels` and score in float64 (fgs_classifier.hardness_stats); the
+    value and its gradient come back in the embedding's dtype.
     """
     return stats.score(embedding, labels)
 
