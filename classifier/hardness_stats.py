@@ -37,8 +37,10 @@ accuracy, where the textbook Woodbury form (||z||^2 - ||L^-1 W^T z||^2) would lo
 (safetensors, format `fgs-hardness-stats-v2`) holds V once (k x k) and per class only mu_y, Q_y (k x r_y,
 r_y = min(n_y - 1, k): the rank of n_y centred samples) and s_y^2; a worker reads the header, then only the
 classes its jobs ask for (`safe_open(...).get_tensor` per class), keeps a few of them cached and scores in
-float64. ImageNet-LT at k = 2,048 is about 1 GB on disk and about 55 MB resident for one class
-(bench/hardness_scale.py, bench/RESULTS.md).
+float64. Q_y, s_y^2 and V are stored in float32; mu_y, ln det Sigma_y, w_y and Lambda in float64 (mu_y in float32
+alone moved Mahalanobis scores by 1e-6 relative). ImageNet-LT at k = 2,048 is 0.97 GB on disk and 52 MiB
+resident for its largest class (bench/hardness_scale.py, bench/RESULTS.md). Files of the former dense format
+(`fgs-hardness-stats-v1`) are refused with a message to recompute them.
 """
 
 from __future__ import annotations
