@@ -36,7 +36,7 @@ Both terms are sums of squares, so no cancellation: float32 storage of Q_y costs
 accuracy, where the textbook Woodbury form (||z||^2 - ||L^-1 W^T z||^2) would lose eps32 * s_max^2. The file
 (safetensors, format `fgs-hardness-stats-v2`) holds V once (k x k) and per class only mu_y, Q_y (k x r_y,
 r_y = min(n_y - 1, k): the rank of n_y centred samples) and s_y^2; a worker reads the header, then only the
-classes its jobs ask for (`safe_open(...).get_tensor` per class), keeps a few of them cached and scores in
+classes its jobs ask for (seek and read per class, no mmap), keeps a few of them cached and scores in
 float64. Q_y, s_y^2 and V are stored in float32; mu_y, ln det Sigma_y, w_y and Lambda in float64 (mu_y in float32
 alone moved Mahalanobis scores by 1e-6 relative). ImageNet-LT at k = 2,048 is 0.97 GB on disk and 52 MiB
 resident for its largest class (bench/hardness_scale.py, bench/RESULTS.md). Files of the former dense format
@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+import numpy as np
 
 FORMAT = "fgs-hardness-stats-v2"
 # rho = RIDGE * mean(diag P): only keeps Cholesky/eigh defined for exactly singular inputs (as in v1 of this file).
@@ -68,6 +68,8 @@ DEFAULT_CACHED_CLASSES = 4
 _READ_ROWS = 256
 
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+_TORCH_DTYPE = {name: dtype for dtype, name in _SAFETENSORS_DTYPE.items()}
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSON header
 
 ClassEmbeddings = Callable[[int], torch.Tensor]
 """Class index y -> that class's embeddings [n_y, k]; called twice per class (the fit's two passes)."""
@@ -75,6 +77,10 @@ ClassEmbeddings = Callable[[int], torch.Tensor]
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _metadata(num_classes: int, dim: int) -> dict[str, str]:
@@ -137,7 +143,7 @@ class _SafetensorsWriter:
         offset = 0
         self._slots: dict[str, tuple[int, _Entry]] = {}
         for entry in entries:
-            nbytes = math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+            nbytes = math.prod(entry.shape) * _element_size(entry.dtype)
             header[entry.name] = {
                 "dtype": _SAFETENSORS_DTYPE[entry.dtype],
                 "shape": list(entry.shape),
@@ -172,6 +178,65 @@ class _SafetensorsWriter:
         """Close and remove a file that a failed fit left half written."""
         self._file.close()
         Path(self._file.name).unlink(missing_ok=True)
+
+
+class _SafetensorsReader:
+    """Reads tensors of one safetensors file, or row ranges of them, with seek and readinto.
+
+    Not `safetensors.safe_open`: that maps the whole file into the address space, and the API's classifier check
+    runs under an address-space limit (FGS_CLASSIFIER_CHECK_MEMORY_BYTES) that statistics of several GB would
+    exceed. Here a read costs the bytes asked for. The header is checked as the safetensors library checks it:
+    known dtypes, each byte range the size of its shape, ranges inside the file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError("not a safetensors file (too short)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(size - 8, _MAX_HEADER_BYTES):
+                raise ValueError("not a safetensors file (bad header length)")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("not a safetensors file (the header is not a JSON object)")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + length
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        for name, info in header.items():
+            dtype = _TORCH_DTYPE.get(info.get("dtype"))
+            shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+            if dtype is None:
+                raise ValueError(f"{name}: dtype {info.get('dtype')!r} is not one hardness statistics use")
+            if end - begin != math.prod(shape) * _element_size(dtype) or self.data_start + end > size:
+                raise ValueError(f"{name}: byte range {begin}-{end} does not fit its shape {list(shape)} or the file")
+            self._entries[name] = (dtype, shape, begin)
+        self.shapes = {name: shape for name, (_, shape, _) in self._entries.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        if not shape:
+            return self._read_flat(name, 0, 1).reshape(())
+        return self.read_rows(name, 0, shape[0])
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor (the first dimension), read from disk."""
+        shape = self.shapes[name]
+        row = math.prod(shape[1:])
+        return self._read_flat(name, start * row, stop * row).reshape(stop - start, *shape[1:])
+
+    def _read_flat(self, name: str, first: int, last: int) -> torch.Tensor:
+        dtype, _, begin = self._entries[name]
+        out = torch.empty(last - first, dtype=dtype)
+        if last > first:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin + first * _element_size(dtype))
+                buffer = out.numpy().view(np.uint8)
+                if f.readinto(buffer) != buffer.size:
+                    raise ValueError(f"{self.path} is shorter than its header says")
+        return out
 
 
 class _MemorySink:
@@ -389,25 +454,14 @@ class HardnessStats:
 
         Raises ValueError when the file is not v2 statistics or its shapes disagree.
         """
-        path = Path(path)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        if metadata.get("format") != FORMAT:
+        source = _SafetensorsReader(Path(path))
+        if source.metadata.get("format") != FORMAT:
             raise ValueError(
-                f"hardness statistics are format {metadata.get('format', 'unknown')!r}, not {FORMAT!r}: "
+                f"hardness statistics are format {source.metadata.get('format', 'unknown')!r}, not {FORMAT!r}: "
                 "recompute them with `fgs-client hardness-stats`"
             )
-        _check_shapes(shapes)
-
-        def read(name: str) -> torch.Tensor:
-            with safe_open(str(path), framework="pt") as handle:
-                return handle.get_tensor(name)
-
-        def read_rows(name: str, start: int, stop: int) -> torch.Tensor:
-            with safe_open(str(path), framework="pt") as handle:
-                return handle.get_slice(name)[start:stop]
-
+        _check_shapes(source.shapes)
+        read, read_rows, shapes = source.read, source.read_rows, source.shapes
         return cls(read, read_rows, shapes, device=device, cached_classes=cached_classes)
 
     def to(self, device: torch.device | str) -> "HardnessStats":

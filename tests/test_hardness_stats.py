@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fgs_classifier.hardness_stats import FORMAT, HardnessStats
 from fgs_common.wire import Criterion
@@ -195,6 +195,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
     grown_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert grown_kib < 200 * 1024, f"the fit grew the process by {grown_kib / 1024:.0f} MiB"
+
+
+def test_the_file_is_plain_safetensors(tmp_path):
+    """What fit_to_file/save write, the safetensors library reads: the same tensors as HardnessStats reads."""
+    embeddings, labels, _ = synthetic_embeddings(8, [6, 1, 0, 20])
+    HardnessStats.fit(embeddings, labels, 4).save(tmp_path / "stats.safetensors")
+    tensors = load_file(str(tmp_path / "stats.safetensors"))
+    stats = HardnessStats.load(tmp_path / "stats.safetensors")
+    assert {"means", "counts", "logdets", "target_eigenvectors", "class_basis.3", "class_spectrum.2"} <= tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(stats._read(name), tensor), name
+    assert tensors["class_basis.3"].shape == (8, 8) and tensors["class_basis.2"].shape == (8, 0)
 
 
 def test_old_dense_files_and_damaged_files_are_refused_with_a_clear_message(tmp_path):

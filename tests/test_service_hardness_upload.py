@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import start_stack
 from fgs_classifier.hardness_stats import HardnessStats
 from fgs_classifier.small_cnn import SmallCNN, export_classifier
 from fgs_client.dataset_readers import packaged_path
-from fgs_common.wire import ClassifierOutput, ClassifierSpec, JobState
-from live_stack_calls import follow_events, png_bytes
+from fgs_common.wire import ClassifierOutput, ClassifierSpec, GenerationParams, JobState
+from support.live_calls import follow_events
+from support.stack import start_stack
 
 DIM = 256
 STATS_CAP = 160 * 1024 * 1024  # above the ~100 MB file, small enough that the over-cap upload stays quick
@@ -123,8 +123,8 @@ def test_large_statistics_are_streamed_to_disk_and_scored_by_the_worker(stack, i
     try:
         sampler = GuidedDDIMSampler(load_pipeline(str(stack.env["FGS_MODEL"]), device="cpu"))
         classifier = load_classifier(archive, spec, stats, device="cpu")
-        out = sampler(prompt=body["prompt"], class_index=58, seeds=[99, 100], criterion="hardness", omega=0.5,
-                      gamma=3.0, classifier=classifier, steps=10, guidance_every=5)
+        params = GenerationParams(criterion="hardness", omega=0.5, gamma=3.0, steps=10, guidance_every=5)
+        out = sampler(prompt=body["prompt"], class_index=58, seeds=[99, 100], params=params, classifier=classifier)
     finally:
         torch.set_num_threads(threads)
     assert [r.criterion_value for r in final.results] == pytest.approx(out.criterion_values, rel=1e-6)
