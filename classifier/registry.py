@@ -203,9 +203,9 @@ def load_classifier(
     stats = None
     if hardness_stats_path is not None:
         try:
-            stats = HardnessStats.load(Path(hardness_stats_path)).to(device)
-        except Exception as error:
-            raise InvalidClassifier(f"hardness statistics are not a valid safetensors file: {error}") from error
+            stats = HardnessStats.load(Path(hardness_stats_path), device=device)
+        except Exception as error:  # safetensors reports a damaged file as its own SafetensorError
+            raise InvalidClassifier(f"hardness statistics cannot be read: {error}") from error
     classifier = LoadedClassifier(
         module=module, spec=spec, hardness_stats=stats, device=device, dtype=dtype, batch_size=batch_size
     )

@@ -162,15 +162,18 @@ class BalanceRun:
         options = self.options
         if options.classifier is None:
             return
-        digest = hashlib.sha256(options.classifier.read_bytes() + options.classifier_spec.read_bytes()
-                                + (options.hardness_stats.read_bytes() if options.hardness_stats else b"")).hexdigest()
-        known = state.meta(f"classifier:{digest}")
+        digest = hashlib.sha256(options.classifier.read_bytes() + options.classifier_spec.read_bytes())
+        if options.hardness_stats:  # can be several GB (ImageNet-LT at k = 2,048: 0.95 GB): hashed in chunks
+            with open(options.hardness_stats, "rb") as stats:
+                while chunk := stats.read(1 << 20):
+                    digest.update(chunk)
+        known = state.meta(f"classifier:{digest.hexdigest()}")
         if known:
             self.classifier_id = known
             return
         spec = ClassifierSpec.model_validate_json(options.classifier_spec.read_text(encoding="utf-8"))
         uploaded = self.client.upload_classifier(options.classifier, spec, options.hardness_stats)
-        state.set_meta(f"classifier:{digest}", uploaded.id)
+        state.set_meta(f"classifier:{digest.hexdigest()}", uploaded.id)
         self.classifier_id = uploaded.id
 
     def _image_id(self, state: BalanceState, image: RealImage) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +143,11 @@ class Client:
     def upload_classifier(self, archive: Path, spec: ClassifierSpec, hardness_stats: Path | None = None) -> ClassifierUploaded:
         """POST /v1/classifiers: a TorchScript (.pt) or torch.export (.pt2) archive, its spec, optional hardness statistics."""
         files = {"archive": (archive.name, archive.read_bytes(), "application/octet-stream")}
-        if hardness_stats is not None:
-            files["hardness_stats"] = (hardness_stats.name, hardness_stats.read_bytes(), "application/octet-stream")
-        response = self._request("POST", "/v1/classifiers", files=files, data={"spec": spec.model_dump_json()})
+        with contextlib.ExitStack() as opened:
+            if hardness_stats is not None:  # several GB at ImageNet scale: httpx streams an open file (seeks on retry)
+                stats = opened.enter_context(open(hardness_stats, "rb"))
+                files["hardness_stats"] = (hardness_stats.name, stats, "application/octet-stream")
+            response = self._request("POST", "/v1/classifiers", files=files, data={"spec": spec.model_dump_json()})
         return ClassifierUploaded.model_validate(response.json())
 
     def submit(self, request: GenerateRequest, idempotency_key: str | None = None, wait_when_full: bool = True) -> JobAccepted:

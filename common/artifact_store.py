@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 from fgs_common.atomic_files import atomic_directory, write_atomic
@@ -20,6 +21,7 @@ _ID = re.compile(r"^[0-9a-f]{64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 IMAGE_EXTENSIONS = ("png", "jpeg", "webp")
 ARCHIVE_NAMES = ("archive.pt", "archive.pt2")
+_HASH_CHUNK = 1 << 20
 
 
 def is_object_id(value: str) -> bool:
@@ -63,13 +65,21 @@ class ArtifactStore:
         return None
 
     # ---- classifiers ----
-    def put_classifier(self, tenant: str, archive: bytes, archive_name: str, spec_json: bytes, hardness: bytes | None) -> str:
-        """Store a classifier as one folder, renamed into place whole; returns its content id."""
+    def put_classifier(self, tenant: str, archive: bytes, archive_name: str, spec_json: bytes, hardness: Path | None) -> str:
+        """Store a classifier as one folder, renamed into place whole; returns its content id.
+
+        `hardness` is a file on the store's filesystem (statistics can be several GB): it is hashed in chunks and
+        moved into the folder, never read whole.
+        """
         if archive_name not in ARCHIVE_NAMES:
             raise ValueError(f"archive name must be one of {ARCHIVE_NAMES}")
         digest = hashlib.sha256()
-        for part in (archive, b"\0spec\0", spec_json, b"\0stats\0", hardness or b""):
+        for part in (archive, b"\0spec\0", spec_json, b"\0stats\0"):
             digest.update(part)
+        if hardness is not None:
+            with open(hardness, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
         classifier_id = digest.hexdigest()
         final = self.tenant_dir(tenant) / "classifiers" / classifier_id
         if final.exists():
@@ -78,7 +88,7 @@ class ArtifactStore:
             (staging / archive_name).write_bytes(archive)
             (staging / "spec.json").write_bytes(spec_json)
             if hardness is not None:
-                (staging / "hardness.safetensors").write_bytes(hardness)
+                shutil.move(hardness, staging / "hardness.safetensors")  # a rename on the same filesystem
         return classifier_id
 
     def classifier_dir(self, tenant: str, classifier_id: str) -> Path | None:

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     port: int = 8000
     state_dir: Path = Field(default=Path(".fgs/state"), description="where `fgs up` keeps its local redis-server data")
     max_classifier_bytes: int = 512 * 1024 * 1024
+    max_hardness_stats_bytes: int = Field(
+        default=4 * 1024**3,
+        description="largest hardness statistics file an upload may carry; streamed to disk, never held in memory. "
+        "Default: 4x ImageNet-LT's statistics at k = 2,048 (0.95 GB, bench/hardness_scale.py). Starlette spools "
+        "uploaded parts to the system temp dir (TMPDIR), which needs that much room too",
+    )
     classifier_check_timeout_s: float = 120.0
     # The classifier check's sandbox (fgs_common.classifier_sandbox). Measured with torch 2.13 CPU, one thread, on
     # the 10-class SmallCNN: a TorchScript check peaks at 0.6 GiB of address space (VmPeak; 0.3 GiB resident), a

@@ -64,7 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.classifier_check_slots = threading.BoundedSemaphore(settings.classifier_checks_at_once)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_classifier_bytes + 2 * settings.max_upload_bytes)
+    # A classifier upload carries its archive, its statistics and small form fields; anything else at most an
+    # archive-sized body.
+    classifier_upload = settings.max_classifier_bytes + settings.max_hardness_stats_bytes + settings.max_upload_bytes
+    app.add_middleware(BodyLimit, limit=settings.max_classifier_bytes + 2 * settings.max_upload_bytes,
+                       limits_by_path={"/v1/classifiers": classifier_upload})
 
     # thumbnails before images: /v1/images/{id}/thumbnail must not be taken for an image id
     for module in (thumbnails, images, classifiers, generate, jobs, views, admin, health, metrics, ui):
@@ -74,21 +78,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 class BodyLimit:
-    """413 for a request whose Content-Length is over `limit` (or not a number), before its body is read.
+    """413 for a request whose Content-Length is over its path's limit (or not a number), before its body is read.
 
     A plain ASGI middleware: Starlette's `@app.middleware("http")` wraps every request in extra tasks and
     streams, which showed up as latency under load.
     """
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int, limits_by_path: dict[str, int] | None = None):
         self.app = app
         self.limit = limit
+        self.limits_by_path = limits_by_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            limit = self.limits_by_path.get(scope["path"], self.limit)
             length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                body = {"error": {"code": "upload_too_large", "message": f"request body over {self.limit} bytes"}}
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                body = {"error": {"code": "upload_too_large", "message": f"request body over {limit} bytes"}}
                 await JSONResponse(body, status_code=413)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -51,7 +51,10 @@ def test_unsupported_image_format_and_archive_name_are_refused(tmp_path):
 def test_a_classifier_is_one_folder_whose_id_covers_archive_spec_and_statistics(tmp_path):
     store = ArtifactStore(tmp_path)
     plain = store.put_classifier("alpha", b"archive", "archive.pt", b'{"num_classes": 2}', None)
-    with_stats = store.put_classifier("alpha", b"archive", "archive.pt", b'{"num_classes": 2}', b"stats")
+    upload = tmp_path / "stats-upload"  # the API's scratch copy of an upload, on the store's filesystem
+    upload.write_bytes(b"stats")
+    with_stats = store.put_classifier("alpha", b"archive", "archive.pt", b'{"num_classes": 2}', upload)
+    assert not upload.exists()  # moved into the folder, not copied
     other_spec = store.put_classifier("alpha", b"archive", "archive.pt", b'{"num_classes": 3}', None)
     assert len({plain, with_stats, other_spec}) == 3
     assert store.put_classifier("alpha", b"archive", "archive.pt", b'{"num_classes": 2}', None) == plain

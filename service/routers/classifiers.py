@@ -38,11 +38,12 @@ from fgs_common.wire import ClassifierSpec, ClassifierUploaded
 from fgs_service.classifier_records import classifier_record, classifier_records
 from fgs_service.deps import CheckSlotsDep, SettingsDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
-from fgs_service.uploads import read_limited
+from fgs_service.uploads import copy_limited, read_limited
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"], responses=ERROR_RESPONSES)
 
 _ARCHIVE_NAME = {ArchiveFormat.torchscript: "archive.pt", ArchiveFormat.torch_export: "archive.pt2"}
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
 
 
 def _parse_spec(spec: str) -> ClassifierSpec:
@@ -53,15 +54,20 @@ def _parse_spec(spec: str) -> ClassifierSpec:
         raise ApiError(422, "invalid_spec", f"classifier spec is not a valid ClassifierSpec: {details}") from None
 
 
-def _check_safetensors(data: bytes) -> None:
-    """A safetensors file starts with an 8-byte little-endian header length and a JSON header."""
-    if len(data) < 8:
-        raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (too short)")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > len(data) - 8:
-        raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (bad header length)")
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file starts with an 8-byte little-endian header length and a JSON header (read from disk)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise ApiError(
+                422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (bad header length)"
+            )
+        header = f.read(length)
     try:
-        json.loads(data[8 : 8 + length])
+        json.loads(header)
     except ValueError:
         raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (header is not JSON)") from None
 
@@ -97,7 +103,7 @@ def _run_classifier_check(
 def _validated(
     archive: bytes,
     spec_json: bytes,
-    stats: bytes | None,
+    stats: Path | None,
     settings: Settings,
     scratch: Path,
     slots: threading.BoundedSemaphore,
@@ -115,11 +121,7 @@ def _validated(
     if settings.classifier_check and _worker_check_available():
         named = archive_path.rename(scratch / _ARCHIVE_NAME[archive_format])
         (scratch / "spec.json").write_bytes(spec_json)
-        stats_path = None
-        if stats is not None:
-            stats_path = scratch / "hardness.safetensors"
-            stats_path.write_bytes(stats)
-        _run_classifier_check(named, scratch / "spec.json", stats_path, settings, slots)
+        _run_classifier_check(named, scratch / "spec.json", stats, settings, slots)
     return archive_format
 
 
@@ -133,21 +135,29 @@ def upload_classifier(
     check_slots: CheckSlotsDep,
     hardness_stats: UploadFile | None = None,
 ) -> ClassifierUploaded:
-    """Check and store a classifier; its id is a digest of archive, spec and statistics."""
+    """Check and store a classifier; its id is a digest of archive, spec and statistics.
+
+    The statistics (several GB at ImageNet scale) are copied chunk by chunk to a scratch file in the data
+    directory and moved into the store from there: the API never holds them in memory.
+    """
     parsed = _parse_spec(spec)
     archive_bytes = read_limited(archive, settings.max_classifier_bytes, "classifier archive")
-    stats_bytes = read_limited(hardness_stats, settings.max_upload_bytes, "hardness statistics") if hardness_stats else None
-    if stats_bytes is not None:
-        _check_safetensors(stats_bytes)
     spec_json = parsed.model_dump_json().encode()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".classifier-check-", dir=settings.data_dir))
     try:
-        archive_format = _validated(archive_bytes, spec_json, stats_bytes, settings, scratch, check_slots)
+        stats_path = None
+        if hardness_stats is not None:
+            stats_path = scratch / "hardness.safetensors"
+            copy_limited(hardness_stats, stats_path, settings.max_hardness_stats_bytes, "hardness statistics",
+                         "FGS_MAX_HARDNESS_STATS_BYTES")
+            _check_safetensors(stats_path)
+        archive_format = _validated(archive_bytes, spec_json, stats_path, settings, scratch, check_slots)
+        archive_name = _ARCHIVE_NAME[archive_format]
+        classifier_id = store.put_classifier(tenant.name, archive_bytes, archive_name, spec_json, stats_path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    classifier_id = store.put_classifier(tenant.name, archive_bytes, _ARCHIVE_NAME[archive_format], spec_json, stats_bytes)
-    return ClassifierUploaded(id=classifier_id, spec=parsed, has_hardness_stats=stats_bytes is not None)
+    return ClassifierUploaded(id=classifier_id, spec=parsed, has_hardness_stats=stats_path is not None)
 
 
 @router.get("/{classifier_id}")

@@ -6,8 +6,6 @@ classifier finds harder, i.e. more useful to it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -27,11 +25,12 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def hardness(embedding: torch.Tensor, labels: torch.Tensor, stats: HardnessStats) -> torch.Tensor:
-    """Eq. 5: 1/2 [(e - mu_y)^T Sigma_y^-1 (e - mu_y) + ln det Sigma_y + k ln 2 pi]."""
-    diff = embedding - stats.means[labels]
-    mahalanobis = torch.einsum("bi,bij,bj->b", diff, stats.precisions[labels], diff)
-    k = embedding.shape[-1]
-    return 0.5 * (mahalanobis + stats.logdets[labels] + k * math.log(2 * math.pi))
+    """Eq. 5: 1/2 [(e - mu_y)^T Sigma_y^-1 (e - mu_y) + ln det Sigma_y + k ln 2 pi].
+
+    The statistics read only the classes in `labels` and score in float64 (fgs_classifier.hardness_stats); the
+    value and its gradient come back in the embedding's dtype.
+    """
+    return stats.score(embedding, labels)
 
 
 def evaluate(
@@ -52,7 +51,7 @@ def evaluate(
         if embedding is None or stats is None:
             raise ValueError("criterion 'hardness' needs the classifier embedding and hardness statistics")
         embedding = embedding.float() if embedding.dtype in (torch.float16, torch.bfloat16) else embedding
-        return hardness(embedding, labels, stats.to(embedding.device, embedding.dtype))
+        return hardness(embedding, labels, stats)
     if criterion is Criterion.none:
         return torch.zeros(logits.shape[0], device=logits.device)
     raise ValueError(f"unknown criterion {criterion!r}")

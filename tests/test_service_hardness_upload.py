@@ -1,0 +1,149 @@
+"""Hardness statistics of ImageNet-LT's shape (1,000 classes, its class counts; k = 256 to keep CI short, ~100 MB)
+through the real API and a real worker: the upload is streamed to disk (the API process's peak RSS does not grow by
+the file's size), capped by FGS_MAX_HARDNESS_STATS_BYTES (413), and a hardness-guided job scores with it exactly
+as the in-process sampler does (whose scoring tests/test_hardness_stats.py ties to the dense computation)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fgs_classifier.hardness_stats import HardnessStats
+from fgs_classifier.small_cnn import SmallCNN, export_classifier
+from fgs_client.dataset_readers import packaged_path
+from fgs_common.wire import ClassifierOutput, ClassifierSpec, GenerationParams, JobState
+from support.live_calls import follow_events
+from support.stack import start_stack
+
+DIM = 256
+STATS_CAP = 160 * 1024 * 1024  # above the ~100 MB file, small enough that the over-cap upload stays quick
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tiny_model_dir, tmp_path_factory):
+    stack = start_stack(redis_server, tiny_model_dir, tmp_path_factory.mktemp("hardness-stack"), workers=1,
+                        extra_env={"FGS_MAX_HARDNESS_STATS_BYTES": str(STATS_CAP)})
+    yield stack
+    stack.close()
+
+
+@pytest.fixture(scope="module")
+def imagenet_lt_classifier(tmp_path_factory):
+    """A random SmallCNN with ImageNet-LT's 1,000 classes and a 256-d embedding; statistics fitted by streaming
+    synthetic embeddings with ImageNet-LT's class counts (5 to 1,280 images)."""
+    directory = tmp_path_factory.mktemp("imagenet-lt-classifier")
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=1000, width=8, embedding_dim=DIM)
+    spec = ClassifierSpec(num_classes=1000, input_size=32, output=ClassifierOutput.logits_embedding)
+    archive, _ = export_classifier(model, directory, spec)
+    with open(packaged_path("imagenet_lt_train_counts.csv"), newline="") as handle:
+        counts = [int(row["train_count"]) for row in csv.DictReader(handle)]
+
+    def class_embeddings(y: int) -> torch.Tensor:  # ReLU-like, non-negative, a different centre per class
+        generator = torch.Generator().manual_seed(y)
+        centre = torch.rand(DIM, generator=generator)
+        return (centre + 0.3 * torch.randn(counts[y], DIM, generator=generator)).clamp_min(0)
+
+    stats = directory / "stats.safetensors"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~10 s; on a loaded 2-core machine more threads spin-wait for minutes
+    try:
+        HardnessStats.fit_to_file(stats, class_embeddings, counts, DIM)
+    finally:
+        torch.set_num_threads(threads)
+    return archive, spec, stats
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {name: int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM")}
+
+
+def upload(stack, archive: Path, spec: ClassifierSpec, stats: Path):
+    with stack.client("alpha") as client, open(archive, "rb") as a, open(stats, "rb") as s:
+        return client.post("/v1/classifiers", data={"spec": spec.model_dump_json()}, files={
+            "archive": ("classifier.pt", a, "application/octet-stream"),
+            "hardness_stats": ("stats.safetensors", s, "application/octet-stream"),  # httpx streams file objects
+        })
+
+
+def leftovers(stack) -> list[str]:
+    return sorted(p.name for p in stack.data_dir.glob(".classifier-check-*"))
+
+
+def test_large_statistics_are_streamed_to_disk_and_scored_by_the_worker(stack, imagenet_lt_classifier):
+    archive, spec, stats = imagenet_lt_classifier
+    size = stats.stat().st_size
+    assert size > 90 * 1024 * 1024
+
+    pid = stack.api.pid
+    before = memory_kib(pid)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # peak RSS (VmHWM) starts again from the current RSS
+    uploaded = upload(stack, archive, spec, stats)
+    after = memory_kib(pid)
+    assert uploaded.status_code == 201, uploaded.text
+    assert uploaded.json()["has_hardness_stats"] is True
+    grown = after["VmHWM"] - before["VmRSS"]
+    assert grown * 1024 < size / 8, f"the API's peak RSS grew {grown / 1024:.0f} MiB for {size / 2**20:.0f} MiB"
+
+    classifier_id = uploaded.json()["id"]
+    stored = stack.data_dir / "tenants" / "alpha" / "classifiers" / classifier_id / "hardness.safetensors"
+    assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(stats.read_bytes()).digest()
+    assert leftovers(stack) == []
+
+    # A few-shot class (ImageNet-LT class 58, water snake: 5 images) scored by the worker while it guides.
+    body = {
+        "prompt": "a photo of a water snake", "class_index": 58, "num_images": 2, "criterion": "hardness", "omega": 0.5,
+        "gamma": 3.0, "classifier_id": classifier_id, "seed": 99, "steps": 10, "guidance_every": 5,
+        "conditioning_image_ids": [],
+    }
+    with stack.client("alpha") as client:
+        accepted = client.post("/v1/generate", json=body)
+        assert accepted.status_code == 202, accepted.text
+        final = follow_events(client, accepted.json()["job_id"])[-1]
+        assert final.state is JobState.finished, final
+        downloaded = []
+        for result in final.results:
+            with Image.open(io.BytesIO(client.get(f"/v1/images/{result.image_id}").content)) as png:
+                downloaded.append(np.asarray(png.convert("RGB")))
+
+    from fgs_classifier.registry import load_classifier
+    from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
+    from fgs_worker.model_loading import load_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (conftest): CPU kernels round differently with other thread counts
+    try:
+        sampler = GuidedDDIMSampler(load_pipeline(str(stack.env["FGS_MODEL"]), device="cpu"))
+        classifier = load_classifier(archive, spec, stats, device="cpu")
+        params = GenerationParams(criterion="hardness", omega=0.5, gamma=3.0, steps=10, guidance_every=5)
+        out = sampler(prompt=body["prompt"], class_index=58, seeds=[99, 100], params=params, classifier=classifier)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.criterion_value for r in final.results] == pytest.approx(out.criterion_values, rel=1e-6)
+    for expected, got in zip(out.images, downloaded):
+        np.testing.assert_array_equal(np.asarray(expected.convert("RGB")), got)
+
+
+def test_statistics_over_the_cap_get_413_and_leave_nothing(stack, imagenet_lt_classifier, tmp_path):
+    archive, spec, _ = imagenet_lt_classifier
+    too_large = tmp_path / "too-large.safetensors"
+    with open(too_large, "wb") as f:
+        f.truncate(STATS_CAP + 1)  # sparse: costs no disk here
+    with stack.client("alpha") as client:
+        listed = client.get("/v1/classifiers").json()
+    response = upload(stack, archive, spec, too_large)
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["code"] == "upload_too_large"
+    assert "hardness statistics" in error["message"] and "FGS_MAX_HARDNESS_STATS_BYTES" in error["message"]
+    with stack.client("alpha") as client:
+        assert client.get("/v1/classifiers").json() == listed
+    assert leftovers(stack) == []
