@@ -10,7 +10,8 @@ import redis
 import redis.asyncio
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.settings import Settings, get_settings
@@ -64,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.classifier_check_slots = threading.BoundedSemaphore(settings.classifier_checks_at_once)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_classifier_bytes + 2 * settings.max_upload_bytes)
+    app.add_middleware(BodyLimit, settings=settings)
 
     # thumbnails before images: /v1/images/{id}/thumbnail must not be taken for an image id
     for module in (thumbnails, images, classifiers, generate, jobs, views, admin, health, metrics, ui):
@@ -73,22 +74,70 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-class BodyLimit:
-    """413 for a request whose Content-Length is over `limit` (or not a number), before its body is read.
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` as soon as a body passes its route's limit (an HTTPException: FastAPI's body
+    parsing lets those through, where any other error would become a 400)."""
 
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over {limit} bytes")
+        self.limit = limit
+
+
+class BodyLimit:
+    """413 for a request body over its route's limit: at once when its Content-Length says so (or is not a
+    number), else while it streams in, chunked bodies included, so no more than the limit is ever held.
+
+    Limits: JSON routes FGS_MAX_JSON_BODY_BYTES; image uploads FGS_MAX_UPLOAD_BYTES; classifier uploads the
+    archive plus statistics limits; each with 1 MiB for the multipart framing and form fields.
     A plain ASGI middleware: Starlette's `@app.middleware("http")` wraps every request in extra tasks and
     streams, which showed up as latency under load.
     """
 
-    def __init__(self, app: ASGIApp, limit: int):
+    _FRAMING = 1 << 20
+
+    def __init__(self, app: ASGIApp, settings: Settings):
         self.app = app
-        self.limit = limit
+        self.limits = {
+            "/v1/classifiers": settings.max_classifier_bytes + settings.max_upload_bytes + self._FRAMING,
+            "/v1/images": settings.max_upload_bytes + self._FRAMING,
+        }
+        self.default = settings.max_json_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                body = {"error": {"code": "upload_too_large", "message": f"request body over {self.limit} bytes"}}
-                await JSONResponse(body, status_code=413)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.get(scope["path"].rstrip("/"), self.default)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _too_large(limit)(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await _too_large(limit)(scope, receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    body = {"error": {"code": "upload_too_large", "message": f"request body over {limit} bytes"}}
+    # Connection: close, as the rest of the body is never read
+    return JSONResponse(body, status_code=413, headers={"Connection": "close"})
