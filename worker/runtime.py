@@ -43,6 +43,9 @@ class WorkerRuntime:
     model_id: str
     last_beat: float = field(default=0.0)
     on_heartbeat: Any = None  # set by the worker: refreshes RQ's worker and job heartbeats
+    watchdog: Any = None  # set by the worker: fgs_worker.watchdog.JobWatchdog (None: no watchdog, in-process tests)
+    current_job: tuple[str, str] | None = None  # (job id, owner token) while a job runs
+    expire_execution: Any = None  # set by the worker: hands the running job's RQ execution to the abandon sweep
 
     @classmethod
     def load(cls, settings: Settings, name: str | None = None) -> "WorkerRuntime":
