@@ -9,6 +9,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Header
 
 from fgs_common.artifact_store import ArtifactStore
+from fgs_common.exceptions import EnqueueInProgress
 from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted
 from fgs_common.wire_views import BatchCanceled
 from fgs_service.classifier_records import classifier_record
@@ -48,6 +49,8 @@ async def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch
         return await queue.enqueue(tenant, requests, batch_id=batch_id, idempotency_key=key)
     except QueueFull as error:
         raise ApiError(429, "queue_full", str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
+    except EnqueueInProgress as error:
+        raise ApiError(409, "enqueue_in_progress", str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
 
 
 # Both handlers are async: the enqueue awaits Redis on the event loop (fgs_service.job_queue). The reference
