@@ -45,7 +45,7 @@ def test_a_nan_criterion_value_is_null_with_a_flag(redis_server, tiny_model_dir,
     archive = tmp_path / "nan.pt"
     torch.jit.script(NaNLogits()).save(str(archive))
     spec = ClassifierSpec(num_classes=10, input_size=32, output=ClassifierOutput.logits)
-    worker = FgsWorker(WorkerRuntime.load(settings, name="nan"), watchdog=False)
+    worker = FgsWorker(WorkerRuntime.load(settings, name="nan"))
     worker.register_birth()
     try:
         with TestClient(create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
