@@ -90,6 +90,17 @@ class Settings(BaseSettings):
     )
 
     # Service
+    http_header_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="a connection must send a whole request head within this long (Apache mod_reqtimeout's "
+        "default, header=20-40); slowloris",
+    )
+    http_keep_alive_s: int = Field(
+        default=5,
+        ge=1,
+        description="an idle keep-alive connection is closed after this long (uvicorn's default)",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     state_dir: Path = Field(default=Path(".fgs/state"), description="where `fgs up` keeps its local redis-server data")

@@ -166,8 +166,7 @@ def up(
     try:
         for i in range(workers):
             children.append(Child(f"worker {i}", [sys.executable, "-m", "fgs_worker.main"], env, backoff))
-        api_argv = [sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory", "--host", host,
-                    "--port", str(port), "--timeout-keep-alive", "120"]
+        api_argv = [sys.executable, "-m", "fgs_service.cli", "api", "--host", host, "--port", str(port)]
         children.append(Child("API", api_argv, env, backoff))
         for child in children:
             child.start()
@@ -197,10 +196,16 @@ def api(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
-    """The HTTP API alone (FGS_REDIS_URL must be set)."""
+    """The HTTP API alone (FGS_REDIS_URL must be set), with header and keep-alive timeouts."""
     import uvicorn
 
-    uvicorn.run("fgs_service.app:create_app", factory=True, host=host, port=port, timeout_keep_alive=120)
+    from fgs_service.http_protocol import HeaderTimeoutH11Protocol
+
+    settings = get_settings()
+    uvicorn.run(
+        "fgs_service.app:create_app", factory=True, host=host, port=port, http=HeaderTimeoutH11Protocol,
+        timeout_keep_alive=settings.http_keep_alive_s,
+    )
 
 
 @app.command()

@@ -9,6 +9,7 @@ import os
 import select
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from conftest import start_stack
+from fgs_common.loopback import free_port
 from live_stack_calls import png_bytes
 
 GOOD = {"prompt": "a photo of digit four", "class_index": 4, "num_images": 1, "steps": 2, "guidance_every": 1}
@@ -61,6 +63,20 @@ def test_the_largest_seed_range_is_accepted(live_stack):
         response = client.post("/v1/generate", json=GOOD | {"seed": 2**63 - 5, "num_images": 5})
         assert response.status_code == 202, response.text
         client.delete(f"/v1/jobs/{response.json()['job_id']}")
+
+
+def test_an_image_too_big_for_the_model_is_422_and_the_limit_is_published(live_stack):
+    with live_stack.client("alpha") as client:
+        info = client.get("/v1/model")
+        assert info.status_code == 200, info.text
+        limit = info.json()["max_pixels_per_image"]
+        native = info.json()["native_width"] * info.json()["native_height"]
+        assert native <= limit < 2048 * 2048
+        before = client.get("/v1/jobs", params={"limit": 1000}).json()["count"]
+        response = client.post("/v1/generate", json=GOOD | {"width": 2048, "height": 2048})
+        assert response.status_code == 422 and response.json()["error"]["code"] == "image_too_large", response.text
+        assert str(limit) in response.json()["error"]["message"]
+        assert client.get("/v1/jobs", params={"limit": 1000}).json()["count"] == before
 
 
 def _high_water_rss_bytes(pid: int) -> int:
@@ -175,3 +191,36 @@ def test_a_full_disk_is_507_and_readyz_reports_the_store_unwritable(redis_server
             assert client.post("/v1/images", files={"file": ("b.png", png_bytes(2), "image/png")}).status_code == 201
     finally:
         stack.close()
+
+
+def test_a_connection_that_never_finishes_its_request_head_is_closed(redis_server, tmp_path):
+    """Slowloris: `fgs api` closes a connection whose headers are still incomplete after the header timeout."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
+    env.update(FGS_REDIS_URL=redis_server, FGS_DATA_DIR=str(tmp_path), FGS_DEV_API_KEY="k" * 32,
+               FGS_HTTP_HEADER_TIMEOUT_S="2")
+    api = subprocess.Popen([sys.executable, "-m", "fgs_service.cli", "api", "--port", str(port)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "fgs api did not start"
+                time.sleep(0.2)
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        slow.settimeout(15)
+        began = time.time()
+        assert slow.recv(100) == b"", "the server answered a request whose head never ended"
+        assert time.time() - began < 8
+        slow.close()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:  # and normal requests still work
+            assert client.get("/healthz").status_code == 200
+            time.sleep(3)  # past the header timeout, on a kept-alive connection
+            assert client.get("/healthz").status_code == 200
+    finally:
+        api.terminate()
+        api.wait(timeout=30)

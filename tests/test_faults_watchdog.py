@@ -112,7 +112,7 @@ def test_a_classifier_that_hangs_on_a_batch_of_one_fails_its_job_while_others_fi
     threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True).start()
     try:
         wait_until(lambda: workers_alive(base) == 2, 180, "fgs up with 2 live workers")
-        api_pid = next(pid for pid in children_of(up.pid) if "uvicorn" in Path(f"/proc/{pid}/cmdline").read_text())
+        api_pid = next(pid for pid in children_of(up.pid) if "\0api\0" in Path(f"/proc/{pid}/cmdline").read_text())
         alpha = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TENANT_KEYS['alpha']}"}, timeout=60)
         beta = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TENANT_KEYS['beta']}"}, timeout=60)
         uploaded = upload_classifier(alpha, archive.read_bytes(), spec)
