@@ -60,6 +60,10 @@ class Keys:
     def queue_name(self, tenant: str) -> str:
         return f"{self.prefix}:{tenant}"
 
+    def model_info(self) -> str:
+        """The ModelInfo JSON the workers publish (fgs_worker.runtime.WorkerRuntime.publish_model_info)."""
+        return f"{self.prefix}:model"
+
     def worker_alive(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"
 

@@ -161,6 +161,18 @@ class GenerateRequest(GenerationParams):
         return [self.seed + i for i in range(self.num_images)]
 
 
+class ModelInfo(BaseModel):
+    """GET /v1/model: the model the workers keep resident, as they publish it."""
+
+    model: str = Field(description="FGS_MODEL of the workers")
+    native_width: int = Field(description="image width when a request gives none")
+    native_height: int = Field(description="image height when a request gives none")
+    max_pixels_per_image: int = Field(
+        description="largest width*height one image may have: a bigger request is refused (422), since one "
+        "denoising step of it could not finish on this model"
+    )
+
+
 class ErrorBody(BaseModel):
     """What went wrong, for a person: a stable code and a message (HTTP errors and failed jobs alike)."""
 

@@ -19,7 +19,9 @@ from fgs_service.auth import KeyRing
 from fgs_service.errors import install_error_handlers
 from fgs_service.job_queue import JobQueue
 from fgs_service.metrics import build_registry
-from fgs_service.routers import admin, classifiers, generate, health, images, jobs, metrics, thumbnails, ui, views
+from fgs_service.routers import (
+    admin, classifiers, generate, health, images, jobs, metrics, model, thumbnails, ui, views,
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -68,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
 
     # thumbnails before images: /v1/images/{id}/thumbnail must not be taken for an image id
-    for module in (thumbnails, images, classifiers, generate, jobs, views, admin, health, metrics, ui):
+    for module in (thumbnails, images, classifiers, generate, jobs, model, views, admin, health, metrics, ui):
         app.include_router(module.router)
     ui.mount_static(app)
     return app

@@ -14,6 +14,7 @@ key names stay here and in `fgs_common.job_records`.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,10 +29,12 @@ from fgs_common import telemetry
 from fgs_common.exceptions import EnqueueInProgress
 from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, job_public, now_ts
 from fgs_common.settings import Settings
-from fgs_common.wire import BatchPublic, GenerateRequest, JobPublic, JobsPublic, JobState
+from fgs_common.wire import BatchPublic, GenerateRequest, JobPublic, JobsPublic, JobState, ModelInfo
 from fgs_service.auth import Tenant
 
 JOB_FUNCTION = "fgs_worker.jobs.run_generate_job"
+# How long the API trusts the model info it read (workers publish it at start and at every maintenance pass).
+MODEL_INFO_CACHE_S = 5.0
 # A batch of more jobs than this is turned into Redis commands in a worker thread, not on the event loop
 # (500 jobs take ~0.1 s of CPU, which would stall every other request meanwhile).
 INLINE_JOBS = 16
@@ -87,6 +90,7 @@ class JobQueue:
         self.keys = Keys(settings.redis_prefix)
         self.records = JobRecords(redis, settings.redis_prefix, settings.job_record_ttl_s)
         self.queue = lru_cache(maxsize=1024)(self._queue)  # a Queue asks Redis its version once, then remembers
+        self._model_info: tuple[float, ModelInfo | None] = (0.0, None)
 
     def _queue(self, tenant: str) -> Queue:
         return Queue(self.keys.queue_name(tenant), connection=self.rq_redis, serializer=JSONSerializer)
@@ -95,6 +99,15 @@ class JobQueue:
         if self.settings.job_retries <= 0:
             return None
         return Retry(max=self.settings.job_retries, interval=self.settings.retry_backoff_s)
+
+    async def model_info(self) -> ModelInfo | None:
+        """What the workers' model accepts, as they published it; None before any worker has started."""
+        read_at, info = self._model_info
+        if time.monotonic() - read_at > MODEL_INFO_CACHE_S:
+            raw = await self.async_redis.get(self.keys.model_info())
+            info = ModelInfo.model_validate_json(raw) if raw else None
+            self._model_info = (time.monotonic(), info)
+        return info
 
     # ---- idempotency ----
     def _idempotency_key(self, tenant: Tenant, key: str, scope: str) -> str:

@@ -123,6 +123,11 @@ def _generate(
     images = _conditioning_images(runtime, tenant, request.conditioning_image_ids)
     classifier = _load_classifier(runtime, tenant, request.classifier_id) if request.classifier_id else None
     params = request.generation_params()
+    width, height = runtime.sampler.image_size(params)
+    limit = runtime.model_info().max_pixels_per_image
+    if width * height > limit:
+        raise InvalidJob(f"{width}x{height} = {width * height} pixels per image is more than this model takes "
+                         f"({limit}, see GET /v1/model)")
     on_step = _StepReporter(runtime, job_id, owner)
     seeds = request.seeds()
     results: list[ImageResult] = []

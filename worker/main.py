@@ -97,6 +97,7 @@ class FgsWorker(SimpleWorker):
             # the tenant queues first: at start-up RQ knows only the idle queue, and the first pass is the one
             # that retries a job this process was working on when its watchdog ended it
             self._refresh_queues()
+            self.runtime.publish_model_info()  # again after a Redis that lost it (no AOF) comes back
             super().run_maintenance_tasks()
             self.reconcile_failed_jobs()
         except REDIS_DOWN as error:
