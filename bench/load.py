@@ -19,7 +19,9 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stack_under_load import LocalStack, audit, images_generated, machine, run_clients, summary, wait_drained  # noqa: E402
+from stack_under_load import (  # noqa: E402
+    LocalStack, audit, images_generated, machine, run_clients, summary, wait_drained,
+)
 
 # Small jobs, so that 2 CPU workers keep up with 200 clients: 2 DDIM steps at the tiny model's 64x64.
 JOB_SIZE = {"steps": 2, "guidance_every": 1}

@@ -20,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from load import JOB_SIZE, write_results  # noqa: E402
-from stack_under_load import LocalStack, audit, images_generated, machine, run_clients, summary, wait_drained  # noqa: E402
+from stack_under_load import (  # noqa: E402
+    LocalStack, audit, images_generated, machine, run_clients, summary, wait_drained,
+)
 
 ABANDONED_AFTER_S = 10
 

@@ -291,7 +291,8 @@ def audit(stack: LocalStack, log: LoadLog, outages: list[tuple[float, float]] = 
         total = sum(v for name, labels, v in counters
                     if name == "jobs" and labels.get("tenant") == tenant and labels.get("status") == "finished")
         if int(total) != finished_by_tenant[tenant]:
-            findings["finished counted more or less than once"].append(f"{tenant}: {total} != {finished_by_tenant[tenant]}")
+            findings["finished counted more or less than once"].append(
+                f"{tenant}: {total} != {finished_by_tenant[tenant]}")
     findings["image reported twice"] = [f"{t}/{i}" for (t, i), n in reported.items() if n > 1]
     on_disk = set()
     for tenant in TENANTS:

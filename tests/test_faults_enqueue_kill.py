@@ -111,7 +111,8 @@ def test_the_same_key_after_a_killed_enqueue_is_accepted_once(redis_server, tiny
             second = client.post("/v1/batches", json=body, headers={"Idempotency-Key": "retry-after-kill"}, timeout=120)
         assert first.status_code == second.status_code == 202, (first.text[:300], second.text[:300])
         assert first.json()["batch_id"] == second.json()["batch_id"]
-        counter, queued_images, _ = audit(redis.Redis.from_url(redis_server, decode_responses=True), stack.prefix, "alpha")
+        records = redis.Redis.from_url(redis_server, decode_responses=True)
+        counter, queued_images, _ = audit(records, stack.prefix, "alpha")
         assert counter == queued_images
     finally:
         stack.close()

@@ -44,7 +44,8 @@ def test_a_stopped_and_resumed_worker_cannot_write_to_the_job_it_lost(redis_serv
             time.sleep(3)  # the zombie had its chance to write
             assert records.hgetall(record_key) == settled
             assert settled["worker"] == taker
-            images_made = records.hget(counter_key(stack.prefix), counter_field("images_generated", {"tenant": "alpha"}))
+            made = counter_field("images_generated", {"tenant": "alpha"})
+            images_made = records.hget(counter_key(stack.prefix), made)
             assert float(images_made) == 4, f"{images_made} images made for a 4-image job"
             # the resumed worker dropped the lost job and serves again
             assert zombie.poll() is None

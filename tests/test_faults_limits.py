@@ -128,7 +128,8 @@ def _send_chunked(port: int, path: str, total: int, key: str, content_type: str 
 
 def test_a_1_gib_chunked_body_is_refused_without_the_api_growing_past_the_cap(redis_server, tiny_model_dir, tmp_path):
     cap = 8 * 1024 * 1024
-    stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=0, extra_env={"FGS_MAX_JSON_BODY_BYTES": str(cap)})
+    env = {"FGS_MAX_JSON_BODY_BYTES": str(cap)}
+    stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=0, extra_env=env)
     try:
         port = int(stack.base_url.rsplit(":", 1)[1])
         before = _high_water_rss_bytes(stack.api.pid)

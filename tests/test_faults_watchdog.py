@@ -90,7 +90,8 @@ def test_a_classifier_that_hangs_on_a_batch_of_one_fails_its_job_while_others_fi
     from fgs_service.auth import hash_key
 
     keys_file = tmp_path / "keys.json"
-    keys_file.write_text(json.dumps({"tenants": [{"name": n, "key_sha256": [hash_key(k)]} for n, k in TENANT_KEYS.items()]}))
+    tenants = [{"name": n, "key_sha256": [hash_key(k)]} for n, k in TENANT_KEYS.items()]
+    keys_file.write_text(json.dumps({"tenants": tenants}))
     archive = tmp_path / "hang.pt"
     torch.jit.script(HangsOnBatchOfOne()).save(str(archive))
     spec = ClassifierSpec(num_classes=10, input_size=32, output=ClassifierOutput.logits)

@@ -203,7 +203,9 @@ def run_generate_job(job_id: str | None = None) -> dict:
     ):
         # RQ handed us a job whose worker died mid-run (its heartbeat expired), or that this worker dropped: take
         # it over, from that owner only, so that of two workers taking over the same job one wins.
-        claimed = records.transition(job_id, JobState.running, (JobState.running,), expect_owner=raw.get("owner", ""), **claim)
+        claimed = records.transition(
+            job_id, JobState.running, (JobState.running,), expect_owner=raw.get("owner", ""), **claim
+        )
     if not claimed:
         return {"skipped": f"job is {records.raw(job_id).get('state')}"}
     # Beat now, not a heartbeat_s later: until the first beat RQ holds the job for the whole job timeout, so a
@@ -214,7 +216,8 @@ def run_generate_job(job_id: str | None = None) -> dict:
     runtime.current_job = (job_id, owner)
     if runtime.watchdog is not None:
         width, height = runtime.sampler.image_size(request)
-        step_s = step_deadline_s(runtime.settings, min(request.num_images, runtime.settings.max_batch_images), width, height)
+        batch = min(request.num_images, runtime.settings.max_batch_images)
+        step_s = step_deadline_s(runtime.settings, batch, width, height)
         retries_left = (rq_job.retries_left or 0) if rq_job is not None else 0
         runtime.watchdog.arm(job_id, owner, runtime.settings.job_setup_deadline_s + step_s, step_s, retries_left,
                              runtime.expire_execution)
@@ -240,7 +243,8 @@ def run_generate_job(job_id: str | None = None) -> dict:
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
         if rq_job is not None and rq_job.retries_left:
-            records.transition(job_id, JobState.queued, (JobState.running,), expect_owner=owner, error=_error("retrying", message))
+            retrying = _error("retrying", message)
+            records.transition(job_id, JobState.queued, (JobState.running,), expect_owner=owner, error=retrying)
         else:
             end(JobState.failed, error=_error("worker_error", message))
         raise

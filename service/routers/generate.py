@@ -62,7 +62,8 @@ async def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch
     except QueueFull as error:
         raise ApiError(429, "queue_full", str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
     except EnqueueInProgress as error:
-        raise ApiError(409, "enqueue_in_progress", str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
+        headers = {"Retry-After": str(error.retry_after_s)}
+        raise ApiError(409, "enqueue_in_progress", str(error), headers=headers) from None
 
 
 # Both handlers are async: the enqueue awaits Redis on the event loop (fgs_service.job_queue). The reference
