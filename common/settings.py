@@ -101,6 +101,16 @@ class Settings(BaseSettings):
         ge=1,
         description="an idle keep-alive connection is closed after this long (uvicorn's default)",
     )
+    redis_max_connections: int = Field(
+        default=100,
+        ge=1,
+        description="connections per Redis pool of the API (redis-py's default pool size); more requests wait",
+    )
+    redis_pool_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="how long a request waits for a free Redis connection before its 503",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     state_dir: Path = Field(default=Path(".fgs/state"), description="where `fgs up` keeps its local redis-server data")

@@ -34,9 +34,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # Two pools on one server: our records are text, RQ's job hashes are bytes. The enqueue path has an
         # asyncio client of its own, so that a POST /v1/generate never waits for a threadpool thread.
-        app.state.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-        app.state.rq_redis = redis.Redis.from_url(settings.redis_url)
-        app.state.async_redis = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+        # Blocking pools: under a burst of requests a request waits for a connection (up to
+        # FGS_REDIS_POOL_TIMEOUT_S) instead of failing, as redis-py's default pool does past 100 connections.
+        size, wait = settings.redis_max_connections, settings.redis_pool_timeout_s
+        app.state.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=size, timeout=wait, decode_responses=True))
+        app.state.rq_redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=size, timeout=wait))
+        app.state.async_redis = redis.asyncio.Redis(connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=size, timeout=wait, decode_responses=True))
         app.state.job_queue = JobQueue(app.state.redis, app.state.rq_redis, app.state.async_redis, settings)
         app.state.store = ArtifactStore(settings.data_dir)
         app.state.keyring = KeyRing.from_settings(settings)

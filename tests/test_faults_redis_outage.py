@@ -131,3 +131,30 @@ def test_redis_stopped_mid_traffic_gives_503s_and_the_workers_carry_on(tiny_mode
             stack.close()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_burst_past_the_redis_pool_size_waits_for_connections_instead_of_failing(redis_server, tiny_model_dir,
+                                                                                  tmp_path):
+    """200 submits at once need more Redis connections than a pool holds (100): they wait, none fails."""
+    import asyncio
+
+    stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=0)
+
+    async def burst() -> Counter:
+        statuses: Counter = Counter()
+        headers = {"Authorization": f"Bearer {stack.keys['beta']}"}
+        async with httpx.AsyncClient(base_url=stack.base_url, headers=headers, timeout=120,
+                                     limits=httpx.Limits(max_connections=250)) as client:
+
+            async def submit(seed: int) -> None:
+                body = {"prompt": "a digit", "class_index": 1, "steps": 2, "guidance_every": 1, "seed": seed}
+                statuses[(await client.post("/v1/generate", json=body)).status_code] += 1
+
+            await asyncio.gather(*(submit(seed) for seed in range(200)))
+        return statuses
+
+    try:
+        statuses = asyncio.run(burst())
+    finally:
+        stack.close()
+    assert statuses == Counter({202: 200}), statuses
