@@ -17,7 +17,7 @@ import time
 import httpx
 import redis
 
-from conftest import start_stack
+from support.stack import start_stack
 from fgs_common.loopback import free_port
 
 RESERVATION_TTL_S = 2

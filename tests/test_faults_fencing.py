@@ -11,9 +11,9 @@ import time
 
 import redis
 
-from conftest import start_stack
+from support.stack import start_stack
 from fgs_common.telemetry import counter_field, counter_key
-from live_stack_calls import JobState, generate, wait_final, wait_for
+from support.live_calls import JobState, generate, wait_final, wait_for
 
 
 def test_a_stopped_and_resumed_worker_cannot_write_to_the_job_it_lost(redis_server, tiny_model_dir, tmp_path):

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import start_stack
+from support.stack import start_stack
 from fgs_common.loopback import free_port
-from live_stack_calls import png_bytes
+from support.live_calls import png_bytes
 
 GOOD = {"prompt": "a photo of digit four", "class_index": 4, "num_images": 1, "steps": 2, "guidance_every": 1}
 

@@ -18,9 +18,9 @@ from collections import Counter
 import httpx
 import redis
 
-from conftest import start_stack
+from support.stack import start_stack
 from fgs_common.loopback import free_port
-from live_stack_calls import JobState, generate, wait_final
+from support.live_calls import JobState, generate, wait_final
 
 
 def start_redis(port: int, directory) -> subprocess.Popen:

@@ -22,10 +22,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from conftest import TENANT_KEYS
+from support.stack import TENANT_KEYS
 from fgs_common.loopback import free_port
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
-from live_stack_calls import JobState, generate, get_job, upload_classifier, wait_final, wait_for
+from support.live_calls import JobState, generate, get_job, upload_classifier, wait_final, wait_for
 
 STEP_DEADLINE_S = 4
 SETUP_DEADLINE_S = 6
