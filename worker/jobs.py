@@ -129,6 +129,8 @@ def _generate(
         raise InvalidJob(f"{width}x{height} = {width * height} pixels per image is more than this model takes "
                          f"({limit}, see GET /v1/model)")
     on_step = _StepReporter(runtime, job_id, owner)
+    if runtime.watchdog is not None:
+        runtime.watchdog.step_done()  # set-up done (images, classifier load and check): steps get step deadlines
     seeds = request.seeds()
     results: list[ImageResult] = []
     sampling_s = 0.0
