@@ -11,6 +11,7 @@ file, nor half a classifier folder. Shared by the API and the workers; imports n
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
