@@ -41,6 +41,7 @@ def readyz(queue: JobQueueDep, store: StoreDep):
         queue.ping()
         workers = len(queue.live_worker_names())
     except Exception:  # any Redis failure means not ready; the probe must answer, not raise
-        return JSONResponse(Health(status="redis unreachable", redis=False).model_dump(), status_code=503)
+        body = Health(status="redis unreachable", redis=False, store_writable=True)
+        return JSONResponse(body.model_dump(), status_code=503)
     status = "ready" if workers else "ready, no live workers"
     return Health(status=status, redis=True, workers=workers, store_writable=True)
