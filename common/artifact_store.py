@@ -11,6 +11,7 @@ file, nor half a classifier folder. Shared by the API and the workers; imports n
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -37,6 +38,21 @@ class ArtifactStore:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    def writable(self) -> str | None:
+        """None when a small file can be written, synced and removed under the root; else why not."""
+        probe = self.root / f".probe-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)  # a whole block: an empty file can be created on a full disk
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:
+            return f"{type(error).__name__}: {error.strerror or error}"
+        finally:
+            probe.unlink(missing_ok=True)
+        return None
 
     def tenant_dir(self, tenant: str) -> Path:
         if not _TENANT.match(tenant) or tenant in (".", ".."):  # "..": the folder above, not a tenant's own

@@ -43,3 +43,19 @@ class JobCanceled(BaseException):
 
     A BaseException so that no `except Exception` on the way up can swallow it.
     """
+
+
+class JobLost(BaseException):
+    """This worker no longer owns the job: another worker took it over (this one was paused or cut off past
+    the abandon time), or it was ended from outside. Raised at the first refused write; the worker drops
+    the job without touching its record. A BaseException, like JobCanceled, so nothing can swallow it.
+    """
+
+
+class EnqueueInProgress(Exception):
+    """An Idempotency-Key names a request whose enqueue has not completed yet (or was cut off and has not
+    expired yet): the caller retries after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"a request with this Idempotency-Key is still being queued; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s

@@ -40,6 +40,10 @@ class Keys:
     def queued_images(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:queued_images"
 
+    def reservations(self, tenant: str) -> str:
+        """Sorted set of the tenant's in-flight enqueue reservations ("token:images", scored by expiry)."""
+        return f"{self.prefix}:tenant:{tenant}:reservations"
+
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
 
@@ -56,6 +60,10 @@ class Keys:
     def queue_name(self, tenant: str) -> str:
         return f"{self.prefix}:{tenant}"
 
+    def model_info(self) -> str:
+        """The ModelInfo JSON the workers publish (fgs_worker.runtime.WorkerRuntime.publish_model_info)."""
+        return f"{self.prefix}:model"
+
     def worker_alive(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"
 
@@ -65,15 +73,17 @@ class Keys:
 
 # KEYS: job hash, tenant queued-image counter, metrics counter hash
 # ARGV: new state, comma-separated allowed current states, counter field of the new state,
-#       "1" when the new state is terminal, then field/value pairs to write
+#       "1" when the new state is terminal, the owner token the record must carry ("" = any owner),
+#       then field/value pairs to write
 _TRANSITION_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
 local allowed = false
 for s in string.gmatch(ARGV[2], '[^,]+') do if s == state then allowed = true end end
 if not allowed then return 0 end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[5] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[4] == '1' then
   local n = tonumber(redis.call('HGET', KEYS[1], 'images_total') or '0')
   local left = redis.call('DECRBY', KEYS[2], n)
@@ -82,6 +92,21 @@ end
 redis.call('HINCRBYFLOAT', KEYS[3], ARGV[3], 1)
 return 1
 """
+
+# KEYS: job hash. ARGV: owner token, then field/value pairs. Written only while the job runs under that owner.
+_PROGRESS_LUA = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+def _pairs(fields: dict[str, Any]) -> list[Any]:
+    argv: list[Any] = []
+    for name, value in fields.items():
+        argv += [name, value if isinstance(value, (str, int, float)) else json.dumps(value)]
+    return argv
 
 
 def utc_now() -> datetime:
@@ -96,6 +121,7 @@ class JobRecords:
         self.keys = Keys(prefix)
         self.record_ttl_s = record_ttl_s
         self._transition = redis.register_script(_TRANSITION_LUA)
+        self._progress = redis.register_script(_PROGRESS_LUA)
 
     # ---- creation (inside the caller's pipeline, with the RQ enqueue) ----
     def create(self, pipe: Any, job_id: str, tenant: str, request: GenerateRequest, batch_id: str | None, now: float) -> None:
@@ -121,8 +147,16 @@ class JobRecords:
         )
 
     # ---- state changes ----
-    def transition(self, job_id: str, new: JobState, allowed: tuple[JobState, ...], **fields: Any) -> bool:
-        """Move the job to `new` if it is in one of `allowed`; write `fields` in the same step. False if refused."""
+    def transition(
+        self, job_id: str, new: JobState, allowed: tuple[JobState, ...], expect_owner: str = "", **fields: Any
+    ) -> bool:
+        """Move the job to `new` if it is in one of `allowed` (and, with `expect_owner`, still carries that
+        owner token); write `fields` in the same step. False if refused.
+
+        The owner token is the fence: a worker claims a job with a token of its own (field `owner`) and passes
+        it on every later write, so a worker that lost the job (paused past the abandon time while another
+        took it over) can change nothing any more.
+        """
         tenant, criterion = self.redis.hmget(self.keys.job(job_id), "tenant", "criterion")
         if tenant is None:
             return False
@@ -131,14 +165,15 @@ class JobRecords:
             ",".join(s.value for s in allowed),
             counter_field("jobs", {"tenant": tenant, "criterion": criterion, "status": new.value}),
             "1" if new.is_terminal else "0",
+            expect_owner,
         ]
-        for name, value in fields.items():
-            argv += [name, value if isinstance(value, (str, int, float)) else json.dumps(value)]
+        argv += _pairs(fields)
         keys = [self.keys.job(job_id), self.keys.queued_images(tenant), counter_key(self.keys.prefix)]
         return self._transition(keys=keys, args=argv) == 1
 
-    def set_progress(self, job_id: str, **fields: Any) -> None:
-        self.redis.hset(self.keys.job(job_id), mapping=fields)
+    def set_progress(self, job_id: str, owner: str, **fields: Any) -> bool:
+        """Write progress fields of a running job owned by `owner`; False (nothing written) if it lost the job."""
+        return self._progress(keys=[self.keys.job(job_id)], args=[owner, *_pairs(fields)]) == 1
 
     # ---- reads ----
     def raw(self, job_id: str) -> dict[str, str]:

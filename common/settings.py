@@ -42,7 +42,75 @@ class Settings(BaseSettings):
         "(keep it well above the longest denoising step; workers check this often)",
     )
 
+    # Watchdog (fgs_worker.watchdog): a step that overruns its deadline ends the worker process, the job is retried
+    # (FGS_JOB_RETRIES) and then failed. Deadline of one denoising step (classifier forward included):
+    #   step_deadline_base_s + step_deadline_s_per_megapixel * images in the batch * megapixels per image
+    step_deadline_base_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="fixed part of a step's deadline; ~100x a fgs-digits CPU step at batch 8 (0.3-0.6 s on "
+        "2 shared cores, bench/RESULTS.md), so only a stuck step reaches it",
+    )
+    step_deadline_s_per_megapixel: float = Field(
+        default=60.0,
+        ge=0,
+        description="deadline added per megapixel in the batch; SD 2.1 unCLIP at 768x768 (0.59 MP) runs ~2 s per "
+        "image-step on a CPU-class device and ~0.05 s on an A100, so 35 s per image is ample everywhere",
+    )
+    job_setup_deadline_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="extra time before the first step (conditioning images, classifier load and check); a 512 MB "
+        "classifier loads in well under a minute from a network volume",
+    )
+    cancel_grace_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a cancel not honoured at a step boundary within this long ends the worker process (the job "
+        "is then canceled by the watchdog)",
+    )
+    watchdog_poll_s: float = Field(default=0.5, gt=0, description="how often the watchdog thread looks at the clock")
+    max_pixels_per_image: int | None = Field(
+        default=None,
+        ge=64,
+        description="largest width*height one image may have on this deployment's model; default: the model's "
+        "own (published by the workers, fgs_worker.model_loading.max_pixels_per_image)",
+    )
+
+    # Supervisor (`fgs up`)
+    restart_backoff_s: list[float] = Field(
+        default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0],
+        description="waits before restarting a child that exited, by consecutive failure; a child that ran a "
+        "minute resets it",
+    )
+    stop_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long `fgs up` waits after SIGTERM before SIGKILL (Kubernetes' default termination grace)",
+    )
+
     # Service
+    http_header_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="a connection must send a whole request head within this long (Apache mod_reqtimeout's "
+        "default, header=20-40); slowloris",
+    )
+    http_keep_alive_s: int = Field(
+        default=5,
+        ge=1,
+        description="an idle keep-alive connection is closed after this long (uvicorn's default)",
+    )
+    redis_max_connections: int = Field(
+        default=100,
+        ge=1,
+        description="connections per Redis pool of the API (redis-py's default pool size); more requests wait",
+    )
+    redis_pool_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="how long a request waits for a free Redis connection before its 503",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     state_dir: Path = Field(default=Path(".fgs/state"), description="where `fgs up` keeps its local redis-server data")
@@ -83,7 +151,24 @@ class Settings(BaseSettings):
         default=True,
         description="run uploaded classifiers once in a subprocess (needs the worker extra) before accepting them",
     )
+    unavailable_retry_after_s: int = Field(
+        default=5,
+        ge=1,
+        description="Retry-After of a 503 while Redis is unavailable (a Redis restart replays its AOF in seconds)",
+    )
     idempotency_ttl_s: int = 24 * 3600
+    enqueue_reservation_ttl_s: int = Field(
+        default=60,
+        ge=1,
+        description="a quota or Idempotency-Key reservation whose enqueue never completed (API killed) expires "
+        "after this long; a 10,000-job batch enqueues in ~2 s (bench/api.py)",
+    )
+    max_json_body_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="largest JSON request body (POST /v1/generate, /v1/batches); a 10,000-job batch with one "
+        "conditioning image per job is ~3 MB",
+    )
     job_record_ttl_s: int = 30 * 24 * 3600
     retry_backoff_s: list[int] = Field(default_factory=lambda: [5, 30])
     worker_queue_poll_s: int = Field(default=1, ge=1, description="how often an idle worker looks for new tenant queues")

@@ -14,6 +14,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_IMAGES_PER_JOB = 256
+# Bounds that keep every number the API accepts representable where it goes (torch int64, JSON, Redis scores).
+# The largest class count of a dataset fgs serves today is ImageNet-21k's 21,841; a million leaves room.
+MAX_CLASS_INDEX = 1_000_000
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+# A feedback or guidance scale above this only saturates the sampler (ω is relative to the latents' norm;
+# the paper sweeps ω ≤ 0.1 and γ ≤ 10): far above any useful value, far below float overflow in the loop.
+MAX_GUIDANCE_SCALE = 1000.0
 
 
 class Criterion(str, Enum):
@@ -71,9 +78,11 @@ class GenerationParams(BaseModel):
     criterion: Criterion = Field(
         Criterion.none, description="feedback criterion C (paper section 2.1.1); 'none' samples without feedback"
     )
-    omega: float = Field(0.0, ge=0.0, description="feedback scale ω of Eq. 1 (relative to the latents' norm)")
+    omega: float = Field(
+        0.0, ge=0.0, le=MAX_GUIDANCE_SCALE, description="feedback scale ω of Eq. 1 (relative to the latents' norm)"
+    )
     # γ = 3.0 is our choice, not the paper's (its released code uses 5); issue 13 revisits it with provenance.
-    gamma: float = Field(3.0, ge=0.0, description="classifier-free guidance scale γ (Eq. 12)")
+    gamma: float = Field(3.0, ge=0.0, le=MAX_GUIDANCE_SCALE, description="classifier-free guidance scale γ (Eq. 12)")
     dropout_p: float = Field(
         0.0, ge=0.0, le=1.0, description="dropout probability p on the image embedding (paper section 2.3)"
     )
@@ -114,7 +123,9 @@ class GenerationParams(BaseModel):
 
 # What an image is of: a request's prompt and class, also shown beside each image of the gallery.
 Prompt = Annotated[str, Field(min_length=1, max_length=1000, description="text prompt, usually the class name")]
-ClassIndex = Annotated[int, Field(ge=0, description="the intended class y: the classifier's output index")]
+ClassIndex = Annotated[
+    int, Field(ge=0, le=MAX_CLASS_INDEX, description="the intended class y: the classifier's output index")
+]
 
 
 class GenerateRequest(GenerationParams):
@@ -132,7 +143,9 @@ class GenerateRequest(GenerationParams):
     ]
     num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES_PER_JOB, description="images to generate")] = 1
     classifier_id: str | None = Field(None, description="an uploaded classifier (needed by every criterion)")
-    seed: Annotated[int, Field(ge=0, lt=2**63, description="image i of the job uses seed + i")] = 0
+    seed: Annotated[
+        int, Field(ge=0, le=MAX_SEED, description="image i of the job uses seed + i; seed + num_images - 1 ≤ 2^63 - 1")
+    ] = 0
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "GenerateRequest":
@@ -142,6 +155,8 @@ class GenerateRequest(GenerationParams):
                 f"conditioning_image_ids must hold one id (used for every image) or num_images={self.num_images} "
                 f"ids, got {n_ids}"
             )
+        if self.seed + self.num_images - 1 > MAX_SEED:
+            raise ValueError(f"seed + num_images - 1 must be at most {MAX_SEED} (image i uses seed + i)")
         if self.criterion is not Criterion.none and self.classifier_id is None:
             raise ValueError(f"criterion '{self.criterion.value}' needs a classifier_id")
         return self
@@ -149,6 +164,18 @@ class GenerateRequest(GenerationParams):
     def seeds(self) -> list[int]:
         """One seed per image: image i of a job uses seed + i, so a job is reproducible image by image."""
         return [self.seed + i for i in range(self.num_images)]
+
+
+class ModelInfo(BaseModel):
+    """GET /v1/model: the model the workers keep resident, as they publish it."""
+
+    model: str = Field(description="FGS_MODEL of the workers")
+    native_width: int = Field(description="image width when a request gives none")
+    native_height: int = Field(description="image height when a request gives none")
+    max_pixels_per_image: int = Field(
+        description="largest width*height one image may have: a bigger request is refused (422), since one "
+        "denoising step of it could not finish on this model"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -172,7 +199,12 @@ class JobProgress(BaseModel):
 class ImageResult(BaseModel):
     image_id: str = Field(description="id of the generated PNG (GET /v1/images/{id})")
     seed: int = Field(description="the seed this image was sampled with")
-    criterion_value: float | None = Field(None, description="final criterion value C; none without a classifier")
+    criterion_value: float | None = Field(
+        None, description="final criterion value C; null without a classifier, or when it was not finite"
+    )
+    criterion_not_finite: bool = Field(
+        False, description="the criterion's value was NaN or infinite (JSON cannot carry it; criterion_value is null)"
+    )
     predicted_class: int | None = Field(None, description="the classifier's arg-max class for the image")
 
 
@@ -262,6 +294,21 @@ class ClassifierUploaded(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody = Field(description="the error")
+
+
+# A tenant holds at most max_queued_images (2,000,000 by default) queued jobs plus its kept history; a billion
+# is past any real list and far inside what Redis accepts as a range index (a signed 64-bit integer).
+MAX_LIST_OFFSET = 1_000_000_000
+
+
+class JobListQuery(BaseModel):
+    """The query of GET /v1/jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: JobState | None = Field(None, description="only jobs in this state")
+    limit: int = Field(100, ge=1, le=1000, description="at most this many jobs")
+    offset: int = Field(0, ge=0, le=MAX_LIST_OFFSET, description="skip this many of the newest jobs first")
 
 
 class JobsPublic(BaseModel):

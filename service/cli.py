@@ -37,7 +37,9 @@ def _start_local_redis(state_dir: Path) -> tuple[subprocess.Popen, str]:
     data.mkdir(parents=True, exist_ok=True)
     port = free_port()
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()), "--appendonly", "yes", "--save", ""],
+        # AOF, fsynced every second: a restart finds every queued job (at most the last second is lost)
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()), "--appendonly", "yes",
+         "--appendfsync", "everysec", "--save", ""],
         stdout=subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C goes to us; we stop it last, after the workers
     )
@@ -65,6 +67,66 @@ def _stop_requested(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+class Child:
+    """One process `fgs up` keeps running: restarted with backoff when it exits, in a process group of its own."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], backoff_s: list[float]):
+        self.name, self.argv, self.env, self.backoff_s = name, argv, env, backoff_s
+        self.process: subprocess.Popen | None = None
+        self.failures = 0
+        self.started_at = 0.0
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def supervise(self, now: float) -> None:
+        """Restart the child if it exited and its backoff has passed; schedule the restart if it just exited."""
+        if self.process is None or self.process.poll() is None:
+            return
+        if self.restart_at is None:
+            if now - self.started_at > _HEALTHY_RUN_S:
+                self.failures = 0
+            wait = self.backoff_s[min(self.failures, len(self.backoff_s) - 1)]
+            self.failures += 1
+            self.restart_at = now + wait
+            typer.echo(f"{self.name} exited with {self.process.returncode}; restarting in {wait:g} s", err=True)
+        elif now >= self.restart_at:
+            self.start()
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the child's whole process group (its own subprocesses too, e.g. classifier checks)."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+# A child that ran this long before exiting was healthy: its next restart starts from the shortest backoff.
+_HEALTHY_RUN_S = 60.0
+
+
+def _stop_children(children: list[Child], grace_s: float) -> None:
+    """SIGTERM every child's group; SIGKILL whatever still runs after `grace_s` (a stuck or stopped worker)."""
+    for child in children:
+        child.signal_group(signal.SIGTERM)
+        child.signal_group(signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            typer.echo(f"{child.name} did not stop within {grace_s:g} s; killing it", err=True)
+        child.signal_group(signal.SIGKILL)  # the group too: no grandchild outlives fgs up
+        child.process.wait()
+
+
 @app.command()
 def up(
     host: Annotated[str, typer.Option(help="API bind address")] = "127.0.0.1",
@@ -72,7 +134,12 @@ def up(
     workers: Annotated[int, typer.Option(min=0, help="worker processes")] = 1,
     model: Annotated[Optional[str], typer.Option(help="'fgs-digits' (embedded), 'tiny', or a local SD 2.1 unCLIP directory")] = None,
 ) -> None:
-    """API + workers (+ a local redis-server when none is configured or answering). Ctrl-C stops them all."""
+    """API + workers (+ a local redis-server when none is configured or answering). Ctrl-C stops them all.
+
+    A child that exits (a worker ended by its watchdog, killed, out of memory) is restarted with backoff
+    (FGS_RESTART_BACKOFF_S); the others keep running. On stop, children get SIGTERM (workers finish their job)
+    and FGS_STOP_GRACE_S later SIGKILL.
+    """
     # Ctrl-C and SIGTERM both stop everything below. Installed explicitly: a shell starts a background job
     # (`fgs up &` in a script) with SIGINT ignored, and SIGTERM (docker stop, systemd) would otherwise kill
     # this process alone and orphan its children, which run in their own sessions.
@@ -80,7 +147,7 @@ def up(
     signal.signal(signal.SIGTERM, _stop_requested)
     settings = get_settings()
     env = dict(os.environ)
-    started: list[subprocess.Popen] = []
+    children: list[Child] = []
     redis_process = None
     url = settings.redis_url
     if url is None:
@@ -95,36 +162,33 @@ def up(
         env["FGS_MODEL"] = model
     if not (settings.api_keys_file or settings.api_keys or settings.dev_api_key):
         env["FGS_DEV_API_KEY"] = _dev_key(settings.state_dir)
+    backoff = settings.restart_backoff_s
     try:
         for i in range(workers):
-            started.append(subprocess.Popen([sys.executable, "-m", "fgs_worker.main"], env=env, start_new_session=True))
-        started.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory", "--host", host, "--port", str(port), "--timeout-keep-alive", "120"],
-                env=env,
-                start_new_session=True,
-            )
-        )
+            children.append(Child(f"worker {i}", [sys.executable, "-m", "fgs_worker.main"], env, backoff))
+        api_argv = [sys.executable, "-m", "fgs_service.cli", "api", "--host", host, "--port", str(port)]
+        children.append(Child("API", api_argv, env, backoff))
+        for child in children:
+            child.start()
         typer.echo(f"fgs API on http://{host}:{port} with {workers} worker(s), model {env.get('FGS_MODEL', settings.model)}")
         if "FGS_DEV_API_KEY" in env:
             typer.echo(f"API key: {env['FGS_DEV_API_KEY']}")
-        while all(p.poll() is None for p in started):
+        while True:
+            now = time.monotonic()
+            for child in children:
+                child.supervise(now)
             time.sleep(0.5)
-        typer.echo("a process exited; stopping the rest", err=True)
     except KeyboardInterrupt:
         typer.echo("stopping (workers finish their current job)...")
     finally:
-        for process in started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in started:
-            try:
-                process.wait(timeout=600)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        _stop_children(children, settings.stop_grace_s)
         if redis_process is not None:
             redis_process.terminate()
-            redis_process.wait(timeout=30)
+            try:
+                redis_process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                redis_process.kill()
+                redis_process.wait()
 
 
 @app.command()
@@ -132,10 +196,16 @@ def api(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
-    """The HTTP API alone (FGS_REDIS_URL must be set)."""
+    """The HTTP API alone (FGS_REDIS_URL must be set), with header and keep-alive timeouts."""
     import uvicorn
 
-    uvicorn.run("fgs_service.app:create_app", factory=True, host=host, port=port, timeout_keep_alive=120)
+    from fgs_service.http_protocol import HeaderTimeoutH11Protocol
+
+    settings = get_settings()
+    uvicorn.run(
+        "fgs_service.app:create_app", factory=True, host=host, port=port, http=HeaderTimeoutH11Protocol,
+        timeout_keep_alive=settings.http_keep_alive_s,
+    )
 
 
 @app.command()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+
+import redis
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +17,9 @@ from fgs_common.wire import ErrorBody, ErrorResponse
 logger = logging.getLogger("fgs.service")
 
 # Documented on every route that can fail this way, so the OpenAPI schema says what a client gets.
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429)}
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503, 507)}
+# errno values that mean "the artifact store's volume has no room" (a 507, not a 500)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ApiError(Exception):
@@ -53,6 +58,23 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_body("invalid_request", _validation_message(exc)), status_code=422)
 
+    @app.exception_handler(redis.RedisError)
+    async def _redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # Redis down, restarting (loading its AOF) or timing out: the request may succeed later, so 503 and
+        # when to come back, never a 500.
+        logger.warning("redis error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        retry_after = str(request.app.state.settings.unavailable_retry_after_s)
+        message = f"the job store (Redis) is unavailable ({type(exc).__name__}); retry in {retry_after} s"
+        return JSONResponse(_body("unavailable", message), status_code=503, headers={"Retry-After": retry_after})
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in _NO_SPACE:
+            logger.error("artifact store full on %s %s: %s", request.method, request.url.path, exc)
+            message = "the artifact store has no space left; nothing was stored. Retry once space is freed"
+            return JSONResponse(_body("insufficient_storage", message), status_code=507)
+        return await _unexpected(request, exc)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error", exc_info=exc)
@@ -60,5 +82,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}.get(exc.status_code, "http_error")
         return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None))

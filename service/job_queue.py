@@ -1,8 +1,10 @@
 """The RQ adapter: one queue per tenant, JSON serializer, timeouts and retries with backoff.
 
-An enqueue writes the job record, the RQ job and the tenant's queue entry in one MULTI, after the
-tenant's queued-image cap has been reserved; a refused request leaves nothing behind. Enqueueing is the
-API's hot path, so it runs on the event loop with the asyncio Redis client: RQ only appends commands to the
+An enqueue first reserves, in one Lua step, the tenant's quota and the Idempotency-Key (a reservation that
+expires after FGS_ENQUEUE_RESERVATION_TTL_S), then writes the job records, the RQ jobs, the tenant's
+queued-image count, the final Idempotency-Key and the release of the reservation in one MULTI. A process killed
+anywhere in between leaves only reservations, which expire: no quota and no key leak, no half batch. Enqueueing
+is the API's hot path, so it runs on the event loop with the asyncio Redis client: RQ only appends commands to the
 pipeline it is handed (nothing in `enqueue_many` reads from Redis), and we send that pipeline ourselves.
 The rarer calls (cancel, reconcile, inspection) use the blocking clients from the threadpool. The routers read
 through this class only (`job`, `list_jobs`, `batch_summary`, `live_worker_names`, `live_workers`, `ping`):
@@ -12,6 +14,7 @@ key names stay here and in `fgs_common.job_records`.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from datetime import datetime, timezone
 from dataclasses import dataclass
@@ -24,16 +27,42 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from fgs_common import telemetry
+from fgs_common.exceptions import EnqueueInProgress
 from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, job_public, now_ts
 from fgs_common.settings import Settings
-from fgs_common.wire import BatchPublic, GenerateRequest, JobPublic, JobsPublic, JobState
+from fgs_common.wire import BatchPublic, GenerateRequest, JobPublic, JobsPublic, JobState, ModelInfo
 from fgs_common.wire_views import TenantLoadPublic, WorkerPublic
 from fgs_service.auth import Tenant
 
 JOB_FUNCTION = "fgs_worker.jobs.run_generate_job"
+# How long the API trusts the model info it read (workers publish it at start and at every maintenance pass).
+MODEL_INFO_CACHE_S = 5.0
 # A batch of more jobs than this is turned into Redis commands in a worker thread, not on the event loop
 # (500 jobs take ~0.1 s of CPU, which would stall every other request meanwhile).
 INLINE_JOBS = 16
+
+
+# KEYS: tenant queued-image counter, tenant reservations (sorted set: member "token:images", score = expiry),
+#       Idempotency-Key ("" when none)
+# ARGV: now, reservation expiry, token, images, cap, the key's pending value
+# Returns {1} reserved; {0, in use} over the cap; {2, value} the key was used (value "pending:..." while queueing)
+_RESERVE_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+if KEYS[3] ~= '' then
+  local earlier = redis.call('GET', KEYS[3])
+  if earlier then return {2, earlier} end
+end
+local pending = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  pending = pending + tonumber(string.match(member, ':(%d+)$'))
+end
+local in_use = tonumber(redis.call('GET', KEYS[1]) or '0') + pending
+if in_use + tonumber(ARGV[4]) > tonumber(ARGV[5]) then return {0, in_use} end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3] .. ':' .. ARGV[4])
+if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'PX', math.floor((ARGV[2] - ARGV[1]) * 1000)) end
+return {1}
+"""
+_PENDING = "pending:"
 
 
 class QueueFull(Exception):
@@ -63,6 +92,7 @@ class JobQueue:
         self.keys = Keys(settings.redis_prefix)
         self.records = JobRecords(redis, settings.redis_prefix, settings.job_record_ttl_s)
         self.queue = lru_cache(maxsize=1024)(self._queue)  # a Queue asks Redis its version once, then remembers
+        self._model_info: tuple[float, ModelInfo | None] = (0.0, None)
 
     def _queue(self, tenant: str) -> Queue:
         return Queue(self.keys.queue_name(tenant), connection=self.rq_redis, serializer=JSONSerializer)
@@ -72,31 +102,19 @@ class JobQueue:
             return None
         return Retry(max=self.settings.job_retries, interval=self.settings.retry_backoff_s)
 
+    async def model_info(self) -> ModelInfo | None:
+        """What the workers' model accepts, as they published it; None before any worker has started."""
+        read_at, info = self._model_info
+        if time.monotonic() - read_at > MODEL_INFO_CACHE_S:
+            raw = await self.async_redis.get(self.keys.model_info())
+            info = ModelInfo.model_validate_json(raw) if raw else None
+            self._model_info = (time.monotonic(), info)
+        return info
+
     # ---- idempotency ----
     def _idempotency_key(self, tenant: Tenant, key: str, scope: str) -> str:
         digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:32]
         return self.keys.idempotency(tenant.name, digest)
-
-    async def _idempotency_claim(self, tenant: Tenant, key: str | None, scope: str, value: str) -> str | None:
-        """Claim an Idempotency-Key for `value`; return the earlier value if the key was used before."""
-        if not key:
-            return None
-        redis_key = self._idempotency_key(tenant, key, scope)
-        if await self.async_redis.set(redis_key, value, nx=True, ex=self.settings.idempotency_ttl_s):
-            return None
-        return await self.async_redis.get(redis_key)
-
-    async def _idempotency_release(self, tenant: Tenant, key: str | None, scope: str) -> None:
-        if key:
-            await self.async_redis.delete(self._idempotency_key(tenant, key, scope))
-
-    # ---- cap ----
-    async def _reserve(self, tenant: Tenant, images: int) -> None:
-        counter = self.keys.queued_images(tenant.name)
-        queued = await self.async_redis.incrby(counter, images)
-        if queued > tenant.max_queued_images:
-            await self.async_redis.decrby(counter, images)
-            raise QueueFull(queued - images, tenant.max_queued_images, images)
 
     # ---- enqueue ----
     async def enqueue(
@@ -105,28 +123,44 @@ class JobQueue:
         """Queue one job per request. With `batch_id` the jobs form a batch (stored with the batch)."""
         job_ids = [uuid.uuid4().hex for _ in requests]
         scope = "batch" if batch_id else "job"
-        claim_value = batch_id if batch_id else job_ids[0]
-        earlier = await self._idempotency_claim(tenant, idempotency_key, scope, claim_value)
-        if earlier is not None:
-            if batch_id:
-                return Enqueued([], replayed=True, batch_id=earlier)
-            return Enqueued([earlier], replayed=True)
+        final_value = batch_id if batch_id else job_ids[0]
+        idem_key = self._idempotency_key(tenant, idempotency_key, scope) if idempotency_key else ""
         images = sum(r.num_images for r in requests)
-        try:
-            await self._reserve(tenant, images)
-        except QueueFull:
-            await self._idempotency_release(tenant, idempotency_key, scope)
-            raise
+        token = uuid.uuid4().hex
+        now = now_ts()
+        ttl = self.settings.enqueue_reservation_ttl_s
+        reply = await self.async_redis.eval(
+            _RESERVE_LUA, 3, self.keys.queued_images(tenant.name), self.keys.reservations(tenant.name), idem_key,
+            now, now + ttl, token, images, tenant.max_queued_images, _PENDING + final_value,
+        )
+        if int(reply[0]) == 2:
+            earlier = reply[1]
+            if earlier.startswith(_PENDING):
+                raise EnqueueInProgress(ttl)
+            return Enqueued([], replayed=True, batch_id=earlier) if batch_id else Enqueued([earlier], replayed=True)
+        if int(reply[0]) == 0:
+            raise QueueFull(int(reply[1]), tenant.max_queued_images, images)
+        member = f"{token}:{images}"
         try:
             async with self.async_redis.pipeline(transaction=True) as pipe:
                 if len(requests) > INLINE_JOBS:
                     await anyio.to_thread.run_sync(self._write_jobs, pipe, tenant, requests, job_ids, batch_id)
                 else:
                     self._write_jobs(pipe, tenant, requests, job_ids, batch_id)
+                pipe.incrby(self.keys.queued_images(tenant.name), images)
+                pipe.zrem(self.keys.reservations(tenant.name), member)
+                if idem_key:
+                    pipe.set(idem_key, final_value, ex=self.settings.idempotency_ttl_s)
                 await pipe.execute()
         except BaseException:
-            await self.async_redis.decrby(self.keys.queued_images(tenant.name), images)
-            await self._idempotency_release(tenant, idempotency_key, scope)
+            # Release at once what the MULTI did not take over (if this fails too, the reservation expires).
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.async_redis.zrem(self.keys.reservations(tenant.name), member)
+                    if idem_key:
+                        await self.async_redis.delete(idem_key)
+                except Exception:  # Redis down: the reservation expires on its own
+                    pass
             raise
         return Enqueued(job_ids, replayed=False, batch_id=batch_id)
 

@@ -74,12 +74,14 @@ def safetensors_bytes() -> bytes:
 
 
 def test_probes_and_the_worker_count(api, records):
-    assert api.get("/healthz").json() == {"status": "ok", "redis": None, "workers": None}
-    assert api.get("/readyz").json() == {"status": "ready, no live workers", "redis": True, "workers": 0}
+    unknown = {"store_writable": None, "store_error": None}
+    writable = {"store_writable": True, "store_error": None}
+    assert api.get("/healthz").json() == {"status": "ok", "redis": None, "workers": None} | unknown
+    assert api.get("/readyz").json() == {"status": "ready, no live workers", "redis": True, "workers": 0} | writable
     records.redis.set(records.keys.worker_alive("w1"), "1", ex=30)
     response = api.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "redis": True, "workers": 1}
+    assert response.json() == {"status": "ready", "redis": True, "workers": 1} | writable
 
 
 def test_readyz_is_503_when_redis_does_not_answer(tmp_path):
@@ -87,7 +89,9 @@ def test_readyz_is_503_when_redis_does_not_answer(tmp_path):
     with TestClient(create_app(service_settings(nobody, tmp_path / "data"))) as client:
         response = client.get("/readyz")
         assert response.status_code == 503
-        assert response.json() == {"status": "redis unreachable", "redis": False, "workers": None}
+        assert response.json() == {
+            "status": "redis unreachable", "redis": False, "workers": None, "store_writable": True, "store_error": None
+        }
         assert client.get("/healthz").status_code == 200
 
 

@@ -31,7 +31,8 @@ def test_ready_file_written_when_loaded_and_removed_on_sigterm(redis_server, tin
         deadline = time.time() + 20
         while httpx.get(f"{stack.base_url}/readyz", timeout=5).json()["workers"] < 1 and time.time() < deadline:
             time.sleep(0.2)
-        assert httpx.get(f"{stack.base_url}/readyz", timeout=5).json() == {"status": "ready", "redis": True, "workers": 1}
+        answer = {"status": "ready", "redis": True, "workers": 1, "store_writable": True, "store_error": None}
+        assert httpx.get(f"{stack.base_url}/readyz", timeout=5).json() == answer
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
         assert not ready.exists()
@@ -47,6 +48,8 @@ def test_readyz_is_200_with_zero_workers(redis_server, tiny_model_dir, tmp_path)
     try:
         response = httpx.get(f"{stack.base_url}/readyz", timeout=5)
         assert response.status_code == 200
-        assert response.json() == {"status": "ready, no live workers", "redis": True, "workers": 0}
+        assert response.json() == {
+            "status": "ready, no live workers", "redis": True, "workers": 0, "store_writable": True, "store_error": None
+        }
     finally:
         stack.close()

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from PIL import Image
@@ -28,10 +30,11 @@ from fgs_common import telemetry
 from fgs_common.classifier_sandbox import run_classifier_check
 from fgs_common.job_records import now_ts
 from fgs_classifier.registry import LoadedClassifier, load_classifier
-from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob, JobCanceled
+from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob, JobCanceled, JobLost
 from fgs_common.wire import ClassifierSpec, ErrorBody, GenerateRequest, ImageResult, JobState
 from fgs_worker.cancel import cancel_requested
 from fgs_worker.runtime import WorkerRuntime, current_runtime
+from fgs_worker.watchdog import step_deadline_s
 
 PNG_METADATA_KEY = "fgs"
 
@@ -50,15 +53,19 @@ def _error(code: str, message: str) -> str:
 
 
 class _StepReporter:
-    """The sampler's on_step: progress into the record, cancel check, heartbeats."""
+    """The sampler's on_step: the watchdog's clock, progress into the record, cancel check, heartbeats."""
 
-    def __init__(self, runtime: WorkerRuntime, job_id: str):
+    def __init__(self, runtime: WorkerRuntime, job_id: str, owner: str):
         self.runtime = runtime
         self.job_id = job_id
+        self.owner = owner
         self.cancel_key = runtime.keys.cancel(job_id)
 
     def __call__(self, step: int, steps_total: int) -> None:
-        self.runtime.records.set_progress(self.job_id, step=step, steps_total=steps_total)
+        if self.runtime.watchdog is not None:
+            self.runtime.watchdog.step_done()
+        if not self.runtime.records.set_progress(self.job_id, self.owner, step=step, steps_total=steps_total):
+            raise JobLost(self.job_id)
         self.runtime.beat()
         if cancel_requested(self.runtime.redis, self.cancel_key):
             raise JobCanceled(self.job_id)
@@ -102,12 +109,28 @@ def _conditioning_images(runtime: WorkerRuntime, tenant: str, image_ids: list[st
     return [loaded[i] for i in image_ids]
 
 
-def _generate(runtime: WorkerRuntime, job_id: str, tenant: str, request: GenerateRequest) -> list[ImageResult]:
+def _json_safe(value: float | None) -> tuple[float | None, bool]:
+    """(value, False), or (None, True) for NaN and infinities, which JSON cannot carry."""
+    if value is None or math.isfinite(value):
+        return value, False
+    return None, True
+
+
+def _generate(
+    runtime: WorkerRuntime, job_id: str, owner: str, tenant: str, request: GenerateRequest
+) -> list[ImageResult]:
     settings, prefix = runtime.settings, runtime.keys.prefix
     images = _conditioning_images(runtime, tenant, request.conditioning_image_ids)
     classifier = _load_classifier(runtime, tenant, request.classifier_id) if request.classifier_id else None
     params = request.generation_params()
-    on_step = _StepReporter(runtime, job_id)
+    width, height = runtime.sampler.image_size(params)
+    limit = runtime.model_info().max_pixels_per_image
+    if width * height > limit:
+        raise InvalidJob(f"{width}x{height} = {width * height} pixels per image is more than this model takes "
+                         f"({limit}, see GET /v1/model)")
+    on_step = _StepReporter(runtime, job_id, owner)
+    if runtime.watchdog is not None:
+        runtime.watchdog.step_done()  # set-up done (images, classifier load and check): steps get step deadlines
     seeds = request.seeds()
     results: list[ImageResult] = []
     sampling_s = 0.0
@@ -126,7 +149,7 @@ def _generate(runtime: WorkerRuntime, job_id: str, tenant: str, request: Generat
         sampling_s += time.perf_counter() - began
         telemetry.observe(runtime.redis, prefix, "batch_size", len(chunk))
         for i, (seed, image) in enumerate(zip(chunk, out.images)):
-            value = out.criterion_values[i] if out.criterion_values is not None else None
+            value, not_finite = _json_safe(out.criterion_values[i] if out.criterion_values is not None else None)
             probabilities = out.probabilities[i] if out.probabilities is not None else None
             predicted = max(range(len(probabilities)), key=probabilities.__getitem__) if probabilities else None
             ids = request.conditioning_image_ids
@@ -137,11 +160,17 @@ def _generate(runtime: WorkerRuntime, job_id: str, tenant: str, request: Generat
                 "conditioning_image_id": ids[start + i] if len(ids) > 1 else (ids or [None])[0],
                 "model": runtime.model_id,
                 "criterion_value": value,
+                "criterion_not_finite": not_finite,
             }
             image_id = runtime.store.put_image(tenant, png_with_metadata(image, parameters), "png")
-            results.append(ImageResult(image_id=image_id, seed=seed, criterion_value=value, predicted_class=predicted))
+            results.append(ImageResult(
+                image_id=image_id, seed=seed, criterion_value=value, criterion_not_finite=not_finite,
+                predicted_class=predicted,
+            ))
         # Files first, then the record: a reported image is always on disk.
-        runtime.records.set_progress(job_id, images_done=len(results), results=json.dumps([r.model_dump() for r in results]))
+        reported = json.dumps([r.model_dump() for r in results])
+        if not runtime.records.set_progress(job_id, owner, images_done=len(results), results=reported):
+            raise JobLost(job_id)
         telemetry.incr_counter(runtime.redis, prefix, "images_generated", len(chunk), tenant=tenant)
     telemetry.observe(runtime.redis, prefix, "sampling_seconds", sampling_s)
     return results
@@ -165,15 +194,19 @@ def run_generate_job(job_id: str | None = None) -> dict:
     tenant = raw["tenant"]
     request = GenerateRequest.model_validate_json(raw["request"])
     started = now_ts()
-    claimed = records.transition(
-        job_id, JobState.running, (JobState.queued,),
-        started_at=started, worker=runtime.name, step=0, steps_total=request.steps, images_done=0, results="[]", error="",
-    )
-    if not claimed and raw.get("state") == JobState.running.value and not runtime.redis.exists(runtime.keys.worker_alive(raw.get("worker", ""))):
-        # RQ handed us a job whose worker died mid-run (its heartbeat expired): take it over.
+    # The fence: every later write of this attempt carries this token (fgs_common.job_records).
+    owner = f"{runtime.name}:{uuid.uuid4().hex[:12]}"
+    claim = dict(started_at=started, worker=runtime.name, owner=owner, step=0, steps_total=request.steps,
+                 images_done=0, results="[]", error="")
+    claimed = records.transition(job_id, JobState.running, (JobState.queued,), **claim)
+    previous = raw.get("worker", "")
+    if not claimed and raw.get("state") == JobState.running.value and (
+        previous == runtime.name or not runtime.redis.exists(runtime.keys.worker_alive(previous))
+    ):
+        # RQ handed us a job whose worker died mid-run (its heartbeat expired), or that this worker dropped: take
+        # it over, from that owner only, so that of two workers taking over the same job one wins.
         claimed = records.transition(
-            job_id, JobState.running, (JobState.running,),
-            started_at=started, worker=runtime.name, step=0, steps_total=request.steps, images_done=0, results="[]", error="",
+            job_id, JobState.running, (JobState.running,), expect_owner=raw.get("owner", ""), **claim
         )
     if not claimed:
         return {"skipped": f"job is {records.raw(job_id).get('state')}"}
@@ -181,15 +214,27 @@ def run_generate_job(job_id: str | None = None) -> dict:
     # worker killed in its first second would leave the job stranded for an hour.
     runtime.beat(force=True)
     telemetry.observe(runtime.redis, prefix, "queue_wait_seconds", max(0.0, started - float(raw["created_at"])))
+    rq_job = get_current_job()
+    runtime.current_job = (job_id, owner)
+    if runtime.watchdog is not None:
+        width, height = runtime.sampler.image_size(request)
+        batch = min(request.num_images, runtime.settings.max_batch_images)
+        step_s = step_deadline_s(runtime.settings, batch, width, height)
+        retries_left = (rq_job.retries_left or 0) if rq_job is not None else 0
+        runtime.watchdog.arm(job_id, owner, runtime.settings.job_setup_deadline_s + step_s, step_s, retries_left,
+                             runtime.expire_execution)
 
     def end(state: JobState, **fields) -> None:
         finished = now_ts()
-        if records.transition(job_id, state, (JobState.running,), finished_at=finished, **fields):
+        if records.transition(job_id, state, (JobState.running,), expect_owner=owner, finished_at=finished, **fields):
             telemetry.observe(runtime.redis, prefix, "end_to_end_seconds", max(0.0, finished - float(raw["created_at"])))
         runtime.redis.delete(runtime.keys.cancel(job_id))
 
     try:
-        results = _generate(runtime, job_id, tenant, request)
+        results = _generate(runtime, job_id, owner, tenant, request)
+    except JobLost:
+        # Another worker owns the job now (we were paused or cut off past the abandon time): leave it alone.
+        return {"lost": True}
     except JobCanceled:
         end(JobState.canceled)
         return {"canceled": True}
@@ -198,12 +243,15 @@ def run_generate_job(job_id: str | None = None) -> dict:
         end(JobState.failed, error=_error(error.code, str(error)))
         return {"failed": str(error)}
     except Exception as error:
-        rq_job = get_current_job()
         message = f"{type(error).__name__}: {error}"
         if rq_job is not None and rq_job.retries_left:
-            records.transition(job_id, JobState.queued, (JobState.running,), error=_error("retrying", message))
+            retrying = _error("retrying", message)
+            records.transition(job_id, JobState.queued, (JobState.running,), expect_owner=owner, error=retrying)
         else:
             end(JobState.failed, error=_error("worker_error", message))
         raise
+    finally:
+        if runtime.watchdog is not None:
+            runtime.watchdog.disarm()
     end(JobState.finished, images_done=len(results), results=json.dumps([r.model_dump() for r in results]))
     return {"images": len(results)}

@@ -8,7 +8,11 @@ jobs) that
 - moves due retries (RQ's scheduled-job registry, for retry backoff) back into their queues,
 - heartbeats while it samples (RQ's own heartbeats only run between jobs in a SimpleWorker), so that the job
   of a worker that was killed is retried elsewhere after FGS_ABANDONED_AFTER_S,
-- on SIGTERM stops taking work and finishes the job in hand (RQ's warm shutdown); a second signal stops at once.
+- on SIGTERM stops taking work and finishes the job in hand (RQ's warm shutdown); a second signal stops at once,
+- survives Redis outages: every Redis error in its loop waits for Redis with capped backoff and carries on,
+  with the model still resident (a job cut off by the outage goes back to the queue),
+- moves jobs that RQ gave up on (failed registry) to `failed` in their records (`reconcile_failed_jobs`),
+- runs a watchdog thread (fgs_worker.watchdog) that ends the process when a step is stuck.
 """
 
 from __future__ import annotations
@@ -16,20 +20,30 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
+import redis
 from rq import Queue
 from rq.exceptions import DequeueTimeout, StopRequested
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from fgs_common.atomic_files import write_atomic
+from fgs_common.job_records import ACTIVE_STATES, now_ts
 from fgs_common.settings import Settings, get_settings
+from fgs_common.wire import ErrorBody, JobState
 from fgs_worker.runtime import WorkerRuntime, reset_current_runtime, set_current_runtime
+from fgs_worker.watchdog import JobWatchdog
 
 log = logging.getLogger("fgs.worker")
+
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+# Waits between attempts to reach Redis again: capped, so a worker is back within seconds of Redis.
+REDIS_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 
 class FgsWorker(SimpleWorker):
@@ -40,7 +54,7 @@ class FgsWorker(SimpleWorker):
     new minor may change. Rerun tests/test_worker_*.py before moving the pin.
     """
 
-    def __init__(self, runtime: WorkerRuntime):
+    def __init__(self, runtime: WorkerRuntime, watchdog: bool = True):
         self.runtime = runtime
         self._last_served: str | None = None
         idle = Queue(f"{runtime.keys.prefix}:_none", connection=runtime.rq_redis, serializer=JSONSerializer)
@@ -51,6 +65,93 @@ class FgsWorker(SimpleWorker):
             maintenance_interval=runtime.settings.abandoned_after_s,
         )
         runtime.on_heartbeat = self._rq_heartbeat
+        runtime.expire_execution = self._expire_execution
+        if watchdog:
+            runtime.watchdog = JobWatchdog(runtime.settings, runtime.records, runtime.redis, runtime.keys.cancel)
+
+    # ---- Redis outages ----
+    def _wait_for_redis(self, error: Exception) -> None:
+        """Log, then wait until Redis answers again (capped backoff). The model stays resident."""
+        log.error("worker %s: Redis unavailable (%s: %s); waiting for it", self.name, type(error).__name__, error)
+        attempt = 0
+        while not self._stop_requested:
+            time.sleep(REDIS_BACKOFF_S[min(attempt, len(REDIS_BACKOFF_S) - 1)])
+            attempt += 1
+            try:
+                self.connection.ping()
+                self.runtime.redis.ping()
+            except REDIS_DOWN:
+                continue
+            log.info("worker %s: Redis is back after %d attempts", self.name, attempt)
+            return
+        raise StopRequested()
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except REDIS_DOWN as error:
+            self._wait_for_redis(error)
+
+    def run_maintenance_tasks(self):
+        try:
+            # the tenant queues first: at start-up RQ knows only the idle queue, and the first pass is the one
+            # that retries a job this process was working on when its watchdog ended it
+            self._refresh_queues()
+            self.runtime.publish_model_info()  # again after a Redis that lost it (no AOF) comes back
+            super().run_maintenance_tasks()
+            self.reconcile_failed_jobs()
+        except REDIS_DOWN as error:
+            self._wait_for_redis(error)
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        if pipeline is not None:
+            return super().heartbeat(timeout, pipeline=pipeline)
+        try:
+            return super().heartbeat(timeout)
+        except REDIS_DOWN as error:
+            self._wait_for_redis(error)
+
+    # ---- RQ's verdicts into our records ----
+    def reconcile_failed_jobs(self) -> int:
+        """Move the records of jobs RQ filed as failed (abandoned with no retries left, or failed outside our
+        function) from queued/running to `failed`, with counters. Looks at each queue's failed registry from
+        where the last pass stopped (its scores only grow: expiry = failure time + failure TTL)."""
+        moved = 0
+        for queue in self.queues:
+            registry = FailedJobRegistry(queue.name, connection=self.connection, serializer=JSONSerializer)
+            mark_key = f"{self.runtime.keys.prefix}:reconciled:{queue.name}"
+            since = float(self.connection.get(mark_key) or 0)
+            entries = self.connection.zrangebyscore(registry.key, since, "+inf", withscores=True)
+            for member, score in entries:
+                job_id = member.decode() if isinstance(member, bytes) else member
+                moved += self._reconcile(job_id)
+                since = max(since, score)
+            if entries:
+                self.connection.set(mark_key, since)
+        return moved
+
+    def _reconcile(self, job_id: str) -> int:
+        records = self.runtime.records
+        if records.redis.hget(records.keys.job(job_id), "state") not in {s.value for s in ACTIVE_STATES}:
+            return 0
+        try:
+            job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+        except Exception:  # RQ's job hash is gone: its failure is all we know
+            job = None
+        if job is not None and job.get_status(refresh=False) != JobStatus.FAILED:
+            return 0  # retried since: it is RQ's again
+        reason = ((job.exc_info if job is not None else None) or "the worker stopped without reporting").strip()
+        error = ErrorBody(code="worker_failed", message=reason.splitlines()[-1][:2000]).model_dump_json()
+        return int(records.transition(job_id, JobState.failed, ACTIVE_STATES, error=error, finished_at=now_ts()))
+
+    def _expire_execution(self) -> None:
+        """Score the running execution as expired in the started-job registry: the next abandon sweep (this
+        worker's restart, or any worker's maintenance) retries or fails it at once. Called by the watchdog."""
+        execution = self.execution
+        if execution is None:
+            return
+        job = self.get_current_job()
+        self.connection.zadd(job.started_job_registry.key, {execution.composite_key: 1}, xx=True)
 
     # ---- queues ----
     def _refresh_queues(self) -> None:
@@ -87,18 +188,21 @@ class FgsWorker(SimpleWorker):
                 # A stop signal that came while RQ still counted us busy (between the end of a job and the
                 # set_state above) only set this flag; RQ checks it once per job, this loop once per poll.
                 raise StopRequested()
-            self.heartbeat()
-            self.runtime.beat(force=True)
-            if self.should_run_maintenance_tasks:
-                self.run_maintenance_tasks()
-            self._refresh_queues()
-            self._enqueue_due_retries()
             try:
+                self.heartbeat()
+                self.runtime.beat(force=True)
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                self._refresh_queues()
+                self._enqueue_due_retries()
                 result = Queue.dequeue_any(
                     self._ordered_queues, poll_s, connection=self.connection, job_class=self.job_class,
                     serializer=self.serializer, death_penalty_class=self.death_penalty_class,
                 )
             except DequeueTimeout:
+                continue
+            except REDIS_DOWN as error:
+                self._wait_for_redis(error)
                 continue
             if result is not None:
                 job, queue = result
@@ -109,8 +213,23 @@ class FgsWorker(SimpleWorker):
     # ---- jobs ----
     def execute_job(self, job, queue):
         token = set_current_runtime(self.runtime)
+        self.runtime.current_job = None  # set by run_generate_job once it owns the record
         try:
             super().execute_job(job, queue)
+        except REDIS_DOWN as error:
+            # Redis went away mid-job (RQ could not even record the failure). Once it is back, the job's RQ
+            # execution is taken for abandoned and retried (its heartbeats stopped); its record goes back to
+            # `queued` now, with our owner token (a record another worker already took is left alone).
+            dropped, self.runtime.current_job = self.runtime.current_job, None
+            if self.runtime.watchdog is not None:
+                self.runtime.watchdog.disarm()
+            self._wait_for_redis(error)
+            if dropped is not None:
+                job_id, owner = dropped
+                message = ErrorBody(code="retrying", message=f"Redis became unavailable mid-job ({error})")
+                self.runtime.records.transition(
+                    job_id, JobState.queued, (JobState.running,), expect_owner=owner, error=message.model_dump_json()
+                )
         finally:
             reset_current_runtime(token)
 

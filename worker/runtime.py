@@ -21,9 +21,15 @@ from fgs_common import telemetry
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.job_records import JobRecords, Keys
 from fgs_common.settings import Settings
+from fgs_common.wire import GenerationParams, ModelInfo
 from fgs_classifier.registry import ClassifierRegistry
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import default_device, load_pipeline
+
+# Default largest image, in multiples of the model's native pixel count: 4 = twice the native side. unCLIP and
+# SD 2.x UNets were trained at their native size and their attention cost grows with the square of the pixels;
+# 2048x2048 on the 32x32 embedded model (4,096x its pixels) sat in its first step past the heartbeat (issue 10).
+MAX_PIXELS_FACTOR = 4
 
 _CURRENT: contextvars.ContextVar["WorkerRuntime"] = contextvars.ContextVar("fgs_worker_runtime")
 
@@ -43,6 +49,9 @@ class WorkerRuntime:
     model_id: str
     last_beat: float = field(default=0.0)
     on_heartbeat: Any = None  # set by the worker: refreshes RQ's worker and job heartbeats
+    watchdog: Any = None  # set by the worker: fgs_worker.watchdog.JobWatchdog (None: no watchdog, in-process tests)
+    current_job: tuple[str, str] | None = None  # (job id, owner token) while a job runs
+    expire_execution: Any = None  # set by the worker: hands the running job's RQ execution to the abandon sweep
 
     @classmethod
     def load(cls, settings: Settings, name: str | None = None) -> "WorkerRuntime":
@@ -92,6 +101,15 @@ class WorkerRuntime:
             pipe.execute()
         if self.on_heartbeat is not None:
             self.on_heartbeat()
+
+    def model_info(self) -> ModelInfo:
+        width, height = self.sampler.image_size(GenerationParams())
+        limit = self.settings.max_pixels_per_image or MAX_PIXELS_FACTOR * width * height
+        return ModelInfo(model=self.model_id, native_width=width, native_height=height, max_pixels_per_image=limit)
+
+    def publish_model_info(self) -> None:
+        """Tell the API what the resident model accepts (it refuses bigger images with a 422)."""
+        self.redis.set(self.keys.model_info(), self.model_info().model_dump_json())
 
     def retire(self) -> None:
         self.redis.delete(self.keys.worker_alive(self.name), telemetry.worker_gauge_key(self.keys.prefix, self.name))

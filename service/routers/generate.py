@@ -9,13 +9,14 @@ import anyio.to_thread
 from fastapi import APIRouter, Header
 
 from fgs_common.artifact_store import ArtifactStore
+from fgs_common.exceptions import EnqueueInProgress
 from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted
 from fgs_common.wire_views import BatchCanceled
 from fgs_service.classifier_records import classifier_record
 from fgs_service.auth import Tenant
 from fgs_service.deps import JobQueueDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
-from fgs_service.job_queue import QueueFull
+from fgs_service.job_queue import JobQueue, QueueFull
 
 router = APIRouter(tags=["generate"], responses=ERROR_RESPONSES)
 
@@ -43,11 +44,26 @@ def check_references(store: ArtifactStore, tenant: Tenant, requests: list[Genera
             raise ApiError(422, "invalid_request", "criterion 'hardness' needs a classifier uploaded with hardness statistics")
 
 
+async def check_image_size(queue: JobQueue, requests: list[GenerateRequest]) -> None:
+    """422 for an image bigger than the workers' model takes (GET /v1/model): one step of it could not finish."""
+    info = await queue.model_info()
+    if info is None:
+        return  # no worker has started yet: the worker refuses it (InvalidJob) instead
+    for request in requests:
+        width, height = request.width or info.native_width, request.height or info.native_height
+        if width * height > info.max_pixels_per_image:
+            raise ApiError(422, "image_too_large", f"{width}x{height} = {width * height} pixels per image; model "
+                           f"{info.model} takes at most {info.max_pixels_per_image} (GET /v1/model)")
+
+
 async def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch_id: str | None, key: str | None):
     try:
         return await queue.enqueue(tenant, requests, batch_id=batch_id, idempotency_key=key)
     except QueueFull as error:
         raise ApiError(429, "queue_full", str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
+    except EnqueueInProgress as error:
+        headers = {"Retry-After": str(error.retry_after_s)}
+        raise ApiError(409, "enqueue_in_progress", str(error), headers=headers) from None
 
 
 # Both handlers are async: the enqueue awaits Redis on the event loop (fgs_service.job_queue). The reference
@@ -56,6 +72,7 @@ async def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch
 async def generate(body: GenerateRequest, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> JobAccepted:
     """Queue one job of `num_images` images; the same Idempotency-Key returns the first job."""
     check_references(store, tenant, [body])
+    await check_image_size(queue, [body])
     enqueued = await _enqueue(queue, tenant, [body], None, idempotency_key)
     return JobAccepted(job_id=enqueued.ids[0])
 
@@ -64,6 +81,7 @@ async def generate(body: GenerateRequest, tenant: TenantDep, queue: JobQueueDep,
 async def create_batch(body: BatchCreate, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> BatchAccepted:
     """Queue many jobs (a balancing plan) in one call, all or nothing."""
     await anyio.to_thread.run_sync(check_references, store, tenant, body.jobs)
+    await check_image_size(queue, body.jobs)
     enqueued = await _enqueue(queue, tenant, body.jobs, uuid.uuid4().hex, idempotency_key)
     if enqueued.replayed:
         job_ids = await anyio.to_thread.run_sync(queue.batch_job_ids, tenant, enqueued.batch_id)

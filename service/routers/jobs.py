@@ -7,10 +7,11 @@ import time
 from typing import Annotated
 
 import anyio
+import redis
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from fgs_common.wire import JobPublic, JobsPublic, JobState
+from fgs_common.wire import ErrorBody, JobListQuery, JobPublic, JobsPublic
 from fgs_service.deps import JobQueueDep, SettingsDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
 
@@ -31,15 +32,9 @@ OwnedJob = Annotated[JobPublic, Depends(_owned_job)]
 
 
 @router.get("")
-def list_jobs(
-    tenant: TenantDep,
-    queue: JobQueueDep,
-    state: JobState | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> JobsPublic:
+def list_jobs(tenant: TenantDep, queue: JobQueueDep, query: Annotated[JobListQuery, Query()]) -> JobsPublic:
     """The caller's jobs, newest first."""
-    return queue.list_jobs(tenant, state, limit, offset)
+    return queue.list_jobs(tenant, query.state, query.limit, query.offset)
 
 
 @router.get("/{job_id}")
@@ -63,13 +58,23 @@ def cancel_job(job: OwnedJob, tenant: TenantDep, queue: JobQueueDep) -> JobPubli
 async def job_events(
     job: OwnedJob, request: Request, tenant: TenantDep, queue: JobQueueDep, settings: SettingsDep
 ) -> StreamingResponse:
-    """Server-sent events: one `job` event (a JobPublic) per change, the last one in a final state."""
+    """Server-sent events: one `job` event (a JobPublic) per change, the last one in a final state.
+
+    When Redis stops answering, an `error` event (an ErrorBody, code `redis_unavailable`) ends the stream, so a
+    client knows to reconnect rather than take the closed stream for the job's end.
+    """
 
     async def stream():
         last = None
         last_sent = time.monotonic()
         while True:
-            current = await anyio.to_thread.run_sync(queue.job, tenant, job.job_id)
+            try:
+                current = await anyio.to_thread.run_sync(queue.job, tenant, job.job_id)
+            except redis.RedisError as error:
+                message = f"the job store is unavailable ({type(error).__name__}); reconnect"
+                body = ErrorBody(code="redis_unavailable", message=message)
+                yield f"event: error\ndata: {body.model_dump_json()}\n\n"
+                return
             if current is None:
                 return
             payload = current.model_dump_json()

@@ -112,8 +112,8 @@ def start_stack(
         FGS_MAX_BATCH_IMAGES="8",
         FGS_MAX_UPLOAD_BYTES=str(2 * 1024 * 1024),
         OMP_NUM_THREADS="1",
-        **(extra_env or {}),
     )
+    env.update(extra_env or {})  # after: a test may override any of the above
     log_dir = root / "logs"
     log_dir.mkdir(exist_ok=True)
     api_log = open(log_dir / "api.log", "wb")

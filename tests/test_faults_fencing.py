@@ -1,0 +1,55 @@
+"""Fencing (issue 10, defect 6): a worker paused (SIGSTOP) past the abandon time loses its job to another worker;
+resumed (SIGCONT), it can no longer write progress or results, nor change the finished record.
+
+Real processes: uvicorn, two worker subprocesses, a private redis-server, real signals.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import redis
+
+from support.stack import start_stack
+from fgs_common.telemetry import counter_field, counter_key
+from support.live_calls import JobState, generate, wait_final, wait_for
+
+
+def test_a_stopped_and_resumed_worker_cannot_write_to_the_job_it_lost(redis_server, tiny_model_dir, tmp_path):
+    stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=2, extra_env={"FGS_ABANDONED_AFTER_S": "3"})
+    records = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        with stack.client("alpha") as client:
+            job_id = generate(client, num_images=4, steps=60, guidance_every=5)
+            wait_for(client, job_id, lambda j: j.state is JobState.running and j.progress.step >= 2, timeout=120)
+            record_key = f"{stack.prefix}:job:{job_id}"
+            first = records.hget(record_key, "worker")
+            zombie = stack.workers[int(first.split("-")[0][1:])]
+            zombie.send_signal(signal.SIGSTOP)
+            try:
+                # the other worker takes the job over once the zombie's heartbeats are older than 3 s
+                deadline = time.time() + 90
+                while records.hget(record_key, "worker") == first or int(records.hget(record_key, "step") or 0) < 1:
+                    assert time.time() < deadline, "no worker took the stopped worker's job over"
+                    time.sleep(0.1)
+            finally:
+                zombie.send_signal(signal.SIGCONT)
+            taker = records.hget(record_key, "worker")
+
+            finished = wait_final(client, job_id, timeout=240)
+            assert finished.state is JobState.finished, finished
+            assert finished.progress.images_done == 4 and len(finished.results) == 4
+            settled = records.hgetall(record_key)
+            time.sleep(3)  # the zombie had its chance to write
+            assert records.hgetall(record_key) == settled
+            assert settled["worker"] == taker
+            made = counter_field("images_generated", {"tenant": "alpha"})
+            images_made = records.hget(counter_key(stack.prefix), made)
+            assert float(images_made) == 4, f"{images_made} images made for a 4-image job"
+            # the resumed worker dropped the lost job and serves again
+            assert zombie.poll() is None
+            again = generate(client, steps=2, guidance_every=1)
+            assert wait_final(client, again, timeout=120).state is JobState.finished
+    finally:
+        stack.close()
