@@ -196,7 +196,8 @@ def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, recor
     page = api.get("/v1/views/gallery", params={"job_id": job_id}, headers=auth("alpha")).json()
     generation = {k: v for k, v in job["request"].items() if k in GenerationParams.model_fields}
     assert page["items"] == [
-        {**result, "job_id": job_id, "class_index": 1, "prompt": "a digit", "generation": generation,
+        {**result, "criterion_not_finite": False, "job_id": job_id, "class_index": 1, "prompt": "a digit",
+         "generation": generation,
          "disagrees": result["predicted_class"] != 1}
         for result in results
     ]
