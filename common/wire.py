@@ -42,8 +42,26 @@ class GradientPath(str, Enum):
 class FeedbackResolution(str, Enum):
     """At which size the VAE decodes the predicted x0 for the classifier."""
 
-    full = "full"  # decode at full size, then resize to the classifier input (the paper's code)
+    # Decode at full size. The released code (fg_pipe.py, utils_gen.py) feeds that decode to its classifier
+    # without resizing; here the classifier's own preprocessing resizes when its input size differs.
+    full = "full"
     classifier = "classifier"  # resize the latents so the VAE decodes straight at the classifier's input size
+
+
+class FeedbackInput(str, Enum):
+    """Which image the classifier scores at a feedback step."""
+
+    x0 = "x0"  # the DDIM predicted x0 (Eq. 11, first term), decoded, as the paper's section 2.1.2 describes
+    # The released code (fg_pipe.py, cond_fn and process_image): decode x0_hat * f + z_t * (1 - f) with
+    # f = sqrt(1 - alpha_t), then stretch each image to [0, 1] by its min and max (both held constant).
+    released = "released"
+
+
+class DropoutScaling(str, Enum):
+    """How the image embedding's kept units are scaled after dropout (section 2.3 does not say)."""
+
+    inverted = "inverted"  # multiply the kept units by 1 / (1 - p): the expected embedding is unchanged
+    zero = "zero"  # only zero the dropped units, as torch's dropout without rescaling would
 
 
 class JobState(str, Enum):
@@ -103,6 +121,15 @@ class GenerationParams(BaseModel):
     feedback_resolution: FeedbackResolution = Field(
         FeedbackResolution.full,
         description="decode the predicted x0 at full size, or straight at the classifier's input size",
+    )
+    feedback_input: FeedbackInput = Field(
+        FeedbackInput.x0,
+        description="the image the classifier scores: the predicted x0, or the released code's blend of x0 and z_t "
+        "stretched to [0, 1]",
+    )
+    dropout_scaling: DropoutScaling = Field(
+        DropoutScaling.inverted,
+        description="after dropout on the image embedding: rescale the kept units by 1/(1-p), or only zero the dropped",
     )
 
     @field_validator("omega", "gamma")

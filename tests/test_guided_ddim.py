@@ -11,10 +11,13 @@ import torch
 from diffusers import StableUnCLIPImg2ImgPipeline
 
 from fgs_common.wire import (
-    ClassifierOutput, ClassifierSpec, Criterion, FeedbackResolution, GenerationParams, GradientPath,
+    ClassifierOutput, ClassifierSpec, Criterion, DropoutScaling, FeedbackInput, FeedbackResolution, GenerationParams,
+    GradientPath,
 )
 from fgs_classifier.registry import load_classifier
-from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
+from fgs_worker.guidance.guided_ddim import (
+    GuidedDDIMSampler, dropped_embeddings, min_max_stretch, released_feedback_latents,
+)
 from fgs_classifier.hardness_stats import HardnessStats
 from fgs_worker.model_loading import load_pipeline
 from fgs_classifier.small_cnn import SmallCNN, export_classifier
@@ -185,7 +188,7 @@ def test_criterion_gradient_matches_finite_differences_in_float64(model_dir, eps
     generators = [torch.Generator().manual_seed(0)]
     prompt_embeds, _ = pipe.encode_prompt(prompt=[PROMPT], device="cpu", num_images_per_prompt=1,
                                           do_classifier_free_guidance=False)
-    image_embeds = sampler._image_embeddings(random_images(1), [0], 0.0, 0, generators)
+    image_embeds = sampler._image_embeddings(random_images(1), [0], 0.0, DropoutScaling.inverted, 0, generators)
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     guided_output = torch.randn_like(z0)
     kwargs = dict(t=t, alpha_t=alpha_t, scheduler=scheduler, guided_output=guided_output,
@@ -272,3 +275,83 @@ def test_a_pickle_is_never_loaded_as_a_classifier(tmp_path):
     spec = ClassifierSpec(num_classes=10, input_size=32)
     with pytest.raises(InvalidClassifier, match="pickle"):
         load_classifier(path, spec)
+
+
+def released_reference(x0_hat: np.ndarray, z_t: np.ndarray, alpha_t: float) -> np.ndarray:
+    """The released code's feedback latents written out image by image, element by element (fg_pipe.py cond_fn)."""
+    out = np.empty_like(x0_hat)
+    f = (1.0 - alpha_t) ** 0.5
+    for index in np.ndindex(*x0_hat.shape):
+        out[index] = x0_hat[index] * f + z_t[index] * (1.0 - f)
+    return out
+
+
+def stretch_reference(pixels: np.ndarray) -> np.ndarray:
+    """fg_pipe.py process_image after the decode, one image at a time: minus its min, over its new max."""
+    out = np.empty_like(pixels)
+    for b in range(pixels.shape[0]):
+        shifted = pixels[b] - pixels[b].min()
+        out[b] = shifted / shifted.max()
+    return out
+
+
+def test_released_feedback_input_equals_a_hand_written_reference():
+    rng = np.random.default_rng(0)
+    x0_hat, z_t = rng.normal(size=(2, 4, 3, 3)), rng.normal(size=(2, 4, 3, 3))
+    for alpha_t in (0.02, 0.5, 0.97):
+        blended = released_feedback_latents(torch.from_numpy(x0_hat), torch.from_numpy(z_t), torch.tensor(alpha_t, dtype=torch.float64))
+        np.testing.assert_allclose(blended.numpy(), released_reference(x0_hat, z_t, alpha_t), rtol=1e-12)
+    pixels = rng.normal(size=(2, 3, 4, 4)) * np.array([1.0, 5.0])[:, None, None, None]
+    stretched = min_max_stretch(torch.from_numpy(pixels))
+    np.testing.assert_allclose(stretched.numpy(), stretch_reference(pixels), rtol=1e-12)
+    assert stretched.amin(dim=(1, 2, 3)).tolist() == [0.0, 0.0] and stretched.amax(dim=(1, 2, 3)).tolist() == [1.0, 1.0]
+
+
+def test_released_feedback_input_is_what_the_sampler_scores(model_dir, tmp_path):
+    """feedback_criterion with feedback_input 'released' = the classifier on the stretched decode of the blend."""
+    pipe = load_pipeline(str(model_dir), device="cpu", dtype=torch.float64)
+    sampler = GuidedDDIMSampler(pipe)
+    archive, spec, _ = make_classifier(tmp_path, sharpen=3.0)
+    clf = load_classifier(archive, spec, dtype=torch.float64)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[2]
+    alpha_t = scheduler.alphas_cumprod[t].to(torch.float64)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    guided_output = torch.randn_like(z)
+    kwargs = dict(t=t, alpha_t=alpha_t, scheduler=scheduler, guided_output=guided_output, cond_prompt_embeds=None,
+                  cond_image_embeds=None, classifier=clf, criterion=Criterion.entropy, labels=torch.tensor([7, 7]),
+                  gradient_path=GradientPath.constant_eps, resolution=FeedbackResolution.full)
+    released = sampler.feedback_criterion(z, feedback_input=FeedbackInput.released, **kwargs)
+    x0 = sampler.feedback_criterion(z, feedback_input=FeedbackInput.x0, **kwargs)
+    eps = sampler._predicted_noise(scheduler, guided_output, z, alpha_t)
+    x0_hat = ((z - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()).numpy()
+    latents = torch.from_numpy(released_reference(x0_hat, z.numpy(), float(alpha_t)))
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0] / 2 + 0.5
+    logits, _ = clf(torch.from_numpy(stretch_reference(decoded.detach().numpy())))
+    from fgs_worker.guidance.criteria import entropy
+
+    torch.testing.assert_close(released, entropy(logits), rtol=1e-9, atol=1e-12)
+    assert (released - x0).abs().max() > 1e-6
+
+
+def test_dropout_scaling_zero_only_drops_units():
+    embeds = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    inverted = dropped_embeddings(embeds, [1, 2, 3], 0.25, DropoutScaling.inverted)
+    zeroed = dropped_embeddings(embeds, [1, 2, 3], 0.25, DropoutScaling.zero)
+    kept = zeroed != 0
+    assert 0 < kept.sum() < kept.numel()
+    torch.testing.assert_close(zeroed[kept], embeds[kept])  # kept units untouched
+    torch.testing.assert_close(inverted, zeroed / 0.75)  # same mask, rescaled by 1 / (1 - p)
+    for scaling in DropoutScaling:
+        torch.testing.assert_close(dropped_embeddings(embeds, [1, 2, 3], 0.0, scaling), embeds)
+
+
+def test_released_feedback_input_and_zero_scaling_change_the_sampled_images(sampler, classifier):
+    common = dict(conditioning_images=random_images(1), seeds=[5], criterion="entropy", omega=0.5, classifier=classifier)
+    x0 = run(sampler, feedback_input="x0", **common).pixels
+    released = run(sampler, feedback_input="released", **common).pixels
+    assert (x0 - released).abs().max() > 1e-3
+    inverted = run(sampler, dropout_p=0.5, dropout_scaling="inverted", **common).pixels
+    zeroed = run(sampler, dropout_p=0.5, dropout_scaling="zero", **common).pixels
+    assert (inverted - zeroed).abs().max() > 1e-3

@@ -33,7 +33,9 @@ from diffusers import StableUnCLIPImg2ImgPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from fgs_common.exceptions import InvalidJob
-from fgs_common.wire import Criterion, FeedbackResolution, GenerationParams, GradientPath
+from fgs_common.wire import (
+    Criterion, DropoutScaling, FeedbackInput, FeedbackResolution, GenerationParams, GradientPath,
+)
 from fgs_classifier.registry import LoadedClassifier
 from fgs_worker.guidance import criteria
 
@@ -68,6 +70,42 @@ def rescaled_criterion_gradient(latents: torch.Tensor, criterion_of: Callable[[t
     grad_norm = torch.linalg.vector_norm(grad.float(), dim=dims, keepdim=True)
     latent_norm = torch.linalg.vector_norm(latents.float(), dim=dims, keepdim=True)
     return (grad.float() / (grad_norm + 1e-8) * latent_norm).to(latents.dtype)
+
+
+def dropped_embeddings(
+    embeds: torch.Tensor, seeds: Sequence[int], dropout_p: float, scaling: DropoutScaling
+) -> torch.Tensor:
+    """Image embeddings [B, D] with each unit dropped with probability p, a mask per image from its own seed."""
+    keep = torch.stack(
+        [torch.rand(embeds.shape[-1], generator=_dropout_generator(seed)) >= dropout_p for seed in seeds]
+    ).to(embeds.device)
+    if dropout_p >= 1:
+        scale = 0.0
+    elif scaling is DropoutScaling.inverted:
+        scale = 1.0 / (1.0 - dropout_p)  # keeps the expected embedding
+    else:
+        scale = 1.0
+    return embeds * keep.to(embeds.dtype) * scale
+
+
+def released_feedback_latents(x0_hat: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """The latents the released code decodes for its classifier: x0_hat * f + z_t * (1 - f), f = sqrt(1 - alpha_t).
+
+    Early in sampling (alpha_t near 0) this is mostly x0_hat; late (alpha_t near 1) mostly z_t, which is then
+    close to x0 anyway (fg_pipe.py, cond_fn).
+    """
+    blend = (1 - alpha_t).sqrt()
+    return x0_hat * blend + z_t * (1 - blend)
+
+
+def min_max_stretch(pixels: torch.Tensor) -> torch.Tensor:
+    """Each image shifted by its minimum and divided by its new maximum, both held constant (fg_pipe.py,
+    process_image), so the classifier sees [0, 1] whatever the decode's range; the gradient flows through the
+    pixels only. The released code runs one image at a time; here each image of a batch has its own min and max.
+    """
+    dims = tuple(range(1, pixels.ndim))
+    shifted = pixels - pixels.detach().amin(dim=dims, keepdim=True)
+    return shifted / shifted.detach().amax(dim=dims, keepdim=True)
 
 
 class GuidedDDIMSampler:
@@ -158,6 +196,7 @@ class GuidedDDIMSampler:
         conditioning_images: Sequence[PIL.Image.Image],
         seeds: Sequence[int],
         dropout_p: float,
+        dropout_scaling: DropoutScaling,
         noise_level: int,
         generators: list[torch.Generator],
     ) -> torch.Tensor:
@@ -174,13 +213,10 @@ class GuidedDDIMSampler:
             # Text only: a zero image embedding, as unCLIP's unconditional branch.
             embeds = torch.zeros(batch, embed_dim, device=self.device, dtype=pipe.image_encoder.dtype)
         if dropout_p > 0:
-            # Section 2.3: drop embedding units with probability p (inverted-dropout scaling keeps the expected
-            # embedding), a mask per image from its own seed. p = 1 is the text-only zero embedding.
-            keep = torch.stack(
-                [torch.rand(embed_dim, generator=_dropout_generator(seed)) >= dropout_p for seed in seeds]
-            ).to(self.device)
-            scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-            embeds = embeds * keep.to(embeds.dtype) * scale
+            # Section 2.3: drop embedding units with probability p, a mask per image from its own seed. The paper
+            # does not say whether the kept units are rescaled: `dropout_scaling` chooses. p = 1 is the text-only
+            # zero embedding either way.
+            embeds = dropped_embeddings(embeds, seeds, dropout_p, dropout_scaling)
         # unCLIP noise augmentation: normalise, add noise at `noise_level`, append the level's timestep embedding.
         return pipe.noise_image_embeddings(image_embeds=embeds, noise_level=noise_level, generator=generators)
 
@@ -244,8 +280,10 @@ class GuidedDDIMSampler:
         labels: torch.Tensor,
         gradient_path: GradientPath,
         resolution: FeedbackResolution,
+        feedback_input: FeedbackInput = FeedbackInput.x0,
     ) -> torch.Tensor:
-        """C(f_phi(D(x0_hat(z_t)))) per image, differentiable in z_t (section 2.1.2)."""
+        """C(f_phi(D(x0_hat(z_t)))) per image, differentiable in z_t (section 2.1.2); with feedback_input
+        'released', C of the released code's blend of x0_hat and z_t, min-max stretched."""
         if gradient_path is GradientPath.unet:
             # Through the UNet, on the conditional branch, as the paper's released code does.
             model_input = scheduler.scale_model_input(z, t)
@@ -259,7 +297,12 @@ class GuidedDDIMSampler:
             eps_hat = self._predicted_noise(scheduler, guided_output, z, alpha_t).detach()
         # Eq. 11, "predicted x0": x0_hat = (z_t - sqrt(1 - alpha_t) eps_hat) / sqrt(alpha_t)
         x0_hat = (z - (1 - alpha_t).sqrt() * eps_hat) / alpha_t.sqrt()
-        pixels = self.decode_for_classifier(x0_hat, classifier, resolution)
+        if feedback_input is FeedbackInput.released:
+            pixels = min_max_stretch(
+                self.decode_for_classifier(released_feedback_latents(x0_hat, z, alpha_t), classifier, resolution)
+            )
+        else:
+            pixels = self.decode_for_classifier(x0_hat, classifier, resolution)
         logits, embedding = classifier(pixels)
         return criteria.evaluate(criterion, logits, labels, embedding, classifier.hardness_stats)
 
@@ -320,7 +363,7 @@ class GuidedDDIMSampler:
         )
         # 3. Image: CLIP embedding, dropout, noise augmentation; the unconditional branch gets zeros.
         image_embeds = self._image_embeddings(
-            conditioning_images, seeds, params.dropout_p, params.noise_level, generators
+            conditioning_images, seeds, params.dropout_p, params.dropout_scaling, params.noise_level, generators
         )
         cond_prompt_embeds, cond_image_embeds = prompt_embeds, image_embeds
         if do_cfg:
@@ -343,7 +386,7 @@ class GuidedDDIMSampler:
                     latents, t=t, alpha_t=alpha_t, scheduler=scheduler, guided_output=model_output,
                     cond_prompt_embeds=cond_prompt_embeds, cond_image_embeds=cond_image_embeds,
                     classifier=classifier, criterion=criterion, labels=labels, gradient_path=params.gradient_path,
-                    resolution=params.feedback_resolution,
+                    resolution=params.feedback_resolution, feedback_input=params.feedback_input,
                 )
                 # Eq. 1: + omega * grad C, applied to z_t before the DDIM step.
                 latents = latents + omega * grad
