@@ -492,7 +492,9 @@ def read_digits_lt(root: Path) -> ScannedDataset:
         dataset.class_prompts = prompts
     layout = DigitsLtLayout(base_rel="train")
     layout.passthrough.append((description_path, DIGITS_LT_JSON))
-    layout.passthrough.extend((p, _rel(p, root)) for p in _files_under(root / "test") if (root / "test").is_dir())
+    for part in ("validation", "test"):
+        if (root / part).is_dir():
+            layout.passthrough.extend((p, _rel(p, root)) for p in _files_under(root / part))
     dataset.layout = layout
     return dataset
 

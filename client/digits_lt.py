@@ -3,15 +3,17 @@
 `sklearn.datasets.load_digits` holds 1797 8x8 digits (174 to 183 per class). They are split once, seeded
 (`SPLIT_SEED`), per class, into three disjoint parts:
 
-- **test**: 80 digits of every class (800, balanced). 80 per class so one image is 1.25 points of a class's
-  accuracy, fine enough to see a Few class move.
+- **validation** and **test**: 40 + 40 digits of every class (400 + 400, balanced), disjoint. Every choice of
+  an experiment (settings, which variant is best) is made on validation; test is read once, for the comparison
+  declared before it. 40 per class: one image is 2.5 points of a class's accuracy.
 - **train** (long-tailed): `TRAIN_COUNTS` = 60, 41, 28, 19, 13, 9, 6, 4, 3, 2 for classes zero .. nine
   (185 images), an exponential profile with imbalance ratio 60 / 2 = 30.
 - **generator**: everything else (38 to 98 per class, 812 in all). Only the `fgs-digits` diffusion model is
   trained on these; Digits-LT (train and test) never contains them, so the generator never saw a test digit.
 
-Every digit lands in exactly one part, so the test split is all real digits that are neither generator nor
-train digits. Shot groups, scaled from ImageNet-LT's (Many > 100, Medium 20-100, Few < 20 of at most 1280
+Every digit lands in exactly one part, so validation + test are all real digits that are neither generator
+nor train digits (the 80 held out per class, as before the validation split existed: the generator split, and
+so the embedded model, did not change). Shot groups, scaled from ImageNet-LT's (Many > 100, Medium 20-100, Few < 20 of at most 1280
 images per class) to a largest class of 60: **Many** > 20 train images (zero, one, two), **Medium** 6-20
 (three .. six), **Few** < 6 (seven, eight, nine).
 
@@ -20,7 +22,7 @@ RGB. The generator is trained on the same kind of digits under random style tran
 `fgs_lab.digits_model_training`), so its world is broader than the target's.
 
 Layout written by `build_digits_lt(root)`:
-`root/train/<class name>/<index>.png`, `root/test/<class name>/<index>.png` (index = load_digits index) and
+`root/{train,validation,test}/<class name>/<index>.png` (index = load_digits index) and
 `root/digits_lt.json` (class names, prompts, counts, thresholds, seed and the indices of every split).
 No torch here: numpy, Pillow and scikit-learn (imported where it is needed) only.
 """
@@ -37,7 +39,8 @@ from PIL import Image
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 IMAGE_SIZE = 32
 SPLIT_SEED = 0
-TEST_PER_CLASS = 80
+HELD_OUT_PER_CLASS = 80  # per class, split into validation and test
+VALIDATION_PER_CLASS = 40
 # Long-tailed train counts per class: round(60 * (2 / 60) ** (c / 9)) for c = 0 .. 9.
 TRAIN_COUNTS = (60, 41, 28, 19, 13, 9, 6, 4, 3, 2)
 # Shot groups by train count: Many > MANY_ABOVE, Few < FEW_BELOW, Medium in between (inclusive).
@@ -66,6 +69,7 @@ class DigitsSplit:
 
     generator: tuple[int, ...]
     train: tuple[int, ...]
+    validation: tuple[int, ...]
     test: tuple[int, ...]
 
 
@@ -78,17 +82,20 @@ def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_split(labels: np.ndarray, seed: int = SPLIT_SEED) -> DigitsSplit:
-    """Split per class, seeded: the first 80 of a permutation go to test, the next TRAIN_COUNTS[c] to train, the rest to the generator."""
+    """Split per class, seeded: of a permutation, the first 40 go to validation, the next 40 to test, the next
+    TRAIN_COUNTS[c] to train, the rest to the generator."""
     rng = np.random.default_rng(seed)
     generator: list[int] = []
     train: list[int] = []
+    validation: list[int] = []
     test: list[int] = []
     for class_index in range(len(CLASS_NAMES)):
         members = rng.permutation(np.flatnonzero(labels == class_index))
-        test += members[:TEST_PER_CLASS].tolist()
-        train += members[TEST_PER_CLASS : TEST_PER_CLASS + TRAIN_COUNTS[class_index]].tolist()
-        generator += members[TEST_PER_CLASS + TRAIN_COUNTS[class_index] :].tolist()
-    return DigitsSplit(tuple(sorted(generator)), tuple(sorted(train)), tuple(sorted(test)))
+        validation += members[:VALIDATION_PER_CLASS].tolist()
+        test += members[VALIDATION_PER_CLASS:HELD_OUT_PER_CLASS].tolist()
+        train += members[HELD_OUT_PER_CLASS : HELD_OUT_PER_CLASS + TRAIN_COUNTS[class_index]].tolist()
+        generator += members[HELD_OUT_PER_CLASS + TRAIN_COUNTS[class_index] :].tolist()
+    return DigitsSplit(*(tuple(sorted(part)) for part in (generator, train, validation, test)))
 
 
 def generator_indices(seed: int = SPLIT_SEED) -> tuple[int, ...]:
@@ -117,16 +124,17 @@ def original_style_image(digit: np.ndarray) -> Image.Image:
 
 
 def build_digits_lt(root: Path, seed: int = SPLIT_SEED) -> Path:
-    """Write Digits-LT under `root` (train/, test/, digits_lt.json); deterministic for a given seed. Returns `root`."""
+    """Write Digits-LT under `root` (train/, validation/, test/, digits_lt.json); deterministic for a given seed."""
     root = Path(root)
     images, labels = load_digit_arrays()
     split = digits_split(labels, seed)
-    for part, indices in (("train", split.train), ("test", split.test)):
+    for part, indices in (("train", split.train), ("validation", split.validation), ("test", split.test)):
         for index in indices:
             folder = root / part / CLASS_NAMES[labels[index]]
             folder.mkdir(parents=True, exist_ok=True)
             original_style_image(images[index]).save(folder / f"{index:04d}.png")
     train_counts = [int(np.sum(labels[list(split.train)] == c)) for c in range(len(CLASS_NAMES))]
+    validation_counts = [int(np.sum(labels[list(split.validation)] == c)) for c in range(len(CLASS_NAMES))]
     test_counts = [int(np.sum(labels[list(split.test)] == c)) for c in range(len(CLASS_NAMES))]
     metadata = {
         "name": "digits-lt",
@@ -136,7 +144,9 @@ def build_digits_lt(root: Path, seed: int = SPLIT_SEED) -> Path:
         "class_names": list(CLASS_NAMES),
         "prompts": [class_prompt(name) for name in CLASS_NAMES],
         "train_counts": train_counts,
+        "validation_counts": validation_counts,
         "test_counts": test_counts,
+        "evaluation_protocol": "choose every setting on validation; read test once, for a comparison declared first",
         "imbalance_ratio": max(train_counts) / min(train_counts),
         "shot_thresholds": {
             "many": f"more than {MANY_ABOVE} train images",
@@ -146,7 +156,10 @@ def build_digits_lt(root: Path, seed: int = SPLIT_SEED) -> Path:
             "few_below": FEW_BELOW,
         },
         "shot_groups": {name: shot_group(count) for name, count in zip(CLASS_NAMES, train_counts)},
-        "indices": {"generator": list(split.generator), "train": list(split.train), "test": list(split.test)},
+        "indices": {
+            "generator": list(split.generator), "train": list(split.train), "validation": list(split.validation),
+            "test": list(split.test),
+        },
     }
     (root / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
     return root

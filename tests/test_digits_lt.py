@@ -36,7 +36,9 @@ def tree_digest(root: Path) -> str:
 def test_counts_ratio_and_thresholds(built: Path) -> None:
     meta = json.loads((built / "digits_lt.json").read_text())
     train = [len(list((built / "train" / name).glob("*.png"))) for name in CLASS_NAMES]
+    validation = [len(list((built / "validation" / name).glob("*.png"))) for name in CLASS_NAMES]
     test = [len(list((built / "test" / name).glob("*.png"))) for name in CLASS_NAMES]
+    assert validation == meta["validation_counts"] == [40] * 10
     assert train == meta["train_counts"]
     assert test == meta["test_counts"]
     assert max(train) >= 30 * min(train)
@@ -45,7 +47,7 @@ def test_counts_ratio_and_thresholds(built: Path) -> None:
     few = [c for c, name in enumerate(CLASS_NAMES) if meta["shot_groups"][name] == "few"]
     many = [c for c, name in enumerate(CLASS_NAMES) if meta["shot_groups"][name] == "many"]
     assert few and many and meta["shot_groups"][CLASS_NAMES[int(np.argmin(train))]] == "few"
-    assert all(test[c] >= 80 for c in few)
+    assert test == [40] * 10
     assert len(set(test)) == 1  # balanced
     assert meta["prompts"][7] == "a handwritten digit seven"
     assert [shot_group(n) for n in train] == [meta["shot_groups"][name] for name in CLASS_NAMES]
@@ -55,12 +57,14 @@ def test_splits_are_disjoint_and_cover_all_digits(built: Path) -> None:
     meta = json.loads((built / "digits_lt.json").read_text())
     generator = set(generator_indices())
     train, test = set(meta["indices"]["train"]), set(meta["indices"]["test"])
+    validation = set(meta["indices"]["validation"])
     assert generator == set(meta["indices"]["generator"])
-    assert not generator & train and not generator & test and not train & test
+    parts = (generator, train, validation, test)
+    assert all(not a & b for i, a in enumerate(parts) for b in parts[i + 1 :])
     _, labels = load_digit_arrays()
-    assert len(generator | train | test) == len(labels) == 1797
+    assert len(generator | train | validation | test) == len(labels) == 1797
     # The files are exactly the indices of their split, in the folder of their label.
-    for part, indices in (("train", train), ("test", test)):
+    for part, indices in (("train", train), ("validation", validation), ("test", test)):
         on_disk = {(int(p.stem), p.parent.name) for p in (built / part).glob("*/*.png")}
         assert on_disk == {(i, CLASS_NAMES[labels[i]]) for i in indices}
 

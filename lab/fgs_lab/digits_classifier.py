@@ -2,7 +2,8 @@
 
 Real-only training draws instance-balanced minibatches (ERM or Balanced Softmax with the real class counts);
 real + synthetic training draws the paper's 50/50 real/synthetic, class-balanced minibatches
-(fgs_client.training.RealSyntheticBatchSampler) with Balanced Softmax over the counts of the set in use.
+(fgs_client.training.RealSyntheticBatchSampler). Balanced Softmax always takes the real class counts as its prior
+(one prior everywhere, whatever the synthetic budget: our reading of the paper's App. F and G.1).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def load_paths(paths: list[Path], labels: list[int], synthetic: bool) -> ImageSe
 
 
 def load_split(root: Path, part: str) -> ImageSet:
-    """Digits-LT's `train` or `test` split, class order of CLASS_NAMES."""
+    """Digits-LT's `train`, `validation` or `test` split, class order of CLASS_NAMES."""
     paths, labels = [], []
     for index, name in enumerate(CLASS_NAMES):
         for path in sorted((Path(root) / part / name).glob("*.png")):
@@ -94,7 +95,7 @@ def train_small_cnn(train: ImageSet, loss: str, seed: int, config: TrainConfig =
     model = SmallCNN(len(CLASS_NAMES), width=config.width, embedding_dim=2 * config.width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.15)
-    counts = torch.bincount(train.labels, minlength=len(CLASS_NAMES))
+    counts = torch.bincount(train.labels[~train.synthetic], minlength=len(CLASS_NAMES))  # the real class counts
     if bool(train.synthetic.any()):
         batches = iter(RealSyntheticBatchSampler(train.labels.tolist(), train.synthetic.tolist(), config.batch_size, 0.5, num_batches=config.steps, seed=seed))
     else:

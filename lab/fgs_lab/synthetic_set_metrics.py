@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
+from fgs_client.set_metrics import density_coverage  # noqa: F401  (one definition, shared with fgs-client sweep)
+
 
 def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^1/2) of features [N, d] and [M, d]."""
@@ -23,18 +25,3 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
         offset = np.eye(len(cov_r)) * 1e-6
         root = linalg.sqrtm((cov_r + offset) @ (cov_f + offset))
     return float(((mu_r - mu_f) ** 2).sum() + np.trace(cov_r + cov_f - 2.0 * np.real(root)))
-
-
-def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.sqrt(np.maximum(squared, 0.0))
-
-
-def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[float, float]:
-    """(density, coverage) of fake features against real features with k nearest neighbours."""
-    real_distances = _pairwise(real, real)
-    radii = np.sort(real_distances, axis=1)[:, k]  # column 0 is the point itself
-    inside = _pairwise(real, fake) < radii[:, None]  # [N real, M fake]
-    density = float(inside.sum() / (k * len(fake)))
-    coverage = float(inside.any(axis=1).mean())
-    return density, coverage
