@@ -16,10 +16,10 @@ from rich.table import Table
 
 from fgs_client.balance_planner import BalancePlan, PlanError, UnitCounts, parse_target, plan_balance, read_counts_csv
 from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
-from fgs_client.dataset_readers import DatasetError, packaged_path, read_dataset
+from fgs_client.dataset_readers import DatasetError, packaged_lines, packaged_path, read_dataset
 from fgs_client.http_client import ApiError, AuthenticationFailed, Client, ServiceUnreachable
 from fgs_common.settings import get_settings
-from fgs_client.generation_options import generation_options
+from fgs_client.generation_options import GenerationChoice, generation_options
 from fgs_common.wire import ClassifierSpec, GenerationParams
 
 app = typer.Typer(help="fgs client: balance long-tailed datasets with feedback-guided synthetic images.", no_args_is_help=True)
@@ -102,9 +102,13 @@ def balance(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     *,
     generation: GenerationParams,
+    choice: GenerationChoice,
 ) -> None:
     """Fill what each class or group lacks with generated images and write the balanced dataset to --out."""
     from fgs_client.balance_runner import BalanceOptions, BalanceRun, check_balance_options
+
+    if choice.preset is not None and "target" not in choice.explicit:
+        target = str(choice.preset.target.value)  # the preset's target unless --target was given
 
     options = BalanceOptions(
         generation=generation,
@@ -115,13 +119,18 @@ def balance(
     try:
         target_value = parse_target(target)
         if counts is not None:
-            if str(counts) == "builtin":
-                if dataset is not DatasetName.imagenet_lt:
-                    raise fail("--counts builtin exists for imagenet-lt only", EXIT_BAD_INPUT)
-                counts = packaged_path("imagenet_lt_train_counts.csv")
             if not dry_run:
                 raise fail("--counts plans from counts only: add --dry-run (a real balance needs --root)", EXIT_BAD_INPUT)
+            if str(counts) == "builtin" and dataset is DatasetName.nicopp:
+                print_nicopp_groups(target_value)
+                print_generation(choice, target)
+                return
+            if str(counts) == "builtin":
+                if dataset is not DatasetName.imagenet_lt:
+                    raise fail("--counts builtin exists for imagenet-lt and nico++ only", EXIT_BAD_INPUT)
+                counts = packaged_path("imagenet_lt_train_counts.csv")
             print_plan(plan_balance(read_counts_csv(counts), target_value, images_per_job), grouped=_grouped_counts(counts))
+            print_generation(choice, target)
             return
         if root is None:
             raise fail("--root is required (or --counts FILE with --dry-run)", EXIT_BAD_INPUT)
@@ -133,6 +142,7 @@ def balance(
         plan = plan_balance(UnitCounts.from_dataset(scanned), target_value, images_per_job)
         if dry_run:
             print_plan(plan, grouped=scanned.groups is not None)
+            print_generation(choice, target)
             return
     except (DatasetError, PlanError, ValueError) as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
@@ -160,6 +170,42 @@ def balance(
             err_console.print(f"  failed {key}: {message}")
         raise fail(f"{len(report.failed_jobs)} jobs failed after {max_retries} retries; rerun the same command to retry them", EXIT_FAILED_JOBS)
     out_console.print(f"balanced: {summary}", soft_wrap=True)
+
+
+def print_generation(choice: GenerationChoice, target: str, console: Console = out_console) -> None:
+    """The generation parameters a run would use, each with where its value comes from."""
+    title = "generation parameters" + (f" (preset {choice.preset.name})" if choice.preset else "")
+    table = Table(title=title)
+    for column in ("parameter", "value", "source"):
+        table.add_column(column, overflow="fold")
+    for name, value in choice.params.model_dump(mode="json").items():
+        table.add_row(name, str(value), choice.source(name))
+    if choice.preset is not None:
+        source = "--target (given)" if "target" in choice.explicit else f"preset {choice.preset.name}: {choice.preset.target.source}"
+        table.add_row("target", target, source)
+    console.print(table)
+    for note in choice.preset.notes if choice.preset else ():
+        console.print(f"note: {note}", soft_wrap=True)
+
+
+NICOPP_PAPER_TRAIN_IMAGES = 62_657  # paper App. J.2: NICO++ training examples
+
+
+def print_nicopp_groups(target: str | int | dict, console: Console = out_console) -> None:
+    """The packaged NICO++ class x context list at a per-group target: its total after balancing, and what the
+    paper's training set (App. J.2) would need added. Per-group counts need the dataset (--root)."""
+    if not isinstance(target, int):
+        raise PlanError("--counts builtin for nico++ plans a number per group (e.g. --target 811 or --preset paper-nicopp)")
+    classes, contexts = packaged_lines("nicopp_classes.txt"), packaged_lines("nicopp_contexts.txt")
+    groups = len(classes) * len(contexts)
+    total = groups * target
+    console.print(
+        f"NICO++ (packaged list): {len(classes)} classes x {len(contexts)} contexts = {groups:,} groups; "
+        f"{total:,} images after balancing every group to {target:,}. With the paper's {NICOPP_PAPER_TRAIN_IMAGES:,} "
+        f"training images (App. J.2) that is {total - NICOPP_PAPER_TRAIN_IMAGES:,} images to add (Table 1: 229k). "
+        "Per-group counts: give --root.",
+        soft_wrap=True,
+    )
 
 
 def _grouped_counts(path: Path) -> bool:

@@ -20,7 +20,7 @@ from fgs_service.errors import install_error_handlers
 from fgs_service.job_queue import JobQueue
 from fgs_service.metrics import build_registry
 from fgs_service.routers import (
-    admin, classifiers, generate, health, images, jobs, metrics, model, thumbnails, ui, views,
+    admin, classifiers, generate, health, images, jobs, metrics, model, presets, thumbnails, ui, views,
 )
 
 
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
 
     # thumbnails before images: /v1/images/{id}/thumbnail must not be taken for an image id
-    for module in (thumbnails, images, classifiers, generate, jobs, model, views, admin, health, metrics, ui):
+    for module in (thumbnails, images, classifiers, generate, jobs, model, views, admin, health, metrics, presets, ui):
         app.include_router(module.router)
     ui.mount_static(app)
     return app
