@@ -339,6 +339,91 @@ def grid(
     out_console.print(f"{len(written)} contact sheets in {dest}")
 
 
+@app.command()
+@generation_options(on_invalid=lambda message: fail(message, EXIT_BAD_INPUT), exclude=("omega", "gamma"))
+def sweep(
+    dataset: Annotated[DatasetName, typer.Option("--dataset", help="layout of the data on disk")],
+    root: Annotated[Path, typer.Option("--root", help="the dataset root")],
+    classes: Annotated[str, typer.Option("--classes", help="comma-separated class names or indices (a few rare ones)")],
+    classifier: Annotated[Path, typer.Option("--classifier", help="the team's classifier archive (returns logits, embedding)")],
+    classifier_spec: Annotated[Path, typer.Option("--classifier-spec", help="its ClassifierSpec JSON")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the images, grids and tables")],
+    omega: Annotated[str, typer.Option("--omega", help="feedback scales ω to try, comma-separated")] = "0,0.01,0.03,0.1,0.3",
+    gamma: Annotated[Optional[str], typer.Option("--gamma", help="guidance scales γ to try (default: the preset's or the default)")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, max=64, help="images per class and setting (the same seeds in every setting)")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="first generation seed; also picks the conditioning image")] = 0,
+    hardness_stats: Annotated[Optional[Path], typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")] = None,
+    size: Annotated[int, typer.Option("--size", help="grid thumbnail side in pixels")] = 96,
+    split_file: Annotated[Optional[Path], typer.Option("--split-file")] = None,
+    class_names: Annotated[Optional[Path], typer.Option("--class-names")] = None,
+    groups: Annotated[Optional[Path], typer.Option("--groups")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+    *,
+    generation: GenerationParams,
+) -> None:
+    """A pilot before the big job: a few images per (ω, γ) for a few classes; a grid PNG per class, a table per
+    setting (intended-class share, mean criterion, density and coverage) and a suggested setting.
+    Needs the `train` extra (torch) to embed the images with the classifier."""
+    import json
+
+    from fgs_client import pilot_sweep
+
+    try:
+        from fgs_client.training import embed_images, load_classifier_archive
+    except ImportError as error:
+        raise fail(f"sweep needs the train extra (pip install 'fgs[train]'): {error}", EXIT_BAD_INPUT) from None
+    if generation.criterion.value == "none":
+        raise fail("--criterion is needed: the sweep varies the feedback scale of a criterion", EXIT_BAD_INPUT)
+    parsed = _read_spec(classifier_spec)
+    try:
+        omegas = pilot_sweep.parse_floats(omega, "omega")
+        gammas = pilot_sweep.parse_floats(gamma, "gamma") if gamma else [generation.gamma]
+        settings = [pilot_sweep.SweepSetting(w, g) for g in gammas for w in sorted(omegas)]
+        for setting in settings:  # each setting must be a valid generation before anything is uploaded
+            GenerationParams.model_validate(generation.model_dump() | {"omega": setting.omega, "gamma": setting.gamma})
+        scanned = read_dataset(dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups)
+        chosen = pilot_sweep.resolve_classes(classes, scanned.class_names)
+        if len(scanned.class_names) != parsed.num_classes:
+            raise ValueError(f"the dataset has {len(scanned.class_names)} classes, the classifier spec {parsed.num_classes}")
+        model = load_classifier_archive(classifier, parsed)
+    except (DatasetError, ValueError) as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
+    with make_client(url, api_key) as client:
+        try:
+            classifier_id = client.upload_classifier(classifier, parsed, hardness_stats).id
+            sweeps = pilot_sweep.run_sweep(client, scanned, chosen, settings, generation, num_seeds=seeds, seed=seed,
+                                           classifier_id=classifier_id, out=out / "images")
+        except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
+            raise fail(str(error), _exit_code(error)) from None
+        except (ValueError, RuntimeError) as error:
+            raise fail(str(error), EXIT_FAILED_JOBS) from None
+
+    def embed(paths: list[Path]):
+        return embed_images(model, paths, [0] * len(paths))[0].numpy()
+
+    real = {c: embed([im.path for im in scanned.images if im.class_index == c][:500]) for c in chosen}
+    pooled, per_class = pilot_sweep.setting_rows(sweeps, settings, real, embed)
+    suggestion = pilot_sweep.suggest_setting(pooled)
+    grids = [pilot_sweep.write_grid(s, settings, out / f"grid_{s.class_index:04d}_{s.class_name}.png", size) for s in sweeps]
+    criterion = generation.criterion.value
+    (out / "sweep.md").write_text(pilot_sweep.sweep_markdown(pooled, per_class, suggestion, criterion, grids))
+    (out / "sweep.json").write_text(json.dumps({
+        "criterion": criterion, "base": generation.model_dump(mode="json"), "settings": [r.as_dict() for r in pooled],
+        "per_class": {name: [r.as_dict() for r in rows] for name, rows in per_class.items()},
+        "suggested": suggestion[0].as_dict(), "reason": suggestion[1],
+    }, indent=1))
+    table = Table(title=f"pilot sweep: {len(chosen)} classes x {seeds} seeds per setting")
+    for column in ("setting", "images", "intended share", f"mean {criterion}", "density", "coverage"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for r in pooled:
+        table.add_row(r.setting.label, str(r.images), f"{r.intended_share:.2f}", f"{r.mean_criterion:.3f}",
+                      f"{r.density:.2f}", f"{r.coverage:.2f}")
+    out_console.print(table)
+    out_console.print(f"suggested: {suggestion[1]}", soft_wrap=True)
+    out_console.print(f"grids: {', '.join(str(g) for g in grids)}; table: {out / 'sweep.md'}", soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m fgs_client.cli`
     app()
 

@@ -68,15 +68,20 @@ def _flag_parameter(name: str) -> inspect.Parameter:
     )
 
 
-def generation_options(on_invalid: Callable[[str], BaseException]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def generation_options(
+    on_invalid: Callable[[str], BaseException], exclude: tuple[str, ...] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Replace the command's `generation: GenerationParams` parameter by one flag per field.
 
-    Invalid values raise what `on_invalid(message)` returns (the CLI's own error exit).
+    Invalid values raise what `on_invalid(message)` returns (the CLI's own error exit). Fields in `exclude` get
+    no flag (a command that sweeps them declares its own); they keep the preset's value or the default.
     """
-    return functools.partial(_with_generation_flags, on_invalid=on_invalid)
+    return functools.partial(_with_generation_flags, on_invalid=on_invalid, exclude=exclude)
 
 
-def _with_generation_flags(command: Callable[..., Any], on_invalid: Callable[[str], BaseException]) -> Callable[..., Any]:
+def _with_generation_flags(
+    command: Callable[..., Any], on_invalid: Callable[[str], BaseException], exclude: tuple[str, ...] = ()
+) -> Callable[..., Any]:
     hints = get_type_hints(command, include_extras=True)
     own = [
         p.replace(annotation=hints.get(p.name, p.annotation))
@@ -89,7 +94,8 @@ def _with_generation_flags(command: Callable[..., Any], on_invalid: Callable[[st
         "--preset", help=f"start from a named setting ({', '.join(PRESETS)}); flags given override it",
         rich_help_panel=PANEL,
     )
-    flags = [_flag_parameter(name) for name in GenerationParams.model_fields] + [
+    fields = [name for name in GenerationParams.model_fields if name not in exclude]
+    flags = [_flag_parameter(name) for name in fields] + [
         inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None,
                           annotation=Annotated[Optional[str], preset_option]),
         inspect.Parameter("generation_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
@@ -97,7 +103,7 @@ def _with_generation_flags(command: Callable[..., Any], on_invalid: Callable[[st
 
     @functools.wraps(command)
     def with_generation(**kwargs: Any) -> Any:
-        values = {name: kwargs.pop(name) for name in GenerationParams.model_fields}
+        values = {name: kwargs.pop(name) for name in fields}
         preset_name = kwargs.pop("preset")
         explicit = given_parameters(kwargs.pop("generation_ctx"))
         try:

@@ -1,8 +1,10 @@
 """bench/digits_lt.py --quick end to end: Digits-LT, real CNNs, `fgs up` (tiny model) on a private Redis,
-`fgs-client hardness-stats` and `balance` for three variants, retraining, metrics, report and grids."""
+`fgs-client balance` for two variants x two generation seeds, retraining, validation selection, the test
+comparison, the budget curve, the sweep rule's agreement, report and grids."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -18,23 +20,35 @@ def test_digits_lt_quick_writes_report_and_grids(redis_server, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "digits_lt.py"), "--quick", "--work", str(tmp_path / "work"), "--report", str(report),
          "--grids", str(grids), "--redis-url", redis_server],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = report.read_text()
-    assert "REDUCED RUN" in text
-    # every variant of the quick run got a table row with accuracies, a metrics row and a grid
-    for label, name in (("(a) text only", "a_text"), ("(e) (c) + feedback entropy", "e_entropy"), ("(f) (c) + feedback hardness", "f_hardness")):
-        rows = [line for line in text.splitlines() if line.startswith(f"| {label}")]
-        assert len(rows) == 2, (label, rows)
-        # balance target 12: classes five .. nine lack 3, 6, 8, 9, 10 images
-        assert f"| {36} |" in rows[0]
+    assert "REDUCED OR PARTIAL RUN" in text
+    # every variant of the quick run: a validation row with accuracies (mean ± SE over generation seeds) and a grid
+    for label, name in (("plain, p=0.5, γ=3", "plain_p05"), ("entropy ω=0.1, p=0.5, γ=3", "entropy_w0.1")):
+        rows = [line for line in text.splitlines() if line.startswith(f"| {label} |")]
+        assert rows and " ± " in rows[0], (label, rows)
         with Image.open(grids / f"{name}.png") as grid:
             assert grid.width >= 8 * 40 and grid.height >= 10 * 80
-    accuracy = re.findall(r"\| real only, Balanced Softmax \| 0 \| (\d+\.\d) ±", text)
-    assert accuracy and 10.0 < float(accuracy[0]) <= 100.0  # a trained CNN beats chance (10 %) on the test split
-    budget_rows = re.findall(r"^\| (\d+)% \| (\d+) \|", text, flags=re.M)
-    assert [(int(p), int(n)) for p, n in budget_rows] == [(0, 0), (25, 9), (50, 18), (100, 36)]
+    # the selection is written (file and report) before the test split is read
+    selection = json.loads((tmp_path / "work" / "selection.json").read_text())
+    assert (selection["best_plain"], selection["best_guided"]) == ("plain_p05", "entropy_w0.1")
+    log = result.stdout
+    assert log.index("selection written before test is read") < log.index("budget 25%")
+    assert text.index("## Selection") < text.index("## Test")
+    comparison = re.findall(r"^\| \*\*best guided − best plain\*\* \(pre-declared\) \| ([+-]\d+\.\d) ± (\d+\.\d) \|", text, flags=re.M)
+    assert comparison, text
+    assert "Verdict on the pre-declared comparison:" in text
+    real = re.findall(r"\| real only \(Balanced Softmax\) \| (\d+\.\d) ± \d+\.\d \|", text)
+    assert real and 10.0 < float(real[0]) <= 100.0  # a trained CNN beats chance (10 %) on validation
+    # the budget curve for both chosen variants: balance target 12, classes five .. nine lack 3, 6, 8, 9, 10 images
+    budget = re.findall(r"^\| (\d+)% \| (\d+) \|.*\| (\d+) \|", text, flags=re.M)
+    assert [(int(p), int(a), int(b)) for p, a, b in budget[:4]] == [(0, 0, 0), (25, 9, 9), (50, 18, 18), (100, 36, 36)]
+    assert re.search(r"Rule's pick: ω=\S+ .* Best validation Few: ω=\S+\. \*\*(Agree|Disagree)\*\*", text)
+    summary = json.loads(report.with_suffix(".json").read_text())
+    assert summary["best_overall"]["name"] in ("plain_p05", "entropy_w0.1")
+    assert len(summary["test_few_guided_minus_plain"]) == 2
 
 
 def test_synthetic_set_metrics_on_known_distributions():

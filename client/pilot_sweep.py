@@ -1,0 +1,237 @@
+"""The pilot sweep a team runs before a big job: a few images per setting (ω, γ) for a few rare classes.
+
+What a setting is judged by, per class and pooled over the classes (`SettingRow`):
+- the share of its images the team's classifier assigns to the intended class (does the class survive?),
+- the mean criterion value under that classifier (how hard the images are, what feedback ascends),
+- density and coverage against the real images of the class in the classifier's embedding space
+  (`fgs_client.set_metrics`): close to the real ones, and spread over them.
+
+The suggestion rule (`suggest_setting`), declared before it was validated on Digits-LT (bench/digits_lt.md):
+among the settings whose intended-class share is at least the baseline's share minus `SHARE_TOLERANCE`, take the
+one with the highest mean criterion value (ties: the smaller ω). The baseline is ω = 0 at the same γ when the
+sweep has it, else the setting with the highest share. In words: push the feedback as far as the classifier
+still recognises the class about as often as without feedback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+SHARE_TOLERANCE = 0.10
+
+
+@dataclass(frozen=True)
+class SweepSetting:
+    omega: float
+    gamma: float
+
+    @property
+    def label(self) -> str:
+        return f"ω={self.omega:g} γ={self.gamma:g}"
+
+
+@dataclass
+class SettingRow:
+    """A setting's numbers over some classes' images."""
+
+    setting: SweepSetting
+    images: int
+    intended_share: float
+    mean_criterion: float
+    density: float
+    coverage: float
+
+    def as_dict(self) -> dict:
+        row = asdict(self)
+        row.update(omega=self.setting.omega, gamma=self.setting.gamma)
+        del row["setting"]
+        return row
+
+
+def _baseline_share(rows: list[SettingRow], gamma: float) -> float:
+    same_gamma = [r for r in rows if r.setting.gamma == gamma and r.setting.omega == 0]
+    if same_gamma:
+        return same_gamma[0].intended_share
+    return max(r.intended_share for r in rows)
+
+
+def suggest_setting(rows: list[SettingRow], tolerance: float = SHARE_TOLERANCE) -> tuple[SettingRow, str]:
+    """The rule of the module docstring: the suggested row and one sentence saying why."""
+    if not rows:
+        raise ValueError("no settings to choose from")
+    passing = [r for r in rows if r.intended_share >= _baseline_share(rows, r.setting.gamma) - tolerance]
+    finite = [r for r in passing if not math.isnan(r.mean_criterion)] or passing
+    best = max(finite, key=lambda r: (r.mean_criterion, -r.setting.omega))
+    baseline = _baseline_share(rows, best.setting.gamma)
+    reason = (
+        f"{best.setting.label}: the highest mean criterion ({best.mean_criterion:.3f}) among the {len(passing)} "
+        f"settings whose intended-class share is within {tolerance:.2f} of the baseline's {baseline:.2f} "
+        f"(this one: {best.intended_share:.2f})"
+    )
+    return best, reason
+
+
+# ---------------------------------------------------------------- running a sweep against the service
+GRID_LABEL_WIDTH = 92
+
+
+@dataclass
+class ClassSweep:
+    """One class's images per setting: paths, the worker's criterion values and predicted classes."""
+
+    class_index: int
+    class_name: str
+    conditioning: Path
+    images: dict[SweepSetting, list[Path]]
+    criterion_values: dict[SweepSetting, list[float]]
+    predicted: dict[SweepSetting, list[int]]
+
+
+def parse_floats(text: str, name: str) -> list[float]:
+    """'0,0.01,0.03' -> [0.0, 0.01, 0.03]; a ValueError names the option."""
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"--{name} needs at least one value")
+    return values
+
+
+def resolve_classes(text: str, class_names: list[str]) -> list[int]:
+    """Class names or indices, comma-separated, to indices; a ValueError names what is unknown."""
+    indices = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        if item in class_names:
+            indices.append(class_names.index(item))
+        elif item.isdigit() and int(item) < len(class_names):
+            indices.append(int(item))
+        else:
+            raise ValueError(f"--classes: {item!r} is neither a class name nor an index of this dataset")
+    if not indices:
+        raise ValueError("--classes needs at least one class")
+    return indices
+
+
+def run_sweep(client, scanned, classes: list[int], settings: list[SweepSetting], base, *, num_seeds: int, seed: int,
+              classifier_id: str, out: Path) -> list[ClassSweep]:
+    """Generate `num_seeds` images per class and setting (the same seeds in every setting, as the paper's grids),
+    each conditioned on one real image of the class picked with `seed`; images go to out/<class>/<setting>/."""
+    import random
+
+    from fgs_common.wire import GenerateRequest, JobState
+
+    rng = random.Random(seed)
+    sweeps, jobs = [], []
+    for class_index in classes:
+        real = [im for im in scanned.images if im.class_index == class_index]
+        if not real:
+            raise ValueError(f"class {scanned.class_names[class_index]!r} has no real image to condition on")
+        pick = rng.choice(real)
+        uploaded = client.upload_image(Path(pick.path).read_bytes(), Path(pick.path).name)
+        sweep = ClassSweep(class_index, scanned.class_names[class_index], Path(pick.path), {}, {}, {})
+        sweeps.append(sweep)
+        for setting in settings:
+            params = base.model_copy(update={"omega": setting.omega, "gamma": setting.gamma})
+            request = GenerateRequest(
+                **params.model_dump(), prompt=scanned.prompt(class_index, pick.group), class_index=class_index,
+                conditioning_image_ids=[uploaded.id], num_images=num_seeds, seed=seed, classifier_id=classifier_id,
+            )
+            jobs.append((sweep, setting, request))
+    accepted = client.submit_batch([request for _, _, request in jobs])
+    for (sweep, setting, _), job_id in zip(jobs, accepted.job_ids):
+        job = client.wait(job_id)
+        if job.state is not JobState.finished:
+            message = job.error.message if job.error else job.state.value
+            raise RuntimeError(f"{sweep.class_name} {setting.label}: job {job_id} {job.state.value}: {message}")
+        folder = out / _slug(sweep.class_name) / _slug(setting.label)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for result in job.results:
+            path = folder / f"seed_{result.seed}.png"
+            path.write_bytes(client.image_bytes(result.image_id))
+            paths.append(path)
+        sweep.images[setting] = paths
+        sweep.criterion_values[setting] = [r.criterion_value for r in job.results if r.criterion_value is not None]
+        sweep.predicted[setting] = [r.predicted_class for r in job.results if r.predicted_class is not None]
+    return sweeps
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in text)
+
+
+def write_grid(sweep: ClassSweep, settings: list[SweepSetting], dest: Path, size: int = 96) -> Path:
+    """The paper's Figure 12-14 layout: a row per setting (ω growing downwards), a column per seed, the real
+    conditioning image in the first column of every row."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    columns = max(len(paths) for paths in sweep.images.values())
+    header = 16
+    grid = Image.new("RGB", (GRID_LABEL_WIDTH + (columns + 1) * size + 8, header + len(settings) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((GRID_LABEL_WIDTH, 2), f"{sweep.class_name}: real | seeds", fill="black")
+    with Image.open(sweep.conditioning) as real_image:
+        real = ImageOps.pad(real_image.convert("RGB"), (size, size), color=(32, 32, 32))
+    for row, setting in enumerate(settings):
+        top = header + row * size
+        draw.text((4, top + size // 2 - 6), setting.label, fill="black")
+        grid.paste(real, (GRID_LABEL_WIDTH, top))
+        for column, path in enumerate(sweep.images.get(setting, [])):
+            with Image.open(path) as image:
+                grid.paste(ImageOps.pad(image.convert("RGB"), (size, size)), (GRID_LABEL_WIDTH + (column + 1) * size + 8, top))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(dest)
+    return dest
+
+
+def setting_rows(sweeps: list[ClassSweep], settings: list[SweepSetting], real_embeddings: dict[int, "object"],
+                 embed) -> tuple[list[SettingRow], dict[str, list[SettingRow]]]:
+    """Pooled rows (the mean over classes) and per-class rows. `embed(paths)` gives a numpy [N, k] array;
+    real_embeddings[c] the class's real images in the same space."""
+    from fgs_client.set_metrics import density_coverage
+
+    per_class: dict[str, list[SettingRow]] = {}
+    for sweep in sweeps:
+        rows = []
+        for setting in settings:
+            paths = sweep.images.get(setting, [])
+            predicted, values = sweep.predicted.get(setting, []), sweep.criterion_values.get(setting, [])
+            density, coverage = density_coverage(real_embeddings[sweep.class_index], embed(paths)) if paths else (math.nan, math.nan)
+            rows.append(SettingRow(
+                setting, len(paths),
+                sum(p == sweep.class_index for p in predicted) / len(predicted) if predicted else math.nan,
+                sum(values) / len(values) if values else math.nan, density, coverage,
+            ))
+        per_class[sweep.class_name] = rows
+    pooled = []
+    for index, setting in enumerate(settings):
+        rows = [rows[index] for rows in per_class.values()]
+
+        def mean(field: str) -> float:
+            values = [getattr(r, field) for r in rows if not math.isnan(getattr(r, field))]
+            return sum(values) / len(values) if values else math.nan
+
+        pooled.append(SettingRow(setting, sum(r.images for r in rows), mean("intended_share"), mean("mean_criterion"),
+                                 mean("density"), mean("coverage")))
+    return pooled, per_class
+
+
+def sweep_markdown(pooled: list[SettingRow], per_class: dict[str, list[SettingRow]], suggestion: tuple[SettingRow, str],
+                   criterion: str, grids: list[Path]) -> str:
+    """The sweep's table per setting (pooled, then per class) and its suggestion, as markdown."""
+    header = ["| setting | images | intended-class share | mean " + criterion + " | density | coverage |",
+              "|---|---:|---:|---:|---:|---:|"]
+
+    def lines(rows: list[SettingRow]) -> list[str]:
+        return [f"| {r.setting.label} | {r.images} | {r.intended_share:.2f} | {r.mean_criterion:.3f} | {r.density:.2f} | "
+                f"{r.coverage:.2f} |" for r in rows]
+
+    text = ["# Pilot sweep", "", "All classes (mean over classes):", "", *header, *lines(pooled), ""]
+    for name, rows in per_class.items():
+        text += [f"Class {name}:", "", *header, *lines(rows), ""]
+    text += [f"Suggested: **{suggestion[0].setting.label}**. Rule ({__name__}.suggest_setting): {suggestion[1]}.", "",
+             "Density and coverage: against the class's real images in the classifier's embedding space. Grids: "
+             + ", ".join(f"`{g.name}`" for g in grids) + "."]
+    return "\n".join(text) + "\n"

@@ -1,0 +1,89 @@
+"""`fgs-client sweep` end to end on fgs-digits (a small sweep), and the suggestion rule on rows made by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+from PIL import Image
+
+from fgs_client.pilot_sweep import (
+    GRID_LABEL_WIDTH, SettingRow, SweepSetting, parse_floats, resolve_classes, suggest_setting,
+)
+
+
+def row(omega: float, share: float, criterion: float, gamma: float = 3.0) -> SettingRow:
+    return SettingRow(SweepSetting(omega, gamma), 8, share, criterion, 1.0, 0.5)
+
+
+def test_rule_picks_the_hardest_setting_that_keeps_the_class():
+    rows = [row(0, 0.95, 0.10), row(0.03, 0.90, 0.30), row(0.1, 0.86, 0.60), row(0.3, 0.50, 1.20)]
+    pick, reason = suggest_setting(rows)
+    assert pick.setting.omega == 0.1  # 0.86 >= 0.95 - 0.10; 0.3 loses the class (0.50)
+    assert "ω=0.1" in reason and "0.95" in reason
+
+
+def test_rule_falls_back_to_no_feedback_when_every_omega_loses_the_class():
+    pick, _ = suggest_setting([row(0, 0.9, 0.1), row(0.1, 0.5, 0.9), row(0.3, 0.2, 1.5)])
+    assert pick.setting.omega == 0
+
+
+def test_rule_compares_each_gamma_with_its_own_baseline():
+    rows = [row(0, 0.95, 0.1, gamma=5), row(0.1, 0.90, 0.5, gamma=5), row(0, 0.60, 0.3, gamma=1), row(0.1, 0.55, 0.8, gamma=1)]
+    pick, _ = suggest_setting(rows)
+    assert (pick.setting.omega, pick.setting.gamma) == (0.1, 1)  # 0.55 is within 0.10 of γ=1's own 0.60
+
+
+def test_sweep_options_are_checked_by_name():
+    assert parse_floats("0, 0.01,0.3", "omega") == [0.0, 0.01, 0.3]
+    with pytest.raises(ValueError, match="--omega"):
+        parse_floats("0,a", "omega")
+    assert resolve_classes("nine,7", ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]) == [9, 7]
+    with pytest.raises(ValueError, match="'ten'"):
+        resolve_classes("ten", ["zero", "one"])
+
+
+@pytest.fixture(scope="module")
+def digits_classifier(tmp_path_factory):
+    """Digits-LT and a briefly trained SmallCNN (returns logits and embedding) exported as the team's classifier."""
+    from fgs_client.digits_lt import build_digits_lt
+    from fgs_lab.digits_classifier import TrainConfig, export_digits_classifier, load_split, train_small_cnn
+
+    work = tmp_path_factory.mktemp("sweep")
+    root = build_digits_lt(work / "digits-lt")
+    model = train_small_cnn(load_split(root, "train"), "balanced_softmax", 0, TrainConfig(steps=40))
+    archive, spec = export_digits_classifier(model, work / "classifier")
+    return root, archive, spec
+
+
+def test_sweep_end_to_end_on_fgs_digits(redis_server, digits_classifier, tmp_path):
+    from fgs_lab.embedded_stack import run_client, start_embedded_stack
+
+    root, archive, spec = digits_classifier
+    out = tmp_path / "sweep"
+    with start_embedded_stack(tmp_path / "stack", "fgs-digits", redis_url=redis_server) as stack:
+        output = run_client(stack, "sweep", "--dataset", "digits-lt", "--root", str(root), "--classes", "seven,nine",
+                            "--criterion", "entropy", "--omega", "0,0.3", "--seeds", "3", "--steps", "6",
+                            "--guidance-every", "2", "--classifier", str(archive), "--classifier-spec", str(spec),
+                            "--out", str(out), "--size", "32", capture=True)
+        with pytest.raises(subprocess.CalledProcessError) as refused:  # no criterion: nothing to sweep
+            run_client(stack, "sweep", "--dataset", "digits-lt", "--root", str(root), "--classes", "seven",
+                       "--classifier", str(archive), "--classifier-spec", str(spec), "--out", str(out), capture=True)
+    assert refused.value.returncode == 2 and "--criterion" in refused.value.output
+    assert "suggested:" in output
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [(s["omega"], s["images"]) for s in summary["settings"]] == [(0.0, 6), (0.3, 6)]
+    for setting in summary["settings"]:
+        assert 0.0 <= setting["intended_share"] <= 1.0
+        assert 0.0 <= setting["mean_criterion"] <= math.log(10) + 1e-6  # an entropy over 10 classes
+        assert setting["coverage"] >= 0.0
+    assert summary["suggested"]["omega"] in (0.0, 0.3) and summary["reason"]
+    assert set(summary["per_class"]) == {"seven", "nine"}
+    for name in ("0007_seven", "0009_nine"):
+        with Image.open(out / f"grid_{name}.png") as grid:
+            # two rows (ω = 0, 0.3), the real image then three seeds per row
+            assert grid.size == (GRID_LABEL_WIDTH + 4 * 32 + 8, 16 + 2 * 32)
+    assert len(list((out / "images" / "seven").glob("*/seed_*.png"))) == 6
+    assert "| ω=0.3 γ=" in (out / "sweep.md").read_text()
