@@ -120,7 +120,9 @@ def balance(
         target_value = parse_target(target)
         if counts is not None:
             if not dry_run:
-                raise fail("--counts plans from counts only: add --dry-run (a real balance needs --root)", EXIT_BAD_INPUT)
+                raise fail(
+                    "--counts plans from counts only: add --dry-run (a real balance needs --root)", EXIT_BAD_INPUT
+                )
             if str(counts) == "builtin" and dataset is DatasetName.nicopp:
                 print_nicopp_groups(target_value)
                 print_generation(choice, target)
@@ -181,7 +183,8 @@ def print_generation(choice: GenerationChoice, target: str, console: Console = o
     for name, value in choice.params.model_dump(mode="json").items():
         table.add_row(name, str(value), choice.source(name))
     if choice.preset is not None:
-        source = "--target (given)" if "target" in choice.explicit else f"preset {choice.preset.name}: {choice.preset.target.source}"
+        given = "target" in choice.explicit
+        source = "--target (given)" if given else f"preset {choice.preset.name}: {choice.preset.target.source}"
         table.add_row("target", target, source)
     console.print(table)
     for note in choice.preset.notes if choice.preset else ():
@@ -195,7 +198,9 @@ def print_nicopp_groups(target: str | int | dict, console: Console = out_console
     """The packaged NICO++ class x context list at a per-group target: its total after balancing, and what the
     paper's training set (App. J.2) would need added. Per-group counts need the dataset (--root)."""
     if not isinstance(target, int):
-        raise PlanError("--counts builtin for nico++ plans a number per group (e.g. --target 811 or --preset paper-nicopp)")
+        raise PlanError(
+            "--counts builtin for nico++ plans a number per group (e.g. --target 811 or --preset paper-nicopp)"
+        )
     classes, contexts = packaged_lines("nicopp_classes.txt"), packaged_lines("nicopp_contexts.txt")
     groups = len(classes) * len(contexts)
     total = groups * target
@@ -345,14 +350,24 @@ def sweep(
     dataset: Annotated[DatasetName, typer.Option("--dataset", help="layout of the data on disk")],
     root: Annotated[Path, typer.Option("--root", help="the dataset root")],
     classes: Annotated[str, typer.Option("--classes", help="comma-separated class names or indices (a few rare ones)")],
-    classifier: Annotated[Path, typer.Option("--classifier", help="the team's classifier archive (returns logits, embedding)")],
+    classifier: Annotated[
+        Path, typer.Option("--classifier", help="the team's classifier archive (returns logits, embedding)")
+    ],
     classifier_spec: Annotated[Path, typer.Option("--classifier-spec", help="its ClassifierSpec JSON")],
     out: Annotated[Path, typer.Option("--out", help="folder for the images, grids and tables")],
-    omega: Annotated[str, typer.Option("--omega", help="feedback scales ω to try, comma-separated")] = "0,0.01,0.03,0.1,0.3",
-    gamma: Annotated[Optional[str], typer.Option("--gamma", help="guidance scales γ to try (default: the preset's or the default)")] = None,
-    seeds: Annotated[int, typer.Option("--seeds", min=1, max=64, help="images per class and setting (the same seeds in every setting)")] = 4,
+    omega: Annotated[
+        str, typer.Option("--omega", help="feedback scales ω to try, comma-separated")
+    ] = "0,0.01,0.03,0.1,0.3",
+    gamma: Annotated[
+        Optional[str], typer.Option("--gamma", help="guidance scales γ to try (default: the preset's or the default)")
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, max=64, help="images per class and setting (the same seeds in each)")
+    ] = 4,
     seed: Annotated[int, typer.Option("--seed", help="first generation seed; also picks the conditioning image")] = 0,
-    hardness_stats: Annotated[Optional[Path], typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")] = None,
+    hardness_stats: Annotated[
+        Optional[Path], typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")
+    ] = None,
     size: Annotated[int, typer.Option("--size", help="grid thumbnail side in pixels")] = 96,
     split_file: Annotated[Optional[Path], typer.Option("--split-file")] = None,
     class_names: Annotated[Optional[Path], typer.Option("--class-names")] = None,
@@ -382,10 +397,14 @@ def sweep(
         settings = [pilot_sweep.SweepSetting(w, g) for g in gammas for w in sorted(omegas)]
         for setting in settings:  # each setting must be a valid generation before anything is uploaded
             GenerationParams.model_validate(generation.model_dump() | {"omega": setting.omega, "gamma": setting.gamma})
-        scanned = read_dataset(dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups)
+        scanned = read_dataset(
+            dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups
+        )
         chosen = pilot_sweep.resolve_classes(classes, scanned.class_names)
         if len(scanned.class_names) != parsed.num_classes:
-            raise ValueError(f"the dataset has {len(scanned.class_names)} classes, the classifier spec {parsed.num_classes}")
+            raise ValueError(
+                f"the dataset has {len(scanned.class_names)} classes, the classifier spec {parsed.num_classes}"
+            )
         model = load_classifier_archive(classifier, parsed)
     except (DatasetError, ValueError) as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
@@ -405,7 +424,9 @@ def sweep(
     real = {c: embed([im.path for im in scanned.images if im.class_index == c][:500]) for c in chosen}
     pooled, per_class = pilot_sweep.setting_rows(sweeps, settings, real, embed)
     suggestion = pilot_sweep.suggest_setting(pooled)
-    grids = [pilot_sweep.write_grid(s, settings, out / f"grid_{s.class_index:04d}_{s.class_name}.png", size) for s in sweeps]
+    grids = [
+        pilot_sweep.write_grid(s, settings, out / f"grid_{s.class_index:04d}_{s.class_name}.png", size) for s in sweeps
+    ]
     criterion = generation.criterion.value
     (out / "sweep.md").write_text(pilot_sweep.sweep_markdown(pooled, per_class, suggestion, criterion, grids))
     (out / "sweep.json").write_text(json.dumps({

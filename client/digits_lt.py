@@ -13,7 +13,8 @@
 
 Every digit lands in exactly one part, so validation + test are all real digits that are neither generator
 nor train digits (the 80 held out per class, as before the validation split existed: the generator split, and
-so the embedded model, did not change). Shot groups, scaled from ImageNet-LT's (Many > 100, Medium 20-100, Few < 20 of at most 1280
+so the embedded model, did not change).
+Shot groups, scaled from ImageNet-LT's (Many > 100, Medium 20-100, Few < 20 of at most 1280
 images per class) to a largest class of 60: **Many** > 20 train images (zero, one, two), **Medium** 6-20
 (three .. six), **Few** < 6 (seven, eight, nine).
 

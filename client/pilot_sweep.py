@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 SHARE_TOLERANCE = 0.10
 
@@ -29,6 +30,11 @@ class SweepSetting:
     @property
     def label(self) -> str:
         return f"ω={self.omega:g} γ={self.gamma:g}"
+
+    @property
+    def ascii_label(self) -> str:
+        """For PIL's default font, which has no Greek letters."""
+        return f"omega={self.omega:g} gamma={self.gamma:g}"
 
 
 @dataclass
@@ -73,7 +79,7 @@ def suggest_setting(rows: list[SettingRow], tolerance: float = SHARE_TOLERANCE) 
 
 
 # ---------------------------------------------------------------- running a sweep against the service
-GRID_LABEL_WIDTH = 92
+GRID_LABEL_WIDTH = 120
 
 
 @dataclass
@@ -114,8 +120,18 @@ def resolve_classes(text: str, class_names: list[str]) -> list[int]:
     return indices
 
 
-def run_sweep(client, scanned, classes: list[int], settings: list[SweepSetting], base, *, num_seeds: int, seed: int,
-              classifier_id: str, out: Path) -> list[ClassSweep]:
+def run_sweep(
+    client,
+    scanned,
+    classes: list[int],
+    settings: list[SweepSetting],
+    base,
+    *,
+    num_seeds: int,
+    seed: int,
+    classifier_id: str,
+    out: Path,
+) -> list[ClassSweep]:
     """Generate `num_seeds` images per class and setting (the same seeds in every setting, as the paper's grids),
     each conditioned on one real image of the class picked with `seed`; images go to out/<class>/<setting>/."""
     import random
@@ -135,8 +151,13 @@ def run_sweep(client, scanned, classes: list[int], settings: list[SweepSetting],
         for setting in settings:
             params = base.model_copy(update={"omega": setting.omega, "gamma": setting.gamma})
             request = GenerateRequest(
-                **params.model_dump(), prompt=scanned.prompt(class_index, pick.group), class_index=class_index,
-                conditioning_image_ids=[uploaded.id], num_images=num_seeds, seed=seed, classifier_id=classifier_id,
+                **params.model_dump(),
+                prompt=scanned.prompt(class_index, pick.group),
+                class_index=class_index,
+                conditioning_image_ids=[uploaded.id],
+                num_images=num_seeds,
+                seed=seed,
+                classifier_id=classifier_id,
             )
             jobs.append((sweep, setting, request))
     accepted = client.submit_batch([request for _, _, request in jobs])
@@ -145,7 +166,7 @@ def run_sweep(client, scanned, classes: list[int], settings: list[SweepSetting],
         if job.state is not JobState.finished:
             message = job.error.message if job.error else job.state.value
             raise RuntimeError(f"{sweep.class_name} {setting.label}: job {job_id} {job.state.value}: {message}")
-        folder = out / _slug(sweep.class_name) / _slug(setting.label)
+        folder = out / _slug(sweep.class_name) / _slug(setting.ascii_label)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for result in job.results:
@@ -176,18 +197,21 @@ def write_grid(sweep: ClassSweep, settings: list[SweepSetting], dest: Path, size
         real = ImageOps.pad(real_image.convert("RGB"), (size, size), color=(32, 32, 32))
     for row, setting in enumerate(settings):
         top = header + row * size
-        draw.text((4, top + size // 2 - 6), setting.label, fill="black")
+        draw.text((4, top + size // 2 - 6), setting.ascii_label, fill="black")
         grid.paste(real, (GRID_LABEL_WIDTH, top))
         for column, path in enumerate(sweep.images.get(setting, [])):
             with Image.open(path) as image:
-                grid.paste(ImageOps.pad(image.convert("RGB"), (size, size)), (GRID_LABEL_WIDTH + (column + 1) * size + 8, top))
+                grid.paste(
+                    ImageOps.pad(image.convert("RGB"), (size, size)), (GRID_LABEL_WIDTH + (column + 1) * size + 8, top)
+                )
     dest.parent.mkdir(parents=True, exist_ok=True)
     grid.save(dest)
     return dest
 
 
-def setting_rows(sweeps: list[ClassSweep], settings: list[SweepSetting], real_embeddings: dict[int, "object"],
-                 embed) -> tuple[list[SettingRow], dict[str, list[SettingRow]]]:
+def setting_rows(
+    sweeps: list[ClassSweep], settings: list[SweepSetting], real_embeddings: dict[int, "object"], embed
+) -> tuple[list[SettingRow], dict[str, list[SettingRow]]]:
     """Pooled rows (the mean over classes) and per-class rows. `embed(paths)` gives a numpy [N, k] array;
     real_embeddings[c] the class's real images in the same space."""
     from fgs_client.set_metrics import density_coverage
@@ -198,12 +222,19 @@ def setting_rows(sweeps: list[ClassSweep], settings: list[SweepSetting], real_em
         for setting in settings:
             paths = sweep.images.get(setting, [])
             predicted, values = sweep.predicted.get(setting, []), sweep.criterion_values.get(setting, [])
-            density, coverage = density_coverage(real_embeddings[sweep.class_index], embed(paths)) if paths else (math.nan, math.nan)
-            rows.append(SettingRow(
-                setting, len(paths),
-                sum(p == sweep.class_index for p in predicted) / len(predicted) if predicted else math.nan,
-                sum(values) / len(values) if values else math.nan, density, coverage,
-            ))
+            density, coverage = (
+                density_coverage(real_embeddings[sweep.class_index], embed(paths)) if paths else (math.nan, math.nan)
+            )
+            rows.append(
+                SettingRow(
+                    setting,
+                    len(paths),
+                    sum(p == sweep.class_index for p in predicted) / len(predicted) if predicted else math.nan,
+                    sum(values) / len(values) if values else math.nan,
+                    density,
+                    coverage,
+                )
+            )
         per_class[sweep.class_name] = rows
     pooled = []
     for index, setting in enumerate(settings):
@@ -213,25 +244,47 @@ def setting_rows(sweeps: list[ClassSweep], settings: list[SweepSetting], real_em
             values = [getattr(r, field) for r in rows if not math.isnan(getattr(r, field))]
             return sum(values) / len(values) if values else math.nan
 
-        pooled.append(SettingRow(setting, sum(r.images for r in rows), mean("intended_share"), mean("mean_criterion"),
-                                 mean("density"), mean("coverage")))
+        pooled.append(
+            SettingRow(
+                setting,
+                sum(r.images for r in rows),
+                mean("intended_share"),
+                mean("mean_criterion"),
+                mean("density"),
+                mean("coverage"),
+            )
+        )
     return pooled, per_class
 
 
-def sweep_markdown(pooled: list[SettingRow], per_class: dict[str, list[SettingRow]], suggestion: tuple[SettingRow, str],
-                   criterion: str, grids: list[Path]) -> str:
+def sweep_markdown(
+    pooled: list[SettingRow],
+    per_class: dict[str, list[SettingRow]],
+    suggestion: tuple[SettingRow, str],
+    criterion: str,
+    grids: list[Path],
+) -> str:
     """The sweep's table per setting (pooled, then per class) and its suggestion, as markdown."""
-    header = ["| setting | images | intended-class share | mean " + criterion + " | density | coverage |",
-              "|---|---:|---:|---:|---:|---:|"]
+    header = [
+        "| setting | images | intended-class share | mean " + criterion + " | density | coverage |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
 
     def lines(rows: list[SettingRow]) -> list[str]:
-        return [f"| {r.setting.label} | {r.images} | {r.intended_share:.2f} | {r.mean_criterion:.3f} | {r.density:.2f} | "
-                f"{r.coverage:.2f} |" for r in rows]
+        return [
+            f"| {r.setting.label} | {r.images} | {r.intended_share:.2f} | {r.mean_criterion:.3f} | {r.density:.2f} | "
+            f"{r.coverage:.2f} |"
+            for r in rows
+        ]
 
     text = ["# Pilot sweep", "", "All classes (mean over classes):", "", *header, *lines(pooled), ""]
     for name, rows in per_class.items():
         text += [f"Class {name}:", "", *header, *lines(rows), ""]
-    text += [f"Suggested: **{suggestion[0].setting.label}**. Rule ({__name__}.suggest_setting): {suggestion[1]}.", "",
-             "Density and coverage: against the class's real images in the classifier's embedding space. Grids: "
-             + ", ".join(f"`{g.name}`" for g in grids) + "."]
+    text += [
+        f"Suggested: **{suggestion[0].setting.label}**. Rule ({__name__}.suggest_setting): {suggestion[1]}.",
+        "",
+        "Density and coverage: against the class's real images in the classifier's embedding space. Grids: "
+        + ", ".join(f"`{g.name}`" for g in grids)
+        + ".",
+    ]
     return "\n".join(text) + "\n"

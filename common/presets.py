@@ -47,7 +47,11 @@ class PresetList(BaseModel):
 # Our Digits-LT validation choice (bench/digits_lt.json "selection"; tests/test_presets.py checks they agree).
 DIGITS_VALIDATION = "our Digits-LT validation selection (bench/digits_lt.md, bench/digits_lt.json)"
 DIGITS_CHOICE: dict[str, Any] = {
-    "criterion": "entropy", "omega": 0.03, "gamma": 3.0, "dropout_p": 0.5, "dropout_scaling": "inverted",
+    "criterion": "entropy",
+    "omega": 0.03,
+    "gamma": 3.0,
+    "dropout_p": 0.5,
+    "dropout_scaling": "inverted",
     "feedback_input": "x0",
 }
 
@@ -64,7 +68,9 @@ _PAPER_SAMPLING = {
     ),
     "gamma": PresetValue(value=5.0, source=f"{RELEASED} generate_csvs_offline.py (cfg_scale=5); the paper gives none"),
     "steps": PresetValue(
-        value=30, source=f"paper App. G and J ('30 steps of reverse diffusion'); {RELEASED} utils_gen.py (num_inference_steps=30)"
+        value=30,
+        source=f"paper App. G and J ('30 steps of reverse diffusion'); {RELEASED} utils_gen.py "
+        "(num_inference_steps=30)",
     ),
     "guidance_every": PresetValue(
         value=5, source=f"paper App. G and J ('every 5 steps'); {RELEASED} utils_gen.py (guidance_freq=5)"
@@ -97,7 +103,8 @@ PRESETS: dict[str, Preset] = {
             dataset="imagenet-lt",
             target=PresetValue(
                 value=1300,
-                source=f"paper App. J.1 ('1,300 examples per class'); {RELEASED} generate_csvs_offline.py (max_count=1300)",
+                source=f"paper App. J.1 ('1,300 examples per class'); {RELEASED} generate_csvs_offline.py "
+                "(max_count=1300)",
             ),
             params=_PAPER_SAMPLING,
             notes=["The paper samples in float16 (App. G); fgs samples in the worker's dtype."],

@@ -1,7 +1,8 @@
 """The wire format of fgs API v1: the one definition, imported by service, worker and client.
 
-Pulls in neither torch nor FastAPI. Defaults follow the paper (Askari-Hemmat et al., TMLR 2024, App. G/J):
-30 DDIM steps, feedback every 5 steps.
+Pulls in neither torch nor FastAPI. Every default of GenerationParams says where it comes from: the paper
+(Askari-Hemmat et al., TMLR 2024), its released code (github.com/facebookresearch/Feedback-guided-Data-Synthesis),
+or our Digits-LT validation run (bench/digits_lt.md). Named settings with a source per value: presets.py.
 """
 
 from __future__ import annotations
@@ -93,18 +94,20 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
 
+    # Default none: feedback needs the team's classifier, which a first request may not have. With a criterion,
+    # the released code's ω is 0.03 (generate_csvs_offline.py; preset paper-imagenet-lt).
     criterion: Criterion = Field(
         Criterion.none, description="feedback criterion C (paper section 2.1.1); 'none' samples without feedback"
     )
     omega: float = Field(
         0.0, ge=0.0, le=MAX_GUIDANCE_SCALE, description="feedback scale ω of Eq. 1 (relative to the latents' norm)"
     )
-    # γ = 3.0 is our choice, not the paper's (its released code uses 5); issue 13 revisits it with provenance.
-    gamma: float = Field(3.0, ge=0.0, le=MAX_GUIDANCE_SCALE, description="classifier-free guidance scale γ (Eq. 12)")
+    # Released code, generate_csvs_offline.py (cfg_scale=5); the paper states no γ.
+    gamma: float = Field(5.0, ge=0.0, le=MAX_GUIDANCE_SCALE, description="classifier-free guidance scale γ (Eq. 12)")
     dropout_p: float = Field(
         0.0, ge=0.0, le=1.0, description="dropout probability p on the image embedding (paper section 2.3)"
     )
-    # Paper App. G / J: 30 DDIM steps, feedback every 5th step.
+    # Paper App. G / J and the released utils_gen.py: 30 DDIM steps, feedback every 5th step.
     steps: int = Field(30, ge=1, le=999, description="DDIM denoising steps")
     guidance_every: int = Field(5, ge=1, le=1000, description="apply the feedback every k-th denoising step")
     width: int | None = Field(
@@ -113,11 +116,14 @@ class GenerationParams(BaseModel):
     height: int | None = Field(
         None, ge=8, le=2048, multiple_of=8, description="image height in pixels (default: the model's native size)"
     )
+    # diffusers' StableUnCLIPImg2ImgPipeline default (noise_level=0): the embedding of the real image as it is.
     noise_level: int = Field(0, ge=0, le=999, description="unCLIP noise augmentation of the image embedding")
+    # Released fg_pipe.py cond_fn back-propagates through the UNet.
     gradient_path: GradientPath = Field(
         GradientPath.unet,
         description="how dC/dz_t is taken: through the UNet, or with the noise prediction held constant",
     )
+    # Released fg_pipe.py process_image decodes at full size.
     feedback_resolution: FeedbackResolution = Field(
         FeedbackResolution.full,
         description="decode the predicted x0 at full size, or straight at the classifier's input size",

@@ -37,7 +37,9 @@ def test_digits_lt_quick_writes_report_and_grids(redis_server, tmp_path):
     log = result.stdout
     assert log.index("selection written before test is read") < log.index("budget 25%")
     assert text.index("## Selection") < text.index("## Test")
-    comparison = re.findall(r"^\| \*\*best guided − best plain\*\* \(pre-declared\) \| ([+-]\d+\.\d) ± (\d+\.\d) \|", text, flags=re.M)
+    comparison = re.findall(
+        r"^\| \*\*best guided − best plain\*\* \(pre-declared\) \| ([+-]\d+\.\d) ± (\d+\.\d) \|", text, flags=re.M
+    )
     assert comparison, text
     assert "Verdict on the pre-declared comparison:" in text
     real = re.findall(r"\| real only \(Balanced Softmax\) \| (\d+\.\d) ± \d+\.\d \|", text)

@@ -299,7 +299,8 @@ def test_released_feedback_input_equals_a_hand_written_reference():
     rng = np.random.default_rng(0)
     x0_hat, z_t = rng.normal(size=(2, 4, 3, 3)), rng.normal(size=(2, 4, 3, 3))
     for alpha_t in (0.02, 0.5, 0.97):
-        blended = released_feedback_latents(torch.from_numpy(x0_hat), torch.from_numpy(z_t), torch.tensor(alpha_t, dtype=torch.float64))
+        alpha = torch.tensor(alpha_t, dtype=torch.float64)
+        blended = released_feedback_latents(torch.from_numpy(x0_hat), torch.from_numpy(z_t), alpha)
         np.testing.assert_allclose(blended.numpy(), released_reference(x0_hat, z_t, alpha_t), rtol=1e-12)
     pixels = rng.normal(size=(2, 3, 4, 4)) * np.array([1.0, 5.0])[:, None, None, None]
     stretched = min_max_stretch(torch.from_numpy(pixels))
@@ -348,7 +349,9 @@ def test_dropout_scaling_zero_only_drops_units():
 
 
 def test_released_feedback_input_and_zero_scaling_change_the_sampled_images(sampler, classifier):
-    common = dict(conditioning_images=random_images(1), seeds=[5], criterion="entropy", omega=0.5, classifier=classifier)
+    common = dict(
+        conditioning_images=random_images(1), seeds=[5], criterion="entropy", omega=0.5, classifier=classifier
+    )
     x0 = run(sampler, feedback_input="x0", **common).pixels
     released = run(sampler, feedback_input="released", **common).pixels
     assert (x0 - released).abs().max() > 1e-3

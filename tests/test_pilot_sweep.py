@@ -10,7 +10,12 @@ import pytest
 from PIL import Image
 
 from fgs_client.pilot_sweep import (
-    GRID_LABEL_WIDTH, SettingRow, SweepSetting, parse_floats, resolve_classes, suggest_setting,
+    GRID_LABEL_WIDTH,
+    SettingRow,
+    SweepSetting,
+    parse_floats,
+    resolve_classes,
+    suggest_setting,
 )
 
 
@@ -31,7 +36,12 @@ def test_rule_falls_back_to_no_feedback_when_every_omega_loses_the_class():
 
 
 def test_rule_compares_each_gamma_with_its_own_baseline():
-    rows = [row(0, 0.95, 0.1, gamma=5), row(0.1, 0.90, 0.5, gamma=5), row(0, 0.60, 0.3, gamma=1), row(0.1, 0.55, 0.8, gamma=1)]
+    rows = [
+        row(0, 0.95, 0.1, gamma=5),
+        row(0.1, 0.90, 0.5, gamma=5),
+        row(0, 0.60, 0.3, gamma=1),
+        row(0.1, 0.55, 0.8, gamma=1),
+    ]
     pick, _ = suggest_setting(rows)
     assert (pick.setting.omega, pick.setting.gamma) == (0.1, 1)  # 0.55 is within 0.10 of γ=1's own 0.60
 
@@ -40,7 +50,9 @@ def test_sweep_options_are_checked_by_name():
     assert parse_floats("0, 0.01,0.3", "omega") == [0.0, 0.01, 0.3]
     with pytest.raises(ValueError, match="--omega"):
         parse_floats("0,a", "omega")
-    assert resolve_classes("nine,7", ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]) == [9, 7]
+    assert resolve_classes(
+        "nine,7", ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    ) == [9, 7]
     with pytest.raises(ValueError, match="'ten'"):
         resolve_classes("ten", ["zero", "one"])
 
@@ -64,13 +76,53 @@ def test_sweep_end_to_end_on_fgs_digits(redis_server, digits_classifier, tmp_pat
     root, archive, spec = digits_classifier
     out = tmp_path / "sweep"
     with start_embedded_stack(tmp_path / "stack", "fgs-digits", redis_url=redis_server) as stack:
-        output = run_client(stack, "sweep", "--dataset", "digits-lt", "--root", str(root), "--classes", "seven,nine",
-                            "--criterion", "entropy", "--omega", "0,0.3", "--seeds", "3", "--steps", "6",
-                            "--guidance-every", "2", "--classifier", str(archive), "--classifier-spec", str(spec),
-                            "--out", str(out), "--size", "32", capture=True)
+        output = run_client(
+            stack,
+            "sweep",
+            "--dataset",
+            "digits-lt",
+            "--root",
+            str(root),
+            "--classes",
+            "seven,nine",
+            "--criterion",
+            "entropy",
+            "--omega",
+            "0,0.3",
+            "--seeds",
+            "3",
+            "--steps",
+            "6",
+            "--guidance-every",
+            "2",
+            "--classifier",
+            str(archive),
+            "--classifier-spec",
+            str(spec),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            capture=True,
+        )
         with pytest.raises(subprocess.CalledProcessError) as refused:  # no criterion: nothing to sweep
-            run_client(stack, "sweep", "--dataset", "digits-lt", "--root", str(root), "--classes", "seven",
-                       "--classifier", str(archive), "--classifier-spec", str(spec), "--out", str(out), capture=True)
+            run_client(
+                stack,
+                "sweep",
+                "--dataset",
+                "digits-lt",
+                "--root",
+                str(root),
+                "--classes",
+                "seven",
+                "--classifier",
+                str(archive),
+                "--classifier-spec",
+                str(spec),
+                "--out",
+                str(out),
+                capture=True,
+            )
     assert refused.value.returncode == 2 and "--criterion" in refused.value.output
     assert "suggested:" in output
     summary = json.loads((out / "sweep.json").read_text())

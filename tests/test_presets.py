@@ -66,8 +66,9 @@ def test_digits_preset_is_the_setting_chosen_on_validation():
 
 
 def dry_run(*flags: str) -> str:
-    result = runner.invoke(app, ["balance", "--dataset", "imagenet-lt", "--counts", "builtin", "--dry-run", *flags],
-                           terminal_width=400)
+    result = runner.invoke(
+        app, ["balance", "--dataset", "imagenet-lt", "--counts", "builtin", "--dry-run", *flags], terminal_width=400
+    )
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -104,7 +105,12 @@ def test_an_explicit_flag_equal_to_the_default_still_overrides_the_preset():
     output = dry_run("--preset", "paper-imagenet-lt", "--steps", str(default + 5), "--guidance-every", "1")
     assert row(output, "steps") == (str(default + 5), "--steps (given)")
     # the default of feedback_input, given explicitly, wins over the preset's 'released'
-    output = dry_run("--preset", "paper-imagenet-lt", "--feedback-input", GenerationParams.model_fields["feedback_input"].default.value)
+    output = dry_run(
+        "--preset",
+        "paper-imagenet-lt",
+        "--feedback-input",
+        GenerationParams.model_fields["feedback_input"].default.value,
+    )
     assert row(output, "feedback_input")[1] == "--feedback-input (given)"
     assert row(output, "feedback_input")[0] != get_preset("paper-imagenet-lt").params["feedback_input"].value
 
@@ -125,19 +131,37 @@ def test_without_a_preset_the_defaults_apply():
 
 
 def test_an_unknown_preset_is_a_clear_error():
-    result = runner.invoke(app, ["balance", "--dataset", "imagenet-lt", "--counts", "builtin", "--dry-run", "--preset", "paper"])
+    result = runner.invoke(
+        app, ["balance", "--dataset", "imagenet-lt", "--counts", "builtin", "--dry-run", "--preset", "paper"]
+    )
     assert result.exit_code == 2 and "unknown preset 'paper'" in result.output and "paper-imagenet-lt" in result.output
 
 
 def test_an_override_that_breaks_the_preset_is_refused_by_name():
-    result = runner.invoke(app, ["balance", "--dataset", "imagenet-lt", "--counts", "builtin", "--dry-run",
-                                 "--preset", "paper-imagenet-lt", "--steps", "3"])
+    result = runner.invoke(
+        app,
+        [
+            "balance",
+            "--dataset",
+            "imagenet-lt",
+            "--counts",
+            "builtin",
+            "--dry-run",
+            "--preset",
+            "paper-imagenet-lt",
+            "--steps",
+            "3",
+        ],
+    )
     assert result.exit_code == 2 and "guidance_every" in result.output
 
 
 def test_nicopp_preset_dry_run_on_the_packaged_list_prints_its_total():
-    result = runner.invoke(app, ["balance", "--dataset", "nico++", "--counts", "builtin", "--dry-run", "--preset", "paper-nicopp"],
-                           terminal_width=400)
+    result = runner.invoke(
+        app,
+        ["balance", "--dataset", "nico++", "--counts", "builtin", "--dry-run", "--preset", "paper-nicopp"],
+        terminal_width=400,
+    )
     assert result.exit_code == 0, result.output
     assert "360 groups; 291,960 images after balancing every group to 811" in result.output
     assert "229,303 images to add" in result.output  # 291,960 - 62,657 (App. J.2): the paper's "229k" (Table 1)
