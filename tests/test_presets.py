@@ -167,12 +167,21 @@ def test_nicopp_preset_dry_run_on_the_packaged_list_prints_its_total():
     assert "229,303 images to add" in result.output  # 291,960 - 62,657 (App. J.2): the paper's "229k" (Table 1)
 
 
-def test_api_lists_the_same_presets(live_stack):
-    with live_stack.client() as client:
-        listed = client.get("/v1/presets").json()["presets"]
-        one = client.get("/v1/presets/paper-imagenet-lt").json()
-        missing = client.get("/v1/presets/nope")
+def test_api_lists_the_same_presets(redis_server, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from fgs_service.app import create_app
+    from support.service_settings import service_settings
+    from support.stack import TENANT_KEYS
+
+    headers = {"Authorization": f"Bearer {TENANT_KEYS['alpha']}"}
+    with TestClient(create_app(service_settings(redis_server, tmp_path / "data"))) as client:
+        listed = client.get("/v1/presets", headers=headers).json()["presets"]
+        one = client.get("/v1/presets/paper-imagenet-lt", headers=headers).json()
+        missing = client.get("/v1/presets/nope", headers=headers)
+        anonymous = client.get("/v1/presets")
     assert [p["name"] for p in listed] == list(PRESETS)
     assert listed[0] == json.loads(PRESETS[listed[0]["name"]].model_dump_json())
     assert one["params"]["gamma"]["value"] == 5.0 and "generate_csvs_offline.py" in one["params"]["gamma"]["source"]
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert anonymous.status_code == 401
