@@ -703,8 +703,11 @@ def main(
     grids: Path = typer.Option(BENCH / "digits_lt_grids", help="folder for the per-variant PNG grids"),
     redis_url: str = typer.Option(None, help="a Redis for the stack (default: what `fgs up` picks)"),
     workers: int = typer.Option(1, help="workers of the embedded stack"),
+    started_at: str = typer.Option(None, help="UTC 'YYYY-mm-dd HH:MM' the run began (a resumed run counts from there)"),
 ) -> None:
     started = time.time()
+    if started_at:
+        started = time.mktime(time.strptime(started_at + " UTC", "%Y-%m-%d %H:%M %Z")) - time.timezone
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the stack
     torch.set_num_threads(1)  # the stack's worker gets the other core
     if quick:
@@ -740,7 +743,8 @@ def main(
         stack = start_embedded_stack(experiment.work / "stack", args["model"], workers=workers, redis_url=redis_url)
     try:
         # Generation runs in a thread (the work happens in the stack's worker process) while this one trains.
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
             futures = {
                 v.name: [pool.submit(experiment.generate, stack, v, g, feedback) for g in experiment.generation_seeds]
                 for v in chosen
@@ -748,6 +752,8 @@ def main(
             }
             for v in chosen:
                 results[v.name] = experiment.validate(v, futures.get(v.name, []), feedback_classifier)
+        finally:
+            pool.shutdown(cancel_futures=True)  # on SIGTERM: no further balance runs, only the one under way
     finally:
         if stack is not None:
             stack.stop()

@@ -28,7 +28,7 @@ EXPECTED = [
     ("paper-imagenet-lt", "gradient_path", "unet", "fg_pipe.py"),
     ("paper-imagenet-lt", "feedback_resolution", "full", "fg_pipe.py"),
     ("paper-imagenet-lt", "dropout_p", None, "Digits-LT validation"),
-    ("paper-imagenet-lt", "dropout_scaling", None, "Digits-LT validation"),
+    ("paper-imagenet-lt", "dropout_scaling", None, "not measured"),
     ("paper-imagenet-lt", "target", 1300, "App. J.1"),
     ("paper-nicopp", "target", 811, "App. J.2"),
     ("paper-nicopp", "criterion", "entropy", "Table 1"),
@@ -101,18 +101,12 @@ def test_an_explicit_flag_overrides_the_preset():
 
 
 def test_an_explicit_flag_equal_to_the_default_still_overrides_the_preset():
-    default = GenerationParams.model_fields["steps"].default
-    output = dry_run("--preset", "paper-imagenet-lt", "--steps", str(default + 5), "--guidance-every", "1")
-    assert row(output, "steps") == (str(default + 5), "--steps (given)")
-    # the default of feedback_input, given explicitly, wins over the preset's 'released'
-    output = dry_run(
-        "--preset",
-        "paper-imagenet-lt",
-        "--feedback-input",
-        GenerationParams.model_fields["feedback_input"].default.value,
-    )
-    assert row(output, "feedback_input")[1] == "--feedback-input (given)"
-    assert row(output, "feedback_input")[0] != get_preset("paper-imagenet-lt").params["feedback_input"].value
+    default = GenerationParams.model_fields["omega"].default
+    assert default != get_preset("paper-imagenet-lt").params["omega"].value
+    output = dry_run("--preset", "paper-imagenet-lt", "--omega", str(default))
+    assert row(output, "omega") == (str(default), "--omega (given)")
+    output = dry_run("--preset", "paper-imagenet-lt", "--steps", "35", "--guidance-every", "1")
+    assert row(output, "steps") == ("35", "--steps (given)") and row(output, "guidance_every")[0] == "1"
 
 
 def test_an_explicit_target_overrides_the_preset_target():
