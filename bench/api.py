@@ -47,20 +47,44 @@ HEADING = "## bench/api.py"
 API_KEY = "bench-key-" + "x" * 24
 
 
-
-
 def start_services(tmp: Path, api_processes: int) -> tuple[list[subprocess.Popen], str, str]:
     redis_port, api_port = free_port(), free_port()
     redis_server = subprocess.Popen(
-        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
     )
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
     env.update(FGS_REDIS_URL=redis_url, FGS_DATA_DIR=str(tmp / "data"), FGS_DEV_API_KEY=API_KEY)
     api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory", "--host", "127.0.0.1", "--port", str(api_port),
-         "--workers", str(api_processes), "--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "120"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "fgs_service.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(api_port),
+            "--workers",
+            str(api_processes),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--timeout-keep-alive",
+            "120",
+        ],
         env=env,
     )
     base = f"http://127.0.0.1:{api_port}"
@@ -103,7 +127,15 @@ def load(base: str, method: str, path: str, body: dict | None, clients: int, sec
     """`clients` keep-alive connections, each sending its next request as soon as the last one is answered, for
     `seconds`; driven by wrk (C, one thread) so that the load generator takes little of the CPU it measures."""
     script = tmp / "wrk.lua"
-    script.write_text(WRK_SCRIPT % {"method": lua_string(method), "body": lua_string(json.dumps(body)) if body else "nil", "auth": lua_string(f"Bearer {API_KEY}")})
+    script.write_text(
+        WRK_SCRIPT
+        % {
+            "method": lua_string(method),
+            "body": lua_string(json.dumps(body)) if body else "nil",
+            "auth": lua_string(f"Bearer {API_KEY}"),
+        }
+    )
+
     def wrk(duration_s: int) -> str:
         command = ["wrk", "-t1", f"-c{clients}", f"-d{duration_s}s", "--timeout", "10s", "-s", str(script), base + path]
         return subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -130,10 +162,15 @@ def build_plan(counts, target: int, images_per_job: int, image_ids: list[str]) -
         seed = 0
         while to_add > 0:
             n = min(images_per_job, to_add)
-            jobs.append({
-                "prompt": prompt, "class_index": class_index, "num_images": n, "seed": seed,
-                "conditioning_image_ids": [image_ids[(class_index + seed) % len(image_ids)]],
-            })
+            jobs.append(
+                {
+                    "prompt": prompt,
+                    "class_index": class_index,
+                    "num_images": n,
+                    "seed": seed,
+                    "conditioning_image_ids": [image_ids[(class_index + seed) % len(image_ids)]],
+                }
+            )
             seed += n
             to_add -= n
     return jobs
@@ -146,7 +183,9 @@ async def submit_plan(base: str, jobs: list[dict], chunk: int, concurrency: int)
 
     async def sender(client: httpx.AsyncClient) -> None:
         for index, part in pending:
-            response = await client.post("/v1/batches", json={"jobs": part}, headers={**headers, "Idempotency-Key": f"plan-{index}"})
+            response = await client.post(
+                "/v1/batches", json={"jobs": part}, headers={**headers, "Idempotency-Key": f"plan-{index}"}
+            )
             if response.status_code != 202:
                 raise RuntimeError(f"batch {index}: {response.status_code} {response.text[:500]}")
 
@@ -158,7 +197,9 @@ async def submit_plan(base: str, jobs: list[dict], chunk: int, concurrency: int)
 
 def png(seed: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        buffer, format="PNG"
+    )
     return buffer.getvalue()
 
 
@@ -174,11 +215,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=int, default=15, help="length of each load run")
-    parser.add_argument("--target", type=int, default=1300, help="images per class after balancing (ImageNet-LT max is 1,280)")
+    parser.add_argument(
+        "--target", type=int, default=1300, help="images per class after balancing (ImageNet-LT max is 1,280)"
+    )
     parser.add_argument("--images-per-job", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=500, help="jobs per POST /v1/batches")
     parser.add_argument("--concurrency", type=int, default=2, help="batch POSTs in flight")
-    parser.add_argument("--api-processes", default="1,2", help="uvicorn worker process counts to measure (comma-separated)")
+    parser.add_argument(
+        "--api-processes", default="1,2", help="uvicorn worker process counts to measure (comma-separated)"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -192,8 +237,16 @@ def main() -> None:
             try:
                 store = redis.Redis.from_url(redis_url)
                 with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
-                    image_ids = [client.post("/v1/images", files={"file": (f"{i}.png", png(i), "image/png")}).json()["id"] for i in range(16)]
-                body = {"prompt": "a photo of a tench", "class_index": 0, "num_images": 8, "conditioning_image_ids": [image_ids[0]]}
+                    image_ids = [
+                        client.post("/v1/images", files={"file": (f"{i}.png", png(i), "image/png")}).json()["id"]
+                        for i in range(16)
+                    ]
+                body = {
+                    "prompt": "a photo of a tench",
+                    "class_index": 0,
+                    "num_images": 8,
+                    "conditioning_image_ids": [image_ids[0]],
+                }
                 health = load(base, "GET", "/healthz", None, args.clients, args.seconds, Path(tmp))
                 generate = load(base, "POST", "/v1/generate", body, args.clients, args.seconds, Path(tmp))
                 latency_rows.append((count, health, generate))
@@ -208,7 +261,9 @@ def main() -> None:
                 before = int(store.info("memory")["used_memory"])
                 plan_s = asyncio.run(submit_plan(base, jobs, args.chunk, args.concurrency))
                 after = int(store.info("memory")["used_memory"])
-                queued_jobs = sum(store.llen(k) for k in store.scan_iter(match="rq:queue:*") if store.type(k) == b"list")
+                queued_jobs = sum(
+                    store.llen(k) for k in store.scan_iter(match="rq:queue:*") if store.type(k) == b"list"
+                )
             finally:
                 for process in processes:
                     process.terminate()
@@ -221,23 +276,33 @@ def main() -> None:
         rows.append((count, "GET /healthz (baseline)", health, 1.0))
         rows.append((count, "POST /v1/generate (enqueue)", generate, generate.p50_ms / health.p50_ms))
     lines = [
-        f"{args.clients} concurrent keep-alive clients for {args.seconds} s per row (wrk, one thread; each client sends its next "
-        f"request when the last is answered), loopback, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}) shared by "
+        f"{args.clients} concurrent keep-alive clients for {args.seconds} s per row (wrk, one thread; each "
+        "client sends its next "
+        f"request when the last is answered), loopback, {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()}) shared by "
         f"uvicorn, Redis and wrk, load average {os.getloadavg()[0]:.1f} at the end (other work on the machine counts). "
         "Ratios against the healthz baseline of the same server.",
         "",
         "| uvicorn processes | request | p50 ms | p99 ms | max ms | requests | req/s | p50 vs baseline |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
-        *[f"| {count} | {name} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.0f} | {r.requests:,} | {r.per_s:,.0f} | {ratio:.2f} |" for count, name, r, ratio in rows],
+        *[
+            f"| {count} | {name} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.0f} | {r.requests:,} | "
+            f"{r.per_s:,.0f} | {ratio:.2f} |"
+            for count, name, r, ratio in rows
+        ],
         "",
         f"| plan (ImageNet-LT, every class to {args.target}; uvicorn x{process_counts[-1]}) | value | target |",
         "|---|---:|---:|",
         f"| images queued | {images:,} | |",
-        f"| jobs ({args.images_per_job} images each, {args.chunk} per POST /v1/batches) | {len(jobs):,} (in queue: {queued_jobs:,}) | |",
+        f"| jobs ({args.images_per_job} images each, {args.chunk} per POST /v1/batches) | {len(jobs):,} (in "
+        f"queue: {queued_jobs:,}) | |",
         f"| time to queue | {plan_s:.1f} s ({images / plan_s:,.0f} images/s) | <= 300 s |",
         f"| Redis memory | {(after - before) / 2**20:.1f} MiB | |",
         f"| Redis bytes per queued image | {bytes_per_image:.0f} | <= 256 |",
-        *[f"| POST /v1/generate p99, uvicorn x{count} | {generate.p99_ms:.1f} ms | <= 50 ms |" for count, _, generate in latency_rows],
+        *[
+            f"| POST /v1/generate p99, uvicorn x{count} | {generate.p99_ms:.1f} ms | <= 50 ms |"
+            for count, _, generate in latency_rows
+        ],
     ]
     table = "\n".join(lines)
     print(table)

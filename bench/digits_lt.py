@@ -40,6 +40,7 @@ import torch
 import typer
 from PIL import Image
 
+from fgs_classifier.small_cnn import SmallCNN
 from fgs_client.digits_lt import CLASS_NAMES, build_digits_lt, generator_indices, shot_group
 from fgs_client.pilot_sweep import SettingRow, SweepSetting, suggest_setting
 from fgs_client.set_metrics import density_coverage
@@ -57,7 +58,6 @@ from fgs_lab.digits_classifier import (
 )
 from fgs_lab.embedded_stack import run_client, start_embedded_stack
 from fgs_lab.synthetic_set_metrics import frechet_distance
-from fgs_classifier.small_cnn import SmallCNN
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -157,7 +157,7 @@ def paired(a: list[list[dict]], b: list[list[dict]] | list[dict], shot: str) -> 
     rows = []
     for g, row in enumerate(a):
         other = b[g] if isinstance(b[0], list) else b
-        rows.append([100 * (x[shot] - y[shot]) for x, y in zip(row, other)])
+        rows.append([100 * (x[shot] - y[shot]) for x, y in zip(row, other, strict=False)])
     return mean_se(rows)
 
 
@@ -326,7 +326,7 @@ class Experiment:
         result = {"variant": asdict(variant), "validation": [], "sets": []}
         sets = []
         feature_model, validation_features = self.features()
-        for g, future in zip(self.generation_seeds, generated):
+        for g, future in zip(self.generation_seeds, generated, strict=False):
             seconds = future.result()
             synthetic = load_synthetic(self.set_dir(variant, g))
             sets.append(synthetic)
@@ -605,7 +605,7 @@ def render(
         lines.append("| 0% | " + " | ".join(f"0 | {real_cells[0]} | {real_cells[1]}" for _ in budget) + " |")
         for fraction in ("25", "50", "100"):
             cells = []
-            for name, curve in budget.items():
+            for curve in budget.values():
                 point = curve.get(fraction)
                 cells.append(
                     "not run | | "

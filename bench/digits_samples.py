@@ -59,7 +59,10 @@ def main(
                 x += CELL
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     grid.save(out)
-    print(f"wrote {out}: rows zero..nine; columns: conditioning | text only | text + image | text + image, dropout {dropout_p}")
+    print(
+        f"wrote {out}: rows zero..nine; columns: conditioning | text only | text + image | text + image, "
+        f"dropout {dropout_p}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,46 +22,95 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from fgs_classifier.registry import load_classifier
+from fgs_classifier.small_cnn import random_small_cnn
 from fgs_common.wire import GenerationParams
+from fgs_lab.throughput import PROMPT, conditioning_image, measure, print_table
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import load_pipeline
-from fgs_classifier.small_cnn import random_small_cnn
 from fgs_worker.tiny_model import write_tokenizer
-
-from fgs_lab.throughput import PROMPT, conditioning_image, measure, print_table
 
 
 def full_size_unclip(workdir: Path, device: torch.device, dtype: torch.dtype) -> StableUnCLIPImg2ImgPipeline:
     """stabilityai/stable-diffusion-2-1-unclip's architecture (ViT-H image encoder) with random weights."""
     tokenizer = write_tokenizer(workdir / "tokenizer", max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-        max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
-        patch_size=14, projection_dim=1024, hidden_act="gelu"))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            projection_dim=1024,
+            hidden_act="gelu",
+        )
+    )
     unet = UNet2DConditionModel(
-        sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+        sample_size=96,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        use_linear_projection=True, upcast_attention=True,
-        class_embed_type="projection", projection_class_embeddings_input_dim=2048)
+        use_linear_projection=True,
+        upcast_attention=True,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=2048,
+    )
     vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=768,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=768,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
     pipe = StableUnCLIPImg2ImgPipeline(
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
-        image_encoder=image_encoder, image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=1024),
+        image_encoder=image_encoder,
+        image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=1024),
         image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
-        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
-        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                                set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction"),
-        vae=vae)
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        ),
+        vae=vae,
+    )
     # The same round trip as a user's copy: save, then load through fgs's loader (fp16 on CUDA).
     pipe.save_pretrained(workdir / "model", safe_serialization=True)
     return load_pipeline(str(workdir / "model"), device=device, dtype=dtype)
@@ -71,7 +120,9 @@ def flops_per_image(pipe, side: int, steps: int) -> float:
     """Counted FLOPs of one unguided image: 2 x steps UNet forwards (CFG) and one VAE decode."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     latents = torch.randn(1, 4, side // 8, side // 8, device=device, dtype=dtype)
-    text = torch.randn(1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, device=device, dtype=dtype)
+    text = torch.randn(
+        1, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, device=device, dtype=dtype
+    )
     embeds = torch.randn(1, pipe.unet.config.projection_class_embeddings_input_dim, device=device, dtype=dtype)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
@@ -109,28 +160,65 @@ def main() -> None:
 
     # fgs unguided must equal diffusers for the same seeds, on this device.
     seeds = [0, 1]
-    ours = sampler(prompt=PROMPT, class_index=7, conditioning_images=[image] * 2, seeds=seeds,
-                   params=GenerationParams(steps=args.steps, width=side, height=side)).pixels.permute(0, 2, 3, 1).numpy()
-    theirs = pipe(image=[image] * 2, prompt=[PROMPT] * 2, generator=[torch.Generator().manual_seed(s) for s in seeds],
-                  num_inference_steps=args.steps, guidance_scale=3.0, width=side, height=side, output_type="np").images
+    ours = (
+        sampler(
+            prompt=PROMPT,
+            class_index=7,
+            conditioning_images=[image] * 2,
+            seeds=seeds,
+            params=GenerationParams(steps=args.steps, width=side, height=side),
+        )
+        .pixels.permute(0, 2, 3, 1)
+        .numpy()
+    )
+    theirs = pipe(
+        image=[image] * 2,
+        prompt=[PROMPT] * 2,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        num_inference_steps=args.steps,
+        guidance_scale=3.0,
+        width=side,
+        height=side,
+        output_type="np",
+    ).images
     difference = float(np.abs(ours - theirs).max())
 
     def diffusers_unguided(batch: int):
-        return pipe(image=[image] * batch, prompt=[PROMPT] * batch, num_inference_steps=args.steps,
-                    generator=[torch.Generator().manual_seed(s) for s in range(batch)], guidance_scale=3.0,
-                    width=side, height=side, output_type="pt")
+        return pipe(
+            image=[image] * batch,
+            prompt=[PROMPT] * batch,
+            num_inference_steps=args.steps,
+            generator=[torch.Generator().manual_seed(s) for s in range(batch)],
+            guidance_scale=3.0,
+            width=side,
+            height=side,
+            output_type="pt",
+        )
 
-    reference_ips, rows = measure(sampler, classifier, batches, side, args.steps, args.omega, args.repeats,
-                                  extra_variants={"diffusers unguided": diffusers_unguided}, warmup=args.warmup)
+    reference_ips, rows = measure(
+        sampler,
+        classifier,
+        batches,
+        side,
+        args.steps,
+        args.omega,
+        args.repeats,
+        extra_variants={"diffusers unguided": diffusers_unguided},
+        warmup=args.warmup,
+    )
     flops = flops_per_image(pipe, side, args.steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     print_table(
         f"# bench/gpu.py: {'tiny model' if args.tiny else 'SD 2.1 unCLIP architecture, random weights'}, "
         f"{side}x{side}px, {dtype}, {args.steps} DDIM steps, feedback every 5, classifier {classifier_side}px; "
         f"device {name}; torch {torch.__version__}",
-        reference_ips, rows)
-    print(f"fgs unguided vs diffusers, same seeds: max abs pixel difference {difference:.2e} "
-          f"({'match' if difference <= (1e-4 if dtype == torch.float32 else 2e-2) else 'MISMATCH'})")
+        reference_ips,
+        rows,
+    )
+    print(
+        f"fgs unguided vs diffusers, same seeds: max abs pixel difference {difference:.2e} "
+        f"({'match' if difference <= (1e-4 if dtype == torch.float32 else 2e-2) else 'MISMATCH'})"
+    )
     print(f"counted FLOPs per unguided image: {flops / 1e12:.2f} TFLOP")
     for row in rows:
         if row.variant in ("fgs unguided", "diffusers unguided"):

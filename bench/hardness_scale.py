@@ -69,9 +69,15 @@ def run_fit(out: Path, dim: int) -> dict:
     HardnessStats.fit_to_file(out, synthetic_class_embeddings(dim, counts), counts, dim)
     seconds = time.perf_counter() - began
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"fit_s": seconds, "fit_cpu_s": usage.ru_utime + usage.ru_stime,
-            "fit_peak_rss_mib": memory_kib()["VmHWM"] / 1024, "rss_before_fit_mib": start["VmRSS"] / 1024,
-            "file_bytes": out.stat().st_size, "images": sum(counts), "classes": len(counts)}
+    return {
+        "fit_s": seconds,
+        "fit_cpu_s": usage.ru_utime + usage.ru_stime,
+        "fit_peak_rss_mib": memory_kib()["VmHWM"] / 1024,
+        "rss_before_fit_mib": start["VmRSS"] / 1024,
+        "file_bytes": out.stat().st_size,
+        "images": sum(counts),
+        "classes": len(counts),
+    }
 
 
 def run_worker(out: Path, dim: int) -> dict:
@@ -99,16 +105,32 @@ def run_worker(out: Path, dim: int) -> dict:
     cached_s = time.perf_counter() - began
     after = memory_kib()
     assert torch.isfinite(value).all() and torch.isfinite(gradient).all() and torch.equal(again, value.detach())
-    return {"class": largest, "class_images": counts[largest], "open_s": opened_s, "first_score_s": first_s,
-            "cached_score_s": cached_s, "resident_tensor_mib": stats.resident_bytes() / 2**20,
-            "worker_peak_growth_mib": (after["VmHWM"] - before["VmRSS"]) / 1024,
-            "hardness_mean": float(value.detach().mean())}
+    return {
+        "class": largest,
+        "class_images": counts[largest],
+        "open_s": opened_s,
+        "first_score_s": first_s,
+        "cached_score_s": cached_s,
+        "resident_tensor_mib": stats.resident_bytes() / 2**20,
+        "worker_peak_growth_mib": (after["VmHWM"] - before["VmRSS"]) / 1024,
+        "hardness_mean": float(value.detach().mean()),
+    }
 
 
 def child(role: str, out: Path, dim: int, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    command = [sys.executable, __file__, "--role", role, "--out", str(out), "--dim", str(dim),
-               "--threads", str(threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--role",
+        role,
+        "--out",
+        str(out),
+        "--dim",
+        str(dim),
+        "--threads",
+        str(threads),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{role} failed:\n{result.stderr[-4000:]}")
@@ -135,21 +157,29 @@ def main() -> None:
     worker = child("worker", args.out, args.dim, args.threads)
     load_after = os.getloadavg()
     dense_gb = fit["classes"] * args.dim**2 * 4 / 1e9
-    print(f"# bench/hardness_scale.py: {fit['classes']} classes, {fit['images']:,} images (ImageNet-LT counts), "
-          f"k={args.dim}, {args.threads} torch thread(s); {platform.machine()}, {os.cpu_count()} cores; "
-          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
-    print(f"fit: {fit['fit_s']:.0f} s wall, {fit['fit_cpu_s']:.0f} s CPU (process total), "
-          f"peak RSS {fit['fit_peak_rss_mib']:.0f} MiB "
-          f"(of which {fit['rss_before_fit_mib']:.0f} MiB before the fit: Python and torch), "
-          f"file {fit['file_bytes'] / 1e9:.2f} GB (dense float32 precisions: {dense_gb:.1f} GB)")
-    print(f"worker, class {worker['class']} ({worker['class_images']} images, the largest factor): "
-          f"peak RSS growth {worker['worker_peak_growth_mib']:.1f} MiB, resident tensors "
-          f"{worker['resident_tensor_mib']:.1f} MiB; open {worker['open_s'] * 1e3:.0f} ms, first score with gradient "
-          f"{worker['first_score_s'] * 1e3:.0f} ms, cached score {worker['cached_score_s'] * 1e3:.1f} ms")
+    print(
+        f"# bench/hardness_scale.py: {fit['classes']} classes, {fit['images']:,} images (ImageNet-LT counts), "
+        f"k={args.dim}, {args.threads} torch thread(s); {platform.machine()}, {os.cpu_count()} cores; "
+        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
+    )
+    print(
+        f"fit: {fit['fit_s']:.0f} s wall, {fit['fit_cpu_s']:.0f} s CPU (process total), "
+        f"peak RSS {fit['fit_peak_rss_mib']:.0f} MiB "
+        f"(of which {fit['rss_before_fit_mib']:.0f} MiB before the fit: Python and torch), "
+        f"file {fit['file_bytes'] / 1e9:.2f} GB (dense float32 precisions: {dense_gb:.1f} GB)"
+    )
+    print(
+        f"worker, class {worker['class']} ({worker['class_images']} images, the largest factor): "
+        f"peak RSS growth {worker['worker_peak_growth_mib']:.1f} MiB, resident tensors "
+        f"{worker['resident_tensor_mib']:.1f} MiB; open {worker['open_s'] * 1e3:.0f} ms, first score with gradient "
+        f"{worker['first_score_s'] * 1e3:.0f} ms, cached score {worker['cached_score_s'] * 1e3:.1f} ms"
+    )
     fit_ok = fit["fit_peak_rss_mib"] <= 6 * 1024
     worker_ok = worker["worker_peak_growth_mib"] <= 64
-    print(f"acceptance: fit peak RSS <= 6 GiB: {'yes' if fit_ok else 'NO'}; "
-          f"one class <= 64 MiB: {'yes' if worker_ok else 'NO'}")
+    print(
+        f"acceptance: fit peak RSS <= 6 GiB: {'yes' if fit_ok else 'NO'}; "
+        f"one class <= 64 MiB: {'yes' if worker_ok else 'NO'}"
+    )
 
 
 if __name__ == "__main__":

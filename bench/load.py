@@ -20,7 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from stack_under_load import (  # noqa: E402
-    LocalStack, audit, images_generated, machine, run_clients, summary, wait_drained,
+    LocalStack,
+    audit,
+    images_generated,
+    machine,
+    run_clients,
+    summary,
+    wait_drained,
 )
 
 # Small jobs, so that 2 CPU workers keep up with 200 clients: 2 DDIM steps at the tiny model's 64x64.
@@ -45,12 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         findings = audit(stack, log)
         if not drained:
             findings.setdefault("not drained", []).append(f"after {args.drain_s} s")
-        numbers = summary(log, load_s) | {"images_generated": images_generated(stack),
-                                          "worker_restarts": stack.worker_restarts}
+        numbers = summary(log, load_s) | {
+            "images_generated": images_generated(stack),
+            "worker_restarts": stack.worker_restarts,
+        }
     finally:
         stack.close()
-    report = {"clients": args.clients, "seconds": args.seconds, "workers": args.workers, **numbers,
-              "audit": findings or "clean"}
+    report = {
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "workers": args.workers,
+        **numbers,
+        "audit": findings or "clean",
+    }
     print(json.dumps(report, indent=2))
     write_results(args.results, "bench/load.py", where, " ".join(sys.argv[1:]) or "(defaults)", report)
     return 1 if findings else 0
@@ -59,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 def write_results(path: Path, section: str, where: str, arguments: str, report: dict) -> None:
     """Replace (or append) this script's section of RESULTS.md."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    body = (f"## {section}\n\n{date.today().isoformat()}, {where}. Arguments: `{arguments}`.\n\n"
-            f"```json\n{json.dumps(report, indent=2)}\n```\n")
+    body = (
+        f"## {section}\n\n{date.today().isoformat()}, {where}. Arguments: `{arguments}`.\n\n"
+        f"```json\n{json.dumps(report, indent=2)}\n```\n"
+    )
     head, marker, rest = text.partition(f"## {section}\n")
     if marker:
         following = rest.find("\n## ")
-        text = head + body + (rest[following + 1:] if following >= 0 else "")
+        text = head + body + (rest[following + 1 :] if following >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + body
     path.write_text(text)

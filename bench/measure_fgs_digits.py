@@ -44,7 +44,9 @@ def main(
     per_class: int = typer.Option(20, help="samples per class and mode"),
     seeds_per_image: int = typer.Option(8, help="seeds per conditioning image in the dropout check"),
     dropout_classes: int = typer.Option(10, help="classes (from zero) in the dropout check"),
-    styles_per_digit: int = typer.Option(4, help="styled copies per generator digit for the generator-style classifier"),
+    styles_per_digit: int = typer.Option(
+        4, help="styled copies per generator digit for the generator-style classifier"
+    ),
     steps: int = typer.Option(20),
     guidance_scale: float = typer.Option(3.0),
 ) -> None:
@@ -82,14 +84,19 @@ def main(
         conditioning = original_style_image(digits[train_digits[0]])
         dropout_seeds = list(range(50_000 + 100 * c, 50_000 + 100 * c + seeds_per_image))
         for p in DROPOUTS:
-            samples = sample_digits(pipeline, c, dropout_seeds, conditioning, p, steps=steps, guidance_scale=guidance_scale)
+            samples = sample_digits(
+                pipeline, c, dropout_seeds, conditioning, p, steps=steps, guidance_scale=guidance_scale
+            )
             diversity[p].append(mean_pairwise_distance(styled_classifier.features(samples)))
         text_samples = sample_digits(pipeline, c, dropout_seeds, steps=steps, guidance_scale=guidance_scale)
         diversity_text.append(mean_pairwise_distance(styled_classifier.features(text_samples)))
         print(f"{name}: done ({time.perf_counter() - start:.0f} s)", flush=True)
 
     print(f"\n{per_class} samples per class and mode, {steps} DDIM steps, guidance scale {guidance_scale}\n")
-    print("| class | text only: recognised (generator-style classifier) | text + image: recognised (original-style classifier) | text only: light paper | text + image: light paper |")
+    print(
+        "| class | text only: recognised (generator-style classifier) | text + image: recognised "
+        "(original-style classifier) | text only: light paper | text + image: light paper |"
+    )
     print("|---|---|---|---|---|")
     for name, text_rate, image_rate, text_light, image_light in rows:
         print(f"| {name} | {text_rate:.0%} | {image_rate:.0%} | {text_light:.0%} | {image_light:.0%} |")

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from fgs_classifier.registry import load_classifier
+from fgs_classifier.small_cnn import random_small_cnn
+from fgs_lab.throughput import measure, print_table
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import load_pipeline
-from fgs_classifier.small_cnn import random_small_cnn
-
-from fgs_lab.throughput import measure, print_table
 
 
 def main() -> None:
@@ -42,7 +41,8 @@ def main() -> None:
     print_table(
         f"# bench/sampler.py: model={args.model} {args.side}x{args.side}px, {args.steps} DDIM steps, feedback every 5, "
         f"classifier input 32px; torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads",
-        reference_ips, rows,
+        reference_ips,
+        rows,
     )
 
 

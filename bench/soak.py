@@ -21,7 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from load import JOB_SIZE, write_results  # noqa: E402
 from stack_under_load import (  # noqa: E402
-    LocalStack, audit, images_generated, machine, run_clients, summary, wait_drained,
+    LocalStack,
+    audit,
+    images_generated,
+    machine,
+    run_clients,
+    summary,
+    wait_drained,
 )
 
 ABANDONED_AFTER_S = 10
@@ -67,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args(argv)
     where = machine()
-    stack = LocalStack(workers=2, env={"FGS_ABANDONED_AFTER_S": str(ABANDONED_AFTER_S), "FGS_JOB_RETRIES": "5",
-                                       "FGS_RETRY_BACKOFF_S": "[1]"})
+    stack = LocalStack(
+        workers=2,
+        env={"FGS_ABANDONED_AFTER_S": str(ABANDONED_AFTER_S), "FGS_JOB_RETRIES": "5", "FGS_RETRY_BACKOFF_S": "[1]"},
+    )
     stop, events, outages = threading.Event(), [], []
     faults = threading.Thread(target=inject_faults, args=(stack, args.minutes, stop, events, outages), daemon=True)
     try:
@@ -82,13 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         findings = audit(stack, log, outages)
         if not drained:
             findings.setdefault("not drained", []).append(f"after {args.drain_s} s")
-        numbers = summary(log, load_s) | {"images_generated": images_generated(stack),
-                                          "worker_restarts": stack.worker_restarts}
+        numbers = summary(log, load_s) | {
+            "images_generated": images_generated(stack),
+            "worker_restarts": stack.worker_restarts,
+        }
     finally:
         stop.set()
         stack.close()
-    report = {"minutes": args.minutes, "clients": args.clients, "faults": events, **numbers,
-              "audit": findings or "clean"}
+    report = {
+        "minutes": args.minutes,
+        "clients": args.clients,
+        "faults": events,
+        **numbers,
+        "audit": findings or "clean",
+    }
     print(json.dumps(report, indent=2))
     write_results(args.results, "bench/soak.py", where, " ".join(sys.argv[1:]) or "(defaults)", report)
     return 1 if findings else 0

@@ -60,16 +60,37 @@ class LocalStack:
         (self.root / "keys.json").write_text(json.dumps(keys))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
         self.env.update(
-            FGS_REDIS_URL=self.redis_url, FGS_REDIS_PREFIX=self.prefix, FGS_DATA_DIR=str(self.data_dir),
-            FGS_API_KEYS_FILE=str(self.root / "keys.json"), FGS_MODEL="tiny", FGS_DEVICE="cpu",
-            FGS_HEARTBEAT_S="1", OMP_NUM_THREADS="1", **(env or {}),
+            FGS_REDIS_URL=self.redis_url,
+            FGS_REDIS_PREFIX=self.prefix,
+            FGS_DATA_DIR=str(self.data_dir),
+            FGS_API_KEYS_FILE=str(self.root / "keys.json"),
+            FGS_MODEL="tiny",
+            FGS_DEVICE="cpu",
+            FGS_HEARTBEAT_S="1",
+            OMP_NUM_THREADS="1",
+            **(env or {}),
         )
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.redis_process = self._start_redis()
-        self.api = self._spawn([sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory",
-                                "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning",
-                                "--timeout-keep-alive", "120"], "api")
+        self.api = self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "fgs_service.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+                "--timeout-keep-alive",
+                "120",
+            ],
+            "api",
+        )
         self.workers: list[subprocess.Popen] = []
         self.worker_restarts = 0
         for _ in range(workers):
@@ -88,8 +109,23 @@ class LocalStack:
         (self.root / "redis").mkdir(exist_ok=True)
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         process = subprocess.Popen(
-            [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(self.root / "redis"),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"], stdout=subprocess.DEVNULL)
+            [
+                binary,
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.root / "redis"),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         client = redis.Redis.from_url(self.redis_url)
         for _ in range(400):
             try:
@@ -192,8 +228,13 @@ async def _client(number: int, stack: LocalStack, until: float, log: LoadLog, jo
 
         while time.time() < until:
             seed = number * 1_000_000 + rng.randrange(1_000_000)  # distinct seeds: distinct images
-            body = {"prompt": "a digit", "class_index": rng.randrange(10), "seed": seed, **job_size,
-                    "num_images": rng.choice((1, 1, 2))}
+            body = {
+                "prompt": "a digit",
+                "class_index": rng.randrange(10),
+                "seed": seed,
+                **job_size,
+                "num_images": rng.choice((1, 1, 2)),
+            }
             response = await call("submit", "POST", "/v1/generate", json=body)
             if response is None or response.status_code != 202:
                 continue
@@ -288,11 +329,15 @@ def audit(stack: LocalStack, log: LoadLog, outages: list[tuple[float, float]] = 
     # finished exactly once: the state counter moved to `finished` once per job (the Lua transition counts it)
     counters = [(*parse_counter_field(k), float(v)) for k, v in client.hgetall(counter_key(stack.prefix)).items()]
     for tenant in TENANTS:
-        total = sum(v for name, labels, v in counters
-                    if name == "jobs" and labels.get("tenant") == tenant and labels.get("status") == "finished")
+        total = sum(
+            v
+            for name, labels, v in counters
+            if name == "jobs" and labels.get("tenant") == tenant and labels.get("status") == "finished"
+        )
         if int(total) != finished_by_tenant[tenant]:
             findings["finished counted more or less than once"].append(
-                f"{tenant}: {total} != {finished_by_tenant[tenant]}")
+                f"{tenant}: {total} != {finished_by_tenant[tenant]}"
+            )
     findings["image reported twice"] = [f"{t}/{i}" for (t, i), n in reported.items() if n > 1]
     on_disk = set()
     for tenant in TENANTS:
@@ -331,8 +376,13 @@ def summary(log: LoadLog, seconds: float) -> dict:
                 "p99_ms": round(1000 * values[min(len(values) - 1, int(len(values) * 0.99))]),
             }
     finished_rate = len(log.accepted) / seconds if seconds else 0
-    return {"accepted_jobs": len(log.accepted), "accepted_per_s": round(finished_rate, 2), "status_codes": dict(codes),
-            "transport_errors": dict(log.transport_errors), "latency": latency}
+    return {
+        "accepted_jobs": len(log.accepted),
+        "accepted_per_s": round(finished_rate, 2),
+        "status_codes": dict(codes),
+        "transport_errors": dict(log.transport_errors),
+        "latency": latency,
+    }
 
 
 def images_generated(stack: LocalStack) -> int:

@@ -55,8 +55,13 @@ class Denoiser(nn.Module):
         super().__init__()
         self.class_embedding = nn.Embedding(2, 32)
         self.net = nn.Sequential(
-            nn.Linear(2 + 16 + 32, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2),
+            nn.Linear(2 + 16 + 32, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 2),
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -112,7 +117,7 @@ def sample(model, classifier, scheduler, labels, omega, steps, guidance_every, s
         if omega and i % guidance_every == 0:
             a = scheduler.alphas_cumprod[t]
 
-            def entropy_of(z_):
+            def entropy_of(z_, a=a, t_batch=t_batch):  # called at once, in this iteration
                 x0 = (z_ - (1 - a).sqrt() * model(z_, t_batch, labels)) / a.sqrt()  # through the denoiser
                 return criteria.evaluate(Criterion.entropy, classifier(x0), labels)
 
@@ -144,8 +149,13 @@ def main() -> None:
     torch.set_num_threads(2)
     rng = np.random.default_rng(args.seed)
     x, y, _ = make_data(2000, rng)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
-                              prediction_type="epsilon", set_alpha_to_one=True)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        prediction_type="epsilon",
+        set_alpha_to_one=True,
+    )
     model = train_denoiser(x, y, scheduler, args.train_steps, args.seed)
     classifier = train_linear_classifier(x, y, epochs=20, seed=args.seed)
     _, real_minority, _ = nearest_mode(x)
@@ -157,13 +167,15 @@ def main() -> None:
         points = sample(model, classifier, scheduler, labels, omega, steps=30, guidance_every=5, seed=args.seed + 1)
         classes, minority, distance = nearest_mode(points)
         results[name] = points
-        rows.append((
-            name,
-            minority.float().mean().item(),
-            (classes == labels).float().mean().item(),
-            (distance <= 3).float().mean().item(),
-            criteria.entropy(classifier(points)).mean().item(),
-        ))
+        rows.append(
+            (
+                name,
+                minority.float().mean().item(),
+                (classes == labels).float().mean().item(),
+                (distance <= 3).float().mean().item(),
+                criteria.entropy(classifier(points)).mean().item(),
+            )
+        )
 
     print(f"linear classifier accuracy on the real minority modes: {accuracy_minor:.2f} (majority modes are right)")
     print(f"{'sampler':<34} {'minority share':>14} {'in class':>9} {'on data (<=3 std)':>18} {'mean entropy':>13}")
@@ -177,14 +189,18 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("(a) real data", x, y)] + [(f"({c}) {n}", p, labels) for c, (n, p) in zip("bcdef", results.items())]
+    panels = [("(a) real data", x, y)] + [
+        (f"({c}) {n}", p, labels) for c, (n, p) in zip("bcdef", results.items(), strict=False)
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.3), sharex=True, sharey=True)
     grid = torch.linspace(-4.5, 4.5, 200)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
     boundary = classifier(torch.stack([gx.flatten(), gy.flatten()], 1)).softmax(1)[:, 1].reshape(gx.shape)
-    for axis, (title, points, classes) in zip(axes, panels):
+    for axis, (title, points, classes) in zip(axes, panels, strict=False):
         axis.contour(gx, gy, boundary, levels=[0.5], colors="k", linestyles="--", linewidths=1)
-        axis.scatter(points[:, 0], points[:, 1], c=np.where(classes.numpy() == 0, "tab:blue", "tab:red"), s=3, alpha=0.5)
+        axis.scatter(
+            points[:, 0], points[:, 1], c=np.where(classes.numpy() == 0, "tab:blue", "tab:red"), s=3, alpha=0.5
+        )
         axis.set_title(title)
         axis.set_aspect("equal")
     fig.suptitle("Entropy feedback from a linear classifier (dashed: its boundary) samples the minority modes")

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -32,10 +32,10 @@ from PIL import Image
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.job_records import now_ts
+from fgs_common.loopback import free_port
 from fgs_common.settings import Settings
 from fgs_common.wire import GenerateRequest, ImageResult, JobState
 from fgs_service.auth import Tenant, hash_key
-from fgs_common.loopback import free_port
 from fgs_service.job_queue import JobQueue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def write_batch(settings: Settings) -> str:
     queue = JobQueue(sync, raw, None, settings)
     store = ArtifactStore(settings.data_dir)
     rng = np.random.default_rng(0)
-    for job_id, request in zip(job_ids, requests):
+    for job_id, request in zip(job_ids, requests, strict=False):
         assert queue.records.transition(
             job_id, JobState.running, (JobState.queued,), started_at=now_ts(), worker="bench"
         )
@@ -222,7 +222,7 @@ def main() -> None:
         redis_process.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
 
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"### bench/ui.py ({when}, {platform.machine()}, {os.cpu_count()} cores, "
         f"load average {load:.1f} before the run)",

@@ -29,9 +29,9 @@ def _is_out_of_memory(error: BaseException | None) -> bool:
 
 
 def _verdict(args: argparse.Namespace) -> tuple[str, str]:
-    from fgs_common.wire import ClassifierSpec
     from fgs_classifier.registry import load_classifier
     from fgs_common.exceptions import InvalidClassifier, UnsafeClassifier
+    from fgs_common.wire import ClassifierSpec
 
     spec = ClassifierSpec.model_validate_json(Path(args.spec).read_text())
     stats = Path(args.stats) if args.stats else None

@@ -54,8 +54,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 
 FORMAT = "fgs-hardness-stats-v2"
 # rho = RIDGE * mean(diag P): only keeps Cholesky/eigh defined for exactly singular inputs (as in v1 of this file).
@@ -247,9 +247,7 @@ class _MemorySink:
         self.tensors[name] = tensor.detach().cpu()
 
 
-def _fit(
-    class_embeddings: ClassEmbeddings, counts: Sequence[int], dim: int, shrinkage: float | None, sink
-) -> None:
+def _fit(class_embeddings: ClassEmbeddings, counts: Sequence[int], dim: int, shrinkage: float | None, sink) -> None:
     """The two streaming passes; writes every tensor of `_layout` into `sink` (a writer or a dict)."""
     num_classes, total = len(counts), int(sum(counts))
     f64 = torch.float64
@@ -359,9 +357,14 @@ class HardnessStats:
     per-class vectors; a class's factor is read at its first use and cached, at most `cached_classes` of them).
     """
 
-    def __init__(self, read: Callable[[str], torch.Tensor], read_rows: Callable[[str, int, int], torch.Tensor],
-                 shapes: dict[str, tuple[int, ...]], device: torch.device | str = "cpu",
-                 cached_classes: int = DEFAULT_CACHED_CLASSES):
+    def __init__(
+        self,
+        read: Callable[[str], torch.Tensor],
+        read_rows: Callable[[str, int, int], torch.Tensor],
+        shapes: dict[str, tuple[int, ...]],
+        device: torch.device | str = "cpu",
+        cached_classes: int = DEFAULT_CACHED_CLASSES,
+    ):
         self._read, self._read_rows, self._shapes = read, read_rows, shapes
         self.device = torch.device(device)
         self.cached_classes = cached_classes
@@ -377,8 +380,9 @@ class HardnessStats:
     # ---------------------------------------------------------------- fitting
 
     @classmethod
-    def fit(cls, embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int,
-            shrinkage: float | None = None) -> "HardnessStats":
+    def fit(
+        cls, embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float | None = None
+    ) -> HardnessStats:
         """Estimate the statistics from real-image embeddings [N, k] and labels [N], in memory.
 
         `shrinkage` fixes the weight w_y of the pooled covariance for every class; None picks it per class
@@ -396,8 +400,14 @@ class HardnessStats:
         return cls(tensors.__getitem__, lambda name, start, stop: tensors[name][start:stop], shapes)
 
     @classmethod
-    def fit_to_file(cls, path: Path, class_embeddings: ClassEmbeddings, counts: Sequence[int], dim: int,
-                    shrinkage: float | None = None) -> None:
+    def fit_to_file(
+        cls,
+        path: Path,
+        class_embeddings: ClassEmbeddings,
+        counts: Sequence[int],
+        dim: int,
+        shrinkage: float | None = None,
+    ) -> None:
         """Fit from embeddings produced class by class and write them to `path` as they are computed.
 
         `class_embeddings(y)` returns class y's [counts[y], dim] embeddings and is called twice per class; memory
@@ -418,8 +428,9 @@ class HardnessStats:
         writer.close()
 
     @staticmethod
-    def _check_fit_inputs(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                          shrinkage: float | None) -> tuple[list[int], ClassEmbeddings]:
+    def _check_fit_inputs(
+        embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float | None
+    ) -> tuple[list[int], ClassEmbeddings]:
         if embeddings.ndim != 2 or labels.ndim != 1 or embeddings.shape[0] != labels.shape[0]:
             raise ValueError("embeddings must be [N, k] and labels [N]")
         if embeddings.shape[0] < 2:
@@ -448,8 +459,9 @@ class HardnessStats:
             writer.close()
 
     @classmethod
-    def load(cls, path: Path, device: torch.device | str = "cpu",
-             cached_classes: int = DEFAULT_CACHED_CLASSES) -> "HardnessStats":
+    def load(
+        cls, path: Path, device: torch.device | str = "cpu", cached_classes: int = DEFAULT_CACHED_CLASSES
+    ) -> HardnessStats:
         """Open statistics written by `save`/`fit_to_file` (safetensors: no pickle); reads no class factor yet.
 
         Raises ValueError when the file is not v2 statistics or its shapes disagree.
@@ -464,7 +476,7 @@ class HardnessStats:
         read, read_rows, shapes = source.read, source.read_rows, source.shapes
         return cls(read, read_rows, shapes, device=device, cached_classes=cached_classes)
 
-    def to(self, device: torch.device | str) -> "HardnessStats":
+    def to(self, device: torch.device | str) -> HardnessStats:
         """The same statistics, scored on `device` (class factors move there at first use)."""
         return HardnessStats(self._read, self._read_rows, self._shapes, device, self.cached_classes)
 
@@ -600,4 +612,3 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]]) -> None:
             raise ValueError(
                 f"hardness statistics: {entry.name} has shape {shapes.get(entry.name)}, expected {entry.shape}"
             )
-

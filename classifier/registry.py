@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fgs_classifier.graph_check import check_exported_program, check_script_module
+from fgs_classifier.hardness_stats import HardnessStats
 from fgs_common.classifier_archive import (
     DEFAULT_MAX_UNPACKED_BYTES,
     ArchiveFormat,
@@ -31,8 +33,6 @@ from fgs_common.classifier_archive import (
 )
 from fgs_common.exceptions import InvalidClassifier, UnsafeClassifier
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
-from fgs_classifier.graph_check import check_exported_program, check_script_module
-from fgs_classifier.hardness_stats import HardnessStats
 
 
 @dataclass
@@ -78,7 +78,7 @@ class LoadedClassifier:
             output = self.module(chunk)
             outputs.append(tuple(o[:count] for o in output) if isinstance(output, (tuple, list)) else output[:count])
         if isinstance(outputs[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*outputs))
+            return tuple(torch.cat(parts) for parts in zip(*outputs, strict=False))
         return torch.cat(outputs)
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -161,7 +161,9 @@ def _check_against_spec(classifier: LoadedClassifier) -> None:
         ) from error
     if spec.output is ClassifierOutput.logits_embedding:
         if not (isinstance(output, (tuple, list)) and len(output) == 2):
-            raise InvalidClassifier("spec says output 'logits_embedding' but forward does not return (logits, embedding)")
+            raise InvalidClassifier(
+                "spec says output 'logits_embedding' but forward does not return (logits, embedding)"
+            )
         logits, embedding = output
         if embedding.ndim != 2 or embedding.shape[0] != 2:
             raise InvalidClassifier(f"embedding must be [batch, k], got {tuple(embedding.shape)}")
@@ -171,16 +173,21 @@ def _check_against_spec(classifier: LoadedClassifier) -> None:
             raise InvalidClassifier("spec says output 'logits' but forward does not return one tensor")
     if logits.ndim != 2 or logits.shape != (2, spec.num_classes):
         raise InvalidClassifier(
-            f"classifier returns logits of shape {tuple(logits.shape)} for 2 images; the spec's num_classes={spec.num_classes}"
+            f"classifier returns logits of shape {tuple(logits.shape)} for 2 images; the spec's "
+            f"num_classes={spec.num_classes}"
         )
     stats = classifier.hardness_stats
     if stats is not None:
         if stats.num_classes != spec.num_classes:
-            raise InvalidClassifier(f"hardness statistics have {stats.num_classes} classes; the spec has {spec.num_classes}")
+            raise InvalidClassifier(
+                f"hardness statistics have {stats.num_classes} classes; the spec has {spec.num_classes}"
+            )
         if spec.output is not ClassifierOutput.logits_embedding:
             raise InvalidClassifier("hardness statistics need a classifier whose spec output is 'logits_embedding'")
         if embedding.shape[1] != stats.dim:
-            raise InvalidClassifier(f"hardness statistics are {stats.dim}-dimensional; the embedding is {embedding.shape[1]}")
+            raise InvalidClassifier(
+                f"hardness statistics are {stats.dim}-dimensional; the embedding is {embedding.shape[1]}"
+            )
 
 
 def load_classifier(

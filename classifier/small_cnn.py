@@ -21,10 +21,14 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
+            )
 
         self.features = nn.Sequential(block(in_channels, width), block(width, 2 * width), block(2 * width, 2 * width))
-        self.embed = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, embedding_dim), nn.ReLU())
+        self.embed = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, embedding_dim), nn.ReLU()
+        )
         self.head = nn.Linear(embedding_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +47,9 @@ def export_classifier(model: nn.Module, directory: Path, spec: ClassifierSpec) -
     return archive, spec_path
 
 
-def random_small_cnn(directory: Path, num_classes: int = 10, input_size: int = 32, seed: int = 0) -> tuple[Path, ClassifierSpec]:
+def random_small_cnn(
+    directory: Path, num_classes: int = 10, input_size: int = 32, seed: int = 0
+) -> tuple[Path, ClassifierSpec]:
     """A random-weight SmallCNN exported to `directory` (for tests of the plumbing): archive path and spec."""
     torch.manual_seed(seed)
     model = SmallCNN(num_classes)

@@ -32,7 +32,9 @@ class PlanError(ValueError):
 
 class ConditioningSource(str, Enum):
     own = "own images"  # random real images of the same class (and group)
-    other_groups = "other groups"  # the group has no real image: random real images of the class in other groups (paper J.2)
+    other_groups = (
+        "other groups"  # the group has no real image: random real images of the class in other groups (paper J.2)
+    )
     text = "text only"  # the class has no real image at all: the prompt alone
 
 
@@ -85,12 +87,13 @@ class UnitCounts:
     counts: dict[Unit, int]
 
     @classmethod
-    def from_dataset(cls, dataset: ScannedDataset) -> "UnitCounts":
+    def from_dataset(cls, dataset: ScannedDataset) -> UnitCounts:
         return cls(class_names=dataset.class_names, groups=dataset.groups, counts=dataset.unit_counts())
 
 
 def read_counts_csv(path: Path) -> UnitCounts:
-    """Counts CSV: `name` (or `class`), a count column (`train_count` or `count`), optional `class_index` and `group`."""
+    """Counts CSV: `name` (or `class`), a count column (`train_count` or `count`), optional `class_index`
+    and `group`."""
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
@@ -147,12 +150,16 @@ def parse_target(text: str) -> str | int | dict[str, int]:
         try:
             source = path.read_text(encoding="utf-8")
         except OSError as error:
-            raise PlanError(f"--target must be 'max', a number, a JSON object or a JSON file; cannot read {path}: {error}") from error
+            raise PlanError(
+                f"--target must be 'max', a number, a JSON object or a JSON file; cannot read {path}: {error}"
+            ) from error
     try:
         totals = json.loads(source)
     except ValueError as error:
         raise PlanError(f"--target JSON is invalid: {error}") from error
-    if not isinstance(totals, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in totals.values()):
+    if not isinstance(totals, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in totals.values()
+    ):
         raise PlanError("--target JSON must be an object of per-class totals (non-negative integers)")
     return {str(k): v for k, v in totals.items()}
 
@@ -171,7 +178,9 @@ def plan_balance(counts: UnitCounts, target: str | int | dict[str, int], images_
         wanted = totals.get(unit, before)
         if wanted < before:
             name = counts.class_names[class_index] + (f"/{group}" if group is not None else "")
-            raise PlanError(f"target {wanted} for {name!r} is below its {before} real images (over-sampling never removes images)")
+            raise PlanError(
+                f"target {wanted} for {name!r} is below its {before} real images (over-sampling never removes images)"
+            )
         if before > 0:
             source = ConditioningSource.own
         elif class_index in class_has_real:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from fgs_client.balance_planner import BalancePlan, JobSlot, build_jobs, plan_balance, UnitCounts
+from fgs_client.balance_planner import BalancePlan, JobSlot, UnitCounts, build_jobs, plan_balance
 from fgs_client.balance_state import STATE_NAME, BalanceState
 from fgs_client.dataset_readers import RealImage, ScannedDataset, SyntheticImage
 from fgs_client.dataset_writer import (
@@ -78,9 +78,13 @@ class BalanceReport:
 
 def plan_fingerprint(dataset: ScannedDataset, plan: BalancePlan, slots: list[JobSlot], options: BalanceOptions) -> str:
     body = {
-        "dataset": dataset.name, "classes": dataset.class_names, "groups": dataset.groups,
-        "entries": [(e.key, e.before, e.to_add) for e in plan.entries], "images_per_job": plan.images_per_job,
-        "seed": options.seed, "generation": options.generation_fields(),
+        "dataset": dataset.name,
+        "classes": dataset.class_names,
+        "groups": dataset.groups,
+        "entries": [(e.key, e.before, e.to_add) for e in plan.entries],
+        "images_per_job": plan.images_per_job,
+        "seed": options.seed,
+        "generation": options.generation_fields(),
         "jobs": [(s.key, s.seed, s.prompt, [im.rel_path for im in s.conditioning]) for s in slots],
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -107,16 +111,31 @@ def check_balance_options(options: BalanceOptions) -> None:
         if path is not None and not Path(path).is_file():
             raise ValueError(f"--{name.replace('_', '-')} {path} does not exist")
     if options.classifier is not None and options.classifier_spec is None:
-        raise ValueError("--classifier needs --classifier-spec (the JSON spec: num_classes, input_size, mean, std, output)")
+        raise ValueError(
+            "--classifier needs --classifier-spec (the JSON spec: num_classes, input_size, mean, std, output)"
+        )
     has_classifier = options.classifier is not None or options.classifier_id is not None
     try:
-        GenerateRequest(prompt="check", class_index=0, classifier_id="check" if has_classifier else None, **options.generation_fields())
+        GenerateRequest(
+            prompt="check",
+            class_index=0,
+            classifier_id="check" if has_classifier else None,
+            **options.generation_fields(),
+        )
     except ValidationError as error:
         raise ValueError(validation_message(error)) from None
 
 
 class BalanceRun:
-    def __init__(self, client: Client, dataset: ScannedDataset, out: Path, plan: BalancePlan, options: BalanceOptions, console: Console | None = None):
+    def __init__(
+        self,
+        client: Client,
+        dataset: ScannedDataset,
+        out: Path,
+        plan: BalancePlan,
+        options: BalanceOptions,
+        console: Console | None = None,
+    ):
         self.client = client
         self.dataset = dataset
         self.out = out
@@ -142,11 +161,15 @@ class BalanceRun:
         self.out.mkdir(parents=True, exist_ok=True)
         state = BalanceState(self.out / STATE_NAME)
         try:
-            state.bind_plan(self.fingerprint, [(s.key, i, s.num_images) for i, s in enumerate(self.slots)], self.options.chunk_size)
+            state.bind_plan(
+                self.fingerprint, [(s.key, i, s.num_images) for i, s in enumerate(self.slots)], self.options.chunk_size
+            )
             state.reopen_failed()
             # 3. real files; leftovers of an interrupted write
             carry_real_files(self.dataset, self.out, self.options.real_files)
-            written_dirs = {self.dataset.layout.synthetic_dir(self.dataset, e.class_index, e.group) for e in self.plan.entries}
+            written_dirs = {
+                self.dataset.layout.synthetic_dir(self.dataset, e.class_index, e.group) for e in self.plan.entries
+            }
             written_dirs |= {image.rel_path.rpartition("/")[0] for image in self.dataset.images}
             for directory in written_dirs:
                 remove_temporary_files(self.out / directory)
@@ -204,8 +227,13 @@ class BalanceRun:
         # A pick that does not decode is replaced by the slot's first good pick (deterministic on rerun).
         ids = [i if i is not None else good[0] for i in ids] if good else []
         return GenerateRequest(
-            prompt=slot.prompt, class_index=slot.entry.class_index, conditioning_image_ids=ids, num_images=slot.num_images,
-            classifier_id=self.classifier_id, seed=slot.seed, **self.options.generation_fields(),
+            prompt=slot.prompt,
+            class_index=slot.entry.class_index,
+            conditioning_image_ids=ids,
+            num_images=slot.num_images,
+            classifier_id=self.classifier_id,
+            seed=slot.seed,
+            **self.options.generation_fields(),
         )
 
     # 5-6. submit, poll, download
@@ -233,9 +261,16 @@ class BalanceRun:
 
     def _progress(self) -> Progress:
         return Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-            TaskProgressColumn(), _RateColumn(), TimeRemainingColumn(), TextColumn("[red]{task.fields[failures]} failed"),
-            console=self.console, disable=not self.options.show_progress,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("images"),
+            TaskProgressColumn(),
+            _RateColumn(),
+            TimeRemainingColumn(),
+            TextColumn("[red]{task.fields[failures]} failed"),
+            console=self.console,
+            disable=not self.options.show_progress,
         )
 
     def _submit_chunk(self, state: BalanceState, chunk: int, progress: Progress, task) -> None:
@@ -253,13 +288,21 @@ class BalanceRun:
             self._submit_job_by_job(state, rows, requests, progress, task)
             return
         if len(accepted.job_ids) != len(requests):
-            raise ApiError(500, "batch_mismatch", f"sent {len(requests)} jobs, the service accepted {len(accepted.job_ids)}")
+            raise ApiError(
+                500, "batch_mismatch", f"sent {len(requests)} jobs, the service accepted {len(accepted.job_ids)}"
+            )
         state.record_chunk_submitted(
-            accepted.batch_id, [(r.key, job_id, req.model_dump_json()) for r, job_id, req in zip(rows, accepted.job_ids, requests)]
+            accepted.batch_id,
+            [
+                (r.key, job_id, req.model_dump_json())
+                for r, job_id, req in zip(rows, accepted.job_ids, requests, strict=False)
+            ],
         )
 
-    def _submit_job_by_job(self, state: BalanceState, rows, requests: list[GenerateRequest], progress: Progress, task) -> None:
-        for row, request in zip(rows, requests):
+    def _submit_job_by_job(
+        self, state: BalanceState, rows, requests: list[GenerateRequest], progress: Progress, task
+    ) -> None:
+        for row, request in zip(rows, requests, strict=False):
             key = f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a0"
             while True:
                 # With none of our jobs in the queue, only others' work can free room: wait as the service says.
@@ -302,7 +345,9 @@ class BalanceRun:
             (self.out / synthetic_rel_path(self.dataset, slot, index)).unlink(missing_ok=True)
         request = GenerateRequest.model_validate_json(row.request)
         attempt = row.attempt + 1
-        accepted = self.client.submit(request, idempotency_key=f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a{attempt}")
+        accepted = self.client.submit(
+            request, idempotency_key=f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a{attempt}"
+        )
         state.record_resubmitted(row.key, attempt, accepted.job_id)
         self.retries_this_run[row.key] = used + 1
         self.retried += 1
@@ -311,14 +356,25 @@ class BalanceRun:
     def _download(self, state: BalanceState, row, job: JobPublic) -> None:
         slot = self.by_key[row.key]
         if len(job.results) != slot.num_images:
-            raise ApiError(500, "result_mismatch", f"job {job.job_id} finished with {len(job.results)} images, expected {slot.num_images}")
+            raise ApiError(
+                500,
+                "result_mismatch",
+                f"job {job.job_id} finished with {len(job.results)} images, expected {slot.num_images}",
+            )
         records = []
         for index, result in enumerate(job.results):
             rel = synthetic_rel_path(self.dataset, slot, index)
             dest = self.out / rel
             if not dest.exists():  # a file under its final name is complete (written by rename)
                 write_png_atomic(dest, self.client.image_bytes(result.image_id))
-            records.append({"path": rel, "seed": result.seed, "criterion_value": result.criterion_value, "image_id": result.image_id})
+            records.append(
+                {
+                    "path": rel,
+                    "seed": result.seed,
+                    "criterion_value": result.criterion_value,
+                    "image_id": result.image_id,
+                }
+            )
         state.record_done(row.key, job.job_id, records)
 
     # 7. index files and manifest
@@ -326,7 +382,15 @@ class BalanceRun:
         fields_ = self.options.generation_fields()
         rows: list[ManifestRow] = []
         for image in self.dataset.images:
-            rows.append(ManifestRow(image.rel_path, image.class_index, self.dataset.class_names[image.class_index], image.group or "", "real"))
+            rows.append(
+                ManifestRow(
+                    image.rel_path,
+                    image.class_index,
+                    self.dataset.class_names[image.class_index],
+                    image.group or "",
+                    "real",
+                )
+            )
         synthetic: list[SyntheticImage] = []
         for job in state.rows("done"):
             slot = self.by_key[job.key]
@@ -334,19 +398,35 @@ class BalanceRun:
             for record in job.results or []:
                 synthetic.append(SyntheticImage(record["path"], slot.entry.class_index, slot.entry.group))
                 value = record.get("criterion_value")
-                rows.append(ManifestRow(
-                    record["path"], slot.entry.class_index, slot.entry.class_name, slot.entry.group or "", "synthetic",
-                    seed=str(record["seed"]), criterion=fields_["criterion"], omega=str(request.omega if request else fields_["omega"]),
-                    gamma=str(request.gamma if request else fields_["gamma"]), dropout_p=str(request.dropout_p if request else fields_["dropout_p"]),
-                    criterion_value="" if value is None else repr(float(value)), job_id=job.job_id or "",
-                ))
+                rows.append(
+                    ManifestRow(
+                        record["path"],
+                        slot.entry.class_index,
+                        slot.entry.class_name,
+                        slot.entry.group or "",
+                        "synthetic",
+                        seed=str(record["seed"]),
+                        criterion=fields_["criterion"],
+                        omega=str(request.omega if request else fields_["omega"]),
+                        gamma=str(request.gamma if request else fields_["gamma"]),
+                        dropout_p=str(request.dropout_p if request else fields_["dropout_p"]),
+                        criterion_value="" if value is None else repr(float(value)),
+                        job_id=job.job_id or "",
+                    )
+                )
         write_index_files(self.out, self.dataset, synthetic)
         manifest = write_manifest(self.out, rows)
         failed = [(r.key, r.error or "failed") for r in state.rows("failed")]
         return BalanceReport(
-            out=self.out, planned_images=self.plan.total_to_add, planned_jobs=len(self.slots), synthetic_written=len(synthetic),
-            real_images=len(self.dataset.images), skipped_files=len(self.dataset.skipped) + len(self.bad_conditioning),
-            failed_jobs=failed, retried_jobs=self.retried, manifest=manifest,
+            out=self.out,
+            planned_images=self.plan.total_to_add,
+            planned_jobs=len(self.slots),
+            synthetic_written=len(synthetic),
+            real_images=len(self.dataset.images),
+            skipped_files=len(self.dataset.skipped) + len(self.bad_conditioning),
+            failed_jobs=failed,
+            retried_jobs=self.retried,
+            manifest=manifest,
         )
 
 
@@ -363,7 +443,9 @@ class _RateColumn(TextColumn):
         return Text(f"{speed:.2f} img/s" if speed else "-- img/s", style="green")
 
 
-def balance_dataset(client: Client, dataset: ScannedDataset, out: Path, target, options: BalanceOptions, console: Console | None = None) -> BalanceReport:
+def balance_dataset(
+    client: Client, dataset: ScannedDataset, out: Path, target, options: BalanceOptions, console: Console | None = None
+) -> BalanceReport:
     """Plan and run a balance (the Python API behind `fgs-client balance`)."""
     plan = plan_balance(UnitCounts.from_dataset(dataset), target, images_per_job=options.images_per_job)
     return BalanceRun(client, dataset, out, plan, options, console=console).run()

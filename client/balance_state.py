@@ -72,7 +72,8 @@ class BalanceState:
         if row is not None:
             if row[0] != fingerprint:
                 raise StateConflict(
-                    f"{self.path.parent} holds a balance run with a different plan (dataset, target or generation settings changed); "
+                    f"{self.path.parent} holds a balance run with a different plan (dataset, target or "
+                    "generation settings changed); "
                     f"use another --out, or delete {self.path.name} there to start over"
                 )
             return
@@ -104,7 +105,9 @@ class BalanceState:
 
     def _rows(self, sql: str, args: tuple = ()) -> list[JobRow]:
         rows = self._db.execute(
-            "SELECT key, ord, chunk, num_images, state, attempt, job_id, batch_id, request, results, error FROM jobs " + sql, args
+            "SELECT key, ord, chunk, num_images, state, attempt, job_id, batch_id, request, results, error FROM jobs "
+            + sql,
+            args,
         ).fetchall()
         return [JobRow(*r[:9], json.loads(r[9]) if r[9] else None, r[10]) for r in rows]
 
@@ -127,10 +130,15 @@ class BalanceState:
         return self._rows("WHERE state='submitted' ORDER BY ord LIMIT ?", (limit,))
 
     def record_done(self, key: str, job_id: str, results: list[dict]) -> None:
-        self._db.execute("UPDATE jobs SET state='done', job_id=?, results=?, error=NULL WHERE key=?", (job_id, json.dumps(results), key))
+        self._db.execute(
+            "UPDATE jobs SET state='done', job_id=?, results=?, error=NULL WHERE key=?",
+            (job_id, json.dumps(results), key),
+        )
 
     def record_resubmitted(self, key: str, attempt: int, job_id: str) -> None:
-        self._db.execute("UPDATE jobs SET state='submitted', attempt=?, job_id=?, batch_id=NULL WHERE key=?", (attempt, job_id, key))
+        self._db.execute(
+            "UPDATE jobs SET state='submitted', attempt=?, job_id=?, batch_id=NULL WHERE key=?", (attempt, job_id, key)
+        )
 
     def record_failed(self, key: str, error: str) -> None:
         self._db.execute("UPDATE jobs SET state='failed', error=? WHERE key=?", (error, key))
@@ -144,4 +152,7 @@ class BalanceState:
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """state -> (jobs, images)."""
-        return {s: (n, i) for s, n, i in self._db.execute("SELECT state, COUNT(*), SUM(num_images) FROM jobs GROUP BY state")}
+        return {
+            s: (n, i)
+            for s, n, i in self._db.execute("SELECT state, COUNT(*), SUM(num_images) FROM jobs GROUP BY state")
+        }

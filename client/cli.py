@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,12 +17,14 @@ from rich.table import Table
 from fgs_client.balance_planner import BalancePlan, PlanError, UnitCounts, parse_target, plan_balance, read_counts_csv
 from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
 from fgs_client.dataset_readers import DatasetError, packaged_lines, packaged_path, read_dataset
+from fgs_client.generation_options import GenerationChoice, generation_options
 from fgs_client.http_client import ApiError, AuthenticationFailed, Client, ServiceUnreachable
 from fgs_common.settings import get_settings
-from fgs_client.generation_options import GenerationChoice, generation_options
 from fgs_common.wire import ClassifierSpec, GenerationParams
 
-app = typer.Typer(help="fgs client: balance long-tailed datasets with feedback-guided synthetic images.", no_args_is_help=True)
+app = typer.Typer(
+    help="fgs client: balance long-tailed datasets with feedback-guided synthetic images.", no_args_is_help=True
+)
 out_console = Console()
 err_console = Console(stderr=True)
 
@@ -42,7 +44,9 @@ class RealFiles(str, Enum):
 
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="FGS_URL", help="the fgs service")]
-KeyOption = Annotated[Optional[str], typer.Option("--api-key", envvar="FGS_API_KEY", help="API key (default: FGS_DEV_API_KEY)")]
+KeyOption = Annotated[
+    str | None, typer.Option("--api-key", envvar="FGS_API_KEY", help="API key (default: FGS_DEV_API_KEY)")
+]
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -80,23 +84,39 @@ def print_plan(plan: BalancePlan, grouped: bool, console: Console = out_console)
 @generation_options(on_invalid=lambda message: fail(message, EXIT_BAD_INPUT))
 def balance(
     dataset: Annotated[DatasetName, typer.Option("--dataset", help="layout of the data on disk")],
-    root: Annotated[Optional[Path], typer.Option("--root", help="the dataset root")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="where the balanced dataset goes (default: <root>-balanced)")] = None,
-    target: Annotated[str, typer.Option("--target", help="'max', a number per unit, or a JSON object/file of per-class totals")] = "max",
-    counts: Annotated[Optional[Path], typer.Option("--counts", help="counts CSV instead of images (dry run only); 'builtin': the packaged ImageNet-LT train counts")] = None,
+    root: Annotated[Path | None, typer.Option("--root", help="the dataset root")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="where the balanced dataset goes (default: <root>-balanced)")
+    ] = None,
+    target: Annotated[
+        str, typer.Option("--target", help="'max', a number per unit, or a JSON object/file of per-class totals")
+    ] = "max",
+    counts: Annotated[
+        Path | None,
+        typer.Option(
+            "--counts",
+            help="counts CSV instead of images (dry run only); 'builtin': the packaged ImageNet-LT train counts",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and exit")] = False,
-    text_only: Annotated[bool, typer.Option("--text-only", help="condition on the class prompt alone, not on real images")] = False,
+    text_only: Annotated[
+        bool, typer.Option("--text-only", help="condition on the class prompt alone, not on real images")
+    ] = False,
     images_per_job: Annotated[int, typer.Option("--images-per-job")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="plan seed: conditioning picks and generation seeds")] = 0,
     max_retries: Annotated[int, typer.Option("--max-retries", help="retries per failed job in one run")] = 3,
-    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="TorchScript/torch.export archive to upload")] = None,
-    classifier_spec: Annotated[Optional[Path], typer.Option("--classifier-spec", help="its ClassifierSpec JSON")] = None,
-    hardness_stats: Annotated[Optional[Path], typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")] = None,
-    classifier_id: Annotated[Optional[str], typer.Option("--classifier-id", help="an already uploaded classifier")] = None,
+    classifier: Annotated[
+        Path | None, typer.Option("--classifier", help="TorchScript/torch.export archive to upload")
+    ] = None,
+    classifier_spec: Annotated[Path | None, typer.Option("--classifier-spec", help="its ClassifierSpec JSON")] = None,
+    hardness_stats: Annotated[
+        Path | None, typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")
+    ] = None,
+    classifier_id: Annotated[str | None, typer.Option("--classifier-id", help="an already uploaded classifier")] = None,
     real_files: Annotated[RealFiles, typer.Option("--real-files", help="how real images enter --out")] = RealFiles.link,
-    split_file: Annotated[Optional[Path], typer.Option("--split-file", help="imagenet-lt: the train split file")] = None,
-    class_names: Annotated[Optional[Path], typer.Option("--class-names", help="imagenet-lt: class-name file")] = None,
-    groups: Annotated[Optional[Path], typer.Option("--groups", help="imagefolder: CSV path,group")] = None,
+    split_file: Annotated[Path | None, typer.Option("--split-file", help="imagenet-lt: the train split file")] = None,
+    class_names: Annotated[Path | None, typer.Option("--class-names", help="imagenet-lt: class-name file")] = None,
+    groups: Annotated[Path | None, typer.Option("--groups", help="imagefolder: CSV path,group")] = None,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -112,9 +132,16 @@ def balance(
 
     options = BalanceOptions(
         generation=generation,
-        text_only=text_only, images_per_job=images_per_job, seed=seed, max_retries=max_retries,
-        classifier_id=classifier_id, classifier=classifier, classifier_spec=classifier_spec, hardness_stats=hardness_stats,
-        real_files=real_files.value, show_progress=progress,
+        text_only=text_only,
+        images_per_job=images_per_job,
+        seed=seed,
+        max_retries=max_retries,
+        classifier_id=classifier_id,
+        classifier=classifier,
+        classifier_spec=classifier_spec,
+        hardness_stats=hardness_stats,
+        real_files=real_files.value,
+        show_progress=progress,
     )
     try:
         target_value = parse_target(target)
@@ -131,16 +158,24 @@ def balance(
                 if dataset is not DatasetName.imagenet_lt:
                     raise fail("--counts builtin exists for imagenet-lt and nico++ only", EXIT_BAD_INPUT)
                 counts = packaged_path("imagenet_lt_train_counts.csv")
-            print_plan(plan_balance(read_counts_csv(counts), target_value, images_per_job), grouped=_grouped_counts(counts))
+            print_plan(
+                plan_balance(read_counts_csv(counts), target_value, images_per_job), grouped=_grouped_counts(counts)
+            )
             print_generation(choice, target)
             return
         if root is None:
             raise fail("--root is required (or --counts FILE with --dry-run)", EXIT_BAD_INPUT)
         if not dry_run:
             check_balance_options(options)
-        scanned = read_dataset(dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups)
+        scanned = read_dataset(
+            dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups
+        )
         if scanned.skipped:
-            err_console.print(f"[yellow]skipped {len(scanned.skipped):,} files that are not readable images[/] (first: {scanned.skipped[0].path}: {scanned.skipped[0].reason})", soft_wrap=True)
+            err_console.print(
+                f"[yellow]skipped {len(scanned.skipped):,} files that are not readable images[/] (first: "
+                f"{scanned.skipped[0].path}: {scanned.skipped[0].reason})",
+                soft_wrap=True,
+            )
         plan = plan_balance(UnitCounts.from_dataset(scanned), target_value, images_per_job)
         if dry_run:
             print_plan(plan, grouped=scanned.groups is not None)
@@ -157,20 +192,26 @@ def balance(
         except ValueError as error:
             raise fail(str(error), EXIT_BAD_INPUT) from None
         except ServiceUnreachable as error:
-            raise fail(f"{error}. Nothing is lost: rerun the same command when the service is up to resume.", EXIT_UNREACHABLE) from None
+            raise fail(
+                f"{error}. Nothing is lost: rerun the same command when the service is up to resume.", EXIT_UNREACHABLE
+            ) from None
         except AuthenticationFailed as error:
             raise fail(f"{error}. Pass the right key with --api-key or FGS_API_KEY.", EXIT_AUTH) from None
         except ApiError as error:
             raise fail(f"the service refused a request: {error}. Rerun the same command to resume.", EXIT_API) from None
     summary = (
         f"{report.synthetic_written:,}/{report.planned_images:,} synthetic images in {report.out} "
-        f"({report.real_images:,} real, {report.skipped_files:,} files skipped, {report.retried_jobs} jobs retried); manifest: {report.manifest}"
+        f"({report.real_images:,} real, {report.skipped_files:,} files skipped, {report.retried_jobs} jobs "
+        f"retried); manifest: {report.manifest}"
     )
     if report.failed_jobs:
         err_console.print(summary, soft_wrap=True)
         for key, message in report.failed_jobs[:20]:
             err_console.print(f"  failed {key}: {message}")
-        raise fail(f"{len(report.failed_jobs)} jobs failed after {max_retries} retries; rerun the same command to retry them", EXIT_FAILED_JOBS)
+        raise fail(
+            f"{len(report.failed_jobs)} jobs failed after {max_retries} retries; rerun the same command to retry them",
+            EXIT_FAILED_JOBS,
+        )
     out_console.print(f"balanced: {summary}", soft_wrap=True)
 
 
@@ -220,8 +261,8 @@ def _grouped_counts(path: Path) -> bool:
 
 @app.command()
 def status(
-    out: Annotated[Optional[Path], typer.Option("--out", help="a balance output directory")] = None,
-    job: Annotated[Optional[str], typer.Option("--job", help="a job id to look up on the service")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="a balance output directory")] = None,
+    job: Annotated[str | None, typer.Option("--job", help="a job id to look up on the service")] = None,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
 ) -> None:
@@ -271,7 +312,9 @@ def _read_spec(path: Path) -> ClassifierSpec:
 def upload_classifier(
     archive: Annotated[Path, typer.Option("--classifier", help="TorchScript (.pt) or torch.export (.pt2) archive")],
     spec: Annotated[Path, typer.Option("--spec", help="ClassifierSpec JSON")],
-    hardness_stats: Annotated[Optional[Path], typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")] = None,
+    hardness_stats: Annotated[
+        Path | None, typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")
+    ] = None,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
 ) -> None:
@@ -293,42 +336,63 @@ def upload_classifier(
 def hardness_stats_command(
     dataset: Annotated[DatasetName, typer.Option("--dataset")],
     root: Annotated[Path, typer.Option("--root")],
-    classifier: Annotated[Path, typer.Option("--classifier", help="TorchScript (.pt) or torch.export (.pt2) archive returning (logits, embedding)")],
+    classifier: Annotated[
+        Path,
+        typer.Option(
+            "--classifier", help="TorchScript (.pt) or torch.export (.pt2) archive returning (logits, embedding)"
+        ),
+    ],
     spec: Annotated[Path, typer.Option("--spec", help="ClassifierSpec JSON")],
     out: Annotated[Path, typer.Option("--out", help="safetensors file to write")],
-    shrinkage: Annotated[Optional[float], typer.Option("--shrinkage", help="covariance shrinkage in [0, 1] (default: Ledoit-Wolf)")] = None,
+    shrinkage: Annotated[
+        float | None, typer.Option("--shrinkage", help="covariance shrinkage in [0, 1] (default: Ledoit-Wolf)")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
-    split_file: Annotated[Optional[Path], typer.Option("--split-file")] = None,
-    class_names: Annotated[Optional[Path], typer.Option("--class-names")] = None,
-    groups: Annotated[Optional[Path], typer.Option("--groups")] = None,
+    split_file: Annotated[Path | None, typer.Option("--split-file")] = None,
+    class_names: Annotated[Path | None, typer.Option("--class-names")] = None,
+    groups: Annotated[Path | None, typer.Option("--groups")] = None,
 ) -> None:
     """Class means, shrinkage covariances, precisions and log-dets of the classifier's embeddings over the real
     training set (the hardness criterion's statistics), saved as safetensors. Needs the `train` extra (torch)."""
     try:
         from fgs_client.training import class_embedding_statistics, embed_images, load_classifier_archive
     except ImportError as error:
-        raise fail(f"hardness-stats needs the train extra (pip install 'fgs[train]'): {error}", EXIT_BAD_INPUT) from None
+        raise fail(
+            f"hardness-stats needs the train extra (pip install 'fgs[train]'): {error}", EXIT_BAD_INPUT
+        ) from None
     parsed = _read_spec(spec)
     try:
-        scanned = read_dataset(dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups)
+        scanned = read_dataset(
+            dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups
+        )
     except DatasetError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     if len(scanned.class_names) != parsed.num_classes:
-        raise fail(f"the dataset has {len(scanned.class_names)} classes, the classifier spec {parsed.num_classes}", EXIT_BAD_INPUT)
+        raise fail(
+            f"the dataset has {len(scanned.class_names)} classes, the classifier spec {parsed.num_classes}",
+            EXIT_BAD_INPUT,
+        )
     try:
         model = load_classifier_archive(classifier, parsed)
-        embeddings, labels = embed_images(model, [im.path for im in scanned.images], [im.class_index for im in scanned.images], batch_size=batch_size)
+        embeddings, labels = embed_images(
+            model, [im.path for im in scanned.images], [im.class_index for im in scanned.images], batch_size=batch_size
+        )
     except ValueError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     stats = class_embedding_statistics(embeddings, labels, parsed.num_classes, shrinkage=shrinkage)
     stats.save(out)
-    out_console.print(f"hardness statistics of {len(labels):,} images, {parsed.num_classes} classes, embedding size {embeddings.shape[1]} -> {out}")
+    out_console.print(
+        f"hardness statistics of {len(labels):,} images, {parsed.num_classes} classes, embedding size "
+        f"{embeddings.shape[1]} -> {out}"
+    )
 
 
 @app.command()
 def grid(
     out: Annotated[Path, typer.Option("--out", help="a balanced dataset written by `balance` (holds manifest.csv)")],
-    dest: Annotated[Optional[Path], typer.Option("--dest", help="folder for the contact sheets (default: <out>-grid)")] = None,
+    dest: Annotated[
+        Path | None, typer.Option("--dest", help="folder for the contact sheets (default: <out>-grid)")
+    ] = None,
     per_class: Annotated[int, typer.Option("--per-class", help="images per row")] = 8,
     size: Annotated[int, typer.Option("--size", help="thumbnail side in pixels")] = 96,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -359,19 +423,19 @@ def sweep(
         str, typer.Option("--omega", help="feedback scales ω to try, comma-separated")
     ] = "0,0.01,0.03,0.1,0.3",
     gamma: Annotated[
-        Optional[str], typer.Option("--gamma", help="guidance scales γ to try (default: the preset's or the default)")
+        str | None, typer.Option("--gamma", help="guidance scales γ to try (default: the preset's or the default)")
     ] = None,
     seeds: Annotated[
         int, typer.Option("--seeds", min=1, max=64, help="images per class and setting (the same seeds in each)")
     ] = 4,
     seed: Annotated[int, typer.Option("--seed", help="first generation seed; also picks the conditioning image")] = 0,
     hardness_stats: Annotated[
-        Optional[Path], typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")
+        Path | None, typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")
     ] = None,
     size: Annotated[int, typer.Option("--size", help="grid thumbnail side in pixels")] = 96,
-    split_file: Annotated[Optional[Path], typer.Option("--split-file")] = None,
-    class_names: Annotated[Optional[Path], typer.Option("--class-names")] = None,
-    groups: Annotated[Optional[Path], typer.Option("--groups")] = None,
+    split_file: Annotated[Path | None, typer.Option("--split-file")] = None,
+    class_names: Annotated[Path | None, typer.Option("--class-names")] = None,
+    groups: Annotated[Path | None, typer.Option("--groups")] = None,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
     *,
@@ -411,8 +475,17 @@ def sweep(
     with make_client(url, api_key) as client:
         try:
             classifier_id = client.upload_classifier(classifier, parsed, hardness_stats).id
-            sweeps = pilot_sweep.run_sweep(client, scanned, chosen, settings, generation, num_seeds=seeds, seed=seed,
-                                           classifier_id=classifier_id, out=out / "images")
+            sweeps = pilot_sweep.run_sweep(
+                client,
+                scanned,
+                chosen,
+                settings,
+                generation,
+                num_seeds=seeds,
+                seed=seed,
+                classifier_id=classifier_id,
+                out=out / "images",
+            )
         except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
             raise fail(str(error), _exit_code(error)) from None
         except (ValueError, RuntimeError) as error:
@@ -429,17 +502,31 @@ def sweep(
     ]
     criterion = generation.criterion.value
     (out / "sweep.md").write_text(pilot_sweep.sweep_markdown(pooled, per_class, suggestion, criterion, grids))
-    (out / "sweep.json").write_text(json.dumps({
-        "criterion": criterion, "base": generation.model_dump(mode="json"), "settings": [r.as_dict() for r in pooled],
-        "per_class": {name: [r.as_dict() for r in rows] for name, rows in per_class.items()},
-        "suggested": suggestion[0].as_dict(), "reason": suggestion[1],
-    }, indent=1))
+    (out / "sweep.json").write_text(
+        json.dumps(
+            {
+                "criterion": criterion,
+                "base": generation.model_dump(mode="json"),
+                "settings": [r.as_dict() for r in pooled],
+                "per_class": {name: [r.as_dict() for r in rows] for name, rows in per_class.items()},
+                "suggested": suggestion[0].as_dict(),
+                "reason": suggestion[1],
+            },
+            indent=1,
+        )
+    )
     table = Table(title=f"pilot sweep: {len(chosen)} classes x {seeds} seeds per setting")
     for column in ("setting", "images", "intended share", f"mean {criterion}", "density", "coverage"):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for r in pooled:
-        table.add_row(r.setting.label, str(r.images), f"{r.intended_share:.2f}", f"{r.mean_criterion:.3f}",
-                      f"{r.density:.2f}", f"{r.coverage:.2f}")
+        table.add_row(
+            r.setting.label,
+            str(r.images),
+            f"{r.intended_share:.2f}",
+            f"{r.mean_criterion:.3f}",
+            f"{r.density:.2f}",
+            f"{r.coverage:.2f}",
+        )
     out_console.print(table)
     out_console.print(f"suggested: {suggestion[1]}", soft_wrap=True)
     out_console.print(f"grids: {', '.join(str(g) for g in grids)}; table: {out / 'sweep.md'}", soft_wrap=True)

@@ -58,10 +58,12 @@ class DatasetLayout:
 
     passthrough: list[tuple[Path, str]] = field(default_factory=list)  # (source file, rel path): carried over as is
 
-    def synthetic_dir(self, dataset: "ScannedDataset", class_index: int, group: str | None) -> str:
+    def synthetic_dir(self, dataset: ScannedDataset, class_index: int, group: str | None) -> str:
         raise NotImplementedError
 
-    def write_index(self, out: Path, dataset: "ScannedDataset", real: list[RealImage], synthetic: list[SyntheticImage]) -> list[str]:
+    def write_index(
+        self, out: Path, dataset: ScannedDataset, real: list[RealImage], synthetic: list[SyntheticImage]
+    ) -> list[str]:
         """Write the layout's index files under out; returns their rel paths."""
         return []
 
@@ -168,12 +170,22 @@ class NicoppMetadataLayout(DatasetLayout):
 
     def write_index(self, out, dataset, real, synthetic):
         rows = [
-            {"filename": _strip_base(im.rel_path, self.base_rel), "y": im.class_index, "a": self.contexts.index(im.group), "split": 0}
+            {
+                "filename": _strip_base(im.rel_path, self.base_rel),
+                "y": im.class_index,
+                "a": self.contexts.index(im.group),
+                "split": 0,
+            }
             for im in real
         ]
         rows += self.other_rows
         rows += [
-            {"filename": _strip_base(im.rel_path, self.base_rel), "y": im.class_index, "a": self.contexts.index(im.group), "split": 0}
+            {
+                "filename": _strip_base(im.rel_path, self.base_rel),
+                "y": im.class_index,
+                "a": self.contexts.index(im.group),
+                "split": 0,
+            }
             for im in synthetic
         ]
         _write_csv_atomic(out / "metadata.csv", ["filename", "y", "a", "split"], rows)
@@ -236,7 +248,15 @@ def read_nicopp(root: Path) -> ScannedDataset:
         )
     train_rel = _rel(train_dir, root) if train_dir != root else ""
     mapping_path = next(
-        (p for p in (root / NICOPP_MAPPING, root / "dg_label_id_mapping.json", train_dir.parent.parent / "dg_label_id_mapping.json") if p.is_file()),
+        (
+            p
+            for p in (
+                root / NICOPP_MAPPING,
+                root / "dg_label_id_mapping.json",
+                train_dir.parent.parent / "dg_label_id_mapping.json",
+            )
+            if p.is_file()
+        ),
         None,
     )
     context_dirs = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
@@ -258,10 +278,18 @@ def read_nicopp(root: Path) -> ScannedDataset:
     images, bad = _scan_files(files)
     layout = NicoppFolderLayout(train_rel=train_rel)
     if mapping_path is not None:
-        layout.passthrough.append((mapping_path, _rel(mapping_path, root) if mapping_path.is_relative_to(root) else mapping_path.name))
+        layout.passthrough.append(
+            (mapping_path, _rel(mapping_path, root) if mapping_path.is_relative_to(root) else mapping_path.name)
+        )
     return ScannedDataset(
-        name="nico++", root=root, class_names=class_names, groups=contexts, images=images,
-        skipped=skipped + bad, layout=layout, prompt_template="{class_name} in {group}",
+        name="nico++",
+        root=root,
+        class_names=class_names,
+        groups=contexts,
+        images=images,
+        skipped=skipped + bad,
+        layout=layout,
+        prompt_template="{class_name} in {group}",
     )
 
 
@@ -291,7 +319,10 @@ def _read_nicopp_metadata(root: Path) -> ScannedDataset:
         except ValueError as error:
             raise DatasetError(f"metadata.csv line {number}: y, a and split must be integers ({error})") from error
         if not (0 <= y < len(class_names)) or not (0 <= a < len(contexts)):
-            raise DatasetError(f"metadata.csv line {number}: y={y} or a={a} out of range ({len(class_names)} classes, {len(contexts)} contexts)")
+            raise DatasetError(
+                f"metadata.csv line {number}: y={y} or a={a} out of range ({len(class_names)} classes, "
+                f"{len(contexts)} contexts)"
+            )
         path = base / row["filename"]
         rel = _join(base_rel, row["filename"])
         if split == 0:
@@ -304,8 +335,14 @@ def _read_nicopp_metadata(root: Path) -> ScannedDataset:
     layout = NicoppMetadataLayout(base_rel=base_rel, other_rows=other_rows, contexts=contexts)
     layout.passthrough = passthrough + ([(mapping_path, _rel(mapping_path, root))] if mapping_path else [])
     return ScannedDataset(
-        name="nico++", root=root, class_names=class_names, groups=contexts, images=images,
-        skipped=skipped, layout=layout, prompt_template="{class_name} in {group}",
+        name="nico++",
+        root=root,
+        class_names=class_names,
+        groups=contexts,
+        images=images,
+        skipped=skipped,
+        layout=layout,
+        prompt_template="{class_name} in {group}",
     )
 
 
@@ -357,7 +394,9 @@ def read_class_names(path: Path) -> tuple[list[str], list[str | None]]:
     return names, wnids
 
 
-def read_imagenet_lt(root: Path, split_file: Path | None = None, class_names_file: Path | None = None) -> ScannedDataset:
+def read_imagenet_lt(
+    root: Path, split_file: Path | None = None, class_names_file: Path | None = None
+) -> ScannedDataset:
     """ImageNet-LT: `<relative path> <label>` split file plus class names (the packaged list by default)."""
     root = _require_dir(root)
     if split_file is None:
@@ -369,7 +408,9 @@ def read_imagenet_lt(root: Path, split_file: Path | None = None, class_names_fil
     if not split_file.is_file():
         raise DatasetError(f"split file {split_file} does not exist")
     if class_names_file is None:
-        class_names_file = next((root / n for n in ("classnames.txt", "ImageNet_LT_classnames.txt") if (root / n).is_file()), None)
+        class_names_file = next(
+            (root / n for n in ("classnames.txt", "ImageNet_LT_classnames.txt") if (root / n).is_file()), None
+        )
     names, wnids = read_class_names(class_names_file or packaged_path("imagenet_lt_train_counts.csv"))
     files: list[tuple[Path, str, int, str | None]] = []
     for number, line in enumerate(split_file.read_text(encoding="utf-8").splitlines(), start=1):
@@ -380,7 +421,9 @@ def read_imagenet_lt(root: Path, split_file: Path | None = None, class_names_fil
             raise DatasetError(f"{split_file.name} line {number}: expected '<path> <label>', got {line!r}")
         label_index = int(label)
         if not 0 <= label_index < len(names):
-            raise DatasetError(f"{split_file.name} line {number}: label {label_index} outside the {len(names)} class names")
+            raise DatasetError(
+                f"{split_file.name} line {number}: label {label_index} outside the {len(names)} class names"
+            )
         files.append((root / rel, rel, label_index, None))
     images, skipped = _scan_files(files)
     dir_votes: dict[int, Counter] = {}
@@ -394,7 +437,9 @@ def read_imagenet_lt(root: Path, split_file: Path | None = None, class_names_fil
     for other in sorted(root.glob("*.txt")):
         if other != split_file:
             layout.passthrough.append((other, other.name))
-    return ScannedDataset(name="imagenet-lt", root=root, class_names=names, groups=None, images=images, skipped=skipped, layout=layout)
+    return ScannedDataset(
+        name="imagenet-lt", root=root, class_names=names, groups=None, images=images, skipped=skipped, layout=layout
+    )
 
 
 # ---------------------------------------------------------------- ImageFolder
@@ -411,12 +456,16 @@ class ImageFolderLayout(DatasetLayout):
     def write_index(self, out, dataset, real, synthetic):
         if self.groups_file is None:
             return []
-        rows = [{"path": _strip_base(im.rel_path, self.base_rel), "group": im.group} for im in list(real) + list(synthetic)]
+        rows = [
+            {"path": _strip_base(im.rel_path, self.base_rel), "group": im.group} for im in list(real) + list(synthetic)
+        ]
         _write_csv_atomic(out / self.groups_file, ["path", "group"], rows)
         return [self.groups_file]
 
 
-def read_imagefolder(root: Path, groups_csv: Path | None = None, base_rel: str = "", name: str = "imagefolder") -> ScannedDataset:
+def read_imagefolder(
+    root: Path, groups_csv: Path | None = None, base_rel: str = "", name: str = "imagefolder"
+) -> ScannedDataset:
     """torchvision ImageFolder layout `<root>/<class>/**`; optional groups from a CSV with columns path,group."""
     root = _require_dir(root)
     base = root / base_rel if base_rel else root
@@ -445,7 +494,13 @@ def read_imagefolder(root: Path, groups_csv: Path | None = None, base_rel: str =
     groups = sorted({g for g in group_of.values()}) if group_of is not None else None
     layout = ImageFolderLayout(base_rel=base_rel, groups_file=groups_csv.name if groups_csv else None)
     return ScannedDataset(
-        name=name, root=root, class_names=class_names, groups=groups, images=images, skipped=skipped, layout=layout,
+        name=name,
+        root=root,
+        class_names=class_names,
+        groups=groups,
+        images=images,
+        skipped=skipped,
+        layout=layout,
         prompt_template="{class_name} in {group}" if groups else "{class_name}",
     )
 
@@ -520,7 +575,14 @@ def _digits_classes(description: dict) -> tuple[list[str], list[str]]:
     return names, prompts
 
 
-def read_dataset(name: str, root: Path, *, split_file: Path | None = None, class_names_file: Path | None = None, groups_csv: Path | None = None) -> ScannedDataset:
+def read_dataset(
+    name: str,
+    root: Path,
+    *,
+    split_file: Path | None = None,
+    class_names_file: Path | None = None,
+    groups_csv: Path | None = None,
+) -> ScannedDataset:
     """Read a dataset by its name (one of DATASET_NAMES)."""
     if name == "nico++":
         return read_nicopp(root)

@@ -56,7 +56,7 @@ def class_prompt(class_name: str) -> str:
 
 
 def shot_group(train_count: int) -> str:
-    """"many", "medium" or "few" for a class with `train_count` training images."""
+    """ "many", "medium" or "few" for a class with `train_count` training images."""
     if train_count > MANY_ABOVE:
         return "many"
     if train_count < FEW_BELOW:
@@ -156,9 +156,11 @@ def build_digits_lt(root: Path, seed: int = SPLIT_SEED) -> Path:
             "many_above": MANY_ABOVE,
             "few_below": FEW_BELOW,
         },
-        "shot_groups": {name: shot_group(count) for name, count in zip(CLASS_NAMES, train_counts)},
+        "shot_groups": {name: shot_group(count) for name, count in zip(CLASS_NAMES, train_counts, strict=False)},
         "indices": {
-            "generator": list(split.generator), "train": list(split.train), "validation": list(split.validation),
+            "generator": list(split.generator),
+            "train": list(split.train),
+            "validation": list(split.validation),
             "test": list(split.test),
         },
     }

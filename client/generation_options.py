@@ -13,7 +13,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional, get_type_hints
+from typing import Annotated, Any, get_type_hints
 
 import typer
 from pydantic import ValidationError
@@ -91,13 +91,15 @@ def _with_generation_flags(
     wants_choice = "choice" in inspect.signature(command).parameters
     own = [p for p in own if p.name != "choice"]
     preset_option = typer.Option(
-        "--preset", help=f"start from a named setting ({', '.join(PRESETS)}); flags given override it",
+        "--preset",
+        help=f"start from a named setting ({', '.join(PRESETS)}); flags given override it",
         rich_help_panel=PANEL,
     )
     fields = [name for name in GenerationParams.model_fields if name not in exclude]
     flags = [_flag_parameter(name) for name in fields] + [
-        inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None,
-                          annotation=Annotated[Optional[str], preset_option]),
+        inspect.Parameter(
+            "preset", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, preset_option]
+        ),
         inspect.Parameter("generation_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
     ]
 

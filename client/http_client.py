@@ -78,7 +78,9 @@ class GenerationResult:
 class Client:
     """HTTP client of an fgs service. `Client(url, api_key).generate(prompt=..., class_index=..., num_images=4)`."""
 
-    def __init__(self, url: str, api_key: str | None, *, timeout_s: float = 60.0, retries: int = 4, backoff_s: float = 0.5):
+    def __init__(
+        self, url: str, api_key: str | None, *, timeout_s: float = 60.0, retries: int = 4, backoff_s: float = 0.5
+    ):
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff_s = backoff_s
@@ -88,7 +90,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -96,7 +98,9 @@ class Client:
 
     # -------------------------------------------------------------- transport
 
-    def _request(self, method: str, path: str, *, retry_statuses: frozenset[int] = RETRY_STATUSES, **kwargs: Any) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, *, retry_statuses: frozenset[int] = RETRY_STATUSES, **kwargs: Any
+    ) -> httpx.Response:
         """One call with retries on connection errors and retry_statuses; errors become typed exceptions."""
         attempt = 0
         while True:
@@ -104,7 +108,9 @@ class Client:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as error:
                 if attempt >= self.retries:
-                    raise ServiceUnreachable(f"cannot reach the fgs service at {self.url} ({error.__class__.__name__}: {error})") from error
+                    raise ServiceUnreachable(
+                        f"cannot reach the fgs service at {self.url} ({error.__class__.__name__}: {error})"
+                    ) from error
             else:
                 if response.status_code not in retry_statuses or attempt >= self.retries:
                     return self._check(response)
@@ -125,9 +131,13 @@ class Client:
         except (ValueError, TypeError):
             code, message = "http_error", response.text[:500] or response.reason_phrase
         if response.status_code in (401, 403):
-            raise AuthenticationFailed(f"the fgs service at {self.url} rejected the API key ({response.status_code}: {message})")
+            raise AuthenticationFailed(
+                f"the fgs service at {self.url} rejected the API key ({response.status_code}: {message})"
+            )
         if response.status_code in (502, 503, 504):
-            raise ServiceUnreachable(f"the fgs service at {self.url} is unavailable ({response.status_code}: {message})")
+            raise ServiceUnreachable(
+                f"the fgs service at {self.url} is unavailable ({response.status_code}: {message})"
+            )
         raise ApiError(response.status_code, code, message)
 
     # -------------------------------------------------------------- endpoints
@@ -140,8 +150,11 @@ class Client:
         response = self._request("POST", "/v1/images", files={"file": (filename, data, "application/octet-stream")})
         return ImageUploaded.model_validate(response.json())
 
-    def upload_classifier(self, archive: Path, spec: ClassifierSpec, hardness_stats: Path | None = None) -> ClassifierUploaded:
-        """POST /v1/classifiers: a TorchScript (.pt) or torch.export (.pt2) archive, its spec, optional hardness statistics."""
+    def upload_classifier(
+        self, archive: Path, spec: ClassifierSpec, hardness_stats: Path | None = None
+    ) -> ClassifierUploaded:
+        """POST /v1/classifiers: a TorchScript (.pt) or torch.export (.pt2) archive, its spec, optional
+        hardness statistics."""
         files = {"archive": (archive.name, archive.read_bytes(), "application/octet-stream")}
         with contextlib.ExitStack() as opened:
             if hardness_stats is not None:  # several GB at ImageNet scale: httpx streams an open file (seeks on retry)
@@ -150,22 +163,32 @@ class Client:
             response = self._request("POST", "/v1/classifiers", files=files, data={"spec": spec.model_dump_json()})
         return ClassifierUploaded.model_validate(response.json())
 
-    def submit(self, request: GenerateRequest, idempotency_key: str | None = None, wait_when_full: bool = True) -> JobAccepted:
+    def submit(
+        self, request: GenerateRequest, idempotency_key: str | None = None, wait_when_full: bool = True
+    ) -> JobAccepted:
         """POST /v1/generate: one job; the same Idempotency-Key returns the same job.
         wait_when_full=False raises ApiError(429) at once when the tenant's queue is full."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self._request(
-            "POST", "/v1/generate", content=request.model_dump_json(), headers={"Content-Type": "application/json", **headers},
+            "POST",
+            "/v1/generate",
+            content=request.model_dump_json(),
+            headers={"Content-Type": "application/json", **headers},
             retry_statuses=RETRY_STATUSES if wait_when_full else RETRY_STATUSES - {429},
         )
         return JobAccepted.model_validate(response.json())
 
-    def submit_batch(self, requests: list[GenerateRequest], idempotency_key: str | None = None, wait_when_full: bool = True) -> BatchAccepted:
+    def submit_batch(
+        self, requests: list[GenerateRequest], idempotency_key: str | None = None, wait_when_full: bool = True
+    ) -> BatchAccepted:
         """POST /v1/batches: many jobs in one call (all or none are queued)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = BatchCreate(jobs=requests).model_dump_json()
         response = self._request(
-            "POST", "/v1/batches", content=body, headers={"Content-Type": "application/json", **headers},
+            "POST",
+            "/v1/batches",
+            content=body,
+            headers={"Content-Type": "application/json", **headers},
             retry_statuses=RETRY_STATUSES if wait_when_full else RETRY_STATUSES - {429},
         )
         return BatchAccepted.model_validate(response.json())
@@ -194,7 +217,14 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout_s} s")
             time.sleep(poll_s)
 
-    def generate(self, request: GenerateRequest | None = None, *, timeout_s: float | None = None, idempotency_key: str | None = None, **fields: Any) -> GenerationResult:
+    def generate(
+        self,
+        request: GenerateRequest | None = None,
+        *,
+        timeout_s: float | None = None,
+        idempotency_key: str | None = None,
+        **fields: Any,
+    ) -> GenerationResult:
         """Submit one job (a GenerateRequest or its fields), wait for it, and download its images."""
         if request is None:
             request = GenerateRequest(**fields)
@@ -206,7 +236,9 @@ class Client:
             raise JobFailed(job)
         return GenerationResult(job=job, images=[self.image_bytes(r.image_id) for r in job.results])
 
-    def balance(self, dataset: str, root: Path, out: Path, target: str | int | dict[str, int] = "max", **options: Any) -> "BalanceReport":
+    def balance(
+        self, dataset: str, root: Path, out: Path, target: str | int | dict[str, int] = "max", **options: Any
+    ) -> BalanceReport:
         """Balance a dataset on disk (see `fgs-client balance`); resumable: call again with the same arguments."""
         from fgs_client.balance_runner import BalanceOptions, balance_dataset, check_balance_options
         from fgs_client.dataset_readers import read_dataset

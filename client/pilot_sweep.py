@@ -161,7 +161,7 @@ def run_sweep(
             )
             jobs.append((sweep, setting, request))
     accepted = client.submit_batch([request for _, _, request in jobs])
-    for (sweep, setting, _), job_id in zip(jobs, accepted.job_ids):
+    for (sweep, setting, _), job_id in zip(jobs, accepted.job_ids, strict=False):
         job = client.wait(job_id)
         if job.state is not JobState.finished:
             message = job.error.message if job.error else job.state.value
@@ -210,7 +210,7 @@ def write_grid(sweep: ClassSweep, settings: list[SweepSetting], dest: Path, size
 
 
 def setting_rows(
-    sweeps: list[ClassSweep], settings: list[SweepSetting], real_embeddings: dict[int, "object"], embed
+    sweeps: list[ClassSweep], settings: list[SweepSetting], real_embeddings: dict[int, object], embed
 ) -> tuple[list[SettingRow], dict[str, list[SettingRow]]]:
     """Pooled rows (the mean over classes) and per-class rows. `embed(paths)` gives a numpy [N, k] array;
     real_embeddings[c] the class's real images in the same space."""
@@ -240,7 +240,7 @@ def setting_rows(
     for index, setting in enumerate(settings):
         rows = [rows[index] for rows in per_class.values()]
 
-        def mean(field: str) -> float:
+        def mean(field: str, rows: list = rows) -> float:
             values = [getattr(r, field) for r in rows if not math.isnan(getattr(r, field))]
             return sum(values) / len(values) if values else math.nan
 

@@ -2,7 +2,8 @@
 
 - `RealSyntheticBatchSampler`: a fixed real/synthetic ratio in every minibatch (paper App. J.1: 50/50), class-balanced;
 - `balanced_softmax_loss`: Balanced Softmax (Ren et al. 2020): cross-entropy of logits + log class prior;
-- `shot_accuracy`: Many (>100) / Medium (20..100) / Few (<20) training images per class, as classifier-balancing reports;
+- `shot_accuracy`: Many (>100) / Medium (20..100) / Few (<20) training images per class, as
+  classifier-balancing reports;
 - `group_accuracy`: per-group, worst-group and mean-group accuracy as SubpopBench reports them;
 - `class_embedding_statistics`: the hardness statistics (delegates to fgs_worker's HardnessStats);
 - `ManifestDataset`: the images of a `manifest.csv`.
@@ -24,7 +25,6 @@ from PIL import Image
 from fgs_classifier.hardness_stats import HardnessStats
 from fgs_classifier.registry import load_classifier
 from fgs_client.dataset_writer import MANIFEST_NAME, read_manifest
-
 
 # ---------------------------------------------------------------- sampling
 
@@ -84,7 +84,10 @@ class RealSyntheticBatchSampler(torch.utils.data.Sampler):
             w_synth[both] = (1.0 - int(synthetic_only.sum()) / (n * (1 - r))) / int(both.sum())
         else:
             if 0.0 < r < 1.0 and not torch.equal(real, synthetic):
-                warnings.warn("classes cannot be balanced across the whole batch; each half is class-balanced on its own")
+                warnings.warn(
+                    "classes cannot be balanced across the whole batch; each half is class-balanced on its own",
+                    stacklevel=2,
+                )
             w_real[real] = 1.0
             w_synth[synthetic] = 1.0
         return w_real.clamp_min(0), w_synth.clamp_min(0)
@@ -126,7 +129,9 @@ class _ClassIndex:
 # ---------------------------------------------------------------- loss
 
 
-def balanced_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, class_counts, reduction: str = "mean") -> torch.Tensor:
+def balanced_softmax_loss(
+    logits: torch.Tensor, labels: torch.Tensor, class_counts, reduction: str = "mean"
+) -> torch.Tensor:
     """Balanced Softmax: cross-entropy of (logits + log prior), prior = class counts / total.
 
     A class with no training image would get log 0 = -inf; it is counted as one image instead, so its
@@ -161,7 +166,9 @@ class ShotAccuracy:
     few_classes: int
 
 
-def shot_accuracy(predictions, labels, train_class_counts, many_threshold: int = 100, few_threshold: int = 20) -> ShotAccuracy:
+def shot_accuracy(
+    predictions, labels, train_class_counts, many_threshold: int = 100, few_threshold: int = 20
+) -> ShotAccuracy:
     """Accuracy by shot, classifier-balancing's convention: the mean of per-class accuracies of the classes in
     each split, classes taken from the test labels; predictions are class ids [N] or logits [N, C]."""
     predicted, truth = _predictions(predictions), _as_numpy(labels)
@@ -175,8 +182,13 @@ def shot_accuracy(predictions, labels, train_class_counts, many_threshold: int =
         buckets[bucket].append(accuracy)
     mean = {k: float(np.mean(v)) if v else math.nan for k, v in buckets.items()}
     return ShotAccuracy(
-        many=mean["many"], medium=mean["medium"], few=mean["few"], overall=float((predicted == truth).mean()),
-        many_classes=len(buckets["many"]), medium_classes=len(buckets["medium"]), few_classes=len(buckets["few"]),
+        many=mean["many"],
+        medium=mean["medium"],
+        few=mean["few"],
+        overall=float((predicted == truth).mean()),
+        many_classes=len(buckets["many"]),
+        medium_classes=len(buckets["medium"]),
+        few_classes=len(buckets["few"]),
     )
 
 
@@ -201,7 +213,10 @@ def group_accuracy(predictions, labels, groups) -> GroupAccuracy:
     per_group = {int(g): float(correct[group_ids == g].mean()) for g in np.unique(group_ids)}
     worst = min(per_group, key=per_group.get)
     return GroupAccuracy(
-        overall=float(correct.mean()), per_group=per_group, worst_group=per_group[worst], worst_group_id=worst,
+        overall=float(correct.mean()),
+        per_group=per_group,
+        worst_group=per_group[worst],
+        worst_group_id=worst,
         mean_group=float(np.mean(list(per_group.values()))),
     )
 
@@ -209,7 +224,9 @@ def group_accuracy(predictions, labels, groups) -> GroupAccuracy:
 # ---------------------------------------------------------------- embeddings
 
 
-def class_embedding_statistics(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float | None = None):
+def class_embedding_statistics(
+    embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float | None = None
+):
     """Class means, shrinkage covariances, precisions and log-dets for the hardness criterion (HardnessStats)."""
     return HardnessStats.fit(torch.as_tensor(embeddings), torch.as_tensor(labels), num_classes, shrinkage=shrinkage)
 
@@ -229,14 +246,18 @@ def image_tensor(path: Path, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def embed_images(classifier, paths: Sequence[Path], labels: Sequence[int], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_images(
+    classifier, paths: Sequence[Path], labels: Sequence[int], batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [N, k] of images under a loaded classifier whose forward returns (logits, embedding)."""
     if classifier.spec.output.value != "logits_embedding":
         raise ValueError("hardness statistics need a classifier whose spec output is 'logits_embedding'")
     chunks = []
     with torch.no_grad():
         for start in range(0, len(paths), batch_size):
-            pixels = torch.stack([image_tensor(p, classifier.spec.input_size) for p in paths[start : start + batch_size]])
+            pixels = torch.stack(
+                [image_tensor(p, classifier.spec.input_size) for p in paths[start : start + batch_size]]
+            )
             _logits, embedding = classifier(pixels.to(classifier.device))
             chunks.append(embedding.float().cpu())
     if not chunks:

@@ -81,7 +81,9 @@ class ArtifactStore:
         return None
 
     # ---- classifiers ----
-    def put_classifier(self, tenant: str, archive: bytes, archive_name: str, spec_json: bytes, hardness: Path | None) -> str:
+    def put_classifier(
+        self, tenant: str, archive: bytes, archive_name: str, spec_json: bytes, hardness: Path | None
+    ) -> str:
         """Store a classifier as one folder, renamed into place whole; returns its content id.
 
         `hardness` is a file on the store's filesystem (statistics can be several GB): it is hashed in chunks and

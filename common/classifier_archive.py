@@ -18,6 +18,7 @@ files; what torch would do with each member on load decides what may be in them:
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import pickletools
 import posixpath
@@ -225,9 +226,8 @@ def _looks_like_pickle(data: bytes) -> bool:
     if not data.rstrip().endswith(b"."):
         return False
     try:
-        last = None
-        for last in pickletools.genops(data):
-            pass
+        tail = collections.deque(pickletools.genops(data), maxlen=1)  # reads the whole stream, keeps the last op
+        last = tail[0] if tail else None
     except Exception:  # pickletools raises ValueError and others on what is not a pickle
         return False
     return last is not None and last[0].name == "STOP"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fgs_common.telemetry import counter_field, counter_key
@@ -110,7 +110,7 @@ def _pairs(fields: dict[str, Any]) -> list[Any]:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class JobRecords:
@@ -124,7 +124,9 @@ class JobRecords:
         self._progress = redis.register_script(_PROGRESS_LUA)
 
     # ---- creation (inside the caller's pipeline, with the RQ enqueue) ----
-    def create(self, pipe: Any, job_id: str, tenant: str, request: GenerateRequest, batch_id: str | None, now: float) -> None:
+    def create(
+        self, pipe: Any, job_id: str, tenant: str, request: GenerateRequest, batch_id: str | None, now: float
+    ) -> None:
         """Write a new queued record into `pipe` (the caller executes it together with the enqueue)."""
         fields = {
             "tenant": tenant,
@@ -191,7 +193,7 @@ class JobRecords:
 
 
 def _ts(value: str | None) -> datetime | None:
-    return datetime.fromtimestamp(float(value), timezone.utc) if value else None
+    return datetime.fromtimestamp(float(value), UTC) if value else None
 
 
 def job_base(job_id: str, raw: dict[str, str]) -> JobBase:

@@ -20,12 +20,18 @@ class Settings(BaseSettings):
     )
     redis_prefix: str = Field(default="fgs", description="key prefix for everything fgs stores in Redis")
     data_dir: Path = Path(".fgs")
-    model: str = Field(default="fgs-digits", description="'fgs-digits' (embedded), 'tiny' (random weights) or a diffusers directory")
+    model: str = Field(
+        default="fgs-digits", description="'fgs-digits' (embedded), 'tiny' (random weights) or a diffusers directory"
+    )
     api_keys_file: Path | None = None
-    api_keys: str | None = Field(default=None, description="the keys file's JSON inline (for containers without a mounted file)")
+    api_keys: str | None = Field(
+        default=None, description="the keys file's JSON inline (for containers without a mounted file)"
+    )
     dev_api_key: str | None = None
     dev_tenant: str = "dev"
-    device: str | None = Field(default=None, description="torch device for the worker; default cuda if present else cpu")
+    device: str | None = Field(
+        default=None, description="torch device for the worker; default cuda if present else cpu"
+    )
 
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
@@ -171,9 +177,13 @@ class Settings(BaseSettings):
     )
     job_record_ttl_s: int = 30 * 24 * 3600
     retry_backoff_s: list[int] = Field(default_factory=lambda: [5, 30])
-    worker_queue_poll_s: int = Field(default=1, ge=1, description="how often an idle worker looks for new tenant queues")
+    worker_queue_poll_s: int = Field(
+        default=1, ge=1, description="how often an idle worker looks for new tenant queues"
+    )
     sse_poll_s: float = 0.25
-    worker_name: str | None = Field(default=None, description="name of this worker in Redis and metrics; default host-random")
+    worker_name: str | None = Field(
+        default=None, description="name of this worker in Redis and metrics; default host-random"
+    )
 
 
 @lru_cache

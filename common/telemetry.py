@@ -13,9 +13,15 @@ from typing import Any
 
 # name -> (help, bucket upper bounds); +Inf is implied.
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "queue_wait_seconds": ("Seconds a job waited in its queue before a worker took it", (0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200, 36000)),
+    "queue_wait_seconds": (
+        "Seconds a job waited in its queue before a worker took it",
+        (0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800, 7200, 36000),
+    ),
     "sampling_seconds": ("Seconds a worker spent sampling one job", (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200)),
-    "end_to_end_seconds": ("Seconds from enqueue to the job's final state", (0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200, 36000)),
+    "end_to_end_seconds": (
+        "Seconds from enqueue to the job's final state",
+        (0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200, 36000),
+    ),
     "batch_size": ("Images per sampler call", (1, 2, 4, 8, 16, 32, 64)),
 }
 

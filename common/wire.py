@@ -151,12 +151,12 @@ class GenerationParams(BaseModel):
         return _finite(info.field_name, value)
 
     @model_validator(mode="after")
-    def _check_steps(self) -> "GenerationParams":
+    def _check_steps(self) -> GenerationParams:
         if self.steps < self.guidance_every:
             raise ValueError(f"steps ({self.steps}) must be at least guidance_every ({self.guidance_every})")
         return self
 
-    def generation_params(self) -> "GenerationParams":
+    def generation_params(self) -> GenerationParams:
         """The generation parameters alone (a subclass such as GenerateRequest carries more)."""
         return GenerationParams.model_validate(self.model_dump(include=set(GenerationParams.model_fields)))
 
@@ -188,7 +188,7 @@ class GenerateRequest(GenerationParams):
     ] = 0
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "GenerateRequest":
+    def _check_consistency(self) -> GenerateRequest:
         n_ids = len(self.conditioning_image_ids)
         if n_ids not in (0, 1, self.num_images):
             raise ValueError(
@@ -315,7 +315,7 @@ class ClassifierSpec(BaseModel):
     output: ClassifierOutput = Field(ClassifierOutput.logits, description="what the forward returns")
 
     @model_validator(mode="after")
-    def _check(self) -> "ClassifierSpec":
+    def _check(self) -> ClassifierSpec:
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {self.num_classes}")
         for name, values in (("mean", self.mean), ("std", self.std)):

@@ -19,9 +19,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fgs_lab.digits_classifier import evaluate, export_digits_classifier, load_split, load_synthetic, shot_thresholds, train_small_cnn
-from fgs_lab.embedded_stack import run_client, start_embedded_stack
 from fgs_client.digits_lt import build_digits_lt
+from fgs_lab.digits_classifier import (
+    evaluate,
+    export_digits_classifier,
+    load_split,
+    load_synthetic,
+    shot_thresholds,
+    train_small_cnn,
+)
+from fgs_lab.embedded_stack import run_client, start_embedded_stack
 from fgs_worker.model_loading import EMBEDDED_MODEL, EMBEDDED_MODELS_DIR
 
 console = Console()
@@ -39,7 +46,7 @@ class Stage:
     def __init__(self, number: int, text: str):
         self.number, self.text = number, text
 
-    def __enter__(self) -> "Stage":
+    def __enter__(self) -> Stage:
         self.start = time.time()
         console.rule(f"[bold]{self.number}. {self.text}")
         return self
@@ -56,9 +63,13 @@ def accuracy_row(name: str, accuracy) -> list[str]:
 def main(
     work: Path = typer.Option(Path("demo-out"), help="where the dataset, classifier and balanced set go"),
     model: str = typer.Option(None, help="diffusion model (default: fgs-digits, or tiny when it is missing)"),
-    target: str = typer.Option("max", help="images per class after balancing ('max': all up to 60, 415 new images; 15: 53 images)"),
+    target: str = typer.Option(
+        "max", help="images per class after balancing ('max': all up to 60, 415 new images; 15: 53 images)"
+    ),
     criterion: str = typer.Option("entropy"),
-    omega: float = typer.Option(0.03, help="feedback scale ω (bench/digits_lt.md: on fgs-digits entropy is best at 0.03, worse above)"),
+    omega: float = typer.Option(
+        0.03, help="feedback scale ω (bench/digits_lt.md: on fgs-digits entropy is best at 0.03, worse above)"
+    ),
     dropout_p: float = typer.Option(0.3, help="dropout on the conditioning image's embedding (diversity)"),
     steps: int = typer.Option(30, help="DDIM steps per image"),
     seed: int = typer.Option(0),
@@ -69,7 +80,10 @@ def main(
     root, balanced, classifier_dir = work / "digits-lt", work / "digits-lt-balanced", work / "classifier"
     model = model or default_model()
     if model == "tiny":
-        console.print("[yellow]worker/models/fgs-digits is missing: using the random-weight 'tiny' model (noise images; plumbing only)[/]")
+        console.print(
+            "[yellow]worker/models/fgs-digits is missing: using the random-weight 'tiny' model (noise images; "
+            "plumbing only)[/]"
+        )
 
     with Stage(1, "Digits-LT: long-tailed train split, balanced test split"):
         if not (root / "digits_lt.json").is_file():
@@ -91,9 +105,30 @@ def main(
         console.print(f"fgs API on {stack.url} (log: {stack.log_path})")
         with Stage(4, f"fgs-client balance: {criterion} feedback, ω={omega}, dropout p={dropout_p}, {steps} steps"):
             run_client(
-                stack, "balance", "--dataset", "digits-lt", "--root", str(root), "--out", str(balanced), "--target", target,
-                "--criterion", criterion, "--omega", str(omega), "--dropout-p", str(dropout_p), "--steps", str(steps),
-                "--classifier", str(archive), "--classifier-spec", str(spec), "--seed", str(seed),
+                stack,
+                "balance",
+                "--dataset",
+                "digits-lt",
+                "--root",
+                str(root),
+                "--out",
+                str(balanced),
+                "--target",
+                target,
+                "--criterion",
+                criterion,
+                "--omega",
+                str(omega),
+                "--dropout-p",
+                str(dropout_p),
+                "--steps",
+                str(steps),
+                "--classifier",
+                str(archive),
+                "--classifier-spec",
+                str(spec),
+                "--seed",
+                str(seed),
             )
             run_client(stack, "grid", "--out", str(balanced), "--per-class", "10", "--size", "48")
     finally:
@@ -103,18 +138,36 @@ def main(
         synthetic = load_synthetic(balanced)
         after = evaluate(train_small_cnn(train + synthetic, "balanced_softmax", seed), test, counts, thresholds)
 
-    table = Table(title=f"Digits-LT test accuracy (%), {len(test)} images; Many > {thresholds[0]}, Few < {thresholds[1]} train images")
+    table = Table(
+        title=(
+            f"Digits-LT test accuracy (%), {len(test)} images; "
+            f"Many > {thresholds[0]}, Few < {thresholds[1]} train images"
+        )
+    )
     for column in ("training set", "Overall", "Many", "Medium", "Few"):
         table.add_column(column, justify="left" if column == "training set" else "right")
     table.add_row(*accuracy_row(f"real only ({len(train)})", before))
     table.add_row(*accuracy_row(f"real + {len(synthetic)} synthetic ({model}, {criterion})", after))
-    table.add_row("difference", *[f"{100 * (a - b):+.1f}" for a, b in zip(
-        (after.overall, after.many, after.medium, after.few), (before.overall, before.many, before.medium, before.few))])
+    table.add_row(
+        "difference",
+        *[
+            f"{100 * (a - b):+.1f}"
+            for a, b in zip(
+                (after.overall, after.many, after.medium, after.few),
+                (before.overall, before.many, before.medium, before.few),
+                strict=False,
+            )
+        ],
+    )
     console.print(table)
-    console.print(f"balanced dataset: {balanced}\nmanifest:         {balanced / 'manifest.csv'}\n"
-                  f"contact sheets:   {balanced.with_name(balanced.name + '-grid')}\nclassifier:       {archive}")
-    console.print(f"demo finished in {time.time() - started:.0f} s (one training seed: differences of a few points are noise; "
-                  "bench/digits_lt.py measures over 10 seeds)")
+    console.print(
+        f"balanced dataset: {balanced}\nmanifest:         {balanced / 'manifest.csv'}\n"
+        f"contact sheets:   {balanced.with_name(balanced.name + '-grid')}\nclassifier:       {archive}"
+    )
+    console.print(
+        f"demo finished in {time.time() - started:.0f} s (one training seed: differences of a few points are noise; "
+        "bench/digits_lt.py measures over 10 seeds)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,4 +9,7 @@ if [ "${FGS_SKIP_DEPLOY_TOOLS:-0}" != 1 ] && [ ! -x .venv-deploy/bin/checkov ]; 
   python3 -m venv .venv-deploy
   .venv-deploy/bin/python -m pip install -q -r docker/requirements-deploy-tools.txt
 fi
+echo "==> ruff (lint and format, settings in pyproject.toml)"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

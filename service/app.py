@@ -20,7 +20,18 @@ from fgs_service.errors import install_error_handlers
 from fgs_service.job_queue import JobQueue
 from fgs_service.metrics import build_registry
 from fgs_service.routers import (
-    admin, classifiers, generate, health, images, jobs, metrics, model, presets, thumbnails, ui, views,
+    admin,
+    classifiers,
+    generate,
+    health,
+    images,
+    jobs,
+    metrics,
+    model,
+    presets,
+    thumbnails,
+    ui,
+    views,
 )
 
 
@@ -37,12 +48,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Blocking pools: under a burst of requests a request waits for a connection (up to
         # FGS_REDIS_POOL_TIMEOUT_S) instead of failing, as redis-py's default pool does past 100 connections.
         size, wait = settings.redis_max_connections, settings.redis_pool_timeout_s
-        app.state.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=size, timeout=wait, decode_responses=True))
-        app.state.rq_redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=size, timeout=wait))
-        app.state.async_redis = redis.asyncio.Redis(connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=size, timeout=wait, decode_responses=True))
+        app.state.redis = redis.Redis(
+            connection_pool=redis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=size, timeout=wait, decode_responses=True
+            )
+        )
+        app.state.rq_redis = redis.Redis(
+            connection_pool=redis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=size, timeout=wait
+            )
+        )
+        app.state.async_redis = redis.asyncio.Redis(
+            connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=size, timeout=wait, decode_responses=True
+            )
+        )
         app.state.job_queue = JobQueue(app.state.redis, app.state.rq_redis, app.state.async_redis, settings)
         app.state.store = ArtifactStore(settings.data_dir)
         app.state.keyring = KeyRing.from_settings(settings)
@@ -107,7 +127,9 @@ class BodyLimit:
         self.app = app
         self.limits = {
             "/v1/classifiers": (
-                settings.max_classifier_bytes + settings.max_hardness_stats_bytes + settings.max_upload_bytes
+                settings.max_classifier_bytes
+                + settings.max_hardness_stats_bytes
+                + settings.max_upload_bytes
                 + self._FRAMING
             ),
             "/v1/images": settings.max_upload_bytes + self._FRAMING,

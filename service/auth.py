@@ -59,7 +59,7 @@ class KeyRing:
         self._by_digest = by_digest
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "KeyRing":
+    def from_settings(cls, settings: Settings) -> KeyRing:
         entries: list[TenantEntry] = []
         if settings.api_keys_file is not None:
             entries += KeysFile.model_validate_json(settings.api_keys_file.read_text()).tenants

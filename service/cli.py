@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -38,8 +38,21 @@ def _start_local_redis(state_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         # AOF, fsynced every second: a restart finds every queued job (at most the last second is lost)
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve()), "--appendonly", "yes",
-         "--appendfsync", "everysec", "--save", ""],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data.resolve()),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+        ],
         stdout=subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C goes to us; we stop it last, after the workers
     )
@@ -132,7 +145,9 @@ def up(
     host: Annotated[str, typer.Option(help="API bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="API port")] = 8000,
     workers: Annotated[int, typer.Option(min=0, help="worker processes")] = 1,
-    model: Annotated[Optional[str], typer.Option(help="'fgs-digits' (embedded), 'tiny', or a local SD 2.1 unCLIP directory")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="'fgs-digits' (embedded), 'tiny', or a local SD 2.1 unCLIP directory")
+    ] = None,
 ) -> None:
     """API + workers (+ a local redis-server when none is configured or answering). Ctrl-C stops them all.
 
@@ -170,7 +185,9 @@ def up(
         children.append(Child("API", api_argv, env, backoff))
         for child in children:
             child.start()
-        typer.echo(f"fgs API on http://{host}:{port} with {workers} worker(s), model {env.get('FGS_MODEL', settings.model)}")
+        typer.echo(
+            f"fgs API on http://{host}:{port} with {workers} worker(s), model {env.get('FGS_MODEL', settings.model)}"
+        )
         if "FGS_DEV_API_KEY" in env:
             typer.echo(f"API key: {env['FGS_DEV_API_KEY']}")
         while True:
@@ -203,15 +220,21 @@ def api(
 
     settings = get_settings()
     uvicorn.run(
-        "fgs_service.app:create_app", factory=True, host=host, port=port, http=HeaderTimeoutH11Protocol,
+        "fgs_service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        http=HeaderTimeoutH11Protocol,
         timeout_keep_alive=settings.http_keep_alive_s,
     )
 
 
 @app.command()
 def worker(
-    model: Annotated[Optional[str], typer.Option(help="model to keep resident (default FGS_MODEL)")] = None,
-    ready_file: Annotated[Optional[Path], typer.Option(help="file written once the model is loaded, removed on exit (for probes)")] = None,
+    model: Annotated[str | None, typer.Option(help="model to keep resident (default FGS_MODEL)")] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="file written once the model is loaded, removed on exit (for probes)")
+    ] = None,
 ) -> None:
     """One worker process (FGS_REDIS_URL must be set)."""
     if model:

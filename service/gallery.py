@@ -55,7 +55,7 @@ class JobImages:
     results: list[dict]
 
     @classmethod
-    def from_records(cls, records: dict[str, dict[str, str]]) -> list["JobImages"]:
+    def from_records(cls, records: dict[str, dict[str, str]]) -> list[JobImages]:
         return [
             cls(job_id, GenerateRequest.model_validate_json(raw["request"]), json.loads(raw.get("results") or "[]"))
             for job_id, raw in records.items()

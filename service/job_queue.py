@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from datetime import datetime, timezone
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -118,7 +118,11 @@ class JobQueue:
 
     # ---- enqueue ----
     async def enqueue(
-        self, tenant: Tenant, requests: list[GenerateRequest], batch_id: str | None = None, idempotency_key: str | None = None
+        self,
+        tenant: Tenant,
+        requests: list[GenerateRequest],
+        batch_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Enqueued:
         """Queue one job per request. With `batch_id` the jobs form a batch (stored with the batch)."""
         job_ids = [uuid.uuid4().hex for _ in requests]
@@ -130,8 +134,17 @@ class JobQueue:
         now = now_ts()
         ttl = self.settings.enqueue_reservation_ttl_s
         reply = await self.async_redis.eval(
-            _RESERVE_LUA, 3, self.keys.queued_images(tenant.name), self.keys.reservations(tenant.name), idem_key,
-            now, now + ttl, token, images, tenant.max_queued_images, _PENDING + final_value,
+            _RESERVE_LUA,
+            3,
+            self.keys.queued_images(tenant.name),
+            self.keys.reservations(tenant.name),
+            idem_key,
+            now,
+            now + ttl,
+            token,
+            images,
+            tenant.max_queued_images,
+            _PENDING + final_value,
         )
         if int(reply[0]) == 2:
             earlier = reply[1]
@@ -164,15 +177,20 @@ class JobQueue:
             raise
         return Enqueued(job_ids, replayed=False, batch_id=batch_id)
 
-    def _write_jobs(self, pipe: Any, tenant: Tenant, requests: list[GenerateRequest], job_ids: list[str], batch_id: str | None) -> None:
+    def _write_jobs(
+        self, pipe: Any, tenant: Tenant, requests: list[GenerateRequest], job_ids: list[str], batch_id: str | None
+    ) -> None:
         """Append the batch, the job records and the RQ jobs to `pipe` (commands only: nothing is sent)."""
         now = now_ts()
         retry = self._retry()
         queue = self.queue(tenant.name)
         if batch_id:
-            pipe.hset(self.keys.batch(batch_id), mapping={"tenant": tenant.name, "job_ids": ",".join(job_ids), "created_at": now})
+            pipe.hset(
+                self.keys.batch(batch_id),
+                mapping={"tenant": tenant.name, "job_ids": ",".join(job_ids), "created_at": now},
+            )
             pipe.expire(self.keys.batch(batch_id), self.settings.job_record_ttl_s)
-        for job_id, request in zip(job_ids, requests):
+        for job_id, request in zip(job_ids, requests, strict=False):
             self.records.create(pipe, job_id, tenant.name, request, batch_id, now)
         datas = [
             Queue.prepare_data(
@@ -283,7 +301,7 @@ class JobQueue:
             for name in names:
                 pipe.llen(f"rq:queue:{name}")
             counts = pipe.execute()
-        return {name.removeprefix(prefix): int(count) for name, count in zip(names, counts)}
+        return {name.removeprefix(prefix): int(count) for name, count in zip(names, counts, strict=False)}
 
     # ---- reads for the page and the operator view (routers never touch key names or RQ registries) ----
     def tenant_job_ids(self, tenant: Tenant, offset: int = 0, limit: int = 100) -> list[str]:
@@ -307,9 +325,9 @@ class JobQueue:
                 pipe.get(self.keys.request(job_id))
             replies = pipe.execute()
         records = []
-        for fields, request in zip(replies[0::2], replies[1::2]):
+        for fields, request in zip(replies[0::2], replies[1::2], strict=False):
             if not with_results:
-                fields = {name: value for name, value in zip(SUMMARY_FIELDS, fields) if value is not None}
+                fields = {name: value for name, value in zip(SUMMARY_FIELDS, fields, strict=False) if value is not None}
             records.append(dict(fields, request=request) if fields and request else {})
         return records
 
@@ -329,10 +347,12 @@ class JobQueue:
             running[tenant] = len(self._queue(tenant).started_job_registry.get_job_ids(cleanup=False))
         return [
             TenantLoadPublic(
-                tenant=tenant, queued_jobs=int(depths[tenant]), queued_images=int(images or 0),
+                tenant=tenant,
+                queued_jobs=int(depths[tenant]),
+                queued_images=int(images or 0),
                 running_jobs=running[tenant],
             )
-            for tenant, images in zip(depths, queued)
+            for tenant, images in zip(depths, queued, strict=False)
         ]
 
     def live_workers(self) -> list[WorkerPublic]:
@@ -348,16 +368,16 @@ class JobQueue:
             replies = pipe.execute()
         beats = replies[: len(names)]
         running = {}
-        for job_id, (worker, tenant, state) in zip(started, replies[len(names):]):
+        for job_id, (worker, tenant, state) in zip(started, replies[len(names) :], strict=False):
             if worker and state == JobState.running.value:
                 running[worker] = {"job_id": job_id, "job_tenant": tenant}
         return [
             WorkerPublic(
                 name=name,
-                last_heartbeat=datetime.fromtimestamp(float(beat), timezone.utc) if beat else None,
+                last_heartbeat=datetime.fromtimestamp(float(beat), UTC) if beat else None,
                 **running.get(name, {}),
             )
-            for name, beat in zip(names, beats)
+            for name, beat in zip(names, beats, strict=False)
         ]
 
     def recent_job_records(self) -> dict[str, dict[str, str]]:
@@ -365,12 +385,16 @@ class JobQueue:
 
         RQ keeps a finished job for `result_ttl` (600 s), which bounds how far back the throughput reaches.
         """
-        job_ids = list(dict.fromkeys(
-            self._registry_job_ids("started_job_registry")
-            + self._registry_job_ids("finished_job_registry")
-            + self._registry_job_ids("failed_job_registry", newest=FAILED_JOBS_SHOWN)
-        ))
-        return {job_id: raw for job_id, raw in zip(job_ids, self.raw_many(job_ids, with_results=False)) if raw}
+        job_ids = list(
+            dict.fromkeys(
+                self._registry_job_ids("started_job_registry")
+                + self._registry_job_ids("finished_job_registry")
+                + self._registry_job_ids("failed_job_registry", newest=FAILED_JOBS_SHOWN)
+            )
+        )
+        return {
+            job_id: raw for job_id, raw in zip(job_ids, self.raw_many(job_ids, with_results=False), strict=False) if raw
+        }
 
     def _registry_job_ids(self, registry: str, newest: int | None = None) -> list[str]:
         """Job ids in one RQ registry of every tenant queue; read only (RQ's cleanup is the workers' job)."""
@@ -383,8 +407,18 @@ class JobQueue:
 
 # What a job summary reads of a record (everything but the results list).
 SUMMARY_FIELDS = (
-    "tenant", "state", "criterion", "images_total", "images_done", "step", "steps_total", "batch_id",
-    "created_at", "started_at", "finished_at", "error", "worker",
+    "tenant",
+    "state",
+    "criterion",
+    "images_total",
+    "images_done",
+    "step",
+    "steps_total",
+    "batch_id",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "error",
+    "worker",
 )
 FAILED_JOBS_SHOWN = 50
-

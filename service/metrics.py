@@ -18,7 +18,9 @@ class RedisMetricsCollector:
     def collect(self):
         redis, prefix = self.queue.redis, self.queue.keys.prefix
         depth = GaugeMetricFamily("fgs_queue_depth", "Jobs waiting in each tenant's queue", labels=["tenant"])
-        queued_images = GaugeMetricFamily("fgs_queued_images", "Images of queued and running jobs per tenant", labels=["tenant"])
+        queued_images = GaugeMetricFamily(
+            "fgs_queued_images", "Images of queued and running jobs per tenant", labels=["tenant"]
+        )
         for tenant, count in self.queue.queue_depths().items():
             depth.add_metric([tenant], count)
             queued_images.add_metric([tenant], int(redis.get(self.queue.keys.queued_images(tenant)) or 0))
@@ -50,9 +52,19 @@ class RedisMetricsCollector:
             yield family
 
         alive = GaugeMetricFamily("fgs_workers_alive", "Workers whose heartbeat has not expired")
-        last_beat = GaugeMetricFamily("fgs_worker_last_heartbeat_timestamp_seconds", "Unix time of each worker's last heartbeat", labels=["worker"])
-        gpu = GaugeMetricFamily("fgs_worker_gpu_memory_allocated_bytes", "GPU memory held by each worker's torch allocator", labels=["worker"])
-        names = [key.rsplit(":", 1)[1] for key in redis.scan_iter(match=self.queue.keys.worker_alive_pattern(), count=1000)]
+        last_beat = GaugeMetricFamily(
+            "fgs_worker_last_heartbeat_timestamp_seconds",
+            "Unix time of each worker's last heartbeat",
+            labels=["worker"],
+        )
+        gpu = GaugeMetricFamily(
+            "fgs_worker_gpu_memory_allocated_bytes",
+            "GPU memory held by each worker's torch allocator",
+            labels=["worker"],
+        )
+        names = [
+            key.rsplit(":", 1)[1] for key in redis.scan_iter(match=self.queue.keys.worker_alive_pattern(), count=1000)
+        ]
         alive.add_metric([], len(names))
         for worker in sorted(names):
             gauges = redis.hgetall(telemetry.worker_gauge_key(prefix, worker))

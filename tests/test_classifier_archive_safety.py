@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support import hostile_archives as hostile
 from fgs_classifier.graph_check import check_script_module
 from fgs_classifier.registry import load_classifier
-from fgs_common.exceptions import UnsafeClassifier
 from fgs_common.classifier_archive import ArchiveTooLarge, UnsafeClassifierArchive, inspect_archive
+from fgs_common.exceptions import UnsafeClassifier
+from support import hostile_archives as hostile
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,13 @@ CONTEXTS = ["autumn", "dim", "grass", "outdoor", "rock", "water"]
 
 def cli(*args: str, key: str, url: str) -> subprocess.Popen:
     env = {**os.environ, "FGS_URL": url, "FGS_API_KEY": key}
-    return subprocess.Popen([sys.executable, "-m", "fgs_client.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fgs_client.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def run_cli(*args: str, key: str, url: str, timeout: float = 300) -> tuple[int, str]:
@@ -68,7 +74,9 @@ def check_balanced_nicopp(out: Path, target: int = 3) -> list[dict]:
     assert len(paths) == len(set(paths))
     assert {r["path"] for r in rows if r["source"] == "synthetic"} == synthetic_files
     real = {r["path"] for r in rows if r["source"] == "real"}
-    assert real == {p.relative_to(out).as_posix() for p in train.rglob("*") if p.is_file() and not p.name.startswith("fgs_")}
+    assert real == {
+        p.relative_to(out).as_posix() for p in train.rglob("*") if p.is_file() and not p.name.startswith("fgs_")
+    }
     by_group = Counter((r["class"], r["group"]) for r in rows)
     assert set(by_group.values()) == {target} and len(by_group) == 18
     for row in rows:
@@ -88,17 +96,38 @@ def nico_root(tmp_path) -> Path:
 
 def test_balance_nicopp_writes_exact_counts_and_manifest(live_stack, nico_root, tmp_path):
     out = tmp_path / "balanced"
-    code, output = run_cli("balance", "--dataset", "nico++", "--root", str(nico_root), "--out", str(out), *WITH_PROGRESS,
-                           key=live_stack.keys["alpha"], url=live_stack.base_url)
+    code, output = run_cli(
+        "balance",
+        "--dataset",
+        "nico++",
+        "--root",
+        str(nico_root),
+        "--out",
+        str(out),
+        *WITH_PROGRESS,
+        key=live_stack.keys["alpha"],
+        url=live_stack.base_url,
+    )
     assert code == 0, output
     assert "46/46 synthetic images" in output
     assert "generating" in output and "img/s" in output and "0 failed" in output  # the progress bar's last state
     rows = check_balanced_nicopp(out)
-    # empty groups of a class with real images are conditioned on that class's images elsewhere; 17 groups need images, one job each
+    # empty groups of a class with real images are conditioned on that class's images elsewhere;
+    # 17 groups need images, one job each
     assert len({r["job_id"] for r in rows if r["source"] == "synthetic"}) == 17
     # a rerun of a finished balance changes nothing and uploads/submits nothing
-    code, output = run_cli("balance", "--dataset", "nico++", "--root", str(nico_root), "--out", str(out), *FAST,
-                           key=live_stack.keys["alpha"], url=live_stack.base_url)
+    code, output = run_cli(
+        "balance",
+        "--dataset",
+        "nico++",
+        "--root",
+        str(nico_root),
+        "--out",
+        str(out),
+        *FAST,
+        key=live_stack.keys["alpha"],
+        url=live_stack.base_url,
+    )
     assert code == 0, output
     assert read_manifest_rows(out) == rows
     code, output = run_cli("status", "--out", str(out), key=live_stack.keys["alpha"], url=live_stack.base_url)
@@ -126,7 +155,7 @@ def test_balance_survives_three_sigkills(live_stack, nico_root, tmp_path):
         lambda s: s["done"] > s_done_before + 1,  # results being downloaded
     ]
     seen = []
-    for phase, max_delay in zip(phases, (0.02, 0.3, 0.3)):
+    for phase, max_delay in zip(phases, (0.02, 0.3, 0.3), strict=False):
         s_done_before = job_states(out)["done"]
         process = cli(*args, key=live_stack.keys["beta"], url=live_stack.base_url)
         deadline = time.time() + 60
@@ -176,7 +205,16 @@ def test_python_api_generate_and_balance_imagefolder(live_stack, tmp_path):
             for i in range(n):
                 write_image(root / class_name / f"{i}.png", i)
         (root / "bee" / "broken.png").write_bytes(b"\x89PNG not really")
-        report = client.balance("imagefolder", root, tmp_path / "out", target=4, steps=4, guidance_every=2, images_per_job=4, show_progress=False)
+        report = client.balance(
+            "imagefolder",
+            root,
+            tmp_path / "out",
+            target=4,
+            steps=4,
+            guidance_every=2,
+            images_per_job=4,
+            show_progress=False,
+        )
         assert report.complete and report.planned_images == 4 and report.synthetic_written == 4
         assert report.skipped_files == 1
         assert len(list((tmp_path / "out" / "ant").iterdir())) == 4
@@ -198,8 +236,18 @@ def test_balance_imagenet_lt_and_digits_lt_layouts(live_stack, tmp_path):
     (root / "ImageNet_LT_test.txt").write_text("val/x.JPEG 0\n")
     (root / "classnames.txt").write_text("n01440764 tench\nn01443537 goldfish\n")
     out = tmp_path / "inlt-out"
-    code, output = run_cli("balance", "--dataset", "imagenet-lt", "--root", str(root), "--out", str(out), *FAST,
-                           key=live_stack.keys["alpha"], url=live_stack.base_url)
+    code, output = run_cli(
+        "balance",
+        "--dataset",
+        "imagenet-lt",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        *FAST,
+        key=live_stack.keys["alpha"],
+        url=live_stack.base_url,
+    )
     assert code == 0, output
     split = [line.split() for line in (out / "ImageNet_LT_train.txt").read_text().splitlines()]
     assert Counter(label for _, label in split) == {"0": 3, "1": 3}
@@ -213,8 +261,18 @@ def test_balance_imagenet_lt_and_digits_lt_layouts(live_stack, tmp_path):
             write_image(digits / "train" / digit / f"{i}.png", i)
     (digits / "digits_lt.json").write_text(json.dumps({"classes": ["0", "1"]}))
     out = tmp_path / "digits-out"
-    code, output = run_cli("balance", "--dataset", "digits-lt", "--root", str(digits), "--out", str(out), *FAST,
-                           key=live_stack.keys["alpha"], url=live_stack.base_url)
+    code, output = run_cli(
+        "balance",
+        "--dataset",
+        "digits-lt",
+        "--root",
+        str(digits),
+        "--out",
+        str(out),
+        *FAST,
+        key=live_stack.keys["alpha"],
+        url=live_stack.base_url,
+    )
     assert code == 0, output
     assert len(list((out / "train/1").glob("*.png"))) == 2 and (out / "digits_lt.json").is_file()
     rows = read_manifest_rows(out)
@@ -229,7 +287,8 @@ def test_balance_imagenet_lt_and_digits_lt_layouts(live_stack, tmp_path):
 
 
 def test_feedback_guided_balance_with_uploaded_classifier(live_stack, tmp_path):
-    """upload-classifier then balance with entropy feedback; and hardness feedback with statistics from hardness-stats."""
+    """upload-classifier then balance with entropy feedback; and hardness feedback with statistics from
+    hardness-stats."""
     import torch
 
     from support.tiny_classifier import TinyClassifier
@@ -242,25 +301,82 @@ def test_feedback_guided_balance_with_uploaded_classifier(live_stack, tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps({"num_classes": 2, "input_size": 8, "output": "logits_embedding"}))
     key, url = live_stack.keys["alpha"], live_stack.base_url
 
-    code, output = run_cli("upload-classifier", "--classifier", str(tmp_path / "clf.pt"), "--spec", str(tmp_path / "spec.json"), key=key, url=url)
+    code, output = run_cli(
+        "upload-classifier",
+        "--classifier",
+        str(tmp_path / "clf.pt"),
+        "--spec",
+        str(tmp_path / "spec.json"),
+        key=key,
+        url=url,
+    )
     assert code == 0, output
     classifier_id = output.strip().splitlines()[-1]
     out = tmp_path / "entropy"
-    code, output = run_cli("balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), *FAST,
-                           "--criterion", "entropy", "--omega", "0.1", "--classifier-id", classifier_id, key=key, url=url)
+    code, output = run_cli(
+        "balance",
+        "--dataset",
+        "imagefolder",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        *FAST,
+        "--criterion",
+        "entropy",
+        "--omega",
+        "0.1",
+        "--classifier-id",
+        classifier_id,
+        key=key,
+        url=url,
+    )
     assert code == 0, output
     synthetic = [r for r in read_manifest_rows(out) if r["source"] == "synthetic"]
     assert len(synthetic) == 2
-    assert all(r["criterion"] == "entropy" and r["omega"] == "0.1" and float(r["criterion_value"]) >= 0 for r in synthetic)
+    assert all(
+        r["criterion"] == "entropy" and r["omega"] == "0.1" and float(r["criterion_value"]) >= 0 for r in synthetic
+    )
 
-    code, output = run_cli("hardness-stats", "--dataset", "imagefolder", "--root", str(root), "--classifier", str(tmp_path / "clf.pt"),
-                           "--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "stats.safetensors"), key=key, url=url)
+    code, output = run_cli(
+        "hardness-stats",
+        "--dataset",
+        "imagefolder",
+        "--root",
+        str(root),
+        "--classifier",
+        str(tmp_path / "clf.pt"),
+        "--spec",
+        str(tmp_path / "spec.json"),
+        "--out",
+        str(tmp_path / "stats.safetensors"),
+        key=key,
+        url=url,
+    )
     assert code == 0, output
     out = tmp_path / "hardness"
-    code, output = run_cli("balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), *FAST,
-                           "--criterion", "hardness", "--omega", "0.1", "--classifier", str(tmp_path / "clf.pt"),
-                           "--classifier-spec", str(tmp_path / "spec.json"), "--hardness-stats", str(tmp_path / "stats.safetensors"),
-                           key=key, url=url)
+    code, output = run_cli(
+        "balance",
+        "--dataset",
+        "imagefolder",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        *FAST,
+        "--criterion",
+        "hardness",
+        "--omega",
+        "0.1",
+        "--classifier",
+        str(tmp_path / "clf.pt"),
+        "--classifier-spec",
+        str(tmp_path / "spec.json"),
+        "--hardness-stats",
+        str(tmp_path / "stats.safetensors"),
+        key=key,
+        url=url,
+    )
     assert code == 0, output
     synthetic = [r for r in read_manifest_rows(out) if r["source"] == "synthetic"]
     assert len(synthetic) == 2 and all(r["criterion"] == "hardness" and r["criterion_value"] for r in synthetic)
@@ -287,9 +403,34 @@ def test_failing_jobs_are_retried_then_reported(live_stack, tmp_path):
         for i in range(n):
             write_image(root / class_name / f"{i}.png", i)
     out = tmp_path / "out"
-    args = ("balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), "--steps", "4", "--guidance-every", "2",
-            "--images-per-job", "2", "--criterion", "entropy", "--omega", "0.1", "--classifier", str(tmp_path / "clf.pt"),
-            "--classifier-spec", str(tmp_path / "spec.json"), "--max-retries", "1", "--no-progress", "--target", '{"bee": 5}')
+    args = (
+        "balance",
+        "--dataset",
+        "imagefolder",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--guidance-every",
+        "2",
+        "--images-per-job",
+        "2",
+        "--criterion",
+        "entropy",
+        "--omega",
+        "0.1",
+        "--classifier",
+        str(tmp_path / "clf.pt"),
+        "--classifier-spec",
+        str(tmp_path / "spec.json"),
+        "--max-retries",
+        "1",
+        "--no-progress",
+        "--target",
+        '{"bee": 5}',
+    )
     # bee: 2 real, 3 to add in jobs of 2 + 1 images: both succeed
     code, output = run_cli(*args, key=live_stack.keys["alpha"], url=live_stack.base_url)
     assert code == 0, output
@@ -317,8 +458,18 @@ def test_balance_larger_than_the_tenant_queue_cap(live_stack, tmp_path):
         for i in range(n):
             write_image(root / class_name / f"{i}.png", i)
     out = tmp_path / "out"
-    code, output = run_cli("balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), *FAST,
-                           key=live_stack.keys["capped"], url=live_stack.base_url)
+    code, output = run_cli(
+        "balance",
+        "--dataset",
+        "imagefolder",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        *FAST,
+        key=live_stack.keys["capped"],
+        url=live_stack.base_url,
+    )
     assert CAPPED_MAX_IMAGES < 12
     assert code == 0, output
     assert len(list((out / "bee").glob("fgs_*.png"))) == 12

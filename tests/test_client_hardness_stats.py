@@ -1,4 +1,5 @@
-"""`fgs-client hardness-stats`: embeddings of a TorchScript classifier over the real training set, fitted by HardnessStats."""
+"""`fgs-client hardness-stats`: embeddings of a TorchScript classifier over the real training set, fitted by
+HardnessStats."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fgs_client.cli import app
 from fgs_classifier.hardness_stats import HardnessStats
-
+from fgs_client.cli import app
 from support.tiny_classifier import TinyClassifier
 
 runner = CliRunner()
@@ -32,10 +32,22 @@ def test_hardness_stats_of_a_torchscript_classifier(tmp_path):
     spec = {"num_classes": 2, "input_size": 8, "output": "logits_embedding", "mean": [0.5], "std": [0.5]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
 
-    result = runner.invoke(app, [
-        "hardness-stats", "--dataset", "imagefolder", "--root", str(root), "--classifier", str(tmp_path / "clf.pt"),
-        "--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "stats.safetensors"),
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "hardness-stats",
+            "--dataset",
+            "imagefolder",
+            "--root",
+            str(root),
+            "--classifier",
+            str(tmp_path / "clf.pt"),
+            "--spec",
+            str(tmp_path / "spec.json"),
+            "--out",
+            str(tmp_path / "stats.safetensors"),
+        ],
+    )
 
     assert result.exit_code == 0, result.output
     stats = HardnessStats.load(tmp_path / "stats.safetensors")
@@ -53,9 +65,21 @@ def test_hardness_stats_refuses_a_logits_only_classifier(tmp_path):
         Image.new("RGB", (8, 8)).save(root / class_name / "0.png")
     torch.jit.save(torch.jit.script(TinyClassifier().eval()), str(tmp_path / "clf.pt"))
     (tmp_path / "spec.json").write_text(json.dumps({"num_classes": 3, "input_size": 8}))
-    result = runner.invoke(app, [
-        "hardness-stats", "--dataset", "imagefolder", "--root", str(root), "--classifier", str(tmp_path / "clf.pt"),
-        "--spec", str(tmp_path / "spec.json"), "--out", str(tmp_path / "stats.safetensors"),
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "hardness-stats",
+            "--dataset",
+            "imagefolder",
+            "--root",
+            str(root),
+            "--classifier",
+            str(tmp_path / "clf.pt"),
+            "--spec",
+            str(tmp_path / "spec.json"),
+            "--out",
+            str(tmp_path / "stats.safetensors"),
+        ],
+    )
     assert result.exit_code == 2
     assert "2 classes, the classifier spec 3" in result.output

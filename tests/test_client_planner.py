@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from typer.testing import CliRunner
 
@@ -18,7 +16,6 @@ from fgs_client.balance_planner import (
 )
 from fgs_client.cli import app
 from fgs_client.dataset_readers import packaged_path, read_dataset
-
 from support.dataset_trees import make_nicopp_tree
 
 runner = CliRunner()
@@ -91,7 +88,11 @@ def test_jobs_are_deterministic_and_empty_groups_use_other_contexts(tmp_path):
 
 
 def test_imagenet_lt_dry_run_from_counts_prints_total():
-    result = runner.invoke(app, ["balance", "--dataset", "imagenet-lt", "--counts", "builtin", "--target", "1300", "--dry-run"], terminal_width=200)
+    result = runner.invoke(
+        app,
+        ["balance", "--dataset", "imagenet-lt", "--counts", "builtin", "--target", "1300", "--dry-run"],
+        terminal_width=200,
+    )
     assert result.exit_code == 0, result.output
     assert "1,000 classes: 115,846 real images, 1,184,154 images to add" in result.output
     assert "148,459 jobs" in result.output  # sum over classes of ceil(to_add / 8)
@@ -102,7 +103,11 @@ def test_imagenet_lt_dry_run_from_counts_prints_total():
 
 def test_nicopp_dry_run_prints_groups_table(tmp_path):
     make_nicopp_tree(tmp_path / "nico", {("cat", "autumn"): 3, ("dog", "water"): 1})
-    result = runner.invoke(app, ["balance", "--dataset", "nico++", "--root", str(tmp_path / "nico"), "--dry-run", "--images-per-job", "2"], terminal_width=200)
+    result = runner.invoke(
+        app,
+        ["balance", "--dataset", "nico++", "--root", str(tmp_path / "nico"), "--dry-run", "--images-per-job", "2"],
+        terminal_width=200,
+    )
     assert result.exit_code == 0, result.output
     assert "12 groups: 4 real images, 32 images to add in 21 jobs" in result.output
     assert "grass" in result.output and "class" in result.output

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from fgs_client.dataset_readers import DatasetError, read_dataset
-
 from support.dataset_trees import make_nicopp_tree, write_image
 
 
@@ -104,7 +103,9 @@ def test_digits_lt_layout(tmp_path):
         for i in range(n):
             write_image(tmp_path / "train" / digit / f"{i}.png", i)
         write_image(tmp_path / "test" / digit / "0.png", 7)
-    (tmp_path / "digits_lt.json").write_text(json.dumps({"classes": ["0", "1"], "prompts": ["a handwritten digit 0", "a handwritten digit 1"]}))
+    (tmp_path / "digits_lt.json").write_text(
+        json.dumps({"classes": ["0", "1"], "prompts": ["a handwritten digit 0", "a handwritten digit 1"]})
+    )
 
     dataset = read_dataset("digits-lt", tmp_path)
 
@@ -150,6 +151,7 @@ def test_client_core_does_not_import_torch():
     code = (
         "import sys, fgs_client.cli, fgs_client.http_client, fgs_client.balance_runner, fgs_client.contact_sheet, "
         "fgs_client.dataset_readers, fgs_client.balance_planner, fgs_client.dataset_writer; "
-        "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+        "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules, sorted(m for m in sys.modules if "
+        "'torch' in m)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

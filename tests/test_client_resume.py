@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
 from fgs_client.cli import app
 from fgs_client.dataset_writer import remove_temporary_files, write_png_atomic
-
 from support.dataset_trees import make_nicopp_tree
 
 runner = CliRunner()
@@ -75,7 +74,20 @@ def test_cli_refuses_a_different_plan_in_the_same_out(tmp_path):
     state = BalanceState(out / STATE_NAME)
     state.bind_plan("someone-elses-plan", [], chunk_size=10)
     state.close()
-    result = runner.invoke(app, ["balance", "--dataset", "nico++", "--root", str(tmp_path / "nico"), "--out", str(out), "--url", "http://127.0.0.1:9"])
+    result = runner.invoke(
+        app,
+        [
+            "balance",
+            "--dataset",
+            "nico++",
+            "--root",
+            str(tmp_path / "nico"),
+            "--out",
+            str(out),
+            "--url",
+            "http://127.0.0.1:9",
+        ],
+    )
     assert result.exit_code == 2
     assert "different plan" in result.output
 
@@ -92,7 +104,11 @@ def test_cli_refuses_a_different_plan_in_the_same_out(tmp_path):
 def test_cli_rejects_bad_generation_settings_before_any_work(tmp_path, extra, message):
     make_nicopp_tree(tmp_path / "nico", {("cat", "autumn"): 2})
     out = tmp_path / "out"
-    result = runner.invoke(app, ["balance", "--dataset", "nico++", "--root", str(tmp_path / "nico"), "--out", str(out), *extra], terminal_width=200)
+    result = runner.invoke(
+        app,
+        ["balance", "--dataset", "nico++", "--root", str(tmp_path / "nico"), "--out", str(out), *extra],
+        terminal_width=200,
+    )
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not out.exists()
@@ -100,7 +116,20 @@ def test_cli_rejects_bad_generation_settings_before_any_work(tmp_path, extra, me
 
 def test_cli_refuses_out_inside_root(tmp_path):
     make_nicopp_tree(tmp_path / "nico", {("cat", "autumn"): 2})
-    result = runner.invoke(app, ["balance", "--dataset", "nico++", "--root", str(tmp_path / "nico"), "--out", str(tmp_path / "nico" / "out"), "--url", "http://127.0.0.1:9"])
+    result = runner.invoke(
+        app,
+        [
+            "balance",
+            "--dataset",
+            "nico++",
+            "--root",
+            str(tmp_path / "nico"),
+            "--out",
+            str(tmp_path / "nico" / "out"),
+            "--url",
+            "http://127.0.0.1:9",
+        ],
+    )
     assert result.exit_code == 2
     assert "outside the dataset root" in result.output
 

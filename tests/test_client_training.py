@@ -1,4 +1,5 @@
-"""Training utilities against hand-computed values: Balanced Softmax, shot and group accuracy, the real/synthetic sampler."""
+"""Training utilities against hand-computed values: Balanced Softmax, shot and group accuracy, the real/synthetic
+sampler."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def test_sampler_ratio_and_class_balance_over_1000_batches():
     real_counts = [400, 120, 30, 8, 2]
     synthetic_counts = [0, 280, 370, 392, 398]  # the largest class got nothing: real only
     labels, synthetic = [], []
-    for c, (r, s) in enumerate(zip(real_counts, synthetic_counts)):
+    for c, (r, s) in enumerate(zip(real_counts, synthetic_counts, strict=False)):
         labels += [c] * (r + s)
         synthetic += [False] * r + [True] * s
     order = rng.permutation(len(labels))
@@ -132,10 +133,25 @@ def test_class_embedding_statistics_delegates_to_hardness_stats():
 def test_manifest_dataset_reads_images_and_labels(tmp_path):
     Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "r.png")
     Image.new("RGB", (4, 4), (0, 0, 255)).save(tmp_path / "s.png")
-    write_manifest(tmp_path, [
-        ManifestRow("r.png", 1, "cat", "autumn", "real"),
-        ManifestRow("s.png", 0, "dog", "dim", "synthetic", seed="5", criterion="none", omega="0.0", gamma="3.0", dropout_p="0.0", job_id="j1"),
-    ])
+    write_manifest(
+        tmp_path,
+        [
+            ManifestRow("r.png", 1, "cat", "autumn", "real"),
+            ManifestRow(
+                "s.png",
+                0,
+                "dog",
+                "dim",
+                "synthetic",
+                seed="5",
+                criterion="none",
+                omega="0.0",
+                gamma="3.0",
+                dropout_p="0.0",
+                job_id="j1",
+            ),
+        ],
+    )
     dataset = ManifestDataset(tmp_path, return_group=True)
     assert len(dataset) == 2 and dataset.labels == [1, 0] and dataset.is_synthetic == [False, True]
     image, label, group = dataset[0]

@@ -55,7 +55,11 @@ def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
     bare_env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
     return subprocess.run(
         [str(compose), "-f", "docker-compose.yml", "config", "--format", "json"],
-        cwd=REPO / "docker", env={**bare_env, **env}, capture_output=True, text=True, timeout=120,
+        cwd=REPO / "docker",
+        env={**bare_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -121,8 +125,12 @@ def test_docker_compose_plugin_parses_the_file(tmp_path):
     plugins = tmp_path / "cli-plugins"
     plugins.mkdir()
     (plugins / "docker-compose").symlink_to(tool("docker-compose"))
-    result = run([docker, "compose", "-f", "docker-compose.yml", "config", "--quiet"],
-                 env={**COMPOSE_ENV, "DOCKER_CONFIG": str(tmp_path)}, cwd=REPO / "docker", timeout=120)
+    result = run(
+        [docker, "compose", "-f", "docker-compose.yml", "config", "--quiet"],
+        env={**COMPOSE_ENV, "DOCKER_CONFIG": str(tmp_path)},
+        cwd=REPO / "docker",
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -287,7 +295,8 @@ def test_artifact_store_is_shared_read_write_many_and_the_model_read_only(produc
         claims = {v["name"]: v["persistentVolumeClaim"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
         return {
             claims[m["name"]]["claimName"]: (m["mountPath"], m.get("readOnly", False))
-            for m in spec["containers"][0]["volumeMounts"] if m["name"] in claims
+            for m in spec["containers"][0]["volumeMounts"]
+            if m["name"] in claims
         }
 
     assert claim_mounts(api) == {"fgs-data": ("/data", False)}
@@ -329,7 +338,9 @@ def test_scaled_object_scales_the_gpu_workers_on_all_queued_images(production):
     # The CRD types trigger metadata as map[string]string: a bare number is rejected at apply time.
     assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger["metadata"]
     assert "fgs_queued_images" in trigger["metadata"]["query"]
-    server = re.fullmatch(r"http://([\w-]+)\.([\w-]+)\.svc(?:\.cluster\.local)?:(\d+)", trigger["metadata"]["serverAddress"])
+    server = re.fullmatch(
+        r"http://([\w-]+)\.([\w-]+)\.svc(?:\.cluster\.local)?:(\d+)", trigger["metadata"]["serverAddress"]
+    )
     assert server, trigger["metadata"]["serverAddress"]
     service = find(docs, "Service", server.group(1))
     assert service["metadata"]["namespace"] == server.group(2)
@@ -351,14 +362,18 @@ def test_keda_query_counts_each_tenant_once_however_many_api_replicas(production
     tests = {
         "rule_files": [],
         "evaluation_interval": "15s",
-        "tests": [{
-            "interval": "15s",
-            "input_series": [
-                {"series": f'{name}{{job="fgs-api",instance="{inst}",tenant="{tenant}"}}', "values": f"{value}x4"}
-                for name, inst, tenant, value in series
-            ],
-            "promql_expr_test": [{"expr": query, "eval_time": "30s", "exp_samples": [{"labels": "{}", "value": 64}]}],
-        }],
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [
+                    {"series": f'{name}{{job="fgs-api",instance="{inst}",tenant="{tenant}"}}', "values": f"{value}x4"}
+                    for name, inst, tenant, value in series
+                ],
+                "promql_expr_test": [
+                    {"expr": query, "eval_time": "30s", "exp_samples": [{"labels": "{}", "value": 64}]}
+                ],
+            }
+        ],
     }
     path = tmp_path / "keda-query-test.yml"
     path.write_text(yaml.safe_dump(tests))
@@ -369,9 +384,13 @@ def test_keda_query_counts_each_tenant_once_however_many_api_replicas(production
 def test_only_the_api_and_the_workers_may_reach_redis(production):
     _, docs = production
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    assert any(p["spec"]["podSelector"] == {} and "Ingress" in p["spec"]["policyTypes"] and not p["spec"].get("ingress")
-               for p in policies), "no default-deny ingress policy"
-    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] in WORKLOAD_KINDS}
+    assert any(
+        p["spec"]["podSelector"] == {} and "Ingress" in p["spec"]["policyTypes"] and not p["spec"].get("ingress")
+        for p in policies
+    ), "no default-deny ingress policy"
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] in WORKLOAD_KINDS
+    }
     redis_labels = pods["fgs-redis"]
     allowed = set()
     for policy in policies:

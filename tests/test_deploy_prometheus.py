@@ -1,4 +1,5 @@
-"""A real Prometheus, configured from docker/prometheus.yml, scrapes a live API + worker and reads fgs_jobs_total back."""
+"""A real Prometheus, configured from docker/prometheus.yml, scrapes a live API + worker and reads fgs_jobs_total
+back."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ import httpx
 import pytest
 import yaml
 
-from support.stack import start_stack
 from fgs_common.loopback import free_port
 from support.live_calls import JobState, generate, wait_final
+from support.stack import start_stack
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 SCRAPE_CONFIG = Path(__file__).resolve().parent.parent / "docker" / "prometheus.yml"
 
-pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="needs the prometheus binary (Debian package `prometheus`)")
+pytestmark = pytest.mark.skipif(
+    not Path(PROMETHEUS).exists(), reason="needs the prometheus binary (Debian package `prometheus`)"
+)
 
 
 def loopback_config(api: str) -> dict:
@@ -59,10 +62,13 @@ def test_prometheus_scrapes_fgs_jobs_total(redis_server, tiny_model_dir, tmp_pat
         log = open(tmp_path / "prometheus.log", "wb")
         prometheus = subprocess.Popen(
             [
-                PROMETHEUS, f"--config.file={config_file}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                PROMETHEUS,
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{port}",
             ],
-            stdout=log, stderr=log,
+            stdout=log,
+            stderr=log,
         )
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 45
@@ -76,7 +82,9 @@ def test_prometheus_scrapes_fgs_jobs_total(redis_server, tiny_model_dir, tmp_pat
             if result:
                 break
             time.sleep(0.5)
-        assert result, "Prometheus never scraped fgs_jobs_total; log: " + (tmp_path / "prometheus.log").read_text()[-3000:]
+        assert result, (
+            "Prometheus never scraped fgs_jobs_total; log: " + (tmp_path / "prometheus.log").read_text()[-3000:]
+        )
         assert float(result[0]["value"][1]) == 1.0
         assert result[0]["metric"]["instance"] == api
         # the worker's own series reach Prometheus through Redis and the API

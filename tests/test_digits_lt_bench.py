@@ -18,9 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 def test_digits_lt_quick_writes_report_and_grids(redis_server, tmp_path):
     report, grids = tmp_path / "digits_lt.md", tmp_path / "grids"
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "digits_lt.py"), "--quick", "--work", str(tmp_path / "work"), "--report", str(report),
-         "--grids", str(grids), "--redis-url", redis_server],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(REPO / "bench" / "digits_lt.py"),
+            "--quick",
+            "--work",
+            str(tmp_path / "work"),
+            "--report",
+            str(report),
+            "--grids",
+            str(grids),
+            "--redis-url",
+            redis_server,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = report.read_text()
@@ -55,6 +68,7 @@ def test_digits_lt_quick_writes_report_and_grids(redis_server, tmp_path):
 
 def test_synthetic_set_metrics_on_known_distributions():
     import numpy as np
+
     from fgs_lab.synthetic_set_metrics import density_coverage, frechet_distance
 
     rng = np.random.default_rng(0)

@@ -39,8 +39,14 @@ def test_a_nan_criterion_value_is_null_with_a_flag(redis_server, tiny_model_dir,
     from fgs_worker.runtime import WorkerRuntime
 
     settings = Settings(
-        redis_url=redis_server, redis_prefix=f"fgs-test-nan-{uuid.uuid4().hex[:8]}", model=str(tiny_model_dir),
-        device="cpu", data_dir=tmp_path, dev_api_key=API_KEY, job_retries=0, classifier_check=False,
+        redis_url=redis_server,
+        redis_prefix=f"fgs-test-nan-{uuid.uuid4().hex[:8]}",
+        model=str(tiny_model_dir),
+        device="cpu",
+        data_dir=tmp_path,
+        dev_api_key=API_KEY,
+        job_retries=0,
+        classifier_check=False,
     )
     archive = tmp_path / "nan.pt"
     torch.jit.script(NaNLogits()).save(str(archive))
@@ -49,17 +55,29 @@ def test_a_nan_criterion_value_is_null_with_a_flag(redis_server, tiny_model_dir,
     worker.register_birth()
     try:
         with TestClient(create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
-            uploaded = client.post("/v1/classifiers", files={"archive": ("nan.pt", archive.read_bytes())},
-                                   data={"spec": spec.model_dump_json()})
+            uploaded = client.post(
+                "/v1/classifiers",
+                files={"archive": ("nan.pt", archive.read_bytes())},
+                data={"spec": spec.model_dump_json()},
+            )
             assert uploaded.status_code == 201, uploaded.text
-            body = {"prompt": "a digit", "class_index": 1, "num_images": 2, "steps": 2, "guidance_every": 1,
-                    "criterion": "loss", "omega": 0.01, "classifier_id": uploaded.json()["id"]}
+            body = {
+                "prompt": "a digit",
+                "class_index": 1,
+                "num_images": 2,
+                "steps": 2,
+                "guidance_every": 1,
+                "criterion": "loss",
+                "omega": 0.01,
+                "classifier_id": uploaded.json()["id"],
+            }
             job_id = client.post("/v1/generate", json=body).json()["job_id"]
             result = worker.dequeue_job_and_maintain_ttl(timeout=1)
             worker.execute_job(*result)
 
             stored = redis.Redis.from_url(redis_server, decode_responses=True).hget(
-                f"{settings.redis_prefix}:job:{job_id}", "results")
+                f"{settings.redis_prefix}:job:{job_id}", "results"
+            )
             results = strict_json(stored)
             answer = client.get(f"/v1/jobs/{job_id}")
             job = strict_json(answer.text)

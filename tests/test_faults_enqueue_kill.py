@@ -17,16 +17,20 @@ import time
 import httpx
 import redis
 
-from support.stack import start_stack
 from fgs_common.loopback import free_port
+from support.stack import start_stack
 
 RESERVATION_TTL_S = 2
 JOBS = 3000
 
 
 def batch_body(jobs: int) -> dict:
-    return {"jobs": [{"prompt": "a digit", "class_index": i % 10, "num_images": 1 + i % 3, "steps": 2,
-                      "guidance_every": 1} for i in range(jobs)]}
+    return {
+        "jobs": [
+            {"prompt": "a digit", "class_index": i % 10, "num_images": 1 + i % 3, "steps": 2, "guidance_every": 1}
+            for i in range(jobs)
+        ]
+    }
 
 
 def post_in_background(stack, body: dict, key: str) -> threading.Thread:
@@ -47,8 +51,22 @@ def restart_api(stack) -> None:
     port = free_port()
     log = open(stack.log_dir / f"api-{port}.log", "wb")
     stack.api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"], env=stack.env, stdout=log, stderr=log,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "fgs_service.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=stack.env,
+        stdout=log,
+        stderr=log,
     )
     stack.base_url = f"http://127.0.0.1:{port}"
     stack.wait_ready(0)

@@ -11,9 +11,9 @@ import time
 
 import redis
 
-from support.stack import start_stack
 from fgs_common.telemetry import counter_field, counter_key
 from support.live_calls import JobState, generate, wait_final, wait_for
+from support.stack import start_stack
 
 
 def test_a_stopped_and_resumed_worker_cannot_write_to_the_job_it_lost(redis_server, tiny_model_dir, tmp_path):

@@ -10,8 +10,8 @@ import time
 
 import redis
 
-from support.stack import start_stack
 from support.live_calls import JobState, wait_for
+from support.stack import start_stack
 
 
 def test_a_job_rq_gave_up_on_is_failed_in_the_batch_view_and_the_counters(redis_server, tiny_model_dir, tmp_path):

@@ -18,16 +18,29 @@ from collections import Counter
 import httpx
 import redis
 
-from support.stack import start_stack
 from fgs_common.loopback import free_port
 from support.live_calls import JobState, generate, wait_final
+from support.stack import start_stack
 
 
 def start_redis(port: int, directory) -> subprocess.Popen:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
-         "--appendonly", "yes", "--appendfsync", "everysec"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+        ],
         stdout=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port)
@@ -78,7 +91,7 @@ def sse_events(stack, job_id: str, out: list[str]) -> threading.Thread:
         with stack.client("beta") as client, client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=120) as stream:
             for line in stream.iter_lines():
                 if line.startswith("event: "):
-                    out.append(line[len("event: "):])
+                    out.append(line[len("event: ") :])
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
@@ -91,8 +104,13 @@ def test_redis_stopped_mid_traffic_gives_503s_and_the_workers_carry_on(tiny_mode
     server = start_redis(port, tmp_path / "redis")
     stack = None
     try:
-        stack = start_stack(f"redis://127.0.0.1:{port}/0", tiny_model_dir, tmp_path / "stack", workers=2,
-                            extra_env={"FGS_ABANDONED_AFTER_S": "3"})
+        stack = start_stack(
+            f"redis://127.0.0.1:{port}/0",
+            tiny_model_dir,
+            tmp_path / "stack",
+            workers=2,
+            extra_env={"FGS_ABANDONED_AFTER_S": "3"},
+        )
         worker_pids = [w.pid for w in stack.workers]
         with stack.client("beta") as client:
             long_job = generate(client, num_images=2, steps=400, guidance_every=5)
@@ -133,8 +151,9 @@ def test_redis_stopped_mid_traffic_gives_503s_and_the_workers_carry_on(tiny_mode
         server.wait(timeout=30)
 
 
-def test_a_burst_past_the_redis_pool_size_waits_for_connections_instead_of_failing(redis_server, tiny_model_dir,
-                                                                                  tmp_path):
+def test_a_burst_past_the_redis_pool_size_waits_for_connections_instead_of_failing(
+    redis_server, tiny_model_dir, tmp_path
+):
     """200 submits at once need more Redis connections than a pool holds (100): they wait, none fails."""
     import asyncio
 
@@ -143,8 +162,9 @@ def test_a_burst_past_the_redis_pool_size_waits_for_connections_instead_of_faili
     async def burst() -> Counter:
         statuses: Counter = Counter()
         headers = {"Authorization": f"Bearer {stack.keys['beta']}"}
-        async with httpx.AsyncClient(base_url=stack.base_url, headers=headers, timeout=120,
-                                     limits=httpx.Limits(max_connections=250)) as client:
+        async with httpx.AsyncClient(
+            base_url=stack.base_url, headers=headers, timeout=120, limits=httpx.Limits(max_connections=250)
+        ) as client:
 
             async def submit(seed: int) -> None:
                 body = {"prompt": "a digit", "class_index": 1, "steps": 2, "guidance_every": 1, "seed": seed}

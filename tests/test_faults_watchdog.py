@@ -22,10 +22,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from support.stack import TENANT_KEYS
 from fgs_common.loopback import free_port
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
 from support.live_calls import JobState, generate, get_job, upload_classifier, wait_final, wait_for
+from support.stack import TENANT_KEYS
 
 STEP_DEADLINE_S = 4
 SETUP_DEADLINE_S = 60  # the first load of a classifier runs its sandboxed check in the worker
@@ -100,15 +100,36 @@ def test_a_classifier_that_hangs_on_a_batch_of_one_fails_its_job_while_others_fi
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
     env.update(
-        FGS_REDIS_URL=redis_server, FGS_REDIS_PREFIX=f"fgs-test-watchdog-{uuid.uuid4().hex[:8]}",
-        FGS_API_KEYS_FILE=str(keys_file), FGS_DATA_DIR=str(tmp_path / "data"), FGS_DEVICE="cpu",
-        FGS_HEARTBEAT_S="1", FGS_JOB_RETRIES=str(RETRIES), FGS_RETRY_BACKOFF_S="[1]", FGS_ABANDONED_AFTER_S="5",
-        FGS_STEP_DEADLINE_BASE_S=str(STEP_DEADLINE_S), FGS_STEP_DEADLINE_S_PER_MEGAPIXEL="0",
-        FGS_JOB_SETUP_DEADLINE_S=str(SETUP_DEADLINE_S), FGS_CANCEL_GRACE_S="2", FGS_RESTART_BACKOFF_S="[0.5, 1]",
-        FGS_STOP_GRACE_S="3", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+        FGS_REDIS_URL=redis_server,
+        FGS_REDIS_PREFIX=f"fgs-test-watchdog-{uuid.uuid4().hex[:8]}",
+        FGS_API_KEYS_FILE=str(keys_file),
+        FGS_DATA_DIR=str(tmp_path / "data"),
+        FGS_DEVICE="cpu",
+        FGS_HEARTBEAT_S="1",
+        FGS_JOB_RETRIES=str(RETRIES),
+        FGS_RETRY_BACKOFF_S="[1]",
+        FGS_ABANDONED_AFTER_S="5",
+        FGS_STEP_DEADLINE_BASE_S=str(STEP_DEADLINE_S),
+        FGS_STEP_DEADLINE_S_PER_MEGAPIXEL="0",
+        FGS_JOB_SETUP_DEADLINE_S=str(SETUP_DEADLINE_S),
+        FGS_CANCEL_GRACE_S="2",
+        FGS_RESTART_BACKOFF_S="[0.5, 1]",
+        FGS_STOP_GRACE_S="3",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
     )
-    command = [sys.executable, "-m", "fgs_service.cli", "up", "--port", str(port), "--workers", "2",
-               "--model", str(tiny_model_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "fgs_service.cli",
+        "up",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--model",
+        str(tiny_model_dir),
+    ]
     up = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True).start()
@@ -119,8 +140,14 @@ def test_a_classifier_that_hangs_on_a_batch_of_one_fails_its_job_while_others_fi
         beta = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TENANT_KEYS['beta']}"}, timeout=60)
         uploaded = upload_classifier(alpha, archive.read_bytes(), spec)
         assert uploaded.status_code == 201, uploaded.text  # the upload check's batch of 2 passes
-        hanging = {"criterion": "loss", "omega": 0.05, "classifier_id": uploaded.json()["id"], "num_images": 1,
-                   "steps": 2, "guidance_every": 1}
+        hanging = {
+            "criterion": "loss",
+            "omega": 0.05,
+            "classifier_id": uploaded.json()["id"],
+            "num_images": 1,
+            "steps": 2,
+            "guidance_every": 1,
+        }
 
         began = time.time()
         stuck = generate(alpha, **hanging)
@@ -149,8 +176,12 @@ def test_a_classifier_that_hangs_on_a_batch_of_one_fails_its_job_while_others_fi
         # a worker killed outright is restarted as well
         worker_pids = [pid for pid in children_of(up.pid) if pid != api_pid]
         os.kill(worker_pids[0], signal.SIGKILL)
-        wait_until(lambda: len([p for p in children_of(up.pid) if p != api_pid and alive(p)]) == 2
-                   and worker_pids[0] not in children_of(up.pid), 60, "the killed worker restarted")
+        wait_until(
+            lambda: len([p for p in children_of(up.pid) if p != api_pid and alive(p)]) == 2
+            and worker_pids[0] not in children_of(up.pid),
+            60,
+            "the killed worker restarted",
+        )
 
         # Ctrl-C with a stopped worker: fgs up SIGKILLs it after its grace and leaves nothing behind
         children = children_of(up.pid)

@@ -10,17 +10,26 @@ import pytest
 import torch
 from diffusers import StableUnCLIPImg2ImgPipeline
 
+from fgs_classifier.hardness_stats import HardnessStats
+from fgs_classifier.registry import load_classifier
+from fgs_classifier.small_cnn import SmallCNN, export_classifier
 from fgs_common.wire import (
-    ClassifierOutput, ClassifierSpec, Criterion, DropoutScaling, FeedbackInput, FeedbackResolution, GenerationParams,
+    ClassifierOutput,
+    ClassifierSpec,
+    Criterion,
+    DropoutScaling,
+    FeedbackInput,
+    FeedbackResolution,
+    GenerationParams,
     GradientPath,
 )
-from fgs_classifier.registry import load_classifier
 from fgs_worker.guidance.guided_ddim import (
-    GuidedDDIMSampler, dropped_embeddings, min_max_stretch, released_feedback_latents,
+    GuidedDDIMSampler,
+    dropped_embeddings,
+    min_max_stretch,
+    released_feedback_latents,
 )
-from fgs_classifier.hardness_stats import HardnessStats
 from fgs_worker.model_loading import load_pipeline
-from fgs_classifier.small_cnn import SmallCNN, export_classifier
 from fgs_worker.tiny_model import TinyConfig, save_tiny_model
 
 PROMPT = "a handwritten digit seven"
@@ -151,8 +160,14 @@ def test_batch_of_four_equals_four_single_calls_with_feedback(sampler, classifie
 )
 def test_feedback_raises_the_mean_final_criterion(sampler, classifier, criterion, path, resolution):
     images, seeds = random_images(1, seed=7), list(range(100, 108))
-    common = dict(conditioning_images=images, seeds=seeds, criterion=criterion, classifier=classifier,
-                  gradient_path=path, feedback_resolution=resolution)
+    common = dict(
+        conditioning_images=images,
+        seeds=seeds,
+        criterion=criterion,
+        classifier=classifier,
+        gradient_path=path,
+        feedback_resolution=resolution,
+    )
     plain = run(sampler, omega=0.0, **common)
     guided = run(sampler, omega=0.5, **common)
     assert len(guided.criterion_values) == 8 and len(guided.probabilities[0]) == 10
@@ -166,8 +181,15 @@ def test_feedback_resolution_decodes_at_the_classifier_size(sampler, tmp_path):
     full = sampler.decode_for_classifier(latents, small, FeedbackResolution.full)
     reduced = sampler.decode_for_classifier(latents, small, FeedbackResolution.classifier)
     assert full.shape[-2:] == (32, 32) and reduced.shape[-2:] == (16, 16)
-    guided = run(sampler, conditioning_images=random_images(1), seeds=[1, 2], criterion="entropy", omega=0.3,
-                 classifier=small, feedback_resolution="classifier")
+    guided = run(
+        sampler,
+        conditioning_images=random_images(1),
+        seeds=[1, 2],
+        criterion="entropy",
+        omega=0.3,
+        classifier=small,
+        feedback_resolution="classifier",
+    )
     assert len(guided.images) == 2 and guided.images[0].size == (32, 32)
 
 
@@ -175,7 +197,9 @@ def test_feedback_resolution_decodes_at_the_classifier_size(sampler, tmp_path):
     "prediction, path",
     [("v", GradientPath.unet), ("v", GradientPath.constant_eps), ("epsilon", GradientPath.unet)],
 )
-def test_criterion_gradient_matches_finite_differences_in_float64(model_dir, epsilon_model_dir, tmp_path, prediction, path):
+def test_criterion_gradient_matches_finite_differences_in_float64(
+    model_dir, epsilon_model_dir, tmp_path, prediction, path
+):
     directory = model_dir if prediction == "v" else epsilon_model_dir
     pipe = load_pipeline(str(directory), device="cpu", dtype=torch.float64)
     sampler = GuidedDDIMSampler(pipe)
@@ -186,15 +210,25 @@ def test_criterion_gradient_matches_finite_differences_in_float64(model_dir, eps
     t = scheduler.timesteps[3]
     alpha_t = scheduler.alphas_cumprod[t].to(torch.float64)
     generators = [torch.Generator().manual_seed(0)]
-    prompt_embeds, _ = pipe.encode_prompt(prompt=[PROMPT], device="cpu", num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
+    prompt_embeds, _ = pipe.encode_prompt(
+        prompt=[PROMPT], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
     image_embeds = sampler._image_embeddings(random_images(1), [0], 0.0, DropoutScaling.inverted, 0, generators)
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     guided_output = torch.randn_like(z0)
-    kwargs = dict(t=t, alpha_t=alpha_t, scheduler=scheduler, guided_output=guided_output,
-                  cond_prompt_embeds=prompt_embeds, cond_image_embeds=image_embeds, classifier=clf,
-                  criterion=Criterion.entropy, labels=torch.tensor([7]), gradient_path=path,
-                  resolution=FeedbackResolution.full)
+    kwargs = dict(
+        t=t,
+        alpha_t=alpha_t,
+        scheduler=scheduler,
+        guided_output=guided_output,
+        cond_prompt_embeds=prompt_embeds,
+        cond_image_embeds=image_embeds,
+        classifier=clf,
+        criterion=Criterion.entropy,
+        labels=torch.tensor([7]),
+        gradient_path=path,
+        resolution=FeedbackResolution.full,
+    )
 
     def criterion_at(z):
         return sampler.feedback_criterion(z, **kwargs).sum()
@@ -208,11 +242,14 @@ def test_criterion_gradient_matches_finite_differences_in_float64(model_dir, eps
             # Hold eps_hat at its value for z0, exactly as the constant path differentiates.
             eps0 = sampler._predicted_noise(scheduler, guided_output, z0, alpha_t)
             kwargs["guided_output"] = None
+
             def criterion_at(z):  # noqa: F811
                 x0 = (z - (1 - alpha_t).sqrt() * eps0) / alpha_t.sqrt()
                 logits, _ = clf(sampler.decode_for_classifier(x0, clf, FeedbackResolution.full))
                 from fgs_worker.guidance.criteria import entropy
+
                 return entropy(logits).sum()
+
         finite = torch.stack([(criterion_at(z0 + h * d) - criterion_at(z0 - h * d)) / (2 * h) for d in directions])
     analytic = (directions * grad).flatten(1).sum(1)
     cosine = torch.nn.functional.cosine_similarity(finite, analytic, dim=0).item()
@@ -221,7 +258,9 @@ def test_criterion_gradient_matches_finite_differences_in_float64(model_dir, eps
 
 
 def test_gradient_paths_differ(sampler, classifier):
-    common = dict(conditioning_images=random_images(1), seeds=[5], criterion="entropy", omega=0.5, classifier=classifier)
+    common = dict(
+        conditioning_images=random_images(1), seeds=[5], criterion="entropy", omega=0.5, classifier=classifier
+    )
     through_unet = run(sampler, gradient_path="unet", **common).pixels
     constant = run(sampler, gradient_path="constant_eps", **common).pixels
     assert (through_unet - constant).abs().max() > 1e-3
@@ -320,9 +359,19 @@ def test_released_feedback_input_is_what_the_sampler_scores(model_dir, tmp_path)
     alpha_t = scheduler.alphas_cumprod[t].to(torch.float64)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     guided_output = torch.randn_like(z)
-    kwargs = dict(t=t, alpha_t=alpha_t, scheduler=scheduler, guided_output=guided_output, cond_prompt_embeds=None,
-                  cond_image_embeds=None, classifier=clf, criterion=Criterion.entropy, labels=torch.tensor([7, 7]),
-                  gradient_path=GradientPath.constant_eps, resolution=FeedbackResolution.full)
+    kwargs = dict(
+        t=t,
+        alpha_t=alpha_t,
+        scheduler=scheduler,
+        guided_output=guided_output,
+        cond_prompt_embeds=None,
+        cond_image_embeds=None,
+        classifier=clf,
+        criterion=Criterion.entropy,
+        labels=torch.tensor([7, 7]),
+        gradient_path=GradientPath.constant_eps,
+        resolution=FeedbackResolution.full,
+    )
     released = sampler.feedback_criterion(z, feedback_input=FeedbackInput.released, **kwargs)
     x0 = sampler.feedback_criterion(z, feedback_input=FeedbackInput.x0, **kwargs)
     eps = sampler._predicted_noise(scheduler, guided_output, z, alpha_t)

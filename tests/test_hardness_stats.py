@@ -112,8 +112,13 @@ def test_equals_the_dense_computation(case, tmp_path):
     in_memory = HardnessStats.fit(embeddings, labels, len(counts), shrinkage=shrinkage)
     order = torch.argsort(labels, stable=True)
     starts = [0] + torch.tensor(counts).cumsum(0).tolist()
-    HardnessStats.fit_to_file(tmp_path / "streamed.safetensors", lambda y: embeddings[order[starts[y] : starts[y + 1]]],
-                              counts, k, shrinkage=shrinkage)
+    HardnessStats.fit_to_file(
+        tmp_path / "streamed.safetensors",
+        lambda y: embeddings[order[starts[y] : starts[y + 1]]],
+        counts,
+        k,
+        shrinkage=shrinkage,
+    )
     in_memory.save(tmp_path / "saved.safetensors")
     queries = torch.randn(4 * len(counts), k, generator=torch.Generator().manual_seed(1)) * scales
     query_labels = torch.arange(queries.shape[0]) % len(counts)
@@ -188,7 +193,7 @@ from fgs_classifier.hardness_stats import HardnessStats
 torch.set_num_threads(1)
 counts = [1000, 600, 300, 100]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-HardnessStats.fit_to_file({str(tmp_path / 's.safetensors')!r},
+HardnessStats.fit_to_file({str(tmp_path / "s.safetensors")!r},
                           lambda y: torch.randn(counts[y], 256, generator=torch.Generator().manual_seed(y)),
                           counts, 256)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
@@ -211,8 +216,11 @@ def test_the_file_is_plain_safetensors(tmp_path):
 
 def test_old_dense_files_and_damaged_files_are_refused_with_a_clear_message(tmp_path):
     old = tmp_path / "v1.safetensors"
-    save_file({"means": torch.zeros(2, 3), "precisions": torch.eye(3).repeat(2, 1, 1), "logdets": torch.zeros(2)},
-              str(old), metadata={"format": "fgs-hardness-stats-v1"})
+    save_file(
+        {"means": torch.zeros(2, 3), "precisions": torch.eye(3).repeat(2, 1, 1), "logdets": torch.zeros(2)},
+        str(old),
+        metadata={"format": "fgs-hardness-stats-v1"},
+    )
     with pytest.raises(ValueError, match="fgs-client hardness-stats"):
         HardnessStats.load(old)
 

@@ -160,7 +160,11 @@ def test_batch_summary_counts_jobs_by_state(harness):
     summary = harness.queue.batch_summary(ALPHA, "plan-1")
     assert summary.job_ids == [first, second, third]
     assert {s.value: n for s, n in summary.counts.items()} == {
-        "queued": 1, "running": 0, "finished": 1, "failed": 0, "canceled": 1
+        "queued": 1,
+        "running": 0,
+        "finished": 1,
+        "failed": 0,
+        "canceled": 1,
     }
     assert (summary.images_done, summary.images_total) == (2, 6)
     assert harness.queue.batch_summary(BETA, "plan-1") is None

@@ -18,10 +18,20 @@ def settings(tmp_path, **values) -> Settings:
 
 def test_keys_from_file_inline_json_and_the_dev_key(tmp_path):
     keys_file = tmp_path / "keys.json"
-    keys_file.write_text(json.dumps({"tenants": [
-        # digests are matched case-insensitively: a file written with upper-case hex still works
-        {"name": "vision", "key_sha256": [hash_key("v-key-1"), hash_key("v-key-2").upper()], "max_queued_images": 7},
-    ]}))
+    keys_file.write_text(
+        json.dumps(
+            {
+                "tenants": [
+                    # digests are matched case-insensitively: a file written with upper-case hex still works
+                    {
+                        "name": "vision",
+                        "key_sha256": [hash_key("v-key-1"), hash_key("v-key-2").upper()],
+                        "max_queued_images": 7,
+                    },
+                ]
+            }
+        )
+    )
     inline = json.dumps({"tenants": [{"name": "speech", "key_sha256": [hash_key("s-key")]}]})
     ring = KeyRing.from_settings(settings(tmp_path, api_keys_file=keys_file, api_keys=inline, dev_api_key="dev-key"))
     assert len(ring) == 4

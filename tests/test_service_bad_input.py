@@ -110,8 +110,18 @@ def test_bad_classifiers(live_stack, nothing_changes, classifier_files, tmp_path
         ({"prompt": ""}, 422),
         ({"unknown_field": 1}, 422),
     ],
-    ids=["unknown-criterion", "omega-nan", "omega-inf", "zero-images", "too-many-images", "unknown-image",
-         "path-image-id", "unknown-classifier", "empty-prompt", "unknown-field"],
+    ids=[
+        "unknown-criterion",
+        "omega-nan",
+        "omega-inf",
+        "zero-images",
+        "too-many-images",
+        "unknown-image",
+        "path-image-id",
+        "unknown-classifier",
+        "empty-prompt",
+        "unknown-field",
+    ],
 )
 def test_bad_generate_requests(live_stack, nothing_changes, change, status):
     body = dict(GOOD, **change)
@@ -121,15 +131,23 @@ def test_bad_generate_requests(live_stack, nothing_changes, change, status):
 
         response = client.post("/v1/generate", content=json.dumps(body), headers={"Content-Type": "application/json"})
         assert_error(response, status)
-        batch = client.post("/v1/batches", content=json.dumps({"jobs": [GOOD, body]}), headers={"Content-Type": "application/json"})
+        batch = client.post(
+            "/v1/batches", content=json.dumps({"jobs": [GOOD, body]}), headers={"Content-Type": "application/json"}
+        )
         assert_error(batch, status)
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Basic abc"}], ids=["missing", "wrong", "not-bearer"])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Basic abc"}],
+    ids=["missing", "wrong", "not-bearer"],
+)
 def test_missing_or_wrong_api_key(live_stack, nothing_changes, headers):
     with httpx.Client(base_url=live_stack.base_url, headers=headers) as client:
         assert_error(client.post("/v1/generate", json=GOOD), 401, "unauthorized")
-        assert_error(client.post("/v1/images", files={"file": ("x.png", png_bytes(), "image/png")}), 401, "unauthorized")
+        assert_error(
+            client.post("/v1/images", files={"file": ("x.png", png_bytes(), "image/png")}), 401, "unauthorized"
+        )
         assert_error(client.get("/v1/jobs"), 401, "unauthorized")
 
 
@@ -156,7 +174,9 @@ def test_declared_body_over_the_limit_is_refused_before_it_is_sent(live_stack, n
     with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
         conn.sendall(request.encode())
         answer = b""
-        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(re.search(rb"content-length: (\d+)", answer, re.I).group(1)):
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+            re.search(rb"content-length: (\d+)", answer, re.I).group(1)
+        ):
             chunk = conn.recv(65536)  # headers and body may come in separate segments
             assert chunk, f"connection closed before the whole answer: {answer!r}"
             answer += chunk

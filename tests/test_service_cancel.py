@@ -57,6 +57,9 @@ def test_idempotency_key_returns_the_first_job(live_stack):
         assert batch_1 == batch_2 and len(batch_1["job_ids"]) == 2
         # the key is per tenant: beta's identical key is a new job
         with live_stack.client("beta") as beta:
-            assert beta.post("/v1/generate", json=body, headers={"Idempotency-Key": "retry-me-1"}).json()["job_id"] != first.json()["job_id"]
+            assert (
+                beta.post("/v1/generate", json=body, headers={"Idempotency-Key": "retry-me-1"}).json()["job_id"]
+                != first.json()["job_id"]
+            )
         for job_id in [first.json()["job_id"], other.json()["job_id"], *batch_1["job_ids"]]:
             assert wait_final(alpha, job_id).state is JobState.finished

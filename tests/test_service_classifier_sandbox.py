@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import hostile_archives as hostile
-from support.stack import start_stack
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.classifier_sandbox import sandbox_environment
 from fgs_common.wire import JobState
+from support import hostile_archives as hostile
 from support.live_calls import generate, upload_classifier, wait_final
+from support.stack import start_stack
 
 
 def stored_files(data_dir: Path) -> list[str]:

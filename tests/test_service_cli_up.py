@@ -28,7 +28,18 @@ def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_p
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )
-    command = [sys.executable, "-m", "fgs_service.cli", "up", "--port", str(api_port), "--workers", "1", "--model", str(tiny_model_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "fgs_service.cli",
+        "up",
+        "--port",
+        str(api_port),
+        "--workers",
+        "1",
+        "--model",
+        str(tiny_model_dir),
+    ]
     up = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Read fgs up's output (its children's logs too) all the time: a pipe nobody reads fills up and blocks
     # the writers, and a blocked child cannot shut down.
@@ -61,9 +72,13 @@ def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_p
         try:
             code = up.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,args", "--ppid", str(up.pid)], capture_output=True, text=True).stdout
+            tree = subprocess.run(
+                ["ps", "-o", "pid,ppid,stat,etime,args", "--ppid", str(up.pid)], capture_output=True, text=True
+            ).stdout
             up.kill()
-            raise AssertionError(f"fgs up still running 120 s after Ctrl-C; its children:\n{tree}\noutput tail:\n{''.join(lines[-40:])}") from None
+            raise AssertionError(
+                f"fgs up still running 120 s after Ctrl-C; its children:\n{tree}\noutput tail:\n{''.join(lines[-40:])}"
+            ) from None
         assert code == 0, "".join(lines[-40:])
     for url in (f"{base}/healthz",):
         try:

@@ -24,9 +24,17 @@ def test_generate_entropy_feedback_matches_in_process_sampler(live_stack, classi
         classifier_id = uploaded.json()["id"]
 
         body = {
-            "prompt": "a photo of digit three", "class_index": 3, "conditioning_image_ids": [image_id], "num_images": 8,
-            "criterion": "entropy", "omega": 0.5, "gamma": 3.0, "classifier_id": classifier_id, "seed": 1234,
-            "steps": 10, "guidance_every": 5,
+            "prompt": "a photo of digit three",
+            "class_index": 3,
+            "conditioning_image_ids": [image_id],
+            "num_images": 8,
+            "criterion": "entropy",
+            "omega": 0.5,
+            "gamma": 3.0,
+            "classifier_id": classifier_id,
+            "seed": 1234,
+            "steps": 10,
+            "guidance_every": 5,
         }
         accepted = client.post("/v1/generate", json=body)
         assert accepted.status_code == 202, accepted.text
@@ -56,12 +64,12 @@ def test_generate_entropy_feedback_matches_in_process_sampler(live_stack, classi
             assert result.criterion_value is not None
 
     # The same request, in this process, with the sampler itself.
+    import torch
+
     from fgs_classifier.registry import load_classifier
     from fgs_common.wire import GenerationParams
     from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
     from fgs_worker.model_loading import load_pipeline
-
-    import torch
 
     # Workers run with OMP_NUM_THREADS=1 (conftest); CPU kernels round differently with other thread counts.
     threads = torch.get_num_threads()
@@ -70,12 +78,15 @@ def test_generate_entropy_feedback_matches_in_process_sampler(live_stack, classi
     with Image.open(io.BytesIO(png_bytes(1))) as cond:
         cond_rgb = cond.convert("RGB")
     out = sampler(
-        prompt=body["prompt"], class_index=3, conditioning_images=[cond_rgb], seeds=list(range(1234, 1242)),
+        prompt=body["prompt"],
+        class_index=3,
+        conditioning_images=[cond_rgb],
+        seeds=list(range(1234, 1242)),
         params=GenerationParams(criterion="entropy", omega=0.5, gamma=3.0, steps=10, guidance_every=5),
         classifier=load_classifier(archive, spec, None, device="cpu"),
     )
     torch.set_num_threads(threads)
-    for expected, got in zip(out.images, downloaded):
+    for expected, got in zip(out.images, downloaded, strict=False):
         np.testing.assert_array_equal(np.asarray(expected.convert("RGB")), got)
 
 
@@ -84,9 +95,8 @@ def test_metrics_after_a_job_have_real_values_and_pass_promtool(live_stack):
     import shutil
     import subprocess
 
-    from prometheus_client.parser import text_string_to_metric_families
-
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{live_stack.base_url}/metrics", timeout=30).text
     samples = {}

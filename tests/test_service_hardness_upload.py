@@ -28,8 +28,13 @@ STATS_CAP = 160 * 1024 * 1024  # above the ~100 MB file, small enough that the o
 
 @pytest.fixture(scope="module")
 def stack(redis_server, tiny_model_dir, tmp_path_factory):
-    stack = start_stack(redis_server, tiny_model_dir, tmp_path_factory.mktemp("hardness-stack"), workers=1,
-                        extra_env={"FGS_MAX_HARDNESS_STATS_BYTES": str(STATS_CAP)})
+    stack = start_stack(
+        redis_server,
+        tiny_model_dir,
+        tmp_path_factory.mktemp("hardness-stack"),
+        workers=1,
+        extra_env={"FGS_MAX_HARDNESS_STATS_BYTES": str(STATS_CAP)},
+    )
     yield stack
     stack.close()
 
@@ -68,10 +73,14 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 def upload(stack, archive: Path, spec: ClassifierSpec, stats: Path):
     with stack.client("alpha") as client, open(archive, "rb") as a, open(stats, "rb") as s:
-        return client.post("/v1/classifiers", data={"spec": spec.model_dump_json()}, files={
-            "archive": ("classifier.pt", a, "application/octet-stream"),
-            "hardness_stats": ("stats.safetensors", s, "application/octet-stream"),  # httpx streams file objects
-        })
+        return client.post(
+            "/v1/classifiers",
+            data={"spec": spec.model_dump_json()},
+            files={
+                "archive": ("classifier.pt", a, "application/octet-stream"),
+                "hardness_stats": ("stats.safetensors", s, "application/octet-stream"),  # httpx streams file objects
+            },
+        )
 
 
 def leftovers(stack) -> list[str]:
@@ -100,8 +109,16 @@ def test_large_statistics_are_streamed_to_disk_and_scored_by_the_worker(stack, i
 
     # A few-shot class (ImageNet-LT class 58, water snake: 5 images) scored by the worker while it guides.
     body = {
-        "prompt": "a photo of a water snake", "class_index": 58, "num_images": 2, "criterion": "hardness", "omega": 0.5,
-        "gamma": 3.0, "classifier_id": classifier_id, "seed": 99, "steps": 10, "guidance_every": 5,
+        "prompt": "a photo of a water snake",
+        "class_index": 58,
+        "num_images": 2,
+        "criterion": "hardness",
+        "omega": 0.5,
+        "gamma": 3.0,
+        "classifier_id": classifier_id,
+        "seed": 99,
+        "steps": 10,
+        "guidance_every": 5,
         "conditioning_image_ids": [],
     }
     with stack.client("alpha") as client:
@@ -128,7 +145,7 @@ def test_large_statistics_are_streamed_to_disk_and_scored_by_the_worker(stack, i
     finally:
         torch.set_num_threads(threads)
     assert [r.criterion_value for r in final.results] == pytest.approx(out.criterion_values, rel=1e-6)
-    for expected, got in zip(out.images, downloaded):
+    for expected, got in zip(out.images, downloaded, strict=False):
         np.testing.assert_array_equal(np.asarray(expected.convert("RGB")), got)
 
 

@@ -23,7 +23,17 @@ def api_only(redis_server, tiny_model_dir, tmp_path_factory):
 
 def test_openapi_schema_is_served(api_only):
     schema = httpx.get(f"{api_only.base_url}/openapi.json").json()
-    for path in ("/v1/images", "/v1/classifiers", "/v1/generate", "/v1/batches", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/healthz", "/readyz", "/metrics"):
+    for path in (
+        "/v1/images",
+        "/v1/classifiers",
+        "/v1/generate",
+        "/v1/batches",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/events",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
         assert path in schema["paths"], path
     assert "GenerateRequest" in schema["components"]["schemas"]
 
@@ -34,17 +44,27 @@ def test_schemathesis_finds_no_server_errors(api_only, tmp_path):
         pytest.skip("schemathesis is not installed (pip install schemathesis==4.32.5)")
     result = subprocess.run(
         [
-            cli, "run", f"{api_only.base_url}/openapi.json",
-            "--checks", "not_a_server_error",
-            "--header", f"Authorization: Bearer {api_only.keys['alpha']}",
-            "--max-examples", "50",
-            "--phases", "examples,fuzzing,stateful",
+            cli,
+            "run",
+            f"{api_only.base_url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--header",
+            f"Authorization: Bearer {api_only.keys['alpha']}",
+            "--max-examples",
+            "50",
+            "--phases",
+            "examples,fuzzing,stateful",
             # An event stream of a job that stays queued (this API has no workers) never ends, so it is
             # covered by the end-to-end tests instead.
-            "--exclude-path", "/v1/jobs/{job_id}/events",
-            "--seed", "1",
-            "--request-timeout", "30",
-            "--generation-database", "none",
+            "--exclude-path",
+            "/v1/jobs/{job_id}/events",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "30",
+            "--generation-database",
+            "none",
         ],
         capture_output=True,
         text=True,

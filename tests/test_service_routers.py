@@ -90,15 +90,22 @@ def test_readyz_is_503_when_redis_does_not_answer(tmp_path):
         response = client.get("/readyz")
         assert response.status_code == 503
         assert response.json() == {
-            "status": "redis unreachable", "redis": False, "workers": None, "store_writable": True, "store_error": None
+            "status": "redis unreachable",
+            "redis": False,
+            "workers": None,
+            "store_writable": True,
+            "store_error": None,
         }
         assert client.get("/healthz").status_code == 200
 
 
 @pytest.mark.parametrize(
     "headers, message",
-    [({}, "send 'Authorization: Bearer <api key>'"), ({"Authorization": "Bearer nope"}, "unknown API key"),
-     ({"Authorization": f"Basic {TENANT_KEYS['alpha']}"}, "send 'Authorization: Bearer <api key>'")],
+    [
+        ({}, "send 'Authorization: Bearer <api key>'"),
+        ({"Authorization": "Bearer nope"}, "unknown API key"),
+        ({"Authorization": f"Basic {TENANT_KEYS['alpha']}"}, "send 'Authorization: Bearer <api key>'"),
+    ],
 )
 def test_requests_without_a_known_key_are_401(api, headers, message):
     response = api.get("/v1/jobs", headers=headers)
@@ -171,7 +178,10 @@ def test_a_batch_is_queued_whole_and_summarised(api, records):
     assert records.transition(job_ids[0], JobState.running, (JobState.queued,), images_done=1)
     summary = api.get(f"/v1/batches/{batch_id}", headers=auth("alpha")).json()
     assert summary == {
-        "batch_id": batch_id, "job_ids": job_ids, "images_done": 1, "images_total": 5,
+        "batch_id": batch_id,
+        "job_ids": job_ids,
+        "images_done": 1,
+        "images_total": 5,
         "counts": {"queued": 1, "running": 1, "finished": 0, "failed": 0, "canceled": 0},
     }
     assert api.get(f"/v1/batches/{batch_id}", headers=auth("beta")).status_code == 404
@@ -196,9 +206,15 @@ def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, recor
     page = api.get("/v1/views/gallery", params={"job_id": job_id}, headers=auth("alpha")).json()
     generation = {k: v for k, v in job["request"].items() if k in GenerationParams.model_fields}
     assert page["items"] == [
-        {**result, "criterion_not_finite": False, "job_id": job_id, "class_index": 1, "prompt": "a digit",
-         "generation": generation,
-         "disagrees": result["predicted_class"] != 1}
+        {
+            **result,
+            "criterion_not_finite": False,
+            "job_id": job_id,
+            "class_index": 1,
+            "prompt": "a digit",
+            "generation": generation,
+            "disagrees": result["predicted_class"] != 1,
+        }
         for result in results
     ]
     assert generation["omega"] == 0.2 and generation["gamma"] == 2.5
@@ -227,13 +243,12 @@ def test_references_must_exist_and_fit_the_classifier(api):
     assert missing_classifier.json()["error"]["message"] == f"no classifier with id {'f' * 64!r}"
     classifier_id = upload_classifier(api, num_classes=2)
     out_of_range = api.post(
-        "/v1/generate", json={**JOB, "class_index": 2, "criterion": "entropy", "classifier_id": classifier_id},
+        "/v1/generate",
+        json={**JOB, "class_index": 2, "criterion": "entropy", "classifier_id": classifier_id},
         headers=auth("alpha"),
     )
     assert out_of_range.status_code == 422
-    assert out_of_range.json()["error"]["message"] == (
-        "class_index 2 is out of range: the classifier has 2 classes"
-    )
+    assert out_of_range.json()["error"]["message"] == ("class_index 2 is out of range: the classifier has 2 classes")
     no_stats = api.post(
         "/v1/generate", json={**JOB, "criterion": "hardness", "classifier_id": classifier_id}, headers=auth("alpha")
     )
@@ -257,15 +272,20 @@ def test_classifier_upload_read_and_list(api):
     assert api.get("/v1/classifiers", headers=auth("beta")).json() == []
     assert api.get(f"/v1/classifiers/{plain}", headers=auth("beta")).status_code == 404
     pickle = api.post(
-        "/v1/classifiers", files={"archive": ("clf.pt", b"\x80\x04not a zip", "application/octet-stream")},
-        data={"spec": ClassifierSpec(num_classes=2, input_size=8).model_dump_json()}, headers=auth("alpha"),
+        "/v1/classifiers",
+        files={"archive": ("clf.pt", b"\x80\x04not a zip", "application/octet-stream")},
+        data={"spec": ClassifierSpec(num_classes=2, input_size=8).model_dump_json()},
+        headers=auth("alpha"),
     )
     assert pickle.status_code == 415 and pickle.json()["error"]["code"] == "not_a_classifier_archive"
     bad_stats = api.post(
         "/v1/classifiers",
-        files={"archive": ("clf.pt", torchscript_shaped_zip(), "application/octet-stream"),
-               "hardness_stats": ("s", b"short", "application/octet-stream")},
-        data={"spec": ClassifierSpec(num_classes=2, input_size=8).model_dump_json()}, headers=auth("alpha"),
+        files={
+            "archive": ("clf.pt", torchscript_shaped_zip(), "application/octet-stream"),
+            "hardness_stats": ("s", b"short", "application/octet-stream"),
+        },
+        data={"spec": ClassifierSpec(num_classes=2, input_size=8).model_dump_json()},
+        headers=auth("alpha"),
     )
     assert bad_stats.status_code == 422 and bad_stats.json()["error"]["code"] == "invalid_hardness_stats"
     assert len(api.get("/v1/classifiers", headers=auth("alpha")).json()) == 2

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from support.stack import CAPPED_MAX_IMAGES
 from support.live_calls import JobState, generate, get_job, png_bytes, upload_classifier, wait_final, wait_for
+from support.stack import CAPPED_MAX_IMAGES
 
 
 def test_other_tenants_objects_are_404(live_stack, classifier_files):
@@ -47,7 +47,9 @@ def generate_status(client, **overrides) -> int:
 
 def test_tenant_over_its_cap_gets_429_with_retry_after(live_stack):
     with live_stack.client("capped") as capped:
-        too_many = capped.post("/v1/generate", json={"prompt": "a photo", "class_index": 0, "num_images": CAPPED_MAX_IMAGES + 1})
+        too_many = capped.post(
+            "/v1/generate", json={"prompt": "a photo", "class_index": 0, "num_images": CAPPED_MAX_IMAGES + 1}
+        )
         assert too_many.status_code == 429
         assert int(too_many.headers["Retry-After"]) > 0
         assert "cap" in too_many.json()["error"]["message"]
@@ -66,7 +68,17 @@ def test_tenant_over_its_cap_gets_429_with_retry_after(live_stack):
 
 def test_one_small_job_is_not_starved_by_a_big_plan(live_stack):
     with live_stack.client("alpha") as alpha, live_stack.client("beta") as beta:
-        plan = [{"prompt": "a photo of digit two", "class_index": 2, "num_images": 1, "steps": 3, "guidance_every": 1, "seed": i} for i in range(200)]
+        plan = [
+            {
+                "prompt": "a photo of digit two",
+                "class_index": 2,
+                "num_images": 1,
+                "steps": 3,
+                "guidance_every": 1,
+                "seed": i,
+            }
+            for i in range(200)
+        ]
         accepted = alpha.post("/v1/batches", json={"jobs": plan})
         assert accepted.status_code == 202, accepted.text
         batch_id, alpha_jobs = accepted.json()["batch_id"], accepted.json()["job_ids"]

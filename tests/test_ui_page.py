@@ -20,9 +20,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from support.stack import start_stack
 from fgs_service.auth import hash_key
 from support.live_calls import generate, png_bytes, upload_classifier, wait_final, wait_for
+from support.stack import start_stack
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -193,7 +193,11 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
         assert full.status_code == 200
         assert page_bytes(page, page.get_attribute("#detail-image", "src")) == full.content
         meta = dict(
-            zip(page.locator("#detail-meta th").all_inner_texts(), page.locator("#detail-meta td").all_inner_texts())
+            zip(
+                page.locator("#detail-meta th").all_inner_texts(),
+                page.locator("#detail-meta td").all_inner_texts(),
+                strict=False,
+            )
         )
         assert meta["seed"] == str(first.seed) and meta["criterion"] == "entropy" and meta["ω"] == "0.05"
         assert meta["γ"] == "3" and meta["p"] == "0"
@@ -295,7 +299,10 @@ def test_operator_view_for_admin_keys_only(session_of, ui_stack, artifacts):
         failing = generate(alpha, num_images=1, steps=2, guidance_every=1, conditioning_image_ids=[image_id])
         assert wait_final(alpha, failing).state.value == "failed"
         # and one that finishes, so the last minute's throughput is this test's own, whatever ran before
-        assert wait_final(alpha, generate(alpha, num_images=1, steps=2, guidance_every=1, seed=3)).state.value == "finished"
+        assert (
+            wait_final(alpha, generate(alpha, num_images=1, steps=2, guidance_every=1, seed=3)).state.value
+            == "finished"
+        )
         queued = generate(alpha, num_images=8, steps=400, guidance_every=5, seed=7)
         wait_for(alpha, queued, lambda j: j.state.value == "running")
         waiting = generate(alpha, num_images=3, steps=2, guidance_every=1, seed=8)

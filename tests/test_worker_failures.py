@@ -34,8 +34,14 @@ def setup(redis_server, tiny_model_dir, tmp_path):
     from fgs_worker.runtime import WorkerRuntime
 
     settings = Settings(
-        redis_url=redis_server, redis_prefix=f"fgs-test-failures-{uuid.uuid4().hex[:8]}", model=str(tiny_model_dir),
-        device="cpu", data_dir=tmp_path, dev_api_key=API_KEY, job_retries=2, retry_backoff_s=[1],
+        redis_url=redis_server,
+        redis_prefix=f"fgs-test-failures-{uuid.uuid4().hex[:8]}",
+        model=str(tiny_model_dir),
+        device="cpu",
+        data_dir=tmp_path,
+        dev_api_key=API_KEY,
+        job_retries=2,
+        retry_backoff_s=[1],
         classifier_check=False,
     )
     worker = FgsWorker(WorkerRuntime.load(settings, name="failures"))

@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
-from support.stack import start_stack
 from support.live_calls import JobState, generate, get_job, png_bytes, wait_final, wait_for
+from support.stack import start_stack
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,9 @@ def test_sigterm_finishes_the_job_in_hand_then_exits(own_stack):
         long_job = generate(client, num_images=8, steps=150, guidance_every=5)
         wait_for(client, long_job, lambda j: j.state is JobState.running and j.progress.step >= 3, timeout=120)
         # conftest names workers w<index>-<random>
-        worker_name = redis.Redis.from_url(own_stack.redis_url, decode_responses=True).hget(f"{own_stack.prefix}:job:{long_job}", "worker")
+        worker_name = redis.Redis.from_url(own_stack.redis_url, decode_responses=True).hget(
+            f"{own_stack.prefix}:job:{long_job}", "worker"
+        )
         victim = own_stack.workers[int(worker_name.split("-")[0][1:])]
 
         victim.send_signal(signal.SIGTERM)
@@ -35,7 +37,9 @@ def test_sigterm_finishes_the_job_in_hand_then_exits(own_stack):
         assert finished.state is JobState.finished and finished.progress.images_done == 8
         assert victim.wait(timeout=60) == 0
         assert wait_final(client, next_job).state is JobState.finished
-        taker = redis.Redis.from_url(own_stack.redis_url, decode_responses=True).hget(f"{own_stack.prefix}:job:{next_job}", "worker")
+        taker = redis.Redis.from_url(own_stack.redis_url, decode_responses=True).hget(
+            f"{own_stack.prefix}:job:{next_job}", "worker"
+        )
         assert taker != worker_name
         # the exited worker no longer counts as alive
         alive = redis.Redis.from_url(own_stack.redis_url).exists(f"{own_stack.prefix}:worker:{worker_name}")
@@ -64,7 +68,9 @@ def test_failing_job_is_retried_then_failed_with_its_error(own_stack):
         assert final is not None and final.state is JobState.failed
         assert final.error.code == "worker_error" and "UnidentifiedImageError" in final.error.message
         assert saw_retry
-        registry = FailedJobRegistry(f"{own_stack.prefix}:beta", connection=redis.Redis.from_url(own_stack.redis_url), serializer=JSONSerializer)
+        registry = FailedJobRegistry(
+            f"{own_stack.prefix}:beta", connection=redis.Redis.from_url(own_stack.redis_url), serializer=JSONSerializer
+        )
         assert job_id in registry.get_job_ids()
 
 
@@ -81,7 +87,13 @@ def test_a_stop_that_arrives_while_busy_ends_the_idle_loop(redis_server, tiny_mo
     from fgs_worker.main import FgsWorker
     from fgs_worker.runtime import WorkerRuntime
 
-    settings = Settings(redis_url=redis_server, redis_prefix="fgs-test-stopflag", model=str(tiny_model_dir), device="cpu", data_dir=tmp_path)
+    settings = Settings(
+        redis_url=redis_server,
+        redis_prefix="fgs-test-stopflag",
+        model=str(tiny_model_dir),
+        device="cpu",
+        data_dir=tmp_path,
+    )
     worker = FgsWorker(WorkerRuntime.load(settings, name="stopflag"))
     worker._stop_requested = True  # what RQ's SIGTERM handler does when the state is still 'busy'
     outcome: list[BaseException] = []

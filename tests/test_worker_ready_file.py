@@ -49,7 +49,11 @@ def test_readyz_is_200_with_zero_workers(redis_server, tiny_model_dir, tmp_path)
         response = httpx.get(f"{stack.base_url}/readyz", timeout=5)
         assert response.status_code == 200
         assert response.json() == {
-            "status": "ready, no live workers", "redis": True, "workers": 0, "store_writable": True, "store_error": None
+            "status": "ready, no live workers",
+            "redis": True,
+            "workers": 0,
+            "store_writable": True,
+            "store_error": None,
         }
     finally:
         stack.close()

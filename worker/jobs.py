@@ -26,11 +26,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from rq import get_current_job
 
+from fgs_classifier.registry import LoadedClassifier, load_classifier
 from fgs_common import telemetry
 from fgs_common.classifier_sandbox import run_classifier_check
-from fgs_common.job_records import now_ts
-from fgs_classifier.registry import LoadedClassifier, load_classifier
 from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob, JobCanceled, JobLost
+from fgs_common.job_records import now_ts
 from fgs_common.wire import ClassifierSpec, ErrorBody, GenerateRequest, ImageResult, JobState
 from fgs_worker.cancel import cancel_requested
 from fgs_worker.runtime import WorkerRuntime, current_runtime
@@ -90,7 +90,10 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
         if not outcome.ok:
             raise InvalidClassifier(outcome.message)
         return load_classifier(
-            archive, spec, stats_path, device=runtime.device,
+            archive,
+            spec,
+            stats_path,
+            device=runtime.device,
             max_unpacked_bytes=runtime.settings.max_classifier_unpacked_bytes,
         )
 
@@ -126,8 +129,10 @@ def _generate(
     width, height = runtime.sampler.image_size(params)
     limit = runtime.model_info().max_pixels_per_image
     if width * height > limit:
-        raise InvalidJob(f"{width}x{height} = {width * height} pixels per image is more than this model takes "
-                         f"({limit}, see GET /v1/model)")
+        raise InvalidJob(
+            f"{width}x{height} = {width * height} pixels per image is more than this model takes "
+            f"({limit}, see GET /v1/model)"
+        )
     on_step = _StepReporter(runtime, job_id, owner)
     if runtime.watchdog is not None:
         runtime.watchdog.step_done()  # set-up done (images, classifier load and check): steps get step deadlines
@@ -148,7 +153,7 @@ def _generate(
         )
         sampling_s += time.perf_counter() - began
         telemetry.observe(runtime.redis, prefix, "batch_size", len(chunk))
-        for i, (seed, image) in enumerate(zip(chunk, out.images)):
+        for i, (seed, image) in enumerate(zip(chunk, out.images, strict=False)):
             value, not_finite = _json_safe(out.criterion_values[i] if out.criterion_values is not None else None)
             probabilities = out.probabilities[i] if out.probabilities is not None else None
             predicted = max(range(len(probabilities)), key=probabilities.__getitem__) if probabilities else None
@@ -163,10 +168,15 @@ def _generate(
                 "criterion_not_finite": not_finite,
             }
             image_id = runtime.store.put_image(tenant, png_with_metadata(image, parameters), "png")
-            results.append(ImageResult(
-                image_id=image_id, seed=seed, criterion_value=value, criterion_not_finite=not_finite,
-                predicted_class=predicted,
-            ))
+            results.append(
+                ImageResult(
+                    image_id=image_id,
+                    seed=seed,
+                    criterion_value=value,
+                    criterion_not_finite=not_finite,
+                    predicted_class=predicted,
+                )
+            )
         # Files first, then the record: a reported image is always on disk.
         reported = json.dumps([r.model_dump() for r in results])
         if not runtime.records.set_progress(job_id, owner, images_done=len(results), results=reported):
@@ -196,12 +206,22 @@ def run_generate_job(job_id: str | None = None) -> dict:
     started = now_ts()
     # The fence: every later write of this attempt carries this token (fgs_common.job_records).
     owner = f"{runtime.name}:{uuid.uuid4().hex[:12]}"
-    claim = dict(started_at=started, worker=runtime.name, owner=owner, step=0, steps_total=request.steps,
-                 images_done=0, results="[]", error="")
+    claim = dict(
+        started_at=started,
+        worker=runtime.name,
+        owner=owner,
+        step=0,
+        steps_total=request.steps,
+        images_done=0,
+        results="[]",
+        error="",
+    )
     claimed = records.transition(job_id, JobState.running, (JobState.queued,), **claim)
     previous = raw.get("worker", "")
-    if not claimed and raw.get("state") == JobState.running.value and (
-        previous == runtime.name or not runtime.redis.exists(runtime.keys.worker_alive(previous))
+    if (
+        not claimed
+        and raw.get("state") == JobState.running.value
+        and (previous == runtime.name or not runtime.redis.exists(runtime.keys.worker_alive(previous)))
     ):
         # RQ handed us a job whose worker died mid-run (its heartbeat expired), or that this worker dropped: take
         # it over, from that owner only, so that of two workers taking over the same job one wins.
@@ -221,13 +241,21 @@ def run_generate_job(job_id: str | None = None) -> dict:
         batch = min(request.num_images, runtime.settings.max_batch_images)
         step_s = step_deadline_s(runtime.settings, batch, width, height)
         retries_left = (rq_job.retries_left or 0) if rq_job is not None else 0
-        runtime.watchdog.arm(job_id, owner, runtime.settings.job_setup_deadline_s + step_s, step_s, retries_left,
-                             runtime.expire_execution)
+        runtime.watchdog.arm(
+            job_id,
+            owner,
+            runtime.settings.job_setup_deadline_s + step_s,
+            step_s,
+            retries_left,
+            runtime.expire_execution,
+        )
 
     def end(state: JobState, **fields) -> None:
         finished = now_ts()
         if records.transition(job_id, state, (JobState.running,), expect_owner=owner, finished_at=finished, **fields):
-            telemetry.observe(runtime.redis, prefix, "end_to_end_seconds", max(0.0, finished - float(raw["created_at"])))
+            telemetry.observe(
+                runtime.redis, prefix, "end_to_end_seconds", max(0.0, finished - float(raw["created_at"]))
+            )
         runtime.redis.delete(runtime.keys.cancel(job_id))
 
     try:

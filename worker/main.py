@@ -61,7 +61,10 @@ class FgsWorker(SimpleWorker):
         # Maintenance includes RQ's sweep for abandoned jobs (a started job whose heartbeat expired): run it as
         # often as a job can be abandoned, so a killed worker's job is retried within ~2x abandoned_after_s.
         super().__init__(
-            [idle], name=runtime.name, connection=runtime.rq_redis, serializer=JSONSerializer,
+            [idle],
+            name=runtime.name,
+            connection=runtime.rq_redis,
+            serializer=JSONSerializer,
             maintenance_interval=runtime.settings.abandoned_after_s,
         )
         runtime.on_heartbeat = self._rq_heartbeat
@@ -196,8 +199,12 @@ class FgsWorker(SimpleWorker):
                 self._refresh_queues()
                 self._enqueue_due_retries()
                 result = Queue.dequeue_any(
-                    self._ordered_queues, poll_s, connection=self.connection, job_class=self.job_class,
-                    serializer=self.serializer, death_penalty_class=self.death_penalty_class,
+                    self._ordered_queues,
+                    poll_s,
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
                 )
             except DequeueTimeout:
                 continue

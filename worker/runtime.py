@@ -17,12 +17,12 @@ from typing import Any
 import redis
 import torch
 
+from fgs_classifier.registry import ClassifierRegistry
 from fgs_common import telemetry
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.job_records import JobRecords, Keys
 from fgs_common.settings import Settings
 from fgs_common.wire import GenerationParams, ModelInfo
-from fgs_classifier.registry import ClassifierRegistry
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import default_device, load_pipeline
 
@@ -31,7 +31,7 @@ from fgs_worker.model_loading import default_device, load_pipeline
 # 2048x2048 on the 32x32 embedded model (4,096x its pixels) sat in its first step past the heartbeat (issue 10).
 MAX_PIXELS_FACTOR = 4
 
-_CURRENT: contextvars.ContextVar["WorkerRuntime"] = contextvars.ContextVar("fgs_worker_runtime")
+_CURRENT: contextvars.ContextVar[WorkerRuntime] = contextvars.ContextVar("fgs_worker_runtime")
 
 
 @dataclass
@@ -54,7 +54,7 @@ class WorkerRuntime:
     expire_execution: Any = None  # set by the worker: hands the running job's RQ execution to the abandon sweep
 
     @classmethod
-    def load(cls, settings: Settings, name: str | None = None) -> "WorkerRuntime":
+    def load(cls, settings: Settings, name: str | None = None) -> WorkerRuntime:
         """Load the pipeline once and connect; takes seconds to minutes (model size)."""
         if not settings.redis_url:
             raise ValueError("FGS_REDIS_URL is not set")
@@ -64,7 +64,11 @@ class WorkerRuntime:
         prefix = settings.redis_prefix
 
         def on_cache_event(event: str) -> None:
-            name_of = {"hit": "classifier_cache_hits", "miss": "classifier_cache_misses", "eviction": "classifier_cache_evictions"}
+            name_of = {
+                "hit": "classifier_cache_hits",
+                "miss": "classifier_cache_misses",
+                "eviction": "classifier_cache_evictions",
+            }
             telemetry.incr_counter(decoded, prefix, name_of[event])
 
         pipeline = load_pipeline(settings.model, device=device)
@@ -119,7 +123,9 @@ def current_runtime() -> WorkerRuntime:
     try:
         return _CURRENT.get()
     except LookupError:
-        raise RuntimeError("fgs_worker.jobs functions run inside an fgs worker (fgs worker), which sets the runtime") from None
+        raise RuntimeError(
+            "fgs_worker.jobs functions run inside an fgs worker (fgs worker), which sets the runtime"
+        ) from None
 
 
 def set_current_runtime(runtime: WorkerRuntime) -> contextvars.Token:

@@ -51,7 +51,9 @@ class TinyConfig:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The reversible byte -> printable-unicode map of GPT-2/CLIP BPE (same construction as openai/CLIP)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for b in range(256):
@@ -59,10 +61,12 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, [chr(c) for c in codes]))
+    return dict(zip(printable, [chr(c) for c in codes], strict=False))
 
 
-def write_tokenizer(directory: Path, max_length: int, words: tuple[str, ...] | list[str] = TOKENIZER_WORDS) -> CLIPTokenizer:
+def write_tokenizer(
+    directory: Path, max_length: int, words: tuple[str, ...] | list[str] = TOKENIZER_WORDS
+) -> CLIPTokenizer:
     """Write a CLIP BPE tokenizer (vocab.json, merges.txt) whose vocabulary is bytes plus `words` as whole tokens."""
     directory.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())

@@ -19,8 +19,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from fgs_common.settings import Settings
 from fgs_common.wire import ErrorBody, JobState
@@ -51,8 +52,14 @@ class _Armed:
 class JobWatchdog:
     """One per worker process; `arm` at job start, `step_done` after each step, `disarm` at the end."""
 
-    def __init__(self, settings: Settings, records: Any, redis: Any, cancel_key_of: Callable[[str], str],
-                 exit_process: Callable[[int], None] = os._exit):
+    def __init__(
+        self,
+        settings: Settings,
+        records: Any,
+        redis: Any,
+        cancel_key_of: Callable[[str], str],
+        exit_process: Callable[[int], None] = os._exit,
+    ):
         self.settings = settings
         self.records = records
         self.redis = redis
@@ -63,11 +70,19 @@ class JobWatchdog:
         self._thread = threading.Thread(target=self._watch, name="fgs-watchdog", daemon=True)
         self._thread.start()
 
-    def arm(self, job_id: str, owner: str, first_deadline_s: float, step_s: float, retries_left: int,
-            expire_execution: Callable[[], None]) -> None:
+    def arm(
+        self,
+        job_id: str,
+        owner: str,
+        first_deadline_s: float,
+        step_s: float,
+        retries_left: int,
+        expire_execution: Callable[[], None],
+    ) -> None:
         with self._lock:
-            self._armed = _Armed(job_id, owner, time.monotonic() + first_deadline_s, step_s, retries_left,
-                                 expire_execution)
+            self._armed = _Armed(
+                job_id, owner, time.monotonic() + first_deadline_s, step_s, retries_left, expire_execution
+            )
 
     def step_done(self) -> None:
         with self._lock:
@@ -100,8 +115,10 @@ class JobWatchdog:
     def _overrun(self, armed: _Armed) -> tuple[JobState, str, str] | None:
         now = time.monotonic()
         if now > armed.deadline:
-            message = (f"a denoising step ran past its deadline of {armed.step_s:.0f} s (FGS_STEP_DEADLINE_*): "
-                       "the worker was restarted")
+            message = (
+                f"a denoising step ran past its deadline of {armed.step_s:.0f} s (FGS_STEP_DEADLINE_*): "
+                "the worker was restarted"
+            )
             if armed.retries_left > 0:
                 return JobState.queued, "retrying", message
             return JobState.failed, "step_timeout", message + f"; given up after {self.settings.job_retries} retries"

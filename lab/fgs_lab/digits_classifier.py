@@ -15,10 +15,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fgs_client.digits_lt import CLASS_NAMES, METADATA_FILE
-from fgs_client.training import RealSyntheticBatchSampler, ShotAccuracy, balanced_softmax_loss, image_tensor, shot_accuracy
-from fgs_common.wire import ClassifierOutput, ClassifierSpec
 from fgs_classifier.small_cnn import SmallCNN, export_classifier
+from fgs_client.digits_lt import CLASS_NAMES, METADATA_FILE
+from fgs_client.training import (
+    RealSyntheticBatchSampler,
+    ShotAccuracy,
+    balanced_softmax_loss,
+    image_tensor,
+    shot_accuracy,
+)
+from fgs_common.wire import ClassifierOutput, ClassifierSpec
 
 
 @dataclass
@@ -32,10 +38,14 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __add__(self, other: "ImageSet") -> "ImageSet":
-        return ImageSet(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]), torch.cat([self.synthetic, other.synthetic]))
+    def __add__(self, other: ImageSet) -> ImageSet:
+        return ImageSet(
+            torch.cat([self.images, other.images]),
+            torch.cat([self.labels, other.labels]),
+            torch.cat([self.synthetic, other.synthetic]),
+        )
 
-    def subset(self, mask: torch.Tensor) -> "ImageSet":
+    def subset(self, mask: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[mask], self.labels[mask], self.synthetic[mask])
 
 
@@ -94,18 +104,36 @@ def train_small_cnn(train: ImageSet, loss: str, seed: int, config: TrainConfig =
     generator = torch.Generator().manual_seed(seed)
     model = SmallCNN(len(CLASS_NAMES), width=config.width, embedding_dim=2 * config.width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.15
+    )
     counts = torch.bincount(train.labels[~train.synthetic], minlength=len(CLASS_NAMES))  # the real class counts
     if bool(train.synthetic.any()):
-        batches = iter(RealSyntheticBatchSampler(train.labels.tolist(), train.synthetic.tolist(), config.batch_size, 0.5, num_batches=config.steps, seed=seed))
+        batches = iter(
+            RealSyntheticBatchSampler(
+                train.labels.tolist(),
+                train.synthetic.tolist(),
+                config.batch_size,
+                0.5,
+                num_batches=config.steps,
+                seed=seed,
+            )
+        )
     else:
-        batches = (torch.randint(0, len(train), (config.batch_size,), generator=generator).tolist() for _ in range(config.steps))
+        batches = (
+            torch.randint(0, len(train), (config.batch_size,), generator=generator).tolist()
+            for _ in range(config.steps)
+        )
     model.train()
     for indices in batches:
         images = _shifted(train.images[indices], generator)
         logits, _ = model(images)
         labels = train.labels[indices]
-        value = balanced_softmax_loss(logits, labels, counts) if loss == "balanced_softmax" else F.cross_entropy(logits, labels)
+        value = (
+            balanced_softmax_loss(logits, labels, counts)
+            if loss == "balanced_softmax"
+            else F.cross_entropy(logits, labels)
+        )
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
@@ -122,11 +150,19 @@ def predict(model: SmallCNN, images: torch.Tensor, batch_size: int = 256) -> tor
 def evaluate(model: SmallCNN, test: ImageSet, train_counts: torch.Tensor, thresholds: tuple[int, int]) -> ShotAccuracy:
     """Overall / Many / Medium / Few accuracy on the balanced test split."""
     many_above, few_below = thresholds
-    return shot_accuracy(predict(model, test.images), test.labels, train_counts, many_threshold=many_above, few_threshold=few_below)
+    return shot_accuracy(
+        predict(model, test.images), test.labels, train_counts, many_threshold=many_above, few_threshold=few_below
+    )
 
 
 def export_digits_classifier(model: SmallCNN, directory: Path) -> tuple[Path, Path]:
     """TorchScript archive and ClassifierSpec JSON (inputs 32x32 RGB in [0, 1], outputs logits and embedding)."""
-    spec = ClassifierSpec(num_classes=len(CLASS_NAMES), class_names=list(CLASS_NAMES), input_size=32, mean=[0.0], std=[1.0],
-                          output=ClassifierOutput.logits_embedding)  # the CNN takes pixels in [0, 1] as they are
+    spec = ClassifierSpec(
+        num_classes=len(CLASS_NAMES),
+        class_names=list(CLASS_NAMES),
+        input_size=32,
+        mean=[0.0],
+        std=[1.0],
+        output=ClassifierOutput.logits_embedding,
+    )  # the CNN takes pixels in [0, 1] as they are
     return export_classifier(model, directory, spec)

@@ -21,7 +21,8 @@ from fgs_lab.digits_model_training import StyleProbabilities, build_style_bank, 
 
 
 def thumbnails(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """[N, 3, 32, 32] images in [0, 1] (tensor, or [N, 32, 32, 3] numpy as the pipeline returns) -> [N, 768] features."""
+    """[N, 3, 32, 32] images in [0, 1] (tensor, or [N, 32, 32, 3] numpy as the pipeline returns)
+    -> [N, 768] features."""
     tensor = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     if tensor.shape[-1] == 3:
         tensor = tensor.permute(0, 3, 1, 2)
@@ -96,8 +97,15 @@ def sample_digits(
             embeds = embeds * keep / (1 - dropout_p)
     latents = torch.cat(
         [
-            torch.randn((1, pipeline.unet.config.in_channels, pipeline.unet.config.sample_size, pipeline.unet.config.sample_size),
-                        generator=torch.Generator().manual_seed(seed))
+            torch.randn(
+                (
+                    1,
+                    pipeline.unet.config.in_channels,
+                    pipeline.unet.config.sample_size,
+                    pipeline.unet.config.sample_size,
+                ),
+                generator=torch.Generator().manual_seed(seed),
+            )
             for seed in seeds
         ]
     )

@@ -84,7 +84,9 @@ class TrainingPlan:
     unet_lr: float = 1.5e-3
     unet_ema_decay: float = 0.995
     text_drop: float = 0.1  # prompt -> "" (classifier-free guidance)
-    image_zero_raw: float = 0.08  # raw image embedding -> 0 before noise augmentation (text-only via the stock pipeline)
+    image_zero_raw: float = (
+        0.08  # raw image embedding -> 0 before noise augmentation (text-only via the stock pipeline)
+    )
     image_zero_all: float = 0.08  # the whole class vector -> 0 (the pipeline's unconditional branch)
     image_dropout: float = 0.3  # element-wise dropout with p ~ U(0, 1) (the sampler's dropout_p)
     noise_augment: float = 0.5  # share of samples with a random image-embedding noise level (else level 0)
@@ -178,7 +180,11 @@ def clip_pixels(pipeline: StableUnCLIPImg2ImgPipeline, images: torch.Tensor) -> 
 def prompt_states(pipeline: StableUnCLIPImg2ImgPipeline, prompts: list[str]) -> torch.Tensor:
     """Text-encoder hidden states [len(prompts), max_length, d], as the pipeline encodes prompts."""
     tokens = pipeline.tokenizer(
-        prompts, padding="max_length", max_length=pipeline.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompts,
+        padding="max_length",
+        max_length=pipeline.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     )
     return pipeline.text_encoder(tokens.input_ids).last_hidden_state
 
@@ -223,7 +229,9 @@ def training(*modules: torch.nn.Module) -> Iterator[None]:
 # 2. CLIP towers
 
 
-def train_towers(pipeline: StableUnCLIPImg2ImgPipeline, bank: StyleBank, plan: TrainingPlan, progress: Progress) -> None:
+def train_towers(
+    pipeline: StableUnCLIPImg2ImgPipeline, bank: StyleBank, plan: TrainingPlan, progress: Progress
+) -> None:
     """Contrastive image/prompt training of both towers plus a thumbnail-reconstruction head on the image embedding."""
     generator = torch.Generator().manual_seed(plan.seed + 1)
     d = pipeline.image_encoder.config.projection_dim
@@ -250,13 +258,21 @@ def train_towers(pipeline: StableUnCLIPImg2ImgPipeline, bank: StyleBank, plan: T
             batch = torch.randint(0, len(bank.labels), (plan.tower_batch,), generator=generator)
             image_embeds = pipeline.image_encoder(pixel_values=pixels[batch]).image_embeds
             text_embeds = pipeline.text_encoder(tokens).pooler_output
-            logits = logit_scale.exp().clamp(max=100) * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
+            logits = (
+                logit_scale.exp().clamp(max=100)
+                * F.normalize(image_embeds, dim=-1)
+                @ F.normalize(text_embeds, dim=-1).T
+            )
             labels = bank.labels[batch]
             # CLIP's symmetric loss with the ten class prompts as the texts: image -> prompt, and prompt -> its images.
             image_to_text = F.cross_entropy(logits, labels)
             present = labels.unique()
-            text_to_image = F.cross_entropy(logits.T[present], (labels[None, :] == present[:, None]).float().div(
-                (labels[None, :] == present[:, None]).sum(1, keepdim=True)))
+            text_to_image = F.cross_entropy(
+                logits.T[present],
+                (labels[None, :] == present[:, None])
+                .float()
+                .div((labels[None, :] == present[:, None]).sum(1, keepdim=True)),
+            )
             reconstruction = F.mse_loss(thumbnail_head(image_embeds), thumbnails[batch])
             loss = image_to_text + text_to_image + 20.0 * reconstruction
             optimizer.zero_grad(set_to_none=True)
@@ -300,7 +316,9 @@ def train_vae(pipeline: StableUnCLIPImg2ImgPipeline, bank: StyleBank, plan: Trai
 
 
 @torch.no_grad()
-def encode_latents(pipeline: StableUnCLIPImg2ImgPipeline, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(
+    pipeline: StableUnCLIPImg2ImgPipeline, images: torch.Tensor, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled posterior means and standard deviations [N, 4, 8, 8] of [N, 3, 32, 32] images in [0, 1]."""
     means, stds = [], []
     for chunk in images.split(batch):
@@ -328,7 +346,9 @@ def condition_vectors(
     embeds = torch.where(use_dropout, dropped, image_embeds)
     zero_raw = ((choice >= plan.image_dropout) & (choice < plan.image_dropout + plan.image_zero_raw))[:, None]
     embeds = torch.where(zero_raw, torch.zeros_like(embeds), embeds)
-    levels = torch.randint(0, pipeline.image_noising_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    levels = torch.randint(
+        0, pipeline.image_noising_scheduler.config.num_train_timesteps, (batch,), generator=generator
+    )
     levels = torch.where(torch.rand(batch, generator=generator) < plan.noise_augment, levels, torch.zeros_like(levels))
     noise = torch.randn(embeds.shape, generator=generator)
     vectors = noise_image_embeddings(pipeline, embeds, levels, noise)
@@ -358,7 +378,9 @@ def train_unet(
         for step in range(plan.unet_steps):
             cosine_lr(optimizer, plan.unet_lr, step, plan.unet_steps, warmup=100)
             batch = torch.randint(0, len(bank.labels), (plan.unet_batch,), generator=generator)
-            latents = (latent_mean[batch] + latent_std[batch] * torch.randn(latent_mean[batch].shape, generator=generator)) * scaling
+            latents = (
+                latent_mean[batch] + latent_std[batch] * torch.randn(latent_mean[batch].shape, generator=generator)
+            ) * scaling
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(0, num_timesteps, (plan.unet_batch,), generator=generator)
             noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -373,7 +395,9 @@ def train_unet(
             )
             with torch.no_grad():
                 class_labels = condition_vectors(pipeline, image_embeds[batch], plan, generator)
-            prediction = unet(noisy, timesteps, encoder_hidden_states=texts[text_index], class_labels=class_labels).sample
+            prediction = unet(
+                noisy, timesteps, encoder_hidden_states=texts[text_index], class_labels=class_labels
+            ).sample
             loss = F.mse_loss(prediction, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -381,7 +405,7 @@ def train_unet(
             optimizer.step()
             decay = min(plan.unet_ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for averaged, current in zip(ema.parameters(), unet.parameters()):
+                for averaged, current in zip(ema.parameters(), unet.parameters(), strict=False):
                     averaged.lerp_(current, 1 - decay)
             progress("UNet", step + 1, plan.unet_steps, float(loss))
     unet.load_state_dict(ema.state_dict())
@@ -401,7 +425,9 @@ class TrainingResult:
     generator_digits: int
 
 
-def train_fgs_digits(workdir: Path, plan: TrainingPlan = TrainingPlan(), progress: Progress = Progress()) -> TrainingResult:
+def train_fgs_digits(
+    workdir: Path, plan: TrainingPlan = TrainingPlan(), progress: Progress = Progress()
+) -> TrainingResult:
     """Build the `DIGITS_CONFIG` pipeline (tokenizer written under `workdir`) and train it stage by stage."""
     torch.manual_seed(plan.seed)
     seconds: dict[str, float] = {}
@@ -428,7 +454,12 @@ def train_fgs_digits(workdir: Path, plan: TrainingPlan = TrainingPlan(), progres
     start = time.perf_counter()
     train_unet(pipeline, bank, image_embeds, plan, progress)
     seconds["UNet"] = time.perf_counter() - start
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.image_encoder, pipeline.image_normalizer):
+    for module in (
+        pipeline.unet,
+        pipeline.vae,
+        pipeline.text_encoder,
+        pipeline.image_encoder,
+        pipeline.image_normalizer,
+    ):
         module.eval().requires_grad_(False)
     return TrainingResult(pipeline, seconds, len(bank.labels), len(set(bank.sources.tolist())))
-

@@ -21,8 +21,6 @@ import httpx
 from fgs_common.loopback import free_port
 
 
-
-
 def fgs_command(name: str) -> str:
     """`fgs` or `fgs-client` from the interpreter's environment (the repository's .venv when run from it)."""
     candidate = Path(sys.executable).parent / name
@@ -53,14 +51,16 @@ class EmbeddedStack:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
-    def __enter__(self) -> "EmbeddedStack":
+    def __enter__(self) -> EmbeddedStack:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def start_embedded_stack(work_dir: Path, model: str, workers: int = 1, redis_url: str | None = None, timeout_s: float = 300) -> EmbeddedStack:
+def start_embedded_stack(
+    work_dir: Path, model: str, workers: int = 1, redis_url: str | None = None, timeout_s: float = 300
+) -> EmbeddedStack:
     """Start `fgs up --model MODEL` on a free port with everything under work_dir; return once /readyz says ready.
 
     redis_url: a Redis to use (e.g. a private one in tests); None lets `fgs up` choose (the local default one if it
@@ -82,8 +82,22 @@ def start_embedded_stack(work_dir: Path, model: str, workers: int = 1, redis_url
     log_path = work_dir / "fgs-up.log"
     log = open(log_path, "ab")
     process = subprocess.Popen(
-        [fgs_command("fgs"), "up", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--model", model],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work_dir,
+        [
+            fgs_command("fgs"),
+            "up",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--model",
+            model,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=work_dir,
         start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop the stack ourselves, in order
     )
     stack = EmbeddedStack(f"http://127.0.0.1:{port}", api_key, process, log_path)
@@ -91,7 +105,9 @@ def start_embedded_stack(work_dir: Path, model: str, workers: int = 1, redis_url
     try:
         while time.time() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"`fgs up` exited with {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"`fgs up` exited with {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}"
+                )
             try:
                 if httpx.get(f"{stack.url}/readyz", timeout=2).status_code == 200:
                     return stack
@@ -107,8 +123,14 @@ def start_embedded_stack(work_dir: Path, model: str, workers: int = 1, redis_url
 def run_client(stack: EmbeddedStack, *args: str, capture: bool = False) -> str:
     """Run `fgs-client ARGS` against the stack; its output goes to the terminal (progress bar visible) unless
     capture. Raises CalledProcessError on a non-zero exit."""
-    result = subprocess.run([fgs_command("fgs-client"), *args], env=stack.client_env(), check=False, text=True,
-                            stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None)
+    result = subprocess.run(
+        [fgs_command("fgs-client"), *args],
+        env=stack.client_env(),
+        check=False,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.STDOUT if capture else None,
+    )
     if result.returncode != 0:
         raise subprocess.CalledProcessError(result.returncode, ["fgs-client", *args], output=result.stdout)
     return result.stdout or ""

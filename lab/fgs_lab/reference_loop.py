@@ -12,21 +12,31 @@ from __future__ import annotations
 import PIL.Image
 import torch
 
-from fgs_common.wire import Criterion
 from fgs_classifier.registry import LoadedClassifier
+from fgs_common.wire import Criterion
 from fgs_worker.guidance import criteria
 
 
 def reference_guided_image(
-    pipe, classifier: LoadedClassifier, prompt: str, class_index: int, image: PIL.Image.Image, seed: int,
-    omega: float, gamma: float = 3.0, steps: int = 30, guidance_every: int = 5, side: int | None = None,
+    pipe,
+    classifier: LoadedClassifier,
+    prompt: str,
+    class_index: int,
+    image: PIL.Image.Image,
+    seed: int,
+    omega: float,
+    gamma: float = 3.0,
+    steps: int = 30,
+    guidance_every: int = 5,
+    side: int | None = None,
 ) -> torch.Tensor:
     """One entropy-guided image [1, 3, H, W] in [0, 1]."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        text, negative = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
-                                            do_classifier_free_guidance=True)
+        text, negative = pipe.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
         pixel_values = pipe.feature_extractor(images=image, return_tensors="pt").pixel_values.to(device, dtype)
         embeds = pipe.noise_image_embeddings(pipe.image_encoder(pixel_values).image_embeds, 0, generator=generator)
     prompt_embeds = torch.cat([negative, text])
@@ -39,8 +49,13 @@ def reference_guided_image(
     labels = torch.tensor([class_index], device=device)
     for i, t in enumerate(scheduler.timesteps):
         with torch.no_grad():
-            output = pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=prompt_embeds,
-                               class_labels=image_embeds, return_dict=False)[0]
+            output = pipe.unet(
+                torch.cat([latents] * 2),
+                t,
+                encoder_hidden_states=prompt_embeds,
+                class_labels=image_embeds,
+                return_dict=False,
+            )[0]
             uncond, cond = output.chunk(2)
             output = uncond + gamma * (cond - uncond)
         if i % guidance_every == 0:

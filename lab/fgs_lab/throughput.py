@@ -17,9 +17,8 @@ import torch
 
 from fgs_classifier.registry import LoadedClassifier
 from fgs_common.wire import GenerationParams
-from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
-
 from fgs_lab.reference_loop import reference_guided_image
+from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 
 PROMPT = "a handwritten digit seven"
 
@@ -39,7 +38,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(function: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> tuple[float, float | None]:
+def timed(
+    function: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1
+) -> tuple[float, float | None]:
     """Best wall time of `repeats` runs after `warmup` runs, and peak GPU memory (GB) where there is a GPU."""
     for _ in range(warmup):
         function()
@@ -90,36 +91,54 @@ def measure(
     variants["fgs unguided"] = lambda b: sampler(seeds=list(range(b)), params=params, **common)
     for path, resolution in gradient_variants:
         guided = GenerationParams(
-            **{**params.model_dump(), "criterion": "entropy", "omega": omega, "gradient_path": path,
-               "feedback_resolution": resolution}
+            **{
+                **params.model_dump(),
+                "criterion": "entropy",
+                "omega": omega,
+                "gradient_path": path,
+                "feedback_resolution": resolution,
+            }
         )
-        variants[f"fgs entropy {path}/{resolution}"] = (
-            lambda b, guided=guided: sampler(seeds=list(range(b)), params=guided, classifier=classifier, **common)
+        variants[f"fgs entropy {path}/{resolution}"] = lambda b, guided=guided: sampler(
+            seeds=list(range(b)), params=guided, classifier=classifier, **common
         )
     rows: list[Row] = []
     for batch in batches:
         unguided_s = None
         for name, run in variants.items():
             try:
-                seconds, peak = timed(lambda: run(batch), repeats, device, warmup)
+                seconds, peak = timed(lambda run=run, batch=batch: run(batch), repeats, device, warmup)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 continue
             seconds /= batch
             if name == "fgs unguided":
                 unguided_s = seconds
-            rows.append(Row(name, batch, 1 / seconds, reference_s / seconds,
-                            None if unguided_s is None else unguided_s / seconds, peak))
+            rows.append(
+                Row(
+                    name,
+                    batch,
+                    1 / seconds,
+                    reference_s / seconds,
+                    None if unguided_s is None else unguided_s / seconds,
+                    peak,
+                )
+            )
     return 1 / reference_s, rows
 
 
 def print_table(title: str, reference_ips: float, rows: list[Row]) -> None:
     print(title)
     print(f"reference loop (paper's released code style, one image per call): {reference_ips:.3f} images/s")
-    print(f"| {'variant':<36} | {'B':>2} | {'images/s':>9} | {'x reference':>11} | {'x fgs unguided':>14} | {'peak GB':>7} |")
+    print(
+        f"| {'variant':<36} | {'B':>2} | {'images/s':>9} | {'x reference':>11} | {'x fgs unguided':>14} | "
+        f"{'peak GB':>7} |"
+    )
     print(f"|{'-' * 38}|{'-' * 4}|{'-' * 11}|{'-' * 13}|{'-' * 16}|{'-' * 9}|")
     for row in rows:
         unguided = "" if row.vs_fgs_unguided is None else f"{row.vs_fgs_unguided:.2f}"
         peak = "" if row.peak_memory_gb is None else f"{row.peak_memory_gb:.1f}"
-        print(f"| {row.variant:<36} | {row.batch:>2} | {row.images_per_s:>9.3f} | {row.vs_reference:>11.2f} | "
-              f"{unguided:>14} | {peak:>7} |")
+        print(
+            f"| {row.variant:<36} | {row.batch:>2} | {row.images_per_s:>9.3f} | {row.vs_reference:>11.2f} | "
+            f"{unguided:>14} | {peak:>7} |"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fastapi import APIRouter
 
@@ -20,7 +20,7 @@ THROUGHPUT_MINUTES = 10  # RQ keeps finished jobs for 600 s: the window the reco
 
 
 def _utc(ts: float | None) -> datetime | None:
-    return datetime.fromtimestamp(ts, timezone.utc) if ts else None
+    return datetime.fromtimestamp(ts, UTC) if ts else None
 
 
 def _share_in(raw: dict[str, str], low: float, high: float, now: float) -> float:
@@ -52,7 +52,7 @@ def overview(_: AdminDep, queue: JobQueueDep) -> OperatorOverview:
             for job_id, raw in records.items()
             if raw.get("state") == JobState.failed.value
         ),
-        key=lambda job: job.finished_at or datetime.min.replace(tzinfo=timezone.utc),
+        key=lambda job: job.finished_at or datetime.min.replace(tzinfo=UTC),
         reverse=True,
     )
     return OperatorOverview(

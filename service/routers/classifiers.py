@@ -24,7 +24,6 @@ from typing import Annotated
 from fastapi import APIRouter, Form, UploadFile
 from pydantic import ValidationError
 
-from fgs_common.artifact_store import ArtifactStore
 from fgs_common.classifier_archive import (
     ArchiveFormat,
     ArchiveTooLarge,
@@ -50,7 +49,9 @@ def _parse_spec(spec: str) -> ClassifierSpec:
     try:
         return ClassifierSpec.model_validate_json(spec)
     except ValidationError as error:
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors()[:5])
+        details = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in error.errors()[:5]
+        )
         raise ApiError(422, "invalid_spec", f"classifier spec is not a valid ClassifierSpec: {details}") from None
 
 
@@ -69,7 +70,9 @@ def _check_safetensors(path: Path) -> None:
     try:
         json.loads(header)
     except ValueError:
-        raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (header is not JSON)") from None
+        raise ApiError(
+            422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (header is not JSON)"
+        ) from None
 
 
 def _worker_check_available() -> bool:
@@ -149,8 +152,13 @@ def upload_classifier(
         stats_path = None
         if hardness_stats is not None:
             stats_path = scratch / "hardness.safetensors"
-            copy_limited(hardness_stats, stats_path, settings.max_hardness_stats_bytes, "hardness statistics",
-                         "FGS_MAX_HARDNESS_STATS_BYTES")
+            copy_limited(
+                hardness_stats,
+                stats_path,
+                settings.max_hardness_stats_bytes,
+                "hardness statistics",
+                "FGS_MAX_HARDNESS_STATS_BYTES",
+            )
             _check_safetensors(stats_path)
         archive_format = _validated(archive_bytes, spec_json, stats_path, settings, scratch, check_slots)
         archive_name = _ARCHIVE_NAME[archive_format]

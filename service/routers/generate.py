@@ -12,8 +12,8 @@ from fgs_common.artifact_store import ArtifactStore
 from fgs_common.exceptions import EnqueueInProgress
 from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted
 from fgs_common.wire_views import BatchCanceled
-from fgs_service.classifier_records import classifier_record
 from fgs_service.auth import Tenant
+from fgs_service.classifier_records import classifier_record
 from fgs_service.deps import JobQueueDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
 from fgs_service.job_queue import JobQueue, QueueFull
@@ -39,9 +39,16 @@ def check_references(store: ArtifactStore, tenant: Tenant, requests: list[Genera
         if record is None:
             raise not_found("classifier", request.classifier_id)
         if request.class_index >= record.spec.num_classes:
-            raise ApiError(422, "invalid_request", f"class_index {request.class_index} is out of range: the classifier has {record.spec.num_classes} classes")
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"class_index {request.class_index} is out of range: the classifier has "
+                f"{record.spec.num_classes} classes",
+            )
         if request.criterion is Criterion.hardness and not record.has_hardness_stats:
-            raise ApiError(422, "invalid_request", "criterion 'hardness' needs a classifier uploaded with hardness statistics")
+            raise ApiError(
+                422, "invalid_request", "criterion 'hardness' needs a classifier uploaded with hardness statistics"
+            )
 
 
 async def check_image_size(queue: JobQueue, requests: list[GenerateRequest]) -> None:
@@ -52,8 +59,12 @@ async def check_image_size(queue: JobQueue, requests: list[GenerateRequest]) -> 
     for request in requests:
         width, height = request.width or info.native_width, request.height or info.native_height
         if width * height > info.max_pixels_per_image:
-            raise ApiError(422, "image_too_large", f"{width}x{height} = {width * height} pixels per image; model "
-                           f"{info.model} takes at most {info.max_pixels_per_image} (GET /v1/model)")
+            raise ApiError(
+                422,
+                "image_too_large",
+                f"{width}x{height} = {width * height} pixels per image; model "
+                f"{info.model} takes at most {info.max_pixels_per_image} (GET /v1/model)",
+            )
 
 
 async def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch_id: str | None, key: str | None):
@@ -69,7 +80,13 @@ async def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch
 # Both handlers are async: the enqueue awaits Redis on the event loop (fgs_service.job_queue). The reference
 # checks are a few stat() calls and small JSON reads; for a batch they run in a thread.
 @router.post("/v1/generate", status_code=202)
-async def generate(body: GenerateRequest, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> JobAccepted:
+async def generate(
+    body: GenerateRequest,
+    tenant: TenantDep,
+    queue: JobQueueDep,
+    store: StoreDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobAccepted:
     """Queue one job of `num_images` images; the same Idempotency-Key returns the first job."""
     check_references(store, tenant, [body])
     await check_image_size(queue, [body])
@@ -78,7 +95,9 @@ async def generate(body: GenerateRequest, tenant: TenantDep, queue: JobQueueDep,
 
 
 @router.post("/v1/batches", status_code=202)
-async def create_batch(body: BatchCreate, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> BatchAccepted:
+async def create_batch(
+    body: BatchCreate, tenant: TenantDep, queue: JobQueueDep, store: StoreDep, idempotency_key: IdempotencyKey = None
+) -> BatchAccepted:
     """Queue many jobs (a balancing plan) in one call, all or nothing."""
     await anyio.to_thread.run_sync(check_references, store, tenant, body.jobs)
     await check_image_size(queue, body.jobs)

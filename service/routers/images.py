@@ -33,15 +33,23 @@ def check_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     with image:
         fmt = _FORMATS.get(image.format or "")
         if fmt is None:
-            raise ApiError(415, "unsupported_image_format", f"image format {image.format} is not accepted; send PNG, JPEG or WebP")
+            raise ApiError(
+                415, "unsupported_image_format", f"image format {image.format} is not accepted; send PNG, JPEG or WebP"
+            )
         width, height = image.size
         # Checked on the header's size before decoding: a small file can declare an enormous image.
         if width * height > max_pixels:
-            raise ApiError(413, "image_too_large", f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+            )
         try:
             image.load()
         except (OSError, SyntaxError, ValueError) as error:
-            raise ApiError(400, "corrupt_image", f"image could not be decoded (truncated or damaged): {error}") from None
+            raise ApiError(
+                400, "corrupt_image", f"image could not be decoded (truncated or damaged): {error}"
+            ) from None
     return fmt, width, height
 
 

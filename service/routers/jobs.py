@@ -54,7 +54,9 @@ def cancel_job(job: OwnedJob, tenant: TenantDep, queue: JobQueueDep) -> JobPubli
     return after
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@router.get(
+    "/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}}
+)
 async def job_events(
     job: OwnedJob, request: Request, tenant: TenantDep, queue: JobQueueDep, settings: SettingsDep
 ) -> StreamingResponse:

@@ -16,6 +16,10 @@ async def model_info(tenant: TenantDep, queue: JobQueueDep) -> ModelInfo:
     """As the workers publish it; a generate request for bigger images than `max_pixels_per_image` is a 422."""
     info = await queue.model_info()
     if info is None:
-        raise ApiError(503, "no_model_yet", "no worker has published its model yet; retry once one has started",
-                       headers={"Retry-After": "30"})
+        raise ApiError(
+            503,
+            "no_model_yet",
+            "no worker has published its model yet; retry once one has started",
+            headers={"Retry-After": "30"},
+        )
     return info

@@ -34,7 +34,7 @@ def job_summaries(
     """The caller's jobs without their results lists, newest first: light enough to poll."""
     ids = queue.tenant_job_ids(tenant, offset, limit)
     records = queue.raw_many(ids, with_results=False)
-    jobs = [job_base(job_id, raw) for job_id, raw in zip(ids, records) if raw]
+    jobs = [job_base(job_id, raw) for job_id, raw in zip(ids, records, strict=False) if raw]
     return JobSummaries(jobs=jobs, total=queue.tenant_job_count(tenant), offset=offset)
 
 
@@ -50,7 +50,9 @@ def _scope(queue: JobQueue, tenant: Tenant, job_id: str | None, batch_id: str | 
             raise not_found("batch", batch_id)
     else:
         ids = queue.tenant_job_ids(tenant, 0, RECENT_JOBS)
-    records = {i: raw for i, raw in zip(ids, queue.raw_many(ids)) if raw and raw.get("tenant") == tenant.name}
+    records = {
+        i: raw for i, raw in zip(ids, queue.raw_many(ids), strict=False) if raw and raw.get("tenant") == tenant.name
+    }
     if job_id and not records:
         raise not_found("job", job_id)
     return JobImages.from_records(records)

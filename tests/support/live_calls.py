@@ -68,5 +68,12 @@ def generate(client, **overrides) -> str:
 
 
 __all__ = [
-    "JobState", "png_bytes", "upload_classifier", "follow_events", "get_job", "wait_for", "wait_final", "generate"
+    "JobState",
+    "png_bytes",
+    "upload_classifier",
+    "follow_events",
+    "get_job",
+    "wait_for",
+    "wait_final",
+    "generate",
 ]

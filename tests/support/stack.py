@@ -118,8 +118,21 @@ def start_stack(
     log_dir.mkdir(exist_ok=True)
     api_log = open(log_dir / "api.log", "wb")
     api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "fgs_service.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--timeout-keep-alive", "120"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "fgs_service.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--timeout-keep-alive",
+            "120",
+        ],
         env=env,
         stdout=api_log,
         stderr=api_log,

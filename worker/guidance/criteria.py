@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fgs_common.wire import Criterion
 from fgs_classifier.hardness_stats import HardnessStats
+from fgs_common.wire import Criterion
 
 
 def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -32,11 +32,16 @@ import torch.nn.functional as F
 from diffusers import StableUnCLIPImg2ImgPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from fgs_classifier.registry import LoadedClassifier
 from fgs_common.exceptions import InvalidJob
 from fgs_common.wire import (
-    Criterion, DropoutScaling, FeedbackInput, FeedbackResolution, GenerationParams, GradientPath,
+    Criterion,
+    DropoutScaling,
+    FeedbackInput,
+    FeedbackResolution,
+    GenerationParams,
+    GradientPath,
 )
-from fgs_classifier.registry import LoadedClassifier
 from fgs_worker.guidance import criteria
 
 StepCallback = Callable[[int, int], None]
@@ -55,8 +60,9 @@ def _dropout_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 6364136223846793005 + 1442695040888963407) % 2**63)
 
 
-
-def rescaled_criterion_gradient(latents: torch.Tensor, criterion_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def rescaled_criterion_gradient(
+    latents: torch.Tensor, criterion_of: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """grad_z sum_b C_b(z) for a batch of independent samples, each rescaled to its own latents' norm.
 
     As in the paper's released code, the gradient is rescaled to the norm of the latents, so omega is a step
@@ -242,7 +248,9 @@ class GuidedDDIMSampler:
         return output
 
     @staticmethod
-    def _predicted_noise(scheduler, model_output: torch.Tensor, latents: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    def _predicted_noise(
+        scheduler, model_output: torch.Tensor, latents: torch.Tensor, alpha_t: torch.Tensor
+    ) -> torch.Tensor:
         """eps_hat from the UNet output, for epsilon- and v-prediction models (SD 2.1 unCLIP predicts v)."""
         kind = scheduler.config.prediction_type
         if kind == "epsilon":
@@ -288,7 +296,10 @@ class GuidedDDIMSampler:
             # Through the UNet, on the conditional branch, as the paper's released code does.
             model_input = scheduler.scale_model_input(z, t)
             output = self.pipeline.unet(
-                model_input, t, encoder_hidden_states=cond_prompt_embeds, class_labels=cond_image_embeds,
+                model_input,
+                t,
+                encoder_hidden_states=cond_prompt_embeds,
+                class_labels=cond_image_embeds,
                 return_dict=False,
             )[0]
             eps_hat = self._predicted_noise(scheduler, output, z, alpha_t)
@@ -343,11 +354,19 @@ class GuidedDDIMSampler:
         params = (params or GenerationParams()).generation_params()
         # 1. Check inputs, before any model work.
         self.check_inputs(
-            prompt=prompt, class_index=class_index, conditioning_images=conditioning_images, seeds=seeds,
-            params=params, classifier=classifier,
+            prompt=prompt,
+            class_index=class_index,
+            conditioning_images=conditioning_images,
+            seeds=seeds,
+            params=params,
+            classifier=classifier,
         )
         criterion, omega, gamma, steps, guidance_every = (
-            params.criterion, params.omega, params.gamma, params.steps, params.guidance_every
+            params.criterion,
+            params.omega,
+            params.gamma,
+            params.steps,
+            params.guidance_every,
         )
         width, height = self.image_size(params)
         batch = len(seeds)
@@ -383,10 +402,19 @@ class GuidedDDIMSampler:
             if feedback_on and i % guidance_every == 0:
                 alpha_t = alphas_cumprod[t].to(latents.dtype)
                 grad = self.feedback_gradient(
-                    latents, t=t, alpha_t=alpha_t, scheduler=scheduler, guided_output=model_output,
-                    cond_prompt_embeds=cond_prompt_embeds, cond_image_embeds=cond_image_embeds,
-                    classifier=classifier, criterion=criterion, labels=labels, gradient_path=params.gradient_path,
-                    resolution=params.feedback_resolution, feedback_input=params.feedback_input,
+                    latents,
+                    t=t,
+                    alpha_t=alpha_t,
+                    scheduler=scheduler,
+                    guided_output=model_output,
+                    cond_prompt_embeds=cond_prompt_embeds,
+                    cond_image_embeds=cond_image_embeds,
+                    classifier=classifier,
+                    criterion=criterion,
+                    labels=labels,
+                    gradient_path=params.gradient_path,
+                    resolution=params.feedback_resolution,
+                    feedback_input=params.feedback_input,
                 )
                 # Eq. 1: + omega * grad C, applied to z_t before the DDIM step.
                 latents = latents + omega * grad
