@@ -166,7 +166,7 @@ def main() -> None:
             class_index=7,
             conditioning_images=[image] * 2,
             seeds=seeds,
-            params=GenerationParams(steps=args.steps, width=side, height=side),
+            params=GenerationParams(steps=args.steps, width=side, height=side, gamma=3.0),
         )
         .pixels.permute(0, 2, 3, 1)
         .numpy()

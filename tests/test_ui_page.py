@@ -20,6 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from fgs_common.wire import GenerationParams
 from fgs_service.auth import hash_key
 from support.live_calls import generate, png_bytes, upload_classifier, wait_final, wait_for
 from support.stack import start_stack
@@ -200,7 +201,7 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
             )
         )
         assert meta["seed"] == str(first.seed) and meta["criterion"] == "entropy" and meta["ω"] == "0.05"
-        assert meta["γ"] == "3" and meta["p"] == "0"
+        assert meta["γ"] == f"{GenerationParams().gamma:g}" and meta["p"] == "0"  # the defaults the job got
         assert meta["predicted class"] == str(first.predicted_class)
         assert float(meta["criterion value"]) == pytest.approx(first.criterion_value, rel=1e-3)
         page.screenshot(path=str(artifacts / "ui_gallery.png"), full_page=True)

@@ -78,7 +78,8 @@ def measure(
     device = sampler.device
     image = conditioning_image()
     common = dict(prompt=PROMPT, class_index=7, conditioning_images=[image])
-    params = GenerationParams(gamma=3.0, steps=steps, guidance_every=5, width=side, height=side)
+    # the reference loop scores the decoded x0 with γ 3: compare like with like, whatever the service's defaults
+    params = GenerationParams(gamma=3.0, steps=steps, guidance_every=5, width=side, height=side, feedback_input="x0")
     n_reference = max(1, min(max(batches), 4))
 
     def reference() -> None:

@@ -16,8 +16,9 @@ async def model_info(tenant: TenantDep, queue: JobQueueDep) -> ModelInfo:
     """As the workers publish it; a generate request for bigger images than `max_pixels_per_image` is a 422."""
     info = await queue.model_info()
     if info is None:
+        # 404, not 503: nothing is failing, there is no model to describe yet (a worker publishes it on start)
         raise ApiError(
-            503,
+            404,
             "no_model_yet",
             "no worker has published its model yet; retry once one has started",
             headers={"Retry-After": "30"},
