@@ -39,6 +39,7 @@ import redis
 from PIL import Image
 
 from fgs_common.loopback import free_port
+from fgs_lab.local_redis import start_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTS_CSV = ROOT / "client" / "data" / "imagenet_lt_train_counts.csv"
@@ -48,22 +49,8 @@ API_KEY = "bench-key-" + "x" * 24
 
 
 def start_services(tmp: Path, api_processes: int) -> tuple[list[subprocess.Popen], str, str]:
-    redis_port, api_port = free_port(), free_port()
-    redis_server = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "/usr/bin/redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    api_port = free_port()
+    redis_server, redis_url = start_redis_server()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
     env.update(FGS_REDIS_URL=redis_url, FGS_DATA_DIR=str(tmp / "data"), FGS_DEV_API_KEY=API_KEY)
     api = subprocess.Popen(

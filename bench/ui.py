@@ -35,6 +35,7 @@ from fgs_common.job_records import now_ts
 from fgs_common.loopback import free_port
 from fgs_common.settings import Settings
 from fgs_common.wire import GenerateRequest, ImageResult, JobState
+from fgs_lab.local_redis import start_redis_server, stop_redis_server
 from fgs_service.auth import Tenant, hash_key
 from fgs_service.job_queue import JobQueue
 
@@ -154,30 +155,10 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="fgs-bench-ui-"))
-    port, redis_port = free_port(), free_port()
-    redis_process = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "/usr/bin/redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    port = free_port()
+    redis_process, redis_url = start_redis_server()
     api = None
     try:
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        for _ in range(100):
-            try:
-                redis.Redis.from_url(redis_url).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         settings = Settings(redis_url=redis_url, redis_prefix="fgs-bench-ui", data_dir=work / "data")
         began = time.perf_counter()
         batch_id = write_batch(settings)
@@ -218,8 +199,7 @@ def main() -> None:
         if api is not None:
             api.terminate()
             api.wait(timeout=30)
-        redis_process.terminate()
-        redis_process.wait(timeout=30)
+        stop_redis_server(redis_process)
         shutil.rmtree(work, ignore_errors=True)
 
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

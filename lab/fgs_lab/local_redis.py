@@ -1,4 +1,4 @@
-"""A private redis-server on a free loopback port, persistence off (tests never touch the Redis on 6379)."""
+"""A private redis-server on a free loopback port, persistence off, for tests and benchmarks (never the one on 6379)."""
 
 from __future__ import annotations
 
