@@ -19,7 +19,7 @@ import httpx
 import redis
 
 from fgs_common.loopback import free_port
-from support.live_calls import JobState, generate, wait_final
+from support.live_calls import JobState, generate, wait_final, wait_for
 from support.stack import start_stack
 
 
@@ -144,6 +144,22 @@ def test_redis_stopped_mid_traffic_gives_503s_and_the_workers_carry_on(tiny_mode
                 assert wait_final(client, job_id, timeout=300).state is JobState.finished
             # the same processes (no restart, model still resident) did the work
             assert [w.pid for w in stack.workers] == worker_pids and all(w.poll() is None for w in stack.workers)
+
+            # Both workers were mid-job when Redis went away. Their next job's RQ execution must still be kept
+            # fresh by the heartbeat: SIGKILLed, that job is taken over within seconds, not after the whole job
+            # timeout (the 30-minute soak found one left `running` for FGS_JOB_TIMEOUT_S + 60 s).
+            probe = generate(client, num_images=1, steps=400, guidance_every=5, seed=99)
+            wait_for(client, probe, lambda job: job.state is JobState.running and job.progress.step > 0, timeout=60)
+            record_key = f"{stack.prefix}:job:{probe}"
+            first_worker = raw.hget(record_key, "worker")
+            victim = stack.workers[int(first_worker.split("-")[0][1:])]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+            deadline = time.time() + 60
+            while time.time() < deadline and raw.hget(record_key, "worker") == first_worker:
+                time.sleep(0.2)
+            assert raw.hget(record_key, "worker") != first_worker, "the killed worker's job was not taken over"
+            client.delete(f"/v1/jobs/{probe}")
     finally:
         if stack is not None:
             stack.close()

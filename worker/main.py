@@ -238,6 +238,10 @@ class FgsWorker(SimpleWorker):
                     job_id, JobState.queued, (JobState.running,), expect_owner=owner, error=message.model_dump_json()
                 )
         finally:
+            # RQ forgets an execution in its cleanup, which a Redis error skips. A SimpleWorker runs one job at
+            # a time, so whatever is left here is stale; left in place, `self.execution` (the first entry) would
+            # name it, and the heartbeats of every later job would refresh the dead one, not the running one.
+            self.executions.clear()
             reset_current_runtime(token)
 
     def _rq_heartbeat(self) -> None:
@@ -248,15 +252,21 @@ class FgsWorker(SimpleWorker):
         `abandoned_after_s` on every beat means: a long job is never taken for abandoned while it samples, and
         the job of a killed worker is retried elsewhere soon after (jobs.run_generate_job takes its record over).
         """
-        execution = self.execution
+        job = self.get_current_job()
+        execution = next((e for e in self.executions.values() if job is not None and e.job_id == job.id), None)
         ttl = self.runtime.settings.abandoned_after_s
         with self.connection.pipeline() as pipe:
             self.heartbeat(self.runtime.settings.job_timeout_s + 60, pipeline=pipe)
             if execution is not None:
-                job = self.get_current_job()
                 execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
                 job.heartbeat(rq_now(), ttl, pipeline=pipe, xx=True)
             pipe.execute()
+
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        """The expiry RQ gives a new execution in the started-job registry: `abandoned_after_s`, not RQ's job
+        timeout + 60 s. Our beats refresh it during the job, the first one right after the claim; with RQ's
+        value, a worker killed before that beat left its job stranded for the whole job timeout (an hour)."""
+        return self.runtime.settings.abandoned_after_s
 
     def teardown(self):
         super().teardown()
