@@ -39,7 +39,8 @@ import redis
 from PIL import Image
 
 from fgs_common.loopback import free_port
-from fgs_lab.local_redis import start_redis_server
+from fgs_lab.live_stack import spawn_api, wait_until_serving
+from fgs_service.redis_server import start_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTS_CSV = ROOT / "client" / "data" / "imagenet_lt_train_counts.csv"
@@ -53,35 +54,11 @@ def start_services(tmp: Path, api_processes: int) -> tuple[list[subprocess.Popen
     redis_server, redis_url = start_redis_server()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FGS_")}
     env.update(FGS_REDIS_URL=redis_url, FGS_DATA_DIR=str(tmp / "data"), FGS_DEV_API_KEY=API_KEY)
-    api = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "fgs_service.app:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(api_port),
-            "--workers",
-            str(api_processes),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--timeout-keep-alive",
-            "120",
-        ],
-        env=env,
-    )
+    options = ("--workers", str(api_processes), "--no-access-log", "--timeout-keep-alive", "120")
+    api = spawn_api(env, api_port, None, *options)
     base = f"http://127.0.0.1:{api_port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return [api, redis_server], base, redis_url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("API did not start")
+    wait_until_serving(base, [api], timeout_s=30)
+    return [api, redis_server], base, redis_url
 
 
 WRK_SCRIPT = """

@@ -19,21 +19,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import stack_under_load as under_load  # noqa: E402
 from load import JOB_SIZE, write_results  # noqa: E402
-from stack_under_load import (  # noqa: E402
-    LocalStack,
-    audit,
-    images_generated,
-    machine,
-    run_clients,
-    summary,
-    wait_drained,
-)
 
 ABANDONED_AFTER_S = 10
 
 
-def inject_faults(stack: LocalStack, minutes: float, stop: threading.Event, events: list, outages: list) -> None:
+def inject_faults(
+    stack: under_load.LocalStack, minutes: float, stop: threading.Event, events: list, outages: list
+) -> None:
     """The fault schedule, scaled to the run: kills every minutes/6, the stop at 1/2, the Redis restart at 2/3."""
     total = minutes * 60
     began = time.time()
@@ -72,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-s", type=float, default=600)
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args(argv)
-    where = machine()
-    stack = LocalStack(
+    where = under_load.machine()
+    stack = under_load.LocalStack(
         workers=2,
         env={"FGS_ABANDONED_AFTER_S": str(ABANDONED_AFTER_S), "FGS_JOB_RETRIES": "5", "FGS_RETRY_BACKOFF_S": "[1]"},
     )
@@ -82,16 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         faults.start()
         began = time.time()
-        log = run_clients(stack, args.clients, args.minutes * 60, JOB_SIZE)
+        log = under_load.run_clients(stack, args.clients, args.minutes * 60, JOB_SIZE)
         load_s = time.time() - began
-        drained = wait_drained(stack, log, args.drain_s)
+        drained = under_load.wait_drained(stack, log, args.drain_s)
         stop.set()
         faults.join(timeout=120)
-        findings = audit(stack, log, outages)
+        findings = under_load.audit(stack, log, outages)
         if not drained:
             findings.setdefault("not drained", []).append(f"after {args.drain_s} s")
-        numbers = summary(log, load_s) | {
-            "images_generated": images_generated(stack),
+        numbers = under_load.summary(log, load_s) | {
+            "images_generated": under_load.images_generated(stack),
             "worker_restarts": stack.worker_restarts,
         }
     finally:

@@ -22,7 +22,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -34,6 +33,8 @@ import redis
 
 from fgs_common.loopback import free_port
 from fgs_common.telemetry import counter_key, parse_counter_field
+from fgs_lab.live_stack import spawn_api, spawn_worker, wait_until_serving
+from fgs_service.redis_server import start_redis_server, stop_redis_server
 
 TENANTS = {f"team{i}": f"load-key-team{i}-" + "k" * 24 for i in range(4)}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,81 +74,22 @@ class LocalStack:
         self.logs = self.root / "logs"
         self.logs.mkdir()
         self.redis_process = self._start_redis()
-        self.api = self._spawn(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "fgs_service.app:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.api_port),
-                "--log-level",
-                "warning",
-                "--timeout-keep-alive",
-                "120",
-            ],
-            "api",
-        )
+        self.api = spawn_api(self.env, self.api_port, self.logs / "api.log", "--timeout-keep-alive", "120")
         self.workers: list[subprocess.Popen] = []
         self.worker_restarts = 0
         for _ in range(workers):
             self.workers.append(self._spawn_worker(len(self.workers)))
         self.wait_ready(workers)
 
-    def _spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        return subprocess.Popen(argv, env=env or self.env, stdout=log, stderr=log)
-
     def _spawn_worker(self, index: int) -> subprocess.Popen:
-        env = dict(self.env, FGS_WORKER_NAME=f"w{index}-{self.worker_restarts}")
-        return self._spawn([sys.executable, "-m", "fgs_worker.main"], f"worker-{index}", env)
+        return spawn_worker(self.env, f"w{index}-{self.worker_restarts}", self.logs / f"worker-{index}.log")
 
     def _start_redis(self) -> subprocess.Popen:
-        (self.root / "redis").mkdir(exist_ok=True)
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.root / "redis"),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.redis_url)
-        for _ in range(400):
-            try:
-                if client.ping():
-                    return process
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        """AOF (appendfsync everysec) in our folder, on our port: a restart finds every queued job."""
+        return start_redis_server(self.root / "redis", port=self.redis_port)[0]
 
     def wait_ready(self, workers: int, timeout: float = 300) -> None:
-        client = redis.Redis.from_url(self.redis_url)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            alive = len(list(client.scan_iter(match=f"{self.prefix}:worker:*")))
-            try:
-                ok = httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok and alive >= workers:
-                return
-            time.sleep(0.3)
-        raise RuntimeError(f"stack not ready; logs in {self.logs}")
+        wait_until_serving(self.base_url, [self.api], timeout, self.redis_url, self.prefix, workers)
 
     # ---- supervision and faults ----
     def restart_dead_workers(self) -> None:
@@ -180,11 +122,7 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        self.redis_process.send_signal(signal.SIGTERM)
-        try:
-            self.redis_process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.redis_process.kill()
+        stop_redis_server(self.redis_process)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -17,14 +17,11 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import numpy as np
 import redis
 import redis.asyncio
@@ -35,9 +32,10 @@ from fgs_common.job_records import now_ts
 from fgs_common.loopback import free_port
 from fgs_common.settings import Settings
 from fgs_common.wire import GenerateRequest, ImageResult, JobState
-from fgs_lab.local_redis import start_redis_server, stop_redis_server
+from fgs_lab.live_stack import spawn_api, wait_until_serving
 from fgs_service.auth import Tenant, hash_key
 from fgs_service.job_queue import JobQueue
+from fgs_service.redis_server import start_redis_server, stop_redis_server
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS, IMAGES_PER_JOB, CLASSES = 40, 250, 10
@@ -171,29 +169,9 @@ def main() -> None:
             FGS_DATA_DIR=str(work / "data"),
             FGS_API_KEYS=json.dumps(keys),
         )
-        api = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "fgs_service.app:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-        )
+        api = spawn_api(env, port)
         base_url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                if httpx.get(base_url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_serving(base_url, [api], timeout_s=20)
         rows = measure(base_url, batch_id)
     finally:
         if api is not None:

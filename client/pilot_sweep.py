@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SHARE_TOLERANCE = 0.10
 
 
-@dataclass(frozen=True)
-class SweepSetting:
+class SweepSetting(NamedTuple):
+    """One (ω, γ) point of the sweep grid."""
+
     omega: float
     gamma: float
 

@@ -1,4 +1,8 @@
-"""All configuration of fgs, in one pydantic-settings object read once (environment prefix FGS_)."""
+"""All configuration of fgs, in one pydantic-settings object read once (environment prefix FGS_).
+
+Each setting's docstring is its description (pydantic's `use_attribute_docstrings`): it says what the setting does
+and where its default comes from.
+"""
 
 from __future__ import annotations
 
@@ -12,26 +16,24 @@ from fgs_common.classifier_archive import DEFAULT_MAX_UNPACKED_BYTES
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FGS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FGS_", extra="ignore", use_attribute_docstrings=True)
 
-    redis_url: str | None = Field(default=None, description="redis://host:port/db; unset: fgs up starts a local one")
-    default_redis_url: str = Field(
-        default="redis://127.0.0.1:6379/0", description="where `fgs up` looks for a Redis when FGS_REDIS_URL is unset"
-    )
-    redis_prefix: str = Field(default="fgs", description="key prefix for everything fgs stores in Redis")
+    redis_url: str | None = None
+    """redis://host:port/db; unset: `fgs up` starts a local one"""
+    default_redis_url: str = "redis://127.0.0.1:6379/0"
+    """where `fgs up` looks for a Redis when FGS_REDIS_URL is unset"""
+    redis_prefix: str = "fgs"
+    """key prefix for everything fgs stores in Redis"""
     data_dir: Path = Path(".fgs")
-    model: str = Field(
-        default="fgs-digits", description="'fgs-digits' (embedded), 'tiny' (random weights) or a diffusers directory"
-    )
+    model: str = "fgs-digits"
+    """'fgs-digits' (embedded), 'tiny' (random weights) or a diffusers directory"""
     api_keys_file: Path | None = None
-    api_keys: str | None = Field(
-        default=None, description="the keys file's JSON inline (for containers without a mounted file)"
-    )
+    api_keys: str | None = None
+    """the keys file's JSON inline (for containers without a mounted file)"""
     dev_api_key: str | None = None
     dev_tenant: str = "dev"
-    device: str | None = Field(
-        default=None, description="torch device for the worker; default cuda if present else cpu"
-    )
+    device: str | None = None
+    """torch device for the worker; default cuda if present else cpu"""
 
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
@@ -41,149 +43,97 @@ class Settings(BaseSettings):
     max_batch_images: int = 8
     classifier_cache_size: int = 8
     heartbeat_s: float = 5.0
-    abandoned_after_s: int = Field(
-        default=120,
-        ge=3,
-        description="a running job whose worker has not heartbeated for this long is retried on another worker "
-        "(keep it well above the longest denoising step; workers check this often)",
-    )
+    abandoned_after_s: int = Field(default=120, ge=3)
+    """a running job whose worker has not heartbeated for this long is retried on another worker (keep it well
+    above the longest denoising step; workers check this often)"""
 
     # Watchdog (fgs_worker.watchdog): a step that overruns its deadline ends the worker process, the job is retried
     # (FGS_JOB_RETRIES) and then failed. Deadline of one denoising step (classifier forward included):
     #   step_deadline_base_s + step_deadline_s_per_megapixel * images in the batch * megapixels per image
-    step_deadline_base_s: float = Field(
-        default=60.0,
-        gt=0,
-        description="fixed part of a step's deadline; ~100x a fgs-digits CPU step at batch 8 (0.3-0.6 s on "
-        "2 shared cores, bench/RESULTS.md), so only a stuck step reaches it",
-    )
-    step_deadline_s_per_megapixel: float = Field(
-        default=60.0,
-        ge=0,
-        description="deadline added per megapixel in the batch; SD 2.1 unCLIP at 768x768 (0.59 MP) runs ~2 s per "
-        "image-step on a CPU-class device and ~0.05 s on an A100, so 35 s per image is ample everywhere",
-    )
-    job_setup_deadline_s: float = Field(
-        default=300.0,
-        gt=0,
-        description="extra time before the first step (conditioning images, classifier load and check); a 512 MB "
-        "classifier loads in well under a minute from a network volume",
-    )
-    cancel_grace_s: float = Field(
-        default=10.0,
-        gt=0,
-        description="a cancel not honoured at a step boundary within this long ends the worker process (the job "
-        "is then canceled by the watchdog)",
-    )
-    watchdog_poll_s: float = Field(default=0.5, gt=0, description="how often the watchdog thread looks at the clock")
-    max_pixels_per_image: int | None = Field(
-        default=None,
-        ge=64,
-        description="largest width*height one image may have on this deployment's model; default: the model's "
-        "own (published by the workers, fgs_worker.model_loading.max_pixels_per_image)",
-    )
+    step_deadline_base_s: float = Field(default=60.0, gt=0)
+    """fixed part of a step's deadline; ~100x a fgs-digits CPU step at batch 8 (0.3-0.6 s on 2 shared cores,
+    bench/RESULTS.md), so only a stuck step reaches it"""
+    step_deadline_s_per_megapixel: float = Field(default=60.0, ge=0)
+    """deadline added per megapixel in the batch; SD 2.1 unCLIP at 768x768 (0.59 MP) runs ~2 s per image-step on
+    a CPU-class device and ~0.05 s on an A100, so 35 s per image is ample everywhere"""
+    job_setup_deadline_s: float = Field(default=300.0, gt=0)
+    """extra time before the first step (conditioning images, classifier load and check); a 512 MB classifier
+    loads in well under a minute from a network volume"""
+    cancel_grace_s: float = Field(default=10.0, gt=0)
+    """a cancel not honoured at a step boundary within this long ends the worker process (the job is then
+    canceled by the watchdog)"""
+    watchdog_poll_s: float = Field(default=0.5, gt=0)
+    """how often the watchdog thread looks at the clock"""
+    max_pixels_per_image: int | None = Field(default=None, ge=64)
+    """largest width*height one image may have on this deployment's model; default: the model's own (published by
+    the workers, fgs_worker.model_loading.max_pixels_per_image)"""
 
     # Supervisor (`fgs up`)
-    restart_backoff_s: list[float] = Field(
-        default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0],
-        description="waits before restarting a child that exited, by consecutive failure; a child that ran a "
-        "minute resets it",
-    )
-    stop_grace_s: float = Field(
-        default=30.0,
-        gt=0,
-        description="how long `fgs up` waits after SIGTERM before SIGKILL (Kubernetes' default termination grace)",
-    )
+    restart_backoff_s: list[float] = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 30.0])
+    """waits before restarting a child that exited, by consecutive failure; a child that ran a minute resets it"""
+    stop_grace_s: float = Field(default=30.0, gt=0)
+    """how long `fgs up` waits after SIGTERM before SIGKILL (Kubernetes' default termination grace)"""
 
     # Service
-    http_header_timeout_s: float = Field(
-        default=20.0,
-        gt=0,
-        description="a connection must send a whole request head within this long (Apache mod_reqtimeout's "
-        "default, header=20-40); slowloris",
-    )
-    http_keep_alive_s: int = Field(
-        default=5,
-        ge=1,
-        description="an idle keep-alive connection is closed after this long (uvicorn's default)",
-    )
-    redis_max_connections: int = Field(
-        default=100,
-        ge=1,
-        description="connections per Redis pool of the API (redis-py's default pool size); more requests wait",
-    )
-    redis_pool_timeout_s: float = Field(
-        default=10.0,
-        gt=0,
-        description="how long a request waits for a free Redis connection before its 503",
-    )
+    http_header_timeout_s: float = Field(default=20.0, gt=0)
+    """a connection must send a whole request head within this long (Apache mod_reqtimeout's default,
+    header=20-40); slowloris"""
+    http_keep_alive_s: int = Field(default=5, ge=1)
+    """an idle keep-alive connection is closed after this long (uvicorn's default)"""
+    redis_max_connections: int = Field(default=100, ge=1)
+    """connections per Redis pool of the API (redis-py's default pool size); more requests wait"""
+    redis_pool_timeout_s: float = Field(default=10.0, gt=0)
+    """how long a request waits for a free Redis connection before its 503"""
     host: str = "127.0.0.1"
     port: int = 8000
-    state_dir: Path = Field(default=Path(".fgs/state"), description="where `fgs up` keeps its local redis-server data")
+    state_dir: Path = Path(".fgs/state")
+    """where `fgs up` keeps its local redis-server data"""
     max_classifier_bytes: int = 512 * 1024 * 1024
-    max_hardness_stats_bytes: int = Field(
-        default=4 * 1024**3,
-        description="largest hardness statistics file an upload may carry; streamed to disk, never held in memory. "
-        "Default: 4x ImageNet-LT's statistics at k = 2,048 (0.95 GB, bench/hardness_scale.py). Starlette spools "
-        "uploaded parts to the system temp dir (TMPDIR), which needs that much room too",
-    )
+    max_hardness_stats_bytes: int = 4 * 1024**3
+    """largest hardness statistics file an upload may carry; streamed to disk, never held in memory. Default: 4x
+    ImageNet-LT's statistics at k = 2,048 (0.95 GB, bench/hardness_scale.py). Starlette spools uploaded parts to
+    the system temp dir (TMPDIR), which needs that much room too"""
     classifier_check_timeout_s: float = 120.0
     # The classifier check's sandbox (fgs_common.classifier_sandbox). Measured with torch 2.13 CPU, one thread, on
     # the 10-class SmallCNN: a TorchScript check peaks at 0.6 GiB of address space (VmPeak; 0.3 GiB resident), a
     # .pt2 check at 0.7 GiB (0.4 GiB), almost all of it torch itself. An archive's weights come on top, about
     # twice (a .pt2 is copied once to drop its sample inputs): 4 GiB holds a 512 MiB archive
     # (FGS_MAX_CLASSIFIER_BYTES) with room to run it on a batch of 2.
-    classifier_check_memory_bytes: int = Field(
-        default=4 * 1024**3, ge=512 * 1024**2, description="address-space limit of one classifier check (RLIMIT_AS)"
-    )
+    classifier_check_memory_bytes: int = Field(default=4 * 1024**3, ge=512 * 1024**2)
+    """address-space limit of one classifier check (RLIMIT_AS)"""
     # The same checks take 1.4 s (TorchScript) and 2.7 s (.pt2) of CPU, mostly importing torch and loading; 60 s
     # leaves a large classifier room while a spinning one ends well before the 120 s wall-clock limit above.
-    classifier_check_cpu_s: int = Field(
-        default=60, ge=5, description="CPU-time limit of one classifier check (RLIMIT_CPU)"
-    )
+    classifier_check_cpu_s: int = Field(default=60, ge=5)
+    """CPU-time limit of one classifier check (RLIMIT_CPU)"""
     # Each check is one CPU-bound process of up to classifier_check_memory_bytes: two at once keep an API host of
     # 4 cores and 16 GiB responsive while a third upload waits.
-    classifier_checks_at_once: int = Field(default=2, ge=1, description="classifier checks run at once; 429 beyond")
-    classifier_check_retry_after_s: int = Field(default=10, ge=1, description="Retry-After of that 429")
-    classifier_check_require_network_isolation: bool = Field(
-        default=False,
-        description="refuse uploads (503) where the kernel gives the check no network namespace of its own; "
-        "off: the check then runs with the host's network and a warning is logged",
-    )
-    max_classifier_unpacked_bytes: int = Field(
-        default=DEFAULT_MAX_UNPACKED_BYTES, description="total unpacked size of a classifier archive (zip bombs)"
-    )
-    classifier_check: bool = Field(
-        default=True,
-        description="run uploaded classifiers once in a subprocess (needs the worker extra) before accepting them",
-    )
-    unavailable_retry_after_s: int = Field(
-        default=5,
-        ge=1,
-        description="Retry-After of a 503 while Redis is unavailable (a Redis restart replays its AOF in seconds)",
-    )
+    classifier_checks_at_once: int = Field(default=2, ge=1)
+    """classifier checks run at once; 429 beyond"""
+    classifier_check_retry_after_s: int = Field(default=10, ge=1)
+    """Retry-After of that 429"""
+    classifier_check_require_network_isolation: bool = False
+    """refuse uploads (503) where the kernel gives the check no network namespace of its own; off: the check then
+    runs with the host's network and a warning is logged"""
+    max_classifier_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES
+    """total unpacked size of a classifier archive (zip bombs)"""
+    classifier_check: bool = True
+    """run uploaded classifiers once in a subprocess (needs the worker extra) before accepting them"""
+    unavailable_retry_after_s: int = Field(default=5, ge=1)
+    """Retry-After of a 503 while Redis is unavailable (a Redis restart replays its AOF in seconds)"""
     idempotency_ttl_s: int = 24 * 3600
-    enqueue_reservation_ttl_s: int = Field(
-        default=60,
-        ge=1,
-        description="a quota or Idempotency-Key reservation whose enqueue never completed (API killed) expires "
-        "after this long; a 10,000-job batch enqueues in ~2 s (bench/api.py)",
-    )
-    max_json_body_bytes: int = Field(
-        default=32 * 1024 * 1024,
-        ge=1024,
-        description="largest JSON request body (POST /v1/generate, /v1/batches); a 10,000-job batch with one "
-        "conditioning image per job is ~3 MB",
-    )
+    enqueue_reservation_ttl_s: int = Field(default=60, ge=1)
+    """a quota or Idempotency-Key reservation whose enqueue never completed (API killed) expires after this long;
+    a 10,000-job batch enqueues in ~2 s (bench/api.py)"""
+    max_json_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """largest JSON request body (POST /v1/generate, /v1/batches); a 10,000-job batch with one conditioning image
+    per job is ~3 MB"""
     job_record_ttl_s: int = 30 * 24 * 3600
     retry_backoff_s: list[int] = Field(default_factory=lambda: [5, 30])
-    worker_queue_poll_s: int = Field(
-        default=1, ge=1, description="how often an idle worker looks for new tenant queues"
-    )
+    worker_queue_poll_s: int = Field(default=1, ge=1)
+    """how often an idle worker looks for new tenant queues"""
     sse_poll_s: float = 0.25
-    worker_name: str | None = Field(
-        default=None, description="name of this worker in Redis and metrics; default host-random"
-    )
+    worker_name: str | None = None
+    """name of this worker in Redis and metrics; default host-random"""
 
 
 @lru_cache

@@ -20,14 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fgs_client.digits_lt import build_digits_lt
-from fgs_lab.digits_classifier import (
-    evaluate,
-    export_digits_classifier,
-    load_split,
-    load_synthetic,
-    shot_thresholds,
-    train_small_cnn,
-)
+from fgs_lab import digits_classifier as digits
 from fgs_lab.embedded_stack import run_client, start_embedded_stack
 from fgs_worker.model_loading import EMBEDDED_MODEL, EMBEDDED_MODELS_DIR
 
@@ -88,15 +81,15 @@ def main(
     with Stage(1, "Digits-LT: long-tailed train split, balanced test split"):
         if not (root / "digits_lt.json").is_file():
             build_digits_lt(root)
-        train, test = load_split(root, "train"), load_split(root, "test")
+        train, test = digits.load_split(root, "train"), digits.load_split(root, "test")
         counts = torch.bincount(train.labels, minlength=10)
-        thresholds = shot_thresholds(root)
+        thresholds = digits.shot_thresholds(root)
         console.print(f"{root}: {len(train)} train images per class {counts.tolist()}, {len(test)} test images")
 
     with Stage(2, "train a SmallCNN on the long-tailed split (Balanced Softmax)"):
-        before_model = train_small_cnn(train, "balanced_softmax", seed)
-        before = evaluate(before_model, test, counts, thresholds)
-        archive, spec = export_digits_classifier(before_model, classifier_dir)
+        before_model = digits.train_small_cnn(train, "balanced_softmax", seed)
+        before = digits.evaluate(before_model, test, counts, thresholds)
+        archive, spec = digits.export_digits_classifier(before_model, classifier_dir)
         console.print(f"test accuracy {100 * before.overall:.1f}%, Few {100 * before.few:.1f}%; exported to {archive}")
 
     with Stage(3, f"start the embedded stack (fgs up --model {model})"):
@@ -104,39 +97,20 @@ def main(
     try:
         console.print(f"fgs API on {stack.url} (log: {stack.log_path})")
         with Stage(4, f"fgs-client balance: {criterion} feedback, ω={omega}, dropout p={dropout_p}, {steps} steps"):
-            run_client(
-                stack,
-                "balance",
-                "--dataset",
-                "digits-lt",
-                "--root",
-                str(root),
-                "--out",
-                str(balanced),
-                "--target",
-                target,
-                "--criterion",
-                criterion,
-                "--omega",
-                str(omega),
-                "--dropout-p",
-                str(dropout_p),
-                "--steps",
-                str(steps),
-                "--classifier",
-                str(archive),
-                "--classifier-spec",
-                str(spec),
-                "--seed",
-                str(seed),
-            )
+            # what a user types: the dataset, where the balanced copy goes, the feedback and the classifier
+            dataset = ["--dataset", "digits-lt", "--root", str(root), "--out", str(balanced), "--target", target]
+            feedback = ["--criterion", criterion, "--omega", str(omega), "--dropout-p", str(dropout_p)]
+            classifier = ["--classifier", str(archive), "--classifier-spec", str(spec)]
+            run_client(stack, "balance", *dataset, *feedback, *classifier, "--steps", str(steps), "--seed", str(seed))
             run_client(stack, "grid", "--out", str(balanced), "--per-class", "10", "--size", "48")
     finally:
         stack.stop()
 
     with Stage(5, "retrain on real + synthetic (50/50 batches, Balanced Softmax)"):
-        synthetic = load_synthetic(balanced)
-        after = evaluate(train_small_cnn(train + synthetic, "balanced_softmax", seed), test, counts, thresholds)
+        synthetic = digits.load_synthetic(balanced)
+        after = digits.evaluate(
+            digits.train_small_cnn(train + synthetic, "balanced_softmax", seed), test, counts, thresholds
+        )
 
     table = Table(
         title=(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from fgs_common.loopback import free_port
 from fgs_common.settings import get_settings
+from fgs_service.redis_server import start_redis_server, stop_redis_server
 
 app = typer.Typer(help="fgs: feedback-guided data synthesis service", no_args_is_help=True, add_completion=False)
 
@@ -30,39 +29,13 @@ def _redis_answers(url: str) -> bool:
 
 
 def _start_local_redis(state_dir: Path) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise typer.BadParameter("no Redis answers and redis-server is not installed: install it or set FGS_REDIS_URL")
-    data = state_dir / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    process = subprocess.Popen(
+    try:
         # AOF, fsynced every second: a restart finds every queued job (at most the last second is lost)
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data.resolve()),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
-        ],
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C goes to us; we stop it last, after the workers
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        if _redis_answers(url):
-            return process, url
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("local redis-server did not start")
+        return start_redis_server(state_dir / "redis", new_session=True)
+    except FileNotFoundError:
+        raise typer.BadParameter(
+            "no Redis answers and redis-server is not installed: install it or set FGS_REDIS_URL"
+        ) from None
 
 
 def _dev_key(state_dir: Path) -> str:
@@ -200,12 +173,7 @@ def up(
     finally:
         _stop_children(children, settings.stop_grace_s)
         if redis_process is not None:
-            redis_process.terminate()
-            try:
-                redis_process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                redis_process.kill()
-                redis_process.wait()
+            stop_redis_server(redis_process)
 
 
 @app.command()

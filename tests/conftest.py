@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fgs_lab.local_redis import start_redis_server, stop_redis_server
+from fgs_service.redis_server import start_redis_server, stop_redis_server
 from support.stack import start_stack
 
 

@@ -9,8 +9,6 @@ accepts the same key. Real uvicorn, real Redis, real SIGKILL.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,6 +16,7 @@ import httpx
 import redis
 
 from fgs_common.loopback import free_port
+from fgs_lab.live_stack import spawn_api
 from support.stack import start_stack
 
 RESERVATION_TTL_S = 2
@@ -49,25 +48,7 @@ def post_in_background(stack, body: dict, key: str) -> threading.Thread:
 def restart_api(stack) -> None:
     """A new uvicorn on the stack's Redis prefix (and a new port), in place of the killed one."""
     port = free_port()
-    log = open(stack.log_dir / f"api-{port}.log", "wb")
-    stack.api = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "fgs_service.app:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=stack.env,
-        stdout=log,
-        stderr=log,
-    )
+    stack.api = spawn_api(stack.env, port, stack.log_dir / f"api-{port}.log")
     stack.base_url = f"http://127.0.0.1:{port}"
     stack.wait_ready(0)
 

@@ -8,7 +8,6 @@ directory), uvicorn, two workers.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import threading
@@ -19,39 +18,14 @@ import httpx
 import redis
 
 from fgs_common.loopback import free_port
+from fgs_service.redis_server import start_redis_server
 from support.live_calls import JobState, generate, wait_final, wait_for
 from support.stack import start_stack
 
 
 def start_redis(port: int, directory) -> subprocess.Popen:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(directory),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            if client.ping():
-                return process
-        except (redis.ConnectionError, redis.BusyLoadingError):
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("redis-server did not start")
+    """Our redis-server with AOF in `directory`, on `port` (a restart comes back on the same port and data)."""
+    return start_redis_server(directory, port=port)[0]
 
 
 class Traffic(threading.Thread):

@@ -6,6 +6,7 @@ directory; it is stopped with SIGINT (what Ctrl-C sends it), so its workers fini
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -28,7 +29,7 @@ def fgs_command(name: str) -> str:
 
 
 @dataclass
-class EmbeddedStack:
+class EmbeddedStack(contextlib.AbstractContextManager):
     """A running `fgs up`: its URL, API key and the environment a `fgs-client` subprocess needs."""
 
     url: str
@@ -50,9 +51,6 @@ class EmbeddedStack:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-
-    def __enter__(self) -> EmbeddedStack:
-        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()

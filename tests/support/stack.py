@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from fgs_common.loopback import free_port
+from fgs_lab.live_stack import spawn_api, spawn_worker, wait_until_serving
 
 TENANT_KEYS = {"alpha": "key-alpha-" + "a" * 24, "beta": "key-beta-" + "b" * 24, "capped": "key-capped-" + "c" * 24}
 CAPPED_MAX_IMAGES = 10
@@ -52,31 +51,14 @@ class Stack:
 
     def spawn_worker(self, name: str | None = None) -> subprocess.Popen:
         name = name or f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}"
-        log = open(self.log_dir / f"worker-{name}.log", "wb") if self.log_dir else subprocess.DEVNULL
-        env = dict(self.env, FGS_WORKER_NAME=name)
-        process = subprocess.Popen([sys.executable, "-m", "fgs_worker.main"], env=env, stdout=log, stderr=log)
+        log = self.log_dir / f"worker-{name}.log" if self.log_dir else None
+        process = spawn_worker(self.env, name, log)
         self.workers.append(process)
         return process
 
     def wait_ready(self, workers: int, timeout: float = 120) -> None:
         """Until the API answers and `workers` workers have sent heartbeats."""
-        import redis
-
-        client = redis.Redis.from_url(self.redis_url)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            alive = len(list(client.scan_iter(match=f"{self.prefix}:worker:*")))
-            try:
-                ok = httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok and alive >= workers:
-                return
-            for process in [self.api] + self.workers:
-                if process.poll() is not None:
-                    raise RuntimeError(f"stack process exited with {process.returncode}; logs in {self.log_dir}")
-            time.sleep(0.2)
-        raise RuntimeError(f"stack not ready after {timeout} s; logs in {self.log_dir}")
+        wait_until_serving(self.base_url, [self.api, *self.workers], timeout, self.redis_url, self.prefix, workers)
 
     def close(self) -> None:
         for process in self.workers + [self.api]:
@@ -116,27 +98,7 @@ def start_stack(
     env.update(extra_env or {})  # after: a test may override any of the above
     log_dir = root / "logs"
     log_dir.mkdir(exist_ok=True)
-    api_log = open(log_dir / "api.log", "wb")
-    api = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "fgs_service.app:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--timeout-keep-alive",
-            "120",
-        ],
-        env=env,
-        stdout=api_log,
-        stderr=api_log,
-    )
+    api = spawn_api(env, port, log_dir / "api.log", "--timeout-keep-alive", "120")
     base_url = f"http://127.0.0.1:{port}"
     stack = Stack(base_url, dict(TENANT_KEYS), redis_url, prefix, root / "data", env, api, log_dir=log_dir)
     for _ in range(workers):
