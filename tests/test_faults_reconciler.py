@@ -41,3 +41,32 @@ def test_a_job_rq_gave_up_on_is_failed_in_the_batch_view_and_the_counters(redis_
             assert listed[0]["error"]["code"] == "worker_failed"
     finally:
         stack.close()
+
+
+def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_put_back_and_runs(
+    redis_server, tiny_model_dir, tmp_path
+):
+    """The 30-minute soak lost a job that way: a worker took it off its queue and was SIGKILLed before RQ
+    registered the execution. Here the taking is done by the workers' own script (fgs_worker.main._TAKE_JOB),
+    leaving exactly what such a worker leaves; then a worker starts, and the job must run without a retry."""
+    from rq import Queue
+
+    from fgs_worker.main import _TAKE_JOB
+
+    env = {"FGS_ABANDONED_AFTER_S": "3", "FGS_JOB_RETRIES": "0"}
+    stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=0, extra_env=env)
+    rq_redis = redis.Redis.from_url(stack.redis_url)
+    try:
+        with stack.client("alpha") as client:
+            body = {"prompt": "a digit", "class_index": 1, "num_images": 1, "steps": 2, "guidance_every": 1}
+            job_id = client.post("/v1/generate", json=body).json()["job_id"]
+            queue = Queue(f"{stack.prefix}:alpha", connection=rq_redis)
+            taken = rq_redis.register_script(_TAKE_JOB)(keys=[queue.key, queue.intermediate_queue_key])
+            assert taken[1].decode() == job_id and rq_redis.llen(queue.key) == 0  # in hand, nowhere else
+
+            stack.spawn_worker()
+            done = wait_for(client, job_id, lambda j: j.state.is_terminal, timeout=90)
+            assert done.state is JobState.finished, done.error
+            assert rq_redis.llen(queue.intermediate_queue_key) == 0
+    finally:
+        stack.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import redis
 from rq import Queue
-from rq.exceptions import DequeueTimeout, StopRequested
+from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -44,14 +44,44 @@ log = logging.getLogger("fgs.worker")
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
 # Waits between attempts to reach Redis again: capped, so a worker is back within seconds of Redis.
 REDIS_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+# An idle worker looks at its queues this often: a new job waits at most 50 ms for it, and an idle worker
+# sends Redis 20 small scripts a second (a single Redis serves ~100,000).
+IDLE_POLL_S = 0.05
+
+# Take the first job of the first non-empty queue (KEYS: the queues in serving order, then their intermediate
+# lists) by moving it to that queue's intermediate list, RQ's own write-ahead place for a job in hand (rq
+# IntermediateQueue). A plain LPOP, as RQ uses for several queues, loses the job if the worker dies before
+# RQ registers the execution: the 30-minute soak lost one that way. From the intermediate list it is taken
+# out once the execution is registered, or put back by `requeue_jobs_lost_in_hand`.
+_TAKE_JOB = """
+local n = #KEYS / 2
+for i = 1, n do
+  local job_id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+  if job_id then return {KEYS[i], job_id} end
+end
+return false
+"""
+# A job stays in an intermediate list for the milliseconds between taking it and registering its execution.
+# Seen there twice this far apart, its worker died in between. Below RQ's own rule for these lists (one minute,
+# then the job counts as failed and spends a retry), and our sweep runs before RQ's in each maintenance pass.
+LOST_IN_HAND_S = 20.0
+# Move a due retry back into its queue in one step (ZREM alone, then a crash, would drop the retry).
+# KEYS: scheduled registry, queue, job hash; ARGV: job id.
+_REQUEUE_DUE_RETRY = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 or redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+redis.call('HSET', KEYS[3], 'status', 'queued')
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
 
 
 class FgsWorker(SimpleWorker):
     """A non-forking RQ worker over all tenant queues, round-robin.
 
     Written against RQ 3.0 and pinned to that minor (pyproject.toml): `dequeue_job_and_maintain_ttl`,
-    `execute_job`, `_ordered_queues`, `reorder_queues` and the execution heartbeat are RQ internals that a
-    new minor may change. Rerun tests/test_worker_*.py before moving the pin.
+    `execute_job`, `prepare_job_execution`, `_ordered_queues`, `reorder_queues`, the intermediate lists and the
+    execution heartbeat are RQ internals that a new minor may change. Rerun tests/test_worker_*.py before moving
+    the pin.
     """
 
     def __init__(self, runtime: WorkerRuntime, watchdog: bool = True):
@@ -67,6 +97,8 @@ class FgsWorker(SimpleWorker):
             serializer=JSONSerializer,
             maintenance_interval=runtime.settings.abandoned_after_s,
         )
+        self._take_job_script = self.connection.register_script(_TAKE_JOB)
+        self._requeue_due_retry = self.connection.register_script(_REQUEUE_DUE_RETRY)
         runtime.on_heartbeat = self._rq_heartbeat
         runtime.expire_execution = self._expire_execution
         if watchdog:
@@ -101,6 +133,7 @@ class FgsWorker(SimpleWorker):
             # that retries a job this process was working on when its watchdog ended it
             self._refresh_queues()
             self.runtime.publish_model_info()  # again after a Redis that lost it (no AOF) comes back
+            self.requeue_jobs_lost_in_hand()
             super().run_maintenance_tasks()
             self.reconcile_failed_jobs()
         except REDIS_DOWN as error:
@@ -175,12 +208,57 @@ class FgsWorker(SimpleWorker):
         for queue in self.queues:
             registry = queue.scheduled_job_registry
             for job_id in registry.get_jobs_to_schedule():
-                # ZREM decides which worker moves it, when several look at once
-                if self.connection.zrem(registry.key, job_id):
-                    try:
-                        queue._enqueue_job(Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer))
-                    except Exception:  # the job hash expired or was deleted (canceled): nothing to retry
-                        log.warning("retry of job %s dropped: job no longer exists", job_id)
+                # one script decides which worker moves it, when several look at once
+                keys = [registry.key, queue.key, Job.key_for(job_id)]
+                if not self._requeue_due_retry(keys=keys, args=[job_id]):
+                    log.warning("retry of job %s dropped: moved by another worker, or the job is gone", job_id)
+
+    def requeue_jobs_lost_in_hand(self) -> int:
+        """Put back the jobs a worker took (intermediate list) but died before registering: seen there without an
+        execution twice, LOST_IN_HAND_S apart. The job never ran, so it costs no retry (and if it had, the
+        record's owner fencing lets only one run write)."""
+        moved = 0
+        for queue in self.queues:
+            intermediate = queue.intermediate_queue
+            for job_id in intermediate.get_job_ids():
+                if job_id in queue.started_job_registry:
+                    continue
+                seen_key = f"{self.runtime.keys.prefix}:in-hand-seen:{job_id}"
+                first_seen = self.connection.get(seen_key)
+                if first_seen is None:
+                    self.connection.set(seen_key, time.time(), ex=int(10 * LOST_IN_HAND_S))
+                elif time.time() - float(first_seen) >= min(
+                    LOST_IN_HAND_S, self.runtime.settings.abandoned_after_s
+                ) and self.connection.lrem(intermediate.key, 1, job_id):
+                    self.connection.lpush(queue.key, job_id)  # at the front: it has waited its turn already
+                    self.connection.delete(seen_key)
+                    log.warning("job %s put back in %s: its worker died before starting it", job_id, queue.name)
+                    moved += 1
+        return moved
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        # every job we take passes through its queue's intermediate list (_TAKE_JOB); RQ removes it from there
+        # only for single-queue workers
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+
+    def _take_job(self, timeout_s: float) -> tuple[Job, Queue] | None:
+        """The first job of the first non-empty queue in serving order, waiting up to timeout_s for one."""
+        queues = self._ordered_queues
+        keys = [q.key for q in queues] + [q.intermediate_queue_key for q in queues]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            taken = self._take_job_script(keys=keys)
+            if taken:
+                queue_key, job_id = (item.decode() if isinstance(item, bytes) else item for item in taken)
+                queue = next(q for q in queues if q.key == queue_key)
+                try:
+                    return Job.fetch(job_id, connection=self.connection, serializer=self.serializer), queue
+                except NoSuchJobError:  # deleted while queued (its record expired): nothing to run
+                    self.connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                    continue
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(IDLE_POLL_S)
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         self.set_state(WorkerStatus.IDLE)
@@ -198,16 +276,7 @@ class FgsWorker(SimpleWorker):
                     self.run_maintenance_tasks()
                 self._refresh_queues()
                 self._enqueue_due_retries()
-                result = Queue.dequeue_any(
-                    self._ordered_queues,
-                    poll_s,
-                    connection=self.connection,
-                    job_class=self.job_class,
-                    serializer=self.serializer,
-                    death_penalty_class=self.death_penalty_class,
-                )
-            except DequeueTimeout:
-                continue
+                result = self._take_job(poll_s)
             except REDIS_DOWN as error:
                 self._wait_for_redis(error)
                 continue
