@@ -42,7 +42,7 @@ def main() -> None:
         classifier = load_classifier(archive, spec)
     image = conditioning_image()
     seconds: dict[tuple[str, str], float] = {}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for path in ("unet", "constant_eps"):
             params = GenerationParams(
                 criterion="entropy", omega=0.3, steps=args.steps, guidance_every=1, gradient_path=path
@@ -59,7 +59,7 @@ def main() -> None:
                         classifier=classifier,
                     )
 
-                best = timed(call, 1, torch.device("cpu"), warmup=1 if _ == 0 else 0)[0] / args.steps
+                best = timed(call, 1, torch.device("cpu"), warmup=1 if repeat == 0 else 0)[0] / args.steps
                 seconds[path, name] = min(seconds.get((path, name), best), best)
     print(
         f"# bench/precision_cpu.py: {args.model}, {side}x{side}px, batch {args.batch}, {args.steps} steps all "

@@ -52,7 +52,7 @@ MIN_COSINE_AT_LEAST = {torch.bfloat16: 0.6, torch.float16: 0.8}
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: the 32 px model's ops are too small to share, and on a loaded machine the idle threads
-    spin (this file took 350 s of CPU with 2 threads under load, 40 s with one)."""
+    spin (a draft of this file took 350 s of CPU with 2 threads on a loaded 2-core machine, about 40 s with one)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
