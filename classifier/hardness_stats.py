@@ -60,7 +60,8 @@ import torch
 FORMAT = "fgs-hardness-stats-v2"
 # rho = RIDGE * mean(diag P): only keeps Cholesky/eigh defined for exactly singular inputs (as in v1 of this file).
 RIDGE = 1e-9
-# Scoring is done in float64: the embeddings come in float32 (fp16 on CUDA) and one class's tensors are small.
+# Scoring is done in float64: the embeddings come in float32 (the classifier's dtype, fgs_classifier.registry; a
+# 16-bit one would be upcast here too) and one class's tensors are small.
 COMPUTE_DTYPE = torch.float64
 # Classes kept resident per statistics object: a job needs one class; a few cover alternating jobs of one classifier.
 DEFAULT_CACHED_CLASSES = 4

@@ -82,6 +82,8 @@ class LoadedClassifier:
         return torch.cat(outputs)
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Pixels from a 16-bit decode are cast here, at the boundary, to the classifier's own dtype (float32 by
+        # default, see load_classifier); the gradient flows back through the cast.
         output = self.forward_module(self.preprocess(pixels.to(self.dtype)))
         if self.spec.output is ClassifierOutput.logits_embedding:
             logits, embedding = output
@@ -198,9 +200,15 @@ def load_classifier(
     dtype: torch.dtype | None = None,
     max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
 ) -> LoadedClassifier:
-    """Load and check a classifier; fp16 on CUDA, fp32 elsewhere unless `dtype` says otherwise."""
+    """Load and check a classifier, in float32 on any device unless `dtype` says otherwise.
+
+    float32 whatever the diffusion model's dtype (FGS_DTYPE): archives are exported in float32 and the upload
+    check ran them in float32; a `.pt2` whose graph holds a float32 constant fails once its weights are cast to
+    16 bits ("Input type (float) and bias type (c10::BFloat16) should be the same", measured with torch 2.13);
+    and the classifier is small next to the UNet and VAE it follows. Its input is cast in `LoadedClassifier`.
+    """
     device = torch.device(device)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or torch.float32
     module, batch_size = _load_module(Path(archive_path), device, max_unpacked_bytes)
     module = module.to(dtype)
     if isinstance(module, torch.jit.ScriptModule):

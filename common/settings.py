@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,11 @@ class Settings(BaseSettings):
     dev_tenant: str = "dev"
     device: str | None = None
     """torch device for the worker; default cuda if present else cpu"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the worker's model (UNet, VAE, text and image encoders), on any device. auto: float16 on CUDA
+    (diffusers' recipe for SD 2.1 unCLIP on GPUs, fgs's behaviour before this setting), float32 elsewhere. The
+    team's classifier always runs in float32, its archive's dtype; the few sums the guided loop needs exact stay in
+    float32 (fgs_worker.guidance.precision). bfloat16 on a CPU: bench/RESULTS.md"""
 
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096

@@ -1,4 +1,5 @@
-"""bench/gpu.py --tiny: the GPU benchmark's whole table on the CPU, and fgs unguided equal to diffusers."""
+"""bench/gpu.py --tiny: the GPU benchmark's whole table on the CPU (a speed switch and the cross-job batching hook
+included), and fgs unguided equal to diffusers."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def test_gpu_benchmark_prints_the_full_table_on_the_cpu():
             "2",
             "--warmup",
             "0",
+            "--switches",
+            "channels-last",
+            "--batching",
         ],
         capture_output=True,
         text=True,
@@ -45,4 +49,12 @@ def test_gpu_benchmark_prints_the_full_table_on_the_cpu():
             assert any(line.startswith(f"| {variant} ") and f"| {batch:>2} |" in line for line in out.splitlines()), (
                 variant
             )
+    for variant in ("fgs unguided +channels-last", "fgs entropy unet/full +channels-last"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {variant} "))
+        assert row.split("|")[2].strip() == "2" and float(row.split("|")[6]) > 0, row  # batch 2, x diffusers
     assert "reference loop" in out and "(match)" in out and "TFLOP/s achieved" in out
+    # the hook: a line saying it is not measured yet, or its rows
+    assert any(
+        line.startswith(("cross-job batching: not measured", "| cross-job batching")) for line in out.splitlines()
+    )
+    assert "unfinished" not in out

@@ -41,8 +41,21 @@ def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype FGS_DTYPE names (fgs_common.settings.Settings.dtype); 'auto' is float16 on CUDA (diffusers'
+    recipe for SD 2.1 unCLIP) and float32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"dtype '{name}' is not one of auto, {', '.join(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
 
 
 def load_pipeline(
@@ -51,9 +64,9 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     cache_dir: Path | None = None,
 ) -> StableUnCLIPImg2ImgPipeline:
-    """Load a StableUnCLIP img2img pipeline from a local directory: fp16 on CUDA, fp32 on the CPU."""
+    """Load a StableUnCLIP img2img pipeline from a local directory, in `dtype` (default: `model_dtype('auto')`)."""
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or model_dtype("auto", device)
     path = resolve_model_dir(model, cache_dir)
     pipeline = StableUnCLIPImg2ImgPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)

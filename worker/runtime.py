@@ -24,7 +24,7 @@ from fgs_common.job_records import JobRecords, Keys
 from fgs_common.settings import Settings
 from fgs_common.wire import GenerationParams, ModelInfo
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
-from fgs_worker.model_loading import default_device, load_pipeline
+from fgs_worker.model_loading import default_device, load_pipeline, model_dtype
 
 # Default largest image, in multiples of the model's native pixel count: 4 = twice the native side. unCLIP and
 # SD 2.x UNets were trained at their native size and their attention cost grows with the square of the pixels;
@@ -71,7 +71,7 @@ class WorkerRuntime:
             }
             telemetry.incr_counter(decoded, prefix, name_of[event])
 
-        pipeline = load_pipeline(settings.model, device=device)
+        pipeline = load_pipeline(settings.model, device=device, dtype=model_dtype(settings.dtype, device))
         return cls(
             settings=settings,
             name=name,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fgs_classifier.hardness_stats import HardnessStats
 from fgs_common.wire import Criterion
+from fgs_worker.guidance.precision import at_least_float32
 
 
 def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,9 +41,12 @@ def evaluate(
     embedding: torch.Tensor | None = None,
     stats: HardnessStats | None = None,
 ) -> torch.Tensor:
-    """C for each image of a batch: logits [B, K], labels [B] -> [B] (half precision is upcast to float32)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+    """C for each image of a batch: logits [B, K], labels [B] -> [B], in float32 at least.
+
+    16-bit logits and embeddings are upcast first (a classifier loaded in 16 bits): log-softmax over K classes
+    and the Mahalanobis sum over k dimensions are sums that 16 bits round coarsely (fgs_worker.guidance.precision).
+    """
+    logits = at_least_float32(logits)
     if criterion is Criterion.loss:
         return loss(logits, labels)
     if criterion is Criterion.entropy:
@@ -50,8 +54,7 @@ def evaluate(
     if criterion is Criterion.hardness:
         if embedding is None or stats is None:
             raise ValueError("criterion 'hardness' needs the classifier embedding and hardness statistics")
-        embedding = embedding.float() if embedding.dtype in (torch.float16, torch.bfloat16) else embedding
-        return hardness(embedding, labels, stats)
+        return hardness(at_least_float32(embedding), labels, stats)
     if criterion is Criterion.none:
         return torch.zeros(logits.shape[0], device=logits.device)
     raise ValueError(f"unknown criterion {criterion!r}")

@@ -43,6 +43,7 @@ from fgs_common.wire import (
     GradientPath,
 )
 from fgs_worker.guidance import criteria
+from fgs_worker.guidance.precision import at_least_float32, compute_dtype
 
 StepCallback = Callable[[int, int], None]
 
@@ -67,15 +68,18 @@ def rescaled_criterion_gradient(
 
     As in the paper's released code, the gradient is rescaled to the norm of the latents, so omega is a step
     size relative to z_t whatever the criterion's scale. `criterion_of` maps z [B, ...] to C [B], differentiably.
+    The norms and the rescaling are computed in float32 at least (fgs_worker.guidance.precision); the result
+    comes back in the latents' dtype.
     """
     with torch.enable_grad():
         z = latents.detach().requires_grad_(True)
         # Samples are independent, so the gradient of the sum is each sample's own gradient.
         (grad,) = torch.autograd.grad(criterion_of(z).sum(), z)
+    grad, latents_wide = at_least_float32(grad), at_least_float32(latents)
     dims = tuple(range(1, grad.ndim))
-    grad_norm = torch.linalg.vector_norm(grad.float(), dim=dims, keepdim=True)
-    latent_norm = torch.linalg.vector_norm(latents.float(), dim=dims, keepdim=True)
-    return (grad.float() / (grad_norm + 1e-8) * latent_norm).to(latents.dtype)
+    grad_norm = torch.linalg.vector_norm(grad, dim=dims, keepdim=True)
+    latent_norm = torch.linalg.vector_norm(latents_wide, dim=dims, keepdim=True)
+    return (grad / (grad_norm + 1e-8) * latent_norm).to(latents.dtype)
 
 
 def dropped_embeddings(
@@ -262,16 +266,20 @@ class GuidedDDIMSampler:
     def decode_for_classifier(
         self, x0_latents: torch.Tensor, classifier: LoadedClassifier, resolution: FeedbackResolution
     ) -> torch.Tensor:
-        """VAE-decode predicted x0 latents to pixels in [0, 1] (differentiably) for the classifier."""
+        """VAE-decode predicted x0 latents to pixels in [0, 1] (differentiably) for the classifier.
+
+        The latents may come in float32 (Eq. 11 is computed in it); the decode runs in the VAE's dtype.
+        """
         vae = self.pipeline.vae
         if resolution is FeedbackResolution.classifier:
             # Decode straight at the classifier's size: the VAE decoder's cost scales with its output pixels.
             side = max(1, math.ceil(classifier.spec.input_size / self.vae_scale_factor))
             if x0_latents.shape[-2:] != (side, side):
                 x0_latents = F.interpolate(x0_latents, size=(side, side), mode="bilinear", align_corners=False)
-        decoded = vae.decode(x0_latents / vae.config.scaling_factor, return_dict=False)[0]
-        # No clamp: clamping would zero the gradient of every saturated pixel.
-        return decoded / 2 + 0.5
+        decoded = vae.decode((x0_latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        # No clamp: clamping would zero the gradient of every saturated pixel. Upcast: the stretch and the
+        # classifier's preprocessing (resize, normalisation) then run in float32, as the classifier does.
+        return at_least_float32(decoded) / 2 + 0.5
 
     def feedback_criterion(
         self,
@@ -291,7 +299,12 @@ class GuidedDDIMSampler:
         feedback_input: FeedbackInput = FeedbackInput.x0,
     ) -> torch.Tensor:
         """C(f_phi(D(x0_hat(z_t)))) per image, differentiable in z_t (section 2.1.2); with feedback_input
-        'released', C of the released code's blend of x0_hat and z_t, min-max stretched."""
+        'released', C of the released code's blend of x0_hat and z_t, min-max stretched.
+
+        eps_hat and x0_hat are computed in float32 at least whatever the model's dtype (`alpha_t` should be too):
+        in 16 bits they lose most of their digits early in sampling (fgs_worker.guidance.precision).
+        """
+        z_wide = at_least_float32(z)
         if gradient_path is GradientPath.unet:
             # Through the UNet, on the conditional branch, as the paper's released code does.
             model_input = scheduler.scale_model_input(z, t)
@@ -302,15 +315,15 @@ class GuidedDDIMSampler:
                 class_labels=cond_image_embeds,
                 return_dict=False,
             )[0]
-            eps_hat = self._predicted_noise(scheduler, output, z, alpha_t)
+            eps_hat = self._predicted_noise(scheduler, at_least_float32(output), z_wide, alpha_t)
         else:
             # eps_hat held constant: dx0_hat/dz_t = 1 / sqrt(alpha_t), no UNet backward.
-            eps_hat = self._predicted_noise(scheduler, guided_output, z, alpha_t).detach()
+            eps_hat = self._predicted_noise(scheduler, at_least_float32(guided_output), z_wide, alpha_t).detach()
         # Eq. 11, "predicted x0": x0_hat = (z_t - sqrt(1 - alpha_t) eps_hat) / sqrt(alpha_t)
-        x0_hat = (z - (1 - alpha_t).sqrt() * eps_hat) / alpha_t.sqrt()
+        x0_hat = (z_wide - (1 - alpha_t).sqrt() * eps_hat) / alpha_t.sqrt()
         if feedback_input is FeedbackInput.released:
             pixels = min_max_stretch(
-                self.decode_for_classifier(released_feedback_latents(x0_hat, z, alpha_t), classifier, resolution)
+                self.decode_for_classifier(released_feedback_latents(x0_hat, z_wide, alpha_t), classifier, resolution)
             )
         else:
             pixels = self.decode_for_classifier(x0_hat, classifier, resolution)
@@ -400,7 +413,8 @@ class GuidedDDIMSampler:
         for i, t in enumerate(scheduler.timesteps):
             model_output = self._noise_prediction(latents, t, scheduler, prompt_embeds, image_embeds, gamma)
             if feedback_on and i % guidance_every == 0:
-                alpha_t = alphas_cumprod[t].to(latents.dtype)
+                # Never in 16 bits: there 1 - alpha_t rounds to 0 near the end (fgs_worker.guidance.precision).
+                alpha_t = alphas_cumprod[t].to(compute_dtype(latents.dtype))
                 grad = self.feedback_gradient(
                     latents,
                     t=t,
