@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import platform
 import signal
 import tempfile
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -61,62 +62,20 @@ from fgs_lab.throughput import (
 )
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import MODEL_DTYPES, load_pipeline, model_dtype
-from fgs_worker.tiny_model import write_tokenizer
+from fgs_worker.tiny_model import sd21_unclip_ddim_scheduler, write_tokenizer
+
+ARCHITECTURE = Path(__file__).with_name("sd21_unclip_architecture.json")
 
 
 def full_size_unclip(workdir: Path, device: torch.device, dtype: torch.dtype) -> StableUnCLIPImg2ImgPipeline:
     """stabilityai/stable-diffusion-2-1-unclip's architecture (ViT-H image encoder) with random weights."""
     tokenizer = write_tokenizer(workdir / "tokenizer", max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=512,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-            projection_dim=1024,
-            hidden_act="gelu",
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=96,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        attention_head_dim=(5, 10, 20, 20),
-        cross_attention_dim=1024,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        use_linear_projection=True,
-        upcast_attention=True,
-        class_embed_type="projection",
-        projection_class_embeddings_input_dim=2048,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=768,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    architecture = json.loads(ARCHITECTURE.read_text())
+    special_tokens = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**architecture["text_encoder"], **special_tokens))
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**architecture["image_encoder"]))
+    unet = UNet2DConditionModel(**architecture["unet"])
+    vae = AutoencoderKL(**architecture["vae"])
     pipe = StableUnCLIPImg2ImgPipeline(
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
         image_encoder=image_encoder,
@@ -125,15 +84,7 @@ def full_size_unclip(workdir: Path, device: torch.device, dtype: torch.dtype) ->
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         unet=unet,
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-            prediction_type="v_prediction",
-        ),
+        scheduler=sd21_unclip_ddim_scheduler(),
         vae=vae,
     )
     # The same round trip as a user's copy: save, then load through fgs's loader, in the worker's dtype.

@@ -98,6 +98,21 @@ def write_tokenizer(
     return tokenizer
 
 
+def sd21_unclip_ddim_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
+    """The sampling scheduler of stabilityai/stable-diffusion-2-1-unclip (its scheduler/scheduler_config.json)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+    )
+
+
 def build_tiny_pipeline(workdir: Path, config: TinyConfig = TinyConfig(), seed: int = 0) -> StableUnCLIPImg2ImgPipeline:
     """A random-weight StableUnCLIPImg2ImgPipeline of `config` sizes (the tokenizer is written under `workdir`)."""
     tokenizer = write_tokenizer(workdir / "tokenizer", config.max_length)
@@ -150,17 +165,7 @@ def build_tiny_pipeline(workdir: Path, config: TinyConfig = TinyConfig(), seed: 
         use_linear_projection=True,
         norm_num_groups=8,
     )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=config.prediction_type,
-        timestep_spacing="leading",
-    )
+    scheduler = sd21_unclip_ddim_scheduler(config.prediction_type)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
