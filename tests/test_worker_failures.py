@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import uuid
 
 import pytest
@@ -22,6 +21,7 @@ from PIL import Image
 from fgs_common.job_records import Keys
 from fgs_common.settings import Settings
 from fgs_common.wire import JobPublic, JobState
+from support.worker_loop import run_next_job
 
 API_KEY = "key-failures-" + "f" * 24
 
@@ -49,17 +49,6 @@ def setup(redis_server, tiny_model_dir, tmp_path):
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         yield client, worker, settings
     worker.register_death()
-
-
-def run_next_job(worker, timeout_s: float = 60) -> None:
-    """Take the next job (a due retry included) and run it, as the worker's loop does once."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = worker.dequeue_job_and_maintain_ttl(timeout=1)
-        if result is not None:
-            worker.execute_job(*result)
-            return
-    raise AssertionError("no job came within the timeout")
 
 
 def submit(client, **fields) -> str:
