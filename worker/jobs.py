@@ -43,6 +43,7 @@ from fgs_common.classifier_sandbox import run_classifier_check
 from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob
 from fgs_common.job_records import now_ts
 from fgs_common.wire import ClassifierSpec, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
+from fgs_worker.cancel import queue_cancel_check
 from fgs_worker.runtime import WorkerRuntime, current_runtime
 from fgs_worker.watchdog import WatchedJob, step_deadline_s
 
@@ -145,7 +146,7 @@ class _StepReporter:
         with runtime.redis.pipeline(transaction=False) as pipe:
             for member in live:
                 runtime.records.queue_progress(pipe, member.job_id, member.owner, step=step, steps_total=steps_total)
-                pipe.exists(runtime.keys.cancel(member.job_id))
+                queue_cancel_check(pipe, runtime.keys.cancel(member.job_id))
             replies = pipe.execute()
         for member, written, canceled in zip(live, replies[0::2], replies[1::2], strict=True):
             if written != 1:
