@@ -110,34 +110,34 @@ def on_unet_call(worker, at: int, action):
 def test_a_job_in_a_shared_batch_has_its_pixels_alone_and_a_later_tenant_is_not_starved(setup):
     clients, worker, settings = setup
     alpha, beta = clients["alpha"], clients["beta"]
-    mine = dict(JOB, prompt="a photo of digit seven", class_index=7, num_images=2, seed=41, gamma=3.0, dropout_p=0.0)
+    mine = dict(JOB, prompt="a photo of digit seven", class_index=7, seed=41, gamma=3.0)
     (alone_id,) = submit_batch(beta, [mine])
-    run_next_job(worker)
+    run_next_job(worker)  # a lone job starts at once, at batch 1
     alone = job(beta, alone_id)
-    assert alone.state is JobState.finished and len(alone.results) == 2
+    assert alone.state is JobState.finished and len(alone.results) == 1
 
     # alpha queues 10 small jobs of other prompts, seeds and γ; then beta, later, the same job as before
     others = [dict(JOB, prompt=f"digit {k}", class_index=k % 10, seed=100 + k, gamma=1.5 + k) for k in range(10)]
     alpha_ids = submit_batch(alpha, others)
     (shared_id,) = submit_batch(beta, [mine])
-    run_next_job(worker)  # one job taken: alpha's first, filled to 8 images in turn (alpha, beta, alpha, ...)
+    run_next_job(worker)  # one job taken: alpha's first, filled to 8 images in turn (beta, alpha, alpha, ...)
 
     shared = job(beta, shared_id)
     assert shared.state is JobState.finished, shared  # beta's later job rode in alpha's first batch
     states = [job(alpha, i).state for i in alpha_ids]
-    assert states == [JobState.finished] * 6 + [JobState.queued] * 4, states  # 6 + beta's 2 = 8 images
+    assert states == [JobState.finished] * 7 + [JobState.queued] * 3, states  # 7 + beta's 1 = 8 images
     records = JobRecords(worker.runtime.redis, settings.redis_prefix)
-    ran = [records.raw(i) for i in [*alpha_ids[:6], shared_id]]
+    ran = [records.raw(i) for i in [*alpha_ids[:7], shared_id]]
     assert {r["worker"] for r in ran} == {"shared"}
     # one sampler call: every job had started before any finished
     assert max(float(r["started_at"]) for r in ran) < min(float(r["finished_at"]) for r in ran)
-    assert len({r["owner"] for r in ran}) == 7  # a token of its own each
+    assert len({r["owner"] for r in ran}) == 8  # a token of its own each
     for before, after in zip(alone.results, shared.results, strict=True):
         assert after.seed == before.seed
         # the same seeds give the same pixels (within a rounding of the float image, as for in-job batches)
         assert np.abs(pixels(beta, after.image_id) - pixels(beta, before.image_id)).max() <= 1
     assert worker.executions == {}  # every companion's RQ execution ended
-    for job_id in [*alpha_ids[:6], shared_id]:
+    for job_id in [*alpha_ids[:7], shared_id]:
         assert Job.fetch(job_id, connection=worker.connection, serializer=JSONSerializer).get_status() == "finished"
 
 

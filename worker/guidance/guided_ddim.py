@@ -228,8 +228,6 @@ class GuidedDDIMSampler:
                 f"conditioning_images must hold 0 (text only), 1 (shared) or {len(seeds)} (one per seed) images, "
                 f"got {len(conditioning_images)}"
             )
-        if len(conditioning_images) == 1 and conditioning_images[0] is None:
-            raise InvalidJob("a shared conditioning image cannot be None (give none for text only)")
         all_params = per_image(params, len(seeds), "params")
         if len({p.shared_batch_key() for p in all_params}) > 1:
             raise InvalidJob(
