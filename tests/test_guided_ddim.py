@@ -213,7 +213,7 @@ def test_criterion_gradient_matches_finite_differences_in_float64(
     prompt_embeds, _ = pipe.encode_prompt(
         prompt=[PROMPT], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
     )
-    image_embeds = sampler._image_embeddings(random_images(1), [0], 0.0, DropoutScaling.inverted, 0, generators)
+    image_embeds = sampler._image_embeddings(random_images(1), [0], [GenerationParams()], generators)
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     guided_output = torch.randn_like(z0)
     kwargs = dict(
