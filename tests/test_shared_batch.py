@@ -217,3 +217,18 @@ def test_a_companion_taken_over_by_another_worker_is_not_written_to(setup):
         done = job(alpha, job_id)
         assert done.state is JobState.finished and len(done.results) == 1, done
     assert count(worker, settings, "images_generated", tenant="alpha") == 2
+
+
+def test_the_claim_takes_one_job_per_tenant_in_turn_so_a_big_backlog_starves_no_one():
+    from fgs_worker.shared_batch import pick_round_robin
+
+    # after the leader's tenant: beta (one job, queued after alpha's 2,000), gamma (a 3-image job, then another
+    # batch key), then alpha itself (its backlog, as much as a claim looks at)
+    heads = [
+        [("b1", "k", 1)],
+        [("g1", "k", 3), ("g2", "other", 1), ("g3", "k", 1)],
+        [(f"a{i}", "k", 1) for i in range(7)],
+    ]
+    assert pick_round_robin(heads, "k", 7) == [(0, "b1"), (1, "g1"), (2, "a0"), (1, "g3"), (2, "a1")]
+    assert pick_round_robin(heads, "k", 1) == [(0, "b1")]
+    assert pick_round_robin(heads, "none", 7) == []
