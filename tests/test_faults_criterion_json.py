@@ -71,22 +71,25 @@ def test_a_nan_criterion_value_is_null_with_a_flag(redis_server, tiny_model_dir,
                 "omega": 0.01,
                 "classifier_id": uploaded.json()["id"],
             }
-            job_id = client.post("/v1/generate", json=body).json()["job_id"]
+            # two jobs queued together: the worker runs them as one shared batch (issue 15), each checked
+            batch = client.post("/v1/batches", json={"jobs": [body, dict(body, seed=5, omega=0.02)]})
+            assert batch.status_code == 202, batch.text
             result = worker.dequeue_job_and_maintain_ttl(timeout=1)
             worker.execute_job(*result)
 
-            stored = redis.Redis.from_url(redis_server, decode_responses=True).hget(
-                f"{settings.redis_prefix}:job:{job_id}", "results"
-            )
-            results = strict_json(stored)
-            answer = client.get(f"/v1/jobs/{job_id}")
-            job = strict_json(answer.text)
-            assert job["state"] == "finished", job
-            for entry in (results, job["results"]):
-                assert len(entry) == 2
-                assert all(r["criterion_value"] is None and r["criterion_not_finite"] is True for r in entry)
-            png = client.get(f"/v1/images/{results[0]['image_id']}").content
-            metadata = strict_json(Image.open(io.BytesIO(png)).text["fgs"])
-            assert metadata["criterion_value"] is None and metadata["criterion_not_finite"] is True
+            for job_id in batch.json()["job_ids"]:
+                stored = redis.Redis.from_url(redis_server, decode_responses=True).hget(
+                    f"{settings.redis_prefix}:job:{job_id}", "results"
+                )
+                results = strict_json(stored)
+                answer = client.get(f"/v1/jobs/{job_id}")
+                job = strict_json(answer.text)
+                assert job["state"] == "finished", job
+                for entry in (results, job["results"]):
+                    assert len(entry) == 2
+                    assert all(r["criterion_value"] is None and r["criterion_not_finite"] is True for r in entry)
+                png = client.get(f"/v1/images/{results[0]['image_id']}").content
+                metadata = strict_json(Image.open(io.BytesIO(png)).text["fgs"])
+                assert metadata["criterion_value"] is None and metadata["criterion_not_finite"] is True
     finally:
         worker.register_death()
