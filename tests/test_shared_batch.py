@@ -10,7 +10,6 @@ the real cancel route, or take a job over as another worker's claim does.
 from __future__ import annotations
 
 import io
-import uuid
 
 import numpy as np
 import pytest
@@ -20,11 +19,10 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from fgs_common.job_records import JobRecords
-from fgs_common.settings import Settings
 from fgs_common.telemetry import counter_field, counter_key
 from fgs_common.wire import JobPublic, JobState
 from support.stack import TENANT_KEYS, keys_document
-from support.worker_loop import run_next_job
+from support.worker_loop import in_process_settings, run_next_job, start_worker
 
 # Small and quick: 32 px images, 4 steps; a step of 8 images takes well under a second here.
 JOB = {"prompt": "a handwritten digit", "class_index": 1, "num_images": 1, "steps": 4, "guidance_every": 2}
@@ -34,25 +32,10 @@ JOB = {"prompt": "a handwritten digit", "class_index": 1, "num_images": 1, "step
 def setup(redis_server, tiny_model_dir, tmp_path):
     """(API clients by tenant, in-process worker, settings) on a prefix of this test's own."""
     from fgs_service.app import create_app
-    from fgs_worker.main import FgsWorker
-    from fgs_worker.runtime import WorkerRuntime
 
-    settings = Settings(
-        redis_url=redis_server,
-        redis_prefix=f"fgs-test-shared-{uuid.uuid4().hex[:8]}",
-        model=str(tiny_model_dir),
-        device="cpu",
-        data_dir=tmp_path,
-        api_keys=keys_document(),
-        api_keys_file=None,
-        dev_api_key=None,
-        job_retries=2,
-        retry_backoff_s=[1],
-        classifier_check=False,
-        max_batch_images=8,
-    )
-    worker = FgsWorker(WorkerRuntime.load(settings, name="shared"))
-    worker.register_birth()
+    tenants = dict(api_keys=keys_document(), api_keys_file=None, dev_api_key=None)
+    settings = in_process_settings(redis_server, tiny_model_dir, tmp_path, "shared", max_batch_images=8, **tenants)
+    worker = start_worker(settings, "shared")
     with TestClient(create_app(settings)) as client:
         yield {tenant: AsTenant(client, key) for tenant, key in TENANT_KEYS.items()}, worker, settings
     worker.register_death()

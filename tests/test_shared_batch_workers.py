@@ -1,12 +1,11 @@
 """Cross-job batching (issue 15) across worker processes: two workers claiming from the same queues never run a job
-twice, and a worker killed in the middle of a shared batch leaves none of its jobs `running`.
+twice (a worker killed in the middle of a shared batch: tests/test_faults_reconciler.py).
 
-Real processes: uvicorn, worker subprocesses, a private redis-server, SIGKILL.
+Real processes: uvicorn, worker subprocesses, a private redis-server.
 """
 
 from __future__ import annotations
 
-import signal
 import time
 
 import redis
@@ -14,8 +13,6 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from fgs_common.telemetry import counter_field, counter_key, histogram_key
-from support.live_calls import JobState, wait_for
-from support.stack import start_stack
 
 TINY = {"prompt": "a digit", "class_index": 1, "num_images": 1, "steps": 1, "guidance_every": 1}
 
@@ -75,29 +72,3 @@ def test_two_workers_claiming_200_small_jobs_run_each_once(live_stack):
         assert rq_job.get_status() == "finished" and len(rq_job.results()) == 1, job_id
     assert len(workers) == 2  # both workers claimed
     assert done["calls"] < 200 / 2, f"{done['calls']} sampler calls for 200 one-image jobs: few were shared"
-
-
-def test_a_worker_killed_mid_shared_batch_leaves_every_job_to_the_reconciler(redis_server, tiny_model_dir, tmp_path):
-    env = {"FGS_ABANDONED_AFTER_S": "3", "FGS_JOB_RETRIES": "0"}
-    stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=1, extra_env=env)
-    records = redis.Redis.from_url(stack.redis_url, decode_responses=True)
-    try:
-        with stack.client("alpha") as client:
-            jobs = [dict(TINY, seed=k, steps=300, guidance_every=5) for k in range(3)]
-            response = client.post("/v1/batches", json={"jobs": jobs})
-            assert response.status_code == 202, response.text
-            batch_id, job_ids = response.json()["batch_id"], response.json()["job_ids"]
-            for job_id in job_ids:  # one shared batch: all three running at once, on the one worker
-                wait_for(client, job_id, lambda j: j.state is JobState.running and j.progress.step >= 2, timeout=120)
-            victim = stack.workers[0]
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(timeout=30)
-            stack.spawn_worker()  # its maintenance sweeps the abandoned executions, then reconciles
-
-            wait_batches(client, [batch_id], "failed", 3, timeout=90)
-            for job_id in job_ids:
-                record = records.hgetall(f"{stack.prefix}:job:{job_id}")
-                assert record["state"] == "failed" and '"worker_failed"' in record["error"], record
-            assert int(records.get(f"{stack.prefix}:tenant:alpha:queued_images") or 0) == 0
-    finally:
-        stack.close()

@@ -14,3 +14,33 @@ def run_next_job(worker, timeout_s: float = 60) -> None:
             worker.execute_job(*result)
             return
     raise AssertionError("no job came within the timeout")
+
+
+def in_process_settings(redis_url: str, model_dir, data_dir, name: str, **overrides):
+    """Settings for an API and a worker in the test process: the tiny model on CPU, a Redis prefix of their own,
+    no classifier-check subprocess, quick retries; `overrides` win."""
+    import uuid
+
+    from fgs_common.settings import Settings
+
+    values = dict(
+        redis_url=redis_url,
+        redis_prefix=f"fgs-test-{name}-{uuid.uuid4().hex[:8]}",
+        model=str(model_dir),
+        device="cpu",
+        data_dir=data_dir,
+        job_retries=2,
+        retry_backoff_s=[1],
+        classifier_check=False,
+    )
+    return Settings(**(values | overrides))
+
+
+def start_worker(settings, name: str):
+    """A real FgsWorker (model loaded, watchdog running) registered with RQ, driven by `run_next_job`."""
+    from fgs_worker.main import FgsWorker
+    from fgs_worker.runtime import WorkerRuntime
+
+    worker = FgsWorker(WorkerRuntime.load(settings, name=name))
+    worker.register_birth()
+    return worker
