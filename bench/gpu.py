@@ -182,10 +182,37 @@ def cross_job_batching_variants(
     """Variants that time B one-image jobs sampled together by the worker's cross-job batching (issue 15, item 1),
     by name (each starting 'cross-job batching'), each f(B) like the table's other variants.
 
-    Empty while that engine is not in this tree: its measurement goes here (B jobs of one image, each with its own
-    seed and conditioning, claimed into one batch), and it becomes rows beside the in-job batch of B.
+    The call is the one fgs_worker.jobs makes for a shared batch (fgs_worker.shared_batch): every image with its
+    own prompt, class, seed, conditioning image (a distinct upload each, encoded once each), γ and ω.
     """
-    return {}
+
+    def jobs(batch: int, criterion: str, job_omega: float):
+        params = [
+            GenerationParams(
+                criterion=criterion,
+                omega=job_omega * (1 + i % 2),
+                gamma=3.0 + i % 2,
+                steps=steps,
+                guidance_every=5,
+                width=side,
+                height=side,
+                feedback_input="x0",
+            )
+            for i in range(batch)
+        ]
+        return sampler(
+            prompt=[f"{PROMPT} {i}" for i in range(batch)],
+            class_index=[i % classifier.num_classes for i in range(batch)],
+            conditioning_images=[conditioning_image() for _ in range(batch)],
+            seeds=list(range(batch)),
+            params=params,
+            classifier=classifier if criterion != "none" else None,
+        )
+
+    return {
+        "cross-job batching unguided": lambda b: jobs(b, "none", 0.0),
+        "cross-job batching entropy unet/full": lambda b: jobs(b, "entropy", omega),
+    }
 
 
 def switch_rows(

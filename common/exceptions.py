@@ -3,7 +3,8 @@
 The worker decides what to do with a job by the type of the error alone:
 - `InvalidJob` and its subclasses: the job can never succeed on any worker (bad arguments, a classifier that
   does not fit, an artifact that is gone for good). The job fails at once with the message; no retry.
-- `JobCanceled`: the tenant canceled it; raised only between denoising steps.
+- a canceled job, or one this worker lost to another (fgs_common.job_records' fencing), is no error: the step
+  callback drops its images from the batch at the next step boundary (fgs_worker.jobs), nothing is raised.
 - anything else (a ValueError from inside torch, a file briefly missing on a shared volume, a Redis blip) is
   retried with backoff, up to FGS_JOB_RETRIES times.
 """
@@ -36,20 +37,6 @@ class ArtifactGone(InvalidJob):
     """A conditioning image or classifier the job names is no longer in the artifact store."""
 
     code = "artifact_gone"
-
-
-class JobCanceled(BaseException):
-    """The job was canceled through the API; raised only between denoising steps.
-
-    A BaseException so that no `except Exception` on the way up can swallow it.
-    """
-
-
-class JobLost(BaseException):
-    """This worker no longer owns the job: another worker took it over (this one was paused or cut off past
-    the abandon time), or it was ended from outside. Raised at the first refused write; the worker drops
-    the job without touching its record. A BaseException, like JobCanceled, so nothing can swallow it.
-    """
 
 
 class EnqueueInProgress(Exception):

@@ -9,6 +9,7 @@ The client is duck-typed: this module imports neither redis nor torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import UTC, datetime
@@ -137,6 +138,7 @@ class JobRecords:
         }
         if batch_id:
             fields["batch_id"] = batch_id
+        fields["batch_key"] = shared_batch_key(request, tenant)
         pipe.hset(self.keys.job(job_id), mapping=fields)
         pipe.expire(self.keys.job(job_id), self.record_ttl_s)
         # exclude_defaults keeps big plans small (bench/api.py measures bytes per queued image)
@@ -177,6 +179,11 @@ class JobRecords:
         """Write progress fields of a running job owned by `owner`; False (nothing written) if it lost the job."""
         return self._progress(keys=[self.keys.job(job_id)], args=[owner, *_pairs(fields)]) == 1
 
+    def queue_progress(self, pipe: Any, job_id: str, owner: str, **fields: Any) -> None:
+        """`set_progress` appended to `pipe` (one round trip for the jobs of a shared batch); its reply is 1 when
+        written, 0 when the job was lost."""
+        self._progress(keys=[self.keys.job(job_id)], args=[owner, *_pairs(fields)], client=pipe)
+
     # ---- reads ----
     def raw(self, job_id: str) -> dict[str, str]:
         """The record's fields plus 'request' (the GenerateRequest JSON); {} when there is no such job."""
@@ -190,6 +197,19 @@ class JobRecords:
 
     def tenant_of(self, job_id: str) -> str | None:
         return self.redis.hget(self.keys.job(job_id), "tenant")
+
+    def summaries(self, job_ids: list[str], *fields: str) -> dict[str, list[str | None]]:
+        """`fields` of each job's record, in one round trip (None where a field or the record is missing)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.keys.job(job_id), *fields)
+            return dict(zip(job_ids, pipe.execute(), strict=True))
+
+
+def shared_batch_key(request: GenerateRequest, tenant: str) -> str:
+    """A short digest of `request.shared_batch_key`: jobs of equal digests may share one sampler call
+    (fgs_worker.shared_batch). 16 hex digits keep the record's hash compact (under 64 bytes a value)."""
+    return hashlib.sha256(repr(request.shared_batch_key(tenant)).encode()).hexdigest()[:16]
 
 
 def _ts(value: str | None) -> datetime | None:

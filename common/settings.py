@@ -46,7 +46,15 @@ class Settings(BaseSettings):
     max_queued_images_per_tenant: int = 2_000_000
     job_timeout_s: int = 3600
     job_retries: int = 2
-    max_batch_images: int = 8
+    max_batch_images: int = Field(default=8, ge=1)
+    """most images in one sampler call, of one job or of several (FGS_BATCH_ACROSS_JOBS). Our measurement
+    (bench/RESULTS.md, bench/sampler.py, 27 Nov): on 2 CPU cores unguided throughput at B = 8 is 2.7x that at B = 1
+    and only 6% above B = 4, so 8 takes nearly all the gain while a step's memory and deadline
+    (FGS_STEP_DEADLINE_*) stay small; a GPU gains from more (bench/gpu.py)"""
+    batch_across_jobs: bool = True
+    """a worker taking a job of fewer than FGS_MAX_BATCH_IMAGES images also claims queued jobs that can share its
+    sampler call (fgs_worker.shared_batch); off: one job per call, as before issue 15. On by default: our
+    bench/batching.py measures the gain (bench/RESULTS.md), tests/test_shared_batch*.py the faults"""
     classifier_cache_size: int = 8
     heartbeat_s: float = 5.0
     abandoned_after_s: int = Field(default=120, ge=3)

@@ -160,6 +160,29 @@ class GenerationParams(BaseModel):
         """The generation parameters alone (a subclass such as GenerateRequest carries more)."""
         return GenerationParams.model_validate(self.model_dump(include=set(GenerationParams.model_fields)))
 
+    def shared_batch_key(self) -> tuple:
+        """What must be equal for two images to share one sampler call (fgs_worker.guidance.guided_ddim).
+
+        One denoising loop runs one scheduler (steps), at one latent size, with feedback on the same steps, one
+        gradient path, one feedback input and decode size, one criterion and one noise level for the whole batch;
+        classifier-free guidance and the feedback either run for every image or for none (γ = 1 and ω = 0 skip a
+        UNet pass). Everything else (prompt, class, conditioning image, seed, the value of ω and γ, p and its
+        scaling) is per image.
+        """
+        return (
+            self.steps,
+            self.guidance_every,
+            self.width,
+            self.height,
+            self.noise_level,
+            self.criterion.value,
+            self.gradient_path.value,
+            self.feedback_resolution.value,
+            self.feedback_input.value,
+            self.gamma != 1.0,
+            self.criterion is not Criterion.none and self.omega != 0,
+        )
+
 
 # What an image is of: a request's prompt and class, also shown beside each image of the gallery.
 Prompt = Annotated[str, Field(min_length=1, max_length=1000, description="text prompt, usually the class name")]
@@ -204,6 +227,12 @@ class GenerateRequest(GenerationParams):
     def seeds(self) -> list[int]:
         """One seed per image: image i of a job uses seed + i, so a job is reproducible image by image."""
         return [self.seed + i for i in range(self.num_images)]
+
+    def shared_batch_key(self, tenant: str = "") -> tuple:
+        """GenerationParams' key plus the classifier: jobs share a batch only under one classifier, and a
+        classifier id names an upload of one tenant."""
+        classifier = (tenant, self.classifier_id) if self.classifier_id else None
+        return (*super().shared_batch_key(), classifier)
 
 
 class ModelInfo(BaseModel):

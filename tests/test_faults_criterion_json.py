@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 
 import pytest
 import redis
@@ -17,8 +16,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from fgs_common.settings import Settings
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
+from support.worker_loop import in_process_settings, start_worker
 
 API_KEY = "key-nan-" + "n" * 24
 
@@ -35,24 +34,12 @@ def strict_json(text: str):
 
 def test_a_nan_criterion_value_is_null_with_a_flag(redis_server, tiny_model_dir, tmp_path):
     from fgs_service.app import create_app
-    from fgs_worker.main import FgsWorker
-    from fgs_worker.runtime import WorkerRuntime
 
-    settings = Settings(
-        redis_url=redis_server,
-        redis_prefix=f"fgs-test-nan-{uuid.uuid4().hex[:8]}",
-        model=str(tiny_model_dir),
-        device="cpu",
-        data_dir=tmp_path,
-        dev_api_key=API_KEY,
-        job_retries=0,
-        classifier_check=False,
-    )
+    settings = in_process_settings(redis_server, tiny_model_dir, tmp_path, "nan", dev_api_key=API_KEY, job_retries=0)
     archive = tmp_path / "nan.pt"
     torch.jit.script(NaNLogits()).save(str(archive))
     spec = ClassifierSpec(num_classes=10, input_size=32, output=ClassifierOutput.logits)
-    worker = FgsWorker(WorkerRuntime.load(settings, name="nan"))
-    worker.register_birth()
+    worker = start_worker(settings, "nan")
     try:
         with TestClient(create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
             uploaded = client.post(
@@ -71,22 +58,25 @@ def test_a_nan_criterion_value_is_null_with_a_flag(redis_server, tiny_model_dir,
                 "omega": 0.01,
                 "classifier_id": uploaded.json()["id"],
             }
-            job_id = client.post("/v1/generate", json=body).json()["job_id"]
+            # two jobs queued together: the worker runs them as one shared batch (issue 15), each checked
+            batch = client.post("/v1/batches", json={"jobs": [body, dict(body, seed=5, omega=0.02)]})
+            assert batch.status_code == 202, batch.text
             result = worker.dequeue_job_and_maintain_ttl(timeout=1)
             worker.execute_job(*result)
 
-            stored = redis.Redis.from_url(redis_server, decode_responses=True).hget(
-                f"{settings.redis_prefix}:job:{job_id}", "results"
-            )
-            results = strict_json(stored)
-            answer = client.get(f"/v1/jobs/{job_id}")
-            job = strict_json(answer.text)
-            assert job["state"] == "finished", job
-            for entry in (results, job["results"]):
-                assert len(entry) == 2
-                assert all(r["criterion_value"] is None and r["criterion_not_finite"] is True for r in entry)
-            png = client.get(f"/v1/images/{results[0]['image_id']}").content
-            metadata = strict_json(Image.open(io.BytesIO(png)).text["fgs"])
-            assert metadata["criterion_value"] is None and metadata["criterion_not_finite"] is True
+            for job_id in batch.json()["job_ids"]:
+                stored = redis.Redis.from_url(redis_server, decode_responses=True).hget(
+                    f"{settings.redis_prefix}:job:{job_id}", "results"
+                )
+                results = strict_json(stored)
+                answer = client.get(f"/v1/jobs/{job_id}")
+                job = strict_json(answer.text)
+                assert job["state"] == "finished", job
+                for entry in (results, job["results"]):
+                    assert len(entry) == 2
+                    assert all(r["criterion_value"] is None and r["criterion_not_finite"] is True for r in entry)
+                png = client.get(f"/v1/images/{results[0]['image_id']}").content
+                metadata = strict_json(Image.open(io.BytesIO(png)).text["fgs"])
+                assert metadata["criterion_value"] is None and metadata["criterion_not_finite"] is True
     finally:
         worker.register_death()

@@ -1,6 +1,7 @@
 """Stale state (issue 10, defect 6): a job RQ gives up on (its worker killed, no retries left) is moved to `failed`
 in its record, the batch view, the counters and the tenant's cap by the workers' periodic reconciler, without
-anyone asking for that job. Real processes: uvicorn, two workers, a private redis-server, SIGKILL.
+anyone asking for that job; so is every job of a shared batch (issue 15). Real processes: uvicorn, workers, a
+private redis-server, SIGKILL.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from support.live_calls import JobState, wait_for
 from support.stack import start_stack
 
 
-def test_a_job_rq_gave_up_on_is_failed_in_the_batch_view_and_the_counters(redis_server, tiny_model_dir, tmp_path):
+def stack_that_gives_up_fast(redis_server, tiny_model_dir, tmp_path, workers: int):
+    """A stack whose jobs are abandoned after 3 s without heartbeats and never retried."""
     env = {"FGS_ABANDONED_AFTER_S": "3", "FGS_JOB_RETRIES": "0"}
-    stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=2, extra_env=env)
+    return start_stack(redis_server, tiny_model_dir, tmp_path, workers=workers, extra_env=env)
+
+
+def test_a_job_rq_gave_up_on_is_failed_in_the_batch_view_and_the_counters(redis_server, tiny_model_dir, tmp_path):
+    stack = stack_that_gives_up_fast(redis_server, tiny_model_dir, tmp_path, workers=2)
     records = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     try:
         with stack.client("alpha") as client:
@@ -53,8 +59,7 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_put_back_and_ru
 
     from fgs_worker.main import _TAKE_JOB
 
-    env = {"FGS_ABANDONED_AFTER_S": "3", "FGS_JOB_RETRIES": "0"}
-    stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=0, extra_env=env)
+    stack = stack_that_gives_up_fast(redis_server, tiny_model_dir, tmp_path, workers=0)
     rq_redis = redis.Redis.from_url(stack.redis_url)
     try:
         with stack.client("alpha") as client:
@@ -68,5 +73,34 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_put_back_and_ru
             done = wait_for(client, job_id, lambda j: j.state.is_terminal, timeout=90)
             assert done.state is JobState.finished, done.error
             assert rq_redis.llen(queue.intermediate_queue_key) == 0
+    finally:
+        stack.close()
+
+
+def test_a_worker_killed_mid_shared_batch_leaves_every_job_to_the_reconciler(redis_server, tiny_model_dir, tmp_path):
+    """Cross-job batching (issue 15): each companion of the killed worker's shared batch is recovered too."""
+    stack = stack_that_gives_up_fast(redis_server, tiny_model_dir, tmp_path, workers=1)
+    records = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        with stack.client("alpha") as client:
+            jobs = [dict(prompt="a digit", class_index=1, seed=k, steps=300, guidance_every=5) for k in range(3)]
+            response = client.post("/v1/batches", json={"jobs": jobs})
+            assert response.status_code == 202, response.text
+            batch_id, job_ids = response.json()["batch_id"], response.json()["job_ids"]
+            for job_id in job_ids:  # one shared batch: all three running at once, on the one worker
+                wait_for(client, job_id, lambda j: j.state is JobState.running and j.progress.step >= 2, timeout=120)
+            victim = stack.workers[0]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            stack.spawn_worker()  # its maintenance sweeps the abandoned executions, then reconciles
+
+            deadline = time.time() + 90
+            while client.get(f"/v1/batches/{batch_id}").json()["counts"]["failed"] != 3:
+                assert time.time() < deadline, client.get(f"/v1/batches/{batch_id}").json()
+                time.sleep(0.3)
+            for job_id in job_ids:
+                record = records.hgetall(f"{stack.prefix}:job:{job_id}")
+                assert record["state"] == "failed" and '"worker_failed"' in record["error"], record
+            assert int(records.get(f"{stack.prefix}:tenant:alpha:queued_images") or 0) == 0
     finally:
         stack.close()

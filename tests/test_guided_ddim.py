@@ -213,7 +213,7 @@ def test_criterion_gradient_matches_finite_differences_in_float64(
     prompt_embeds, _ = pipe.encode_prompt(
         prompt=[PROMPT], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
     )
-    image_embeds = sampler._image_embeddings(random_images(1), [0], 0.0, DropoutScaling.inverted, 0, generators)
+    image_embeds = sampler._image_embeddings(random_images(1), [0], [GenerationParams()], generators)
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     guided_output = torch.randn_like(z0)
     kwargs = dict(
@@ -407,3 +407,58 @@ def test_released_feedback_input_and_zero_scaling_change_the_sampled_images(samp
     inverted = run(sampler, dropout_p=0.5, dropout_scaling="inverted", **common).pixels
     zeroed = run(sampler, dropout_p=0.5, dropout_scaling="zero", **common).pixels
     assert (inverted - zeroed).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("path", list(GradientPath))
+def test_images_of_several_jobs_in_one_call_equal_each_job_alone(sampler, classifier, path):
+    """The worker's shared batch (fgs_worker.shared_batch): per-image prompt, class, conditioning, seed, ω, γ and
+    p in one call give each job's images as the job alone; a job dropped between steps leaves the others."""
+    shared = dict(criterion="entropy", gradient_path=path, steps=6, guidance_every=2)
+    images = random_images(3, seed=4)
+    jobs = [  # (prompt, class, conditioning images, seeds, per-job parameters)
+        ("a handwritten digit seven", 7, images[:1], [5], dict(omega=0.2, gamma=3.0, dropout_p=0.3)),
+        ("a handwritten digit two", 2, [], [8, 9], dict(omega=0.5, gamma=2.0)),
+        (
+            "a photo of digit one",
+            1,
+            images[1:],
+            [3, 4],
+            dict(omega=0.1, gamma=4.0, dropout_p=0.5, dropout_scaling="zero"),
+        ),
+    ]
+    alone = [
+        sampler(
+            prompt=prompt,
+            class_index=label,
+            conditioning_images=conditioning,
+            seeds=seeds,
+            params=GenerationParams(**shared, **own),
+            classifier=classifier,
+        )
+        for prompt, label, conditioning, seeds, own in jobs
+    ]
+    rows = [(job, i) for job, (*_, seeds, _) in enumerate(jobs) for i in range(len(seeds))]
+
+    def row_image(job: int, i: int):
+        conditioning = jobs[job][2]
+        return conditioning[i] if len(conditioning) > 1 else (conditioning[0] if conditioning else None)
+
+    dropped = {row for row, (job, _) in enumerate(rows) if job == 1}
+    together = sampler(
+        prompt=[jobs[job][0] for job, _ in rows],
+        class_index=[jobs[job][1] for job, _ in rows],
+        conditioning_images=[row_image(job, i) for job, i in rows],
+        seeds=[jobs[job][3][i] for job, i in rows],
+        params=[GenerationParams(**shared, **jobs[job][4]) for job, _ in rows],
+        classifier=classifier,
+        on_step=lambda step, total: None if step < 3 else set(range(len(rows))) - dropped,
+    )
+    assert together.rows == [row for row in range(len(rows)) if row not in dropped]
+    for position, row in enumerate(together.rows):
+        job, i = rows[row]
+        # As in-job batching: the batch size changes the CPU kernels' summation order, not the image; the 8-bit
+        # image equals the job's own but for a pixel that lies within ~1e-6 of a rounding boundary.
+        assert (together.pixels[position] - alone[job].pixels[i]).abs().max().item() <= 1e-4, (job, i)
+        assert together.criterion_values[position] == pytest.approx(alone[job].criterion_values[i], abs=1e-4)
+        eight_bit = np.asarray(together.images[position]).astype(int) - np.asarray(alone[job].images[i])
+        assert np.abs(eight_bit).max() <= 1, (job, i)

@@ -19,7 +19,7 @@ from fgs_classifier.registry import LoadedClassifier, load_classifier
 from fgs_classifier.small_cnn import random_small_cnn
 from fgs_common.settings import Settings
 from fgs_common.wire import Criterion, FeedbackInput, FeedbackResolution, GenerationParams, GradientPath
-from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
+from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler, _Rows
 from fgs_worker.model_loading import TINY_MODEL, load_pipeline, model_dtype
 from fgs_worker.runtime import WorkerRuntime
 
@@ -126,11 +126,8 @@ class LoopInputs:
         self.cond_prompt, negative = pipe.encode_prompt(
             prompt=[PROMPT] * batch, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
         )
-        self.cond_image = sampler._image_embeddings(
-            [conditioning_image()], SEEDS, params.dropout_p, params.dropout_scaling, params.noise_level, generators
-        )
-        self.cfg_prompt = torch.cat([negative, self.cond_prompt])
-        self.cfg_image = torch.cat([torch.zeros_like(self.cond_image), self.cond_image])
+        self.cond_image = sampler._image_embeddings([conditioning_image()], SEEDS, [params] * batch, generators)
+        self.negative_prompt = negative
         self.scheduler = sampler.new_scheduler(params.steps)
         self.sampler, self.params = sampler, params
 
@@ -138,7 +135,18 @@ class LoopInputs:
         """The guided UNet output (Eq. 12) at `latents` (float32, cast to the sampler's dtype here)."""
         sampler = self.sampler
         latents = latents.to(sampler.dtype)
-        return sampler._noise_prediction(latents, t, self.scheduler, self.cfg_prompt, self.cfg_image, self.params.gamma)
+        per_image = torch.full((len(SEEDS), 1, 1, 1), self.params.gamma, dtype=sampler.dtype)
+        state = _Rows(
+            rows=list(range(len(SEEDS))),
+            latents=latents,
+            cond_prompt=self.cond_prompt,
+            uncond_prompt=self.negative_prompt,
+            cond_image=self.cond_image,
+            labels=torch.full((len(SEEDS),), CLASS_INDEX),
+            gammas=per_image,
+            omegas=torch.zeros_like(per_image),
+        )
+        return sampler._noise_prediction(state, t, self.scheduler)
 
     def gradient(self, latents: torch.Tensor, t: torch.Tensor, classifier: LoadedClassifier) -> torch.Tensor:
         """The rescaled feedback gradient (Eq. 1's term) at `latents`, as float32."""

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
-import uuid
 
 import pytest
 import redis
@@ -20,8 +18,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fgs_common.job_records import Keys
-from fgs_common.settings import Settings
 from fgs_common.wire import JobPublic, JobState
+from support.worker_loop import in_process_settings, run_next_job, start_worker
 
 API_KEY = "key-failures-" + "f" * 24
 
@@ -30,36 +28,12 @@ API_KEY = "key-failures-" + "f" * 24
 def setup(redis_server, tiny_model_dir, tmp_path):
     """(API client, in-process worker, settings) on a prefix of this test's own."""
     from fgs_service.app import create_app
-    from fgs_worker.main import FgsWorker
-    from fgs_worker.runtime import WorkerRuntime
 
-    settings = Settings(
-        redis_url=redis_server,
-        redis_prefix=f"fgs-test-failures-{uuid.uuid4().hex[:8]}",
-        model=str(tiny_model_dir),
-        device="cpu",
-        data_dir=tmp_path,
-        dev_api_key=API_KEY,
-        job_retries=2,
-        retry_backoff_s=[1],
-        classifier_check=False,
-    )
-    worker = FgsWorker(WorkerRuntime.load(settings, name="failures"))
-    worker.register_birth()
+    settings = in_process_settings(redis_server, tiny_model_dir, tmp_path, "failures", dev_api_key=API_KEY)
+    worker = start_worker(settings, "failures")
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         yield client, worker, settings
     worker.register_death()
-
-
-def run_next_job(worker, timeout_s: float = 60) -> None:
-    """Take the next job (a due retry included) and run it, as the worker's loop does once."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = worker.dequeue_job_and_maintain_ttl(timeout=1)
-        if result is not None:
-            worker.execute_job(*result)
-            return
-    raise AssertionError("no job came within the timeout")
 
 
 def submit(client, **fields) -> str:

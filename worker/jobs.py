@@ -1,15 +1,23 @@
-"""The enqueued function: run one generate job and write its images to the artifact store.
+"""The enqueued function: run one generate job, with the queued jobs that can share its batch, and write their
+images to the artifact store.
 
     run_generate_job(job_id)
       1. claim the job (queued -> running, atomically; a canceled job is never run)
-      2. load conditioning images and the classifier (resident LRU; a first load is checked in the sandbox first)
-      3. sample in chunks of at most FGS_MAX_BATCH_IMAGES, writing each chunk's PNGs before reporting progress
-      4. mark it finished (or canceled / failed) in one step
+      2. claim companions: queued jobs whose images can share the sampler call, up to FGS_MAX_BATCH_IMAGES images
+         (fgs_worker.shared_batch), each with an owner token of its own
+      3. per job, load conditioning images and the classifier (resident LRU; a first load is checked in the
+         sandbox first) and check its inputs: a job that cannot run fails alone
+      4. sample in chunks of at most FGS_MAX_BATCH_IMAGES, writing each chunk's PNGs before reporting progress;
+         between steps each job's progress, fence and cancel flag are checked, and a canceled or lost job's
+         images leave the batch while the others go on
+      5. mark each job finished (or canceled / failed) in one step, fenced by its own token
 
 Failures are told apart by type (fgs_common.exceptions): an InvalidJob (bad arguments that only the model can
 see, a classifier that does not fit, an artifact gone for good) fails the job at once with its message;
 anything else, a ValueError from inside torch included, is raised to RQ, which retries it with backoff
-(FGS_JOB_RETRIES, FGS_RETRY_BACKOFF_S) and finally files the job in its failed-job registry.
+(FGS_JOB_RETRIES, FGS_RETRY_BACKOFF_S) and finally files the job in its failed-job registry. A failure of a
+shared batch's sampler call does that for every job in it, each with its own retries (the companions through
+`runtime.companions.finish`, which hands them to RQ after the worker's own job).
 """
 
 from __future__ import annotations
@@ -17,10 +25,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -29,12 +40,12 @@ from rq import get_current_job
 from fgs_classifier.registry import LoadedClassifier, load_classifier
 from fgs_common import telemetry
 from fgs_common.classifier_sandbox import run_classifier_check
-from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob, JobCanceled, JobLost
+from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob
 from fgs_common.job_records import now_ts
-from fgs_common.wire import ClassifierSpec, ErrorBody, GenerateRequest, ImageResult, JobState
-from fgs_worker.cancel import cancel_requested
+from fgs_common.wire import ClassifierSpec, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
+from fgs_worker.cancel import queue_cancel_check
 from fgs_worker.runtime import WorkerRuntime, current_runtime
-from fgs_worker.watchdog import step_deadline_s
+from fgs_worker.watchdog import WatchedJob, step_deadline_s
 
 PNG_METADATA_KEY = "fgs"
 
@@ -52,23 +63,100 @@ def _error(code: str, message: str) -> str:
     return ErrorBody(code=code, message=message[:4000]).model_dump_json()
 
 
+@dataclass(eq=False)  # compared and hashed by identity: one object per job of the batch
+class _Member:
+    """One job of the batch this worker runs: the fence of its record and what its images need."""
+
+    job_id: str
+    owner: str
+    tenant: str
+    request: GenerateRequest
+    params: GenerationParams
+    created_at: float
+    retries_left: int  # RQ's, for this job alone
+    conditioning: list[Image.Image] = field(default_factory=list)
+    classifier: LoadedClassifier | None = None
+    results: list[ImageResult] = field(default_factory=list)
+    outcome: dict | None = None  # how it left the batch (finished, canceled, failed, lost); None while it runs
+
+    def conditioning_image(self, i: int) -> Image.Image | None:
+        """Image i's conditioning image: none (text only), the job's one, or its i-th."""
+        if not self.conditioning:
+            return None
+        return self.conditioning[i] if len(self.conditioning) > 1 else self.conditioning[0]
+
+
+def _end(runtime: WorkerRuntime, member: _Member, state: JobState, outcome: dict | None, **fields: Any) -> None:
+    """Move the member's record to a final `state`, fenced by its token. `outcome`: what RQ hears (None: the
+    exception being raised)."""
+    finished = now_ts()
+    ended = runtime.records.transition(
+        member.job_id, state, (JobState.running,), expect_owner=member.owner, finished_at=finished, **fields
+    )
+    if ended:
+        telemetry.observe(
+            runtime.redis, runtime.keys.prefix, "end_to_end_seconds", max(0.0, finished - member.created_at)
+        )
+    runtime.redis.delete(runtime.keys.cancel(member.job_id))
+    _leave(runtime, member, outcome)
+
+
+def _leave(runtime: WorkerRuntime, member: _Member, outcome: dict | None) -> None:
+    member.outcome = outcome
+    if runtime.watchdog is not None:
+        runtime.watchdog.release(member.job_id)
+
+
+def _record_failure(runtime: WorkerRuntime, member: _Member, error: Exception) -> None:
+    """The record side of a failed sampler call, for one job still in it. An InvalidJob fails it for good (RQ
+    then hears nothing more); anything else puts it back to `queued` while RQ has retries left for this job (RQ
+    retries it), else fails it (RQ files it failed)."""
+    if isinstance(error, InvalidJob):
+        _end(runtime, member, JobState.failed, {"failed": str(error)}, error=_error(error.code, str(error)))
+        return
+    message = f"{type(error).__name__}: {error}"
+    if member.retries_left:
+        retrying = _error("retrying", message)
+        runtime.records.transition(
+            member.job_id, JobState.queued, (JobState.running,), expect_owner=member.owner, error=retrying
+        )
+    else:
+        _end(runtime, member, JobState.failed, None, error=_error("worker_error", message))
+
+
+def _lost(runtime: WorkerRuntime, member: _Member) -> None:
+    """Another worker owns the job now (we were paused or cut off past the abandon time): leave it alone."""
+    _leave(runtime, member, {"lost": True})
+
+
 class _StepReporter:
-    """The sampler's on_step: the watchdog's clock, progress into the record, cancel check, heartbeats."""
+    """The sampler's on_step for one chunk: the watchdog's clock, each job's progress (fenced) and cancel flag in
+    one round trip, heartbeats; returns the rows still wanted when a job left the batch."""
 
-    def __init__(self, runtime: WorkerRuntime, job_id: str, owner: str):
+    def __init__(self, runtime: WorkerRuntime, rows: list[tuple[_Member, int]]):
         self.runtime = runtime
-        self.job_id = job_id
-        self.owner = owner
-        self.cancel_key = runtime.keys.cancel(job_id)
+        self.rows = rows
+        self.members = list(dict.fromkeys(member for member, _ in rows))
 
-    def __call__(self, step: int, steps_total: int) -> None:
-        if self.runtime.watchdog is not None:
-            self.runtime.watchdog.step_done()
-        if not self.runtime.records.set_progress(self.job_id, self.owner, step=step, steps_total=steps_total):
-            raise JobLost(self.job_id)
-        self.runtime.beat()
-        if cancel_requested(self.runtime.redis, self.cancel_key):
-            raise JobCanceled(self.job_id)
+    def __call__(self, step: int, steps_total: int) -> set[int] | None:
+        runtime = self.runtime
+        if runtime.watchdog is not None:
+            runtime.watchdog.step_done()
+        live = [m for m in self.members if m.outcome is None]
+        with runtime.redis.pipeline(transaction=False) as pipe:
+            for member in live:
+                runtime.records.queue_progress(pipe, member.job_id, member.owner, step=step, steps_total=steps_total)
+                queue_cancel_check(pipe, runtime.keys.cancel(member.job_id))
+            replies = pipe.execute()
+        for member, written, canceled in zip(live, replies[0::2], replies[1::2], strict=True):
+            if written != 1:
+                _lost(runtime, member)
+            elif canceled:
+                _end(runtime, member, JobState.canceled, {"canceled": True})
+        runtime.beat()
+        if all(m.outcome is None for m in live):
+            return None
+        return {row for row, (member, _) in enumerate(self.rows) if member.outcome is None}
 
 
 def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
@@ -119,89 +207,124 @@ def _json_safe(value: float | None) -> tuple[float | None, bool]:
     return None, True
 
 
-def _generate(
-    runtime: WorkerRuntime, job_id: str, owner: str, tenant: str, request: GenerateRequest
-) -> list[ImageResult]:
-    settings, prefix = runtime.settings, runtime.keys.prefix
-    images = _conditioning_images(runtime, tenant, request.conditioning_image_ids)
-    classifier = _load_classifier(runtime, tenant, request.classifier_id) if request.classifier_id else None
-    params = request.generation_params()
-    width, height = runtime.sampler.image_size(params)
-    limit = runtime.model_info().max_pixels_per_image
+def _json_safe(value: float | None) -> tuple[float | None, bool]:
+    """(value, False), or (None, True) for NaN and infinities, which JSON cannot carry."""
+    if value is None or math.isfinite(value):
+        return value, False
+    return None, True
+
+
+def _prepare(runtime: WorkerRuntime, member: _Member, limit: int) -> None:
+    """Load what the member's images need and check its inputs; raise InvalidJob when it cannot run."""
+    request = member.request
+    member.conditioning = _conditioning_images(runtime, member.tenant, request.conditioning_image_ids)
+    if request.classifier_id:
+        member.classifier = _load_classifier(runtime, member.tenant, request.classifier_id)
+    width, height = runtime.sampler.image_size(member.params)
     if width * height > limit:
         raise InvalidJob(
             f"{width}x{height} = {width * height} pixels per image is more than this model takes "
             f"({limit}, see GET /v1/model)"
         )
-    on_step = _StepReporter(runtime, job_id, owner)
+    runtime.sampler.check_inputs(
+        prompt=request.prompt,
+        class_index=request.class_index,
+        conditioning_images=member.conditioning,
+        seeds=request.seeds(),
+        params=member.params,
+        classifier=member.classifier,
+    )
+
+
+def _write_image(runtime: WorkerRuntime, member: _Member, i: int, out, position: int) -> ImageResult:
+    """Image i of the member (at `position` of the sampler's output) as a PNG with its metadata."""
+    request, seed = member.request, member.request.seed + i
+    value, not_finite = _json_safe(out.criterion_values[position] if out.criterion_values is not None else None)
+    probabilities = out.probabilities[position] if out.probabilities is not None else None
+    predicted = max(range(len(probabilities)), key=probabilities.__getitem__) if probabilities else None
+    ids = request.conditioning_image_ids
+    parameters = {
+        # the request as sent (every generation parameter), then what is this image's own
+        **request.model_dump(mode="json", exclude={"conditioning_image_ids", "num_images", "seed"}),
+        "seed": seed,
+        "conditioning_image_id": ids[i] if len(ids) > 1 else (ids or [None])[0],
+        "model": runtime.model_id,
+        "criterion_value": value,
+        "criterion_not_finite": not_finite,
+    }
+    image_id = runtime.store.put_image(member.tenant, png_with_metadata(out.images[position], parameters), "png")
+    return ImageResult(
+        image_id=image_id, seed=seed, criterion_value=value, criterion_not_finite=not_finite, predicted_class=predicted
+    )
+
+
+def _sample_chunk(runtime: WorkerRuntime, rows: list[tuple[_Member, int]]) -> float:
+    """One sampler call over `rows` (member, image index); write the PNGs, then each member's progress.
+    Returns the seconds spent sampling."""
+    began = time.perf_counter()
+    out = runtime.sampler(
+        prompt=[m.request.prompt for m, _ in rows],
+        class_index=[m.request.class_index for m, _ in rows],
+        conditioning_images=[m.conditioning_image(i) for m, i in rows],
+        seeds=[m.request.seed + i for m, i in rows],
+        params=[m.params for m, _ in rows],
+        classifier=rows[0][0].classifier,  # one classifier per shared batch (GenerateRequest.shared_batch_key)
+        on_step=_StepReporter(runtime, rows),
+    )
+    sampling_s = time.perf_counter() - began
+    prefix = runtime.keys.prefix
+    telemetry.observe(runtime.redis, prefix, "batch_size", len(rows))
+    written: dict[str, int] = {}
+    for position, row in enumerate(out.rows):
+        member, i = rows[row]
+        if member.outcome is None:  # a job that left the batch after the last step gets no more images
+            member.results.append(_write_image(runtime, member, i, out, position))
+            written[member.tenant] = written.get(member.tenant, 0) + 1
+    # Files first, then the records: a reported image is always on disk.
+    members = [m for m in dict.fromkeys(m for m, _ in rows) if m.outcome is None]
+    with runtime.redis.pipeline(transaction=False) as pipe:
+        for member in members:
+            reported = json.dumps([r.model_dump() for r in member.results])
+            runtime.records.queue_progress(
+                pipe, member.job_id, member.owner, images_done=len(member.results), results=reported
+            )
+        replies = pipe.execute()
+    for member, reply in zip(members, replies, strict=True):
+        if reply != 1:
+            _lost(runtime, member)
+    for tenant, count in written.items():
+        telemetry.incr_counter(runtime.redis, prefix, "images_generated", count, tenant=tenant)
+    return sampling_s
+
+
+def _generate(runtime: WorkerRuntime, members: list[_Member]) -> None:
+    """Run every member's images, in chunks of at most FGS_MAX_BATCH_IMAGES; each member ends on its own."""
+    limit = runtime.model_info().max_pixels_per_image
+    for member in members:
+        try:
+            _prepare(runtime, member, limit)
+        except InvalidJob as error:  # this job cannot succeed on any worker: fail it now, not the others
+            _end(runtime, member, JobState.failed, {"failed": str(error)}, error=_error(error.code, str(error)))
     if runtime.watchdog is not None:
         runtime.watchdog.step_done()  # set-up done (images, classifier load and check): steps get step deadlines
-    seeds = request.seeds()
-    results: list[ImageResult] = []
+    rows = [(m, i) for m in members if m.outcome is None for i in range(m.request.num_images)]
+    size = runtime.settings.max_batch_images
     sampling_s = 0.0
-    for start in range(0, len(seeds), settings.max_batch_images):
-        chunk = seeds[start : start + settings.max_batch_images]
-        began = time.perf_counter()
-        out = runtime.sampler(
-            prompt=request.prompt,
-            class_index=request.class_index,
-            conditioning_images=images if len(images) <= 1 else images[start : start + len(chunk)],
-            seeds=chunk,
-            params=params,
-            classifier=classifier,
-            on_step=on_step,
-        )
-        sampling_s += time.perf_counter() - began
-        telemetry.observe(runtime.redis, prefix, "batch_size", len(chunk))
-        for i, (seed, image) in enumerate(zip(chunk, out.images, strict=False)):
-            value, not_finite = _json_safe(out.criterion_values[i] if out.criterion_values is not None else None)
-            probabilities = out.probabilities[i] if out.probabilities is not None else None
-            predicted = max(range(len(probabilities)), key=probabilities.__getitem__) if probabilities else None
-            ids = request.conditioning_image_ids
-            parameters = {
-                # the request as sent (every generation parameter), then what is this image's own
-                **request.model_dump(mode="json", exclude={"conditioning_image_ids", "num_images", "seed"}),
-                "seed": seed,
-                "conditioning_image_id": ids[start + i] if len(ids) > 1 else (ids or [None])[0],
-                "model": runtime.model_id,
-                "criterion_value": value,
-                "criterion_not_finite": not_finite,
-            }
-            image_id = runtime.store.put_image(tenant, png_with_metadata(image, parameters), "png")
-            results.append(
-                ImageResult(
-                    image_id=image_id,
-                    seed=seed,
-                    criterion_value=value,
-                    criterion_not_finite=not_finite,
-                    predicted_class=predicted,
-                )
-            )
-        # Files first, then the record: a reported image is always on disk.
-        reported = json.dumps([r.model_dump() for r in results])
-        if not runtime.records.set_progress(job_id, owner, images_done=len(results), results=reported):
-            raise JobLost(job_id)
-        telemetry.incr_counter(runtime.redis, prefix, "images_generated", len(chunk), tenant=tenant)
-    telemetry.observe(runtime.redis, prefix, "sampling_seconds", sampling_s)
-    return results
+    for start in range(0, len(rows), size):
+        chunk = [(m, i) for m, i in rows[start : start + size] if m.outcome is None]
+        if chunk:
+            sampling_s += _sample_chunk(runtime, chunk)
+    telemetry.observe(runtime.redis, runtime.keys.prefix, "sampling_seconds", sampling_s)
+    for member in members:
+        if member.outcome is None:
+            results = json.dumps([r.model_dump() for r in member.results])
+            images = len(member.results)
+            _end(runtime, member, JobState.finished, {"images": images}, images_done=images, results=results)
 
 
-def run_generate_job(job_id: str | None = None) -> dict:
-    """Run job `job_id` (default: the current RQ job's id, which is the fgs job id).
-
-    The request lives in the job record, not in the RQ job's arguments: big plans stay small in Redis.
-    """
-    if job_id is None:
-        rq_job = get_current_job()
-        if rq_job is None:
-            raise RuntimeError("run_generate_job() without a job id runs only inside an RQ worker")
-        job_id = rq_job.id
-    runtime = current_runtime()
-    records, prefix = runtime.records, runtime.keys.prefix
-    raw = records.raw(job_id)
-    if not raw:
-        return {"skipped": "no job record"}
-    tenant = raw["tenant"]
+def _claim(runtime: WorkerRuntime, job_id: str, raw: dict[str, str], retries_left: int, take_over: bool):
+    """Claim the job's record for this worker (queued -> running) with an owner token of its own; with
+    `take_over`, also a running job whose worker died. The _Member, or None when the job is not ours to run."""
     request = GenerateRequest.model_validate_json(raw["request"])
     started = now_ts()
     # The fence: every later write of this attempt carries this token (fgs_common.job_records).
@@ -216,10 +339,12 @@ def run_generate_job(job_id: str | None = None) -> dict:
         results="[]",
         error="",
     )
+    records = runtime.records
     claimed = records.transition(job_id, JobState.running, (JobState.queued,), **claim)
     previous = raw.get("worker", "")
     if (
         not claimed
+        and take_over
         and raw.get("state") == JobState.running.value
         and (previous == runtime.name or not runtime.redis.exists(runtime.keys.worker_alive(previous)))
     ):
@@ -229,57 +354,86 @@ def run_generate_job(job_id: str | None = None) -> dict:
             job_id, JobState.running, (JobState.running,), expect_owner=raw.get("owner", ""), **claim
         )
     if not claimed:
-        return {"skipped": f"job is {records.raw(job_id).get('state')}"}
+        return None
+    created = float(raw["created_at"])
+    telemetry.observe(runtime.redis, runtime.keys.prefix, "queue_wait_seconds", max(0.0, started - created))
+    params = request.generation_params()
+    return _Member(job_id, owner, raw["tenant"], request, params, created, retries_left)
+
+
+def _claim_companions(runtime: WorkerRuntime, leader: _Member, raw: dict[str, str], rq_job) -> list[_Member]:
+    """Queued jobs that share the leader's sampler call (fgs_worker.shared_batch), their records claimed."""
+    images = runtime.settings.max_batch_images - leader.request.num_images
+    companions = runtime.companions
+    if images <= 0 or not runtime.settings.batch_across_jobs or companions is None or rq_job is None:
+        return []
+    if not raw.get("batch_key"):  # a record written before shared batches: runs alone
+        return []
+    members = []
+    for job_id, retries_left in companions.claim(rq_job.origin, raw["batch_key"], images):
+        companion_raw = runtime.records.raw(job_id)
+        member = _claim(runtime, job_id, companion_raw, retries_left, take_over=False) if companion_raw else None
+        if member is None:  # canceled (or expired) between the look at the queue and the claim
+            companions.finish(job_id, result={"skipped": "job is no longer queued"})
+        else:
+            members.append(member)
+    return members
+
+
+def _arm_watchdog(runtime: WorkerRuntime, members: list[_Member]) -> None:
+    """Deadlines for the whole sampler call: the pixels of every image of every job in it."""
+    width, height = runtime.sampler.image_size(members[0].params)
+    images = min(sum(m.request.num_images for m in members), runtime.settings.max_batch_images)
+    step_s = step_deadline_s(runtime.settings, images, width, height)
+    watched = [WatchedJob(m.job_id, m.owner, m.retries_left) for m in members]
+    runtime.watchdog.arm(watched, runtime.settings.job_setup_deadline_s + step_s, step_s, runtime.expire_execution)
+
+
+def run_generate_job(job_id: str | None = None) -> dict:
+    """Run job `job_id` (default: the current RQ job's id, which is the fgs job id) and its companions.
+
+    The request lives in the job record, not in the RQ job's arguments: big plans stay small in Redis.
+    """
+    rq_job = get_current_job()
+    if job_id is None:
+        if rq_job is None:
+            raise RuntimeError("run_generate_job() without a job id runs only inside an RQ worker")
+        job_id = rq_job.id
+    runtime = current_runtime()
+    raw = runtime.records.raw(job_id)
+    if not raw:
+        return {"skipped": "no job record"}
+    retries_left = (rq_job.retries_left or 0) if rq_job is not None else 0
+    leader = _claim(runtime, job_id, raw, retries_left, take_over=True)
+    if leader is None:
+        return {"skipped": f"job is {runtime.records.raw(job_id).get('state')}"}
     # Beat now, not a heartbeat_s later: until the first beat RQ holds the job for the whole job timeout, so a
     # worker killed in its first second would leave the job stranded for an hour.
     runtime.beat(force=True)
-    telemetry.observe(runtime.redis, prefix, "queue_wait_seconds", max(0.0, started - float(raw["created_at"])))
-    rq_job = get_current_job()
-    runtime.current_job = (job_id, owner)
-    if runtime.watchdog is not None:
-        width, height = runtime.sampler.image_size(request)
-        batch = min(request.num_images, runtime.settings.max_batch_images)
-        step_s = step_deadline_s(runtime.settings, batch, width, height)
-        retries_left = (rq_job.retries_left or 0) if rq_job is not None else 0
-        runtime.watchdog.arm(
-            job_id,
-            owner,
-            runtime.settings.job_setup_deadline_s + step_s,
-            step_s,
-            retries_left,
-            runtime.expire_execution,
-        )
-
-    def end(state: JobState, **fields) -> None:
-        finished = now_ts()
-        if records.transition(job_id, state, (JobState.running,), expect_owner=owner, finished_at=finished, **fields):
-            telemetry.observe(
-                runtime.redis, prefix, "end_to_end_seconds", max(0.0, finished - float(raw["created_at"]))
-            )
-        runtime.redis.delete(runtime.keys.cancel(job_id))
-
+    members = [leader]
+    runtime.current_jobs = [(leader.job_id, leader.owner)]
     try:
-        results = _generate(runtime, job_id, owner, tenant, request)
-    except JobLost:
-        # Another worker owns the job now (we were paused or cut off past the abandon time): leave it alone.
-        return {"lost": True}
-    except JobCanceled:
-        end(JobState.canceled)
-        return {"canceled": True}
-    except InvalidJob as error:
-        # the job cannot succeed on any worker: fail now, do not retry
-        end(JobState.failed, error=_error(error.code, str(error)))
-        return {"failed": str(error)}
+        members += _claim_companions(runtime, leader, raw, rq_job)
+        runtime.current_jobs = [(m.job_id, m.owner) for m in members]
+        if runtime.watchdog is not None:
+            _arm_watchdog(runtime, members)
+        _generate(runtime, members)
     except Exception as error:
-        message = f"{type(error).__name__}: {error}"
-        if rq_job is not None and rq_job.retries_left:
-            retrying = _error("retrying", message)
-            records.transition(job_id, JobState.queued, (JobState.running,), expect_owner=owner, error=retrying)
-        else:
-            end(JobState.failed, error=_error("worker_error", message))
-        raise
+        failure = sys.exc_info()
+        for member in members:
+            if member.outcome is None:
+                _record_failure(runtime, member, error)
+        for member in members[1:]:  # each companion to RQ on its own: retried with its own count, or failed
+            if member.outcome is None:
+                runtime.companions.finish(member.job_id, exc_info=failure)
+            else:
+                runtime.companions.finish(member.job_id, result=member.outcome)
+        if leader.outcome is None:
+            raise
+        return leader.outcome
     finally:
         if runtime.watchdog is not None:
             runtime.watchdog.disarm()
-    end(JobState.finished, images_done=len(results), results=json.dumps([r.model_dump() for r in results]))
-    return {"images": len(results)}
+    for member in members[1:]:
+        runtime.companions.finish(member.job_id, result=member.outcome)
+    return leader.outcome

@@ -5,6 +5,8 @@ jobs) that
 - rediscovers tenant queues while idle (a tenant's queue appears with its first job),
 - serves them round-robin, starting after the tenant it served last, so a tenant with a million queued images
   cannot starve one with ten,
+- fills the sampler call of a small job with queued jobs that can share it (fgs_worker.shared_batch), each kept
+  as an RQ job of its own (heartbeats, expiry, success or retry),
 - moves due retries (RQ's scheduled-job registry, for retry backoff) back into their queues,
 - heartbeats while it samples (RQ's own heartbeats only run between jobs in a SimpleWorker), so that the job
   of a worker that was killed is retried elsewhere after FGS_ABANDONED_AFTER_S,
@@ -26,6 +28,7 @@ from pathlib import Path
 import redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError, StopRequested
+from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -37,6 +40,7 @@ from fgs_common.job_records import ACTIVE_STATES, now_ts
 from fgs_common.settings import Settings, get_settings
 from fgs_common.wire import ErrorBody, JobState
 from fgs_worker.runtime import WorkerRuntime, reset_current_runtime, set_current_runtime
+from fgs_worker.shared_batch import SharedBatch
 from fgs_worker.watchdog import JobWatchdog
 
 log = logging.getLogger("fgs.worker")
@@ -101,6 +105,7 @@ class FgsWorker(SimpleWorker):
         self._requeue_due_retry = self.connection.register_script(_REQUEUE_DUE_RETRY)
         runtime.on_heartbeat = self._rq_heartbeat
         runtime.expire_execution = self._expire_execution
+        runtime.companions = SharedBatch(self, runtime.records)
         if watchdog:
             runtime.watchdog = JobWatchdog(runtime.settings, runtime.records, runtime.redis, runtime.keys.cancel)
 
@@ -180,14 +185,20 @@ class FgsWorker(SimpleWorker):
         error = ErrorBody(code="worker_failed", message=reason.splitlines()[-1][:2000]).model_dump_json()
         return int(records.transition(job_id, JobState.failed, ACTIVE_STATES, error=error, finished_at=now_ts()))
 
+    def _running(self) -> list[tuple[Execution, Job]]:
+        """The executions this worker runs (its job's and its companions', fgs_worker.shared_batch) and their jobs."""
+        running = []
+        for execution in list(self.executions.values()):
+            if execution._job is None:
+                execution._job = Job.fetch(execution.job_id, connection=self.connection, serializer=JSONSerializer)
+            running.append((execution, execution._job))
+        return running
+
     def _expire_execution(self) -> None:
-        """Score the running execution as expired in the started-job registry: the next abandon sweep (this
-        worker's restart, or any worker's maintenance) retries or fails it at once. Called by the watchdog."""
-        execution = self.execution
-        if execution is None:
-            return
-        job = self.get_current_job()
-        self.connection.zadd(job.started_job_registry.key, {execution.composite_key: 1}, xx=True)
+        """Score the running executions as expired in their started-job registries: the next abandon sweep (this
+        worker's restart, or any worker's maintenance) retries or fails each at once. Called by the watchdog."""
+        for execution, job in self._running():
+            self.connection.zadd(job.started_job_registry.key, {execution.composite_key: 1}, xx=True)
 
     # ---- queues ----
     def _refresh_queues(self) -> None:
@@ -289,20 +300,21 @@ class FgsWorker(SimpleWorker):
     # ---- jobs ----
     def execute_job(self, job, queue):
         token = set_current_runtime(self.runtime)
-        self.runtime.current_job = None  # set by run_generate_job once it owns the record
+        self.runtime.current_jobs = []  # set by run_generate_job once it owns the records
         try:
             super().execute_job(job, queue)
+            self.runtime.companions.settle()  # RQ's end of each companion, after the job that claimed them
         except REDIS_DOWN as error:
-            # Redis went away mid-job (RQ could not even record the failure). Once it is back, the job's RQ
-            # execution is taken for abandoned and retried (its heartbeats stopped); its record goes back to
-            # `queued` now, with our owner token (a record another worker already took is left alone).
-            dropped, self.runtime.current_job = self.runtime.current_job, None
+            # Redis went away mid-job (RQ could not even record the failure). Once it is back, the RQ executions
+            # (the job's and its companions') are taken for abandoned and retried (their heartbeats stopped);
+            # the records go back to `queued` now, each with its owner token (one another worker took is left).
+            dropped, self.runtime.current_jobs = self.runtime.current_jobs, []
+            self.runtime.companions.drop()
             if self.runtime.watchdog is not None:
                 self.runtime.watchdog.disarm()
             self._wait_for_redis(error)
-            if dropped is not None:
-                job_id, owner = dropped
-                message = ErrorBody(code="retrying", message=f"Redis became unavailable mid-job ({error})")
+            message = ErrorBody(code="retrying", message=f"Redis became unavailable mid-job ({error})")
+            for job_id, owner in dropped:
                 self.runtime.records.transition(
                     job_id, JobState.queued, (JobState.running,), expect_owner=owner, error=message.model_dump_json()
                 )
@@ -310,6 +322,8 @@ class FgsWorker(SimpleWorker):
             # RQ forgets an execution in its cleanup, which a Redis error skips. A SimpleWorker runs one job at
             # a time, so whatever is left here is stale; left in place, `self.execution` (the first entry) would
             # name it, and the heartbeats of every later job would refresh the dead one, not the running one.
+            # The same holds for companions RQ never heard the end of (fgs_worker.shared_batch).
+            self.runtime.companions.drop()
             self.executions.clear()
             reset_current_runtime(token)
 
@@ -321,12 +335,11 @@ class FgsWorker(SimpleWorker):
         `abandoned_after_s` on every beat means: a long job is never taken for abandoned while it samples, and
         the job of a killed worker is retried elsewhere soon after (jobs.run_generate_job takes its record over).
         """
-        job = self.get_current_job()
-        execution = next((e for e in self.executions.values() if job is not None and e.job_id == job.id), None)
         ttl = self.runtime.settings.abandoned_after_s
+        running = self._running()  # the job's execution and its companions' (fgs_worker.shared_batch)
         with self.connection.pipeline() as pipe:
             self.heartbeat(self.runtime.settings.job_timeout_s + 60, pipeline=pipe)
-            if execution is not None:
+            for execution, job in running:
                 execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
                 job.heartbeat(rq_now(), ttl, pipeline=pipe, xx=True)
             pipe.execute()

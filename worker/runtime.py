@@ -50,8 +50,9 @@ class WorkerRuntime:
     last_beat: float = field(default=0.0)
     on_heartbeat: Any = None  # set by the worker: refreshes RQ's worker and job heartbeats
     watchdog: Any = None  # set by the worker: fgs_worker.watchdog.JobWatchdog (None: no watchdog, in-process tests)
-    current_job: tuple[str, str] | None = None  # (job id, owner token) while a job runs
-    expire_execution: Any = None  # set by the worker: hands the running job's RQ execution to the abandon sweep
+    current_jobs: list[tuple[str, str]] = field(default_factory=list)  # (job id, owner token) of the batch running
+    expire_execution: Any = None  # set by the worker: hands the running jobs' RQ executions to the abandon sweep
+    companions: Any = None  # set by the worker: fgs_worker.shared_batch.SharedBatch (None: every job runs alone)
 
     @classmethod
     def load(cls, settings: Settings, name: str | None = None) -> WorkerRuntime:

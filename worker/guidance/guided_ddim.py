@@ -16,14 +16,19 @@ dropout p on the embedding, noise-augmented as unCLIP does. With omega = 0 and p
 what diffusers' StableUnCLIPImg2ImgPipeline computes for the same components and seeds (tested).
 
 Every image of a batch has its own seed, conditioning image and dropout mask; nothing in image i depends on
-the other images, so a batch of B gives the same images as B single calls.
+the other images, so a batch of B gives the same images as B single calls. One call can therefore carry the
+images of several jobs (the worker's shared batch, fgs_worker.shared_batch): prompt, class, conditioning image,
+seed, ω, γ and dropout p (with its scaling) are per image; what one loop cannot vary per image, the parameters
+of GenerationParams.shared_batch_key (steps, size, feedback steps and gradient path, feedback input and
+resolution, criterion, noise level, whether guidance and feedback run at all) and the classifier, must match.
+The step callback may drop images between steps (a canceled job's), which leaves the others unchanged.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -45,7 +50,8 @@ from fgs_common.wire import (
 from fgs_worker.guidance import criteria
 from fgs_worker.guidance.precision import at_least_float32, compute_dtype
 
-StepCallback = Callable[[int, int], None]
+# on_step(step, steps_total) -> the indices (into seeds) of the images to go on with; None: all still wanted
+StepCallback = Callable[[int, int], Collection[int] | None]
 
 
 @dataclass
@@ -54,6 +60,54 @@ class SampleOutput:
     pixels: torch.Tensor  # [B, 3, H, W] float in [0, 1], before 8-bit rounding
     criterion_values: list[float] | None  # C of each final image under the classifier
     probabilities: list[list[float]] | None  # the classifier's softmax of each final image
+    rows: list[int] = field(default_factory=list)  # which of the call's seeds each image is (dropped ones missing)
+
+
+@dataclass
+class _Rows:
+    """The per-image state of the denoising loop, so that images can be dropped between steps."""
+
+    rows: list[int]  # index into the call's seeds
+    latents: torch.Tensor
+    cond_prompt: torch.Tensor
+    uncond_prompt: torch.Tensor | None  # None without classifier-free guidance
+    cond_image: torch.Tensor
+    labels: torch.Tensor
+    gammas: torch.Tensor  # [B, 1, 1, 1]
+    omegas: torch.Tensor  # [B, 1, 1, 1]
+
+    def keep(self, wanted: Collection[int]) -> _Rows:
+        at = [i for i, row in enumerate(self.rows) if row in wanted]
+        index = torch.tensor(at, dtype=torch.long, device=self.latents.device)
+
+        def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.index_select(0, index)
+
+        return _Rows(
+            [self.rows[i] for i in at],
+            *(pick(t) for t in (self.latents, self.cond_prompt, self.uncond_prompt, self.cond_image)),
+            *(pick(t) for t in (self.labels, self.gammas, self.omegas)),
+        )
+
+    def unet_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z_t, prompt and image embeddings as the UNet takes them: [uncond; cond] under guidance (Eq. 12)."""
+        if self.uncond_prompt is None:
+            return self.latents, self.cond_prompt, self.cond_image
+        return (
+            torch.cat([self.latents] * 2),
+            torch.cat([self.uncond_prompt, self.cond_prompt]),
+            torch.cat([torch.zeros_like(self.cond_image), self.cond_image]),
+        )
+
+
+def per_image(value, batch: int, name: str) -> list:
+    """`value` once per image: a single value repeated, or a sequence of exactly `batch` values."""
+    if isinstance(value, (str, int, GenerationParams)):
+        return [value] * batch
+    values = list(value)
+    if len(values) != batch:
+        raise InvalidJob(f"{name} must be one value or one per seed ({batch}), got {len(values)}")
+    return values
 
 
 def _dropout_generator(seed: int) -> torch.Generator:
@@ -152,27 +206,34 @@ class GuidedDDIMSampler:
     def check_inputs(
         self,
         *,
-        prompt: str,
-        class_index: int,
-        conditioning_images: Sequence[PIL.Image.Image],
+        prompt: str | Sequence[str],
+        class_index: int | Sequence[int],
+        conditioning_images: Sequence[PIL.Image.Image | None],
         seeds: Sequence[int],
-        params: GenerationParams,
+        params: GenerationParams | Sequence[GenerationParams],
         classifier: LoadedClassifier | None,
     ) -> None:
         """Raise InvalidJob (a ValueError) naming the first bad argument; runs before any model work.
 
         The parameters' own ranges are GenerationParams' (pydantic); what is checked here depends on the
-        loaded model or classifier.
+        loaded model or classifier, and that the images of one call can share a loop.
         """
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidJob("prompt must be a non-empty string")
         if len(seeds) < 1:
             raise InvalidJob("seeds must hold one seed per image (at least one)")
+        prompts = per_image(prompt, len(seeds), "prompt")
+        if not all(isinstance(p, str) and p for p in prompts):
+            raise InvalidJob("prompt must be a non-empty string")
         if len(conditioning_images) not in (0, 1, len(seeds)):
             raise InvalidJob(
                 f"conditioning_images must hold 0 (text only), 1 (shared) or {len(seeds)} (one per seed) images, "
                 f"got {len(conditioning_images)}"
             )
+        all_params = per_image(params, len(seeds), "params")
+        if len({p.shared_batch_key() for p in all_params}) > 1:
+            raise InvalidJob(
+                "the images of one call must agree on GenerationParams.shared_batch_key (steps, size, criterion, ...)"
+            )
+        params = all_params[0]
         steps = params.steps
         train_steps = self.pipeline.scheduler.config.num_train_timesteps
         if steps > train_steps or int(self.new_scheduler(steps).timesteps.max()) >= train_steps:
@@ -192,63 +253,64 @@ class GuidedDDIMSampler:
             return
         if classifier is None:
             raise InvalidJob(f"criterion '{criterion.value}' needs a classifier")
-        if not 0 <= class_index < classifier.num_classes:
-            raise InvalidJob(
-                f"class_index {class_index} is outside the classifier's {classifier.num_classes} classes "
-                "(classifier with the wrong number of classes?)"
-            )
+        for index in per_image(class_index, len(seeds), "class_index"):
+            if not 0 <= index < classifier.num_classes:
+                raise InvalidJob(
+                    f"class_index {index} is outside the classifier's {classifier.num_classes} classes "
+                    "(classifier with the wrong number of classes?)"
+                )
         if criterion is Criterion.hardness and classifier.hardness_stats is None:
             raise InvalidJob("criterion 'hardness' needs a classifier uploaded with hardness statistics")
 
     # ------------------------------------------------------------------------------------------------------
     def _image_embeddings(
         self,
-        conditioning_images: Sequence[PIL.Image.Image],
+        conditioning_images: Sequence[PIL.Image.Image | None],
         seeds: Sequence[int],
-        dropout_p: float,
-        dropout_scaling: DropoutScaling,
-        noise_level: int,
+        params: Sequence[GenerationParams],
         generators: list[torch.Generator],
     ) -> torch.Tensor:
         """CLIP image embedding per image, dropout p (section 2.3), then unCLIP noise augmentation."""
         pipe = self.pipeline
         batch = len(seeds)
         embed_dim = pipe.image_normalizer.mean.shape[-1]
-        if conditioning_images:
-            pixel_values = pipe.feature_extractor(images=list(conditioning_images), return_tensors="pt").pixel_values
-            embeds = pipe.image_encoder(pixel_values.to(self.device, pipe.image_encoder.dtype)).image_embeds
-            if embeds.shape[0] == 1:
-                embeds = embeds.expand(batch, -1)
-        else:
-            # Text only: a zero image embedding, as unCLIP's unconditional branch.
-            embeds = torch.zeros(batch, embed_dim, device=self.device, dtype=pipe.image_encoder.dtype)
-        if dropout_p > 0:
-            # Section 2.3: drop embedding units with probability p, a mask per image from its own seed. The paper
-            # does not say whether the kept units are rescaled: `dropout_scaling` chooses. p = 1 is the text-only
-            # zero embedding either way.
-            embeds = dropped_embeddings(embeds, seeds, dropout_p, dropout_scaling)
-        # unCLIP noise augmentation: normalise, add noise at `noise_level`, append the level's timestep embedding.
-        return pipe.noise_image_embeddings(image_embeds=embeds, noise_level=noise_level, generator=generators)
+        encoder = pipe.image_encoder
+        # Text only (no image, or None for that image): a zero image embedding, as unCLIP's unconditional branch.
+        zeros = torch.zeros(1, embed_dim, device=self.device, dtype=encoder.dtype)
+        encoded: dict[int, torch.Tensor] = {}
+        for image in conditioning_images:
+            # One image per encoder call, each distinct image once: an image's embedding is then the same bits
+            # whichever batch (or shared batch) it is part of.
+            if image is not None and id(image) not in encoded:
+                pixel_values = pipe.feature_extractor(images=[image], return_tensors="pt").pixel_values
+                encoded[id(image)] = encoder(pixel_values.to(self.device, encoder.dtype)).image_embeds
+        if len(conditioning_images) != batch:  # none, or one for every image
+            conditioning_images = [conditioning_images[0] if conditioning_images else None] * batch
+        rows = []
+        for image, seed, p in zip(conditioning_images, seeds, params, strict=True):
+            row = zeros if image is None else encoded[id(image)]
+            if p.dropout_p > 0:
+                # Section 2.3: drop embedding units with probability p, a mask per image from its own seed. The
+                # paper does not say whether the kept units are rescaled: `dropout_scaling` chooses. p = 1 is the
+                # text-only zero embedding either way.
+                row = dropped_embeddings(row, [seed], p.dropout_p, p.dropout_scaling)
+            rows.append(row)
+        embeds = torch.cat(rows)
+        # unCLIP noise augmentation: normalise, add noise at `noise_level` (one level per call: shared_batch_key),
+        # append the level's timestep embedding.
+        return pipe.noise_image_embeddings(image_embeds=embeds, noise_level=params[0].noise_level, generator=generators)
 
-    def _noise_prediction(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        scheduler,
-        prompt_embeds: torch.Tensor,
-        image_embeds: torch.Tensor,
-        gamma: float,
-    ) -> torch.Tensor:
-        """The UNet's output for z_t under classifier-free guidance (Eq. 12): uncond + gamma * (cond - uncond)."""
-        do_cfg = gamma != 1.0
-        model_input = torch.cat([latents] * 2) if do_cfg else latents
-        model_input = scheduler.scale_model_input(model_input, t)
+    def _noise_prediction(self, state: _Rows, t: torch.Tensor, scheduler) -> torch.Tensor:
+        """The UNet's output for z_t under classifier-free guidance (Eq. 12): uncond + gamma * (cond - uncond),
+        each image with its own gamma."""
+        latents, prompt_embeds, image_embeds = state.unet_inputs()
+        model_input = scheduler.scale_model_input(latents, t)
         output = self.pipeline.unet(
             model_input, t, encoder_hidden_states=prompt_embeds, class_labels=image_embeds, return_dict=False
         )[0]
-        if do_cfg:
+        if state.uncond_prompt is not None:
             uncond, cond = output.chunk(2)
-            output = uncond + gamma * (cond - uncond)
+            output = uncond + state.gammas * (cond - uncond)
         return output
 
     @staticmethod
@@ -351,97 +413,109 @@ class GuidedDDIMSampler:
     def __call__(
         self,
         *,
-        prompt: str,
-        class_index: int,
-        conditioning_images: Sequence[PIL.Image.Image] = (),
+        prompt: str | Sequence[str],
+        class_index: int | Sequence[int],
+        conditioning_images: Sequence[PIL.Image.Image | None] = (),
         seeds: Sequence[int],
-        params: GenerationParams | None = None,
+        params: GenerationParams | Sequence[GenerationParams] | None = None,
         classifier: LoadedClassifier | None = None,
         on_step: StepCallback | None = None,
     ) -> SampleOutput:
-        """Sample len(seeds) images of class `class_index`; see the module docstring for the algorithm.
+        """Sample one image per seed; see the module docstring for the algorithm.
 
-        `params` holds how (criterion, ω, γ, p, steps, ...; defaults: GenerationParams()).
+        `prompt`, `class_index` and `params` (criterion, ω, γ, p, steps, ...; default GenerationParams()) are one
+        value for every image or one per seed; `conditioning_images` none (text only), one shared, or one per seed
+        (None: that image is text only). Images of one call must agree on `GenerationParams.shared_batch_key`.
         """
         pipe = self.pipeline
-        params = (params or GenerationParams()).generation_params()
+        batch = len(seeds)
+        all_params = [p.generation_params() for p in per_image(params or GenerationParams(), batch, "params")]
         # 1. Check inputs, before any model work.
         self.check_inputs(
             prompt=prompt,
             class_index=class_index,
             conditioning_images=conditioning_images,
             seeds=seeds,
-            params=params,
+            params=all_params,
             classifier=classifier,
         )
-        criterion, omega, gamma, steps, guidance_every = (
-            params.criterion,
-            params.omega,
-            params.gamma,
-            params.steps,
-            params.guidance_every,
-        )
-        width, height = self.image_size(params)
-        batch = len(seeds)
-        feedback_on = criterion is not Criterion.none and omega != 0
+        shared = all_params[0]  # what every image agrees on (shared_batch_key)
+        criterion, steps, guidance_every = shared.criterion, shared.steps, shared.guidance_every
+        width, height = self.image_size(shared)
+        feedback_on = criterion is not Criterion.none and shared.omega != 0
         # One CPU generator per image: the same seed gives the same image on any device and in any batch.
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        labels = torch.full((batch,), class_index, dtype=torch.long, device=self.device)
+        labels = torch.tensor(per_image(class_index, batch, "class_index"), dtype=torch.long, device=self.device)
 
-        # 2. Text: the class prompt and the empty prompt (Eq. 12's unconditional score).
-        do_cfg = gamma != 1.0
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
-            prompt=[prompt] * batch, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg
-        )
+        # 2. Text: the class prompt and the empty prompt (Eq. 12's unconditional score), each distinct prompt
+        # encoded on its own, so that its embedding does not depend on the other images of the batch.
+        do_cfg = shared.gamma != 1.0
+        prompts = per_image(prompt, batch, "prompt")
+        encoded = {
+            text: pipe.encode_prompt(
+                prompt=[text], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg
+            )
+            for text in dict.fromkeys(prompts)
+        }
         # 3. Image: CLIP embedding, dropout, noise augmentation; the unconditional branch gets zeros.
-        image_embeds = self._image_embeddings(
-            conditioning_images, seeds, params.dropout_p, params.dropout_scaling, params.noise_level, generators
-        )
-        cond_prompt_embeds, cond_image_embeds = prompt_embeds, image_embeds
-        if do_cfg:
-            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
-            image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
+        image_embeds = self._image_embeddings(conditioning_images, seeds, all_params, generators)
 
         # 4. A scheduler of this call's own (schedulers are stateful), and z_T ~ N(0, I) per seed.
         scheduler = self.new_scheduler(steps)
         shape = (batch, pipe.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=prompt_embeds.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        cond_prompt = torch.cat([encoded[text][0] for text in prompts])
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=cond_prompt.dtype)
+        per_row = dict(device=self.device, dtype=cond_prompt.dtype)
+        state = _Rows(
+            rows=list(range(batch)),
+            latents=latents * scheduler.init_noise_sigma,
+            cond_prompt=cond_prompt,
+            uncond_prompt=torch.cat([encoded[text][1] for text in prompts]) if do_cfg else None,
+            cond_image=image_embeds,
+            labels=labels,
+            gammas=torch.tensor([p.gamma for p in all_params], **per_row).view(-1, 1, 1, 1),
+            omegas=torch.tensor([p.omega for p in all_params], **per_row).view(-1, 1, 1, 1),
+        )
 
         # 5. Denoising loop: DDIM (Eq. 11) with feedback every `guidance_every` steps (Eq. 1).
         alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
         for i, t in enumerate(scheduler.timesteps):
-            model_output = self._noise_prediction(latents, t, scheduler, prompt_embeds, image_embeds, gamma)
+            model_output = self._noise_prediction(state, t, scheduler)
             if feedback_on and i % guidance_every == 0:
                 # Never in 16 bits: there 1 - alpha_t rounds to 0 near the end (fgs_worker.guidance.precision).
-                alpha_t = alphas_cumprod[t].to(compute_dtype(latents.dtype))
+                alpha_t = alphas_cumprod[t].to(compute_dtype(state.latents.dtype))
                 grad = self.feedback_gradient(
-                    latents,
+                    state.latents,
                     t=t,
                     alpha_t=alpha_t,
                     scheduler=scheduler,
                     guided_output=model_output,
-                    cond_prompt_embeds=cond_prompt_embeds,
-                    cond_image_embeds=cond_image_embeds,
+                    cond_prompt_embeds=state.cond_prompt,
+                    cond_image_embeds=state.cond_image,
                     classifier=classifier,
                     criterion=criterion,
-                    labels=labels,
-                    gradient_path=params.gradient_path,
-                    resolution=params.feedback_resolution,
-                    feedback_input=params.feedback_input,
+                    labels=state.labels,
+                    gradient_path=shared.gradient_path,
+                    resolution=shared.feedback_resolution,
+                    feedback_input=shared.feedback_input,
                 )
                 # Eq. 1: + omega * grad C, applied to z_t before the DDIM step.
-                latents = latents + omega * grad
-            latents = scheduler.step(model_output, t, latents, eta=0.0, return_dict=False)[0]
-            if on_step is not None:
-                on_step(i + 1, steps)
+                state.latents = state.latents + state.omegas * grad
+            state.latents = scheduler.step(model_output, t, state.latents, eta=0.0, return_dict=False)[0]
+            wanted = on_step(i + 1, steps) if on_step is not None else None
+            if wanted is not None and len(wanted) < len(state.rows):
+                state = state.keep(wanted)  # images dropped (their job canceled): the others go on unchanged
+                if not state.rows:
+                    return SampleOutput(images=[], pixels=torch.empty(0), criterion_values=None, probabilities=None)
 
         # 6. Decode, score the final images under the classifier.
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        decoded = pipe.vae.decode(state.latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         pixels = (decoded / 2 + 0.5).clamp(0, 1).float()
         values = probabilities = None
         if classifier is not None:
-            values, probabilities = self.score(pixels, classifier, criterion, labels)
+            values, probabilities = self.score(pixels, classifier, criterion, state.labels)
         arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         images = [PIL.Image.fromarray(array) for array in arrays]
-        return SampleOutput(images=images, pixels=pixels.cpu(), criterion_values=values, probabilities=probabilities)
+        return SampleOutput(
+            images=images, pixels=pixels.cpu(), criterion_values=values, probabilities=probabilities, rows=state.rows
+        )
