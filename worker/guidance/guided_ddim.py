@@ -39,14 +39,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from fgs_classifier.registry import LoadedClassifier
 from fgs_common.exceptions import InvalidJob
-from fgs_common.wire import (
-    Criterion,
-    DropoutScaling,
-    FeedbackInput,
-    FeedbackResolution,
-    GenerationParams,
-    GradientPath,
-)
+from fgs_common.wire import Criterion, DropoutScaling, FeedbackInput, FeedbackResolution, GenerationParams, GradientPath
 from fgs_worker.guidance import criteria
 from fgs_worker.guidance.precision import at_least_float32, compute_dtype
 
