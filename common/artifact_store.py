@@ -1,7 +1,9 @@
 """The artifact store: a directory (FGS_DATA_DIR, a shared volume when workers run elsewhere), one folder per tenant.
 
     {data_dir}/tenants/{tenant}/images/{sha256}.{png|jpeg|webp}   uploaded conditioning images and generated PNGs
-    {data_dir}/tenants/{tenant}/classifiers/{id}/archive.{pt|pt2}, spec.json[, hardness.safetensors]
+    {data_dir}/tenants/{tenant}/classifiers/{id}/archive.{pt|pt2}, spec.json, meta.json[, hardness.safetensors]
+
+`meta.json` holds what is not content (the name it was uploaded with, when): the id stays a digest of the content.
 
 Ids are sha256 digests of the content, so the same upload twice is one object. Every write goes through
 `fgs_common.atomic_files` (temporary name in the same directory, fsync, rename): a reader never sees half a
@@ -11,17 +13,20 @@ file, nor half a classifier folder. Shared by the API and the workers; imports n
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
-from fgs_common.atomic_files import atomic_directory, write_atomic
+from fgs_common.atomic_files import atomic_directory, temporary_name, write_atomic
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 IMAGE_EXTENSIONS = ("png", "jpeg", "webp")
 ARCHIVE_NAMES = ("archive.pt", "archive.pt2")
+CLASSIFIER_META = "meta.json"
 _HASH_CHUNK = 1 << 20
 
 
@@ -82,12 +87,12 @@ class ArtifactStore:
 
     # ---- classifiers ----
     def put_classifier(
-        self, tenant: str, archive: bytes, archive_name: str, spec_json: bytes, hardness: Path | None
+        self, tenant: str, archive: bytes, archive_name: str, spec_json: bytes, hardness: Path | None, name: str = ""
     ) -> str:
         """Store a classifier as one folder, renamed into place whole; returns its content id.
 
         `hardness` is a file on the store's filesystem (statistics can be several GB): it is hashed in chunks and
-        moved into the folder, never read whole.
+        moved into the folder, never read whole. The same content uploaded again keeps its first name and date.
         """
         if archive_name not in ARCHIVE_NAMES:
             raise ValueError(f"archive name must be one of {ARCHIVE_NAMES}")
@@ -105,6 +110,8 @@ class ArtifactStore:
         with atomic_directory(final) as staging:  # a lost race with the same upload keeps the identical copy
             (staging / archive_name).write_bytes(archive)
             (staging / "spec.json").write_bytes(spec_json)
+            meta = {"name": name, "created_at": datetime.now(UTC).isoformat()}
+            (staging / CLASSIFIER_META).write_text(json.dumps(meta), encoding="utf-8")
             if hardness is not None:
                 shutil.move(hardness, staging / "hardness.safetensors")  # a rename on the same filesystem
         return classifier_id
@@ -114,6 +121,20 @@ class ArtifactStore:
             return None
         path = self.tenant_dir(tenant) / "classifiers" / classifier_id
         return path if (path / "spec.json").exists() else None
+
+    def delete_classifier(self, tenant: str, classifier_id: str) -> bool:
+        """Remove a classifier; False when the tenant has none by that id. The folder is first renamed to a
+        temporary name (which listings skip), so no reader sees it half deleted."""
+        folder = self.classifier_dir(tenant, classifier_id)
+        if folder is None:
+            return False
+        doomed = folder.with_name(temporary_name(folder.name))
+        try:
+            os.rename(folder, doomed)
+        except FileNotFoundError:  # a concurrent delete won
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     @staticmethod
     def classifier_archive(folder: Path) -> Path:

@@ -8,6 +8,7 @@ or our Digits-LT validation run (bench/digits_lt.md). Named settings with a sour
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from enum import Enum
 from typing import Annotated, Literal
@@ -154,7 +155,19 @@ class GenerationParams(BaseModel):
     def _check_steps(self) -> GenerationParams:
         if self.steps < self.guidance_every:
             raise ValueError(f"steps ({self.steps}) must be at least guidance_every ({self.guidance_every})")
+        # ω scales the criterion's gradient: without a criterion there is none, and the run would be recorded as
+        # guided while it was not. The converse (a criterion at ω = 0) is allowed: it scores without steering.
+        if self.criterion is Criterion.none and self.omega > 0:
+            raise ValueError(
+                f"omega {self.omega} needs a criterion (loss, entropy or hardness): with criterion 'none' nothing "
+                "is steered; set a criterion or omega 0"
+            )
         return self
+
+    @property
+    def scores_without_steering(self) -> bool:
+        """A criterion at ω = 0: each image gets its criterion value, no image is steered (a control run)."""
+        return self.criterion is not Criterion.none and self.omega == 0
 
     def generation_params(self) -> GenerationParams:
         """The generation parameters alone (a subclass such as GenerateRequest carries more)."""
@@ -216,6 +229,20 @@ class ModelInfo(BaseModel):
         description="largest width*height one image may have: a bigger request is refused (422), since one "
         "denoising step of it could not finish on this model"
     )
+    class_names: list[str] | None = Field(
+        None, description="the classes the model was trained on, from its model card (null: not known)"
+    )
+    prompt_template: str | None = Field(
+        None, description="the prompt form it was trained with, '{class_name}' standing for a class name"
+    )
+    model_card: str | None = Field(None, description="where the model card lies (a path in the worker image or URL)")
+
+    def unknown_prompt_classes(self, prompts: list[str]) -> list[str]:
+        """The prompts that name none of the model's classes (all of them are fine when the classes are unknown)."""
+        if not self.class_names:
+            return []
+        known = {name.lower() for name in self.class_names}
+        return [p for p in prompts if not known & set(re.findall(r"[\w-]+", p.lower()))]
 
 
 class ErrorBody(BaseModel):
@@ -328,6 +355,8 @@ class ClassifierSpec(BaseModel):
 
 class ClassifierUploaded(BaseModel):
     id: str = Field(description="the classifier's id: digest of archive, spec and statistics")
+    name: str = Field("", description="the name it was uploaded with (default: the archive's file name)")
+    created_at: datetime | None = Field(None, description="when it was first uploaded")
     spec: ClassifierSpec = Field(description="the spec it was uploaded with")
     has_hardness_stats: bool = Field(description="whether hardness statistics came with it")
 
@@ -354,3 +383,4 @@ class JobListQuery(BaseModel):
 class JobsPublic(BaseModel):
     jobs: list[JobPublic] = Field(description="the jobs, newest first")
     count: int = Field(description="number of jobs in this page")
+    total: int = Field(description="the tenant's jobs in all states, the range that limit and offset page through")

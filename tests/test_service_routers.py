@@ -100,17 +100,20 @@ def test_readyz_is_503_when_redis_does_not_answer(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "headers, message",
+    "headers, reason",
     [
-        ({}, "send 'Authorization: Bearer <api key>'"),
-        ({"Authorization": "Bearer nope"}, "unknown API key"),
-        ({"Authorization": f"Basic {TENANT_KEYS['alpha']}"}, "send 'Authorization: Bearer <api key>'"),
+        ({}, "no API key was sent."),
+        ({"Authorization": "Bearer nope"}, "the API key is not one this service knows."),
+        ({"Authorization": f"Basic {TENANT_KEYS['alpha']}"}, "no API key was sent."),
     ],
 )
-def test_requests_without_a_known_key_are_401(api, headers, message):
+def test_requests_without_a_known_key_are_401_saying_where_a_key_comes_from(api, headers, reason):
     response = api.get("/v1/jobs", headers=headers)
     assert response.status_code == 401
-    assert response.json() == {"error": {"code": "unauthorized", "message": message}}
+    error = response.json()["error"]
+    assert error["code"] == "unauthorized" and error["message"].startswith(reason)
+    for hint in ("fgs hash-key", "FGS_DEV_API_KEY", "Authorization: Bearer <key>", "--api-key", "FGS_API_KEY"):
+        assert hint in error["message"]
 
 
 def test_image_upload_download_and_tenancy(api):
@@ -138,13 +141,32 @@ def test_generate_read_list_and_cancel_a_job(api):
     assert api.get(f"/v1/jobs/{job_id}", headers=auth("beta")).status_code == 404
     listed = api.get("/v1/jobs", params={"state": "queued"}, headers=auth("alpha")).json()
     assert listed["count"] == 1 and [j["job_id"] for j in listed["jobs"]] == [job_id]
-    assert api.get("/v1/jobs", headers=auth("beta")).json() == {"jobs": [], "count": 0}
+    assert api.get("/v1/jobs", headers=auth("beta")).json() == {"jobs": [], "count": 0, "total": 0}
     assert api.delete(f"/v1/jobs/{job_id}", headers=auth("beta")).status_code == 404
     canceled = api.delete(f"/v1/jobs/{job_id}", headers=auth("alpha"))
     assert canceled.status_code == 202 and canceled.json()["state"] == "canceled"
     again = api.delete(f"/v1/jobs/{job_id}", headers=auth("alpha"))
     assert again.status_code == 409
     assert again.json() == {"error": {"code": "job_finished", "message": f"job {job_id} is already canceled"}}
+
+
+def test_a_list_page_says_how_many_jobs_there_are_in_all(api):
+    job_ids = [api.post("/v1/generate", json=JOB, headers=auth("alpha")).json()["job_id"] for _ in range(3)]
+    page = api.get("/v1/jobs", params={"limit": 2}, headers=auth("alpha")).json()
+    assert page["count"] == 2 and page["total"] == 3
+    assert [j["job_id"] for j in page["jobs"]] == job_ids[::-1][:2]
+    rest = api.get("/v1/jobs", params={"limit": 2, "offset": 2}, headers=auth("alpha")).json()
+    assert rest["count"] == 1 and rest["total"] == 3
+
+
+def test_omega_without_a_criterion_is_422_and_a_criterion_at_omega_0_is_accepted(api):
+    unguided = api.post("/v1/generate", json={**JOB, "omega": 0.1}, headers=auth("alpha"))
+    assert unguided.status_code == 422
+    assert "omega 0.1 needs a criterion" in unguided.json()["error"]["message"]
+    classifier_id = upload_classifier(api, num_classes=10)
+    control = {**JOB, "criterion": "entropy", "omega": 0.0, "classifier_id": classifier_id}
+    assert api.post("/v1/generate", json=control, headers=auth("alpha")).status_code == 202
+    assert api.get("/v1/jobs", headers=auth("alpha")).json()["total"] == 1
 
 
 def test_events_of_a_finished_job_are_one_event_then_the_end(api):
@@ -188,7 +210,7 @@ def test_a_batch_is_queued_whole_and_summarised(api, records):
 
 
 def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, records):
-    body = {**JOB, "criterion": "none", "omega": 0.2, "gamma": 2.5, "seed": 40}
+    body = {**JOB, "criterion": "none", "dropout_p": 0.3, "gamma": 2.5, "seed": 40}
     job_id = api.post("/v1/generate", json=body, headers=auth("alpha")).json()["job_id"]
     results = [
         {"image_id": "a" * 64, "seed": 40, "criterion_value": 0.5, "predicted_class": 1},
@@ -217,7 +239,7 @@ def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, recor
         }
         for result in results
     ]
-    assert generation["omega"] == 0.2 and generation["gamma"] == 2.5
+    assert generation["dropout_p"] == 0.3 and generation["gamma"] == 2.5
 
 
 def test_the_queued_image_cap_is_429_with_retry_after_and_keeps_nothing(api):
@@ -289,3 +311,25 @@ def test_classifier_upload_read_and_list(api):
     )
     assert bad_stats.status_code == 422 and bad_stats.json()["error"]["code"] == "invalid_hardness_stats"
     assert len(api.get("/v1/classifiers", headers=auth("alpha")).json()) == 2
+
+
+def test_classifiers_have_a_name_and_date_and_their_tenant_deletes_them(api):
+    spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
+    named = api.post(
+        "/v1/classifiers",
+        files={"archive": ("digits.pt", torchscript_shaped_zip(), "application/octet-stream")},
+        data={"spec": spec, "name": "digits cnn v1"},
+        headers=auth("alpha"),
+    ).json()
+    unnamed = upload_classifier(api, num_classes=10, stats=safetensors_bytes())
+    listed = api.get("/v1/classifiers", headers=auth("alpha")).json()
+    assert [(c["id"], c["name"]) for c in listed] == [(named["id"], "digits cnn v1"), (unnamed, "clf.pt")]
+    assert all(c["created_at"] for c in listed) and listed[0]["created_at"] <= listed[1]["created_at"]
+    assert api.delete(f"/v1/classifiers/{named['id']}", headers=auth("beta")).status_code == 404
+    assert api.delete(f"/v1/classifiers/{named['id']}", headers=auth("alpha")).status_code == 204
+    assert api.get(f"/v1/classifiers/{named['id']}", headers=auth("alpha")).status_code == 404
+    assert [c["id"] for c in api.get("/v1/classifiers", headers=auth("alpha")).json()] == [unnamed]
+    gone = api.delete(f"/v1/classifiers/{named['id']}", headers=auth("alpha"))
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+    job = {**JOB, "criterion": "entropy", "classifier_id": named["id"]}
+    assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404

@@ -74,7 +74,9 @@ class _StepReporter:
 def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
     folder = runtime.store.classifier_dir(tenant, classifier_id)
     if folder is None:
-        raise ArtifactGone(f"classifier {classifier_id} is no longer in the artifact store")
+        raise ArtifactGone(
+            f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
+        )
     spec = ClassifierSpec.model_validate_json((folder / "spec.json").read_bytes())
     stats = folder / "hardness.safetensors"
 
