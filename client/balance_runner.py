@@ -4,7 +4,9 @@ Steps: 1. plan and fingerprint; 2. bind the state file (refuse a different plan)
 4. upload the conditioning images (content-addressed: known sha256s are never sent twice) and the classifier;
 5. submit pending chunks through /v1/batches (Idempotency-Key derived from the plan, so a crash between the POST
 and the state commit gets the same jobs back); 6. poll, download finished jobs (temp name + rename), retry failed
-ones; 7. write the layout's index files and manifest.csv from the state.
+ones; 7. write the layout's index files, manifest.csv and the Hugging Face metadata.csv from the state.
+Before 4, nothing is submitted until the checks pass (`fgs_client.preflight`): prompts against the model's classes
+(a warning), the classifier's classes against the dataset's, and the classifier on a sample of the user's images.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from fgs_client.dataset_writer import (
     ManifestRow,
     carry_real_files,
     remove_temporary_files,
+    write_hf_metadata,
     write_index_files,
     write_manifest,
     write_png_atomic,
 )
 from fgs_client.generation_options import validation_message
 from fgs_client.http_client import ApiError, Client
+from fgs_client.preflight import PREFLIGHT_IMAGES_PER_CLASS, match_classes, run_preflight
 from fgs_common.wire import ClassifierSpec, GenerateRequest, GenerationParams, JobPublic, JobState
 
 
@@ -53,6 +57,7 @@ class BalanceOptions:
     poll_s: float = 0.5
     window: int = 64
     show_progress: bool = True
+    force: bool = False  # submit even when the classifier pre-flight refuses
 
     def generation_fields(self) -> dict:
         """The generation parameters as JSON values (what the plan fingerprint and each request carry)."""
@@ -70,6 +75,7 @@ class BalanceReport:
     failed_jobs: list[tuple[str, str]] = field(default_factory=list)  # (plan slot, error)
     retried_jobs: int = 0
     manifest: Path | None = None
+    hf_metadata: Path | None = None  # metadata.csv for Hugging Face datasets' imagefolder loader
 
     @property
     def complete(self) -> bool:
@@ -152,7 +158,9 @@ class BalanceRun:
         self.retried = 0
         self.bad_conditioning: set[Path] = set()
         self.classifier_id: str | None = options.classifier_id
+        self.classifier_index = list(range(len(dataset.class_names)))  # dataset class -> classifier output
         self._image_ids: dict[Path, str | None] = {}  # conditioning file -> uploaded id, for this run
+        self._running = 0  # jobs seen running in the last poll: "generating" rather than "waiting for a worker"
 
     # 1-2. state
     def run(self) -> BalanceReport:
@@ -173,13 +181,71 @@ class BalanceRun:
             written_dirs |= {image.rel_path.rpartition("/")[0] for image in self.dataset.images}
             for directory in written_dirs:
                 remove_temporary_files(self.out / directory)
-            # 4. classifier (conditioning images are uploaded per chunk, just before it is submitted)
+            # 4. checks, then the classifier (conditioning images are uploaded per chunk, just before it is submitted)
             if state.pending_chunks() or state.active(1):
+                self._check_before_submitting()
                 self._resolve_classifier(state)
             self._generate(state)
             return self._finish(state)
         finally:
             state.close()
+
+    def _say(self, message: str) -> None:
+        """A status line, so that no phase of the run is silent."""
+        if self.options.show_progress:
+            self.console.print(f"[dim]fgs:[/] {message}", soft_wrap=True, highlight=False)
+
+    def _check_before_submitting(self) -> None:
+        """Prompts against the model's classes, the classifier's classes against the dataset's, and the classifier
+        on the user's own images: a ValueError (nothing submitted) for what would ruin the run."""
+        self._say("checking prompts against the model")
+        self._warn_unknown_prompts()
+        spec = self._classifier_spec()
+        if spec is None:
+            return
+        match = match_classes(spec, self.dataset.class_names)
+        self.classifier_index = match.classifier_index
+        if match.note:
+            self.console.print(f"[yellow]note:[/] {match.note}", soft_wrap=True)
+        if self.options.classifier is None:
+            self._say("pre-flight skipped: it needs the archive (--classifier), not only --classifier-id")
+            return
+        self._say(f"pre-flight: scoring the classifier on up to {PREFLIGHT_IMAGES_PER_CLASS} images per class")
+        result = run_preflight(self.options.classifier, spec, self.dataset, match)
+        if result is None:
+            self.console.print(
+                "[yellow]warning:[/] pre-flight skipped: scoring the classifier on your images needs torch "
+                "(pip install 'fgs[train]')",
+                soft_wrap=True,
+            )
+        elif result.passed:
+            self.console.print(result.summary(), soft_wrap=True)
+        elif self.options.force:
+            self.console.print(f"[yellow]warning:[/] {result.summary()}; running anyway (--force)", soft_wrap=True)
+        else:
+            raise ValueError(result.refusal())
+
+    def _warn_unknown_prompts(self) -> None:
+        info = self.client.model_info()
+        if info is None:
+            return
+        prompts = [self.dataset.prompt(c, g) for c, g in self.dataset.units()]
+        unknown = list(dict.fromkeys(info.unknown_prompt_classes(prompts)))
+        if unknown:
+            self.console.print(
+                f"[yellow]warning:[/] {len(unknown)} of the prompts name no class the model {info.model} was trained "
+                f"on (first: {', '.join(repr(p) for p in unknown[:5])}). It knows {', '.join(info.class_names)}, "
+                f"prompted as {info.prompt_template!r}: give --prompts FILE (class -> prompt) or --prompt-template, "
+                "or images will follow the conditioning image alone",
+                soft_wrap=True,
+            )
+
+    def _classifier_spec(self) -> ClassifierSpec | None:
+        if self.options.classifier_spec is not None:
+            return ClassifierSpec.model_validate_json(self.options.classifier_spec.read_text(encoding="utf-8"))
+        if self.options.classifier_id is not None:
+            return self.client.classifier(self.options.classifier_id).spec
+        return None
 
     def _resolve_classifier(self, state: BalanceState) -> None:
         options = self.options
@@ -194,6 +260,7 @@ class BalanceRun:
         if known:
             self.classifier_id = known
             return
+        self._say(f"uploading the classifier {options.classifier.name} (the service checks it in a sandbox)")
         spec = ClassifierSpec.model_validate_json(options.classifier_spec.read_text(encoding="utf-8"))
         uploaded = self.client.upload_classifier(options.classifier, spec, options.hardness_stats)
         state.set_meta(f"classifier:{digest.hexdigest()}", uploaded.id)
@@ -228,7 +295,7 @@ class BalanceRun:
         ids = [i if i is not None else good[0] for i in ids] if good else []
         return GenerateRequest(
             prompt=slot.prompt,
-            class_index=slot.entry.class_index,
+            class_index=self.classifier_index[slot.entry.class_index],
             conditioning_image_ids=ids,
             num_images=slot.num_images,
             classifier_id=self.classifier_id,
@@ -241,8 +308,10 @@ class BalanceRun:
         total = self.plan.total_to_add
         done_images = sum(r.num_images for r in state.rows("done"))
         with self._progress() as progress:
-            task = progress.add_task("generating", total=total, completed=done_images, failures=0)
-            for chunk in state.pending_chunks():
+            chunks = state.pending_chunks()
+            task = progress.add_task("submitting", total=total, completed=done_images, failures=0)
+            for number, chunk in enumerate(chunks, start=1):
+                progress.update(task, description=f"uploading images, submitting jobs ({number}/{len(chunks)})")
                 self._submit_chunk(state, chunk, progress, task)
                 self._poll_once(state, progress, task)  # download early results while later chunks upload
             while state.active(1):
@@ -252,11 +321,14 @@ class BalanceRun:
     def _poll_once(self, state: BalanceState, progress: Progress, task) -> bool:
         """One look at the oldest submitted jobs; True when any of them moved on."""
         moved = False
+        self._running = 0
         for row in state.active(self.options.window):
             finished_images = self._advance(state, row)
             if finished_images is not None:
                 moved = True
                 progress.update(task, advance=finished_images, failures=len(self.failures))
+        waiting = "waiting for a worker" if not self._running and not moved else "generating"
+        progress.update(task, description=waiting)
         return moved
 
     def _progress(self) -> Progress:
@@ -326,6 +398,7 @@ class BalanceRun:
             if error.status != 404:
                 raise
             return self._retry_or_fail(state, row, f"job {row.job_id} is unknown to the service (404)")
+        self._running += job.state is JobState.running
         if job.state is JobState.finished:
             self._download(state, row, job)
             return row.num_images
@@ -412,10 +485,12 @@ class BalanceRun:
                         dropout_p=str(request.dropout_p if request else fields_["dropout_p"]),
                         criterion_value="" if value is None else repr(float(value)),
                         job_id=job.job_id or "",
+                        prompt=request.prompt if request else slot.prompt,
                     )
                 )
         write_index_files(self.out, self.dataset, synthetic)
         manifest = write_manifest(self.out, rows)
+        hf_metadata = write_hf_metadata(self.out, rows)
         failed = [(r.key, r.error or "failed") for r in state.rows("failed")]
         return BalanceReport(
             out=self.out,
@@ -427,6 +502,7 @@ class BalanceRun:
             failed_jobs=failed,
             retried_jobs=self.retried,
             manifest=manifest,
+            hf_metadata=hf_metadata,
         )
 
 

@@ -23,6 +23,7 @@ from fgs_common.wire import (
     JobAccepted,
     JobPublic,
     JobState,
+    ModelInfo,
 )
 
 if TYPE_CHECKING:
@@ -151,17 +152,39 @@ class Client:
         return ImageUploaded.model_validate(response.json())
 
     def upload_classifier(
-        self, archive: Path, spec: ClassifierSpec, hardness_stats: Path | None = None
+        self, archive: Path, spec: ClassifierSpec, hardness_stats: Path | None = None, name: str | None = None
     ) -> ClassifierUploaded:
         """POST /v1/classifiers: a TorchScript (.pt) or torch.export (.pt2) archive, its spec, optional
-        hardness statistics."""
+        hardness statistics and a name to list it by (default: the archive's file name)."""
         files = {"archive": (archive.name, archive.read_bytes(), "application/octet-stream")}
         with contextlib.ExitStack() as opened:
             if hardness_stats is not None:  # several GB at ImageNet scale: httpx streams an open file (seeks on retry)
                 stats = opened.enter_context(open(hardness_stats, "rb"))
                 files["hardness_stats"] = (hardness_stats.name, stats, "application/octet-stream")
-            response = self._request("POST", "/v1/classifiers", files=files, data={"spec": spec.model_dump_json()})
+            form = {"spec": spec.model_dump_json()} | ({"name": name} if name else {})
+            response = self._request("POST", "/v1/classifiers", files=files, data=form)
         return ClassifierUploaded.model_validate(response.json())
+
+    def classifier(self, classifier_id: str) -> ClassifierUploaded:
+        """GET /v1/classifiers/{id}: an uploaded classifier's spec, name and date."""
+        return ClassifierUploaded.model_validate(self._request("GET", f"/v1/classifiers/{classifier_id}").json())
+
+    def classifiers(self) -> list[ClassifierUploaded]:
+        """GET /v1/classifiers: the tenant's classifiers, oldest first."""
+        return [ClassifierUploaded.model_validate(c) for c in self._request("GET", "/v1/classifiers").json()]
+
+    def delete_classifier(self, classifier_id: str) -> None:
+        """DELETE /v1/classifiers/{id}."""
+        self._request("DELETE", f"/v1/classifiers/{classifier_id}")
+
+    def model_info(self) -> ModelInfo | None:
+        """GET /v1/model: what the workers' model takes and knows; None while no worker has published it."""
+        try:
+            return ModelInfo.model_validate(self._request("GET", "/v1/model").json())
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
 
     def submit(
         self, request: GenerateRequest, idempotency_key: str | None = None, wait_when_full: bool = True

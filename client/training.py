@@ -246,23 +246,35 @@ def image_tensor(path: Path, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def _classifier_outputs(classifier, paths: Sequence[Path], batch_size: int) -> Iterator[tuple]:
+    """(logits, embedding or None) per batch of image files, through the classifier's own preprocessing."""
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            pixels = torch.stack(
+                [image_tensor(p, classifier.spec.input_size) for p in paths[start : start + batch_size]]
+            )
+            yield classifier(pixels.to(classifier.device))
+
+
 def embed_images(
     classifier, paths: Sequence[Path], labels: Sequence[int], batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [N, k] of images under a loaded classifier whose forward returns (logits, embedding)."""
     if classifier.spec.output.value != "logits_embedding":
         raise ValueError("hardness statistics need a classifier whose spec output is 'logits_embedding'")
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(paths), batch_size):
-            pixels = torch.stack(
-                [image_tensor(p, classifier.spec.input_size) for p in paths[start : start + batch_size]]
-            )
-            _logits, embedding = classifier(pixels.to(classifier.device))
-            chunks.append(embedding.float().cpu())
+    chunks = [embedding.float().cpu() for _logits, embedding in _classifier_outputs(classifier, paths, batch_size)]
     if not chunks:
         raise ValueError("no images to embed")
     return torch.cat(chunks), torch.as_tensor(list(labels), dtype=torch.long)
+
+
+def classify_images(classifier, paths: Sequence[Path], batch_size: int = 64) -> list[int]:
+    """The classifier's arg-max class of each image file (what the workers' feedback would take it for)."""
+    return [
+        int(label)
+        for logits, _embedding in _classifier_outputs(classifier, paths, batch_size)
+        for label in logits.argmax(1)
+    ]
 
 
 # ---------------------------------------------------------------- dataset

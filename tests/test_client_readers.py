@@ -98,6 +98,43 @@ def test_imagefolder_with_groups_csv(tmp_path):
     assert grouped.prompt(1, "night") == "bee in night"
 
 
+def test_a_prompt_template_or_a_prompts_file_replaces_the_readers_prompts(tmp_path):
+    root = tmp_path / "data"
+    for cls in ("apple", "banana"):
+        write_image(root / cls / "0.png")
+    templated = read_dataset("imagefolder", root, prompt_template="a photo of a {class_name}")
+    assert [templated.prompt(c, None) for c in (0, 1)] == ["a photo of a apple", "a photo of a banana"]
+    as_json = tmp_path / "prompts.json"
+    as_json.write_text(json.dumps({"banana": "a handwritten digit one", "apple": "a handwritten digit zero"}))
+    as_csv = tmp_path / "prompts.csv"
+    as_csv.write_text("class,prompt\napple,a handwritten digit zero\nbanana,a handwritten digit one\n")
+    for prompts in (as_json, as_csv):
+        mapped = read_dataset("imagefolder", root, prompts_file=prompts)
+        assert [mapped.prompt(c, None) for c in (0, 1)] == ["a handwritten digit zero", "a handwritten digit one"]
+
+
+@pytest.mark.parametrize(
+    ("template", "prompts", "message"),
+    [
+        ("a photo", None, "must contain {class_name}"),
+        ("a {colour} {class_name}", None, "colour"),
+        (None, '{"apple": "x"}', r"no prompt for \['banana'\]"),
+        (None, '{"apple": "x", "banana": "y", "cherry": "z"}', r"no such class \['cherry'\]"),
+        ("{class_name}", '{"apple": "x", "banana": "y"}', "not both"),
+    ],
+)
+def test_prompt_options_that_do_not_fit_the_dataset_are_refused(tmp_path, template, prompts, message):
+    root = tmp_path / "data"
+    for cls in ("apple", "banana"):
+        write_image(root / cls / "0.png")
+    prompts_file = None
+    if prompts is not None:
+        prompts_file = tmp_path / "prompts.json"
+        prompts_file.write_text(prompts)
+    with pytest.raises(DatasetError, match=message):
+        read_dataset("imagefolder", root, prompt_template=template, prompts_file=prompts_file)
+
+
 def test_digits_lt_layout(tmp_path):
     for digit, n in (("0", 3), ("1", 1)):
         for i in range(n):

@@ -7,7 +7,6 @@ so the embedded model exercises exactly the code path of the real one. Nothing i
 from __future__ import annotations
 
 import json
-
 import tempfile
 from pathlib import Path
 

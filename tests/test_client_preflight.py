@@ -1,0 +1,73 @@
+"""The checks `balance` runs before submitting: the classifier's classes against the dataset's, and the classifier
+on the user's own images through the workers' preprocessing (a real TorchScript archive, real files)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fgs_client.dataset_readers import read_dataset
+from fgs_client.preflight import match_classes, preflight_threshold, run_preflight
+from fgs_common.wire import ClassifierSpec
+from support.tiny_classifier import make_brightness_set, write_brightness_classifier
+
+ORDER = ["dark", "grey", "light"]  # the ImageFolder reader's order: sorted folder names
+
+
+def spec(names: list[str] | None, num_classes: int = 3) -> ClassifierSpec:
+    return ClassifierSpec(num_classes=num_classes, class_names=names, input_size=8)
+
+
+def test_the_same_classes_in_the_same_order_need_no_note():
+    match = match_classes(spec(ORDER), ORDER)
+    assert match.classifier_index == [0, 1, 2] and match.note is None
+
+
+def test_classes_in_another_order_are_mapped_by_name_and_said_so():
+    match = match_classes(spec(["light", "dark", "grey"]), ORDER)
+    assert match.classifier_index == [1, 2, 0]
+    assert "another order" in match.note and "dark -> 1" in match.note and "light -> 0" in match.note
+
+
+def test_other_classes_are_refused_with_both_lists():
+    with pytest.raises(ValueError) as refused:
+        match_classes(spec(["zero", "one", "two"]), ORDER)
+    message = str(refused.value)
+    assert "['zero', 'one', 'two']" in message and "['dark', 'grey', 'light']" in message
+    with pytest.raises(ValueError, match="has 2 classes but the dataset 3"):
+        match_classes(spec(None, num_classes=2), ORDER)
+    assert "no class_names" in match_classes(spec(None), ORDER).note
+
+
+def test_the_threshold_is_halfway_between_chance_and_perfect():
+    assert preflight_threshold(2) == 0.75 and preflight_threshold(10) == pytest.approx(0.55)
+
+
+@pytest.fixture
+def brightness_set(tmp_path):
+    root = tmp_path / "data"
+    make_brightness_set(root, {"dark": 6, "grey": 3, "light": 2})
+    return read_dataset("imagefolder", root)
+
+
+def test_the_preflight_passes_a_classifier_that_recognises_the_images(tmp_path, brightness_set):
+    archive, spec_path = write_brightness_classifier(tmp_path / "clf", ORDER)
+    parsed = ClassifierSpec.model_validate_json(spec_path.read_text())
+    result = run_preflight(archive, parsed, brightness_set, match_classes(parsed, ORDER))
+    assert result.passed and result.accuracy == 1.0 and result.images == 11
+
+
+def test_the_preflight_scores_a_reordered_classifier_through_the_mapping(tmp_path, brightness_set):
+    order = ["light", "grey", "dark"]
+    archive, spec_path = write_brightness_classifier(tmp_path / "clf", order)
+    parsed = ClassifierSpec.model_validate_json(spec_path.read_text())
+    assert run_preflight(archive, parsed, brightness_set, match_classes(parsed, ORDER)).accuracy == 1.0
+    unmapped = match_classes(spec(ORDER), ORDER)  # what taking the spec's order for the dataset's would do
+    assert not run_preflight(archive, parsed, brightness_set, unmapped).passed
+
+
+def test_the_preflight_refuses_a_spec_with_the_wrong_normalisation(tmp_path, brightness_set):
+    archive, spec_path = write_brightness_classifier(tmp_path / "clf", ORDER, mean=0.0, std=1.0)
+    parsed = ClassifierSpec.model_validate_json(spec_path.read_text())
+    result = run_preflight(archive, parsed, brightness_set, match_classes(parsed, ORDER))
+    assert not result.passed and result.accuracy < result.threshold
+    assert "mean/std" in result.refusal() and "--force" in result.refusal()
