@@ -309,6 +309,8 @@ class BalanceRun:
         done_images = sum(r.num_images for r in state.rows("done"))
         with self._progress() as progress:
             chunks = state.pending_chunks()
+            if chunks:
+                self._say(f"submitting the jobs ({len(chunks)} chunks of up to {self.options.chunk_size})")
             task = progress.add_task("submitting", total=total, completed=done_images, failures=0)
             for number, chunk in enumerate(chunks, start=1):
                 progress.update(task, description=f"uploading images, submitting jobs ({number}/{len(chunks)})")
