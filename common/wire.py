@@ -289,6 +289,15 @@ class JobBase(BaseModel):
     finished_at: datetime | None = Field(None, description="when the job reached its final state")
 
 
+class JobProgressEvent(BaseModel):
+    """A `progress` event of GET /v1/jobs/{id}/events: what changed while the job runs, without its request."""
+
+    job_id: str = Field(description="the job's id")
+    state: JobState = Field(description="queued or running (the final state comes as a `job` event)")
+    progress: JobProgress = Field(description="images and denoising steps done")
+    error: ErrorBody | None = Field(None, description="why the last attempt failed, while the job is retried")
+
+
 class JobPublic(JobBase):
     """A job with one result per image written so far."""
 

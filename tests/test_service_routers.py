@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
+import time
 import zipfile
 
 import pytest
@@ -178,6 +180,37 @@ def test_events_of_a_finished_job_are_one_event_then_the_end(api):
         lines = [line for line in response.iter_lines() if line]
     assert lines[0] == "event: job" and len(lines) == 2
     assert JobState(json.loads(lines[1].removeprefix("data: "))["state"]) is JobState.canceled
+
+
+def test_events_carry_progress_while_a_job_runs_and_the_whole_record_at_its_end(api, records):
+    job_id = api.post("/v1/generate", json=JOB, headers=auth("alpha")).json()["job_id"]
+    results = [{"image_id": "a" * 64, "seed": 0}, {"image_id": "b" * 64, "seed": 1}]
+
+    def work() -> None:  # what a worker writes, while the stream is open
+        time.sleep(0.5)
+        records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
+        time.sleep(0.5)
+        records.transition(
+            job_id, JobState.finished, (JobState.running,), images_done=2, finished_at=2.0, results=json.dumps(results)
+        )
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth("alpha")) as response:
+        lines = [line for line in response.iter_lines() if line and not line.startswith(":")]
+    worker.join()
+    events = [
+        (lines[i].removeprefix("event: "), json.loads(lines[i + 1].removeprefix("data: ")))
+        for i in range(0, len(lines), 2)
+    ]
+    assert [(name, data["state"]) for name, data in events] == [
+        ("progress", "queued"),
+        ("progress", "running"),
+        ("job", "finished"),
+    ]
+    assert all(set(data) == {"job_id", "state", "progress", "error"} for name, data in events[:-1])
+    final = events[-1][1]
+    assert final["request"]["prompt"] == "a digit" and [r["image_id"] for r in final["results"]] == ["a" * 64, "b" * 64]
 
 
 def test_the_same_idempotency_key_answers_with_the_first_job(api):

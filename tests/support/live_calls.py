@@ -8,7 +8,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from fgs_common.wire import ClassifierSpec, JobPublic, JobState
+from fgs_common.wire import ClassifierSpec, JobProgressEvent, JobPublic, JobState
 
 
 def png_bytes(seed: int = 0, size: int = 32) -> bytes:
@@ -27,15 +27,19 @@ def upload_classifier(client, archive_bytes: bytes, spec: ClassifierSpec | str, 
     )
 
 
-def follow_events(client, job_id: str) -> list[JobPublic]:
-    """All `job` events of the SSE stream, until the server ends it (the job reached a final state)."""
+def follow_events(client, job_id: str) -> list[JobProgressEvent | JobPublic]:
+    """The events of the SSE stream until the server ends it: `progress` events, then the final `job` event."""
     events = []
+    kind = {"progress": JobProgressEvent, "job": JobPublic}
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=300) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
+        event = None
         for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(JobPublic.model_validate_json(line[len("data: ") :]))
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: "):
+                events.append(kind[event].model_validate_json(line[len("data: ") :]))
     return events
 
 
