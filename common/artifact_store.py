@@ -1,6 +1,7 @@
 """The artifact store: a directory (FGS_DATA_DIR, a shared volume when workers run elsewhere), one folder per tenant.
 
     {data_dir}/tenants/{tenant}/images/{sha256}.{png|jpeg|webp}   uploaded conditioning images and generated PNGs
+    {data_dir}/tenants/{tenant}/uploads/{sha256}.json   an uploaded image's record (name, date, size)
     {data_dir}/tenants/{tenant}/classifiers/{id}/archive.{pt|pt2}, spec.json, meta.json[, hardness.safetensors]
 
 `meta.json` holds what is not content (the name it was uploaded with, when): the id stays a digest of the content.
@@ -74,6 +75,31 @@ class ArtifactStore:
         if not path.exists():
             write_atomic(path, data)
         return image_id
+
+    def record_upload(self, tenant: str, image_id: str, record: dict) -> dict:
+        """Keep an uploaded image's record (name, size) with its first upload's date; returns the stored record."""
+        path = self.tenant_dir(tenant) / "uploads" / f"{image_id}.json"
+        if path.exists():
+            return json.loads(path.read_text(encoding="utf-8"))
+        record = {**record, "created_at": datetime.now(UTC).isoformat()}
+        write_atomic(path, json.dumps(record).encode())
+        return record
+
+    def uploads(self, tenant: str) -> list[dict]:
+        """The records of the tenant's uploaded images whose file is still there."""
+        folder = self.tenant_dir(tenant) / "uploads"
+        paths = sorted(folder.glob("*.json")) if folder.exists() else []
+        records = [json.loads(p.read_text(encoding="utf-8")) | {"id": p.stem} for p in paths if _ID.match(p.stem)]
+        return [r for r in records if self.image_path(tenant, r["id"]) is not None]
+
+    def delete_image(self, tenant: str, image_id: str) -> bool:
+        """Remove an image (uploaded or generated) and its upload record; False when the tenant has none by that id."""
+        path = self.image_path(tenant, image_id)
+        if path is None:
+            return False
+        path.unlink(missing_ok=True)
+        (self.tenant_dir(tenant) / "uploads" / f"{image_id}.json").unlink(missing_ok=True)
+        return True
 
     def image_path(self, tenant: str, image_id: str) -> Path | None:
         if not is_object_id(image_id):

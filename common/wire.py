@@ -328,6 +328,8 @@ class ImageUploaded(BaseModel):
     id: str = Field(description="the image's id: sha256 of its bytes")
     width: int = Field(description="width in pixels")
     height: int = Field(description="height in pixels")
+    name: str = Field("", description="the file name it was uploaded with")
+    created_at: datetime | None = Field(None, description="when it was first uploaded")
 
 
 class ClassifierOutput(str, Enum):

@@ -122,7 +122,9 @@ def test_image_upload_download_and_tenancy(api):
     data = png_bytes(seed=3, size=16)
     response = api.post("/v1/images", files={"file": ("a.png", data, "image/png")}, headers=auth("alpha"))
     assert response.status_code == 201
-    assert response.json() == {"id": hashlib.sha256(data).hexdigest(), "width": 16, "height": 16}
+    uploaded = response.json()
+    assert uploaded.pop("created_at")
+    assert uploaded == {"id": hashlib.sha256(data).hexdigest(), "width": 16, "height": 16, "name": "a.png"}
     image_id = response.json()["id"]
     download = api.get(f"/v1/images/{image_id}", headers=auth("alpha"))
     assert download.status_code == 200 and download.content == data
@@ -132,6 +134,26 @@ def test_image_upload_download_and_tenancy(api):
     assert not_image.status_code == 415 and not_image.json()["error"]["code"] == "not_an_image"
     empty = api.post("/v1/images", files={"file": ("a.png", b"", "image/png")}, headers=auth("alpha"))
     assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_upload"
+
+
+def test_uploaded_images_have_a_name_and_date_and_their_tenant_deletes_them(api):
+    first, second = png_bytes(seed=5, size=16), png_bytes(seed=6, size=16)
+    ids = [
+        api.post("/v1/images", files={"file": (name, data, "image/png")}, headers=auth("alpha")).json()["id"]
+        for name, data in (("one.png", first), ("two.png", second))
+    ]
+    again = api.post("/v1/images", files={"file": ("renamed.png", first, "image/png")}, headers=auth("alpha")).json()
+    assert again["name"] == "one.png"  # the same bytes keep their first name and date
+    listed = api.get("/v1/images", headers=auth("alpha")).json()
+    assert [(i["id"], i["name"], i["width"]) for i in listed] == [(ids[0], "one.png", 16), (ids[1], "two.png", 16)]
+    assert all(i["created_at"] for i in listed)
+    assert api.get("/v1/images", headers=auth("beta")).json() == []
+    assert api.delete(f"/v1/images/{ids[0]}", headers=auth("beta")).status_code == 404
+    assert api.delete(f"/v1/images/{ids[0]}", headers=auth("alpha")).status_code == 204
+    assert api.get(f"/v1/images/{ids[0]}", headers=auth("alpha")).status_code == 404
+    assert [i["id"] for i in api.get("/v1/images", headers=auth("alpha")).json()] == [ids[1]]
+    job = {**JOB, "conditioning_image_ids": [ids[0]]}
+    assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404
 
 
 def test_generate_read_list_and_cancel_a_job(api):
