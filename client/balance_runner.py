@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from fgs_client.balance_planner import BalancePlan, JobSlot, UnitCounts, build_jobs, plan_balance
+from fgs_client.balance_planner import BalancePlan, JobSlot, UnitCounts, build_jobs, parse_target, plan_balance
 from fgs_client.balance_state import STATE_NAME, BalanceState
 from fgs_client.dataset_readers import RealImage, ScannedDataset, SyntheticImage
 from fgs_client.dataset_writer import (
@@ -524,6 +524,8 @@ class _RateColumn(TextColumn):
 def balance_dataset(
     client: Client, dataset: ScannedDataset, out: Path, target, options: BalanceOptions, console: Console | None = None
 ) -> BalanceReport:
-    """Plan and run a balance (the Python API behind `fgs-client balance`)."""
+    """Plan and run a balance (the Python API behind `fgs-client balance`); `target` as --target takes it."""
+    if isinstance(target, str):
+        target = parse_target(target)
     plan = plan_balance(UnitCounts.from_dataset(dataset), target, images_per_job=options.images_per_job)
     return BalanceRun(client, dataset, out, plan, options, console=console).run()

@@ -266,7 +266,8 @@ class Client:
         from fgs_client.balance_runner import BalanceOptions, balance_dataset, check_balance_options
         from fgs_client.dataset_readers import read_dataset
 
-        reader_options = {k: options.pop(k) for k in ("split_file", "class_names_file", "groups_csv") if k in options}
+        reader_keys = ("split_file", "class_names_file", "groups_csv", "prompt_template", "prompts_file")
+        reader_options = {k: options.pop(k) for k in reader_keys if k in options}
         # generation parameters by their GenerationParams names, the rest as BalanceOptions fields
         generation = {k: options.pop(k) for k in list(options) if k in GenerationParams.model_fields}
         balance_options = BalanceOptions(generation=GenerationParams(**generation), **options)
