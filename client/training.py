@@ -32,6 +32,9 @@ from fgs_client.dataset_writer import MANIFEST_NAME, read_manifest
 class RealSyntheticBatchSampler(torch.utils.data.Sampler):
     """Batches of indices with round(batch_size * real_fraction) real and the rest synthetic examples.
 
+    Takes one label and one synthetic flag per example (`ManifestDataset.labels`, `.is_synthetic`); use it as a
+    DataLoader's `batch_sampler`. `num_batches` defaults to one pass (len(labels) // batch_size).
+
     Classes are drawn so that over the whole batch each class is equally likely: a class with only real
     (or only synthetic) examples is drawn more often in its half, and classes with both share what remains.
     When that is impossible (more real-only classes than the real half can carry), each half is class-balanced
@@ -170,7 +173,12 @@ def shot_accuracy(
     predictions, labels, train_class_counts, many_threshold: int = 100, few_threshold: int = 20
 ) -> ShotAccuracy:
     """Accuracy by shot, classifier-balancing's convention: the mean of per-class accuracies of the classes in
-    each split, classes taken from the test labels; predictions are class ids [N] or logits [N, C]."""
+    each split, classes taken from the test labels; predictions are class ids [N] or logits [N, C].
+
+    `train_class_counts` are the real training images per class (e.g. `ManifestDataset.class_counts("real")`).
+    The default thresholds are ImageNet-LT's (Many > 100, Few < 20 of at most 1,280 per class); on a smaller set
+    scale them to its largest class, or every class is Few: Digits-LT (largest 60) uses 20 and 6
+    (`fgs_client.digits_lt.MANY_ABOVE`, `FEW_BELOW`). A split without classes is nan."""
     predicted, truth = _predictions(predictions), _as_numpy(labels)
     counts = _as_numpy(train_class_counts)
     buckets: dict[str, list[float]] = {"many": [], "medium": [], "few": []}
@@ -283,8 +291,10 @@ def classify_images(classifier, paths: Sequence[Path], batch_size: int = 64) -> 
 class ManifestDataset(torch.utils.data.Dataset):
     """The images listed in `<out>/manifest.csv` (real and synthetic), as (image, class index[, group]).
 
-    Without a transform, an image is a [3, H, W] float tensor in [0, 1]. `labels`, `is_synthetic` and `groups`
-    feed RealSyntheticBatchSampler."""
+    `transform` receives each image as a PIL image in RGB (real and synthetic sizes may differ: resize there) and
+    returns what the model takes; without one, an image is a [3, H, W] float tensor in [0, 1] at its own size.
+    `source` keeps only "real" or "synthetic" rows. `labels` and `is_synthetic` feed RealSyntheticBatchSampler;
+    `class_counts("real")` is Balanced Softmax's prior and shot_accuracy's train counts."""
 
     def __init__(self, out_dir: Path, transform=None, source: str | None = None, return_group: bool = False):
         self.root = Path(out_dir)
