@@ -79,6 +79,27 @@ def make_client(url: str, api_key: str | None) -> Client:
     return Client(url, api_key or get_settings().dev_api_key)
 
 
+def scan(
+    dataset: DatasetName,
+    root: Path,
+    split_file: Path | None,
+    class_names: Path | None,
+    groups: Path | None,
+    prompt_template: str | None = None,
+    prompts: Path | None = None,
+) -> ScannedDataset:
+    """`read_dataset` under the CLI's option names."""
+    return read_dataset(
+        dataset.value,
+        root,
+        split_file=split_file,
+        class_names_file=class_names,
+        groups_csv=groups,
+        prompt_template=prompt_template,
+        prompts_file=prompts,
+    )
+
+
 def print_plan(
     plan: BalancePlan, grouped: bool, console: Console = out_console, dataset: ScannedDataset | None = None
 ) -> None:
@@ -213,15 +234,7 @@ def balance(
         if not dry_run:
             check_balance_options(options)
         err_console.print(f"[dim]fgs:[/] reading the dataset in {root}", highlight=False)
-        scanned = read_dataset(
-            dataset.value,
-            root,
-            split_file=split_file,
-            class_names_file=class_names,
-            groups_csv=groups,
-            prompt_template=prompt_template,
-            prompts_file=prompts,
-        )
+        scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
         if scanned.skipped:
             err_console.print(
                 f"[yellow]skipped {len(scanned.skipped):,} files that are not readable images[/] (first: "
@@ -617,15 +630,7 @@ def sweep(
         settings = [pilot_sweep.SweepSetting(w, g) for g in gammas for w in sorted(omegas)]
         for setting in settings:  # each setting must be a valid generation before anything is uploaded
             GenerationParams.model_validate(generation.model_dump() | {"omega": setting.omega, "gamma": setting.gamma})
-        scanned = read_dataset(
-            dataset.value,
-            root,
-            split_file=split_file,
-            class_names_file=class_names,
-            groups_csv=groups,
-            prompt_template=prompt_template,
-            prompts_file=prompts,
-        )
+        scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
         chosen = pilot_sweep.resolve_classes(classes, scanned.class_names)
         if len(scanned.class_names) != parsed.num_classes:
             raise ValueError(

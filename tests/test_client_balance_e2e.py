@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,23 +21,13 @@ from fgs_client.balance_state import STATE_NAME
 from fgs_client.http_client import AuthenticationFailed, Client
 from fgs_common.wire import GenerationParams
 from support.dataset_trees import make_nicopp_tree, write_image
+from support.live_calls import client_process as cli
 
 FAST = ["--steps", "4", "--guidance-every", "2", "--images-per-job", "4", "--no-progress"]
 WITH_PROGRESS = FAST[:-1]
 # cat and dog have real images in some contexts only; bird only in one; 3 classes x 6 contexts, max group = 3
 NICO_COUNTS = {("cat", "autumn"): 3, ("cat", "dim"): 1, ("dog", "water"): 2, ("dog", "rock"): 1, ("bird", "grass"): 1}
 CONTEXTS = ["autumn", "dim", "grass", "outdoor", "rock", "water"]
-
-
-def cli(*args: str, key: str, url: str) -> subprocess.Popen:
-    env = {**os.environ, "FGS_URL": url, "FGS_API_KEY": key}
-    return subprocess.Popen(
-        [sys.executable, "-m", "fgs_client.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def run_cli(*args: str, key: str, url: str, timeout: float = 300) -> tuple[int, str]:

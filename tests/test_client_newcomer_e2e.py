@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from fgs_client.balance_state import STATE_NAME, BalanceState
 from support.dataset_trees import write_image
+from support.live_calls import client_process
 from support.stack import start_stack
 from support.tiny_classifier import make_brightness_set, write_brightness_classifier
 
@@ -42,14 +42,7 @@ def stack(redis_server, tiny_model_dir, tmp_path_factory):
 
 
 def cli(stack, *args: str, tenant: str = "alpha", key: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "FGS_URL": stack.base_url, "FGS_API_KEY": key or stack.keys[tenant], "COLUMNS": "200"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "fgs_client.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return client_process(*args, url=stack.base_url, key=key or stack.keys[tenant], COLUMNS="200")
 
 
 def run_cli(stack, *args: str, **kwargs) -> tuple[int, str]:

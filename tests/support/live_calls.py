@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -43,6 +46,17 @@ def follow_events(client, job_id: str) -> list[JobProgressEvent | JobPublic]:
     return events
 
 
+def client_process(*args: str, url: str, key: str, **env: str) -> subprocess.Popen:
+    """`fgs-client ARGS` in a subprocess against `url` with `key`; stdout and stderr together, as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fgs_client.cli", *args],
+        env={**os.environ, "FGS_URL": url, "FGS_API_KEY": key, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def get_job(client, job_id: str) -> JobPublic:
     response = client.get(f"/v1/jobs/{job_id}")
     assert response.status_code == 200, response.text
@@ -75,6 +89,7 @@ __all__ = [
     "JobState",
     "png_bytes",
     "upload_classifier",
+    "client_process",
     "follow_events",
     "get_job",
     "wait_for",
