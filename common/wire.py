@@ -241,8 +241,9 @@ class ModelInfo(BaseModel):
         """The prompts that name none of the model's classes (all of them are fine when the classes are unknown)."""
         if not self.class_names:
             return []
-        known = {name.lower() for name in self.class_names}
-        return [p for p in prompts if not known & set(re.findall(r"[\w-]+", p.lower()))]
+        # whole words only, so that "one" is not found in "phone"; a class name may be several words
+        known = [re.compile(rf"\b{re.escape(name.lower())}\b") for name in self.class_names]
+        return [p for p in prompts if not any(name.search(p.lower()) for name in known)]
 
 
 class ErrorBody(BaseModel):

@@ -7,7 +7,7 @@ import pytest
 
 from fgs_client.dataset_readers import read_dataset
 from fgs_client.preflight import match_classes, preflight_threshold, run_preflight
-from fgs_common.wire import ClassifierSpec
+from fgs_common.wire import ClassifierSpec, ModelInfo
 from support.tiny_classifier import make_brightness_set, write_brightness_classifier
 
 ORDER = ["dark", "grey", "light"]  # the ImageFolder reader's order: sorted folder names
@@ -71,3 +71,16 @@ def test_the_preflight_refuses_a_spec_with_the_wrong_normalisation(tmp_path, bri
     result = run_preflight(archive, parsed, brightness_set, match_classes(parsed, ORDER))
     assert not result.passed and result.accuracy < result.threshold
     assert "mean/std" in result.refusal() and "--force" in result.refusal()
+
+
+def test_a_prompt_is_unknown_to_the_model_when_it_names_none_of_its_classes_as_a_whole_word():
+    info = ModelInfo(
+        model="fgs-digits",
+        native_width=32,
+        native_height=32,
+        max_pixels_per_image=4096,
+        class_names=["zero", "one", "water snake"],
+    )
+    prompts = ["apple", "a handwritten digit zero", "a phone", "a water snake in grass", "One"]
+    assert info.unknown_prompt_classes(prompts) == ["apple", "a phone"]
+    assert info.model_copy(update={"class_names": None}).unknown_prompt_classes(prompts) == []
