@@ -61,8 +61,12 @@ def check_balanced_nicopp(out: Path, target: int = 3) -> list[dict]:
     assert len(paths) == len(set(paths))
     assert {r["path"] for r in rows if r["source"] == "synthetic"} == synthetic_files
     real = {r["path"] for r in rows if r["source"] == "real"}
+    index = train / "metadata.csv"  # Hugging Face datasets' index, in the folder that holds every image
+    assert index.read_text().startswith("file_name,label,class_index,group,source")
     assert real == {
-        p.relative_to(out).as_posix() for p in train.rglob("*") if p.is_file() and not p.name.startswith("fgs_")
+        p.relative_to(out).as_posix()
+        for p in train.rglob("*")
+        if p.is_file() and not p.name.startswith("fgs_") and p != index
     }
     by_group = Counter((r["class"], r["group"]) for r in rows)
     assert set(by_group.values()) == {target} and len(by_group) == 18
@@ -359,6 +363,7 @@ def test_feedback_guided_balance_with_uploaded_classifier(live_stack, tmp_path):
         str(tmp_path / "clf.pt"),
         "--classifier-spec",
         str(tmp_path / "spec.json"),
+        "--force",  # a random-weight classifier: the pre-flight on the images would refuse it
         "--hardness-stats",
         str(tmp_path / "stats.safetensors"),
         key=key,
@@ -412,6 +417,7 @@ def test_failing_jobs_are_retried_then_reported(live_stack, tmp_path):
         str(tmp_path / "clf.pt"),
         "--classifier-spec",
         str(tmp_path / "spec.json"),
+        "--force",  # a random-weight classifier: the pre-flight on the images would refuse it
         "--max-retries",
         "1",
         "--no-progress",
