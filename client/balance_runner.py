@@ -38,7 +38,7 @@ from fgs_client.dataset_writer import (
 from fgs_client.generation_options import validation_message
 from fgs_client.http_client import ApiError, Client
 from fgs_client.preflight import PREFLIGHT_IMAGES_PER_CLASS, match_classes, run_preflight
-from fgs_common.wire import ClassifierSpec, GenerateRequest, GenerationParams, JobPublic, JobState
+from fgs_common.wire import STORED, ClassifierSpec, GenerateRequest, GenerationParams, JobPublic, JobState
 
 
 @dataclass
@@ -418,7 +418,7 @@ class BalanceRun:
         slot = self.by_key[row.key]
         for index in range(slot.num_images):  # a new attempt rewrites the slot's images as a whole
             (self.out / synthetic_rel_path(self.dataset, slot, index)).unlink(missing_ok=True)
-        request = GenerateRequest.model_validate_json(row.request)
+        request = GenerateRequest.model_validate_json(row.request, context=STORED)
         attempt = row.attempt + 1
         accepted = self.client.submit(
             request, idempotency_key=f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a{attempt}"
@@ -469,7 +469,7 @@ class BalanceRun:
         synthetic: list[SyntheticImage] = []
         for job in state.rows("done"):
             slot = self.by_key[job.key]
-            request = GenerateRequest.model_validate_json(job.request) if job.request else None
+            request = GenerateRequest.model_validate_json(job.request, context=STORED) if job.request else None
             for record in job.results or []:
                 synthetic.append(SyntheticImage(record["path"], slot.entry.class_index, slot.entry.group))
                 value = record.get("criterion_value")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from fgs_common.wire import (
+    STORED,
     BatchAccepted,
     BatchCreate,
     BatchPublic,
@@ -217,7 +218,7 @@ class Client:
         return BatchAccepted.model_validate(response.json())
 
     def job(self, job_id: str) -> JobPublic:
-        return JobPublic.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+        return JobPublic.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json(), context=STORED)
 
     def batch(self, batch_id: str) -> BatchPublic:
         return BatchPublic.model_validate(self._request("GET", f"/v1/batches/{batch_id}").json())

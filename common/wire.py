@@ -11,9 +11,9 @@ import math
 import re
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_IMAGES_PER_JOB = 256
 # Bounds that keep every number the API accepts representable where it goes (torch int64, JSON, Redis scores).
@@ -86,6 +86,11 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
+# Validation context for what was stored or reported, not newly asked for: rules added for new requests (ω > 0
+# needs a criterion) are not applied to it, so jobs created before a rule existed stay readable.
+STORED = {"stored": True}
+
+
 class GenerationParams(BaseModel):
     """How each image is sampled: the parameters of feedback-guided DDIM, defined once.
 
@@ -155,14 +160,24 @@ class GenerationParams(BaseModel):
     def _check_steps(self) -> GenerationParams:
         if self.steps < self.guidance_every:
             raise ValueError(f"steps ({self.steps}) must be at least guidance_every ({self.guidance_every})")
+        return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_omega_has_a_criterion(cls, data: Any, handler, info: ValidationInfo) -> GenerationParams:
         # ω scales the criterion's gradient: without a criterion there is none, and the run would be recorded as
         # guided while it was not. The converse (a criterion at ω = 0) is allowed: it scores without steering.
-        if self.criterion is Criterion.none and self.omega > 0:
+        # A rule for new requests only: a job stored before it existed is read back as it was (context STORED),
+        # and an instance already built (a record put into a JobPublic, a response) is not checked again.
+        already_built = isinstance(data, GenerationParams)
+        params = handler(data)
+        stored = bool(info.context and info.context.get("stored"))
+        if not (already_built or stored) and params.criterion is Criterion.none and params.omega > 0:
             raise ValueError(
-                f"omega {self.omega} needs a criterion (loss, entropy or hardness): with criterion 'none' nothing "
+                f"omega {params.omega} needs a criterion (loss, entropy or hardness): with criterion 'none' nothing "
                 "is steered; set a criterion or omega 0"
             )
-        return self
+        return params
 
     @property
     def scores_without_steering(self) -> bool:
@@ -171,7 +186,9 @@ class GenerationParams(BaseModel):
 
     def generation_params(self) -> GenerationParams:
         """The generation parameters alone (a subclass such as GenerateRequest carries more)."""
-        return GenerationParams.model_validate(self.model_dump(include=set(GenerationParams.model_fields)))
+        return GenerationParams.model_validate(
+            self.model_dump(include=set(GenerationParams.model_fields)), context=STORED
+        )
 
 
 # What an image is of: a request's prompt and class, also shown beside each image of the gallery.

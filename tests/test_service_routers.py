@@ -193,6 +193,32 @@ def test_omega_without_a_criterion_is_422_and_a_criterion_at_omega_0_is_accepted
     assert api.get("/v1/jobs", headers=auth("alpha")).json()["total"] == 1
 
 
+def test_jobs_stored_before_the_omega_rule_are_still_read(api, records):
+    """A job queued before 'ω > 0 needs a criterion' existed (criterion none at ω 0.5) is listed, read, shown in
+    the gallery and replayed by its Idempotency-Key: the rule is for new requests, not stored ones."""
+    headers = {**auth("alpha"), "Idempotency-Key": "old"}
+    job_id = api.post("/v1/generate", json=JOB, headers=headers).json()["job_id"]
+    old_request = {**JOB, "omega": 0.5}  # criterion none: the format JobRecords.create stores (defaults left out)
+    records.redis.set(records.keys.request(job_id), json.dumps(old_request))
+    assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
+    results = [{"image_id": "a" * 64, "seed": 0, "criterion_value": None, "predicted_class": 1}]
+    assert records.transition(
+        job_id, JobState.finished, (JobState.running,), finished_at=2.0, results=json.dumps(results)
+    )
+
+    listed = api.get("/v1/jobs", headers=auth("alpha"))
+    assert listed.status_code == 200, listed.text
+    assert [job["request"]["omega"] for job in listed.json()["jobs"]] == [0.5]
+    read = api.get(f"/v1/jobs/{job_id}", headers=auth("alpha"))
+    assert read.status_code == 200, read.text
+    assert read.json()["request"]["omega"] == 0.5 and read.json()["request"]["criterion"] == "none"
+    gallery = api.get("/v1/views/gallery", params={"job_id": job_id}, headers=auth("alpha"))
+    assert gallery.status_code == 200, gallery.text
+    assert gallery.json()["items"][0]["generation"]["omega"] == 0.5
+    replay = api.post("/v1/generate", json=JOB, headers=headers)
+    assert replay.status_code == 202 and replay.json()["job_id"] == job_id
+
+
 def test_events_of_a_finished_job_are_one_event_then_the_end(api):
     job_id = api.post("/v1/generate", json=JOB, headers=auth("alpha")).json()["job_id"]
     api.delete(f"/v1/jobs/{job_id}", headers=auth("alpha"))

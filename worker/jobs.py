@@ -31,7 +31,7 @@ from fgs_common import telemetry
 from fgs_common.classifier_sandbox import run_classifier_check
 from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob, JobCanceled, JobLost
 from fgs_common.job_records import now_ts
-from fgs_common.wire import ClassifierSpec, ErrorBody, GenerateRequest, ImageResult, JobState
+from fgs_common.wire import STORED, ClassifierSpec, ErrorBody, GenerateRequest, ImageResult, JobState
 from fgs_worker.cancel import cancel_requested
 from fgs_worker.runtime import WorkerRuntime, current_runtime
 from fgs_worker.watchdog import step_deadline_s
@@ -204,7 +204,7 @@ def run_generate_job(job_id: str | None = None) -> dict:
     if not raw:
         return {"skipped": "no job record"}
     tenant = raw["tenant"]
-    request = GenerateRequest.model_validate_json(raw["request"])
+    request = GenerateRequest.model_validate_json(raw["request"], context=STORED)
     started = now_ts()
     # The fence: every later write of this attempt carries this token (fgs_common.job_records).
     owner = f"{runtime.name}:{uuid.uuid4().hex[:12]}"
