@@ -566,7 +566,8 @@ def class_folders(
     real_files: Annotated[RealFiles, typer.Option("--real-files", help="hard links or copies")] = RealFiles.link,
 ) -> None:
     """torchvision's ImageFolder layout of a balanced dataset (real and synthetic images, one folder per class),
-    for layouts that are not class-per-folder already (NICO++, ImageNet-LT)."""
+    for layouts that are not class-per-folder already (NICO++, ImageNet-LT). When two classes share a name
+    (ImageNet-LT's two "crane"), every folder is `<class index>-<name>`, so that the folders' order is the classes'."""
     from fgs_client.dataset_writer import write_class_folders
 
     if not (out / "manifest.csv").is_file():

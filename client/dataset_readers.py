@@ -597,10 +597,12 @@ def check_prompt_template(template: str) -> str:
 
 
 def read_prompts_file(path: Path, class_names: list[str]) -> list[str]:
-    """A prompt per class from a JSON object {"class": "prompt"} or a CSV with columns class,prompt; every class
-    of the dataset must have one, and every named class must be one of the dataset's."""
+    """A prompt per class from a JSON object {"class": "prompt"} or a CSV with columns class,prompt (a spreadsheet's
+    UTF-8 byte-order mark is allowed); every class of the dataset must have one, and every named class must be one
+    of the dataset's. A name that several classes share (ImageNet-LT's two "crane") cannot say which it means: the
+    file keys those classes as `<class index>-<name>` ("134-crane"), the folder names of `class-folders`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as error:
         raise DatasetError(f"cannot read the prompts file {path}: {error}") from error
     if text.lstrip().startswith("{"):
@@ -615,14 +617,26 @@ def read_prompts_file(path: Path, class_names: list[str]) -> list[str]:
         by_class = {row["class"]: row["prompt"] for row in reader}
     if not isinstance(by_class, dict) or not all(isinstance(v, str) and v.strip() for v in by_class.values()):
         raise DatasetError(f"prompts file {path} must map each class name to a non-empty prompt")
+    repeated = {name for name in class_names if class_names.count(name) > 1}
+    width = len(str(len(class_names) - 1))
+    keys = [
+        (f"{c}-{name}", f"{c:0{width}d}-{name}") if name in repeated else (name,) for c, name in enumerate(class_names)
+    ]
     problems = []
-    if unknown := sorted(set(by_class) - set(class_names)):
+    if ambiguous := sorted(set(by_class) & repeated):
+        where = {name: [c for c, n in enumerate(class_names) if n == name] for name in ambiguous}
+        problems.append(
+            "these names belong to more than one class, key each as <class index>-<name>: "
+            + "; ".join(f"{name} (classes {', '.join(map(str, where[name]))})" for name in ambiguous)
+        )
+    known = {key for forms in keys for key in forms}
+    if unknown := sorted(set(by_class) - known - repeated):
         problems.append(f"no such class {unknown}")
-    if missing := [name for name in class_names if name not in by_class]:
+    if missing := [forms[0] for forms in keys if not any(key in by_class for key in forms)]:
         problems.append(f"no prompt for {missing}")
     if problems:
         raise DatasetError(f"prompts file {path} does not match the dataset's classes: {'; '.join(problems)}")
-    return [by_class[name] for name in class_names]
+    return [next(by_class[key] for key in forms if key in by_class) for forms in keys]
 
 
 def apply_prompts(dataset: ScannedDataset, template: str | None = None, prompts_file: Path | None = None) -> None:

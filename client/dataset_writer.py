@@ -142,10 +142,22 @@ def _is_hf_metadata(path: Path) -> bool:
         return handle.readline().startswith("file_name,")
 
 
+def class_folder_names(rows: list[ManifestRow]) -> dict[int, str]:
+    """The folder of each class index: its name, or, when two classes share a name (ImageNet has two "crane"
+    classes), `<index>-<name>` for every class, zero-padded so that ImageFolder's sorted order is the index order."""
+    names = {row.class_index: row.class_name for row in rows}
+    if len(set(names.values())) == len(names):
+        return names
+    width = len(str(max(names)))
+    return {index: f"{index:0{width}d}-{name}" for index, name in names.items()}
+
+
 def write_class_folders(out: Path, dest: Path, mode: str = "link") -> int:
     """torchvision's ImageFolder layout `dest/<class>/<file>` of every image in `out`'s manifest, real and
-    synthetic (hard links, or copies); a file is named after its path in `out` so that none collide."""
+    synthetic (hard links, or copies); a file is named after its path in `out` so that none collide, a folder
+    after its class (`class_folder_names`: index-prefixed when class names repeat)."""
     rows = read_manifest(out / MANIFEST_NAME)
+    folders = class_folder_names(rows)
     for row in rows:
-        carry_file(out / row.path, dest / row.class_name / row.path.replace("/", "__"), mode)
+        carry_file(out / row.path, dest / folders[row.class_index] / row.path.replace("/", "__"), mode)
     return len(rows)

@@ -9,6 +9,7 @@ No torch here: the accuracy pre-flight imports `fgs_client.training` (the train 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,39 +41,72 @@ class ClassMatch:
 
 
 def match_classes(spec: ClassifierSpec, dataset_classes: list[str]) -> ClassMatch:
-    """Line the classifier's classes up with the dataset's by name; a ValueError when they are not the same set."""
+    """Line the classifier's classes up with the dataset's by name; a ValueError when they are not the same set,
+    or when they differ in order and a name repeats (two classes of one name cannot be told apart by name)."""
     if spec.class_names is None:
         if spec.num_classes != len(dataset_classes):
             raise ValueError(
                 f"the classifier has {spec.num_classes} classes but the dataset {len(dataset_classes)} "
-                f"({dataset_classes}); its spec names no classes, so they cannot be matched"
+                f"({_some(dataset_classes)}); its spec names no classes, so they cannot be matched"
             )
         return ClassMatch(
             list(range(len(dataset_classes))),
             "the classifier spec has no class_names: its output i is taken to be the dataset's class i "
-            f"({', '.join(dataset_classes)}); add class_names to the spec to have this checked",
+            f"({_some(dataset_classes)}); add class_names to the spec to have this checked",
         )
+    if spec.class_names == dataset_classes:
+        # Identical lists match position by position, repeated names too (ImageNet has two "crane" classes).
+        return ClassMatch(list(range(len(dataset_classes))), None)
     if sorted(spec.class_names) != sorted(dataset_classes):
         raise ValueError(
-            "the classifier's classes are not the dataset's: the spec's class_names are "
-            f"{spec.class_names}, the dataset's classes {dataset_classes}"
-            + _difference(spec.class_names, dataset_classes)
+            "the classifier's classes are not the dataset's" + _difference(spec.class_names, dataset_classes)
         )
-    index = [spec.class_names.index(name) for name in dataset_classes]
-    if index == list(range(len(dataset_classes))):
-        return ClassMatch(index, None)
+    repeated = sorted({name for name in dataset_classes if dataset_classes.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            "the classifier lists the dataset's classes in another order, and these names belong to more than one "
+            f"class, so matching by name cannot tell which is which: {_some(repeated)}. List class_names in the "
+            "spec in the classifier's output order with the dataset's classes in that same order"
+        )
+    position = {name: i for i, name in enumerate(spec.class_names)}
+    index = [position[name] for name in dataset_classes]
     moved = [f"{name} -> {i}" for c, (name, i) in enumerate(zip(dataset_classes, index, strict=True)) if c != i]
     return ClassMatch(
         index,
         "the classifier lists the dataset's classes in another order; mapped by name (dataset class -> classifier "
-        f"output): {', '.join(moved)}",
+        f"output): {_some(moved)}",
     )
 
 
+# Names an error or note lists before it only counts the rest: ImageNet has 1,000 classes, iNaturalist 8,142.
+SHOWN_NAMES = 20
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(str(name) for name in names[:SHOWN_NAMES])
+    more = len(names) - SHOWN_NAMES
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
 def _difference(spec_names: list[str], dataset_classes: list[str]) -> str:
-    only_spec = sorted(set(spec_names) - set(dataset_classes))
-    only_data = sorted(set(dataset_classes) - set(spec_names))
-    return f" (only in the spec: {only_spec}; only in the dataset: {only_data})"
+    """The names on one side only (first SHOWN_NAMES of each, and how many), and names counted differently."""
+    spec_counts, data_counts = Counter(spec_names), Counter(dataset_classes)
+    only_spec = sorted(set(spec_counts) - set(data_counts))
+    only_data = sorted(set(data_counts) - set(spec_counts))
+    parts = []
+    if only_spec:
+        parts.append(f"only in the spec ({len(only_spec)}): {_some(only_spec)}")
+    if only_data:
+        parts.append(f"only in the dataset ({len(only_data)}): {_some(only_data)}")
+    counted = sorted(name for name in set(spec_counts) & set(data_counts) if spec_counts[name] != data_counts[name])
+    if counted:
+        parts.append(
+            "named a different number of times: "
+            + _some(
+                [f"{name} ({spec_counts[name]} in the spec, {data_counts[name]} in the dataset)" for name in counted]
+            )
+        )
+    return " (" + "; ".join(parts) + ")"
 
 
 @dataclass(frozen=True)

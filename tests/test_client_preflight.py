@@ -28,14 +28,41 @@ def test_classes_in_another_order_are_mapped_by_name_and_said_so():
     assert "another order" in match.note and "dark -> 1" in match.note and "light -> 0" in match.note
 
 
-def test_other_classes_are_refused_with_both_lists():
+def test_other_classes_are_refused_naming_only_the_differing_ones():
     with pytest.raises(ValueError) as refused:
-        match_classes(spec(["zero", "one", "two"]), ORDER)
+        match_classes(spec(["zero", "one", "grey"]), ORDER)
     message = str(refused.value)
-    assert "['zero', 'one', 'two']" in message and "['dark', 'grey', 'light']" in message
+    assert "only in the spec (2): one, zero" in message and "only in the dataset (2): dark, light" in message
+    assert "grey" not in message
     with pytest.raises(ValueError, match="has 2 classes but the dataset 3"):
         match_classes(spec(None, num_classes=2), ORDER)
     assert "no class_names" in match_classes(spec(None), ORDER).note
+
+
+def test_a_mismatch_among_thousands_of_classes_lists_twenty_names_and_counts_the_rest():
+    dataset = [f"class{i:04d}" for i in range(2000)]
+    classifier = [f"other{i:04d}" for i in range(2000)]
+    with pytest.raises(ValueError) as refused:
+        match_classes(spec(classifier, num_classes=2000), dataset)
+    message = str(refused.value)
+    assert "only in the dataset (2000): class0000," in message and "class0019 and 1980 more" in message
+    assert "class0020" not in message and len(message) < 1500
+
+
+IMAGENET_LIKE = ["kite", "crane", "bee", "crane"]  # ImageNet-LT has "crane" at 134 (the bird) and 517 (the machine)
+
+
+def test_repeated_names_in_the_same_order_map_position_by_position():
+    match = match_classes(spec(IMAGENET_LIKE, num_classes=4), IMAGENET_LIKE)
+    assert match.classifier_index == [0, 1, 2, 3] and match.note is None
+
+
+def test_repeated_names_in_another_order_are_refused_naming_them():
+    reordered = ["crane", "kite", "crane", "bee"]
+    with pytest.raises(ValueError, match="more than one class.*: crane"):
+        match_classes(spec(reordered, num_classes=4), IMAGENET_LIKE)
+    with pytest.raises(ValueError, match=r"crane \(1 in the spec, 2 in the dataset\)"):
+        match_classes(spec(["kite", "crane", "bee", "wasp"], num_classes=4), IMAGENET_LIKE)
 
 
 def test_the_threshold_is_halfway_between_chance_and_perfect():

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fgs_client.dataset_readers import DatasetError, read_dataset
+from fgs_client.dataset_readers import DatasetError, read_dataset, read_prompts_file
+from fgs_client.dataset_writer import ManifestRow, write_class_folders, write_manifest
 from support.dataset_trees import make_nicopp_tree, write_image
 
 
@@ -111,6 +112,36 @@ def test_a_prompt_template_or_a_prompts_file_replaces_the_readers_prompts(tmp_pa
     for prompts in (as_json, as_csv):
         mapped = read_dataset("imagefolder", root, prompts_file=prompts)
         assert [mapped.prompt(c, None) for c in (0, 1)] == ["a handwritten digit zero", "a handwritten digit one"]
+
+
+def test_a_prompts_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path):
+    as_csv = tmp_path / "prompts.csv"
+    as_csv.write_bytes("class,prompt\napple,a red apple\nbanana,a yellow banana\n".encode("utf-8-sig"))
+    assert read_prompts_file(as_csv, ["apple", "banana"]) == ["a red apple", "a yellow banana"]
+
+
+CRANES = ["kite", "crane", "bee", "crane"]  # ImageNet-LT: "crane" the bird (134) and the machine (517)
+
+
+def test_a_prompts_file_keys_classes_that_share_a_name_by_index(tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"kite": "a kite", "crane": "a crane", "bee": "a bee"}))
+    with pytest.raises(DatasetError, match=r"more than one class.*crane \(classes 1, 3\)"):
+        read_prompts_file(prompts, CRANES)
+    prompts.write_text(json.dumps({"kite": "a kite", "1-crane": "a crane bird", "bee": "a bee", "3-crane": "a crane"}))
+    assert read_prompts_file(prompts, CRANES) == ["a kite", "a crane bird", "a bee", "a crane"]
+
+
+def test_class_folders_of_classes_that_share_a_name_are_apart_and_in_index_order(tmp_path):
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    rows = []
+    for index, name in enumerate(CRANES):
+        write_image(out / f"img{index}.png")
+        rows.append(ManifestRow(path=f"img{index}.png", class_index=index, class_name=name, group="", source="real"))
+    write_manifest(out, rows)
+    assert write_class_folders(out, dest) == 4
+    assert sorted(p.name for p in dest.iterdir()) == ["0-kite", "1-crane", "2-bee", "3-crane"]
+    assert [p.name for p in (dest / "3-crane").iterdir()] == ["img3.png"]
 
 
 @pytest.mark.parametrize(
