@@ -35,6 +35,14 @@ def is_object_id(value: str) -> bool:
     return bool(_ID.match(value))
 
 
+def _read_json(path: Path) -> dict | None:
+    """A record file's JSON; None when it is gone (deleted by a concurrent request since it was listed)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -89,7 +97,7 @@ class ArtifactStore:
         """The records of the tenant's uploaded images whose file is still there."""
         folder = self.tenant_dir(tenant) / "uploads"
         paths = sorted(folder.glob("*.json")) if folder.exists() else []
-        records = [json.loads(p.read_text(encoding="utf-8")) | {"id": p.stem} for p in paths if _ID.match(p.stem)]
+        records = [record | {"id": p.stem} for p in paths if _ID.match(p.stem) and (record := _read_json(p))]
         return [r for r in records if self.image_path(tenant, r["id"]) is not None]
 
     def delete_image(self, tenant: str, image_id: str) -> bool:

@@ -12,11 +12,13 @@ import json
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from fgs_common.artifact_store import ArtifactStore
 from fgs_common.job_records import JobRecords
 from fgs_common.loopback import free_port
 from fgs_common.wire import ClassifierSpec, GenerationParams, JobState
@@ -154,6 +156,23 @@ def test_uploaded_images_have_a_name_and_date_and_their_tenant_deletes_them(api)
     assert [i["id"] for i in api.get("/v1/images", headers=auth("alpha")).json()] == [ids[1]]
     job = {**JOB, "conditioning_image_ids": [ids[0]]}
     assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404
+
+
+def test_an_upload_record_deleted_while_the_images_are_listed_is_left_out(api, settings, monkeypatch):
+    image_id = api.post(
+        "/v1/images", files={"file": ("one.png", png_bytes(seed=5, size=16), "image/png")}, headers=auth("alpha")
+    ).json()["id"]
+    record = settings.data_dir / "tenants" / "alpha" / "uploads" / f"{image_id}.json"
+    real_glob = Path.glob
+
+    def glob_then_delete(self, pattern):  # the listing sees the record, a concurrent delete removes it
+        found = list(real_glob(self, pattern))
+        record.unlink(missing_ok=True)
+        return iter(found)
+
+    monkeypatch.setattr(Path, "glob", glob_then_delete)
+    listed = api.get("/v1/images", headers=auth("alpha"))
+    assert listed.status_code == 200 and listed.json() == []
 
 
 def test_generate_read_list_and_cancel_a_job(api):
@@ -414,3 +433,37 @@ def test_classifiers_have_a_name_and_date_and_their_tenant_deletes_them(api):
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
     job = {**JOB, "criterion": "entropy", "classifier_id": named["id"]}
     assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404
+
+
+def test_a_classifier_deleted_between_the_existence_check_and_the_reads_is_404_not_500(api, monkeypatch):
+    """A concurrent delete renames the folder away after `classifier_dir` found it: every reader says 404 (or
+    leaves it out of a list), never a 500 from the vanished spec.json or meta.json."""
+    classifier_id = upload_classifier(api)
+    folder = ArtifactStore.classifier_dir  # the check passes as it did before the delete ran
+    monkeypatch.setattr(
+        ArtifactStore, "classifier_dir", lambda self, tenant, cid: self.tenant_dir(tenant) / "classifiers" / cid
+    )
+    assert api.delete(f"/v1/classifiers/{classifier_id}", headers=auth("alpha")).status_code == 204
+    read = api.get(f"/v1/classifiers/{classifier_id}", headers=auth("alpha"))
+    assert read.status_code == 404 and read.json()["error"]["code"] == "not_found"
+    job = {**JOB, "criterion": "entropy", "classifier_id": classifier_id}
+    assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404
+    assert api.post("/v1/batches", json={"jobs": [job]}, headers=auth("alpha")).status_code == 404
+    # a folder half there (its files already gone) is left out of the list
+    (api.app.state.store.tenant_dir("alpha") / "classifiers" / classifier_id).mkdir(parents=True)
+    listed = api.get("/v1/classifiers", headers=auth("alpha"))
+    assert listed.status_code == 200 and listed.json() == []
+    monkeypatch.setattr(ArtifactStore, "classifier_dir", folder)
+    # deleted by another request of the tenant's as soon as the upload stored it
+    put = ArtifactStore.put_classifier
+
+    def put_then_deleted(self, tenant, *args, **kwargs):
+        stored = put(self, tenant, *args, **kwargs)
+        self.delete_classifier(tenant, stored)
+        return stored
+
+    monkeypatch.setattr(ArtifactStore, "put_classifier", put_then_deleted)
+    files = {"archive": ("clf.pt", torchscript_shaped_zip(), "application/octet-stream")}
+    spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
+    uploaded = api.post("/v1/classifiers", files=files, data={"spec": spec}, headers=auth("alpha"))
+    assert uploaded.status_code == 404, uploaded.text

@@ -170,7 +170,10 @@ def upload_classifier(
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return classifier_record(store, tenant.name, classifier_id)
+    record = classifier_record(store, tenant.name, classifier_id)
+    if record is None:  # deleted by another request of the tenant's since it was stored
+        raise not_found("classifier", classifier_id)
+    return record
 
 
 @router.get("/{classifier_id}")
