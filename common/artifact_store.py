@@ -101,12 +101,16 @@ class ArtifactStore:
         return [r for r in records if self.image_path(tenant, r["id"]) is not None]
 
     def delete_image(self, tenant: str, image_id: str) -> bool:
-        """Remove an image (uploaded or generated) and its upload record; False when the tenant has none by that id."""
+        """Remove an image (uploaded or generated), its upload record and thumbnails; False when the tenant has
+        none by that id."""
         path = self.image_path(tenant, image_id)
         if path is None:
             return False
         path.unlink(missing_ok=True)
         (self.tenant_dir(tenant) / "uploads" / f"{image_id}.json").unlink(missing_ok=True)
+        # its cached thumbnails (fgs_service.thumbnails: thumbnails/{size}/{id}.webp), which would outlive it
+        for thumbnail in (self.tenant_dir(tenant) / "thumbnails").glob(f"*/{image_id}.webp"):
+            thumbnail.unlink(missing_ok=True)
         return True
 
     def image_path(self, tenant: str, image_id: str) -> Path | None:

@@ -138,7 +138,7 @@ def test_image_upload_download_and_tenancy(api):
     assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_upload"
 
 
-def test_uploaded_images_have_a_name_and_date_and_their_tenant_deletes_them(api):
+def test_uploaded_images_have_a_name_and_date_and_their_tenant_deletes_them(api, settings):
     first, second = png_bytes(seed=5, size=16), png_bytes(seed=6, size=16)
     ids = [
         api.post("/v1/images", files={"file": (name, data, "image/png")}, headers=auth("alpha")).json()["id"]
@@ -151,7 +151,14 @@ def test_uploaded_images_have_a_name_and_date_and_their_tenant_deletes_them(api)
     assert all(i["created_at"] for i in listed)
     assert api.get("/v1/images", headers=auth("beta")).json() == []
     assert api.delete(f"/v1/images/{ids[0]}", headers=auth("beta")).status_code == 404
+    for size in (32, 160):
+        assert (
+            api.get(f"/v1/images/{ids[0]}/thumbnail", params={"size": size}, headers=auth("alpha")).status_code == 200
+        )
+    thumbnails = settings.data_dir / "tenants" / "alpha" / "thumbnails"
+    assert len(list(thumbnails.glob(f"*/{ids[0]}.webp"))) == 2
     assert api.delete(f"/v1/images/{ids[0]}", headers=auth("alpha")).status_code == 204
+    assert list(thumbnails.glob(f"*/{ids[0]}.webp")) == []  # no thumbnail outlives its image
     assert api.get(f"/v1/images/{ids[0]}", headers=auth("alpha")).status_code == 404
     assert [i["id"] for i in api.get("/v1/images", headers=auth("alpha")).json()] == [ids[1]]
     job = {**JOB, "conditioning_image_ids": [ids[0]]}
