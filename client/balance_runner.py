@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field, replace
 from io import BytesIO
@@ -130,6 +131,10 @@ def check_balance_options(options: BalanceOptions) -> None:
         )
     except ValidationError as error:
         raise ValueError(validation_message(error)) from None
+
+
+# The service's 404 for a referenced object (fgs_service.errors.not_found).
+_MISSING_ID = re.compile(r"no (image|classifier) with id '([0-9a-f]+)'")
 
 
 class BalanceRun:
@@ -288,6 +293,46 @@ class BalanceRun:
         state.record_upload(digest, uploaded.id)
         return uploaded.id
 
+    def _submit_current(self, state: BalanceState, build, submit, first=None):
+        """`submit(build())`, and once more after each 404 for a saved conditioning image or classifier id that the
+        service no longer has (its tenant deleted it since this run's state saved it): those ids are forgotten and
+        uploaded again, where a rerun would otherwise be refused the same way forever. Returns (request, answer)."""
+        request = build() if first is None else first
+        for _ in range(2):  # at most one forget of the classifier, one of images
+            try:
+                return request, submit(request)
+            except ApiError as error:
+                if not self._forget_missing(state, error):
+                    raise
+            request = build()
+        return request, submit(request)
+
+    def _forget_missing(self, state: BalanceState, error: ApiError) -> bool:
+        """After a 404 naming an id this run saved: forget the ids the service lost; False for any other error."""
+        missing = _MISSING_ID.search(error.message) if error.status == 404 else None
+        if missing is None:
+            return False
+        kind, object_id = missing.groups()
+        if kind == "classifier":
+            if object_id != self.classifier_id:
+                return False
+            if self.options.classifier is None:
+                raise ValueError(
+                    f"the classifier {object_id} (--classifier-id) is no longer on the service (deleted?): upload it "
+                    "again, or give --classifier and --classifier-spec"
+                ) from error
+            self._say(f"the classifier {object_id} is no longer on the service: uploading it again")
+            state.forget_meta_value(object_id)
+            self.classifier_id = None
+            self._resolve_classifier(state)
+            return True
+        present = {image.id for image in self.client.images()}
+        forgotten = state.forget_uploads_except(present)
+        self._image_ids = {path: i for path, i in self._image_ids.items() if i is None or i in present}
+        if forgotten:
+            self._say(f"{forgotten} conditioning images are no longer on the service: uploading them again")
+        return forgotten > 0
+
     def _request(self, state: BalanceState, slot: JobSlot) -> GenerateRequest:
         ids = [self._image_id(state, image) for image in slot.conditioning]
         good = [i for i in ids if i is not None]
@@ -352,13 +397,17 @@ class BalanceRun:
         rows = [r for r in state.chunk_rows(chunk) if r.state == "pending"]
         if not rows:
             return
-        requests = [self._request(state, self.by_key[r.key]) for r in rows]
         key = f"fgs-balance-{self.fingerprint[:32]}-chunk-{chunk}"
         try:
-            accepted = self.client.submit_batch(requests, idempotency_key=key, wait_when_full=False)
+            requests, accepted = self._submit_current(
+                state,
+                lambda: [self._request(state, self.by_key[r.key]) for r in rows],
+                lambda requests: self.client.submit_batch(requests, idempotency_key=key, wait_when_full=False),
+            )
         except ApiError as error:
             if error.status != 429:
                 raise
+            requests = [self._request(state, self.by_key[r.key]) for r in rows]
             self._submit_job_by_job(state, rows, requests, progress, task)
             return
         if len(accepted.job_ids) != len(requests):
@@ -382,7 +431,14 @@ class BalanceRun:
                 # With none of our jobs in the queue, only others' work can free room: wait as the service says.
                 ours_queued = bool(state.active(1))
                 try:
-                    accepted = self.client.submit(request, idempotency_key=key, wait_when_full=not ours_queued)
+                    request, accepted = self._submit_current(
+                        state,
+                        lambda row=row: self._request(state, self.by_key[row.key]),
+                        lambda request, key=key, wait=not ours_queued: self.client.submit(
+                            request, idempotency_key=key, wait_when_full=wait
+                        ),
+                        first=request,
+                    )
                     break
                 except ApiError as error:
                     if error.status != 429 or not ours_queued:
@@ -418,10 +474,14 @@ class BalanceRun:
         slot = self.by_key[row.key]
         for index in range(slot.num_images):  # a new attempt rewrites the slot's images as a whole
             (self.out / synthetic_rel_path(self.dataset, slot, index)).unlink(missing_ok=True)
-        request = GenerateRequest.model_validate_json(row.request, context=STORED)
         attempt = row.attempt + 1
-        accepted = self.client.submit(
-            request, idempotency_key=f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a{attempt}"
+        # Built afresh rather than replayed from row.request: ids the service lost since are uploaded again.
+        _request, accepted = self._submit_current(
+            state,
+            lambda: self._request(state, slot),
+            lambda request: self.client.submit(
+                request, idempotency_key=f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a{attempt}"
+            ),
         )
         state.record_resubmitted(row.key, attempt, accepted.job_id)
         self.retries_this_run[row.key] = used + 1

@@ -166,6 +166,10 @@ class Client:
             response = self._request("POST", "/v1/classifiers", files=files, data=form)
         return ClassifierUploaded.model_validate(response.json())
 
+    def images(self) -> list[ImageUploaded]:
+        """GET /v1/images: the caller's uploaded images (conditioning images), oldest first."""
+        return [ImageUploaded.model_validate(i) for i in self._request("GET", "/v1/images").json()]
+
     def classifier(self, classifier_id: str) -> ClassifierUploaded:
         """GET /v1/classifiers/{id}: an uploaded classifier's spec, name and date."""
         return ClassifierUploaded.model_validate(self._request("GET", f"/v1/classifiers/{classifier_id}").json())
