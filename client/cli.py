@@ -20,6 +20,7 @@ from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
 from fgs_client.dataset_readers import DatasetError, ScannedDataset, packaged_lines, packaged_path, read_dataset
 from fgs_client.generation_options import GenerationChoice, generation_options
 from fgs_client.http_client import ApiError, AuthenticationFailed, Client, ServiceUnreachable
+from fgs_client.preflight import match_classes
 from fgs_common.settings import get_settings
 from fgs_common.wire import ClassifierSpec, GenerationParams
 
@@ -633,10 +634,9 @@ def sweep(
             GenerationParams.model_validate(generation.model_dump() | {"omega": setting.omega, "gamma": setting.gamma})
         scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
         chosen = pilot_sweep.resolve_classes(classes, scanned.class_names)
-        if len(scanned.class_names) != parsed.num_classes:
-            raise ValueError(
-                f"the dataset has {len(scanned.class_names)} classes, the classifier spec {parsed.num_classes}"
-            )
+        match = match_classes(parsed, scanned.class_names)  # by name, as `balance` matches them
+        if match.note:
+            err_console.print(f"[yellow]note:[/] {match.note}", soft_wrap=True)
         model = load_classifier_archive(classifier, parsed)
     except (DatasetError, ValueError) as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
@@ -653,6 +653,7 @@ def sweep(
                 seed=seed,
                 classifier_id=classifier_id,
                 out=out / "images",
+                classifier_index=match.classifier_index,
             )
         except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
             raise fail(str(error), _exit_code(error)) from None
