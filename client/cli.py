@@ -288,8 +288,9 @@ def interrupted_message(out: Path) -> str:
     """What Ctrl-C leaves on the service and the two ways on."""
     jobs, images = _jobs_on_service(out)
     return (
-        f"interrupted: {jobs:,} jobs ({images:,} images) are still queued or running on the service. Rerun the same "
-        f"command to resume and collect them, or cancel them with: fgs-client cancel --out {out}"
+        f"interrupted: {jobs:,} jobs ({images:,} images) were submitted and not collected yet: queued, running or "
+        "finished on the service. Rerun the same command to resume and collect them, or cancel those not ended "
+        f"with: fgs-client cancel --out {out}"
     )
 
 
@@ -320,8 +321,23 @@ def cancel(
     canceled = already_done = 0
     try:
         rows = state.rows("submitted")
+        batches: dict[str, list] = {}
+        for row in rows:
+            batches.setdefault(row.batch_id or "", []).append(row)
+        singly = batches.pop("", [])
         with make_client(url, api_key) as client:
-            for row in rows:
+            # A chunk is one batch: one DELETE per batch; jobs submitted singly (retries, a full queue) one by one.
+            for batch_id, batch_rows in batches.items():
+                try:
+                    now = client.cancel_batch(batch_id)
+                except ApiError as error:
+                    if error.status != 404:  # the batch record expired: its jobs one by one
+                        raise
+                    singly += batch_rows
+                    continue
+                canceled += now
+                already_done += max(0, len(batch_rows) - now)
+            for row in singly:
                 try:
                     client.cancel(row.job_id)
                     canceled += 1

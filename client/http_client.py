@@ -230,6 +230,10 @@ class Client:
     def cancel(self, job_id: str) -> None:
         self._request("DELETE", f"/v1/jobs/{job_id}")
 
+    def cancel_batch(self, batch_id: str) -> int:
+        """DELETE /v1/batches/{id}: cancel the batch's jobs that have not ended; returns how many were canceled."""
+        return int(self._request("DELETE", f"/v1/batches/{batch_id}").json()["canceled"])
+
     def image_bytes(self, image_id: str) -> bytes:
         """GET /v1/images/{id}: the PNG."""
         return self._request("GET", f"/v1/images/{image_id}").content

@@ -11,7 +11,6 @@ import io
 import zipfile
 
 import pytest
-from fastapi.testclient import TestClient
 
 from fgs_client.balance_planner import UnitCounts, plan_balance
 from fgs_client.balance_runner import BalanceOptions, BalanceRun
@@ -19,20 +18,13 @@ from fgs_client.balance_state import STATE_NAME, BalanceState
 from fgs_client.dataset_readers import read_dataset
 from fgs_client.http_client import Client
 from fgs_common.wire import ClassifierSpec, Criterion, GenerationParams
-from fgs_service.app import create_app
 from support.dataset_trees import write_image
-from support.service_settings import service_settings
-from support.stack import TENANT_KEYS
+from support.service_settings import in_process_client, service_settings
 
 
 @pytest.fixture
 def client(redis_server, tmp_path):
-    with TestClient(
-        create_app(service_settings(redis_server, tmp_path / "data")),
-        headers={"Authorization": f"Bearer {TENANT_KEYS['alpha']}"},
-    ) as http:
-        api = Client("http://testserver", None, retries=0)
-        api._http = http
+    with in_process_client(service_settings(redis_server, tmp_path / "data")) as api:
         yield api
 
 

@@ -177,7 +177,7 @@ def test_ctrl_c_says_what_is_left_on_the_service_and_cancel_ends_it(stack, tmp_p
     output, _ = process.communicate(timeout=60)
     output = " ".join(output.split())
     assert process.returncode == 130, output
-    assert "are still queued or running on the service" in output
+    assert "were submitted and not collected yet: queued, running or finished on the service" in output
     assert "Rerun the same command to resume" in output and f"fgs-client cancel --out {out}" in output
 
     job_ids = [row.job_id for row in _rows(out)]
