@@ -21,6 +21,7 @@ from fgs_client.dataset_readers import DatasetError, ScannedDataset, packaged_li
 from fgs_client.generation_options import GenerationChoice, generation_options
 from fgs_client.http_client import ApiError, AuthenticationFailed, Client, ServiceUnreachable
 from fgs_client.preflight import match_classes
+from fgs_common.presets import get_preset
 from fgs_common.settings import get_settings
 from fgs_common.wire import ClassifierSpec, GenerationParams
 
@@ -205,9 +206,11 @@ def balance(
         force=force,
     )
     if generation.scores_without_steering:
+        preset = get_preset("paper-imagenet-lt")
         err_console.print(
             f"[yellow]note:[/] --criterion {generation.criterion.value} at --omega 0 scores each image without "
-            "steering it (a control run); give --omega (e.g. 0.03, the presets' value) for feedback",
+            f"steering it (a control run); give --omega (e.g. {preset.generation_params().omega:g}, preset "
+            f"{preset.name}'s value) for feedback",
             soft_wrap=True,
         )
     try:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from fgs_client.balance_state import STATE_NAME, BalanceState
+from fgs_common.presets import get_preset
 from support.dataset_trees import write_image
 from support.live_calls import client_process
 from support.stack import start_stack
@@ -160,7 +161,10 @@ def test_omega_without_a_criterion_is_an_error_and_a_criterion_at_omega_0_is_exp
     assert "omega 0.1 needs a criterion" in " ".join(unguided.stderr.split())
     control = subprocess.run([*base, "--criterion", "entropy", "--dry-run"], capture_output=True, text=True)
     assert control.returncode == 0
-    assert "scores each image without steering it" in " ".join(control.stderr.split())
+    explained = " ".join(control.stderr.split())
+    assert "scores each image without steering it" in explained
+    omega = get_preset("paper-imagenet-lt").generation_params().omega
+    assert f"give --omega (e.g. {omega:g}, preset paper-imagenet-lt's value)" in explained
 
 
 def test_ctrl_c_says_what_is_left_on_the_service_and_cancel_ends_it(stack, tmp_path):
