@@ -82,7 +82,11 @@ class LoadedClassifier:
         return torch.cat(outputs)
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output = self.forward_module(self.preprocess(pixels.to(self.dtype)))
+        return self.outputs(self.preprocess(pixels.to(self.dtype)))
+
+    def outputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, embedding or None) of inputs already through `preprocess`."""
+        output = self.forward_module(inputs)
         if self.spec.output is ClassifierOutput.logits_embedding:
             logits, embedding = output
             return logits, embedding

@@ -38,7 +38,7 @@ from fgs_client.dataset_writer import (
 )
 from fgs_client.generation_options import validation_message
 from fgs_client.http_client import ApiError, Client
-from fgs_client.preflight import PREFLIGHT_IMAGES_PER_CLASS, match_classes, run_preflight
+from fgs_client.preflight import PREFLIGHT_IMAGES_PER_CLASS, PREFLIGHT_MAX_IMAGES, match_classes, run_preflight
 from fgs_common.wire import STORED, ClassifierSpec, GenerateRequest, GenerationParams, JobPublic, JobState
 
 
@@ -188,7 +188,7 @@ class BalanceRun:
                 remove_temporary_files(self.out / directory)
             # 4. checks, then the classifier (conditioning images are uploaded per chunk, just before it is submitted)
             if state.pending_chunks() or state.active(1):
-                self._check_before_submitting()
+                self._check_before_submitting(state)
                 self._resolve_classifier(state)
             self._generate(state)
             return self._finish(state)
@@ -200,9 +200,10 @@ class BalanceRun:
         if self.options.show_progress:
             self.console.print(f"[dim]fgs:[/] {message}", soft_wrap=True, highlight=False)
 
-    def _check_before_submitting(self) -> None:
+    def _check_before_submitting(self, state: BalanceState) -> None:
         """Prompts against the model's classes, the classifier's classes against the dataset's, and the classifier
-        on the user's own images: a ValueError (nothing submitted) for what would ruin the run."""
+        on the user's own images (once per classifier: its outcome is kept in the state file for the resumes): a
+        ValueError (nothing submitted) for what would ruin the run."""
         self._say("checking prompts against the model")
         self._warn_unknown_prompts()
         spec = self._classifier_spec()
@@ -215,7 +216,14 @@ class BalanceRun:
         if self.options.classifier is None:
             self._say("pre-flight skipped: it needs the archive (--classifier), not only --classifier-id")
             return
-        self._say(f"pre-flight: scoring the classifier on up to {PREFLIGHT_IMAGES_PER_CLASS} images per class")
+        key = f"preflight:{self._classifier_digest(with_stats=False)}"
+        if recorded := state.meta(key):
+            self._say(f"pre-flight done before for this classifier: {recorded}")
+            return
+        self._say(
+            f"pre-flight: scoring the classifier on up to {PREFLIGHT_IMAGES_PER_CLASS} images per class "
+            f"({PREFLIGHT_MAX_IMAGES:,} at most)"
+        )
         result = run_preflight(self.options.classifier, spec, self.dataset, match)
         if result is None:
             self.console.print(
@@ -225,8 +233,10 @@ class BalanceRun:
             )
         elif result.passed:
             self.console.print(result.summary(), soft_wrap=True)
+            state.set_meta(key, result.summary())
         elif self.options.force:
             self.console.print(f"[yellow]warning:[/] {result.summary()}; running anyway (--force)", soft_wrap=True)
+            state.set_meta(key, f"{result.summary()}; run anyway (--force)")
         else:
             raise ValueError(result.refusal())
 
@@ -256,20 +266,26 @@ class BalanceRun:
         options = self.options
         if options.classifier is None:
             return
-        digest = hashlib.sha256(options.classifier.read_bytes() + options.classifier_spec.read_bytes())
-        if options.hardness_stats:  # can be several GB (ImageNet-LT at k = 2,048: 0.95 GB): hashed in chunks
-            with open(options.hardness_stats, "rb") as stats:
-                while chunk := stats.read(1 << 20):
-                    digest.update(chunk)
-        known = state.meta(f"classifier:{digest.hexdigest()}")
+        digest = self._classifier_digest(with_stats=True)
+        known = state.meta(f"classifier:{digest}")
         if known:
             self.classifier_id = known
             return
         self._say(f"uploading the classifier {options.classifier.name} (the service checks it in a sandbox)")
         spec = ClassifierSpec.model_validate_json(options.classifier_spec.read_text(encoding="utf-8"))
         uploaded = self.client.upload_classifier(options.classifier, spec, options.hardness_stats)
-        state.set_meta(f"classifier:{digest.hexdigest()}", uploaded.id)
+        state.set_meta(f"classifier:{digest}", uploaded.id)
         self.classifier_id = uploaded.id
+
+    def _classifier_digest(self, with_stats: bool) -> str:
+        """sha256 of the classifier archive and spec (and its hardness statistics): what the state keys it by."""
+        options = self.options
+        digest = hashlib.sha256(options.classifier.read_bytes() + options.classifier_spec.read_bytes())
+        if with_stats and options.hardness_stats:  # can be several GB (ImageNet-LT at k = 2,048: 0.95 GB): in chunks
+            with open(options.hardness_stats, "rb") as stats:
+                while chunk := stats.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
 
     def _image_id(self, state: BalanceState, image: RealImage) -> str | None:
         """Upload one conditioning image unless its sha256 is known; None when the file does not decode."""

@@ -277,12 +277,21 @@ def embed_images(
 
 
 def classify_images(classifier, paths: Sequence[Path], batch_size: int = 64) -> list[int]:
-    """The classifier's arg-max class of each image file (what the workers' feedback would take it for)."""
-    return [
-        int(label)
-        for logits, _embedding in _classifier_outputs(classifier, paths, batch_size)
-        for label in logits.argmax(1)
-    ]
+    """The classifier's arg-max class of each image file (what the workers' feedback would take it for): each
+    image at its own size in [0, 1] through `LoadedClassifier.preprocess`, the workers' resize, channel match and
+    normalisation, then the module."""
+    labels: list[int] = []
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            inputs = torch.cat(
+                [
+                    classifier.preprocess(image_tensor(p).unsqueeze(0).to(classifier.device, classifier.dtype))
+                    for p in paths[start : start + batch_size]
+                ]
+            )
+            logits, _embedding = classifier.outputs(inputs)
+            labels += [int(label) for label in logits.argmax(1)]
+    return labels
 
 
 # ---------------------------------------------------------------- dataset

@@ -5,9 +5,20 @@ from __future__ import annotations
 
 import pytest
 
+from fgs_client import balance_runner, preflight
+from fgs_client.balance_planner import UnitCounts, plan_balance
+from fgs_client.balance_runner import BalanceOptions, BalanceRun
+from fgs_client.balance_state import STATE_NAME, BalanceState
 from fgs_client.dataset_readers import read_dataset
-from fgs_client.preflight import match_classes, preflight_threshold, run_preflight
-from fgs_common.wire import ClassifierSpec, ModelInfo
+from fgs_client.preflight import (
+    PREFLIGHT_IMAGES_PER_CLASS,
+    match_classes,
+    preflight_threshold,
+    run_preflight,
+    sample_images,
+)
+from fgs_common.wire import ClassifierSpec, Criterion, GenerationParams, ModelInfo
+from support.service_settings import in_process_client, service_settings
 from support.tiny_classifier import make_brightness_set, write_brightness_classifier
 
 ORDER = ["dark", "grey", "light"]  # the ImageFolder reader's order: sorted folder names
@@ -111,3 +122,46 @@ def test_a_prompt_is_unknown_to_the_model_when_it_names_none_of_its_classes_as_a
     prompts = ["apple", "a handwritten digit zero", "a phone", "a water snake in grass", "One"]
     assert info.unknown_prompt_classes(prompts) == ["apple", "a phone"]
     assert info.model_copy(update={"class_names": None}).unknown_prompt_classes(prompts) == []
+
+
+def test_the_sample_is_capped_in_all_whatever_the_class_count(brightness_set):
+    assert len(sample_images(brightness_set, PREFLIGHT_IMAGES_PER_CLASS)) == 11  # all 6 + 3 + 2
+    fewer = sample_images(brightness_set, PREFLIGHT_IMAGES_PER_CLASS, max_images=6)
+    assert sorted(c for _path, c in fewer) == [0, 0, 1, 1, 2, 2]  # fewer a class, every class kept
+    assert len(sample_images(brightness_set, PREFLIGHT_IMAGES_PER_CLASS, max_images=2)) == 2
+
+
+def test_a_passed_preflight_is_kept_in_the_state_file_and_a_resume_skips_it(
+    tmp_path, brightness_set, redis_server, monkeypatch
+):
+    archive, spec_path = write_brightness_classifier(tmp_path / "clf", ORDER)
+    options = BalanceOptions(
+        generation=GenerationParams(criterion=Criterion.entropy, omega=0.03),
+        classifier=archive,
+        classifier_spec=spec_path,
+        show_progress=False,
+    )
+    plan = plan_balance(UnitCounts.from_dataset(brightness_set), "max", images_per_job=2)
+    runs = []
+    monkeypatch.setattr(
+        balance_runner, "run_preflight", lambda *args: runs.append(args) or preflight.run_preflight(*args)
+    )
+    with in_process_client(service_settings(redis_server, tmp_path / "service")) as client:
+        for _attempt in range(2):  # the run, then its resume
+            run = BalanceRun(client, brightness_set, tmp_path / "out", plan, options)
+            run.out.mkdir(exist_ok=True)
+            state = BalanceState(run.out / STATE_NAME)
+            state.bind_plan(run.fingerprint, [(s.key, i, s.num_images) for i, s in enumerate(run.slots)], 500)
+            run._check_before_submitting(state)
+            state.close()
+    assert len(runs) == 1
+    write_brightness_classifier(tmp_path / "clf", ORDER, mean=0.0, std=1.0)  # the same paths, another spec
+    with pytest.raises(ValueError, match="mean/std"):  # another classifier (here its spec) is checked afresh
+        with in_process_client(service_settings(redis_server, tmp_path / "service")) as client:
+            run = BalanceRun(client, brightness_set, tmp_path / "out", plan, options)
+            state = BalanceState(run.out / STATE_NAME)
+            try:
+                run._check_before_submitting(state)
+            finally:
+                state.close()
+    assert len(runs) == 2
