@@ -67,7 +67,9 @@ PromptTemplateOption = Annotated[
 PromptsOption = Annotated[
     Path | None,
     typer.Option(
-        "--prompts", help="a prompt per class: a JSON object {class: prompt} or a CSV with columns class,prompt"
+        "--prompts",
+        help="a prompt per class: a JSON object {class: prompt} or a CSV with columns class,prompt (a class whose "
+        "name another class shares is keyed <class index>-<name>)",
     ),
 ]
 
