@@ -84,7 +84,11 @@ class LoadedClassifier:
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Pixels from a 16-bit decode are cast here, at the boundary, to the classifier's own dtype (float32 by
         # default, see load_classifier); the gradient flows back through the cast.
-        output = self.forward_module(self.preprocess(pixels.to(self.dtype)))
+        return self.outputs(self.preprocess(pixels.to(self.dtype)))
+
+    def outputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, embedding or None) of inputs already through `preprocess`."""
+        output = self.forward_module(inputs)
         if self.spec.output is ClassifierOutput.logits_embedding:
             logits, embedding = output
             return logits, embedding

@@ -6,7 +6,11 @@ Target conventions:
 - a number: every unit up to that total (the paper's ImageNet-LT setting is 1,300);
 - a JSON object of per-unit totals, imbalanced-learn's `sampling_strategy` dict convention: keys are class names
   (or class indices), `class/group` for grouped datasets; units not named get nothing; a total below the current
-  count is an error (over-sampling never removes images).
+  count is an error (over-sampling never removes images);
+- imbalanced-learn's other `sampling_strategy` forms for over-samplers: `not majority` (= `auto`), `all`,
+  `minority` (only the smallest unit), `not minority` (all but the smallest) up to the largest unit's count, and a
+  ratio r in (0, 1] of the largest unit's count (every unit up to ceil(r x largest); imbalanced-learn allows a
+  float for two classes only, here it applies to each unit).
 Images to add per unit = max(0, target - count). For ImageNet-LT at 1,300 that is 1,184,154 (every class is below 1,300,
 so each class gets at least 20).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass
 from enum import Enum
@@ -137,13 +142,27 @@ def read_counts_csv(path: Path) -> UnitCounts:
     return UnitCounts(class_names=class_names, groups=groups if has_group else None, counts=counts)
 
 
-def parse_target(text: str) -> str | int | dict[str, int]:
-    """`max`, a positive integer, a JSON object, or @FILE / a path to a JSON file of per-unit totals."""
+# imbalanced-learn's sampling_strategy strings for over-samplers ("auto" is its name for "not majority"); "max"
+# is ours (every unit up to the largest), which "not majority" and "all" equal when nothing is removed.
+IMBLEARN_STRATEGIES = ("not majority", "auto", "all", "minority", "not minority")
+
+
+def parse_target(text: str) -> str | int | float | dict[str, int]:
+    """`max`, a positive integer, an imbalanced-learn strategy or ratio, a JSON object, or @FILE / a path to a JSON
+    file of per-unit totals."""
     text = text.strip()
-    if text == "max":
-        return "max"
+    if text == "max" or text in IMBLEARN_STRATEGIES:
+        return text
     if text.isdigit():
         return int(text)
+    try:
+        ratio = float(text)
+    except ValueError:
+        pass
+    else:
+        if not 0.0 < ratio <= 1.0:
+            raise PlanError(f"--target ratio {text} must lie in (0, 1]: a fraction of the largest class's count")
+        return ratio
     source = text
     path = Path(text[1:] if text.startswith("@") else text)
     if not text.startswith("{"):
@@ -164,7 +183,9 @@ def parse_target(text: str) -> str | int | dict[str, int]:
     return {str(k): v for k, v in totals.items()}
 
 
-def plan_balance(counts: UnitCounts, target: str | int | dict[str, int], images_per_job: int = 8) -> BalancePlan:
+def plan_balance(
+    counts: UnitCounts, target: str | int | float | dict[str, int], images_per_job: int = 8
+) -> BalancePlan:
     """Per unit, how many images to add to reach the target."""
     if images_per_job < 1:
         raise PlanError("images per job must be at least 1")
@@ -191,16 +212,26 @@ def plan_balance(counts: UnitCounts, target: str | int | dict[str, int], images_
     return BalancePlan(entries=entries, images_per_job=images_per_job)
 
 
-def _target_totals(counts: UnitCounts, target: str | int | dict[str, int]) -> dict[Unit, int]:
-    if target == "max":
-        top = max(counts.counts.values(), default=0)
+def _target_totals(counts: UnitCounts, target: str | int | float | dict[str, int]) -> dict[Unit, int]:
+    top = max(counts.counts.values(), default=0)
+    if target in ("max", "not majority", "auto", "all"):
         return {unit: max(top, n) for unit, n in counts.counts.items()}
+    if target in ("minority", "not minority"):
+        smallest = min(counts.counts, key=counts.counts.get)  # the first of the smallest, as imbalanced-learn
+        chosen = {smallest} if target == "minority" else set(counts.counts) - {smallest}
+        return {unit: max(top, n) if unit in chosen else n for unit, n in counts.counts.items()}
+    if isinstance(target, float):
+        wanted = math.ceil(target * top)
+        return {unit: max(wanted, n) for unit, n in counts.counts.items()}
     if isinstance(target, int):
         if target < 1:
             raise PlanError("--target must be at least 1")
         return {unit: max(target, n) for unit, n in counts.counts.items()}
     if not isinstance(target, dict):
-        raise PlanError(f"--target {target!r} is neither 'max', a number nor per-class totals")
+        raise PlanError(
+            f"--target {target!r} is neither 'max', a number, a ratio, one of {IMBLEARN_STRATEGIES} "
+            "nor per-class totals"
+        )
     by_name: dict[str, Unit] = {}
     for unit in counts.counts:
         class_index, group = unit

@@ -4,13 +4,16 @@ Steps: 1. plan and fingerprint; 2. bind the state file (refuse a different plan)
 4. upload the conditioning images (content-addressed: known sha256s are never sent twice) and the classifier;
 5. submit pending chunks through /v1/batches (Idempotency-Key derived from the plan, so a crash between the POST
 and the state commit gets the same jobs back); 6. poll, download finished jobs (temp name + rename), retry failed
-ones; 7. write the layout's index files and manifest.csv from the state.
+ones; 7. write the layout's index files, manifest.csv and the Hugging Face metadata.csv from the state.
+Before 4, nothing is submitted until the checks pass (`fgs_client.preflight`): prompts against the model's classes
+(a warning), the classifier's classes against the dataset's, and the classifier on a sample of the user's images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field, replace
 from io import BytesIO
@@ -21,20 +24,22 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from fgs_client.balance_planner import BalancePlan, JobSlot, UnitCounts, build_jobs, plan_balance
+from fgs_client.balance_planner import BalancePlan, JobSlot, UnitCounts, build_jobs, parse_target, plan_balance
 from fgs_client.balance_state import STATE_NAME, BalanceState
 from fgs_client.dataset_readers import RealImage, ScannedDataset, SyntheticImage
 from fgs_client.dataset_writer import (
     ManifestRow,
     carry_real_files,
     remove_temporary_files,
+    write_hf_metadata,
     write_index_files,
     write_manifest,
     write_png_atomic,
 )
 from fgs_client.generation_options import validation_message
 from fgs_client.http_client import ApiError, Client
-from fgs_common.wire import ClassifierSpec, GenerateRequest, GenerationParams, JobPublic, JobState
+from fgs_client.preflight import PREFLIGHT_IMAGES_PER_CLASS, PREFLIGHT_MAX_IMAGES, match_classes, run_preflight
+from fgs_common.wire import STORED, ClassifierSpec, GenerateRequest, GenerationParams, JobPublic, JobState
 
 
 @dataclass
@@ -53,6 +58,7 @@ class BalanceOptions:
     poll_s: float = 0.5
     window: int = 64
     show_progress: bool = True
+    force: bool = False  # submit even when the classifier pre-flight refuses
 
     def generation_fields(self) -> dict:
         """The generation parameters as JSON values (what the plan fingerprint and each request carry)."""
@@ -70,6 +76,7 @@ class BalanceReport:
     failed_jobs: list[tuple[str, str]] = field(default_factory=list)  # (plan slot, error)
     retried_jobs: int = 0
     manifest: Path | None = None
+    hf_metadata: Path | None = None  # metadata.csv for Hugging Face datasets' imagefolder loader
 
     @property
     def complete(self) -> bool:
@@ -126,6 +133,10 @@ def check_balance_options(options: BalanceOptions) -> None:
         raise ValueError(validation_message(error)) from None
 
 
+# The service's 404 for a referenced object (fgs_service.errors.not_found).
+_MISSING_ID = re.compile(r"no (image|classifier) with id '([0-9a-f]+)'")
+
+
 class BalanceRun:
     def __init__(
         self,
@@ -152,7 +163,9 @@ class BalanceRun:
         self.retried = 0
         self.bad_conditioning: set[Path] = set()
         self.classifier_id: str | None = options.classifier_id
+        self.classifier_index = list(range(len(dataset.class_names)))  # dataset class -> classifier output
         self._image_ids: dict[Path, str | None] = {}  # conditioning file -> uploaded id, for this run
+        self._running = 0  # jobs seen running in the last poll: "generating" rather than "waiting for a worker"
 
     # 1-2. state
     def run(self) -> BalanceReport:
@@ -173,31 +186,106 @@ class BalanceRun:
             written_dirs |= {image.rel_path.rpartition("/")[0] for image in self.dataset.images}
             for directory in written_dirs:
                 remove_temporary_files(self.out / directory)
-            # 4. classifier (conditioning images are uploaded per chunk, just before it is submitted)
+            # 4. checks, then the classifier (conditioning images are uploaded per chunk, just before it is submitted)
             if state.pending_chunks() or state.active(1):
+                self._check_before_submitting(state)
                 self._resolve_classifier(state)
             self._generate(state)
             return self._finish(state)
         finally:
             state.close()
 
+    def _say(self, message: str) -> None:
+        """A status line, so that no phase of the run is silent."""
+        if self.options.show_progress:
+            self.console.print(f"[dim]fgs:[/] {message}", soft_wrap=True, highlight=False)
+
+    def _check_before_submitting(self, state: BalanceState) -> None:
+        """Prompts against the model's classes, the classifier's classes against the dataset's, and the classifier
+        on the user's own images (once per classifier: its outcome is kept in the state file for the resumes): a
+        ValueError (nothing submitted) for what would ruin the run."""
+        self._say("checking prompts against the model")
+        self._warn_unknown_prompts()
+        spec = self._classifier_spec()
+        if spec is None:
+            return
+        match = match_classes(spec, self.dataset.class_names)
+        self.classifier_index = match.classifier_index
+        if match.note:
+            self.console.print(f"[yellow]note:[/] {match.note}", soft_wrap=True)
+        if self.options.classifier is None:
+            self._say("pre-flight skipped: it needs the archive (--classifier), not only --classifier-id")
+            return
+        key = f"preflight:{self._classifier_digest(with_stats=False)}"
+        if recorded := state.meta(key):
+            self._say(f"pre-flight done before for this classifier: {recorded}")
+            return
+        self._say(
+            f"pre-flight: scoring the classifier on up to {PREFLIGHT_IMAGES_PER_CLASS} images per class "
+            f"({PREFLIGHT_MAX_IMAGES:,} at most)"
+        )
+        result = run_preflight(self.options.classifier, spec, self.dataset, match)
+        if result is None:
+            self.console.print(
+                "[yellow]warning:[/] pre-flight skipped: scoring the classifier on your images needs torch "
+                "(pip install 'fgs[train]')",
+                soft_wrap=True,
+            )
+        elif result.passed:
+            self.console.print(result.summary(), soft_wrap=True)
+            state.set_meta(key, result.summary())
+        elif self.options.force:
+            self.console.print(f"[yellow]warning:[/] {result.summary()}; running anyway (--force)", soft_wrap=True)
+            state.set_meta(key, f"{result.summary()}; run anyway (--force)")
+        else:
+            raise ValueError(result.refusal())
+
+    def _warn_unknown_prompts(self) -> None:
+        info = self.client.model_info()
+        if info is None:
+            return
+        prompts = [self.dataset.prompt(c, g) for c, g in self.dataset.units()]
+        unknown = list(dict.fromkeys(info.unknown_prompt_classes(prompts)))
+        if unknown:
+            self.console.print(
+                f"[yellow]warning:[/] {len(unknown)} of the prompts name no class the model {info.model} was trained "
+                f"on (first: {', '.join(repr(p) for p in unknown[:5])}). It knows {', '.join(info.class_names)}, "
+                f"prompted as {info.prompt_template!r}: give --prompts FILE (class -> prompt) or --prompt-template, "
+                "or images will follow the conditioning image alone",
+                soft_wrap=True,
+            )
+
+    def _classifier_spec(self) -> ClassifierSpec | None:
+        if self.options.classifier_spec is not None:
+            return ClassifierSpec.model_validate_json(self.options.classifier_spec.read_text(encoding="utf-8"))
+        if self.options.classifier_id is not None:
+            return self.client.classifier(self.options.classifier_id).spec
+        return None
+
     def _resolve_classifier(self, state: BalanceState) -> None:
         options = self.options
         if options.classifier is None:
             return
-        digest = hashlib.sha256(options.classifier.read_bytes() + options.classifier_spec.read_bytes())
-        if options.hardness_stats:  # can be several GB (ImageNet-LT at k = 2,048: 0.95 GB): hashed in chunks
-            with open(options.hardness_stats, "rb") as stats:
-                while chunk := stats.read(1 << 20):
-                    digest.update(chunk)
-        known = state.meta(f"classifier:{digest.hexdigest()}")
+        digest = self._classifier_digest(with_stats=True)
+        known = state.meta(f"classifier:{digest}")
         if known:
             self.classifier_id = known
             return
+        self._say(f"uploading the classifier {options.classifier.name} (the service checks it in a sandbox)")
         spec = ClassifierSpec.model_validate_json(options.classifier_spec.read_text(encoding="utf-8"))
         uploaded = self.client.upload_classifier(options.classifier, spec, options.hardness_stats)
-        state.set_meta(f"classifier:{digest.hexdigest()}", uploaded.id)
+        state.set_meta(f"classifier:{digest}", uploaded.id)
         self.classifier_id = uploaded.id
+
+    def _classifier_digest(self, with_stats: bool) -> str:
+        """sha256 of the classifier archive and spec (and its hardness statistics): what the state keys it by."""
+        options = self.options
+        digest = hashlib.sha256(options.classifier.read_bytes() + options.classifier_spec.read_bytes())
+        if with_stats and options.hardness_stats:  # can be several GB (ImageNet-LT at k = 2,048: 0.95 GB): in chunks
+            with open(options.hardness_stats, "rb") as stats:
+                while chunk := stats.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
 
     def _image_id(self, state: BalanceState, image: RealImage) -> str | None:
         """Upload one conditioning image unless its sha256 is known; None when the file does not decode."""
@@ -221,6 +309,46 @@ class BalanceRun:
         state.record_upload(digest, uploaded.id)
         return uploaded.id
 
+    def _submit_current(self, state: BalanceState, build, submit, first=None):
+        """`submit(build())`, and once more after each 404 for a saved conditioning image or classifier id that the
+        service no longer has (its tenant deleted it since this run's state saved it): those ids are forgotten and
+        uploaded again, where a rerun would otherwise be refused the same way forever. Returns (request, answer)."""
+        request = build() if first is None else first
+        for _ in range(2):  # at most one forget of the classifier, one of images
+            try:
+                return request, submit(request)
+            except ApiError as error:
+                if not self._forget_missing(state, error):
+                    raise
+            request = build()
+        return request, submit(request)
+
+    def _forget_missing(self, state: BalanceState, error: ApiError) -> bool:
+        """After a 404 naming an id this run saved: forget the ids the service lost; False for any other error."""
+        missing = _MISSING_ID.search(error.message) if error.status == 404 else None
+        if missing is None:
+            return False
+        kind, object_id = missing.groups()
+        if kind == "classifier":
+            if object_id != self.classifier_id:
+                return False
+            if self.options.classifier is None:
+                raise ValueError(
+                    f"the classifier {object_id} (--classifier-id) is no longer on the service (deleted?): upload it "
+                    "again, or give --classifier and --classifier-spec"
+                ) from error
+            self._say(f"the classifier {object_id} is no longer on the service: uploading it again")
+            state.forget_meta_value(object_id)
+            self.classifier_id = None
+            self._resolve_classifier(state)
+            return True
+        present = {image.id for image in self.client.images()}
+        forgotten = state.forget_uploads_except(present)
+        self._image_ids = {path: i for path, i in self._image_ids.items() if i is None or i in present}
+        if forgotten:
+            self._say(f"{forgotten} conditioning images are no longer on the service: uploading them again")
+        return forgotten > 0
+
     def _request(self, state: BalanceState, slot: JobSlot) -> GenerateRequest:
         ids = [self._image_id(state, image) for image in slot.conditioning]
         good = [i for i in ids if i is not None]
@@ -228,7 +356,7 @@ class BalanceRun:
         ids = [i if i is not None else good[0] for i in ids] if good else []
         return GenerateRequest(
             prompt=slot.prompt,
-            class_index=slot.entry.class_index,
+            class_index=self.classifier_index[slot.entry.class_index],
             conditioning_image_ids=ids,
             num_images=slot.num_images,
             classifier_id=self.classifier_id,
@@ -241,8 +369,12 @@ class BalanceRun:
         total = self.plan.total_to_add
         done_images = sum(r.num_images for r in state.rows("done"))
         with self._progress() as progress:
-            task = progress.add_task("generating", total=total, completed=done_images, failures=0)
-            for chunk in state.pending_chunks():
+            chunks = state.pending_chunks()
+            if chunks:
+                self._say(f"submitting the jobs ({len(chunks)} chunks of up to {self.options.chunk_size})")
+            task = progress.add_task("submitting", total=total, completed=done_images, failures=0)
+            for number, chunk in enumerate(chunks, start=1):
+                progress.update(task, description=f"uploading images, submitting jobs ({number}/{len(chunks)})")
                 self._submit_chunk(state, chunk, progress, task)
                 self._poll_once(state, progress, task)  # download early results while later chunks upload
             while state.active(1):
@@ -252,11 +384,14 @@ class BalanceRun:
     def _poll_once(self, state: BalanceState, progress: Progress, task) -> bool:
         """One look at the oldest submitted jobs; True when any of them moved on."""
         moved = False
+        self._running = 0
         for row in state.active(self.options.window):
             finished_images = self._advance(state, row)
             if finished_images is not None:
                 moved = True
                 progress.update(task, advance=finished_images, failures=len(self.failures))
+        waiting = "waiting for a worker" if not self._running and not moved else "generating"
+        progress.update(task, description=waiting)
         return moved
 
     def _progress(self) -> Progress:
@@ -278,13 +413,17 @@ class BalanceRun:
         rows = [r for r in state.chunk_rows(chunk) if r.state == "pending"]
         if not rows:
             return
-        requests = [self._request(state, self.by_key[r.key]) for r in rows]
         key = f"fgs-balance-{self.fingerprint[:32]}-chunk-{chunk}"
         try:
-            accepted = self.client.submit_batch(requests, idempotency_key=key, wait_when_full=False)
+            requests, accepted = self._submit_current(
+                state,
+                lambda: [self._request(state, self.by_key[r.key]) for r in rows],
+                lambda requests: self.client.submit_batch(requests, idempotency_key=key, wait_when_full=False),
+            )
         except ApiError as error:
             if error.status != 429:
                 raise
+            requests = [self._request(state, self.by_key[r.key]) for r in rows]
             self._submit_job_by_job(state, rows, requests, progress, task)
             return
         if len(accepted.job_ids) != len(requests):
@@ -308,7 +447,14 @@ class BalanceRun:
                 # With none of our jobs in the queue, only others' work can free room: wait as the service says.
                 ours_queued = bool(state.active(1))
                 try:
-                    accepted = self.client.submit(request, idempotency_key=key, wait_when_full=not ours_queued)
+                    request, accepted = self._submit_current(
+                        state,
+                        lambda row=row: self._request(state, self.by_key[row.key]),
+                        lambda request, key=key, wait=not ours_queued: self.client.submit(
+                            request, idempotency_key=key, wait_when_full=wait
+                        ),
+                        first=request,
+                    )
                     break
                 except ApiError as error:
                     if error.status != 429 or not ours_queued:
@@ -326,6 +472,7 @@ class BalanceRun:
             if error.status != 404:
                 raise
             return self._retry_or_fail(state, row, f"job {row.job_id} is unknown to the service (404)")
+        self._running += job.state is JobState.running
         if job.state is JobState.finished:
             self._download(state, row, job)
             return row.num_images
@@ -343,10 +490,14 @@ class BalanceRun:
         slot = self.by_key[row.key]
         for index in range(slot.num_images):  # a new attempt rewrites the slot's images as a whole
             (self.out / synthetic_rel_path(self.dataset, slot, index)).unlink(missing_ok=True)
-        request = GenerateRequest.model_validate_json(row.request)
         attempt = row.attempt + 1
-        accepted = self.client.submit(
-            request, idempotency_key=f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a{attempt}"
+        # Built afresh rather than replayed from row.request: ids the service lost since are uploaded again.
+        _request, accepted = self._submit_current(
+            state,
+            lambda: self._request(state, slot),
+            lambda request: self.client.submit(
+                request, idempotency_key=f"fgs-balance-{self.fingerprint[:32]}-{row.key}-a{attempt}"
+            ),
         )
         state.record_resubmitted(row.key, attempt, accepted.job_id)
         self.retries_this_run[row.key] = used + 1
@@ -394,7 +545,7 @@ class BalanceRun:
         synthetic: list[SyntheticImage] = []
         for job in state.rows("done"):
             slot = self.by_key[job.key]
-            request = GenerateRequest.model_validate_json(job.request) if job.request else None
+            request = GenerateRequest.model_validate_json(job.request, context=STORED) if job.request else None
             for record in job.results or []:
                 synthetic.append(SyntheticImage(record["path"], slot.entry.class_index, slot.entry.group))
                 value = record.get("criterion_value")
@@ -412,10 +563,12 @@ class BalanceRun:
                         dropout_p=str(request.dropout_p if request else fields_["dropout_p"]),
                         criterion_value="" if value is None else repr(float(value)),
                         job_id=job.job_id or "",
+                        prompt=request.prompt if request else slot.prompt,
                     )
                 )
         write_index_files(self.out, self.dataset, synthetic)
         manifest = write_manifest(self.out, rows)
+        hf_metadata = write_hf_metadata(self.out, rows)
         failed = [(r.key, r.error or "failed") for r in state.rows("failed")]
         return BalanceReport(
             out=self.out,
@@ -427,6 +580,7 @@ class BalanceRun:
             failed_jobs=failed,
             retried_jobs=self.retried,
             manifest=manifest,
+            hf_metadata=hf_metadata,
         )
 
 
@@ -446,6 +600,8 @@ class _RateColumn(TextColumn):
 def balance_dataset(
     client: Client, dataset: ScannedDataset, out: Path, target, options: BalanceOptions, console: Console | None = None
 ) -> BalanceReport:
-    """Plan and run a balance (the Python API behind `fgs-client balance`)."""
+    """Plan and run a balance (the Python API behind `fgs-client balance`); `target` as --target takes it."""
+    if isinstance(target, str):
+        target = parse_target(target)
     plan = plan_balance(UnitCounts.from_dataset(dataset), target, images_per_job=options.images_per_job)
     return BalanceRun(client, dataset, out, plan, options, console=console).run()

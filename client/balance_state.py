@@ -101,6 +101,18 @@ class BalanceState:
     def record_upload(self, sha256: str, image_id: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO uploads (sha256, image_id) VALUES (?, ?)", (sha256, image_id))
 
+    def forget_uploads_except(self, image_ids: set[str]) -> int:
+        """Forget the saved uploads whose id is not in `image_ids` (the service no longer has them: their tenant
+        deleted them), so that they are uploaded again; returns how many were forgotten."""
+        saved = [row[0] for row in self._db.execute("SELECT image_id FROM uploads")]
+        gone = [(image_id,) for image_id in saved if image_id not in image_ids]
+        self._db.executemany("DELETE FROM uploads WHERE image_id=?", gone)
+        return len(gone)
+
+    def forget_meta_value(self, value: str) -> None:
+        """Forget every meta entry that saved `value` (an uploaded classifier's id the service no longer has)."""
+        self._db.execute("DELETE FROM meta WHERE value=? AND key<>'fingerprint'", (value,))
+
     # -------------------------------------------------------------- jobs
 
     def _rows(self, sql: str, args: tuple = ()) -> list[JobRow]:

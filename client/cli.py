@@ -1,7 +1,8 @@
 """`fgs-client`: balance a dataset on disk with the fgs service, and the commands around it.
 
 Exit codes: 0 done; 1 some jobs failed (rerun the same command to retry them); 2 bad input;
-3 service unreachable (rerun later: the run resumes); 4 API key rejected; 5 other service error.
+3 service unreachable (rerun later: the run resumes); 4 API key rejected; 5 other service error;
+130 interrupted (Ctrl-C: rerun to resume, or `fgs-client cancel --out OUT`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from rich.table import Table
 
 from fgs_client.balance_planner import BalancePlan, PlanError, UnitCounts, parse_target, plan_balance, read_counts_csv
 from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
-from fgs_client.dataset_readers import DatasetError, packaged_lines, packaged_path, read_dataset
+from fgs_client.dataset_readers import DatasetError, ScannedDataset, packaged_lines, packaged_path, read_dataset
 from fgs_client.generation_options import GenerationChoice, generation_options
 from fgs_client.http_client import ApiError, AuthenticationFailed, Client, ServiceUnreachable
+from fgs_client.preflight import match_classes
+from fgs_common.presets import get_preset
 from fgs_common.settings import get_settings
 from fgs_common.wire import ClassifierSpec, GenerationParams
 
@@ -29,6 +32,7 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 EXIT_FAILED_JOBS, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_API = 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 class DatasetName(str, Enum):
@@ -45,7 +49,28 @@ class RealFiles(str, Enum):
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="FGS_URL", help="the fgs service")]
 KeyOption = Annotated[
-    str | None, typer.Option("--api-key", envvar="FGS_API_KEY", help="API key (default: FGS_DEV_API_KEY)")
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="FGS_API_KEY",
+        help="API key: from the service's operator, FGS_DEV_API_KEY on a local `fgs up` (the default)",
+    ),
+]
+PromptTemplateOption = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt-template",
+        help="prompt of each class, e.g. 'a photo of a {class_name}' ({group}: the group, when grouped); "
+        "default: the reader's (the class name, 'class in group' for NICO++)",
+    ),
+]
+PromptsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help="a prompt per class: a JSON object {class: prompt} or a CSV with columns class,prompt (a class whose "
+        "name another class shares is keyed <class index>-<name>)",
+    ),
 ]
 
 
@@ -58,8 +83,31 @@ def make_client(url: str, api_key: str | None) -> Client:
     return Client(url, api_key or get_settings().dev_api_key)
 
 
-def print_plan(plan: BalancePlan, grouped: bool, console: Console = out_console) -> None:
-    """The plan as a table (before, to add, after per unit) and its totals."""
+def scan(
+    dataset: DatasetName,
+    root: Path,
+    split_file: Path | None,
+    class_names: Path | None,
+    groups: Path | None,
+    prompt_template: str | None = None,
+    prompts: Path | None = None,
+) -> ScannedDataset:
+    """`read_dataset` under the CLI's option names."""
+    return read_dataset(
+        dataset.value,
+        root,
+        split_file=split_file,
+        class_names_file=class_names,
+        groups_csv=groups,
+        prompt_template=prompt_template,
+        prompts_file=prompts,
+    )
+
+
+def print_plan(
+    plan: BalancePlan, grouped: bool, console: Console = out_console, dataset: ScannedDataset | None = None
+) -> None:
+    """The plan as a table (before, to add, after per unit, and the prompt when the dataset is read) and totals."""
     table = Table(title="balance plan")
     table.add_column("class")
     if grouped:
@@ -67,9 +115,14 @@ def print_plan(plan: BalancePlan, grouped: bool, console: Console = out_console)
     for name in ("before", "to add", "after"):
         table.add_column(name, justify="right")
     table.add_column("conditioning")
+    if dataset is not None:
+        table.add_column("prompt")
     for entry in plan.entries:
         cells = [entry.class_name] + ([entry.group or ""] if grouped else [])
-        table.add_row(*cells, f"{entry.before:,}", f"{entry.to_add:,}", f"{entry.after:,}", entry.conditioning.value)
+        cells += [f"{entry.before:,}", f"{entry.to_add:,}", f"{entry.after:,}", entry.conditioning.value]
+        if dataset is not None:
+            cells.append(dataset.prompt(entry.class_index, entry.group))
+        table.add_row(*cells)
     console.print(table)
     units = "groups" if grouped else "classes"
     console.print(
@@ -89,7 +142,12 @@ def balance(
         Path | None, typer.Option("--out", help="where the balanced dataset goes (default: <root>-balanced)")
     ] = None,
     target: Annotated[
-        str, typer.Option("--target", help="'max', a number per unit, or a JSON object/file of per-class totals")
+        str,
+        typer.Option(
+            "--target",
+            help="'max', a number per unit, a JSON object/file of per-class totals, or imbalanced-learn's forms: "
+            "'not majority', 'all', 'minority', 'not minority', a ratio of the largest class (e.g. 0.5)",
+        ),
     ] = "max",
     counts: Annotated[
         Path | None,
@@ -117,6 +175,11 @@ def balance(
     split_file: Annotated[Path | None, typer.Option("--split-file", help="imagenet-lt: the train split file")] = None,
     class_names: Annotated[Path | None, typer.Option("--class-names", help="imagenet-lt: class-name file")] = None,
     groups: Annotated[Path | None, typer.Option("--groups", help="imagefolder: CSV path,group")] = None,
+    prompt_template: PromptTemplateOption = None,
+    prompts: PromptsOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="submit even when the classifier pre-flight on your images fails")
+    ] = False,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -142,7 +205,16 @@ def balance(
         hardness_stats=hardness_stats,
         real_files=real_files.value,
         show_progress=progress,
+        force=force,
     )
+    if generation.scores_without_steering:
+        preset = get_preset("paper-imagenet-lt")
+        err_console.print(
+            f"[yellow]note:[/] --criterion {generation.criterion.value} at --omega 0 scores each image without "
+            f"steering it (a control run); give --omega (e.g. {preset.generation_params().omega:g}, preset "
+            f"{preset.name}'s value) for feedback",
+            soft_wrap=True,
+        )
     try:
         target_value = parse_target(target)
         if counts is not None:
@@ -167,9 +239,8 @@ def balance(
             raise fail("--root is required (or --counts FILE with --dry-run)", EXIT_BAD_INPUT)
         if not dry_run:
             check_balance_options(options)
-        scanned = read_dataset(
-            dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups
-        )
+        err_console.print(f"[dim]fgs:[/] reading the dataset in {root}", highlight=False)
+        scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
         if scanned.skipped:
             err_console.print(
                 f"[yellow]skipped {len(scanned.skipped):,} files that are not readable images[/] (first: "
@@ -178,7 +249,7 @@ def balance(
             )
         plan = plan_balance(UnitCounts.from_dataset(scanned), target_value, images_per_job)
         if dry_run:
-            print_plan(plan, grouped=scanned.groups is not None)
+            print_plan(plan, grouped=scanned.groups is not None, dataset=scanned)
             print_generation(choice, target)
             return
     except (DatasetError, PlanError, ValueError) as error:
@@ -187,6 +258,8 @@ def balance(
     with make_client(url, api_key) as client:
         try:
             report = BalanceRun(client, scanned, out, plan, options, console=err_console).run()
+        except KeyboardInterrupt:
+            raise fail(interrupted_message(out), EXIT_INTERRUPTED) from None
         except StateConflict as error:
             raise fail(str(error), EXIT_BAD_INPUT) from None
         except ValueError as error:
@@ -196,13 +269,14 @@ def balance(
                 f"{error}. Nothing is lost: rerun the same command when the service is up to resume.", EXIT_UNREACHABLE
             ) from None
         except AuthenticationFailed as error:
-            raise fail(f"{error}. Pass the right key with --api-key or FGS_API_KEY.", EXIT_AUTH) from None
+            raise fail(str(error), EXIT_AUTH) from None
         except ApiError as error:
             raise fail(f"the service refused a request: {error}. Rerun the same command to resume.", EXIT_API) from None
     summary = (
         f"{report.synthetic_written:,}/{report.planned_images:,} synthetic images in {report.out} "
         f"({report.real_images:,} real, {report.skipped_files:,} files skipped, {report.retried_jobs} jobs "
         f"retried); manifest: {report.manifest}"
+        + (f"; Hugging Face metadata: {report.hf_metadata}" if report.hf_metadata else "")
     )
     if report.failed_jobs:
         err_console.print(summary, soft_wrap=True)
@@ -213,6 +287,78 @@ def balance(
             EXIT_FAILED_JOBS,
         )
     out_console.print(f"balanced: {summary}", soft_wrap=True)
+
+
+def interrupted_message(out: Path) -> str:
+    """What Ctrl-C leaves on the service and the two ways on."""
+    jobs, images = _jobs_on_service(out)
+    return (
+        f"interrupted: {jobs:,} jobs ({images:,} images) were submitted and not collected yet: queued, running or "
+        "finished on the service. Rerun the same command to resume and collect them, or cancel those not ended "
+        f"with: fgs-client cancel --out {out}"
+    )
+
+
+def _jobs_on_service(out: Path) -> tuple[int, int]:
+    """Jobs of the run in `out` that were submitted and not yet collected, and their images."""
+    path = out / STATE_NAME
+    if not path.is_file():
+        return 0, 0
+    state = BalanceState(path)
+    try:
+        jobs, images = state.counts().get("submitted", (0, 0))
+        return jobs, images or 0
+    finally:
+        state.close()
+
+
+@app.command()
+def cancel(
+    out: Annotated[Path, typer.Option("--out", help="the output directory of an interrupted `balance` run")],
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+) -> None:
+    """Cancel the jobs a balance run left on the service (rerunning `balance` later submits them again)."""
+    path = out / STATE_NAME
+    if not path.is_file():
+        raise fail(f"{out} holds no balance run ({STATE_NAME} missing)", EXIT_BAD_INPUT)
+    state = BalanceState(path)
+    canceled = already_done = 0
+    try:
+        rows = state.rows("submitted")
+        batches: dict[str, list] = {}
+        for row in rows:
+            batches.setdefault(row.batch_id or "", []).append(row)
+        singly = batches.pop("", [])
+        with make_client(url, api_key) as client:
+            # A chunk is one batch: one DELETE per batch; jobs submitted singly (retries, a full queue) one by one.
+            for batch_id, batch_rows in batches.items():
+                try:
+                    now = client.cancel_batch(batch_id)
+                except ApiError as error:
+                    if error.status != 404:  # the batch record expired: its jobs one by one
+                        raise
+                    singly += batch_rows
+                    continue
+                canceled += now
+                already_done += max(0, len(batch_rows) - now)
+            for row in singly:
+                try:
+                    client.cancel(row.job_id)
+                    canceled += 1
+                except ApiError as error:
+                    if error.status not in (404, 409):  # gone, or already finished / failed / canceled
+                        raise
+                    already_done += 1
+    except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
+        raise fail(str(error), _exit_code(error)) from None
+    finally:
+        state.close()
+    out_console.print(
+        f"canceled {canceled:,} jobs of the run in {out} ({already_done:,} had already ended); "
+        "rerun the same balance command to resume the run",
+        soft_wrap=True,
+    )
 
 
 def print_generation(choice: GenerationChoice, target: str, console: Console = out_console) -> None:
@@ -315,6 +461,7 @@ def upload_classifier(
     hardness_stats: Annotated[
         Path | None, typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")
     ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="a name to list it by (default: the file name)")] = None,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
 ) -> None:
@@ -326,10 +473,36 @@ def upload_classifier(
     parsed = _read_spec(spec)
     with make_client(url, api_key) as client:
         try:
-            uploaded = client.upload_classifier(archive, parsed, hardness_stats)
+            uploaded = client.upload_classifier(archive, parsed, hardness_stats, name=name)
         except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
             raise fail(str(error), _exit_code(error)) from None
     out_console.print(uploaded.id)
+
+
+@app.command()
+def classifiers(
+    delete: Annotated[str | None, typer.Option("--delete", help="delete the classifier with this id")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+) -> None:
+    """List your uploaded classifiers (id, name, upload date, classes), or delete one."""
+    with make_client(url, api_key) as client:
+        try:
+            if delete is not None:
+                client.delete_classifier(delete)
+                out_console.print(f"deleted classifier {delete}")
+                return
+            listed = client.classifiers()
+        except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
+            raise fail(str(error), _exit_code(error)) from None
+    table = Table(title="classifiers")
+    for column in ("id", "name", "uploaded", "classes", "hardness stats"):
+        table.add_column(column, overflow="fold")
+    for item in listed:
+        uploaded_at = item.created_at.strftime("%Y-%m-%d %H:%M") if item.created_at else ""
+        names = ", ".join(item.spec.class_names) if item.spec.class_names else f"{item.spec.num_classes} (unnamed)"
+        table.add_row(item.id, item.name, uploaded_at, names, "yes" if item.has_hardness_stats else "no")
+    out_console.print(table)
 
 
 @app.command("hardness-stats")
@@ -408,6 +581,23 @@ def grid(
     out_console.print(f"{len(written)} contact sheets in {dest}")
 
 
+@app.command("class-folders")
+def class_folders(
+    out: Annotated[Path, typer.Option("--out", help="a balanced dataset written by `balance` (holds manifest.csv)")],
+    dest: Annotated[Path, typer.Option("--dest", help="where the <class>/<image> folders go")],
+    real_files: Annotated[RealFiles, typer.Option("--real-files", help="hard links or copies")] = RealFiles.link,
+) -> None:
+    """torchvision's ImageFolder layout of a balanced dataset (real and synthetic images, one folder per class),
+    for layouts that are not class-per-folder already (NICO++, ImageNet-LT). When two classes share a name
+    (ImageNet-LT's two "crane"), every folder is `<class index>-<name>`, so that the folders' order is the classes'."""
+    from fgs_client.dataset_writer import write_class_folders
+
+    if not (out / "manifest.csv").is_file():
+        raise fail(f"{out} has no manifest.csv: run `fgs-client balance` first", EXIT_BAD_INPUT)
+    count = write_class_folders(out, dest, real_files.value)
+    out_console.print(f"{count:,} images in {dest}/<class>/: torchvision.datasets.ImageFolder({str(dest)!r})")
+
+
 @app.command()
 @generation_options(on_invalid=lambda message: fail(message, EXIT_BAD_INPUT), exclude=("omega", "gamma"))
 def sweep(
@@ -436,6 +626,8 @@ def sweep(
     split_file: Annotated[Path | None, typer.Option("--split-file")] = None,
     class_names: Annotated[Path | None, typer.Option("--class-names")] = None,
     groups: Annotated[Path | None, typer.Option("--groups")] = None,
+    prompt_template: PromptTemplateOption = None,
+    prompts: PromptsOption = None,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
     *,
@@ -461,14 +653,11 @@ def sweep(
         settings = [pilot_sweep.SweepSetting(w, g) for g in gammas for w in sorted(omegas)]
         for setting in settings:  # each setting must be a valid generation before anything is uploaded
             GenerationParams.model_validate(generation.model_dump() | {"omega": setting.omega, "gamma": setting.gamma})
-        scanned = read_dataset(
-            dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups
-        )
+        scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
         chosen = pilot_sweep.resolve_classes(classes, scanned.class_names)
-        if len(scanned.class_names) != parsed.num_classes:
-            raise ValueError(
-                f"the dataset has {len(scanned.class_names)} classes, the classifier spec {parsed.num_classes}"
-            )
+        match = match_classes(parsed, scanned.class_names)  # by name, as `balance` matches them
+        if match.note:
+            err_console.print(f"[yellow]note:[/] {match.note}", soft_wrap=True)
         model = load_classifier_archive(classifier, parsed)
     except (DatasetError, ValueError) as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
@@ -485,6 +674,7 @@ def sweep(
                 seed=seed,
                 classifier_id=classifier_id,
                 out=out / "images",
+                classifier_index=match.classifier_index,
             )
         except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
             raise fail(str(error), _exit_code(error)) from None

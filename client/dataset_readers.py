@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import string
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -575,6 +576,80 @@ def _digits_classes(description: dict) -> tuple[list[str], list[str]]:
     return names, prompts
 
 
+# ---------------------------------------------------------------- prompts
+
+PROMPT_FIELDS = ("class_name", "group")
+
+
+def check_prompt_template(template: str) -> str:
+    """A prompt template names {class_name} (and {group} for grouped datasets) and no other field."""
+    try:
+        fields_ = {name for _text, name, _spec, _conv in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise DatasetError(f"--prompt-template {template!r} is not a valid template: {error}") from None
+    unknown = fields_ - set(PROMPT_FIELDS)
+    if unknown or "class_name" not in fields_:
+        raise DatasetError(
+            f"--prompt-template {template!r} must contain {{class_name}} and may contain {{group}}; "
+            f"it names {sorted(unknown) or 'no {class_name}'}"
+        )
+    return template
+
+
+def read_prompts_file(path: Path, class_names: list[str]) -> list[str]:
+    """A prompt per class from a JSON object {"class": "prompt"} or a CSV with columns class,prompt (a spreadsheet's
+    UTF-8 byte-order mark is allowed); every class of the dataset must have one, and every named class must be one
+    of the dataset's. A name that several classes share (ImageNet-LT's two "crane") cannot say which it means: the
+    file keys those classes as `<class index>-<name>` ("134-crane"), the folder names of `class-folders`."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise DatasetError(f"cannot read the prompts file {path}: {error}") from error
+    if text.lstrip().startswith("{"):
+        try:
+            by_class = json.loads(text)
+        except ValueError as error:
+            raise DatasetError(f"prompts file {path} is not valid JSON: {error}") from error
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if not {"class", "prompt"} <= set(reader.fieldnames or []):
+            raise DatasetError(f"prompts file {path} must be a JSON object or a CSV with columns class,prompt")
+        by_class = {row["class"]: row["prompt"] for row in reader}
+    if not isinstance(by_class, dict) or not all(isinstance(v, str) and v.strip() for v in by_class.values()):
+        raise DatasetError(f"prompts file {path} must map each class name to a non-empty prompt")
+    repeated = {name for name in class_names if class_names.count(name) > 1}
+    width = len(str(len(class_names) - 1))
+    keys = [
+        (f"{c}-{name}", f"{c:0{width}d}-{name}") if name in repeated else (name,) for c, name in enumerate(class_names)
+    ]
+    problems = []
+    if ambiguous := sorted(set(by_class) & repeated):
+        where = {name: [c for c, n in enumerate(class_names) if n == name] for name in ambiguous}
+        problems.append(
+            "these names belong to more than one class, key each as <class index>-<name>: "
+            + "; ".join(f"{name} (classes {', '.join(map(str, where[name]))})" for name in ambiguous)
+        )
+    known = {key for forms in keys for key in forms}
+    if unknown := sorted(set(by_class) - known - repeated):
+        problems.append(f"no such class {unknown}")
+    if missing := [forms[0] for forms in keys if not any(key in by_class for key in forms)]:
+        problems.append(f"no prompt for {missing}")
+    if problems:
+        raise DatasetError(f"prompts file {path} does not match the dataset's classes: {'; '.join(problems)}")
+    return [next(by_class[key] for key in forms if key in by_class) for forms in keys]
+
+
+def apply_prompts(dataset: ScannedDataset, template: str | None = None, prompts_file: Path | None = None) -> None:
+    """Use a prompt template or a class -> prompt file instead of the reader's own prompts."""
+    if template is not None and prompts_file is not None:
+        raise DatasetError("give --prompt-template or --prompts, not both")
+    if template is not None:
+        dataset.prompt_template = check_prompt_template(template)
+        dataset.class_prompts = None
+    if prompts_file is not None:
+        dataset.class_prompts = read_prompts_file(prompts_file, dataset.class_names)
+
+
 def read_dataset(
     name: str,
     root: Path,
@@ -582,14 +657,20 @@ def read_dataset(
     split_file: Path | None = None,
     class_names_file: Path | None = None,
     groups_csv: Path | None = None,
+    prompt_template: str | None = None,
+    prompts_file: Path | None = None,
 ) -> ScannedDataset:
-    """Read a dataset by its name (one of DATASET_NAMES)."""
+    """Read a dataset by its name (one of DATASET_NAMES); a prompt template or prompts file replaces the reader's
+    own prompts (the class name, or `class in group`)."""
     if name == "nico++":
-        return read_nicopp(root)
-    if name == "imagenet-lt":
-        return read_imagenet_lt(root, split_file=split_file, class_names_file=class_names_file)
-    if name == "imagefolder":
-        return read_imagefolder(root, groups_csv=groups_csv)
-    if name == "digits-lt":
-        return read_digits_lt(root)
-    raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+        dataset = read_nicopp(root)
+    elif name == "imagenet-lt":
+        dataset = read_imagenet_lt(root, split_file=split_file, class_names_file=class_names_file)
+    elif name == "imagefolder":
+        dataset = read_imagefolder(root, groups_csv=groups_csv)
+    elif name == "digits-lt":
+        dataset = read_digits_lt(root)
+    else:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    apply_prompts(dataset, prompt_template, prompts_file)
+    return dataset

@@ -1,5 +1,7 @@
 """Writing the balanced dataset: real files carried over, synthetic PNGs written atomically, the layout's
-index files, and `manifest.csv` (one row per image, real and synthetic)."""
+index files, `manifest.csv` (one row per image, real and synthetic), and what other tools load as it is:
+a `metadata.csv` for Hugging Face `datasets`' imagefolder loader and, on request, class-per-folder links for
+torchvision's `ImageFolder`."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from fgs_client.dataset_readers import ScannedDataset, SyntheticImage
 from fgs_common.atomic_files import atomic_path, atomic_writer, is_temporary_name, write_atomic
 
 MANIFEST_NAME = "manifest.csv"
+HF_METADATA_NAME = "metadata.csv"  # the name Hugging Face datasets' imagefolder loader looks for
 REAL_FILE_MODES = ("link", "copy")
 
 
@@ -33,6 +36,7 @@ class ManifestRow:
     dropout_p: str = ""
     criterion_value: str = ""
     job_id: str = ""
+    prompt: str = ""  # the prompt a synthetic image was generated with
 
 
 # The CSV says `class` where the dataclass must say class_name.
@@ -112,3 +116,48 @@ def remove_temporary_files(directory: Path) -> int:
 
 def write_index_files(out: Path, dataset: ScannedDataset, synthetic: list[SyntheticImage]) -> list[str]:
     return dataset.layout.write_index(out, dataset, dataset.images, synthetic)
+
+
+def write_hf_metadata(out: Path, rows: list[ManifestRow]) -> Path | None:
+    """`metadata.csv` for `datasets.load_dataset("imagefolder", data_dir=...)`, in the folder that holds every image
+    (its `file_name` column is relative to that folder): file_name, label (the class name), class_index, group,
+    source. None when the layout's own index already has that name there (NICO++'s SubpopBench metadata.csv)."""
+    if not rows:
+        return None
+    folder = Path(os.path.commonpath([str(Path(row.path).parent) for row in rows]))
+    path = out / folder / HF_METADATA_NAME
+    if path.exists() and not _is_hf_metadata(path):
+        return None
+    with atomic_writer(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "label", "class_index", "group", "source"])
+        for row in rows:
+            rel = Path(row.path).relative_to(folder).as_posix()
+            writer.writerow([rel, row.class_name, row.class_index, row.group, row.source])
+    return path
+
+
+def _is_hf_metadata(path: Path) -> bool:
+    with open(path, encoding="utf-8") as handle:
+        return handle.readline().startswith("file_name,")
+
+
+def class_folder_names(rows: list[ManifestRow]) -> dict[int, str]:
+    """The folder of each class index: its name, or, when two classes share a name (ImageNet has two "crane"
+    classes), `<index>-<name>` for every class, zero-padded so that ImageFolder's sorted order is the index order."""
+    names = {row.class_index: row.class_name for row in rows}
+    if len(set(names.values())) == len(names):
+        return names
+    width = len(str(max(names)))
+    return {index: f"{index:0{width}d}-{name}" for index, name in names.items()}
+
+
+def write_class_folders(out: Path, dest: Path, mode: str = "link") -> int:
+    """torchvision's ImageFolder layout `dest/<class>/<file>` of every image in `out`'s manifest, real and
+    synthetic (hard links, or copies); a file is named after its path in `out` so that none collide, a folder
+    after its class (`class_folder_names`: index-prefixed when class names repeat)."""
+    rows = read_manifest(out / MANIFEST_NAME)
+    folders = class_folder_names(rows)
+    for row in rows:
+        carry_file(out / row.path, dest / folders[row.class_index] / row.path.replace("/", "__"), mode)
+    return len(rows)

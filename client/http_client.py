@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from fgs_common.wire import (
+    STORED,
     BatchAccepted,
     BatchCreate,
     BatchPublic,
@@ -23,6 +24,7 @@ from fgs_common.wire import (
     JobAccepted,
     JobPublic,
     JobState,
+    ModelInfo,
 )
 
 if TYPE_CHECKING:
@@ -151,17 +153,43 @@ class Client:
         return ImageUploaded.model_validate(response.json())
 
     def upload_classifier(
-        self, archive: Path, spec: ClassifierSpec, hardness_stats: Path | None = None
+        self, archive: Path, spec: ClassifierSpec, hardness_stats: Path | None = None, name: str | None = None
     ) -> ClassifierUploaded:
         """POST /v1/classifiers: a TorchScript (.pt) or torch.export (.pt2) archive, its spec, optional
-        hardness statistics."""
+        hardness statistics and a name to list it by (default: the archive's file name)."""
         files = {"archive": (archive.name, archive.read_bytes(), "application/octet-stream")}
         with contextlib.ExitStack() as opened:
             if hardness_stats is not None:  # several GB at ImageNet scale: httpx streams an open file (seeks on retry)
                 stats = opened.enter_context(open(hardness_stats, "rb"))
                 files["hardness_stats"] = (hardness_stats.name, stats, "application/octet-stream")
-            response = self._request("POST", "/v1/classifiers", files=files, data={"spec": spec.model_dump_json()})
+            form = {"spec": spec.model_dump_json()} | ({"name": name} if name else {})
+            response = self._request("POST", "/v1/classifiers", files=files, data=form)
         return ClassifierUploaded.model_validate(response.json())
+
+    def images(self) -> list[ImageUploaded]:
+        """GET /v1/images: the caller's uploaded images (conditioning images), oldest first."""
+        return [ImageUploaded.model_validate(i) for i in self._request("GET", "/v1/images").json()]
+
+    def classifier(self, classifier_id: str) -> ClassifierUploaded:
+        """GET /v1/classifiers/{id}: an uploaded classifier's spec, name and date."""
+        return ClassifierUploaded.model_validate(self._request("GET", f"/v1/classifiers/{classifier_id}").json())
+
+    def classifiers(self) -> list[ClassifierUploaded]:
+        """GET /v1/classifiers: the tenant's classifiers, oldest first."""
+        return [ClassifierUploaded.model_validate(c) for c in self._request("GET", "/v1/classifiers").json()]
+
+    def delete_classifier(self, classifier_id: str) -> None:
+        """DELETE /v1/classifiers/{id}."""
+        self._request("DELETE", f"/v1/classifiers/{classifier_id}")
+
+    def model_info(self) -> ModelInfo | None:
+        """GET /v1/model: what the workers' model takes and knows; None while no worker has published it."""
+        try:
+            return ModelInfo.model_validate(self._request("GET", "/v1/model").json())
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
 
     def submit(
         self, request: GenerateRequest, idempotency_key: str | None = None, wait_when_full: bool = True
@@ -194,13 +222,17 @@ class Client:
         return BatchAccepted.model_validate(response.json())
 
     def job(self, job_id: str) -> JobPublic:
-        return JobPublic.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+        return JobPublic.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json(), context=STORED)
 
     def batch(self, batch_id: str) -> BatchPublic:
         return BatchPublic.model_validate(self._request("GET", f"/v1/batches/{batch_id}").json())
 
     def cancel(self, job_id: str) -> None:
         self._request("DELETE", f"/v1/jobs/{job_id}")
+
+    def cancel_batch(self, batch_id: str) -> int:
+        """DELETE /v1/batches/{id}: cancel the batch's jobs that have not ended; returns how many were canceled."""
+        return int(self._request("DELETE", f"/v1/batches/{batch_id}").json()["canceled"])
 
     def image_bytes(self, image_id: str) -> bytes:
         """GET /v1/images/{id}: the PNG."""
@@ -243,7 +275,8 @@ class Client:
         from fgs_client.balance_runner import BalanceOptions, balance_dataset, check_balance_options
         from fgs_client.dataset_readers import read_dataset
 
-        reader_options = {k: options.pop(k) for k in ("split_file", "class_names_file", "groups_csv") if k in options}
+        reader_keys = ("split_file", "class_names_file", "groups_csv", "prompt_template", "prompts_file")
+        reader_options = {k: options.pop(k) for k in reader_keys if k in options}
         # generation parameters by their GenerationParams names, the rest as BalanceOptions fields
         generation = {k: options.pop(k) for k in list(options) if k in GenerationParams.model_fields}
         balance_options = BalanceOptions(generation=GenerationParams(**generation), **options)

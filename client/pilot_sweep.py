@@ -88,12 +88,17 @@ GRID_LABEL_WIDTH = 120
 class ClassSweep:
     """One class's images per setting: paths, the worker's criterion values and predicted classes."""
 
-    class_index: int
+    class_index: int  # the dataset's
     class_name: str
     conditioning: Path
     images: dict[SweepSetting, list[Path]]
     criterion_values: dict[SweepSetting, list[float]]
     predicted: dict[SweepSetting, list[int]]
+    classifier_class: int = -1  # the classifier's output index of the class (preflight.match_classes)
+
+    def __post_init__(self) -> None:
+        if self.classifier_class < 0:
+            self.classifier_class = self.class_index
 
 
 def parse_floats(text: str, name: str) -> list[float]:
@@ -111,6 +116,9 @@ def resolve_classes(text: str, class_names: list[str]) -> list[int]:
     """Class names or indices, comma-separated, to indices; a ValueError names what is unknown."""
     indices = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
+        if class_names.count(item) > 1:
+            where = ", ".join(str(i) for i, name in enumerate(class_names) if name == item)
+            raise ValueError(f"--classes: {item!r} names several classes ({where}): give the index")
         if item in class_names:
             indices.append(class_names.index(item))
         elif item.isdigit() and int(item) < len(class_names):
@@ -133,9 +141,12 @@ def run_sweep(
     seed: int,
     classifier_id: str,
     out: Path,
+    classifier_index: list[int] | None = None,
 ) -> list[ClassSweep]:
     """Generate `num_seeds` images per class and setting (the same seeds in every setting, as the paper's grids),
-    each conditioned on one real image of the class picked with `seed`; images go to out/<class>/<setting>/."""
+    each conditioned on one real image of the class picked with `seed`; images go to out/<class>/<setting>/.
+    `classifier_index[c]` is the classifier's output index of dataset class c (`preflight.match_classes`), the
+    class_index each request carries, as `balance` sends it; the identity when None."""
     import random
 
     from fgs_common.wire import GenerateRequest, JobState
@@ -148,14 +159,15 @@ def run_sweep(
             raise ValueError(f"class {scanned.class_names[class_index]!r} has no real image to condition on")
         pick = rng.choice(real)
         uploaded = client.upload_image(Path(pick.path).read_bytes(), Path(pick.path).name)
-        sweep = ClassSweep(class_index, scanned.class_names[class_index], Path(pick.path), {}, {}, {})
+        target = classifier_index[class_index] if classifier_index is not None else class_index
+        sweep = ClassSweep(class_index, scanned.class_names[class_index], Path(pick.path), {}, {}, {}, target)
         sweeps.append(sweep)
         for setting in settings:
             params = base.model_copy(update={"omega": setting.omega, "gamma": setting.gamma})
             request = GenerateRequest(
                 **params.model_dump(),
                 prompt=scanned.prompt(class_index, pick.group),
-                class_index=class_index,
+                class_index=target,
                 conditioning_image_ids=[uploaded.id],
                 num_images=num_seeds,
                 seed=seed,
@@ -231,7 +243,7 @@ def setting_rows(
                 SettingRow(
                     setting,
                     len(paths),
-                    sum(p == sweep.class_index for p in predicted) / len(predicted) if predicted else math.nan,
+                    sum(p == sweep.classifier_class for p in predicted) / len(predicted) if predicted else math.nan,
                     sum(values) / len(values) if values else math.nan,
                     density,
                     coverage,

@@ -32,6 +32,9 @@ from fgs_client.dataset_writer import MANIFEST_NAME, read_manifest
 class RealSyntheticBatchSampler(torch.utils.data.Sampler):
     """Batches of indices with round(batch_size * real_fraction) real and the rest synthetic examples.
 
+    Takes one label and one synthetic flag per example (`ManifestDataset.labels`, `.is_synthetic`); use it as a
+    DataLoader's `batch_sampler`. `num_batches` defaults to one pass (len(labels) // batch_size).
+
     Classes are drawn so that over the whole batch each class is equally likely: a class with only real
     (or only synthetic) examples is drawn more often in its half, and classes with both share what remains.
     When that is impossible (more real-only classes than the real half can carry), each half is class-balanced
@@ -170,7 +173,12 @@ def shot_accuracy(
     predictions, labels, train_class_counts, many_threshold: int = 100, few_threshold: int = 20
 ) -> ShotAccuracy:
     """Accuracy by shot, classifier-balancing's convention: the mean of per-class accuracies of the classes in
-    each split, classes taken from the test labels; predictions are class ids [N] or logits [N, C]."""
+    each split, classes taken from the test labels; predictions are class ids [N] or logits [N, C].
+
+    `train_class_counts` are the real training images per class (e.g. `ManifestDataset.class_counts("real")`).
+    The default thresholds are ImageNet-LT's (Many > 100, Few < 20 of at most 1,280 per class); on a smaller set
+    scale them to its largest class, or every class is Few: Digits-LT (largest 60) uses 20 and 6
+    (`fgs_client.digits_lt.MANY_ABOVE`, `FEW_BELOW`). A split without classes is nan."""
     predicted, truth = _predictions(predictions), _as_numpy(labels)
     counts = _as_numpy(train_class_counts)
     buckets: dict[str, list[float]] = {"many": [], "medium": [], "few": []}
@@ -246,23 +254,44 @@ def image_tensor(path: Path, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def _classifier_outputs(classifier, paths: Sequence[Path], batch_size: int) -> Iterator[tuple]:
+    """(logits, embedding or None) per batch of image files, through the classifier's own preprocessing."""
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            pixels = torch.stack(
+                [image_tensor(p, classifier.spec.input_size) for p in paths[start : start + batch_size]]
+            )
+            yield classifier(pixels.to(classifier.device))
+
+
 def embed_images(
     classifier, paths: Sequence[Path], labels: Sequence[int], batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [N, k] of images under a loaded classifier whose forward returns (logits, embedding)."""
     if classifier.spec.output.value != "logits_embedding":
         raise ValueError("hardness statistics need a classifier whose spec output is 'logits_embedding'")
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(paths), batch_size):
-            pixels = torch.stack(
-                [image_tensor(p, classifier.spec.input_size) for p in paths[start : start + batch_size]]
-            )
-            _logits, embedding = classifier(pixels.to(classifier.device))
-            chunks.append(embedding.float().cpu())
+    chunks = [embedding.float().cpu() for _logits, embedding in _classifier_outputs(classifier, paths, batch_size)]
     if not chunks:
         raise ValueError("no images to embed")
     return torch.cat(chunks), torch.as_tensor(list(labels), dtype=torch.long)
+
+
+def classify_images(classifier, paths: Sequence[Path], batch_size: int = 64) -> list[int]:
+    """The classifier's arg-max class of each image file (what the workers' feedback would take it for): each
+    image at its own size in [0, 1] through `LoadedClassifier.preprocess`, the workers' resize, channel match and
+    normalisation, then the module."""
+    labels: list[int] = []
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            inputs = torch.cat(
+                [
+                    classifier.preprocess(image_tensor(p).unsqueeze(0).to(classifier.device, classifier.dtype))
+                    for p in paths[start : start + batch_size]
+                ]
+            )
+            logits, _embedding = classifier.outputs(inputs)
+            labels += [int(label) for label in logits.argmax(1)]
+    return labels
 
 
 # ---------------------------------------------------------------- dataset
@@ -271,8 +300,10 @@ def embed_images(
 class ManifestDataset(torch.utils.data.Dataset):
     """The images listed in `<out>/manifest.csv` (real and synthetic), as (image, class index[, group]).
 
-    Without a transform, an image is a [3, H, W] float tensor in [0, 1]. `labels`, `is_synthetic` and `groups`
-    feed RealSyntheticBatchSampler."""
+    `transform` receives each image as a PIL image in RGB (real and synthetic sizes may differ: resize there) and
+    returns what the model takes; without one, an image is a [3, H, W] float tensor in [0, 1] at its own size.
+    `source` keeps only "real" or "synthetic" rows. `labels` and `is_synthetic` feed RealSyntheticBatchSampler;
+    `class_counts("real")` is Balanced Softmax's prior and shot_accuracy's train counts."""
 
     def __init__(self, out_dir: Path, transform=None, source: str | None = None, return_group: bool = False):
         self.root = Path(out_dir)

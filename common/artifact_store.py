@@ -1,7 +1,10 @@
 """The artifact store: a directory (FGS_DATA_DIR, a shared volume when workers run elsewhere), one folder per tenant.
 
     {data_dir}/tenants/{tenant}/images/{sha256}.{png|jpeg|webp}   uploaded conditioning images and generated PNGs
-    {data_dir}/tenants/{tenant}/classifiers/{id}/archive.{pt|pt2}, spec.json[, hardness.safetensors]
+    {data_dir}/tenants/{tenant}/uploads/{sha256}.json   an uploaded image's record (name, date, size)
+    {data_dir}/tenants/{tenant}/classifiers/{id}/archive.{pt|pt2}, spec.json, meta.json[, hardness.safetensors]
+
+`meta.json` holds what is not content (the name it was uploaded with, when): the id stays a digest of the content.
 
 Ids are sha256 digests of the content, so the same upload twice is one object. Every write goes through
 `fgs_common.atomic_files` (temporary name in the same directory, fsync, rename): a reader never sees half a
@@ -11,22 +14,33 @@ file, nor half a classifier folder. Shared by the API and the workers; imports n
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
-from fgs_common.atomic_files import atomic_directory, write_atomic
+from fgs_common.atomic_files import atomic_directory, temporary_name, write_atomic
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 IMAGE_EXTENSIONS = ("png", "jpeg", "webp")
 ARCHIVE_NAMES = ("archive.pt", "archive.pt2")
+CLASSIFIER_META = "meta.json"
 _HASH_CHUNK = 1 << 20
 
 
 def is_object_id(value: str) -> bool:
     return bool(_ID.match(value))
+
+
+def _read_json(path: Path) -> dict | None:
+    """A record file's JSON; None when it is gone (deleted by a concurrent request since it was listed)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
 
 
 def sha256_hex(data: bytes) -> str:
@@ -70,6 +84,35 @@ class ArtifactStore:
             write_atomic(path, data)
         return image_id
 
+    def record_upload(self, tenant: str, image_id: str, record: dict) -> dict:
+        """Keep an uploaded image's record (name, size) with its first upload's date; returns the stored record."""
+        path = self.tenant_dir(tenant) / "uploads" / f"{image_id}.json"
+        if path.exists():
+            return json.loads(path.read_text(encoding="utf-8"))
+        record = {**record, "created_at": datetime.now(UTC).isoformat()}
+        write_atomic(path, json.dumps(record).encode())
+        return record
+
+    def uploads(self, tenant: str) -> list[dict]:
+        """The records of the tenant's uploaded images whose file is still there."""
+        folder = self.tenant_dir(tenant) / "uploads"
+        paths = sorted(folder.glob("*.json")) if folder.exists() else []
+        records = [record | {"id": p.stem} for p in paths if _ID.match(p.stem) and (record := _read_json(p))]
+        return [r for r in records if self.image_path(tenant, r["id"]) is not None]
+
+    def delete_image(self, tenant: str, image_id: str) -> bool:
+        """Remove an image (uploaded or generated), its upload record and thumbnails; False when the tenant has
+        none by that id."""
+        path = self.image_path(tenant, image_id)
+        if path is None:
+            return False
+        path.unlink(missing_ok=True)
+        (self.tenant_dir(tenant) / "uploads" / f"{image_id}.json").unlink(missing_ok=True)
+        # its cached thumbnails (fgs_service.thumbnails: thumbnails/{size}/{id}.webp), which would outlive it
+        for thumbnail in (self.tenant_dir(tenant) / "thumbnails").glob(f"*/{image_id}.webp"):
+            thumbnail.unlink(missing_ok=True)
+        return True
+
     def image_path(self, tenant: str, image_id: str) -> Path | None:
         if not is_object_id(image_id):
             return None
@@ -82,12 +125,12 @@ class ArtifactStore:
 
     # ---- classifiers ----
     def put_classifier(
-        self, tenant: str, archive: bytes, archive_name: str, spec_json: bytes, hardness: Path | None
+        self, tenant: str, archive: bytes, archive_name: str, spec_json: bytes, hardness: Path | None, name: str = ""
     ) -> str:
         """Store a classifier as one folder, renamed into place whole; returns its content id.
 
         `hardness` is a file on the store's filesystem (statistics can be several GB): it is hashed in chunks and
-        moved into the folder, never read whole.
+        moved into the folder, never read whole. The same content uploaded again keeps its first name and date.
         """
         if archive_name not in ARCHIVE_NAMES:
             raise ValueError(f"archive name must be one of {ARCHIVE_NAMES}")
@@ -105,6 +148,8 @@ class ArtifactStore:
         with atomic_directory(final) as staging:  # a lost race with the same upload keeps the identical copy
             (staging / archive_name).write_bytes(archive)
             (staging / "spec.json").write_bytes(spec_json)
+            meta = {"name": name, "created_at": datetime.now(UTC).isoformat()}
+            (staging / CLASSIFIER_META).write_text(json.dumps(meta), encoding="utf-8")
             if hardness is not None:
                 shutil.move(hardness, staging / "hardness.safetensors")  # a rename on the same filesystem
         return classifier_id
@@ -114,6 +159,20 @@ class ArtifactStore:
             return None
         path = self.tenant_dir(tenant) / "classifiers" / classifier_id
         return path if (path / "spec.json").exists() else None
+
+    def delete_classifier(self, tenant: str, classifier_id: str) -> bool:
+        """Remove a classifier; False when the tenant has none by that id. The folder is first renamed to a
+        temporary name (which listings skip), so no reader sees it half deleted."""
+        folder = self.classifier_dir(tenant, classifier_id)
+        if folder is None:
+            return False
+        doomed = folder.with_name(temporary_name(folder.name))
+        try:
+            os.rename(folder, doomed)
+        except FileNotFoundError:  # a concurrent delete won
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     @staticmethod
     def classifier_archive(folder: Path) -> Path:

@@ -16,7 +16,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fgs_common.telemetry import counter_field, counter_key
-from fgs_common.wire import ErrorBody, GenerateRequest, ImageResult, JobBase, JobProgress, JobPublic, JobState
+from fgs_common.wire import (
+    STORED,
+    ErrorBody,
+    GenerateRequest,
+    ImageResult,
+    JobBase,
+    JobProgress,
+    JobPublic,
+    JobState,
+)
 
 ACTIVE_STATES = (JobState.queued, JobState.running)
 
@@ -221,7 +230,7 @@ def job_base(job_id: str, raw: dict[str, str]) -> JobBase:
     return JobBase(
         job_id=job_id,
         state=JobState(raw["state"]),
-        request=GenerateRequest.model_validate_json(raw["request"]),
+        request=GenerateRequest.model_validate_json(raw["request"], context=STORED),
         progress=JobProgress(
             images_done=int(raw.get("images_done", 0)),
             images_total=int(raw.get("images_total", 0)),

@@ -8,11 +8,12 @@ or our Digits-LT validation run (bench/digits_lt.md). Named settings with a sour
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_IMAGES_PER_JOB = 256
 # Bounds that keep every number the API accepts representable where it goes (torch int64, JSON, Redis scores).
@@ -83,6 +84,11 @@ def _finite(name: str, value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return value
+
+
+# Validation context for what was stored or reported, not newly asked for: rules added for new requests (ω > 0
+# needs a criterion) are not applied to it, so jobs created before a rule existed stay readable.
+STORED = {"stored": True}
 
 
 class GenerationParams(BaseModel):
@@ -156,9 +162,33 @@ class GenerationParams(BaseModel):
             raise ValueError(f"steps ({self.steps}) must be at least guidance_every ({self.guidance_every})")
         return self
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_omega_has_a_criterion(cls, data: Any, handler, info: ValidationInfo) -> GenerationParams:
+        # ω scales the criterion's gradient: without a criterion there is none, and the run would be recorded as
+        # guided while it was not. The converse (a criterion at ω = 0) is allowed: it scores without steering.
+        # A rule for new requests only: a job stored before it existed is read back as it was (context STORED),
+        # and an instance already built (a record put into a JobPublic, a response) is not checked again.
+        already_built = isinstance(data, GenerationParams)
+        params = handler(data)
+        stored = bool(info.context and info.context.get("stored"))
+        if not (already_built or stored) and params.criterion is Criterion.none and params.omega > 0:
+            raise ValueError(
+                f"omega {params.omega} needs a criterion (loss, entropy or hardness): with criterion 'none' nothing "
+                "is steered; set a criterion or omega 0"
+            )
+        return params
+
+    @property
+    def scores_without_steering(self) -> bool:
+        """A criterion at ω = 0: each image gets its criterion value, no image is steered (a control run)."""
+        return self.criterion is not Criterion.none and self.omega == 0
+
     def generation_params(self) -> GenerationParams:
         """The generation parameters alone (a subclass such as GenerateRequest carries more)."""
-        return GenerationParams.model_validate(self.model_dump(include=set(GenerationParams.model_fields)))
+        return GenerationParams.model_validate(
+            self.model_dump(include=set(GenerationParams.model_fields)), context=STORED
+        )
 
     def shared_batch_key(self) -> tuple:
         """What must be equal for two images to share one sampler call (fgs_worker.guidance.guided_ddim).
@@ -245,6 +275,21 @@ class ModelInfo(BaseModel):
         description="largest width*height one image may have: a bigger request is refused (422), since one "
         "denoising step of it could not finish on this model"
     )
+    class_names: list[str] | None = Field(
+        None, description="the classes the model was trained on, from its model card (null: not known)"
+    )
+    prompt_template: str | None = Field(
+        None, description="the prompt form it was trained with, '{class_name}' standing for a class name"
+    )
+    model_card: str | None = Field(None, description="where the model card lies (a path in the worker image or URL)")
+
+    def unknown_prompt_classes(self, prompts: list[str]) -> list[str]:
+        """The prompts that name none of the model's classes (all of them are fine when the classes are unknown)."""
+        if not self.class_names:
+            return []
+        # whole words only, so that "one" is not found in "phone"; a class name may be several words
+        known = [re.compile(rf"\b{re.escape(name.lower())}\b") for name in self.class_names]
+        return [p for p in prompts if not any(name.search(p.lower()) for name in known)]
 
 
 class ErrorBody(BaseModel):
@@ -291,6 +336,15 @@ class JobBase(BaseModel):
     finished_at: datetime | None = Field(None, description="when the job reached its final state")
 
 
+class JobProgressEvent(BaseModel):
+    """A `progress` event of GET /v1/jobs/{id}/events: what changed while the job runs, without its request."""
+
+    job_id: str = Field(description="the job's id")
+    state: JobState = Field(description="queued or running (the final state comes as a `job` event)")
+    progress: JobProgress = Field(description="images and denoising steps done")
+    error: ErrorBody | None = Field(None, description="why the last attempt failed, while the job is retried")
+
+
 class JobPublic(JobBase):
     """A job with one result per image written so far."""
 
@@ -321,6 +375,8 @@ class ImageUploaded(BaseModel):
     id: str = Field(description="the image's id: sha256 of its bytes")
     width: int = Field(description="width in pixels")
     height: int = Field(description="height in pixels")
+    name: str = Field("", description="the file name it was uploaded with")
+    created_at: datetime | None = Field(None, description="when it was first uploaded")
 
 
 class ClassifierOutput(str, Enum):
@@ -357,6 +413,8 @@ class ClassifierSpec(BaseModel):
 
 class ClassifierUploaded(BaseModel):
     id: str = Field(description="the classifier's id: digest of archive, spec and statistics")
+    name: str = Field("", description="the name it was uploaded with (default: the archive's file name)")
+    created_at: datetime | None = Field(None, description="when it was first uploaded")
     spec: ClassifierSpec = Field(description="the spec it was uploaded with")
     has_hardness_stats: bool = Field(description="whether hardness statistics came with it")
 
@@ -383,3 +441,4 @@ class JobListQuery(BaseModel):
 class JobsPublic(BaseModel):
     jobs: list[JobPublic] = Field(description="the jobs, newest first")
     count: int = Field(description="number of jobs in this page")
+    total: int = Field(description="the tenant's jobs in all states, the range that limit and offset page through")

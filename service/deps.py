@@ -48,15 +48,23 @@ async def _keyring(request: Request) -> KeyRing:
 _bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey", description="the tenant's API key")
 
 
+# Where a key comes from and how to pass it: the first thing a newcomer with a 401 needs to know.
+_KEY_HELP = (
+    "An API key comes from the service's operator (who adds its sha256 from `fgs hash-key KEY` to the keys file, "
+    "FGS_API_KEYS_FILE); on a local `fgs up` it is FGS_DEV_API_KEY. Pass it as 'Authorization: Bearer <key>', "
+    "or to fgs-client with --api-key or the FGS_API_KEY environment variable."
+)
+
+
 async def _tenant(
     keyring: Annotated[KeyRing, Depends(_keyring)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
     if credentials is None or not credentials.credentials.strip():
-        raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <api key>'")
+        raise ApiError(401, "unauthorized", f"no API key was sent. {_KEY_HELP}")
     tenant = keyring.tenant_for(credentials.credentials.strip())
     if tenant is None:
-        raise ApiError(401, "unauthorized", "unknown API key")
+        raise ApiError(401, "unauthorized", f"the API key is not one this service knows. {_KEY_HELP}")
     return tenant
 
 

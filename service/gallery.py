@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from fgs_common.wire import GenerateRequest
+from fgs_common.wire import STORED, GenerateRequest
 from fgs_common.wire_views import (
     ClassCount,
     CompareGrid,
@@ -57,7 +57,11 @@ class JobImages:
     @classmethod
     def from_records(cls, records: dict[str, dict[str, str]]) -> list[JobImages]:
         return [
-            cls(job_id, GenerateRequest.model_validate_json(raw["request"]), json.loads(raw.get("results") or "[]"))
+            cls(
+                job_id,
+                GenerateRequest.model_validate_json(raw["request"], context=STORED),
+                json.loads(raw.get("results") or "[]"),
+            )
             for job_id, raw in records.items()
             if raw
         ]

@@ -226,7 +226,8 @@ class JobQueue:
         return job_public(job_id, self.reconcile(job_id, raw))
 
     def list_jobs(self, tenant: Tenant, state: JobState | None, limit: int, offset: int) -> JobsPublic:
-        """A page of the tenant's jobs, newest first; `state` filters within the page."""
+        """A page of the tenant's jobs, newest first; `state` filters within the page; `total`: all the tenant's
+        jobs, what limit and offset page through."""
         ids = self.redis.zrevrange(self.keys.tenant_jobs(tenant.name), offset, offset + limit - 1)
         jobs = []
         for job_id in ids:
@@ -235,7 +236,7 @@ class JobQueue:
                 job = job_public(job_id, raw)
                 if state is None or job.state is state:
                     jobs.append(job)
-        return JobsPublic(jobs=jobs, count=len(jobs))
+        return JobsPublic(jobs=jobs, count=len(jobs), total=self.tenant_job_count(tenant))
 
     def batch_summary(self, tenant: Tenant, batch_id: str) -> BatchPublic | None:
         """Counts of the batch's jobs by state and its images done / total; None when the tenant has no such batch."""

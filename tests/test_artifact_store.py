@@ -59,7 +59,7 @@ def test_a_classifier_is_one_folder_whose_id_covers_archive_spec_and_statistics(
     assert len({plain, with_stats, other_spec}) == 3
     assert store.put_classifier("alpha", b"archive", "archive.pt", b'{"num_classes": 2}', None) == plain
     folder = store.classifier_dir("alpha", with_stats)
-    assert sorted(p.name for p in folder.iterdir()) == ["archive.pt", "hardness.safetensors", "spec.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["archive.pt", "hardness.safetensors", "meta.json", "spec.json"]
     assert (folder / "hardness.safetensors").read_bytes() == b"stats"
     assert ArtifactStore.classifier_archive(folder).name == "archive.pt"
     assert store.classifier_dir("beta", plain) is None
@@ -84,4 +84,4 @@ def test_concurrent_uploads_of_one_classifier_leave_one_folder(tmp_path):
         thread.join()
     assert len(ids) == 6 and len(set(ids)) == 1
     folder = f"tenants/alpha/classifiers/{ids[0]}"
-    assert files_under(tmp_path) == [f"{folder}/archive.pt2", f"{folder}/spec.json"]
+    assert files_under(tmp_path) == [f"{folder}/archive.pt2", f"{folder}/meta.json", f"{folder}/spec.json"]

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,23 +21,13 @@ from fgs_client.balance_state import STATE_NAME
 from fgs_client.http_client import AuthenticationFailed, Client
 from fgs_common.wire import GenerationParams
 from support.dataset_trees import make_nicopp_tree, write_image
+from support.live_calls import client_process as cli
 
 FAST = ["--steps", "4", "--guidance-every", "2", "--images-per-job", "4", "--no-progress"]
 WITH_PROGRESS = FAST[:-1]
 # cat and dog have real images in some contexts only; bird only in one; 3 classes x 6 contexts, max group = 3
 NICO_COUNTS = {("cat", "autumn"): 3, ("cat", "dim"): 1, ("dog", "water"): 2, ("dog", "rock"): 1, ("bird", "grass"): 1}
 CONTEXTS = ["autumn", "dim", "grass", "outdoor", "rock", "water"]
-
-
-def cli(*args: str, key: str, url: str) -> subprocess.Popen:
-    env = {**os.environ, "FGS_URL": url, "FGS_API_KEY": key}
-    return subprocess.Popen(
-        [sys.executable, "-m", "fgs_client.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def run_cli(*args: str, key: str, url: str, timeout: float = 300) -> tuple[int, str]:
@@ -74,8 +61,12 @@ def check_balanced_nicopp(out: Path, target: int = 3) -> list[dict]:
     assert len(paths) == len(set(paths))
     assert {r["path"] for r in rows if r["source"] == "synthetic"} == synthetic_files
     real = {r["path"] for r in rows if r["source"] == "real"}
+    index = train / "metadata.csv"  # Hugging Face datasets' index, in the folder that holds every image
+    assert index.read_text().startswith("file_name,label,class_index,group,source")
     assert real == {
-        p.relative_to(out).as_posix() for p in train.rglob("*") if p.is_file() and not p.name.startswith("fgs_")
+        p.relative_to(out).as_posix()
+        for p in train.rglob("*")
+        if p.is_file() and not p.name.startswith("fgs_") and p != index
     }
     by_group = Counter((r["class"], r["group"]) for r in rows)
     assert set(by_group.values()) == {target} and len(by_group) == 18
@@ -372,6 +363,7 @@ def test_feedback_guided_balance_with_uploaded_classifier(live_stack, tmp_path):
         str(tmp_path / "clf.pt"),
         "--classifier-spec",
         str(tmp_path / "spec.json"),
+        "--force",  # a random-weight classifier: the pre-flight on the images would refuse it
         "--hardness-stats",
         str(tmp_path / "stats.safetensors"),
         key=key,
@@ -425,6 +417,7 @@ def test_failing_jobs_are_retried_then_reported(live_stack, tmp_path):
         str(tmp_path / "clf.pt"),
         "--classifier-spec",
         str(tmp_path / "spec.json"),
+        "--force",  # a random-weight classifier: the pre-flight on the images would refuse it
         "--max-retries",
         "1",
         "--no-progress",

@@ -49,6 +49,28 @@ def test_target_json_errors_follow_imbalanced_learn():
         parse_target("{not json")
 
 
+@pytest.mark.parametrize(
+    ("text", "after"),
+    [
+        ("not majority", [10, 10, 10]),
+        ("auto", [10, 10, 10]),
+        ("all", [10, 10, 10]),
+        ("minority", [10, 4, 10]),  # only the smallest class
+        ("not minority", [10, 10, 0]),  # every class but the smallest
+        ("0.5", [10, 5, 5]),  # a ratio of the largest class's count
+        ("0.25", [10, 4, 3]),  # ceil(2.5); never removes images
+    ],
+)
+def test_target_accepts_imbalanced_learns_strategy_forms(text, after):
+    table = counts({(0, None): 10, (1, None): 4, (2, None): 0})
+    assert [e.after for e in plan_balance(table, parse_target(text)).entries] == after
+
+
+def test_a_target_ratio_outside_0_1_is_refused():
+    with pytest.raises(PlanError, match=r"must lie in \(0, 1\]"):
+        parse_target("1.5")
+
+
 def test_conditioning_sources_for_empty_groups():
     table = counts({(0, "x"): 3, (0, "y"): 0, (1, "x"): 0, (1, "y"): 0}, groups=["x", "y"], names=("a", "b"))
     plan = plan_balance(table, "max")

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fgs_client.dataset_readers import DatasetError, read_dataset
+from fgs_client.dataset_readers import DatasetError, read_dataset, read_prompts_file
+from fgs_client.dataset_writer import ManifestRow, write_class_folders, write_manifest
 from support.dataset_trees import make_nicopp_tree, write_image
 
 
@@ -96,6 +97,73 @@ def test_imagefolder_with_groups_csv(tmp_path):
     assert grouped.groups == ["day", "night"]
     assert grouped.unit_counts() == {(0, "day"): 1, (0, "night"): 1, (1, "day"): 1, (1, "night"): 0}
     assert grouped.prompt(1, "night") == "bee in night"
+
+
+def test_a_prompt_template_or_a_prompts_file_replaces_the_readers_prompts(tmp_path):
+    root = tmp_path / "data"
+    for cls in ("apple", "banana"):
+        write_image(root / cls / "0.png")
+    templated = read_dataset("imagefolder", root, prompt_template="a photo of a {class_name}")
+    assert [templated.prompt(c, None) for c in (0, 1)] == ["a photo of a apple", "a photo of a banana"]
+    as_json = tmp_path / "prompts.json"
+    as_json.write_text(json.dumps({"banana": "a handwritten digit one", "apple": "a handwritten digit zero"}))
+    as_csv = tmp_path / "prompts.csv"
+    as_csv.write_text("class,prompt\napple,a handwritten digit zero\nbanana,a handwritten digit one\n")
+    for prompts in (as_json, as_csv):
+        mapped = read_dataset("imagefolder", root, prompts_file=prompts)
+        assert [mapped.prompt(c, None) for c in (0, 1)] == ["a handwritten digit zero", "a handwritten digit one"]
+
+
+def test_a_prompts_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path):
+    as_csv = tmp_path / "prompts.csv"
+    as_csv.write_bytes("class,prompt\napple,a red apple\nbanana,a yellow banana\n".encode("utf-8-sig"))
+    assert read_prompts_file(as_csv, ["apple", "banana"]) == ["a red apple", "a yellow banana"]
+
+
+CRANES = ["kite", "crane", "bee", "crane"]  # ImageNet-LT: "crane" the bird (134) and the machine (517)
+
+
+def test_a_prompts_file_keys_classes_that_share_a_name_by_index(tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"kite": "a kite", "crane": "a crane", "bee": "a bee"}))
+    with pytest.raises(DatasetError, match=r"more than one class.*crane \(classes 1, 3\)"):
+        read_prompts_file(prompts, CRANES)
+    prompts.write_text(json.dumps({"kite": "a kite", "1-crane": "a crane bird", "bee": "a bee", "3-crane": "a crane"}))
+    assert read_prompts_file(prompts, CRANES) == ["a kite", "a crane bird", "a bee", "a crane"]
+
+
+def test_class_folders_of_classes_that_share_a_name_are_apart_and_in_index_order(tmp_path):
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    rows = []
+    for index, name in enumerate(CRANES):
+        write_image(out / f"img{index}.png")
+        rows.append(ManifestRow(path=f"img{index}.png", class_index=index, class_name=name, group="", source="real"))
+    write_manifest(out, rows)
+    assert write_class_folders(out, dest) == 4
+    assert sorted(p.name for p in dest.iterdir()) == ["0-kite", "1-crane", "2-bee", "3-crane"]
+    assert [p.name for p in (dest / "3-crane").iterdir()] == ["img3.png"]
+
+
+@pytest.mark.parametrize(
+    ("template", "prompts", "message"),
+    [
+        ("a photo", None, "must contain {class_name}"),
+        ("a {colour} {class_name}", None, "colour"),
+        (None, '{"apple": "x"}', r"no prompt for \['banana'\]"),
+        (None, '{"apple": "x", "banana": "y", "cherry": "z"}', r"no such class \['cherry'\]"),
+        ("{class_name}", '{"apple": "x", "banana": "y"}', "not both"),
+    ],
+)
+def test_prompt_options_that_do_not_fit_the_dataset_are_refused(tmp_path, template, prompts, message):
+    root = tmp_path / "data"
+    for cls in ("apple", "banana"):
+        write_image(root / cls / "0.png")
+    prompts_file = None
+    if prompts is not None:
+        prompts_file = tmp_path / "prompts.json"
+        prompts_file.write_text(prompts)
+    with pytest.raises(DatasetError, match=message):
+        read_dataset("imagefolder", root, prompt_template=template, prompts_file=prompts_file)
 
 
 def test_digits_lt_layout(tmp_path):

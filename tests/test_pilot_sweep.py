@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from fgs_client.dataset_readers import read_dataset
 from fgs_client.pilot_sweep import (
     GRID_LABEL_WIDTH,
     SettingRow,
     SweepSetting,
     parse_floats,
     resolve_classes,
+    run_sweep,
+    setting_rows,
     suggest_setting,
 )
+from fgs_client.preflight import match_classes
+from fgs_common.wire import ClassifierSpec, Criterion, GenerationParams, ImageResult, JobState
+from support.dataset_trees import write_image
 
 
 def row(omega: float, share: float, criterion: float, gamma: float = 3.0) -> SettingRow:
@@ -55,6 +64,67 @@ def test_sweep_options_are_checked_by_name():
     ) == [9, 7]
     with pytest.raises(ValueError, match="'ten'"):
         resolve_classes("ten", ["zero", "one"])
+    with pytest.raises(ValueError, match=r"'crane' names several classes \(1, 3\): give the index"):
+        resolve_classes("crane", ["kite", "crane", "bee", "crane"])
+
+
+class RecordingClient:
+    """What run_sweep calls on the service, answered at once: every job finishes with one image per seed, each
+    predicted as the class_index its request asked for (a classifier that agrees with every image)."""
+
+    def __init__(self):
+        self.requests = []
+
+    def upload_image(self, data, filename):
+        return SimpleNamespace(id="a" * 64)
+
+    def submit_batch(self, requests):
+        self.requests += requests
+        return SimpleNamespace(job_ids=[str(i) for i in range(len(requests))])
+
+    def wait(self, job_id):
+        request = self.requests[int(job_id)]
+        results = [
+            ImageResult(image_id="b" * 64, seed=seed, criterion_value=0.1, predicted_class=request.class_index)
+            for seed in request.seeds()
+        ]
+        return SimpleNamespace(state=JobState.finished, results=results, error=None)
+
+    def image_bytes(self, image_id):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def test_a_classifier_listing_the_classes_in_another_order_is_swept_with_its_own_indices(tmp_path):
+    root = tmp_path / "data"
+    for value, name in enumerate(("apple", "banana", "cherry")):
+        write_image(root / name / "0.png", value=value)
+    scanned = read_dataset("imagefolder", root)
+    spec = ClassifierSpec(num_classes=3, class_names=["cherry", "apple", "banana"], input_size=32)
+    match = match_classes(spec, scanned.class_names)
+    client = RecordingClient()
+    settings = [SweepSetting(0.0, 3.0), SweepSetting(0.1, 3.0)]
+    base = GenerationParams(criterion=Criterion.entropy, steps=2, guidance_every=1)
+    sweeps = run_sweep(
+        client,
+        scanned,
+        [0, 2],  # apple and cherry
+        settings,
+        base,
+        num_seeds=2,
+        seed=0,
+        classifier_id="c" * 64,
+        out=tmp_path / "images",
+        classifier_index=match.classifier_index,
+    )
+    assert [r.class_index for r in client.requests] == [1, 1, 0, 0]  # apple is output 1, cherry output 0
+    assert [(s.class_name, s.class_index, s.classifier_class) for s in sweeps] == [("apple", 0, 1), ("cherry", 2, 0)]
+    one_real = {0: np.zeros((1, 2)), 2: np.zeros((1, 2))}
+    pooled, _per_class = setting_rows(sweeps, settings, one_real, embed=lambda paths: np.zeros((len(paths), 2)))
+    assert [r.intended_share for r in pooled] == [1.0, 1.0]  # counted against the classifier's index
+    with pytest.raises(ValueError, match="not the dataset's"):
+        match_classes(ClassifierSpec(num_classes=3, class_names=["a", "b", "c"], input_size=32), scanned.class_names)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
+import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from fgs_common.artifact_store import ArtifactStore
 from fgs_common.job_records import JobRecords
 from fgs_common.loopback import free_port
 from fgs_common.wire import ClassifierSpec, GenerationParams, JobState
@@ -100,24 +104,29 @@ def test_readyz_is_503_when_redis_does_not_answer(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "headers, message",
+    "headers, reason",
     [
-        ({}, "send 'Authorization: Bearer <api key>'"),
-        ({"Authorization": "Bearer nope"}, "unknown API key"),
-        ({"Authorization": f"Basic {TENANT_KEYS['alpha']}"}, "send 'Authorization: Bearer <api key>'"),
+        ({}, "no API key was sent."),
+        ({"Authorization": "Bearer nope"}, "the API key is not one this service knows."),
+        ({"Authorization": f"Basic {TENANT_KEYS['alpha']}"}, "no API key was sent."),
     ],
 )
-def test_requests_without_a_known_key_are_401(api, headers, message):
+def test_requests_without_a_known_key_are_401_saying_where_a_key_comes_from(api, headers, reason):
     response = api.get("/v1/jobs", headers=headers)
     assert response.status_code == 401
-    assert response.json() == {"error": {"code": "unauthorized", "message": message}}
+    error = response.json()["error"]
+    assert error["code"] == "unauthorized" and error["message"].startswith(reason)
+    for hint in ("fgs hash-key", "FGS_DEV_API_KEY", "Authorization: Bearer <key>", "--api-key", "FGS_API_KEY"):
+        assert hint in error["message"]
 
 
 def test_image_upload_download_and_tenancy(api):
     data = png_bytes(seed=3, size=16)
     response = api.post("/v1/images", files={"file": ("a.png", data, "image/png")}, headers=auth("alpha"))
     assert response.status_code == 201
-    assert response.json() == {"id": hashlib.sha256(data).hexdigest(), "width": 16, "height": 16}
+    uploaded = response.json()
+    assert uploaded.pop("created_at")
+    assert uploaded == {"id": hashlib.sha256(data).hexdigest(), "width": 16, "height": 16, "name": "a.png"}
     image_id = response.json()["id"]
     download = api.get(f"/v1/images/{image_id}", headers=auth("alpha"))
     assert download.status_code == 200 and download.content == data
@@ -129,6 +138,50 @@ def test_image_upload_download_and_tenancy(api):
     assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_upload"
 
 
+def test_uploaded_images_have_a_name_and_date_and_their_tenant_deletes_them(api, settings):
+    first, second = png_bytes(seed=5, size=16), png_bytes(seed=6, size=16)
+    ids = [
+        api.post("/v1/images", files={"file": (name, data, "image/png")}, headers=auth("alpha")).json()["id"]
+        for name, data in (("one.png", first), ("two.png", second))
+    ]
+    again = api.post("/v1/images", files={"file": ("renamed.png", first, "image/png")}, headers=auth("alpha")).json()
+    assert again["name"] == "one.png"  # the same bytes keep their first name and date
+    listed = api.get("/v1/images", headers=auth("alpha")).json()
+    assert [(i["id"], i["name"], i["width"]) for i in listed] == [(ids[0], "one.png", 16), (ids[1], "two.png", 16)]
+    assert all(i["created_at"] for i in listed)
+    assert api.get("/v1/images", headers=auth("beta")).json() == []
+    assert api.delete(f"/v1/images/{ids[0]}", headers=auth("beta")).status_code == 404
+    for size in (32, 160):
+        assert (
+            api.get(f"/v1/images/{ids[0]}/thumbnail", params={"size": size}, headers=auth("alpha")).status_code == 200
+        )
+    thumbnails = settings.data_dir / "tenants" / "alpha" / "thumbnails"
+    assert len(list(thumbnails.glob(f"*/{ids[0]}.webp"))) == 2
+    assert api.delete(f"/v1/images/{ids[0]}", headers=auth("alpha")).status_code == 204
+    assert list(thumbnails.glob(f"*/{ids[0]}.webp")) == []  # no thumbnail outlives its image
+    assert api.get(f"/v1/images/{ids[0]}", headers=auth("alpha")).status_code == 404
+    assert [i["id"] for i in api.get("/v1/images", headers=auth("alpha")).json()] == [ids[1]]
+    job = {**JOB, "conditioning_image_ids": [ids[0]]}
+    assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404
+
+
+def test_an_upload_record_deleted_while_the_images_are_listed_is_left_out(api, settings, monkeypatch):
+    image_id = api.post(
+        "/v1/images", files={"file": ("one.png", png_bytes(seed=5, size=16), "image/png")}, headers=auth("alpha")
+    ).json()["id"]
+    record = settings.data_dir / "tenants" / "alpha" / "uploads" / f"{image_id}.json"
+    real_glob = Path.glob
+
+    def glob_then_delete(self, pattern):  # the listing sees the record, a concurrent delete removes it
+        found = list(real_glob(self, pattern))
+        record.unlink(missing_ok=True)
+        return iter(found)
+
+    monkeypatch.setattr(Path, "glob", glob_then_delete)
+    listed = api.get("/v1/images", headers=auth("alpha"))
+    assert listed.status_code == 200 and listed.json() == []
+
+
 def test_generate_read_list_and_cancel_a_job(api):
     response = api.post("/v1/generate", json=JOB, headers=auth("alpha"))
     assert response.status_code == 202
@@ -138,13 +191,58 @@ def test_generate_read_list_and_cancel_a_job(api):
     assert api.get(f"/v1/jobs/{job_id}", headers=auth("beta")).status_code == 404
     listed = api.get("/v1/jobs", params={"state": "queued"}, headers=auth("alpha")).json()
     assert listed["count"] == 1 and [j["job_id"] for j in listed["jobs"]] == [job_id]
-    assert api.get("/v1/jobs", headers=auth("beta")).json() == {"jobs": [], "count": 0}
+    assert api.get("/v1/jobs", headers=auth("beta")).json() == {"jobs": [], "count": 0, "total": 0}
     assert api.delete(f"/v1/jobs/{job_id}", headers=auth("beta")).status_code == 404
     canceled = api.delete(f"/v1/jobs/{job_id}", headers=auth("alpha"))
     assert canceled.status_code == 202 and canceled.json()["state"] == "canceled"
     again = api.delete(f"/v1/jobs/{job_id}", headers=auth("alpha"))
     assert again.status_code == 409
     assert again.json() == {"error": {"code": "job_finished", "message": f"job {job_id} is already canceled"}}
+
+
+def test_a_list_page_says_how_many_jobs_there_are_in_all(api):
+    job_ids = [api.post("/v1/generate", json=JOB, headers=auth("alpha")).json()["job_id"] for _ in range(3)]
+    page = api.get("/v1/jobs", params={"limit": 2}, headers=auth("alpha")).json()
+    assert page["count"] == 2 and page["total"] == 3
+    assert [j["job_id"] for j in page["jobs"]] == job_ids[::-1][:2]
+    rest = api.get("/v1/jobs", params={"limit": 2, "offset": 2}, headers=auth("alpha")).json()
+    assert rest["count"] == 1 and rest["total"] == 3
+
+
+def test_omega_without_a_criterion_is_422_and_a_criterion_at_omega_0_is_accepted(api):
+    unguided = api.post("/v1/generate", json={**JOB, "omega": 0.1}, headers=auth("alpha"))
+    assert unguided.status_code == 422
+    assert "omega 0.1 needs a criterion" in unguided.json()["error"]["message"]
+    classifier_id = upload_classifier(api, num_classes=10)
+    control = {**JOB, "criterion": "entropy", "omega": 0.0, "classifier_id": classifier_id}
+    assert api.post("/v1/generate", json=control, headers=auth("alpha")).status_code == 202
+    assert api.get("/v1/jobs", headers=auth("alpha")).json()["total"] == 1
+
+
+def test_jobs_stored_before_the_omega_rule_are_still_read(api, records):
+    """A job queued before 'ω > 0 needs a criterion' existed (criterion none at ω 0.5) is listed, read, shown in
+    the gallery and replayed by its Idempotency-Key: the rule is for new requests, not stored ones."""
+    headers = {**auth("alpha"), "Idempotency-Key": "old"}
+    job_id = api.post("/v1/generate", json=JOB, headers=headers).json()["job_id"]
+    old_request = {**JOB, "omega": 0.5}  # criterion none: the format JobRecords.create stores (defaults left out)
+    records.redis.set(records.keys.request(job_id), json.dumps(old_request))
+    assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
+    results = [{"image_id": "a" * 64, "seed": 0, "criterion_value": None, "predicted_class": 1}]
+    assert records.transition(
+        job_id, JobState.finished, (JobState.running,), finished_at=2.0, results=json.dumps(results)
+    )
+
+    listed = api.get("/v1/jobs", headers=auth("alpha"))
+    assert listed.status_code == 200, listed.text
+    assert [job["request"]["omega"] for job in listed.json()["jobs"]] == [0.5]
+    read = api.get(f"/v1/jobs/{job_id}", headers=auth("alpha"))
+    assert read.status_code == 200, read.text
+    assert read.json()["request"]["omega"] == 0.5 and read.json()["request"]["criterion"] == "none"
+    gallery = api.get("/v1/views/gallery", params={"job_id": job_id}, headers=auth("alpha"))
+    assert gallery.status_code == 200, gallery.text
+    assert gallery.json()["items"][0]["generation"]["omega"] == 0.5
+    replay = api.post("/v1/generate", json=JOB, headers=headers)
+    assert replay.status_code == 202 and replay.json()["job_id"] == job_id
 
 
 def test_events_of_a_finished_job_are_one_event_then_the_end(api):
@@ -156,6 +254,37 @@ def test_events_of_a_finished_job_are_one_event_then_the_end(api):
         lines = [line for line in response.iter_lines() if line]
     assert lines[0] == "event: job" and len(lines) == 2
     assert JobState(json.loads(lines[1].removeprefix("data: "))["state"]) is JobState.canceled
+
+
+def test_events_carry_progress_while_a_job_runs_and_the_whole_record_at_its_end(api, records):
+    job_id = api.post("/v1/generate", json=JOB, headers=auth("alpha")).json()["job_id"]
+    results = [{"image_id": "a" * 64, "seed": 0}, {"image_id": "b" * 64, "seed": 1}]
+
+    def work() -> None:  # what a worker writes, while the stream is open
+        time.sleep(0.5)
+        records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
+        time.sleep(0.5)
+        records.transition(
+            job_id, JobState.finished, (JobState.running,), images_done=2, finished_at=2.0, results=json.dumps(results)
+        )
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=auth("alpha")) as response:
+        lines = [line for line in response.iter_lines() if line and not line.startswith(":")]
+    worker.join()
+    events = [
+        (lines[i].removeprefix("event: "), json.loads(lines[i + 1].removeprefix("data: ")))
+        for i in range(0, len(lines), 2)
+    ]
+    assert [(name, data["state"]) for name, data in events] == [
+        ("progress", "queued"),
+        ("progress", "running"),
+        ("job", "finished"),
+    ]
+    assert all(set(data) == {"job_id", "state", "progress", "error"} for name, data in events[:-1])
+    final = events[-1][1]
+    assert final["request"]["prompt"] == "a digit" and [r["image_id"] for r in final["results"]] == ["a" * 64, "b" * 64]
 
 
 def test_the_same_idempotency_key_answers_with_the_first_job(api):
@@ -188,7 +317,7 @@ def test_a_batch_is_queued_whole_and_summarised(api, records):
 
 
 def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, records):
-    body = {**JOB, "criterion": "none", "omega": 0.2, "gamma": 2.5, "seed": 40}
+    body = {**JOB, "criterion": "none", "dropout_p": 0.3, "gamma": 2.5, "seed": 40}
     job_id = api.post("/v1/generate", json=body, headers=auth("alpha")).json()["job_id"]
     results = [
         {"image_id": "a" * 64, "seed": 40, "criterion_value": 0.5, "predicted_class": 1},
@@ -217,7 +346,7 @@ def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, recor
         }
         for result in results
     ]
-    assert generation["omega"] == 0.2 and generation["gamma"] == 2.5
+    assert generation["dropout_p"] == 0.3 and generation["gamma"] == 2.5
 
 
 def test_the_queued_image_cap_is_429_with_retry_after_and_keeps_nothing(api):
@@ -289,3 +418,59 @@ def test_classifier_upload_read_and_list(api):
     )
     assert bad_stats.status_code == 422 and bad_stats.json()["error"]["code"] == "invalid_hardness_stats"
     assert len(api.get("/v1/classifiers", headers=auth("alpha")).json()) == 2
+
+
+def test_classifiers_have_a_name_and_date_and_their_tenant_deletes_them(api):
+    spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
+    named = api.post(
+        "/v1/classifiers",
+        files={"archive": ("digits.pt", torchscript_shaped_zip(), "application/octet-stream")},
+        data={"spec": spec, "name": "digits cnn v1"},
+        headers=auth("alpha"),
+    ).json()
+    unnamed = upload_classifier(api, num_classes=10, stats=safetensors_bytes())
+    listed = api.get("/v1/classifiers", headers=auth("alpha")).json()
+    assert [(c["id"], c["name"]) for c in listed] == [(named["id"], "digits cnn v1"), (unnamed, "clf.pt")]
+    assert all(c["created_at"] for c in listed) and listed[0]["created_at"] <= listed[1]["created_at"]
+    assert api.delete(f"/v1/classifiers/{named['id']}", headers=auth("beta")).status_code == 404
+    assert api.delete(f"/v1/classifiers/{named['id']}", headers=auth("alpha")).status_code == 204
+    assert api.get(f"/v1/classifiers/{named['id']}", headers=auth("alpha")).status_code == 404
+    assert [c["id"] for c in api.get("/v1/classifiers", headers=auth("alpha")).json()] == [unnamed]
+    gone = api.delete(f"/v1/classifiers/{named['id']}", headers=auth("alpha"))
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+    job = {**JOB, "criterion": "entropy", "classifier_id": named["id"]}
+    assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404
+
+
+def test_a_classifier_deleted_between_the_existence_check_and_the_reads_is_404_not_500(api, monkeypatch):
+    """A concurrent delete renames the folder away after `classifier_dir` found it: every reader says 404 (or
+    leaves it out of a list), never a 500 from the vanished spec.json or meta.json."""
+    classifier_id = upload_classifier(api)
+    folder = ArtifactStore.classifier_dir  # the check passes as it did before the delete ran
+    monkeypatch.setattr(
+        ArtifactStore, "classifier_dir", lambda self, tenant, cid: self.tenant_dir(tenant) / "classifiers" / cid
+    )
+    assert api.delete(f"/v1/classifiers/{classifier_id}", headers=auth("alpha")).status_code == 204
+    read = api.get(f"/v1/classifiers/{classifier_id}", headers=auth("alpha"))
+    assert read.status_code == 404 and read.json()["error"]["code"] == "not_found"
+    job = {**JOB, "criterion": "entropy", "classifier_id": classifier_id}
+    assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404
+    assert api.post("/v1/batches", json={"jobs": [job]}, headers=auth("alpha")).status_code == 404
+    # a folder half there (its files already gone) is left out of the list
+    (api.app.state.store.tenant_dir("alpha") / "classifiers" / classifier_id).mkdir(parents=True)
+    listed = api.get("/v1/classifiers", headers=auth("alpha"))
+    assert listed.status_code == 200 and listed.json() == []
+    monkeypatch.setattr(ArtifactStore, "classifier_dir", folder)
+    # deleted by another request of the tenant's as soon as the upload stored it
+    put = ArtifactStore.put_classifier
+
+    def put_then_deleted(self, tenant, *args, **kwargs):
+        stored = put(self, tenant, *args, **kwargs)
+        self.delete_classifier(tenant, stored)
+        return stored
+
+    monkeypatch.setattr(ArtifactStore, "put_classifier", put_then_deleted)
+    files = {"archive": ("clf.pt", torchscript_shaped_zip(), "application/octet-stream")}
+    spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
+    uploaded = api.post("/v1/classifiers", files=files, data={"spec": spec}, headers=auth("alpha"))
+    assert uploaded.status_code == 404, uploaded.text

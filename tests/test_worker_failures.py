@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 
 import pytest
 import redis
@@ -18,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fgs_common.job_records import Keys
-from fgs_common.wire import JobPublic, JobState
+from fgs_common.wire import ClassifierSpec, JobPublic, JobState
 from support.worker_loop import in_process_settings, run_next_job, start_worker
 
 API_KEY = "key-failures-" + "f" * 24
@@ -101,3 +102,30 @@ def test_an_invalid_job_fails_at_once_with_its_message(setup):
     assert scheduled_retries(settings) == 0
     raw = redis.Redis.from_url(settings.redis_url)
     assert json.loads(raw.hget(f"{settings.redis_prefix}:job:{job_id}", "error"))["code"] == "artifact_gone"
+
+
+def test_a_queued_job_whose_classifier_was_deleted_fails_at_once_saying_so(setup):
+    client, worker, settings = setup
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as members:  # TorchScript's layout: the upload check is off here
+        members.writestr("clf/constants.pkl", b"")
+        members.writestr("clf/code/__torch__.py", b"")
+    spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
+    uploaded = client.post(
+        "/v1/classifiers",
+        files={"archive": ("clf.pt", archive.getvalue(), "application/octet-stream")},
+        data={"spec": spec},
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    classifier_id = uploaded.json()["id"]
+    job_id = submit(client, criterion="entropy", omega=0.03, classifier_id=classifier_id)
+    assert client.delete(f"/v1/classifiers/{classifier_id}").status_code == 204  # while the job is queued
+
+    run_next_job(worker)
+    failed = job(client, job_id)
+    assert failed.state is JobState.failed, failed
+    assert failed.error.code == "artifact_gone"
+    assert failed.error.message == (
+        f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
+    )
+    assert scheduled_retries(settings) == 0  # not retried: it cannot come back by itself

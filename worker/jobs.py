@@ -42,7 +42,7 @@ from fgs_common import telemetry
 from fgs_common.classifier_sandbox import run_classifier_check
 from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob
 from fgs_common.job_records import now_ts
-from fgs_common.wire import ClassifierSpec, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
+from fgs_common.wire import STORED, ClassifierSpec, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
 from fgs_worker.cancel import queue_cancel_check
 from fgs_worker.runtime import WorkerRuntime, current_runtime
 from fgs_worker.watchdog import WatchedJob, step_deadline_s
@@ -162,7 +162,9 @@ class _StepReporter:
 def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
     folder = runtime.store.classifier_dir(tenant, classifier_id)
     if folder is None:
-        raise ArtifactGone(f"classifier {classifier_id} is no longer in the artifact store")
+        raise ArtifactGone(
+            f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
+        )
     spec = ClassifierSpec.model_validate_json((folder / "spec.json").read_bytes())
     stats = folder / "hardness.safetensors"
 
@@ -325,7 +327,7 @@ def _generate(runtime: WorkerRuntime, members: list[_Member]) -> None:
 def _claim(runtime: WorkerRuntime, job_id: str, raw: dict[str, str], retries_left: int, take_over: bool):
     """Claim the job's record for this worker (queued -> running) with an owner token of its own; with
     `take_over`, also a running job whose worker died. The _Member, or None when the job is not ours to run."""
-    request = GenerateRequest.model_validate_json(raw["request"])
+    request = GenerateRequest.model_validate_json(raw["request"], context=STORED)
     started = now_ts()
     # The fence: every later write of this attempt carries this token (fgs_common.job_records).
     owner = f"{runtime.name}:{uuid.uuid4().hex[:12]}"

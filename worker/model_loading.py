@@ -6,6 +6,7 @@ so the embedded model exercises exactly the code path of the real one. Nothing i
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,21 @@ def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+MODEL_CARD_JSON = "model_card.json"
+
+
+def read_model_card(model: str, cache_dir: Path | None = None) -> dict:
+    """The machine-readable part of a model's card: `model_card.json` beside the weights (class_names,
+    prompt_template, card: the human-readable card's file); {} when the model has none (SD 2.1 unCLIP, tiny)."""
+    path = resolve_model_dir(model, cache_dir) / MODEL_CARD_JSON
+    if not path.is_file():
+        return {}
+    card = json.loads(path.read_text(encoding="utf-8"))
+    if card.get("card"):
+        card["card"] = str(path.parent / card["card"])
+    return card
 
 
 def default_device() -> torch.device:

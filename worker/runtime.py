@@ -24,7 +24,7 @@ from fgs_common.job_records import JobRecords, Keys
 from fgs_common.settings import Settings
 from fgs_common.wire import GenerationParams, ModelInfo
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
-from fgs_worker.model_loading import default_device, load_pipeline, model_dtype
+from fgs_worker.model_loading import default_device, load_pipeline, model_dtype, read_model_card
 
 # Default largest image, in multiples of the model's native pixel count: 4 = twice the native side. unCLIP and
 # SD 2.x UNets were trained at their native size and their attention cost grows with the square of the pixels;
@@ -47,6 +47,7 @@ class WorkerRuntime:
     classifiers: ClassifierRegistry
     device: torch.device
     model_id: str
+    model_card: dict = field(default_factory=dict)  # model_card.json beside the weights: class names, prompt form
     last_beat: float = field(default=0.0)
     on_heartbeat: Any = None  # set by the worker: refreshes RQ's worker and job heartbeats
     watchdog: Any = None  # set by the worker: fgs_worker.watchdog.JobWatchdog (None: no watchdog, in-process tests)
@@ -85,6 +86,7 @@ class WorkerRuntime:
             classifiers=ClassifierRegistry(settings.classifier_cache_size, on_event=on_cache_event),
             device=device,
             model_id=settings.model,
+            model_card=read_model_card(settings.model),
         )
 
     def beat(self, force: bool = False) -> None:
@@ -110,7 +112,15 @@ class WorkerRuntime:
     def model_info(self) -> ModelInfo:
         width, height = self.sampler.image_size(GenerationParams())
         limit = self.settings.max_pixels_per_image or MAX_PIXELS_FACTOR * width * height
-        return ModelInfo(model=self.model_id, native_width=width, native_height=height, max_pixels_per_image=limit)
+        return ModelInfo(
+            model=self.model_id,
+            native_width=width,
+            native_height=height,
+            max_pixels_per_image=limit,
+            class_names=self.model_card.get("class_names"),
+            prompt_template=self.model_card.get("prompt_template"),
+            model_card=self.model_card.get("card"),
+        )
 
     def publish_model_info(self) -> None:
         """Tell the API what the resident model accepts (it refuses bigger images with a 422)."""

@@ -137,6 +137,9 @@ def upload_classifier(
     settings: SettingsDep,
     check_slots: CheckSlotsDep,
     hardness_stats: UploadFile | None = None,
+    name: Annotated[
+        str | None, Form(max_length=200, description="a name to list it by (default: the archive's file name)")
+    ] = None,
 ) -> ClassifierUploaded:
     """Check and store a classifier; its id is a digest of archive, spec and statistics.
 
@@ -162,10 +165,15 @@ def upload_classifier(
             _check_safetensors(stats_path)
         archive_format = _validated(archive_bytes, spec_json, stats_path, settings, scratch, check_slots)
         archive_name = _ARCHIVE_NAME[archive_format]
-        classifier_id = store.put_classifier(tenant.name, archive_bytes, archive_name, spec_json, stats_path)
+        classifier_id = store.put_classifier(
+            tenant.name, archive_bytes, archive_name, spec_json, stats_path, name=name or archive.filename or ""
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return ClassifierUploaded(id=classifier_id, spec=parsed, has_hardness_stats=stats_path is not None)
+    record = classifier_record(store, tenant.name, classifier_id)
+    if record is None:  # deleted by another request of the tenant's since it was stored
+        raise not_found("classifier", classifier_id)
+    return record
 
 
 @router.get("/{classifier_id}")
@@ -178,4 +186,13 @@ def get_classifier(classifier_id: str, tenant: TenantDep, store: StoreDep) -> Cl
 
 @router.get("")
 def list_classifiers(tenant: TenantDep, store: StoreDep) -> list[ClassifierUploaded]:
+    """The caller's classifiers, oldest first, with their names and upload dates."""
     return classifier_records(store, tenant.name)
+
+
+@router.delete("/{classifier_id}", status_code=204)
+def delete_classifier(classifier_id: str, tenant: TenantDep, store: StoreDep) -> None:
+    """Delete a classifier. A job that still needs it and has not started fails with `classifier ... is no longer
+    in the artifact store`; a job already running keeps the copy its worker loaded and finishes."""
+    if not store.delete_classifier(tenant.name, classifier_id):
+        raise not_found("classifier", classifier_id)

@@ -55,11 +55,28 @@ def check_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
 
 @router.post("", status_code=201)
 def upload_image(file: UploadFile, tenant: TenantDep, store: StoreDep, settings: SettingsDep) -> ImageUploaded:
-    """Store a conditioning image; its id is the sha256 of its bytes (same bytes, same id)."""
+    """Store a conditioning image; its id is the sha256 of its bytes (same bytes, same id, first name and date)."""
     data = read_limited(file, settings.max_upload_bytes, "image")
     fmt, width, height = check_image(data, settings.max_image_pixels)
     image_id = store.put_image(tenant.name, data, fmt)
-    return ImageUploaded(id=image_id, width=width, height=height)
+    name = (file.filename or "")[:200]
+    record = store.record_upload(tenant.name, image_id, {"name": name, "width": width, "height": height})
+    return ImageUploaded(id=image_id, **record)
+
+
+@router.get("")
+def list_images(tenant: TenantDep, store: StoreDep) -> list[ImageUploaded]:
+    """The caller's uploaded conditioning images (not the generated ones), oldest first."""
+    uploaded = [ImageUploaded.model_validate(record) for record in store.uploads(tenant.name)]
+    return sorted(uploaded, key=lambda image: (image.created_at, image.id))
+
+
+@router.delete("/{image_id}", status_code=204)
+def delete_image(image_id: str, tenant: TenantDep, store: StoreDep) -> None:
+    """Delete an image. A job that still needs it as conditioning and has not started fails with `conditioning
+    image ... is no longer in the artifact store`; a running job has already loaded it and finishes."""
+    if not store.delete_image(tenant.name, image_id):
+        raise not_found("image", image_id)
 
 
 @router.get("/{image_id}", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})

@@ -11,7 +11,7 @@ import redis
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from fgs_common.wire import ErrorBody, JobListQuery, JobPublic, JobsPublic
+from fgs_common.wire import ErrorBody, JobListQuery, JobProgressEvent, JobPublic, JobsPublic
 from fgs_service.deps import JobQueueDep, SettingsDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
 
@@ -60,7 +60,8 @@ def cancel_job(job: OwnedJob, tenant: TenantDep, queue: JobQueueDep) -> JobPubli
 async def job_events(
     job: OwnedJob, request: Request, tenant: TenantDep, queue: JobQueueDep, settings: SettingsDep
 ) -> StreamingResponse:
-    """Server-sent events: one `job` event (a JobPublic) per change, the last one in a final state.
+    """Server-sent events: a `progress` event (a JobProgressEvent: state and progress only) per change while the
+    job is queued or running, then one `job` event (the whole JobPublic, results included) in its final state.
 
     When Redis stops answering, an `error` event (an ErrorBody, code `redis_unavailable`) ends the stream, so a
     client knows to reconnect rather than take the closed stream for the job's end.
@@ -79,10 +80,16 @@ async def job_events(
                 return
             if current is None:
                 return
-            payload = current.model_dump_json()
+            if current.state.is_terminal:
+                event, payload = "job", current.model_dump_json()
+            else:  # the request and results stay out of the stream: they never change, or come with the end
+                event, payload = (
+                    "progress",
+                    JobProgressEvent.model_validate(current, from_attributes=True).model_dump_json(),
+                )
             if payload != last:
                 last, last_sent = payload, time.monotonic()
-                yield f"event: job\ndata: {payload}\n\n"
+                yield f"event: {event}\ndata: {payload}\n\n"
             elif time.monotonic() - last_sent > _KEEPALIVE_S:
                 last_sent = time.monotonic()
                 yield ": keep-alive\n\n"

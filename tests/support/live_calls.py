@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 from PIL import Image
 
-from fgs_common.wire import ClassifierSpec, JobPublic, JobState
+from fgs_common.wire import ClassifierSpec, JobProgressEvent, JobPublic, JobState
 
 
 def png_bytes(seed: int = 0, size: int = 32) -> bytes:
@@ -27,16 +30,31 @@ def upload_classifier(client, archive_bytes: bytes, spec: ClassifierSpec | str, 
     )
 
 
-def follow_events(client, job_id: str) -> list[JobPublic]:
-    """All `job` events of the SSE stream, until the server ends it (the job reached a final state)."""
+def follow_events(client, job_id: str) -> list[JobProgressEvent | JobPublic]:
+    """The events of the SSE stream until the server ends it: `progress` events, then the final `job` event."""
     events = []
+    kind = {"progress": JobProgressEvent, "job": JobPublic}
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=300) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
+        event = None
         for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(JobPublic.model_validate_json(line[len("data: ") :]))
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: "):
+                events.append(kind[event].model_validate_json(line[len("data: ") :]))
     return events
+
+
+def client_process(*args: str, url: str, key: str, **env: str) -> subprocess.Popen:
+    """`fgs-client ARGS` in a subprocess against `url` with `key`; stdout and stderr together, as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fgs_client.cli", *args],
+        env={**os.environ, "FGS_URL": url, "FGS_API_KEY": key, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def get_job(client, job_id: str) -> JobPublic:
@@ -71,6 +89,7 @@ __all__ = [
     "JobState",
     "png_bytes",
     "upload_classifier",
+    "client_process",
     "follow_events",
     "get_job",
     "wait_for",

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fgs_common.settings import Settings
 from support.stack import keys_document
+
+if TYPE_CHECKING:
+    from fgs_client.http_client import Client
 
 
 def fresh_prefix() -> str:
@@ -30,3 +36,18 @@ def service_settings(redis_url: str, data_dir: Path, **overrides) -> Settings:
     )
     values.update(overrides)
     return Settings(**values)
+
+
+@contextmanager
+def in_process_client(settings: Settings, tenant: str = "alpha") -> Iterator[Client]:
+    """An fgs_client Client whose calls go to `create_app(settings)` in this process (no uvicorn, no workers)."""
+    from fastapi.testclient import TestClient
+
+    from fgs_client.http_client import Client
+    from fgs_service.app import create_app
+    from support.stack import TENANT_KEYS
+
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"}) as http:
+        client = Client("http://testserver", None, retries=0)
+        client._http = http
+        yield client

@@ -245,8 +245,10 @@ async function followJob(jobId) {
       while ((end = buffer.indexOf("\n\n")) >= 0) {
         const message = buffer.slice(0, end);
         buffer = buffer.slice(end + 2);
-        const data = message.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-        if (data) onJobEvent(JSON.parse(data));
+        const lines = message.split("\n");
+        const event = (lines.find((l) => l.startsWith("event: ")) || "event: job").slice(7);
+        const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+        if (data && (event === "job" || event === "progress")) onJobEvent(JSON.parse(data));
       }
     }
   } catch (error) {
@@ -261,8 +263,9 @@ async function followJob(jobId) {
 }
 
 function onJobEvent(job) {
-  // a JobPublic: a JobBase, which the table draws, with its results
-  state.jobs.set(job.job_id, job);
+  // a `progress` event (state and progress) updates the row it belongs to; the final `job` event is the whole
+  // JobPublic: a JobBase, which the table draws, with its results
+  state.jobs.set(job.job_id, { ...state.jobs.get(job.job_id), ...job });
   if (parseHash().name === "jobs") renderJobs();
 }
 
