@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     stop, events, outages = threading.Event(), [], []
     faults = threading.Thread(target=inject_faults, args=(stack, args.minutes, stop, events, outages), daemon=True)
+    findings: dict | None = None
     try:
         faults.start()
         began = time.time()
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     finally:
         stop.set()
-        stack.close()
+        # an audit with findings keeps the API and worker logs, to find out why
+        stack.close(keep_logs=None if findings == {} else Path("out/soak-logs"))
     report = {
         "minutes": args.minutes,
         "clients": args.clients,

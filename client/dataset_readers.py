@@ -133,6 +133,20 @@ def _files_under(directory: Path) -> list[Path]:
     return found
 
 
+def _nicopp_dataset(root: Path, class_names, contexts, images, skipped, layout) -> ScannedDataset:
+    """A NICO++ tree (either layout): its contexts are the groups, and a prompt names the class in its context."""
+    return ScannedDataset(
+        name="nico++",
+        root=root,
+        class_names=class_names,
+        groups=contexts,
+        images=images,
+        skipped=skipped,
+        layout=layout,
+        prompt_template="{class_name} in {group}",
+    )
+
+
 def _scan_files(files: list[tuple[Path, str, int, str | None]]) -> tuple[list[RealImage], list[SkippedFile]]:
     images: list[RealImage] = []
     skipped: list[SkippedFile] = []
@@ -282,16 +296,7 @@ def read_nicopp(root: Path) -> ScannedDataset:
         layout.passthrough.append(
             (mapping_path, _rel(mapping_path, root) if mapping_path.is_relative_to(root) else mapping_path.name)
         )
-    return ScannedDataset(
-        name="nico++",
-        root=root,
-        class_names=class_names,
-        groups=contexts,
-        images=images,
-        skipped=skipped + bad,
-        layout=layout,
-        prompt_template="{class_name} in {group}",
-    )
+    return _nicopp_dataset(root, class_names, contexts, images, skipped + bad, layout)
 
 
 def _read_nicopp_metadata(root: Path) -> ScannedDataset:
@@ -335,16 +340,7 @@ def _read_nicopp_metadata(root: Path) -> ScannedDataset:
     images, skipped = _scan_files(files)
     layout = NicoppMetadataLayout(base_rel=base_rel, other_rows=other_rows, contexts=contexts)
     layout.passthrough = passthrough + ([(mapping_path, _rel(mapping_path, root))] if mapping_path else [])
-    return ScannedDataset(
-        name="nico++",
-        root=root,
-        class_names=class_names,
-        groups=contexts,
-        images=images,
-        skipped=skipped,
-        layout=layout,
-        prompt_template="{class_name} in {group}",
-    )
+    return _nicopp_dataset(root, class_names, contexts, images, skipped, layout)
 
 
 # ---------------------------------------------------------------- ImageNet-LT

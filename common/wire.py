@@ -300,10 +300,14 @@ class ErrorBody(BaseModel):
 
 
 class JobAccepted(BaseModel):
+    """202 of POST /v1/generate: where to follow the job."""
+
     job_id: str = Field(description="the new job's id")
 
 
 class JobProgress(BaseModel):
+    """How far a job is: images written, and the step of the chunk being sampled."""
+
     images_done: int = Field(0, description="images written to the artifact store so far")
     images_total: int = Field(0, description="images the job makes in all")
     step: int = Field(0, description="denoising step of the chunk being sampled")
@@ -364,6 +368,8 @@ class BatchAccepted(BaseModel):
 
 
 class BatchPublic(BaseModel):
+    """GET /v1/batches/{id}: a batch's jobs and how far they are, counted by state."""
+
     batch_id: str = Field(description="the batch's id")
     job_ids: list[str] = Field(description="its jobs' ids, in request order")
     counts: dict[JobState, int] = Field(description="number of its jobs in each state")
@@ -372,6 +378,8 @@ class BatchPublic(BaseModel):
 
 
 class ImageUploaded(BaseModel):
+    """An uploaded conditioning image: its content id, size, name and upload time."""
+
     id: str = Field(description="the image's id: sha256 of its bytes")
     width: int = Field(description="width in pixels")
     height: int = Field(description="height in pixels")

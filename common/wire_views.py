@@ -22,6 +22,12 @@ class JobSummaries(BaseModel):
     offset: int = Field(description="index of the first job of this page")
 
 
+class FailedJob(JobBase):
+    """A failed job (`error` says why, `finished_at` when) and whose it is."""
+
+    tenant: str = Field(description="the job's tenant")
+
+
 class GallerySort(str, Enum):
     """Order of gallery images."""
 
@@ -76,18 +82,24 @@ class CompareGrid(BaseModel):
 
 
 class BatchCanceled(BaseModel):
+    """DELETE /v1/batches/{id}: how many of its jobs this call canceled."""
+
     batch_id: str = Field(description="the batch")
     canceled: int = Field(description="jobs canceled now (queued ones never run, running ones stop at their next step)")
 
 
 class TenantLoadPublic(BaseModel):
+    """A tenant's share of the queue, for the operator view."""
+
     tenant: str = Field(description="tenant name")
-    queued_jobs: int = Field(description="jobs waiting in its queue")
-    queued_images: int = Field(description="images of its queued and running jobs")
-    running_jobs: int = Field(description="its jobs being sampled now")
+    queued_jobs: int = Field(ge=0, description="jobs waiting in its queue")
+    queued_images: int = Field(ge=0, description="images of its queued and running jobs")
+    running_jobs: int = Field(ge=0, description="its jobs being sampled now")
 
 
 class WorkerPublic(BaseModel):
+    """A worker with a live heartbeat and what it runs."""
+
     name: str = Field(description="worker name")
     last_heartbeat: datetime | None = Field(None, description="its last heartbeat")
     job_id: str | None = Field(None, description="the job it is running, if any")
@@ -95,14 +107,10 @@ class WorkerPublic(BaseModel):
 
 
 class ThroughputMinute(BaseModel):
+    """Images finished in one minute."""
+
     minute: datetime = Field(description="start of the minute")
     images: float = Field(description="images finished in that minute")
-
-
-class FailedJob(JobBase):
-    """A failed job (`error` says why, `finished_at` when) and whose it is."""
-
-    tenant: str = Field(description="the job's tenant")
 
 
 class OperatorOverview(BaseModel):

@@ -160,14 +160,14 @@ def test_batch_of_four_equals_four_single_calls_with_feedback(sampler, classifie
 )
 def test_feedback_raises_the_mean_final_criterion(sampler, classifier, criterion, path, resolution):
     images, seeds = random_images(1, seed=7), list(range(100, 108))
-    common = dict(
-        conditioning_images=images,
-        seeds=seeds,
-        criterion=criterion,
-        classifier=classifier,
-        gradient_path=path,
-        feedback_resolution=resolution,
-    )
+    common = {
+        "conditioning_images": images,
+        "seeds": seeds,
+        "criterion": criterion,
+        "classifier": classifier,
+        "gradient_path": path,
+        "feedback_resolution": resolution,
+    }
     plain = run(sampler, omega=0.0, **common)
     guided = run(sampler, omega=0.5, **common)
     assert len(guided.criterion_values) == 8 and len(guided.probabilities[0]) == 10
@@ -216,19 +216,19 @@ def test_criterion_gradient_matches_finite_differences_in_float64(
     image_embeds = sampler._image_embeddings(random_images(1), [0], [GenerationParams()], generators)
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     guided_output = torch.randn_like(z0)
-    kwargs = dict(
-        t=t,
-        alpha_t=alpha_t,
-        scheduler=scheduler,
-        guided_output=guided_output,
-        cond_prompt_embeds=prompt_embeds,
-        cond_image_embeds=image_embeds,
-        classifier=clf,
-        criterion=Criterion.entropy,
-        labels=torch.tensor([7]),
-        gradient_path=path,
-        resolution=FeedbackResolution.full,
-    )
+    kwargs = {
+        "t": t,
+        "alpha_t": alpha_t,
+        "scheduler": scheduler,
+        "guided_output": guided_output,
+        "cond_prompt_embeds": prompt_embeds,
+        "cond_image_embeds": image_embeds,
+        "classifier": clf,
+        "criterion": Criterion.entropy,
+        "labels": torch.tensor([7]),
+        "gradient_path": path,
+        "resolution": FeedbackResolution.full,
+    }
 
     def criterion_at(z):
         return sampler.feedback_criterion(z, **kwargs).sum()
@@ -359,19 +359,19 @@ def test_released_feedback_input_is_what_the_sampler_scores(model_dir, tmp_path)
     alpha_t = scheduler.alphas_cumprod[t].to(torch.float64)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     guided_output = torch.randn_like(z)
-    kwargs = dict(
-        t=t,
-        alpha_t=alpha_t,
-        scheduler=scheduler,
-        guided_output=guided_output,
-        cond_prompt_embeds=None,
-        cond_image_embeds=None,
-        classifier=clf,
-        criterion=Criterion.entropy,
-        labels=torch.tensor([7, 7]),
-        gradient_path=GradientPath.constant_eps,
-        resolution=FeedbackResolution.full,
-    )
+    kwargs = {
+        "t": t,
+        "alpha_t": alpha_t,
+        "scheduler": scheduler,
+        "guided_output": guided_output,
+        "cond_prompt_embeds": None,
+        "cond_image_embeds": None,
+        "classifier": clf,
+        "criterion": Criterion.entropy,
+        "labels": torch.tensor([7, 7]),
+        "gradient_path": GradientPath.constant_eps,
+        "resolution": FeedbackResolution.full,
+    }
     released = sampler.feedback_criterion(z, feedback_input=FeedbackInput.released, **kwargs)
     x0 = sampler.feedback_criterion(z, feedback_input=FeedbackInput.x0, **kwargs)
     eps = sampler._predicted_noise(scheduler, guided_output, z, alpha_t)
