@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fgs_client.digits_lt import build_digits_lt
+from fgs_common.presets import DIGITS_CHOICE
 from fgs_lab import digits_classifier as digits
 from fgs_lab.embedded_stack import run_client, start_embedded_stack
 from fgs_worker.model_loading import EMBEDDED_MODEL, EMBEDDED_MODELS_DIR
@@ -59,11 +60,11 @@ def main(
     target: str = typer.Option(
         "max", help="images per class after balancing ('max': all up to 60, 415 new images; 15: 53 images)"
     ),
-    criterion: str = typer.Option("entropy"),
-    omega: float = typer.Option(
-        0.03, help="feedback scale ω (bench/digits_lt.md: on fgs-digits entropy is best at 0.03, worse above)"
-    ),
-    dropout_p: float = typer.Option(0.3, help="dropout on the conditioning image's embedding (diversity)"),
+    # Defaults: the `digits` preset, the setting chosen on Digits-LT validation (bench/digits_lt.md); the balance
+    # call below passes `--preset digits` too, so the values the demo does not name (γ, feedback input) are its.
+    criterion: str = typer.Option(DIGITS_CHOICE["criterion"], help="feedback criterion (the digits preset's)"),
+    omega: float = typer.Option(DIGITS_CHOICE["omega"], help="feedback scale ω (the digits preset's)"),
+    dropout_p: float = typer.Option(DIGITS_CHOICE["dropout_p"], help="dropout p on the image embedding (the preset's)"),
     steps: int = typer.Option(30, help="DDIM steps per image"),
     seed: int = typer.Option(0),
 ) -> None:
@@ -101,7 +102,8 @@ def main(
             dataset = ["--dataset", "digits-lt", "--root", str(root), "--out", str(balanced), "--target", target]
             feedback = ["--criterion", criterion, "--omega", str(omega), "--dropout-p", str(dropout_p)]
             classifier = ["--classifier", str(archive), "--classifier-spec", str(spec)]
-            run_client(stack, "balance", *dataset, *feedback, *classifier, "--steps", str(steps), "--seed", str(seed))
+            sampling = ["--preset", "digits", "--steps", str(steps), "--seed", str(seed)]
+            run_client(stack, "balance", *dataset, *feedback, *classifier, *sampling)
             run_client(stack, "grid", "--out", str(balanced), "--per-class", "10", "--size", "48")
     finally:
         stack.stop()
