@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fgs_common.classifier_archive import DEFAULT_MAX_UNPACKED_BYTES
@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     redis_prefix: str = "fgs"
     """key prefix for everything fgs stores in Redis"""
     data_dir: Path = Path(".fgs")
+    """the artifact store (images, classifiers); a relative path is taken from the directory fgs starts in"""
     model: str = "fgs-digits"
     """'fgs-digits' (embedded), 'tiny' (random weights) or a diffusers directory"""
     api_keys_file: Path | None = None
@@ -148,6 +149,13 @@ class Settings(BaseSettings):
     sse_poll_s: float = 0.25
     worker_name: str | None = None
     """name of this worker in Redis and metrics; default host-random"""
+
+    @field_validator("data_dir", "state_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        # Resolved once, where fgs starts: the classifier check runs in a subprocess whose working directory is its
+        # scratch folder, so a relative data directory (the default) named nothing there and every upload failed.
+        return path.expanduser().resolve()
 
 
 @lru_cache

@@ -202,3 +202,22 @@ def test_sandboxed_process_inherits_no_secrets_and_has_no_network(redis_server, 
     if not report["isolated"]:
         pytest.skip("this kernel gives no network namespace (no CAP_SYS_ADMIN, no user namespaces)")
     assert report["reached"] is False
+
+
+def test_an_upload_is_checked_when_the_data_directory_is_relative(redis_server, tmp_path, monkeypatch):
+    """`fgs up` with the default FGS_DATA_DIR (.fgs, relative) refused every classifier: the check subprocess runs in
+    its scratch folder, where the relative path named nothing (found by a newcomer's walk through the README)."""
+    from support.service_settings import service_settings
+
+    archive = hostile.export_archive(tmp_path / "classifier.pt2", dynamic_batch=True)
+    monkeypatch.chdir(tmp_path)
+    settings = service_settings(redis_server, Path("relative-data"), classifier_check=True)
+    from fastapi.testclient import TestClient
+
+    from fgs_service.app import create_app
+    from support.stack import TENANT_KEYS
+
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TENANT_KEYS['alpha']}"}) as client:
+        uploaded = upload_classifier(client, archive.read_bytes(), hostile.SPEC, filename="classifier.pt2")
+    assert uploaded.status_code == 201, uploaded.text
+    assert (tmp_path / "relative-data").is_dir()
