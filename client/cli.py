@@ -53,7 +53,7 @@ KeyOption = Annotated[
     typer.Option(
         "--api-key",
         envvar="FGS_API_KEY",
-        help="API key: from the service's operator, FGS_DEV_API_KEY on a local `fgs up` (the default)",
+        help="API key (or FGS_API_KEY): from the service's operator; a local `fgs up` prints its dev key",
     ),
 ]
 PromptTemplateOption = Annotated[
