@@ -241,6 +241,10 @@ class Experiment:
             return 0.0
         started = time.time()
         extra = ("--classifier", str(classifier[0]), "--classifier-spec", str(classifier[1])) if variant.guided else ()
+        if variant.guided and self.args["quick"]:
+            # --quick's feedback classifier is trained for a few steps on the tiny model's task: the client's
+            # pre-flight (there to catch a spec that does not fit the images) rightly finds it weak
+            extra += ("--force",)
         run_client(
             stack,
             "balance",
