@@ -69,6 +69,13 @@ return false
 # Seen there twice this far apart, its worker died in between. Below RQ's own rule for these lists (one minute,
 # then the job counts as failed and spends a retry), and our sweep runs before RQ's in each maintenance pass.
 LOST_IN_HAND_S = 20.0
+# Put a job lost in hand back at the front of its queue, in one step (LREM, then a crash, would lose it again).
+# KEYS: intermediate list, queue; ARGV: job id.
+_PUT_BACK = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
 # Move a due retry back into its queue in one step (ZREM alone, then a crash, would drop the retry).
 # KEYS: scheduled registry, queue, job hash; ARGV: job id.
 _REQUEUE_DUE_RETRY = """
@@ -103,6 +110,7 @@ class FgsWorker(SimpleWorker):
         )
         self._take_job_script = self.connection.register_script(_TAKE_JOB)
         self._requeue_due_retry = self.connection.register_script(_REQUEUE_DUE_RETRY)
+        self._put_back = self.connection.register_script(_PUT_BACK)
         runtime.on_heartbeat = self._rq_heartbeat
         runtime.expire_execution = self._expire_execution
         runtime.companions = SharedBatch(self, runtime.records)
@@ -240,8 +248,8 @@ class FgsWorker(SimpleWorker):
                     self.connection.set(seen_key, time.time(), ex=int(10 * LOST_IN_HAND_S))
                 elif time.time() - float(first_seen) >= min(
                     LOST_IN_HAND_S, self.runtime.settings.abandoned_after_s
-                ) and self.connection.lrem(intermediate.key, 1, job_id):
-                    self.connection.lpush(queue.key, job_id)  # at the front: it has waited its turn already
+                ) and self._put_back(keys=[intermediate.key, queue.key], args=[job_id]):
+                    # at the front of its queue: it has waited its turn already
                     self.connection.delete(seen_key)
                     log.warning("job %s put back in %s: its worker died before starting it", job_id, queue.name)
                     moved += 1
