@@ -149,9 +149,10 @@ def test_a_failed_shared_batch_retries_each_job_on_its_own(setup):
     ids = submit_batch(alpha, [dict(JOB, seed=k) for k in range(2)]) + submit_batch(beta, [dict(JOB, seed=9)])
 
     def fail():
-        raise ValueError("transient failure inside the UNet forward")
+        raise ValueError("failure inside the UNet forward")
 
-    handle = on_unet_call(worker, 2, fail)
+    # every call fails while the hook is on: the shared call, then each job's call alone
+    handle = worker.runtime.sampler.pipeline.unet.register_forward_pre_hook(lambda module, args: fail())
     try:
         run_next_job(worker)
     finally:
@@ -159,7 +160,7 @@ def test_a_failed_shared_batch_retries_each_job_on_its_own(setup):
     for job_id, client in zip(ids, (alpha, alpha, beta), strict=True):
         failed = job(client, job_id)
         assert failed.state is JobState.queued and failed.error.code == "retrying", failed
-        assert "ValueError: transient failure" in failed.error.message
+        assert "ValueError: failure inside the UNet" in failed.error.message
         rq_job = Job.fetch(job_id, connection=worker.connection, serializer=JSONSerializer)
         assert rq_job.get_status() == "scheduled" and rq_job.retries_left == settings.job_retries - 1
     assert worker.executions == {}
@@ -173,6 +174,48 @@ def test_a_failed_shared_batch_retries_each_job_on_its_own(setup):
         assert done.state is JobState.finished and len(done.results) == 1, done
     assert count(worker, settings, "images_generated", tenant="alpha") == 2
     assert count(worker, settings, "images_generated", tenant="beta") == 1
+
+
+def test_a_job_that_breaks_a_shared_call_is_charged_alone_and_its_batchmates_finish(setup):
+    """beta's 3-image job breaks any call of 3 images or more (as a classifier that fails on a batch size would);
+    alpha's two 1-image jobs shared that call. Only beta's job spends a retry."""
+    clients, worker, settings = setup
+    alpha, beta = clients["alpha"], clients["beta"]
+    innocent = submit_batch(alpha, [dict(JOB, seed=k) for k in range(2)])
+    (at_fault,) = submit_batch(beta, [dict(JOB, seed=9, num_images=3)])
+    rows = []
+
+    def fail_from_three_images(module, args):
+        rows.append(args[0].shape[0])
+        if args[0].shape[0] >= 6:  # two UNet rows per image (classifier-free guidance): 3 images or more
+            raise ValueError("this call holds 3 images or more")
+
+    handle = worker.runtime.sampler.pipeline.unet.register_forward_pre_hook(fail_from_three_images)
+    try:
+        run_next_job(worker)
+    finally:
+        handle.remove()
+    assert rows[0] == 10  # the shared call: 1 + 1 + 3 images, two rows each
+    for job_id in innocent:
+        done = job(alpha, job_id)
+        assert done.state is JobState.finished and len(done.results) == 1 and done.error is None, done
+        rq_job = Job.fetch(job_id, connection=worker.connection, serializer=JSONSerializer)
+        assert rq_job.get_status() == "finished"
+    failed = job(beta, at_fault)
+    assert failed.state is JobState.queued and failed.error.code == "retrying", failed
+    assert "this call holds 3 images or more" in failed.error.message
+    rq_job = Job.fetch(at_fault, connection=worker.connection, serializer=JSONSerializer)
+    assert rq_job.get_status() == "scheduled" and rq_job.retries_left == settings.job_retries - 1
+    assert worker.executions == {}
+    assert count(worker, settings, "images_generated", tenant="alpha") == 2
+    assert count(worker, settings, "images_generated", tenant="beta") == 0
+
+    for _ in range(3):  # without the fault, the retry finishes
+        if job(beta, at_fault).state is JobState.finished:
+            break
+        run_next_job(worker)
+    done = job(beta, at_fault)
+    assert done.state is JobState.finished and len(done.results) == 3, done
 
 
 def test_a_companion_taken_over_by_another_worker_is_not_written_to(setup):

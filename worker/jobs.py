@@ -15,15 +15,18 @@ images to the artifact store.
 Failures are told apart by type (fgs_common.exceptions): an InvalidJob (bad arguments that only the model can
 see, a classifier that does not fit, an artifact gone for good) fails the job at once with its message;
 anything else, a ValueError from inside torch included, is raised to RQ, which retries it with backoff
-(FGS_JOB_RETRIES, FGS_RETRY_BACKOFF_S) and finally files the job in its failed-job registry. A failure of a
-shared batch's sampler call does that for every job in it, each with its own retries (the companions through
-`runtime.companions.finish`, which hands them to RQ after the worker's own job).
+(FGS_JOB_RETRIES, FGS_RETRY_BACKOFF_S) and finally files the job in its failed-job registry. A job is charged
+only for its own failure: when a shared sampler call fails, each job in it samples its images again alone, and
+only those that fail alone are retried or failed, each with its own retries (the companions through
+`runtime.companions.finish`, which hands them to RQ after the worker's own job). Without that, one tenant's
+classifier that breaks on a batch size would spend the retries of every job that shared its call.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import sys
 import tempfile
@@ -45,7 +48,10 @@ from fgs_common.job_records import now_ts
 from fgs_common.wire import STORED, ClassifierSpec, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
 from fgs_worker.cancel import queue_cancel_check
 from fgs_worker.runtime import WorkerRuntime, current_runtime
+from fgs_worker.shared_batch import ExcInfo
 from fgs_worker.watchdog import WatchedJob, step_deadline_s
+
+log = logging.getLogger("fgs.worker.jobs")
 
 PNG_METADATA_KEY = "fgs"
 
@@ -78,6 +84,7 @@ class _Member:
     classifier: LoadedClassifier | None = None
     results: list[ImageResult] = field(default_factory=list)
     outcome: dict | None = None  # how it left the batch (finished, canceled, failed, lost); None while it runs
+    failure: ExcInfo | None = None  # its sampler call failed with it alone in it: RQ retries or fails it
 
     def conditioning_image(self, i: int) -> Image.Image | None:
         """Image i's conditioning image: none (text only), the job's one, or its i-th."""
@@ -299,6 +306,38 @@ def _sample_chunk(runtime: WorkerRuntime, rows: list[tuple[_Member, int]]) -> fl
     return sampling_s
 
 
+def _sample_isolating_failures(runtime: WorkerRuntime, chunk: list[tuple[_Member, int]]) -> float:
+    """One sampler call over `chunk`; when it fails, each job in it samples its rows again alone, and a job
+    that fails alone keeps its failure (`_Member.failure`). Returns the seconds spent sampling."""
+    began = time.perf_counter()
+    try:
+        return _sample_chunk(runtime, chunk)
+    except Exception as error:
+        members = list(dict.fromkeys(m for m, _ in chunk))
+        if len(members) == 1:
+            members[0].failure = sys.exc_info()
+            return time.perf_counter() - began
+        log.warning(
+            "a sampler call shared by %d jobs failed (%s: %s); sampling each job alone so only the job at fault"
+            " is charged",
+            len(members),
+            type(error).__name__,
+            str(error)[:200],
+        )
+    sampling_s = time.perf_counter() - began
+    for member in members:
+        rows = [(m, i) for m, i in chunk if m is member]
+        if member.outcome is not None:  # canceled or lost during the shared call
+            continue
+        began = time.perf_counter()
+        try:
+            _sample_chunk(runtime, rows)
+        except Exception:
+            member.failure = sys.exc_info()
+        sampling_s += time.perf_counter() - began
+    return sampling_s
+
+
 def _generate(runtime: WorkerRuntime, members: list[_Member]) -> None:
     """Run every member's images, in chunks of at most FGS_MAX_BATCH_IMAGES; each member ends on its own."""
     limit = runtime.model_info().max_pixels_per_image
@@ -313,12 +352,14 @@ def _generate(runtime: WorkerRuntime, members: list[_Member]) -> None:
     size = runtime.settings.max_batch_images
     sampling_s = 0.0
     for start in range(0, len(rows), size):
-        chunk = [(m, i) for m, i in rows[start : start + size] if m.outcome is None]
+        chunk = [(m, i) for m, i in rows[start : start + size] if m.outcome is None and m.failure is None]
         if chunk:
-            sampling_s += _sample_chunk(runtime, chunk)
+            sampling_s += _sample_isolating_failures(runtime, chunk)
     telemetry.observe(runtime.redis, runtime.keys.prefix, "sampling_seconds", sampling_s)
     for member in members:
-        if member.outcome is None:
+        if member.failure is not None and member.outcome is None:
+            _record_failure(runtime, member, member.failure[1])
+        elif member.outcome is None:
             results = json.dumps([r.model_dump() for r in member.results])
             images = len(member.results)
             _end(runtime, member, JobState.finished, {"images": images}, images_done=images, results=results)
@@ -437,5 +478,10 @@ def run_generate_job(job_id: str | None = None) -> dict:
         if runtime.watchdog is not None:
             runtime.watchdog.disarm()
     for member in members[1:]:
-        runtime.companions.finish(member.job_id, result=member.outcome)
+        if member.failure is not None and member.outcome is None:
+            runtime.companions.finish(member.job_id, exc_info=member.failure)
+        else:
+            runtime.companions.finish(member.job_id, result=member.outcome)
+    if leader.failure is not None and leader.outcome is None:
+        raise leader.failure[1]  # RQ retries or fails the worker's own job, as for any exception
     return leader.outcome

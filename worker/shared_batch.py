@@ -12,7 +12,8 @@ plus the classifier), up to FGS_MAX_BATCH_IMAGES images in all; a lone job start
   first is not ours; a worker killed at any point after the script leaves its companions to RQ's abandon sweep
   (retried with their own retry counts, or failed and then reconciled), exactly like the job RQ handed it.
 - Each companion keeps its own RQ job: heartbeats, the watchdog's expiry, and at the end RQ's own success or
-  failure handling (`settle`), so a failed shared batch retries each job on its own with its own retries.
+  failure handling (`settle`): a job that failed alone (fgs_worker.jobs samples each job of a failed shared
+  call again on its own) is retried with its own retries.
 
 The job records (claim, progress, fencing by owner token) are `fgs_worker.jobs`' business, as for any job.
 """
