@@ -657,7 +657,11 @@ def read_dataset(
     prompts_file: Path | None = None,
 ) -> ScannedDataset:
     """Read a dataset by its name (one of DATASET_NAMES); a prompt template or prompts file replaces the reader's
-    own prompts (the class name, or `class in group`)."""
+    own prompts (the class name, or `class in group`). Paths may be given as strings."""
+    root = Path(root)
+    split_file, class_names_file, groups_csv, prompts_file = (
+        None if path is None else Path(path) for path in (split_file, class_names_file, groups_csv, prompts_file)
+    )
     if name == "nico++":
         dataset = read_nicopp(root)
     elif name == "imagenet-lt":

@@ -95,6 +95,16 @@ class RealSyntheticBatchSampler(torch.utils.data.Sampler):
             w_synth[synthetic] = 1.0
         return w_real.clamp_min(0), w_synth.clamp_min(0)
 
+    @property
+    def class_frequencies(self) -> torch.Tensor:
+        """How often each class appears in these batches on average (sums to 1; uniform when the classes can be
+        balanced): the label distribution a model trained on them sees, the prior for `balanced_softmax_loss`."""
+        frequencies = torch.zeros_like(self.real_weights)
+        for weights, share in ((self.real_weights, self.num_real), (self.synthetic_weights, self.num_synthetic)):
+            if share:
+                frequencies += share * weights / weights.sum()
+        return frequencies / self.batch_size
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -137,9 +147,20 @@ def balanced_softmax_loss(
 ) -> torch.Tensor:
     """Balanced Softmax: cross-entropy of (logits + log prior), prior = class counts / total.
 
-    A class with no training image would get log 0 = -inf; it is counted as one image instead, so its
-    logit is pushed down strongly but the loss stays finite."""
-    counts = torch.as_tensor(class_counts, dtype=logits.dtype, device=logits.device).clamp_min(1)
+    `class_counts` (counts or frequencies) is the label distribution of the minibatches the model trains on:
+    the real class counts for instance-sampled real images, `RealSyntheticBatchSampler.class_frequencies` for
+    its batches (uniform: the loss is then plain cross-entropy). The paper (App. F, J.1) and our Digits-LT
+    experiment (fgs_lab.digits_classifier) pass the real counts on top of class-balanced batches instead, a
+    second push towards the rare classes paid for in Many (the paper's Fig. 16); with a short training run it
+    can drive Many and Medium to 0 % (examples/retrain_on_balanced.py, before it took the batches' prior).
+
+    A class with no training image would get log 0 = -inf; it is counted as one image (with frequencies: as
+    the rarest class present, if that is less) instead, so its logit is pushed down strongly but the loss stays
+    finite."""
+    counts = torch.as_tensor(class_counts, dtype=logits.dtype, device=logits.device)
+    if (counts < 0).any() or not (counts > 0).any():
+        raise ValueError("class_counts must be >= 0 with at least one class present")
+    counts = torch.where(counts > 0, counts, counts[counts > 0].min().clamp_max(1))
     if counts.shape != logits.shape[-1:]:
         raise ValueError(f"class_counts has {counts.numel()} entries; the logits have {logits.shape[-1]} classes")
     log_prior = torch.log(counts / counts.sum())

@@ -41,6 +41,11 @@ def test_balanced_softmax_class_without_images_stays_finite():
     assert loss.item() == pytest.approx(math.log(3), abs=1e-6)
     with pytest.raises(ValueError, match="3 entries"):
         balanced_softmax_loss(torch.zeros(1, 2), torch.tensor([0]), [1, 2, 3])
+    # frequencies work as counts do; a class absent from them counts as the rarest one present: prior [0.2, 0.8]
+    loss = balanced_softmax_loss(torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([0]), [0.0, 0.2, 0.8])
+    assert loss.item() == pytest.approx(-math.log(0.2 / 1.2), abs=1e-6)
+    with pytest.raises(ValueError, match=">= 0"):
+        balanced_softmax_loss(torch.zeros(1, 2), torch.tensor([0]), [0, 0])
 
 
 def test_shot_accuracy_hand_computed():
@@ -104,6 +109,8 @@ def test_sampler_ratio_and_class_balance_over_1000_batches():
         class_counts.update(labels[i] for i in batch)
     for c in range(5):
         assert abs(class_counts[c] / 100_000 - 0.2) / 0.2 < 0.02, class_counts
+    # the prior for balanced_softmax_loss: what the batches draw (uniform here), not the real counts
+    assert sampler.class_frequencies.tolist() == pytest.approx([0.2] * 5)
     # every example of a small class gets drawn: draws are spread within a class
     drawn = {i for batch in batches for i in batch}
     assert all(i in drawn for i, label in enumerate(labels) if label == 4 and not synthetic[i])
@@ -116,6 +123,13 @@ def test_sampler_other_ratio_and_reproducible():
     b = list(RealSyntheticBatchSampler(labels, synthetic, batch_size=8, real_fraction=0.25, num_batches=50, seed=1))
     assert a == b
     assert all(sum(synthetic[i] for i in batch) == 6 for batch in a)
+    # both classes have both sources: balanced, so the batches' prior is uniform
+    frequencies = RealSyntheticBatchSampler(labels, synthetic, batch_size=8, real_fraction=0.25).class_frequencies
+    assert frequencies.tolist() == pytest.approx([0.5, 0.5])
+    # infeasible (class 1 real only, class 0 synthetic only, 6 of 8 synthetic): each half balanced on its own
+    with pytest.warns(UserWarning, match="each half"):
+        halves = RealSyntheticBatchSampler([0, 1], [True, False], batch_size=8, real_fraction=0.25)
+    assert halves.class_frequencies.tolist() == pytest.approx([0.75, 0.25])
     with pytest.raises(ValueError, match="no synthetic"):
         RealSyntheticBatchSampler([0, 1], [False, False], batch_size=4)
 
