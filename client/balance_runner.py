@@ -241,19 +241,7 @@ class BalanceRun:
             raise ValueError(result.refusal())
 
     def _warn_unknown_prompts(self) -> None:
-        info = self.client.model_info()
-        if info is None:
-            return
-        prompts = [self.dataset.prompt(c, g) for c, g in self.dataset.units()]
-        unknown = list(dict.fromkeys(info.unknown_prompt_classes(prompts)))
-        if unknown:
-            self.console.print(
-                f"[yellow]warning:[/] {len(unknown)} of the prompts name no class the model {info.model} was trained "
-                f"on (first: {', '.join(repr(p) for p in unknown[:5])}). It knows {', '.join(info.class_names)}, "
-                f"prompted as {info.prompt_template!r}: give --prompts FILE (class -> prompt) or --prompt-template, "
-                "or images will follow the conditioning image alone",
-                soft_wrap=True,
-            )
+        warn_unknown_prompts(self.client, self.dataset, self.console)
 
     def _classifier_spec(self) -> ClassifierSpec | None:
         if self.options.classifier_spec is not None:
@@ -595,6 +583,24 @@ class _RateColumn(TextColumn):
 
         speed = task.finished_speed or task.speed
         return Text(f"{speed:.2f} img/s" if speed else "-- img/s", style="green")
+
+
+def warn_unknown_prompts(client: Client, dataset: ScannedDataset, console: Console) -> None:
+    """Warn when prompts name no class the service's model was trained on (its model card, GET /v1/model); a
+    model that publishes no class list (SD 2.1 unCLIP) knows any prompt."""
+    info = client.model_info()
+    if info is None:
+        return
+    prompts = [dataset.prompt(c, g) for c, g in dataset.units()]
+    unknown = list(dict.fromkeys(info.unknown_prompt_classes(prompts)))
+    if unknown:
+        console.print(
+            f"[yellow]warning:[/] {len(unknown)} of the prompts name no class the model {info.model} was trained "
+            f"on (first: {', '.join(repr(p) for p in unknown[:5])}). It knows {', '.join(info.class_names)}, "
+            f"prompted as {info.prompt_template!r}: give --prompts FILE (class -> prompt) or --prompt-template, "
+            "or images will follow the conditioning image alone",
+            soft_wrap=True,
+        )
 
 
 def balance_dataset(

@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 some jobs failed (rerun the same command to retry them); 2
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +20,7 @@ from fgs_client.balance_planner import BalancePlan, PlanError, UnitCounts, parse
 from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
 from fgs_client.dataset_readers import DatasetError, ScannedDataset, packaged_lines, packaged_path, read_dataset
 from fgs_client.generation_options import GenerationChoice, generation_options
-from fgs_client.http_client import ApiError, AuthenticationFailed, Client, ServiceUnreachable
+from fgs_client.http_client import ApiError, AuthenticationFailed, Client, FgsClientError, ServiceUnreachable
 from fgs_client.preflight import match_classes
 from fgs_common.presets import get_preset
 from fgs_common.settings import get_settings
@@ -105,9 +106,28 @@ def scan(
 
 
 def print_plan(
-    plan: BalancePlan, grouped: bool, console: Console = out_console, dataset: ScannedDataset | None = None
+    plan: BalancePlan,
+    grouped: bool,
+    console: Console = out_console,
+    dataset: ScannedDataset | None = None,
+    max_rows: int | None = None,
 ) -> None:
-    """The plan as a table (before, to add, after per unit, and the prompt when the dataset is read) and totals."""
+    """The plan as a table (before, to add, after per unit, and the prompt when the dataset is read) and totals;
+    with more units than `max_rows`, the totals alone."""
+    if max_rows is not None and len(plan.entries) > max_rows:
+        console.print(f"[dim]balance plan of {len(plan.entries):,} units: --dry-run prints every one[/]")
+    else:
+        _print_plan_table(plan, grouped, console, dataset)
+    units = "groups" if grouped else "classes"
+    console.print(
+        f"{len(plan.entries):,} {units}: {plan.total_before:,} real images, "
+        f"{plan.total_to_add:,} images to add in {plan.job_count:,} jobs (up to {plan.images_per_job} images per job), "
+        f"{plan.total_before + plan.total_to_add:,} after",
+        soft_wrap=True,
+    )
+
+
+def _print_plan_table(plan: BalancePlan, grouped: bool, console: Console, dataset: ScannedDataset | None) -> None:
     table = Table(title="balance plan")
     table.add_column("class")
     if grouped:
@@ -124,13 +144,6 @@ def print_plan(
             cells.append(dataset.prompt(entry.class_index, entry.group))
         table.add_row(*cells)
     console.print(table)
-    units = "groups" if grouped else "classes"
-    console.print(
-        f"{len(plan.entries):,} {units}: {plan.total_before:,} real images, "
-        f"{plan.total_to_add:,} images to add in {plan.job_count:,} jobs (up to {plan.images_per_job} images per job), "
-        f"{plan.total_before + plan.total_to_add:,} after",
-        soft_wrap=True,
-    )
 
 
 @app.command()
@@ -251,9 +264,13 @@ def balance(
         if dry_run:
             print_plan(plan, grouped=scanned.groups is not None, dataset=scanned)
             print_generation(choice, target)
+            check_prompts_if_reachable(url, api_key, scanned)
             return
     except (DatasetError, PlanError, ValueError) as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
+    # what is about to run, as the dry run shows it (the status stream: stdout keeps the result)
+    print_plan(plan, grouped=scanned.groups is not None, dataset=scanned, console=err_console, max_rows=50)
+    print_generation(choice, target, console=err_console)
     out = out or root.with_name(root.name + "-balanced")
     with make_client(url, api_key) as client:
         try:
@@ -287,6 +304,17 @@ def balance(
             EXIT_FAILED_JOBS,
         )
     out_console.print(f"balanced: {summary}", soft_wrap=True)
+
+
+def check_prompts_if_reachable(url: str, api_key: str | None, scanned: ScannedDataset) -> None:
+    """The dry run's prompt check: against the model of the service at `url` when one answers, else a note."""
+    from fgs_client.balance_runner import warn_unknown_prompts
+
+    try:
+        with Client(url, api_key or get_settings().dev_api_key, timeout_s=10, retries=0) as client:
+            warn_unknown_prompts(client, scanned, err_console)
+    except FgsClientError as error:
+        err_console.print(f"[dim]fgs:[/] prompts not checked against the model ({error})", soft_wrap=True)
 
 
 def interrupted_message(out: Path) -> str:
@@ -579,6 +607,30 @@ def grid(
     dest = dest or out.with_name(out.name + "-grid")
     written = write_contact_sheets(out, dest, per_class=per_class, size=size, seed=seed)
     out_console.print(f"{len(written)} contact sheets in {dest}")
+
+
+@app.command("digits-lt")
+def digits_lt(
+    out: Annotated[Path, typer.Option("--out", help="where train/, validation/ and test/ go")] = Path("digits-lt"),
+) -> None:
+    """Write Digits-LT, a small long-tailed ImageFolder to try fgs on (handwritten digits, 60 .. 2 training images
+    per class; balanced validation and test splits), with the embedded fgs-digits model. Needs scikit-learn
+    (the `train` extra)."""
+    from fgs_client.digits_lt import METADATA_FILE, build_digits_lt
+
+    if (out / METADATA_FILE).is_file():
+        out_console.print(f"{out} already holds Digits-LT")
+    else:
+        try:
+            build_digits_lt(out)
+        except ImportError as error:
+            raise fail(f"{error}; install the train extra: pip install 'fgs[train]'", EXIT_BAD_INPUT) from None
+    metadata = json.loads((out / METADATA_FILE).read_text())
+    counts = ", ".join(f"{name} {n}" for name, n in zip(metadata["class_names"], metadata["train_counts"], strict=True))
+    out_console.print(f"{out}/train: {sum(metadata['train_counts'])} images ({counts})")
+    validation, test = sum(metadata["validation_counts"]), sum(metadata["test_counts"])
+    out_console.print(f"{out}/validation: {validation} images, {out}/test: {test} images, both balanced")
+    out_console.print(f"balance it: fgs-client balance --dataset imagefolder --root {out}/train --preset digits ...")
 
 
 @app.command("class-folders")

@@ -74,11 +74,13 @@ def match_classes(spec: ClassifierSpec, dataset_classes: list[str]) -> ClassMatc
         )
     position = {name: i for i, name in enumerate(spec.class_names)}
     index = [position[name] for name in dataset_classes]
-    moved = [f"{name} -> {i}" for c, (name, i) in enumerate(zip(dataset_classes, index, strict=True)) if c != i]
+    pairs = list(enumerate(zip(dataset_classes, index, strict=True)))
+    moved = [f"{name} -> {i}" for c, (name, i) in pairs if c != i]
+    kept = [f"{name} {i}" for c, (name, i) in pairs if c == i]
     return ClassMatch(
         index,
         "the classifier lists the dataset's classes in another order; mapped by name (dataset class -> classifier "
-        f"output): {_some(moved)}",
+        f"output): {_some(moved)}" + (f"; at the same index in both: {_some(kept)}" if kept else ""),
     )
 
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from fgs_client.balance_state import STATE_NAME, BalanceState
+from fgs_common.loopback import free_port
 from fgs_common.presets import get_preset
 from support.dataset_trees import write_image
 from support.live_calls import client_process
@@ -67,13 +68,17 @@ def fruit_set(root: Path) -> Path:
 
 def test_prompts_the_model_never_saw_are_warned_about_before_submitting_and_a_prompts_file_fixes_them(stack, tmp_path):
     root = fruit_set(tmp_path / "fruit")
-    code, output = run_cli(
-        stack, "balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "o"), *FAST
-    )
+    base = ["balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "o")]
+    code, dry = run_cli(stack, *base, "--dry-run")  # the dry run asks the service's model too
+    assert code == 0 and "10 of the prompts name no class the model" in dry, dry
+    code, output = run_cli(stack, *base, *FAST)
     assert code == 0, output
     warning = output.index("10 of the prompts name no class the model")
     assert "It knows zero, one, two" in output and "'a handwritten digit {class_name}'" in output
     assert warning < output.index("submitting the jobs")
+    # a real run shows what it runs, as the dry run does: the plan and every parameter with its source
+    assert output.index("balance plan") < output.index("generation parameters") < warning
+    assert "default (common/wire.py)" in output
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({f: f"a handwritten digit {d}" for f, d in zip(FRUIT, DIGITS, strict=True)}))
@@ -160,9 +165,11 @@ def test_omega_without_a_criterion_is_an_error_and_a_criterion_at_omega_0_is_exp
     unguided = subprocess.run([*base, "--omega", "0.1", "--dry-run"], capture_output=True, text=True)
     assert unguided.returncode == 2
     assert "omega 0.1 needs a criterion" in " ".join(unguided.stderr.split())
-    control = subprocess.run([*base, "--criterion", "entropy", "--dry-run"], capture_output=True, text=True)
+    nowhere = ["--url", f"http://127.0.0.1:{free_port()}"]  # no service: the dry run says what it did not check
+    control = subprocess.run([*base, *nowhere, "--criterion", "entropy", "--dry-run"], capture_output=True, text=True)
     assert control.returncode == 0
     explained = " ".join(control.stderr.split())
+    assert "prompts not checked against the model" in explained
     assert "scores each image without steering it" in explained
     omega = get_preset("paper-imagenet-lt").generation_params().omega
     assert f"give --omega (e.g. {omega:g}, preset paper-imagenet-lt's value)" in explained

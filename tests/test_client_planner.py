@@ -158,3 +158,15 @@ def test_bad_cli_input_exits_nonzero_with_message(args, message):
     result = runner.invoke(app, ["balance", *args], terminal_width=200)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_the_digits_lt_command_writes_an_imagefolder_to_try_fgs_on(tmp_path):
+    out = tmp_path / "digits-lt"
+    result = runner.invoke(app, ["digits-lt", "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "185 images (zero 60, one 41" in result.output and "nine 2)" in result.output
+    train = read_dataset("imagefolder", out / "train")
+    assert len(train.images) == 185 and train.class_names == sorted(train.class_names)
+    assert len(read_dataset("imagefolder", out / "test").images) == 400
+    again = runner.invoke(app, ["digits-lt", "--out", str(out)], env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and "already holds Digits-LT" in again.output

@@ -37,6 +37,13 @@ def test_classes_in_another_order_are_mapped_by_name_and_said_so():
     match = match_classes(spec(["light", "dark", "grey"]), ORDER)
     assert match.classifier_index == [1, 2, 0]
     assert "another order" in match.note and "dark -> 1" in match.note and "light -> 0" in match.note
+    assert "same index" not in match.note
+    # a class that keeps its index is named too: the note lists every class once
+    match = match_classes(spec(["light", "grey", "dark"]), ORDER)
+    assert match.classifier_index == [2, 1, 0]
+    assert (
+        "dark -> 2" in match.note and "light -> 0" in match.note and "at the same index in both: grey 1" in match.note
+    )
 
 
 def test_other_classes_are_refused_naming_only_the_differing_ones():
