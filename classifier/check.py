@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from fgs_common.classifier_sandbox import confine_this_process
@@ -33,7 +34,10 @@ def _verdict(args: argparse.Namespace) -> tuple[str, str]:
     from fgs_common.exceptions import InvalidClassifier, UnsafeClassifier
     from fgs_common.wire import ClassifierSpec
 
-    spec = ClassifierSpec.model_validate_json(Path(args.spec).read_text())
+    try:
+        spec = ClassifierSpec.model_validate_json(Path(args.spec).read_text())
+    except (OSError, ValueError) as error:  # the spec is the caller's own text: its problem can be shown
+        return "invalid_classifier_spec", f"the classifier spec could not be read: {' '.join(str(error).split())}"
     stats = Path(args.stats) if args.stats else None
     try:
         load_classifier(Path(args.archive), spec, stats, device="cpu", max_unpacked_bytes=args.max_unpacked_bytes)
@@ -49,6 +53,16 @@ def _verdict(args: argparse.Namespace) -> tuple[str, str]:
             return "classifier_mismatch", " ".join(str(error).split())
         raise
     return "ok", "ok"
+
+
+def _unexpected(error: Exception) -> tuple[str, str]:
+    """A failure load_classifier does not name: say which kind, never its text (a classifier chooses what its
+    errors say, and a hostile one would put a host file's bytes there); the traceback goes to the service log."""
+    traceback.print_exc()
+    return "classifier_check_failed", (
+        f"loading or running the classifier failed with {type(error).__name__} (not a memory or CPU limit): the "
+        "archive may be damaged, or made by a torch newer than the service's; the service log has the details"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -73,7 +87,10 @@ def main(argv: list[str]) -> int:
             ),
         )
     else:
-        code, message = _verdict(args)
+        try:
+            code, message = _verdict(args)
+        except Exception as error:
+            code, message = _unexpected(error)
     Path(args.result).write_text(json.dumps({"code": code, "message": message, "network_isolated": isolated}))
     return 0 if code == "ok" else 2
 

@@ -148,3 +148,20 @@ def test_shape_expressions_are_arithmetic_only(expression, safe):
     else:
         with pytest.raises(UnsafeClassifierArchive, match="shape"):
             check_symbolic_expression(expression)
+
+
+def test_the_sandboxed_check_says_which_step_failed(tmp_path):
+    """An unreadable spec is named as such, not blamed on the archive or on memory."""
+    from fgs_common.classifier_sandbox import run_classifier_check
+    from fgs_common.settings import Settings
+
+    archive = tmp_path / "clf.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))), archive)
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text('{"num_classes": 2, "input_size": 8}')
+    bad.write_text('{"num_classes": 2,')
+    settings = Settings(_env_file=None)
+    assert run_classifier_check(archive, good, None, settings, scratch=tmp_path).code == "ok"
+    refused = run_classifier_check(archive, bad, None, settings, scratch=tmp_path)
+    assert refused.code == "invalid_classifier_spec"
+    assert refused.message.startswith("the classifier spec could not be read") and "damaged" not in refused.message
