@@ -129,3 +129,30 @@ def test_a_queued_job_whose_classifier_was_deleted_fails_at_once_saying_so(setup
         f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
     )
     assert scheduled_retries(settings) == 0  # not retried: it cannot come back by itself
+
+
+def test_a_classifier_deleted_while_the_worker_reads_it_fails_the_job_saying_so(setup):
+    """The tenant's delete lands between the worker finding the classifier's folder and reading its archive."""
+    client, worker, settings = setup
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as members:
+        members.writestr("clf/constants.pkl", b"")
+        members.writestr("clf/code/__torch__.py", b"")
+    spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
+    uploaded = client.post(
+        "/v1/classifiers",
+        files={"archive": ("clf.pt", archive.getvalue(), "application/octet-stream")},
+        data={"spec": spec},
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    classifier_id = uploaded.json()["id"]
+    job_id = submit(client, criterion="entropy", omega=0.03, classifier_id=classifier_id)
+    store = worker.runtime.store
+    folder = store.classifier_dir("dev", classifier_id)
+    store.classifier_archive(folder).unlink()  # half of a delete: the folder and spec are still there
+
+    run_next_job(worker)
+    failed = job(client, job_id)
+    assert failed.state is JobState.failed and failed.error.code == "artifact_gone", failed
+    assert "no longer in the artifact store" in failed.error.message
+    assert scheduled_retries(settings) == 0

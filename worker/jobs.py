@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -167,32 +168,49 @@ class _StepReporter:
 
 
 def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
+    gone = ArtifactGone(
+        f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
+    )
     folder = runtime.store.classifier_dir(tenant, classifier_id)
     if folder is None:
-        raise ArtifactGone(
-            f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
-        )
-    spec = ClassifierSpec.model_validate_json((folder / "spec.json").read_bytes())
+        raise gone
+    try:
+        spec_bytes = (folder / "spec.json").read_bytes()
+    except FileNotFoundError:  # deleted since classifier_dir found it
+        raise gone from None
+    spec = ClassifierSpec.model_validate_json(spec_bytes)
     stats = folder / "hardness.safetensors"
 
     def load() -> LoadedClassifier:
-        archive = runtime.store.classifier_archive(folder)
-        stats_path = stats if stats.exists() else None
         # First load in this worker: run the archive in the sandbox before this process (the GPU, the Redis
         # connection) touches it. The API checked it too, unless it runs without torch (FGS_CLASSIFIER_CHECK).
+        # The check and the load read one private copy, so what is loaded is what was checked, and a delete by
+        # the tenant in between is an ArtifactGone, not a retried error.
         with tempfile.TemporaryDirectory(prefix="fgs-classifier-check-") as scratch:
+            try:
+                stored = runtime.store.classifier_archive(folder)
+                archive = Path(scratch) / f"classifier{stored.suffix}"
+                shutil.copyfile(stored, archive)
+            except FileNotFoundError:
+                raise gone from None
+            spec_path = Path(scratch) / "spec.json"
+            spec_path.write_bytes(spec_bytes)
+            stats_path = stats if stats.exists() else None
             outcome = run_classifier_check(
-                archive, folder / "spec.json", stats_path, runtime.settings, Path(scratch), on_wait=runtime.beat
+                archive, spec_path, stats_path, runtime.settings, Path(scratch), on_wait=runtime.beat
             )
-        if not outcome.ok:
-            raise InvalidClassifier(outcome.message)
-        return load_classifier(
-            archive,
-            spec,
-            stats_path,
-            device=runtime.device,
-            max_unpacked_bytes=runtime.settings.max_classifier_unpacked_bytes,
-        )
+            if not outcome.ok:
+                raise InvalidClassifier(outcome.message)
+            try:
+                return load_classifier(
+                    archive,
+                    spec,
+                    stats_path,
+                    device=runtime.device,
+                    max_unpacked_bytes=runtime.settings.max_classifier_unpacked_bytes,
+                )
+            except FileNotFoundError:  # the statistics deleted with the classifier
+                raise gone from None
 
     return runtime.classifiers.get(f"{tenant}/{classifier_id}", load)
 
