@@ -293,7 +293,12 @@ def balance(
         f"{report.synthetic_written:,}/{report.planned_images:,} synthetic images in {report.out} "
         f"({report.real_images:,} real, {report.skipped_files:,} files skipped, {report.retried_jobs} jobs "
         f"retried); manifest: {report.manifest}"
-        + (f"; Hugging Face metadata: {report.hf_metadata}" if report.hf_metadata else "")
+        + (
+            f"; Hugging Face metadata: {report.hf_metadata}"
+            if report.hf_metadata
+            else f"; for Hugging Face datasets: fgs-client class-folders --out {report.out} --dest DIR (metadata.csv "
+            "here is the layout's own index)"
+        )
     )
     if report.failed_jobs:
         err_console.print(summary, soft_wrap=True)
@@ -647,7 +652,11 @@ def class_folders(
     if not (out / "manifest.csv").is_file():
         raise fail(f"{out} has no manifest.csv: run `fgs-client balance` first", EXIT_BAD_INPUT)
     count = write_class_folders(out, dest, real_files.value)
-    out_console.print(f"{count:,} images in {dest}/<class>/: torchvision.datasets.ImageFolder({str(dest)!r})")
+    out_console.print(
+        f"{count:,} images in {dest}/<class>/: torchvision.datasets.ImageFolder({str(dest)!r}), or Hugging Face "
+        f"datasets.load_dataset('imagefolder', data_dir={str(dest)!r}) with {dest / 'metadata.csv'}",
+        soft_wrap=True,
+    )
 
 
 @app.command()

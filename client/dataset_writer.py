@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from io import BytesIO
 from pathlib import Path
 
@@ -155,9 +155,14 @@ def class_folder_names(rows: list[ManifestRow]) -> dict[int, str]:
 def write_class_folders(out: Path, dest: Path, mode: str = "link") -> int:
     """torchvision's ImageFolder layout `dest/<class>/<file>` of every image in `out`'s manifest, real and
     synthetic (hard links, or copies); a file is named after its path in `out` so that none collide, a folder
-    after its class (`class_folder_names`: index-prefixed when class names repeat)."""
+    after its class (`class_folder_names`: index-prefixed when class names repeat). Also writes `dest/metadata.csv`
+    for Hugging Face datasets (the way to it for layouts whose own index is called metadata.csv: NICO++)."""
     rows = read_manifest(out / MANIFEST_NAME)
     folders = class_folder_names(rows)
+    placed = []
     for row in rows:
-        carry_file(out / row.path, dest / folders[row.class_index] / row.path.replace("/", "__"), mode)
+        path = f"{folders[row.class_index]}/{row.path.replace('/', '__')}"
+        carry_file(out / row.path, dest / path, mode)
+        placed.append(replace(row, path=path))
+    write_hf_metadata(dest, placed)
     return len(rows)

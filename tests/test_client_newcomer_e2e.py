@@ -117,6 +117,8 @@ def test_the_balanced_output_loads_in_hugging_face_datasets_and_as_class_folders
     folders = sorted(p.name for p in dest.iterdir() if p.is_dir())
     assert folders == sorted(FRUIT)
     assert {name: len(list((dest / name).glob("*.png"))) for name in folders} == {name: 2 for name in FRUIT}
+    by_class = datasets.load_dataset("imagefolder", data_dir=str(dest), split="train", cache_dir=str(tmp_path / "hf2"))
+    assert Counter(by_class["label"]) == {name: 2 for name in FRUIT}
 
 
 def test_a_classifier_listing_the_classes_in_another_order_is_mapped_and_other_classes_are_refused(stack, tmp_path):

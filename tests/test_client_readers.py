@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -140,8 +141,17 @@ def test_class_folders_of_classes_that_share_a_name_are_apart_and_in_index_order
         rows.append(ManifestRow(path=f"img{index}.png", class_index=index, class_name=name, group="", source="real"))
     write_manifest(out, rows)
     assert write_class_folders(out, dest) == 4
-    assert sorted(p.name for p in dest.iterdir()) == ["0-kite", "1-crane", "2-bee", "3-crane"]
+    assert sorted(p.name for p in dest.iterdir() if p.is_dir()) == ["0-kite", "1-crane", "2-bee", "3-crane"]
     assert [p.name for p in (dest / "3-crane").iterdir()] == ["img3.png"]
+    # and Hugging Face datasets' metadata.csv beside them, the paths relative to dest
+    with open(dest / "metadata.csv", newline="") as handle:
+        metadata = list(csv.DictReader(handle))
+    assert [(r["file_name"], r["label"], r["class_index"]) for r in metadata] == [
+        ("0-kite/img0.png", "kite", "0"),
+        ("1-crane/img1.png", "crane", "1"),
+        ("2-bee/img2.png", "bee", "2"),
+        ("3-crane/img3.png", "crane", "3"),
+    ]
 
 
 @pytest.mark.parametrize(
