@@ -538,6 +538,37 @@ def classifiers(
     out_console.print(table)
 
 
+@app.command()
+def images(
+    delete: Annotated[
+        list[str] | None, typer.Option("--delete", help="delete the uploaded image with this id (repeatable)")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="list the newest N")] = 50,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+) -> None:
+    """List your uploaded conditioning images (id, name, size, upload date), newest last, or delete some. A job
+    that still needs a deleted image and has not started fails saying so; a rerun of `balance` uploads it again."""
+    with make_client(url, api_key) as client:
+        try:
+            for image_id in delete or ():
+                client.delete_image(image_id)
+                out_console.print(f"deleted image {image_id}")
+            if delete:
+                return
+            listed = client.images()
+        except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
+            raise fail(str(error), _exit_code(error)) from None
+    shown = listed[-limit:] if limit > 0 else []
+    table = Table(title=f"uploaded images: {len(listed):,}" + (f", the newest {len(shown)}" if shown != listed else ""))
+    for column in ("id", "name", "size", "uploaded"):
+        table.add_column(column, overflow="fold")
+    for item in shown:
+        uploaded_at = item.created_at.strftime("%Y-%m-%d %H:%M") if item.created_at else ""
+        table.add_row(item.id, item.name, f"{item.width}x{item.height}", uploaded_at)
+    out_console.print(table)
+
+
 @app.command("hardness-stats")
 def hardness_stats_command(
     dataset: Annotated[DatasetName, typer.Option("--dataset")],

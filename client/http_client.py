@@ -170,6 +170,10 @@ class Client:
         """GET /v1/images: the caller's uploaded images (conditioning images), oldest first."""
         return [ImageUploaded.model_validate(i) for i in self._request("GET", "/v1/images").json()]
 
+    def delete_image(self, image_id: str) -> None:
+        """DELETE /v1/images/{id}: a job that still needs it and has not started fails saying so."""
+        self._request("DELETE", f"/v1/images/{image_id}")
+
     def classifier(self, classifier_id: str) -> ClassifierUploaded:
         """GET /v1/classifiers/{id}: an uploaded classifier's spec, name and date."""
         return ClassifierUploaded.model_validate(self._request("GET", f"/v1/classifiers/{classifier_id}").json())
