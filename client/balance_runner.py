@@ -39,7 +39,15 @@ from fgs_client.dataset_writer import (
 from fgs_client.generation_options import validation_message
 from fgs_client.http_client import ApiError, Client
 from fgs_client.preflight import PREFLIGHT_IMAGES_PER_CLASS, PREFLIGHT_MAX_IMAGES, match_classes, run_preflight
-from fgs_common.wire import STORED, ClassifierSpec, GenerateRequest, GenerationParams, JobPublic, JobState
+from fgs_common.wire import (
+    STORED,
+    ClassifierSpec,
+    Criterion,
+    GenerateRequest,
+    GenerationParams,
+    JobPublic,
+    JobState,
+)
 
 
 @dataclass
@@ -122,6 +130,13 @@ def check_balance_options(options: BalanceOptions) -> None:
             "--classifier needs --classifier-spec (the JSON spec: num_classes, input_size, mean, std, output)"
         )
     has_classifier = options.classifier is not None or options.classifier_id is not None
+    criterion = options.generation.criterion
+    if criterion is not Criterion.none and not has_classifier:
+        raise ValueError(
+            f"--criterion {criterion.value} scores images with your classifier: give --classifier FILE with "
+            "--classifier-spec SPEC.json (or --classifier-id of one uploaded before), or run without feedback "
+            "(--criterion none --omega 0)"
+        )
     try:
         GenerateRequest(
             prompt="check",
@@ -205,7 +220,7 @@ class BalanceRun:
         on the user's own images (once per classifier: its outcome is kept in the state file for the resumes): a
         ValueError (nothing submitted) for what would ruin the run."""
         self._say("checking prompts against the model")
-        self._warn_unknown_prompts()
+        check_prompts_against_model(self.client, self.dataset, self.console)
         spec = self._classifier_spec()
         if spec is None:
             return
@@ -239,9 +254,6 @@ class BalanceRun:
             state.set_meta(key, f"{result.summary()}; run anyway (--force)")
         else:
             raise ValueError(result.refusal())
-
-    def _warn_unknown_prompts(self) -> None:
-        warn_unknown_prompts(self.client, self.dataset, self.console)
 
     def _classifier_spec(self) -> ClassifierSpec | None:
         if self.options.classifier_spec is not None:
@@ -585,14 +597,15 @@ class _RateColumn(TextColumn):
         return Text(f"{speed:.2f} img/s" if speed else "-- img/s", style="green")
 
 
-def warn_unknown_prompts(client: Client, dataset: ScannedDataset, console: Console) -> None:
-    """Warn when prompts name no class the service's model was trained on (its model card, GET /v1/model); a
-    model that publishes no class list (SD 2.1 unCLIP) knows any prompt."""
+def check_prompts_against_model(client: Client, dataset: ScannedDataset, console: Console) -> None:
+    """Warn when prompts name no class the service's model was trained on (its model card, GET /v1/model), and
+    note when they name its classes in another form than it was trained with; a model that publishes no class
+    list (SD 2.1 unCLIP) knows any prompt."""
     info = client.model_info()
-    if info is None:
+    if info is None or not info.class_names:
         return
-    prompts = [dataset.prompt(c, g) for c, g in dataset.units()]
-    unknown = list(dict.fromkeys(info.unknown_prompt_classes(prompts)))
+    prompts = list(dict.fromkeys(dataset.prompt(c, g) for c, g in dataset.units()))
+    unknown = info.unknown_prompt_classes(prompts)
     if unknown:
         console.print(
             f"[yellow]warning:[/] {len(unknown)} of the prompts name no class the model {info.model} was trained "
@@ -601,6 +614,17 @@ def warn_unknown_prompts(client: Client, dataset: ScannedDataset, console: Conso
             "or images will follow the conditioning image alone",
             soft_wrap=True,
         )
+        return
+    if info.prompt_template:
+        trained = {info.prompt_template.format(class_name=name).lower() for name in info.class_names}
+        other = [p for p in prompts if p.lower() not in trained]
+        if other:
+            console.print(
+                f"[yellow]note:[/] {len(other)} prompts name the model's classes but not as it was trained "
+                f"({info.prompt_template!r}; first: {', '.join(repr(p) for p in other[:3])}): "
+                f"--prompt-template {info.prompt_template!r} prompts it as it learned",
+                soft_wrap=True,
+            )
 
 
 def balance_dataset(

@@ -252,6 +252,11 @@ def balance(
             raise fail("--root is required (or --counts FILE with --dry-run)", EXIT_BAD_INPUT)
         if not dry_run:
             check_balance_options(options)
+        else:
+            try:
+                check_balance_options(options)
+            except ValueError as error:  # the dry run still shows the plan, and what a real run would refuse
+                err_console.print(f"[yellow]warning:[/] a real run refuses these settings: {error}", soft_wrap=True)
         err_console.print(f"[dim]fgs:[/] reading the dataset in {root}", highlight=False)
         scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
         if scanned.skipped:
@@ -313,11 +318,11 @@ def balance(
 
 def check_prompts_if_reachable(url: str, api_key: str | None, scanned: ScannedDataset) -> None:
     """The dry run's prompt check: against the model of the service at `url` when one answers, else a note."""
-    from fgs_client.balance_runner import warn_unknown_prompts
+    from fgs_client.balance_runner import check_prompts_against_model
 
     try:
         with Client(url, api_key or get_settings().dev_api_key, timeout_s=10, retries=0) as client:
-            warn_unknown_prompts(client, scanned, err_console)
+            check_prompts_against_model(client, scanned, err_console)
     except FgsClientError as error:
         err_console.print(f"[dim]fgs:[/] prompts not checked against the model ({error})", soft_wrap=True)
 
@@ -666,7 +671,12 @@ def digits_lt(
     out_console.print(f"{out}/train: {sum(metadata['train_counts'])} images ({counts})")
     validation, test = sum(metadata["validation_counts"]), sum(metadata["test_counts"])
     out_console.print(f"{out}/validation: {validation} images, {out}/test: {test} images, both balanced")
-    out_console.print(f"balance it: fgs-client balance --dataset imagefolder --root {out}/train --preset digits ...")
+    out_console.print(
+        f"balance it: fgs-client balance --dataset imagefolder --root {out}/train --prompt-template "
+        "'a handwritten digit {class_name}' --preset digits --classifier YOURS.pt --classifier-spec SPEC.json",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 @app.command("class-folders")

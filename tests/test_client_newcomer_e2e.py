@@ -95,6 +95,18 @@ def test_prompts_the_model_never_saw_are_warned_about_before_submitting_and_a_pr
         (f, f"a handwritten digit {d}") for f, d in zip(FRUIT[1:], DIGITS[1:], strict=True)
     }
 
+    # folders named as the model's classes, prompted bare: a note names the form it was trained with
+    digits = tmp_path / "digits"
+    for index, name in enumerate(DIGITS):
+        write_image(digits / name / "0.png", value=10 * index)
+    code, dry = run_cli(stack, "balance", "--dataset", "imagefolder", "--root", str(digits), "--dry-run")
+    assert code == 0 and "name no class" not in dry, dry
+    assert "10 prompts name the model's classes but not as it was trained" in dry
+    assert "--prompt-template 'a handwritten digit {class_name}'" in dry
+    templated = ["--prompt-template", "a handwritten digit {class_name}"]
+    code, dry = run_cli(stack, "balance", "--dataset", "imagefolder", "--root", str(digits), *templated, "--dry-run")
+    assert code == 0 and "not as it was trained" not in dry, dry
+
 
 def test_the_balanced_output_loads_in_hugging_face_datasets_and_as_class_folders(stack, tmp_path):
     root = fruit_set(tmp_path / "fruit")
@@ -172,6 +184,8 @@ def test_omega_without_a_criterion_is_an_error_and_a_criterion_at_omega_0_is_exp
     assert control.returncode == 0
     explained = " ".join(control.stderr.split())
     assert "prompts not checked against the model" in explained
+    # the dry run plans anyway, and says what the real run would refuse: a criterion with no classifier
+    assert "a real run refuses these settings: --criterion entropy scores images with your classifier" in explained
     assert "scores each image without steering it" in explained
     omega = get_preset("paper-imagenet-lt").generation_params().omega
     assert f"give --omega (e.g. {omega:g}, preset paper-imagenet-lt's value)" in explained

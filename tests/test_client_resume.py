@@ -95,7 +95,7 @@ def test_cli_refuses_a_different_plan_in_the_same_out(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--criterion", "entropy"], "needs a classifier_id"),
+        (["--criterion", "entropy"], "scores images with your classifier: give --classifier FILE"),
         (["--steps", "3", "--guidance-every", "5"], "must be at least guidance_every"),
         (["--classifier", "/no/such.pt", "--classifier-spec", "/no/spec.json"], "does not exist"),
         (["--dropout-p", "1.5"], "dropout_p"),
