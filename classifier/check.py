@@ -20,10 +20,16 @@ from fgs_common.classifier_sandbox import confine_this_process
 _MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
+# How an allocation refused by the address-space limit reads when it is not a MemoryError: torch's allocator,
+# C++'s std::bad_alloc, and the loader mapping a shared library while torch is imported.
+_OUT_OF_MEMORY_SIGNS = ("can't allocate memory", "out of memory", "bad_alloc", "failed to map segment")
+
+
 def _is_out_of_memory(error: BaseException | None) -> bool:
     """Whether an allocation failed (the address-space limit), anywhere in the chain of causes."""
     while error is not None:
-        if isinstance(error, MemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error):
+        text = str(error)
+        if isinstance(error, MemoryError) or any(sign in text for sign in _OUT_OF_MEMORY_SIGNS):
             return True
         error = error.__cause__
     return False
@@ -55,13 +61,18 @@ def _verdict(args: argparse.Namespace) -> tuple[str, str]:
     return "ok", "ok"
 
 
-def _unexpected(error: Exception) -> tuple[str, str]:
+def _unexpected(error: Exception, memory_bytes: int) -> tuple[str, str]:
     """A failure load_classifier does not name: say which kind, never its text (a classifier chooses what its
     errors say, and a hostile one would put a host file's bytes there); the traceback goes to the service log."""
     traceback.print_exc()
+    if _is_out_of_memory(error):
+        return "classifier_resource_limit", (
+            f"classifier check needs more than its {memory_bytes // 2**20} MiB of memory "
+            "(FGS_CLASSIFIER_CHECK_MEMORY_BYTES)"
+        )
     return "classifier_check_failed", (
-        f"loading or running the classifier failed with {type(error).__name__} (not a memory or CPU limit): the "
-        "archive may be damaged, or made by a torch newer than the service's; the service log has the details"
+        f"loading or running the classifier failed with {type(error).__name__}: the archive may be damaged, or "
+        "made by a torch newer than the service's; the service log has the details"
     )
 
 
@@ -90,7 +101,7 @@ def main(argv: list[str]) -> int:
         try:
             code, message = _verdict(args)
         except Exception as error:
-            code, message = _unexpected(error)
+            code, message = _unexpected(error, args.memory_bytes)
     Path(args.result).write_text(json.dumps({"code": code, "message": message, "network_isolated": isolated}))
     return 0 if code == "ok" else 2
 

@@ -80,8 +80,8 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def make_client(url: str, api_key: str | None) -> Client:
-    return Client(url, api_key or get_settings().dev_api_key)
+def make_client(url: str, api_key: str | None, **options) -> Client:
+    return Client(url, api_key or get_settings().dev_api_key, **options)
 
 
 def scan(
@@ -321,9 +321,9 @@ def check_prompts_if_reachable(url: str, api_key: str | None, scanned: ScannedDa
     from fgs_client.balance_runner import check_prompts_against_model
 
     try:
-        with Client(url, api_key or get_settings().dev_api_key, timeout_s=10, retries=0) as client:
+        with make_client(url, api_key, timeout_s=10, retries=0) as client:
             check_prompts_against_model(client, scanned, err_console)
-    except FgsClientError as error:
+    except (FgsClientError, ValueError) as error:  # ValueError: something else answers there
         err_console.print(f"[dim]fgs:[/] prompts not checked against the model ({error})", soft_wrap=True)
 
 

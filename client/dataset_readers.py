@@ -20,12 +20,12 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from fgs_client.digits_lt import METADATA_FILE as DIGITS_LT_METADATA
 from fgs_common.atomic_files import atomic_writer, write_atomic
 
 DATASET_NAMES = ("nico++", "imagenet-lt", "imagefolder", "digits-lt")
 NICOPP_TRAIN_DIR = "track_1/public_dg_0416/train"
 NICOPP_MAPPING = "track_1/dg_label_id_mapping.json"
-DIGITS_LT_JSON = "digits_lt.json"
 
 
 class DatasetError(ValueError):
@@ -524,9 +524,9 @@ class DigitsLtLayout(ImageFolderLayout):
 def read_digits_lt(root: Path) -> ScannedDataset:
     """Digits-LT as fgs_client.digits_lt writes it: `<root>/train/<class>/*.png` plus digits_lt.json."""
     root = _require_dir(root)
-    description_path = root / DIGITS_LT_JSON
+    description_path = root / DIGITS_LT_METADATA
     if not description_path.is_file():
-        raise DatasetError(f"{root} has no {DIGITS_LT_JSON}; build the set with fgs_client.digits_lt first")
+        raise DatasetError(f"{root} has no {DIGITS_LT_METADATA}; build the set with fgs_client.digits_lt first")
     try:
         description = json.loads(description_path.read_text(encoding="utf-8"))
     except ValueError as error:
@@ -535,7 +535,7 @@ def read_digits_lt(root: Path) -> ScannedDataset:
     names, prompts = _digits_classes(description)
     if names:
         if sorted(names) != sorted(dataset.class_names) and not set(dataset.class_names) <= set(names):
-            raise DatasetError(f"{DIGITS_LT_JSON} names classes {names}, but train/ holds {dataset.class_names}")
+            raise DatasetError(f"{DIGITS_LT_METADATA} names classes {names}, but train/ holds {dataset.class_names}")
         remap = {old: names.index(n) for old, n in enumerate(dataset.class_names)}
         dataset.images = [RealImage(im.path, im.rel_path, remap[im.class_index], None) for im in dataset.images]
         dataset.class_names = names
@@ -543,7 +543,7 @@ def read_digits_lt(root: Path) -> ScannedDataset:
     if prompts:
         dataset.class_prompts = prompts
     layout = DigitsLtLayout(base_rel="train")
-    layout.passthrough.append((description_path, DIGITS_LT_JSON))
+    layout.passthrough.append((description_path, DIGITS_LT_METADATA))
     for part in ("validation", "test"):
         if (root / part).is_dir():
             layout.passthrough.extend((p, _rel(p, root)) for p in _files_under(root / part))

@@ -118,13 +118,15 @@ def write_index_files(out: Path, dataset: ScannedDataset, synthetic: list[Synthe
     return dataset.layout.write_index(out, dataset, dataset.images, synthetic)
 
 
-def write_hf_metadata(out: Path, rows: list[ManifestRow]) -> Path | None:
-    """`metadata.csv` for `datasets.load_dataset("imagefolder", data_dir=...)`, in the folder that holds every image
-    (its `file_name` column is relative to that folder): file_name, label (the class name), class_index, group,
-    source. None when the layout's own index already has that name there (NICO++'s SubpopBench metadata.csv)."""
+def write_hf_metadata(out: Path, rows: list[ManifestRow], folder: Path | None = None) -> Path | None:
+    """`metadata.csv` for `datasets.load_dataset("imagefolder", data_dir=...)`, in `folder` of `out` (default: the
+    folder that holds every image; its `file_name` column is relative to that folder): file_name, label (the class
+    name), class_index, group, source. None when the layout's own index already has that name there (NICO++'s
+    SubpopBench metadata.csv)."""
     if not rows:
         return None
-    folder = Path(os.path.commonpath([str(Path(row.path).parent) for row in rows]))
+    if folder is None:
+        folder = Path(os.path.commonpath([str(Path(row.path).parent) for row in rows]))
     path = out / folder / HF_METADATA_NAME
     if path.exists() and not _is_hf_metadata(path):
         return None
@@ -163,6 +165,6 @@ def write_class_folders(out: Path, dest: Path, mode: str = "link") -> int:
     for row in rows:
         path = f"{folders[row.class_index]}/{row.path.replace('/', '__')}"
         carry_file(out / row.path, dest / path, mode)
-        placed.append(replace(row, path=path))
-    write_hf_metadata(dest, placed)
+        placed.append(replace(row, path=path, class_name=folders[row.class_index]))  # labelled as the folders are
+    write_hf_metadata(dest, placed, folder=Path("."))
     return len(rows)

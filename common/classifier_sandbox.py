@@ -176,6 +176,8 @@ def _outcome(returncode: int, result: Path, log: Path, settings: Settings) -> Ch
     if report is not None and not report.get("network_isolated", False):
         logger.warning("classifier check ran with the host's network: this kernel refused a network namespace")
     if outcome is not None:
+        if outcome.code == "classifier_check_failed":  # the message promises the details here
+            logger.warning("classifier check failed (%s); its output:\n%s", outcome.message, _log_tail(log))
         return outcome
     if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         return CheckOutcome(

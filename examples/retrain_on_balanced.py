@@ -41,12 +41,12 @@ from rich.table import Table
 from fgs_client import Client
 from fgs_client.balance_state import StateConflict
 from fgs_client.dataset_readers import ScannedDataset, read_dataset
-from fgs_client.digits_lt import FEW_BELOW, MANY_ABOVE, build_digits_lt
+from fgs_client.digits_lt import FEW_BELOW, MANY_ABOVE, METADATA_FILE, build_digits_lt
 from fgs_client.generation_options import generation_options
 from fgs_client.http_client import FgsClientError
 from fgs_client.training import ManifestDataset, RealSyntheticBatchSampler, balanced_softmax_loss, shot_accuracy
 from fgs_common.settings import get_settings
-from fgs_common.wire import ClassifierSpec, GenerationParams
+from fgs_common.wire import ClassifierSpec, Criterion, GenerationParams
 
 console = Console()
 
@@ -166,7 +166,7 @@ def main(
     torch.set_num_threads(1)  # leave a core to the service's worker on a small machine
     if root is None and balanced is None:
         digits = work / "digits-lt"
-        if not (digits / "digits_lt.json").is_file():
+        if not (digits / METADATA_FILE).is_file():
             console.print(f"building Digits-LT in {digits}")
             build_digits_lt(digits)
         root, test = digits / "train", digits / "test"
@@ -179,7 +179,7 @@ def main(
         console.rule("2. train the baseline on the real images and export it for feedback")
         scanned = read_dataset("imagefolder", root)
         baseline = train(RealImages(scanned, size), len(scanned.class_names), train_steps, seed, "real only")
-        if classifier is None and generation.criterion is not None:
+        if classifier is None and generation.criterion is not Criterion.none:
             classifier, classifier_spec = export_for_fgs(baseline, scanned.class_names, size, work / "classifier")
             console.print(f"feedback classifier: {classifier} with {classifier_spec}")
         out = work / f"{root.name}-balanced"

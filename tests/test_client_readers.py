@@ -147,10 +147,10 @@ def test_class_folders_of_classes_that_share_a_name_are_apart_and_in_index_order
     with open(dest / "metadata.csv", newline="") as handle:
         metadata = list(csv.DictReader(handle))
     assert [(r["file_name"], r["label"], r["class_index"]) for r in metadata] == [
-        ("0-kite/img0.png", "kite", "0"),
-        ("1-crane/img1.png", "crane", "1"),
-        ("2-bee/img2.png", "bee", "2"),
-        ("3-crane/img3.png", "crane", "3"),
+        ("0-kite/img0.png", "0-kite", "0"),
+        ("1-crane/img1.png", "1-crane", "1"),  # the two cranes stay two labels, as the folders are
+        ("2-bee/img2.png", "2-bee", "2"),
+        ("3-crane/img3.png", "3-crane", "3"),
     ]
 
 

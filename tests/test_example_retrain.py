@@ -53,4 +53,5 @@ def test_the_retraining_example_trains_exports_balances_with_feedback_and_retrai
     test = str(work / "digits-lt" / "test")
     again = run_example("--balanced", str(balanced), "--test", test, "--no-progress", env=env)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert accuracy_rows(" ".join(again.stdout.split())) == rows  # the same seeds, the same data: the same models
+    # real + synthetic read from manifest.csv both times: the same seeds and data give the same model
+    assert accuracy_rows(" ".join(again.stdout.split()))["real + synthetic"] == rows["real + synthetic"]

@@ -28,10 +28,12 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,9 @@ from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from redis.exceptions import RedisError
 from rq import get_current_job
+from rq.timeouts import BaseTimeoutException
 
 from fgs_classifier.registry import LoadedClassifier, load_classifier
 from fgs_common import telemetry
@@ -167,6 +171,19 @@ class _StepReporter:
         return {row for row, (member, _) in enumerate(self.rows) if member.outcome is None}
 
 
+def _private_copy(source: Path, dest: Path, optional: bool = False) -> Path | None:
+    """`source` at `dest`: a hard link, or a copy across file systems. A missing optional file is None."""
+    try:
+        os.link(source, dest)
+    except FileNotFoundError:
+        if optional:
+            return None
+        raise
+    except OSError:
+        shutil.copyfile(source, dest)
+    return dest
+
+
 def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
     gone = ArtifactGone(
         f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
@@ -179,38 +196,33 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
     except FileNotFoundError:  # deleted since classifier_dir found it
         raise gone from None
     spec = ClassifierSpec.model_validate_json(spec_bytes)
-    stats = folder / "hardness.safetensors"
 
     def load() -> LoadedClassifier:
         # First load in this worker: run the archive in the sandbox before this process (the GPU, the Redis
         # connection) touches it. The API checked it too, unless it runs without torch (FGS_CLASSIFIER_CHECK).
-        # The check and the load read one private copy, so what is loaded is what was checked, and a delete by
-        # the tenant in between is an ArtifactGone, not a retried error.
-        with tempfile.TemporaryDirectory(prefix="fgs-classifier-check-") as scratch:
+        # The check and the load read one private copy of the files (hard links beside the store: no bytes are
+        # copied), so what is loaded is what was checked, and a delete by the tenant in between is an
+        # ArtifactGone, not a retried error.
+        with tempfile.TemporaryDirectory(prefix=".classifier-check-", dir=runtime.store.root) as scratch_dir:
+            scratch = Path(scratch_dir)
             try:
                 stored = runtime.store.classifier_archive(folder)
-                archive = Path(scratch) / f"classifier{stored.suffix}"
-                shutil.copyfile(stored, archive)
+                archive = _private_copy(stored, scratch / f"classifier{stored.suffix}")
+                stats = _private_copy(folder / "hardness.safetensors", scratch / "stats.safetensors", optional=True)
             except FileNotFoundError:
                 raise gone from None
-            spec_path = Path(scratch) / "spec.json"
+            spec_path = scratch / "spec.json"
             spec_path.write_bytes(spec_bytes)
-            stats_path = stats if stats.exists() else None
-            outcome = run_classifier_check(
-                archive, spec_path, stats_path, runtime.settings, Path(scratch), on_wait=runtime.beat
-            )
+            outcome = run_classifier_check(archive, spec_path, stats, runtime.settings, scratch, on_wait=runtime.beat)
             if not outcome.ok:
                 raise InvalidClassifier(outcome.message)
-            try:
-                return load_classifier(
-                    archive,
-                    spec,
-                    stats_path,
-                    device=runtime.device,
-                    max_unpacked_bytes=runtime.settings.max_classifier_unpacked_bytes,
-                )
-            except FileNotFoundError:  # the statistics deleted with the classifier
-                raise gone from None
+            return load_classifier(
+                archive,
+                spec,
+                stats,
+                device=runtime.device,
+                max_unpacked_bytes=runtime.settings.max_classifier_unpacked_bytes,
+            )
 
     return runtime.classifiers.get(f"{tenant}/{classifier_id}", load)
 
@@ -324,16 +336,36 @@ def _sample_chunk(runtime: WorkerRuntime, rows: list[tuple[_Member, int]]) -> fl
     return sampling_s
 
 
+# Failures that are no job's own: the worker's time limit (RQ raises it into the running call) and Redis going
+# away. They end the whole batch as before; sampling each job again alone would only repeat them.
+_NOT_A_JOBS_FAULT = (BaseTimeoutException, RedisError)
+
+
+def _fail_alone(runtime: WorkerRuntime, member: _Member) -> None:
+    """The job failed with its sampler call to itself: keep the failure for RQ (its traceback without the frames,
+    which hold the call's tensors, so the jobs still to run get that memory back) and record it now, so that it
+    leaves the watchdog's care while the others go on."""
+    kind, error, trace = sys.exc_info()
+    traceback.clear_frames(trace)
+    member.failure = (kind, error, trace)
+    _record_failure(runtime, member, error)
+    if runtime.watchdog is not None:
+        runtime.watchdog.release(member.job_id)
+
+
 def _sample_isolating_failures(runtime: WorkerRuntime, chunk: list[tuple[_Member, int]]) -> float:
     """One sampler call over `chunk`; when it fails, each job in it samples its rows again alone, and a job
-    that fails alone keeps its failure (`_Member.failure`). Returns the seconds spent sampling."""
+    that fails alone fails (`_fail_alone`). Returns the seconds spent sampling."""
     began = time.perf_counter()
+    members = list(dict.fromkeys(m for m, _ in chunk))
+    results_before = {m: len(m.results) for m in members}
     try:
         return _sample_chunk(runtime, chunk)
+    except _NOT_A_JOBS_FAULT:
+        raise
     except Exception as error:
-        members = list(dict.fromkeys(m for m, _ in chunk))
         if len(members) == 1:
-            members[0].failure = sys.exc_info()
+            _fail_alone(runtime, members[0])
             return time.perf_counter() - began
         log.warning(
             "a sampler call shared by %d jobs failed (%s: %s); sampling each job alone so only the job at fault"
@@ -344,14 +376,17 @@ def _sample_isolating_failures(runtime: WorkerRuntime, chunk: list[tuple[_Member
         )
     sampling_s = time.perf_counter() - began
     for member in members:
-        rows = [(m, i) for m, i in chunk if m is member]
         if member.outcome is not None:  # canceled or lost during the shared call
             continue
+        # images the failed call wrote before it broke are sampled again (the same seeds: the same PNG ids)
+        del member.results[results_before[member] :]
         began = time.perf_counter()
         try:
-            _sample_chunk(runtime, rows)
+            _sample_chunk(runtime, [(m, i) for m, i in chunk if m is member])
+        except _NOT_A_JOBS_FAULT:
+            raise
         except Exception:
-            member.failure = sys.exc_info()
+            _fail_alone(runtime, member)
         sampling_s += time.perf_counter() - began
     return sampling_s
 
@@ -375,9 +410,7 @@ def _generate(runtime: WorkerRuntime, members: list[_Member]) -> None:
             sampling_s += _sample_isolating_failures(runtime, chunk)
     telemetry.observe(runtime.redis, runtime.keys.prefix, "sampling_seconds", sampling_s)
     for member in members:
-        if member.failure is not None and member.outcome is None:
-            _record_failure(runtime, member, member.failure[1])
-        elif member.outcome is None:
+        if member.outcome is None and member.failure is None:
             results = json.dumps([r.model_dump() for r in member.results])
             images = len(member.results)
             _end(runtime, member, JobState.finished, {"images": images}, images_done=images, results=results)
@@ -482,11 +515,11 @@ def run_generate_job(job_id: str | None = None) -> dict:
     except Exception as error:
         failure = sys.exc_info()
         for member in members:
-            if member.outcome is None:
+            if member.outcome is None and member.failure is None:  # a job that failed alone is recorded already
                 _record_failure(runtime, member, error)
         for member in members[1:]:  # each companion to RQ on its own: retried with its own count, or failed
             if member.outcome is None:
-                runtime.companions.finish(member.job_id, exc_info=failure)
+                runtime.companions.finish(member.job_id, exc_info=member.failure or failure)
             else:
                 runtime.companions.finish(member.job_id, result=member.outcome)
         if leader.outcome is None:
