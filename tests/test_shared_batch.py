@@ -78,6 +78,15 @@ def count(worker, settings, name: str, **labels) -> float:
     return float(worker.runtime.redis.hget(counter_key(settings.redis_prefix), counter_field(name, labels)) or 0)
 
 
+def assert_retrying(client, worker, settings, job_id: str, message: str) -> None:
+    """The job failed once with `message`: back to queued in its record, scheduled by RQ with one retry spent."""
+    failed = job(client, job_id)
+    assert failed.state is JobState.queued and failed.error.code == "retrying", failed
+    assert message in failed.error.message
+    rq_job = Job.fetch(job_id, connection=worker.connection, serializer=JSONSerializer)
+    assert rq_job.get_status() == "scheduled" and rq_job.retries_left == settings.job_retries - 1
+
+
 def on_unet_call(worker, at: int, action):
     """Run `action()` before the UNet's `at`-th forward (1-based) of this worker; returns the hook's handle."""
     calls = []
@@ -158,11 +167,7 @@ def test_a_failed_shared_batch_retries_each_job_on_its_own(setup):
     finally:
         handle.remove()
     for job_id, client in zip(ids, (alpha, alpha, beta), strict=True):
-        failed = job(client, job_id)
-        assert failed.state is JobState.queued and failed.error.code == "retrying", failed
-        assert "ValueError: failure inside the UNet" in failed.error.message
-        rq_job = Job.fetch(job_id, connection=worker.connection, serializer=JSONSerializer)
-        assert rq_job.get_status() == "scheduled" and rq_job.retries_left == settings.job_retries - 1
+        assert_retrying(client, worker, settings, job_id, "ValueError: failure inside the UNet")
     assert worker.executions == {}
 
     for _ in range(3):  # each retry comes back after its own backoff; the first taken claims the others again
@@ -206,11 +211,7 @@ def test_a_job_that_breaks_a_shared_call_is_charged_alone_and_its_batchmates_fin
         assert done.state is JobState.finished and len(done.results) == 1 and done.error is None, done
         rq_job = Job.fetch(job_id, connection=worker.connection, serializer=JSONSerializer)
         assert rq_job.get_status() == "finished"
-    failed = job(alpha, at_fault)
-    assert failed.state is JobState.queued and failed.error.code == "retrying", failed
-    assert "this call holds 3 images or more" in failed.error.message
-    rq_job = Job.fetch(at_fault, connection=worker.connection, serializer=JSONSerializer)
-    assert rq_job.get_status() == "scheduled" and rq_job.retries_left == settings.job_retries - 1
+    assert_retrying(alpha, worker, settings, at_fault, "this call holds 3 images or more")
     assert worker.executions == {}
     assert count(worker, settings, "images_generated", tenant="alpha") == 2
 

@@ -104,10 +104,10 @@ def test_an_invalid_job_fails_at_once_with_its_message(setup):
     assert json.loads(raw.hget(f"{settings.redis_prefix}:job:{job_id}", "error"))["code"] == "artifact_gone"
 
 
-def test_a_queued_job_whose_classifier_was_deleted_fails_at_once_saying_so(setup):
-    client, worker, settings = setup
+def upload_unchecked_classifier(client) -> str:
+    """An archive in TorchScript's layout that never runs (the upload check is off here); its id."""
     archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as members:  # TorchScript's layout: the upload check is off here
+    with zipfile.ZipFile(archive, "w") as members:
         members.writestr("clf/constants.pkl", b"")
         members.writestr("clf/code/__torch__.py", b"")
     spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
@@ -117,7 +117,12 @@ def test_a_queued_job_whose_classifier_was_deleted_fails_at_once_saying_so(setup
         data={"spec": spec},
     )
     assert uploaded.status_code == 201, uploaded.text
-    classifier_id = uploaded.json()["id"]
+    return uploaded.json()["id"]
+
+
+def test_a_queued_job_whose_classifier_was_deleted_fails_at_once_saying_so(setup):
+    client, worker, settings = setup
+    classifier_id = upload_unchecked_classifier(client)
     job_id = submit(client, criterion="entropy", omega=0.03, classifier_id=classifier_id)
     assert client.delete(f"/v1/classifiers/{classifier_id}").status_code == 204  # while the job is queued
 
@@ -134,18 +139,7 @@ def test_a_queued_job_whose_classifier_was_deleted_fails_at_once_saying_so(setup
 def test_a_classifier_deleted_while_the_worker_reads_it_fails_the_job_saying_so(setup):
     """The tenant's delete lands between the worker finding the classifier's folder and reading its archive."""
     client, worker, settings = setup
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as members:
-        members.writestr("clf/constants.pkl", b"")
-        members.writestr("clf/code/__torch__.py", b"")
-    spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
-    uploaded = client.post(
-        "/v1/classifiers",
-        files={"archive": ("clf.pt", archive.getvalue(), "application/octet-stream")},
-        data={"spec": spec},
-    )
-    assert uploaded.status_code == 201, uploaded.text
-    classifier_id = uploaded.json()["id"]
+    classifier_id = upload_unchecked_classifier(client)
     job_id = submit(client, criterion="entropy", omega=0.03, classifier_id=classifier_id)
     store = worker.runtime.store
     folder = store.classifier_dir("dev", classifier_id)
