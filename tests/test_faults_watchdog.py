@@ -28,12 +28,15 @@ from support.live_calls import JobState, generate, get_job, upload_classifier, w
 from support.stack import TENANT_KEYS
 
 STEP_DEADLINE_S = 4
+# Past the step deadline plus a heartbeat period (1 s), with room for a loaded machine: a stuck step is the
+# watchdog's to end before RQ's abandon sweep takes the job (at 5 s, a tie, the sweep won on a loaded machine).
+ABANDONED_AFTER_S = 8
 SETUP_DEADLINE_S = 60  # the first load of a classifier runs its sandboxed check in the worker
 RETRIES = 1
 # Each attempt: the step deadline (set-up has its own, not reached here), the abandon sweep
 # (FGS_ABANDONED_AFTER_S), the retry backoff, and 60 s for the worker's restart and the classifier's load and
 # sandboxed check on 2 shared cores.
-FAILED_WITHIN_S = (RETRIES + 1) * (STEP_DEADLINE_S + 5 + 1 + 60)
+FAILED_WITHIN_S = (RETRIES + 1) * (STEP_DEADLINE_S + ABANDONED_AFTER_S + 1 + 60)
 
 
 class HangsOnBatchOfOne(torch.nn.Module):
@@ -108,7 +111,7 @@ def test_a_classifier_that_hangs_on_a_batch_of_one_fails_its_job_while_others_fi
         FGS_HEARTBEAT_S="1",
         FGS_JOB_RETRIES=str(RETRIES),
         FGS_RETRY_BACKOFF_S="[1]",
-        FGS_ABANDONED_AFTER_S="5",
+        FGS_ABANDONED_AFTER_S=str(ABANDONED_AFTER_S),
         FGS_STEP_DEADLINE_BASE_S=str(STEP_DEADLINE_S),
         FGS_STEP_DEADLINE_S_PER_MEGAPIXEL="0",
         FGS_JOB_SETUP_DEADLINE_S=str(SETUP_DEADLINE_S),

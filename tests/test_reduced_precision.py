@@ -44,8 +44,10 @@ CLASS_INDEX = 7
 # 0.887-0.936 and single cosines down to 0.23 in 5 of the 12 cases: the bounds below fail that. Random directions
 # in the 256-number latent have cosine 0 +- 0.06, and a cut graph (a detach, a cast outside autograd) gives 0 or
 # NaN. On the trained fgs-digits model the same cases measured bfloat16 0.975-0.995 (smallest 0.917) and float16
-# 0.939-0.999 (smallest 0.844). Margins leave room for other CPUs' kernels (without AMX, bfloat16 is emulated).
-MEAN_COSINE_AT_LEAST = {torch.bfloat16: 0.88, torch.float16: 0.93}
+# 0.939-0.999 (smallest 0.844). On an AMD EPYC with AVX-512 and no AMX (6 Dec 2026, the CI machine of that day)
+# the 12 cases measured bfloat16 means from 0.911 (smallest 0.754) and float16 0.912-0.997 (smallest 0.832): other
+# CPUs' 16-bit kernels differ, so the float16 mean bound is 0.90, not the 0.93 the Xeon alone allowed.
+MEAN_COSINE_AT_LEAST = {torch.bfloat16: 0.88, torch.float16: 0.90}
 MIN_COSINE_AT_LEAST = {torch.bfloat16: 0.6, torch.float16: 0.8}
 
 

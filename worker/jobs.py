@@ -171,13 +171,11 @@ class _StepReporter:
         return {row for row, (member, _) in enumerate(self.rows) if member.outcome is None}
 
 
-def _private_copy(source: Path, dest: Path, optional: bool = False) -> Path | None:
-    """`source` at `dest`: a hard link, or a copy across file systems. A missing optional file is None."""
+def _private_copy(source: Path, dest: Path) -> Path:
+    """`source` at `dest`: a hard link, or a copy across file systems."""
     try:
         os.link(source, dest)
     except FileNotFoundError:
-        if optional:
-            return None
         raise
     except OSError:
         shutil.copyfile(source, dest)
@@ -200,17 +198,19 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
     def load() -> LoadedClassifier:
         # First load in this worker: run the archive in the sandbox before this process (the GPU, the Redis
         # connection) touches it. The API checked it too, unless it runs without torch (FGS_CLASSIFIER_CHECK).
-        # The check and the load read one private copy of the files (hard links beside the store: no bytes are
-        # copied), so what is loaded is what was checked, and a delete by the tenant in between is an
-        # ArtifactGone, not a retried error.
+        # The check and the load read one private copy of the archive (a hard link beside the store: no bytes
+        # are copied), so what is loaded is what was checked, and a delete by the tenant in between is an
+        # ArtifactGone, not a retried error. The statistics are data, not code, and are read after this
+        # folder is gone (the hardness criterion opens them when it first scores): they stay in the store.
         with tempfile.TemporaryDirectory(prefix=".classifier-check-", dir=runtime.store.root) as scratch_dir:
             scratch = Path(scratch_dir)
             try:
                 stored = runtime.store.classifier_archive(folder)
                 archive = _private_copy(stored, scratch / f"classifier{stored.suffix}")
-                stats = _private_copy(folder / "hardness.safetensors", scratch / "stats.safetensors", optional=True)
             except FileNotFoundError:
                 raise gone from None
+            stats = folder / "hardness.safetensors"
+            stats = stats if stats.exists() else None
             spec_path = scratch / "spec.json"
             spec_path.write_bytes(spec_bytes)
             outcome = run_classifier_check(archive, spec_path, stats, runtime.settings, scratch, on_wait=runtime.beat)
@@ -401,6 +401,9 @@ def _generate(runtime: WorkerRuntime, members: list[_Member]) -> None:
             _end(runtime, member, JobState.failed, {"failed": str(error)}, error=_error(error.code, str(error)))
     if runtime.watchdog is not None:
         runtime.watchdog.step_done()  # set-up done (images, classifier load and check): steps get step deadlines
+        # and the abandon clock starts with the step clock, so that a step stuck from the start is the
+        # watchdog's to end (step_timeout, said as such), not RQ's abandon sweep's (a bare AbandonedJobError)
+        runtime.beat(force=True)
     rows = [(m, i) for m in members if m.outcome is None for i in range(m.request.num_images)]
     size = runtime.settings.max_batch_images
     sampling_s = 0.0
