@@ -2,8 +2,9 @@
 
 Real-only training draws instance-balanced minibatches (ERM or Balanced Softmax with the real class counts);
 real + synthetic training draws the paper's 50/50 real/synthetic, class-balanced minibatches
-(fgs_client.training.RealSyntheticBatchSampler). Balanced Softmax always takes the real class counts as its prior
-(one prior everywhere, whatever the synthetic budget: our reading of the paper's App. F and G.1).
+(fgs_client.training.RealSyntheticBatchSampler). Balanced Softmax takes the real class counts as its prior by
+default (one prior everywhere, whatever the synthetic budget: our reading of the paper's App. F and G.1); with
+`TrainConfig(synthetic_prior="batches")` it takes the batches' own class distribution (bench/retrain_prior.py).
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class TrainConfig:
     width: int = 16  # SmallCNN channels: small enough that a run takes seconds on a shared 2-core CPU
     lr: float = 3e-3
     weight_decay: float = 5e-4
+    # Balanced Softmax's prior with synthetic images: "real" (the real class counts on class-balanced batches,
+    # the paper's App. F / J.1 and what bench/digits_lt.py measured) or "batches" (the batches' own class
+    # distribution, RealSyntheticBatchSampler.class_frequencies). bench/retrain_prior.py compares them.
+    synthetic_prior: str = "real"
 
 
 def train_small_cnn(train: ImageSet, loss: str, seed: int, config: TrainConfig = TrainConfig()) -> SmallCNN:
@@ -109,16 +114,14 @@ def train_small_cnn(train: ImageSet, loss: str, seed: int, config: TrainConfig =
     )
     counts = torch.bincount(train.labels[~train.synthetic], minlength=len(CLASS_NAMES))  # the real class counts
     if bool(train.synthetic.any()):
-        batches = iter(
-            RealSyntheticBatchSampler(
-                train.labels.tolist(),
-                train.synthetic.tolist(),
-                config.batch_size,
-                0.5,
-                num_batches=config.steps,
-                seed=seed,
-            )
+        sampler = RealSyntheticBatchSampler(
+            train.labels.tolist(), train.synthetic.tolist(), config.batch_size, 0.5, num_batches=config.steps, seed=seed
         )
+        batches = iter(sampler)
+        if config.synthetic_prior == "batches":
+            counts = sampler.class_frequencies
+        elif config.synthetic_prior != "real":
+            raise ValueError("synthetic_prior must be 'real' or 'batches'")
     else:
         batches = (
             torch.randint(0, len(train), (config.batch_size,), generator=generator).tolist()
