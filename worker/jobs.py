@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -171,17 +170,6 @@ class _StepReporter:
         return {row for row, (member, _) in enumerate(self.rows) if member.outcome is None}
 
 
-def _private_copy(source: Path, dest: Path) -> Path:
-    """`source` at `dest`: a hard link, or a copy across file systems."""
-    try:
-        os.link(source, dest)
-    except FileNotFoundError:
-        raise
-    except OSError:
-        shutil.copyfile(source, dest)
-    return dest
-
-
 def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
     gone = ArtifactGone(
         f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
@@ -198,19 +186,21 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
     def load() -> LoadedClassifier:
         # First load in this worker: run the archive in the sandbox before this process (the GPU, the Redis
         # connection) touches it. The API checked it too, unless it runs without torch (FGS_CLASSIFIER_CHECK).
-        # The check and the load read one private copy of the archive (a hard link beside the store: no bytes
-        # are copied), so what is loaded is what was checked, and a delete by the tenant in between is an
-        # ArtifactGone, not a retried error. The statistics are data, not code, and are read after this
-        # folder is gone (the hardness criterion opens them when it first scores): they stay in the store.
-        with tempfile.TemporaryDirectory(prefix=".classifier-check-", dir=runtime.store.root) as scratch_dir:
+        # The check and the load read one private copy of the archive, so what is loaded is what was checked,
+        # and a delete by the tenant in between is an ArtifactGone, not a retried error. The statistics are
+        # data, not code, and the hardness criterion opens them as it scores: they stay in the store.
+        with tempfile.TemporaryDirectory(prefix="fgs-classifier-check-") as scratch_dir:
             scratch = Path(scratch_dir)
             try:
                 stored = runtime.store.classifier_archive(folder)
-                archive = _private_copy(stored, scratch / f"classifier{stored.suffix}")
+                archive = scratch / f"classifier{stored.suffix}"
+                shutil.copyfile(stored, archive)
             except FileNotFoundError:
                 raise gone from None
             stats = folder / "hardness.safetensors"
             stats = stats if stats.exists() else None
+            if not folder.exists():  # deleted meanwhile: not loaded (and cached) without its statistics
+                raise gone
             spec_path = scratch / "spec.json"
             spec_path.write_bytes(spec_bytes)
             outcome = run_classifier_check(archive, spec_path, stats, runtime.settings, scratch, on_wait=runtime.beat)
@@ -347,8 +337,10 @@ def _fail_alone(runtime: WorkerRuntime, member: _Member) -> None:
     leaves the watchdog's care while the others go on."""
     kind, error, trace = sys.exc_info()
     traceback.clear_frames(trace)
-    member.failure = (kind, error, trace)
+    if member.outcome is not None:  # canceled or lost meanwhile: how it left the batch stands
+        return
     _record_failure(runtime, member, error)
+    member.failure = (kind, error, trace)  # only once recorded: if recording raised, the batch's handler records it
     if runtime.watchdog is not None:
         runtime.watchdog.release(member.job_id)
 
@@ -378,7 +370,8 @@ def _sample_isolating_failures(runtime: WorkerRuntime, chunk: list[tuple[_Member
     for member in members:
         if member.outcome is not None:  # canceled or lost during the shared call
             continue
-        # images the failed call wrote before it broke are sampled again (the same seeds: the same PNG ids)
+        # images the failed call reported before it broke are sampled again; a PNG it wrote that the rerun does
+        # not reproduce byte for byte stays in the tenant's store unreferenced (a failure inside the write loop)
         del member.results[results_before[member] :]
         began = time.perf_counter()
         try:
