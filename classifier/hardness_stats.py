@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import threading
 from collections import OrderedDict
@@ -192,16 +193,17 @@ class _SafetensorsReader:
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ValueError("not a safetensors file (too short)")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > min(size - 8, _MAX_HEADER_BYTES):
-                raise ValueError("not a safetensors file (bad header length)")
-            header = json.loads(f.read(length))
+        # Open for the reader's life, read with pread: statistics their tenant deletes stay readable to a job
+        # already scoring with them (DELETE /v1/classifiers/{id} lets a running job finish).
+        self._file = open(path, "rb")
+        try:
+            header, length = self._header()
+        except BaseException:
+            self._file.close()
+            raise
+        size = os.fstat(self._file.fileno()).st_size
         if not isinstance(header, dict):
+            self._file.close()
             raise ValueError("not a safetensors file (the header is not a JSON object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + length
@@ -215,6 +217,21 @@ class _SafetensorsReader:
                 raise ValueError(f"{name}: byte range {begin}-{end} does not fit its shape {list(shape)} or the file")
             self._entries[name] = (dtype, shape, begin)
         self.shapes = {name: shape for name, (_, shape, _) in self._entries.items()}
+
+    def _header(self) -> tuple[object, int]:
+        size = os.fstat(self._file.fileno()).st_size
+        prefix = self._file.read(8)
+        if len(prefix) < 8:
+            raise ValueError("not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError("not a safetensors file (bad header length)")
+        return json.loads(self._file.read(length)), length
+
+    def __del__(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
 
     def read(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]
@@ -232,11 +249,13 @@ class _SafetensorsReader:
         dtype, _, begin = self._entries[name]
         out = torch.empty(last - first, dtype=dtype)
         if last > first:
-            with open(self.path, "rb") as f:
-                f.seek(self.data_start + begin + first * _element_size(dtype))
-                buffer = out.numpy().view(np.uint8)
-                if f.readinto(buffer) != buffer.size:
+            buffer = memoryview(out.numpy().view(np.uint8))
+            offset, done = self.data_start + begin + first * _element_size(dtype), 0
+            while done < len(buffer):
+                read = os.preadv(self._file.fileno(), [buffer[done:]], offset + done)
+                if read == 0:
                     raise ValueError(f"{self.path} is shorter than its header says")
+                done += read
         return out
 
 

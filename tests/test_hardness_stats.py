@@ -185,6 +185,18 @@ def test_a_worker_reads_only_the_classes_it_scores(tmp_path):
     assert sorted(stats._classes) == [2, 3]  # least recently used first out
 
 
+def test_statistics_deleted_while_loaded_stay_readable(tmp_path):
+    """A classifier deleted by its tenant while a job scores with it: the job finishes (the API's promise)."""
+    k, counts = 16, [20, 6, 30]
+    embeddings, labels, _ = synthetic_embeddings(k, counts)
+    fitted = HardnessStats.fit(embeddings, labels, len(counts))
+    fitted.save(tmp_path / "stats.safetensors")
+    stats = HardnessStats.load(tmp_path / "stats.safetensors", cached_classes=1)
+    (tmp_path / "stats.safetensors").unlink()
+    sample, classes = torch.randn(3, k), torch.tensor([0, 1, 2])  # every class read after the delete
+    assert torch.allclose(stats.score(sample, classes), fitted.score(sample, classes))
+
+
 def test_streaming_fit_never_builds_the_dense_intensity_term(tmp_path):
     """[n, k, k] at n = 2,000 and k = 256 would be 1 GB in float64; the fit must stay far below that."""
     script = f"""
