@@ -41,23 +41,17 @@ def main() -> None:
     synthetic = digits.load_synthetic(args.balanced)
     counts = torch.bincount(train.labels, minlength=len(digits.CLASS_NAMES))
     thresholds = digits.shot_thresholds(args.digits)
+    paper, batches = digits.TrainConfig(), replace(digits.TrainConfig(), synthetic_prior="batches")
     runs = {
-        "real only (Balanced Softmax, real counts)": (train, digits.TrainConfig()),
-        "real + synthetic, prior: real counts": (train + synthetic, digits.TrainConfig()),
-        "real + synthetic, prior: the batches'": (
-            train + synthetic,
-            replace(digits.TrainConfig(), synthetic_prior="batches"),
-        ),
+        "real only (Balanced Softmax, real counts)": (train, paper),
+        "real + synthetic, prior: real counts": (train + synthetic, paper),
+        "real + synthetic, prior: the batches'": (train + synthetic, batches),
     }
     print(f"{args.split}: {len(held_out)} images; {len(synthetic)} synthetic; {args.seeds} training seeds; mean ± se")
     print(f"{'training':<44} {'Overall':>12} {'Many':>12} {'Medium':>12} {'Few':>12}")
     for name, (data, config) in runs.items():
-        scores = [
-            digits.evaluate(
-                digits.train_small_cnn(data, "balanced_softmax", seed, config), held_out, counts, thresholds
-            )
-            for seed in range(args.seeds)
-        ]
+        models = [digits.train_small_cnn(data, "balanced_softmax", seed, config) for seed in range(args.seeds)]
+        scores = [digits.evaluate(model, held_out, counts, thresholds) for model in models]
         cells = [mean_se([getattr(s, part) for s in scores]) for part in ("overall", "many", "medium", "few")]
         print(f"{name:<44} " + " ".join(f"{cell:>12}" for cell in cells), flush=True)
 

@@ -197,13 +197,21 @@ class _SafetensorsReader:
         # already scoring with them (DELETE /v1/classifiers/{id} lets a running job finish).
         self._file = open(path, "rb")
         try:
-            header, length = self._header()
+            self._read_header()
         except BaseException:
             self._file.close()
             raise
+
+    def _read_header(self) -> None:
         size = os.fstat(self._file.fileno()).st_size
+        prefix = self._file.read(8)
+        if len(prefix) < 8:
+            raise ValueError("not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError("not a safetensors file (bad header length)")
+        header = json.loads(self._file.read(length))
         if not isinstance(header, dict):
-            self._file.close()
             raise ValueError("not a safetensors file (the header is not a JSON object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + length
@@ -217,16 +225,6 @@ class _SafetensorsReader:
                 raise ValueError(f"{name}: byte range {begin}-{end} does not fit its shape {list(shape)} or the file")
             self._entries[name] = (dtype, shape, begin)
         self.shapes = {name: shape for name, (_, shape, _) in self._entries.items()}
-
-    def _header(self) -> tuple[object, int]:
-        size = os.fstat(self._file.fileno()).st_size
-        prefix = self._file.read(8)
-        if len(prefix) < 8:
-            raise ValueError("not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(size - 8, _MAX_HEADER_BYTES):
-            raise ValueError("not a safetensors file (bad header length)")
-        return json.loads(self._file.read(length)), length
 
     def __del__(self) -> None:
         file = getattr(self, "_file", None)

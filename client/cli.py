@@ -250,13 +250,13 @@ def balance(
             return
         if root is None:
             raise fail("--root is required (or --counts FILE with --dry-run)", EXIT_BAD_INPUT)
-        if not dry_run:
+        try:
             check_balance_options(options)
-        else:
-            try:
-                check_balance_options(options)
-            except ValueError as error:  # the dry run still shows the plan, and what a real run would refuse
-                err_console.print(f"[yellow]warning:[/] a real run refuses these settings: {error}", soft_wrap=True)
+        except ValueError as error:
+            if not dry_run:
+                raise
+            # the dry run still shows the plan, and what a real run would refuse
+            err_console.print(f"[yellow]warning:[/] a real run refuses these settings: {error}", soft_wrap=True)
         err_console.print(f"[dim]fgs:[/] reading the dataset in {root}", highlight=False)
         scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
         if scanned.skipped:

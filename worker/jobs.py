@@ -479,6 +479,16 @@ def _arm_watchdog(runtime: WorkerRuntime, members: list[_Member]) -> None:
     runtime.watchdog.arm(watched, runtime.settings.job_setup_deadline_s + step_s, step_s, runtime.expire_execution)
 
 
+def _settle_companions(runtime: WorkerRuntime, companions: list[_Member], batch_failure: ExcInfo | None = None):
+    """Each companion to RQ on its own: how it left the batch, or its failure (its own, else the batch's), which
+    RQ retries with the companion's own count or files as failed."""
+    for member in companions:
+        if member.outcome is None:
+            runtime.companions.finish(member.job_id, exc_info=member.failure or batch_failure)
+        else:
+            runtime.companions.finish(member.job_id, result=member.outcome)
+
+
 def run_generate_job(job_id: str | None = None) -> dict:
     """Run job `job_id` (default: the current RQ job's id, which is the fgs job id) and its companions.
 
@@ -513,22 +523,14 @@ def run_generate_job(job_id: str | None = None) -> dict:
         for member in members:
             if member.outcome is None and member.failure is None:  # a job that failed alone is recorded already
                 _record_failure(runtime, member, error)
-        for member in members[1:]:  # each companion to RQ on its own: retried with its own count, or failed
-            if member.outcome is None:
-                runtime.companions.finish(member.job_id, exc_info=member.failure or failure)
-            else:
-                runtime.companions.finish(member.job_id, result=member.outcome)
+        _settle_companions(runtime, members[1:], failure)
         if leader.outcome is None:
             raise
         return leader.outcome
     finally:
         if runtime.watchdog is not None:
             runtime.watchdog.disarm()
-    for member in members[1:]:
-        if member.failure is not None and member.outcome is None:
-            runtime.companions.finish(member.job_id, exc_info=member.failure)
-        else:
-            runtime.companions.finish(member.job_id, result=member.outcome)
+    _settle_companions(runtime, members[1:])
     if leader.failure is not None and leader.outcome is None:
         raise leader.failure[1]  # RQ retries or fails the worker's own job, as for any exception
     return leader.outcome

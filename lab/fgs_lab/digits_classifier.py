@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ class TrainConfig:
     # Balanced Softmax's prior with synthetic images: "real" (the real class counts on class-balanced batches,
     # the paper's App. F / J.1 and what bench/digits_lt.py measured) or "batches" (the batches' own class
     # distribution, RealSyntheticBatchSampler.class_frequencies). bench/retrain_prior.py compares them.
-    synthetic_prior: str = "real"
+    synthetic_prior: Literal["real", "batches"] = "real"
 
 
 def train_small_cnn(train: ImageSet, loss: str, seed: int, config: TrainConfig = TrainConfig()) -> SmallCNN:
