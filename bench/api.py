@@ -43,7 +43,7 @@ from fgs_lab.live_stack import spawn_api, wait_until_serving
 from fgs_service.redis_server import start_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
-COUNTS_CSV = ROOT / "client" / "data" / "imagenet_lt_train_counts.csv"
+COUNTS_CSV = ROOT / "client" / "fgs_client" / "data" / "imagenet_lt_train_counts.csv"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 HEADING = "## bench/api.py"
 API_KEY = "bench-key-" + "x" * 24

@@ -420,7 +420,7 @@ def select(variants: list[Variant], results: dict[str, dict]) -> dict:
         "rule": "highest mean validation Few accuracy, ties by Overall; plain and guided chosen apart",
         "best_plain": max(plain, key=key).name if plain else None,
         "best_guided": max(guided, key=key).name if guided else None,
-        "best_overall": max(ran, key=key).name if ran else None,  # the `digits` preset (common/presets.py)
+        "best_overall": max(ran, key=key).name if ran else None,  # the `digits` preset (common/fgs_common/presets.py)
         "comparison": "test Few accuracy, best guided - best plain, paired by (generation seed, classifier seed)",
         "chosen_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }

@@ -1,6 +1,7 @@
 """Write a PNG grid of `fgs-digits` samples for a person to look at.
 
-    .venv/bin/python bench/digits_samples.py [--model worker/models/fgs-digits] [--out bench/fgs_digits_samples.png]
+    .venv/bin/python bench/digits_samples.py [--model worker/fgs_worker/models/fgs-digits] \
+        [--out bench/fgs_digits_samples.png]
 
 Rows are the classes zero .. nine. Columns: the conditioning digit (a Digits-LT train image, original style),
 then `--per-column` samples each of text only, text + image (dropout p = 0) and text + image with dropout p on
@@ -26,7 +27,7 @@ GAP = 8
 
 
 def main(
-    model: Path = typer.Option(REPO / "worker" / "models" / "fgs-digits"),
+    model: Path = typer.Option(REPO / "worker" / "fgs_worker" / "models" / "fgs-digits"),
     out: Path = typer.Option(REPO / "bench" / "fgs_digits_samples.png"),
     per_column: int = typer.Option(4, help="samples per mode"),
     dropout_p: float = typer.Option(0.5),

@@ -1,8 +1,8 @@
 """Hardness statistics at ImageNet-LT scale (issue 13, item 5): fit memory and time, file size, one class's memory.
 
-1,000 classes with ImageNet-LT's training counts (client/data/imagenet_lt_train_counts.csv: 115,846 images, 5 to
-1,280 per class), k = 2,048 (a ResNet-50 embedding), synthetic embeddings (below). Each measurement runs in a
-process of its own, so that its peak resident memory (VmHWM) is its own:
+1,000 classes with ImageNet-LT's training counts (client/fgs_client/data/imagenet_lt_train_counts.csv:
+115,846 images, 5 to 1,280 per class), k = 2,048 (a ResNet-50 embedding), synthetic embeddings (below). Each
+measurement runs in a process of its own, so that its peak resident memory (VmHWM) is its own:
 
 1. fit: `HardnessStats.fit_to_file`, streaming the classes (generated again, identically, for the second pass).
    Acceptance: peak RSS <= 6 GiB (the dense fit needed [n, k, k]: 3.9 TB; 1,000 dense precisions are 16.8 GB).
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COUNTS_CSV = ROOT / "client" / "data" / "imagenet_lt_train_counts.csv"
+COUNTS_CSV = ROOT / "client" / "fgs_client" / "data" / "imagenet_lt_train_counts.csv"
 SHARED_FACTORS = 64  # low-rank structure shared by the classes (see the module docstring)
 
 

@@ -1,6 +1,6 @@
 """Measure the acceptance numbers of the embedded `fgs-digits` model (printed as markdown tables).
 
-    .venv/bin/python bench/measure_fgs_digits.py [--model worker/models/fgs-digits] [--per-class 20]
+    .venv/bin/python bench/measure_fgs_digits.py [--model worker/fgs_worker/models/fgs-digits] [--per-class 20]
 
 1. Text-only samples of every class, classified by a classifier trained on the generator's own (styled) training
    images: share recognised as the prompted class, per class and overall.
@@ -40,7 +40,7 @@ def light_background(samples: np.ndarray) -> np.ndarray:
 
 
 def main(
-    model: Path = typer.Option(REPO / "worker" / "models" / "fgs-digits"),
+    model: Path = typer.Option(REPO / "worker" / "fgs_worker" / "models" / "fgs-digits"),
     per_class: int = typer.Option(20, help="samples per class and mode"),
     seeds_per_image: int = typer.Option(8, help="seeds per conditioning image in the dropout check"),
     dropout_classes: int = typer.Option(10, help="classes (from zero) in the dropout check"),

@@ -75,8 +75,8 @@ def main(
     model = model or default_model()
     if model == "tiny":
         console.print(
-            "[yellow]worker/models/fgs-digits is missing: using the random-weight 'tiny' model (noise images; "
-            "plumbing only)[/]"
+            "[yellow]worker/fgs_worker/models/fgs-digits is missing: using the random-weight 'tiny' model "
+            "(noise images; plumbing only)[/]"
         )
 
     with Stage(1, "Digits-LT: long-tailed train split, balanced test split"):

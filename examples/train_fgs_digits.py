@@ -1,6 +1,6 @@
 """Train the embedded `fgs-digits` pipeline and save it (safetensors, diffusers layout).
 
-    .venv/bin/python examples/train_fgs_digits.py         # -> worker/models/fgs-digits (about 20 min, 2 cores)
+    .venv/bin/python examples/train_fgs_digits.py  # -> worker/fgs_worker/models/fgs-digits (about 20 min, 2 cores)
     .venv/bin/python examples/train_fgs_digits.py --out /tmp/d --scale 0.1  # a short smoke run
 
 Seeded: the same seed, step counts and thread count give the same weights. The training itself lives in
@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fgs_lab.digits_model_training import TrainingPlan, train_fgs_digits
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "worker" / "models" / "fgs-digits"
+DEFAULT_OUT = REPO / "worker" / "fgs_worker" / "models" / "fgs-digits"
 
 
 class RichProgress:

@@ -36,7 +36,7 @@ def stack(redis_server, tiny_model_dir, tmp_path_factory):
     """One worker on the tiny model with the embedded model's card (its classes and prompt form)."""
     model = tmp_path_factory.mktemp("carded") / "tiny"
     shutil.copytree(tiny_model_dir, model)
-    card = Path(__file__).parents[1] / "worker/models/fgs-digits/model_card.json"
+    card = Path(__file__).parents[1] / "worker/fgs_worker/models/fgs-digits/model_card.json"
     shutil.copy(card, model / "model_card.json")
     live = start_stack(redis_server, model, tmp_path_factory.mktemp("newcomer"), workers=1)
     yield live
@@ -78,7 +78,7 @@ def test_prompts_the_model_never_saw_are_warned_about_before_submitting_and_a_pr
     assert warning < output.index("submitting the jobs")
     # a real run shows what it runs, as the dry run does: the plan and every parameter with its source
     assert output.index("balance plan") < output.index("generation parameters") < warning
-    assert "default (common/wire.py)" in output
+    assert "default (common/fgs_common/wire.py)" in output
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({f: f"a handwritten digit {d}" for f, d in zip(FRUIT, DIGITS, strict=True)}))

@@ -13,7 +13,7 @@ from fgs_client.digits_lt import digits_split, generator_indices, load_digit_arr
 from fgs_lab.digits_model_evaluation import generator_style_classifier, mean_pairwise_distance, sample_digits
 from fgs_lab.digits_model_training import StyleProbabilities, build_style_bank
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "worker" / "models" / "fgs-digits"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "worker" / "fgs_worker" / "models" / "fgs-digits"
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# package -> (its folder, top-level modules it must never import)
+# package -> top-level modules it must never import. Each package's folder is found in the tree
+# (`<folder>/<package>/__init__.py`, the folder named as the import), not written here.
 TORCH_HEAVY = {"torch", "diffusers", "transformers", "safetensors", "fgs_classifier", "fgs_worker"}
 OUR_OTHERS = {"fgs_service", "fgs_worker", "fgs_client", "fgs_classifier", "fgs_lab"}
-RULES: dict[str, tuple[str, set[str]]] = {
-    "fgs_common": ("common", OUR_OTHERS | TORCH_HEAVY | {"fastapi", "starlette", "rq"}),
-    "fgs_service": ("service", TORCH_HEAVY | {"fgs_client", "fgs_lab", "sklearn"}),
-    "fgs_classifier": ("classifier", {"fgs_service", "fgs_worker", "fgs_client", "fgs_lab", "fastapi", "sklearn"}),
-    "fgs_worker": ("worker", {"fgs_service", "fgs_client", "fgs_lab", "fastapi", "sklearn"}),
-    "fgs_client": ("client", TORCH_HEAVY | {"fgs_service", "fgs_lab"}),
+RULES: dict[str, set[str]] = {
+    "fgs_common": OUR_OTHERS | TORCH_HEAVY | {"fastapi", "starlette", "rq"},
+    "fgs_service": TORCH_HEAVY | {"fgs_client", "fgs_lab", "sklearn"},
+    "fgs_classifier": {"fgs_service", "fgs_worker", "fgs_client", "fgs_lab", "fastapi", "sklearn"},
+    "fgs_worker": {"fgs_service", "fgs_client", "fgs_lab", "fastapi", "sklearn"},
+    "fgs_client": TORCH_HEAVY | {"fgs_service", "fgs_lab"},
 }
 # The client's training utilities are its `train` extra: they may use torch and the classifier package.
-EXCEPTIONS = {"client/training.py": {"torch", "safetensors", "fgs_classifier"}}
+EXCEPTIONS = {"client/fgs_client/training.py": {"torch", "safetensors", "fgs_classifier"}}
+
+
+def package_folder(package: str) -> Path:
+    """The one folder `*/<package>/` holding the package's `__init__.py`."""
+    found = sorted(REPO.glob(f"*/{package}/__init__.py"))
+    assert len(found) == 1, f"{package}: expected one */{package}/__init__.py, found {found}"
+    return found[0].parent
+
+
+def test_every_package_has_a_rule():
+    """A new fgs_* package in the tree cannot go unchecked."""
+    in_tree = {init.parent.name for init in REPO.glob("*/fgs_*/__init__.py")}
+    assert in_tree - {"fgs_lab"} == set(RULES)
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -43,9 +57,9 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 
 
 def forbidden_imports(package: str) -> list[str]:
-    folder, forbidden = RULES[package]
+    forbidden = RULES[package]
     problems = []
-    for path in sorted((REPO / folder).rglob("*.py")):
+    for path in sorted(package_folder(package).rglob("*.py")):
         relative = path.relative_to(REPO).as_posix()
         allowed = EXCEPTIONS.get(relative, set())
         for line, module in imported_modules(path):
@@ -62,10 +76,12 @@ def test_package_imports_point_one_way(package):
 def test_the_rule_catches_a_lazy_forbidden_import(tmp_path, monkeypatch):
     """A function-local `import fgs_client` inside the worker is found (the check itself can fail)."""
     fake_repo = tmp_path / "repo"
-    (fake_repo / "worker").mkdir(parents=True)
-    (fake_repo / "worker" / "jobs.py").write_text("def run():\n    from fgs_client.cli import app\n    return app\n")
+    package = fake_repo / "worker" / "fgs_worker"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "jobs.py").write_text("def run():\n    from fgs_client.cli import app\n    return app\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", fake_repo)
-    assert forbidden_imports("fgs_worker") == ["worker/jobs.py:2 imports fgs_client"]
+    assert forbidden_imports("fgs_worker") == ["worker/fgs_worker/jobs.py:2 imports fgs_client"]
 
 
 def test_worker_imports_without_scikit_learn():

@@ -1,6 +1,6 @@
 """Checks of the `fgs-digits` pipeline: sampling through the stock diffusers pipeline and small digit classifiers.
 
-Used by `bench/measure_fgs_digits.py` (the acceptance numbers in worker/models/fgs-digits/README.md),
+Used by `bench/measure_fgs_digits.py` (the acceptance numbers in worker/fgs_worker/models/fgs-digits/README.md),
 `bench/digits_samples.py` (a grid to look at) and tests/test_digits_model.py. The classifiers are scikit-learn
 MLPs on 16x16 RGB thumbnails: one trained on the generator's own (styled) training images, one on original-style
 generator-split digits. Neither ever sees a Digits-LT test digit.

@@ -1,10 +1,10 @@
 """`fgs-client` flags for the generation parameters, derived from `GenerationParams` (the one definition).
 
 A command decorated with `@generation_options(on_invalid)` gets one `--flag` per field of GenerationParams (name, type,
-default and help from the field) and `--preset NAME` (common/presets.py), and receives them validated as a single
-`generation: GenerationParams` argument (and, if it declares `choice: GenerationChoice`, where each value came
-from). Flags given on the command line override the preset; the preset overrides the defaults. A parameter added
-to the wire model shows up in every such command's `--help` with no edit here.
+default and help from the field) and `--preset NAME` (common/fgs_common/presets.py), and receives them validated
+as a single `generation: GenerationParams` argument (and, if it declares `choice: GenerationChoice`, where each
+value came from). Flags given on the command line override the preset; the preset overrides the defaults. A
+parameter added to the wire model shows up in every such command's `--help` with no edit here.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class GenerationChoice:
             return "--" + name.replace("_", "-") + " (given)"
         if self.preset is not None and name in self.preset.params:
             return f"preset {self.preset.name}: {self.preset.params[name].source}"
-        return "default (common/wire.py)"
+        return "default (common/fgs_common/wire.py)"
 
 
 def given_parameters(ctx: typer.Context) -> frozenset[str]:

@@ -1,4 +1,4 @@
-"""GET /v1/presets: the named generation settings and the source of every value (common/presets.py).
+"""GET /v1/presets: the named generation settings and the source of every value (common/fgs_common/presets.py).
 
 A client sends a preset's `params` values (and its own changes) as the fields of POST /v1/generate; the service
 does not expand preset names itself, so a job's record always holds the values it ran with.
