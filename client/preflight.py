@@ -175,7 +175,7 @@ def run_preflight(
     sample = sample_images(dataset, PREFLIGHT_IMAGES_PER_CLASS)
     predicted = classify_images(load_classifier_archive(archive, spec), [path for path, _ in sample])
     hits: dict[int, list[bool]] = {}
-    for (_path, class_index), guess in zip(sample, predicted, strict=True):
+    for (_, class_index), guess in zip(sample, predicted, strict=True):
         hits.setdefault(class_index, []).append(guess == match.classifier_index[class_index])
     correct = sum(sum(values) for values in hits.values())
     return PreflightResult(

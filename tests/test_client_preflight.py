@@ -154,7 +154,7 @@ def test_a_passed_preflight_is_kept_in_the_state_file_and_a_resume_skips_it(
         balance_runner, "run_preflight", lambda *args: runs.append(args) or preflight.run_preflight(*args)
     )
     with in_process_client(service_settings(redis_server, tmp_path / "service")) as client:
-        for _attempt in range(2):  # the run, then its resume
+        for _ in range(2):  # the run, then its resume
             run = BalanceRun(client, brightness_set, tmp_path / "out", plan, options)
             run.out.mkdir(exist_ok=True)
             state = BalanceState(run.out / STATE_NAME)
