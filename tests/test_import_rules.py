@@ -68,6 +68,7 @@ def test_the_rule_catches_a_lazy_forbidden_import(tmp_path, monkeypatch):
     assert forbidden_imports("fgs_worker") == ["worker/jobs.py:2 imports fgs_client"]
 
 
+@pytest.mark.stack  # a fresh interpreter
 def test_worker_imports_without_scikit_learn():
     """Every fgs_worker module imports with sklearn made unimportable (the worker extra does not install it)."""
     code = (
@@ -92,6 +93,7 @@ def docker_context(dockerignore: Path) -> list[str]:
     return [f for f in tracked if any(f == a or f.startswith(a + "/") or fnmatch.fnmatch(f, a) for a in allowed)]
 
 
+@pytest.mark.stack  # git ls-files
 @pytest.mark.parametrize("image", ["worker", "api"])
 def test_image_build_context_holds_no_training_code(image):
     context = docker_context(REPO / "docker" / f"Dockerfile.{image}.dockerignore")

@@ -140,6 +140,7 @@ def digits_classifier(tmp_path_factory):
     return root, archive, spec
 
 
+@pytest.mark.stack  # fgs up and the client CLI
 def test_sweep_end_to_end_on_fgs_digits(redis_server, digits_classifier, tmp_path):
     from fgs_lab.embedded_stack import run_client, start_embedded_stack
 
