@@ -201,7 +201,7 @@ def test_sweep_end_to_end_on_fgs_digits(redis_server, digits_classifier, tmp_pat
     for setting in summary["settings"]:
         assert 0.0 <= setting["intended_share"] <= 1.0
         assert 0.0 <= setting["mean_criterion"] <= math.log(10) + 1e-6  # an entropy over 10 classes
-        assert setting["coverage"] >= 0.0
+        assert 0.0 <= setting["coverage"] <= 1.0  # a share of the real images (NaN: no neighbourhoods)
     assert summary["suggested"]["omega"] in (0.0, 0.3) and summary["reason"]
     assert set(summary["per_class"]) == {"seven", "nine"}
     for name in ("0007_seven", "0009_nine"):
