@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from fgs_client.balance_runner import balance
 from fgs_client.balance_state import STATE_NAME
 from fgs_client.http_client import AuthenticationFailed, Client
 from fgs_common.wire import GenerationParams
@@ -196,7 +197,8 @@ def test_python_api_generate_and_balance_imagefolder(live_stack, tmp_path):
             for i in range(n):
                 write_image(root / class_name / f"{i}.png", i)
         (root / "bee" / "broken.png").write_bytes(b"\x89PNG not really")
-        report = client.balance(
+        report = balance(
+            client,
             "imagefolder",
             root,
             tmp_path / "out",

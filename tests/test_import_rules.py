@@ -2,7 +2,8 @@
 
 The check is static: every `import` statement in a package's files, function-local ones included, so a lazy
 import cannot slip past it. A second test imports the whole worker with scikit-learn made unimportable, and a
-third reads the worker image's build context off its .dockerignore.
+third reads the worker image's build context off its .dockerignore. Within a package no modules import each other
+in a cycle, however lazily (the original code's http_client <-> balance_runner is what it catches).
 """
 
 from __future__ import annotations
@@ -66,6 +67,65 @@ def test_the_rule_catches_a_lazy_forbidden_import(tmp_path, monkeypatch):
     (fake_repo / "worker" / "jobs.py").write_text("def run():\n    from fgs_client.cli import app\n    return app\n")
     monkeypatch.setattr(sys.modules[__name__], "REPO", fake_repo)
     assert forbidden_imports("fgs_worker") == ["worker/jobs.py:2 imports fgs_client"]
+
+
+def module_imports(folder: Path, package: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports (function-local imports included)."""
+    modules = {
+        path.relative_to(folder).with_suffix("").as_posix().replace("/", "."): path for path in folder.rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        prefix = package + "."
+        graph[name] = {t[len(prefix) :] for t in targets if t.startswith(prefix) and t[len(prefix) :] in modules} - {
+            name
+        }
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of the graph as [a, b, ..., a], or [] when there is none."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        if node in path:
+            return path[path.index(node) :] + [node]
+        if node in done:
+            return []
+        for target in sorted(graph[node]):
+            cycle = visit(target, path + [node])
+            if cycle:
+                return cycle
+        done.add(node)
+        return []
+
+    for start in sorted(graph):
+        cycle = visit(start, [])
+        if cycle:
+            return cycle
+    return []
+
+
+@pytest.mark.parametrize("package", sorted(RULES))
+def test_no_two_modules_of_a_package_import_each_other(package):
+    folder = REPO / RULES[package][0]
+    assert import_cycle(module_imports(folder, package)) == []
+
+
+def test_the_cycle_check_finds_a_lazy_cycle(tmp_path):
+    """A module that imports another lazily, inside a method, still closes a cycle (the check itself can fail)."""
+    (tmp_path / "http_client.py").write_text("def balance():\n    from fgs_client.balance_runner import run\n")
+    (tmp_path / "balance_runner.py").write_text("from fgs_client.http_client import Client\n")
+    (tmp_path / "cli.py").write_text("from fgs_client import http_client\n")
+    graph = module_imports(tmp_path, "fgs_client")
+    assert graph == {"http_client": {"balance_runner"}, "balance_runner": {"http_client"}, "cli": {"http_client"}}
+    assert import_cycle(graph) == ["balance_runner", "http_client", "balance_runner"]
 
 
 @pytest.mark.stack  # a fresh interpreter
