@@ -73,4 +73,3 @@ def test_fgs_client_maps_a_bad_dataset_root_and_a_bad_spec_to_exit_2(tmp_path):
     result = runner.invoke(cli.app, ["upload-classifier", "--classifier", str(archive), "--spec", str(spec)])
     assert result.exit_code == 2, result.output
     assert "cannot read the classifier spec" in " ".join(result.output.split())
-
