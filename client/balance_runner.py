@@ -31,6 +31,7 @@ from fgs_client.dataset_readers import RealImage, ScannedDataset, SyntheticImage
 from fgs_client.dataset_writer import (
     ManifestRow,
     carry_real_files,
+    generation_columns,
     remove_temporary_files,
     write_hf_metadata,
     write_index_files,
@@ -532,7 +533,6 @@ class BalanceRun:
 
     # 7. index files and manifest
     def _finish(self, state: BalanceState) -> BalanceReport:
-        fields_ = self.options.generation_fields()
         rows: list[ManifestRow] = []
         for image in self.dataset.images:
             rows.append(
@@ -559,10 +559,7 @@ class BalanceRun:
                         slot.entry.group or "",
                         "synthetic",
                         seed=str(record["seed"]),
-                        criterion=fields_["criterion"],
-                        omega=str(request.omega if request else fields_["omega"]),
-                        gamma=str(request.gamma if request else fields_["gamma"]),
-                        dropout_p=str(request.dropout_p if request else fields_["dropout_p"]),
+                        **(generation_columns(request) if request else {}),
                         criterion_value="" if value is None else repr(float(value)),
                         job_id=job.job_id or "",
                         prompt=request.prompt if request else slot.prompt,
