@@ -39,12 +39,13 @@ from rich.progress import track
 from rich.table import Table
 
 from fgs_client import Client
-from fgs_client.balance_state import StateConflict
+from fgs_client.balance_runner import balance
 from fgs_client.dataset_readers import ScannedDataset, read_dataset
 from fgs_client.digits_lt import FEW_BELOW, MANY_ABOVE, METADATA_FILE, build_digits_lt
 from fgs_client.generation_options import generation_options
 from fgs_client.http_client import FgsClientError
 from fgs_client.training import ManifestDataset, RealSyntheticBatchSampler, balanced_softmax_loss, shot_accuracy
+from fgs_common.exceptions import UserInputError
 from fgs_common.settings import get_settings
 from fgs_common.wire import ClassifierSpec, Criterion, GenerationParams
 
@@ -186,7 +187,8 @@ def main(
         console.rule("3. balance the training set with the service")
         try:
             with Client(url, api_key or get_settings().dev_api_key) as client:
-                report = client.balance(
+                report = balance(
+                    client,
                     "imagefolder",
                     root,
                     out,
@@ -199,7 +201,7 @@ def main(
                     show_progress=progress,
                     **generation.model_dump(),
                 )
-        except (FgsClientError, StateConflict, ValueError) as error:  # what `fgs-client balance` reports too
+        except (FgsClientError, UserInputError) as error:  # what `fgs-client balance` reports too
             console.print(f"[bold red]error:[/] {error}")
             raise typer.Exit(1) from None
         if not report.complete:

@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
 # Run the whole test suite from a fresh clone: set up, then pytest. Tests start their own redis-server,
 # uvicorn and workers on free loopback ports; nothing else needs to run.
+#   ./scripts/test.sh --fast   the unit layer only (`-m unit`: in-process tests, no Redis, no child process;
+#                              tests/conftest.py), without the deployment tools; the goal is under 2 minutes
+# Further arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FGS_WITH_PROMETHEUS=1 ./scripts/setup.sh
-if [ "${FGS_SKIP_DEPLOY_TOOLS:-0}" != 1 ] && [ ! -x .venv-deploy/bin/checkov ]; then
+fast=0
+if [ "${1:-}" = --fast ]; then
+  fast=1
+  shift
+fi
+if [ "$fast" = 1 ]; then
+  ./scripts/setup.sh
+else
+  FGS_WITH_PROMETHEUS=1 ./scripts/setup.sh
+fi
+if [ "$fast" = 0 ] && [ "${FGS_SKIP_DEPLOY_TOOLS:-0}" != 1 ] && [ ! -x .venv-deploy/bin/checkov ]; then
   echo "==> installing deployment check tools into .venv-deploy (checkov, kubernetes-validate, kubectl, compose)"
   python3 -m venv .venv-deploy
   .venv-deploy/bin/python -m pip install -q -r docker/requirements-deploy-tools.txt
@@ -12,4 +24,7 @@ fi
 echo "==> ruff (lint and format, settings in pyproject.toml)"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+if [ "$fast" = 1 ]; then
+  exec .venv/bin/python -m pytest -q -p no:cacheprovider -m unit "$@"
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,17 +1,135 @@
-"""Shared fixtures: a private redis-server, the tiny model, and a live stack (uvicorn + worker subprocesses).
+"""Shared fixtures: a private redis-server, the tiny model, and a live stack (uvicorn + worker subprocesses); and
+the layers every test is sorted into.
 
 Everything is real: no Redis, API or worker is mocked. Tests never touch the Redis on 6379: each session starts
 its own redis-server on a free port with persistence off.
+
+Layers (pytest markers, `-m unit` selects one; `./scripts/test.sh --fast` runs the unit layer):
+- unit: in one process, no Redis. Enforced: a unit test that starts a process or reaches a server over TCP fails
+  (a connection refused is no contact: a test may check what happens when nothing answers).
+- redis: uses the session's private redis-server (`redis_server`); our own components may start their children
+  (the classifier sandbox), the test starts no stack.
+- stack: starts processes: uvicorn and workers (`live_stack`, `start_stack`), `fgs up`, the CLIs, the classifier
+  sandbox, a fresh interpreter, outside tools.
+A test is sorted by an explicit marker (on the test or the module's `pytestmark`), else by what it uses: the
+`live_stack` fixture or a module that imports the stack helpers -> stack; the `redis_server` fixture -> redis;
+anything else -> unit.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from fgs_service.redis_server import start_redis_server, stop_redis_server
 from support.stack import start_stack
+
+LAYERS = ("unit", "redis", "stack")
+STACK_FIXTURES = {"live_stack"}
+REDIS_FIXTURES = {"redis_server"}
+# a module that imports one of these starts a stack or a CLI process itself
+STACK_HELPERS = {"start_stack", "spawn_api", "spawn_worker", "client_process"}
+LAYER = pytest.StashKey[str]()
+
+
+def layer_of(item: pytest.Item) -> str:
+    """The item's layer: its closest explicit layer marker, else what its fixtures and module use."""
+    for marker in item.iter_markers():
+        if marker.name in LAYERS:
+            return marker.name
+    fixtures = set(item.fixturenames)
+    module = getattr(item, "module", None)
+    if fixtures & STACK_FIXTURES or (module is not None and STACK_HELPERS & set(vars(module))):
+        return "stack"
+    if fixtures & REDIS_FIXTURES:
+        return "redis"
+    return "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        layer = layer_of(item)
+        item.stash[LAYER] = layer
+        if item.get_closest_marker(layer) is None:
+            item.add_marker(layer)
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        pytest.fail(
+            f"a unit test {what} ({args[0] if args else ''!r}): unit tests run in one process without Redis. Use the "
+            "redis_server or live_stack fixture, or mark the test (or its module's pytestmark) "
+            "pytest.mark.redis / pytest.mark.stack (layers: tests/conftest.py)"
+        )
+
+    return refuse
+
+
+def _refuse_child(popen, args, *rest, **kwargs):
+    _refuse("started a process")(args)
+
+
+@contextmanager
+def unit_isolation():
+    """Starting a process or reaching a server over TCP fails the test (a unit test that does either is
+    misclassified)."""
+    import _posixsubprocess  # what multiprocessing starts a child with
+
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def reached(sock: socket.socket, address) -> None:
+        sock.close()
+        _refuse("reached a server over TCP")(address)
+
+    def connect(self, address):
+        if self.family not in (socket.AF_INET, socket.AF_INET6):
+            return real_connect(self, address)
+        if self.gettimeout() == 0.0:  # non-blocking (asyncio): whether it is reached shows only later
+            _refuse("opened a non-blocking TCP connection")(address)
+        real_connect(self, address)  # refused: the OSError goes to the code under test, as without the guard
+        reached(self, address)
+
+    def connect_ex(self, address):
+        if self.family not in (socket.AF_INET, socket.AF_INET6):
+            return real_connect_ex(self, address)
+        if self.gettimeout() == 0.0:
+            _refuse("opened a non-blocking TCP connection")(address)
+        error = real_connect_ex(self, address)
+        if error == 0:
+            reached(self, address)
+        return error
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "_execute_child", _refuse_child)
+        patch.setattr(_posixsubprocess, "fork_exec", _refuse("started a process"))
+        for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+            if hasattr(os, name):
+                patch.setattr(os, name, _refuse(f"started a process with os.{name}"))
+        patch.setattr(socket.socket, "connect", connect)
+        patch.setattr(socket.socket, "connect_ex", connect_ex)
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    if item.stash.get(LAYER, None) != "unit":
+        return (yield)
+    with unit_isolation():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    if item.stash.get(LAYER, None) != "unit":
+        return (yield)
+    with unit_isolation():
+        return (yield)
 
 
 @pytest.fixture(scope="session")

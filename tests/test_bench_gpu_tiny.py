@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.stack  # runs bench/gpu.py in its own interpreter
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -150,6 +150,7 @@ def test_shape_expressions_are_arithmetic_only(expression, safe):
             check_symbolic_expression(expression)
 
 
+@pytest.mark.stack  # the sandboxed check is a child process
 def test_the_sandboxed_check_says_which_step_failed(tmp_path):
     """An unreadable spec is named as such, not blamed on the archive or on memory."""
     from fgs_common.classifier_sandbox import run_classifier_check

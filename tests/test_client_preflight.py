@@ -17,6 +17,7 @@ from fgs_client.preflight import (
     run_preflight,
     sample_images,
 )
+from fgs_common.exceptions import UserInputError
 from fgs_common.wire import ClassifierSpec, Criterion, GenerationParams, ModelInfo
 from support.service_settings import in_process_client, service_settings
 from support.tiny_classifier import make_brightness_set, write_brightness_classifier
@@ -47,12 +48,12 @@ def test_classes_in_another_order_are_mapped_by_name_and_said_so():
 
 
 def test_other_classes_are_refused_naming_only_the_differing_ones():
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(UserInputError) as refused:
         match_classes(spec(["zero", "one", "grey"]), ORDER)
     message = str(refused.value)
     assert "only in the spec (2): one, zero" in message and "only in the dataset (2): dark, light" in message
     assert "grey" not in message
-    with pytest.raises(ValueError, match="has 2 classes but the dataset 3"):
+    with pytest.raises(UserInputError, match="has 2 classes but the dataset 3"):
         match_classes(spec(None, num_classes=2), ORDER)
     assert "no class_names" in match_classes(spec(None), ORDER).note
 
@@ -60,7 +61,7 @@ def test_other_classes_are_refused_naming_only_the_differing_ones():
 def test_a_mismatch_among_thousands_of_classes_lists_twenty_names_and_counts_the_rest():
     dataset = [f"class{i:04d}" for i in range(2000)]
     classifier = [f"other{i:04d}" for i in range(2000)]
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(UserInputError) as refused:
         match_classes(spec(classifier, num_classes=2000), dataset)
     message = str(refused.value)
     assert "only in the dataset (2000): class0000," in message and "class0019 and 1980 more" in message
@@ -77,9 +78,9 @@ def test_repeated_names_in_the_same_order_map_position_by_position():
 
 def test_repeated_names_in_another_order_are_refused_naming_them():
     reordered = ["crane", "kite", "crane", "bee"]
-    with pytest.raises(ValueError, match="more than one class.*: crane"):
+    with pytest.raises(UserInputError, match="more than one class.*: crane"):
         match_classes(spec(reordered, num_classes=4), IMAGENET_LIKE)
-    with pytest.raises(ValueError, match=r"crane \(1 in the spec, 2 in the dataset\)"):
+    with pytest.raises(UserInputError, match=r"crane \(1 in the spec, 2 in the dataset\)"):
         match_classes(spec(["kite", "crane", "bee", "wasp"], num_classes=4), IMAGENET_LIKE)
 
 
@@ -154,7 +155,7 @@ def test_a_passed_preflight_is_kept_in_the_state_file_and_a_resume_skips_it(
         balance_runner, "run_preflight", lambda *args: runs.append(args) or preflight.run_preflight(*args)
     )
     with in_process_client(service_settings(redis_server, tmp_path / "service")) as client:
-        for _attempt in range(2):  # the run, then its resume
+        for _ in range(2):  # the run, then its resume
             run = BalanceRun(client, brightness_set, tmp_path / "out", plan, options)
             run.out.mkdir(exist_ok=True)
             state = BalanceState(run.out / STATE_NAME)
@@ -163,7 +164,7 @@ def test_a_passed_preflight_is_kept_in_the_state_file_and_a_resume_skips_it(
             state.close()
     assert len(runs) == 1
     write_brightness_classifier(tmp_path / "clf", ORDER, mean=0.0, std=1.0)  # the same paths, another spec
-    with pytest.raises(ValueError, match="mean/std"):  # another classifier (here its spec) is checked afresh
+    with pytest.raises(UserInputError, match="mean/std"):  # another classifier (here its spec) is checked afresh
         with in_process_client(service_settings(redis_server, tmp_path / "service")) as client:
             run = BalanceRun(client, brightness_set, tmp_path / "out", plan, options)
             state = BalanceState(run.out / STATE_NAME)

@@ -222,6 +222,7 @@ def test_digits_lt_as_the_project_builds_it(tmp_path):
     assert all(im.rel_path.startswith(f"train/{CLASS_NAMES[im.class_index]}/") for im in dataset.images)
 
 
+@pytest.mark.stack  # a fresh interpreter
 def test_client_core_does_not_import_torch():
     import subprocess
     import sys

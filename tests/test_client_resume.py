@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
 from fgs_client.cli import app
-from fgs_client.dataset_writer import remove_temporary_files, write_png_atomic
+from fgs_client.dataset_writer import MANIFEST_COLUMNS, generation_columns, remove_temporary_files, write_png_atomic
+from fgs_common.wire import STORED, GenerateRequest, GenerationParams
 from support.dataset_trees import make_nicopp_tree
 
 runner = CliRunner()
@@ -137,3 +138,12 @@ def test_cli_refuses_out_inside_root(tmp_path):
 def test_status_of_missing_run(tmp_path):
     result = runner.invoke(app, ["status", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "holds no balance run" in result.output
+
+
+def test_the_manifests_generation_columns_come_from_the_stored_request():
+    stored = GenerateRequest(
+        prompt="a bee", class_index=1, criterion="entropy", omega=0.05, gamma=2.0, dropout_p=0.5, classifier_id="c"
+    ).model_dump_json()
+    columns = generation_columns(GenerateRequest.model_validate_json(stored, context=STORED))
+    assert columns == {"criterion": "entropy", "omega": "0.05", "gamma": "2.0", "dropout_p": "0.5"}
+    assert set(columns) <= set(MANIFEST_COLUMNS) & set(GenerationParams.model_fields)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.stack  # runs the deployment tools (compose, kubectl, kubernetes-validate, checkov)
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / ".venv-deploy" / "bin"
 INSTALL_HINT = (

@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.stack  # runs the bench script, which starts fgs up
 def test_digits_lt_quick_writes_report_and_grids(redis_server, tmp_path):
     report, grids = tmp_path / "digits_lt.md", tmp_path / "grids"
     result = subprocess.run(

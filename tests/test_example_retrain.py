@@ -43,7 +43,7 @@ def test_the_retraining_example_trains_exports_balances_with_feedback_and_retrai
     assert set(rows) == {"real only", "real + synthetic"}, output
     # 400 balanced test images, chance 10 %: both models learned, and balancing does not wipe out the common
     # classes (a double imbalance correction once left Many and Medium at 0 %)
-    for name, (overall, many, medium, _few) in rows.items():
+    for name, (overall, many, medium, _) in rows.items():
         assert overall > 60 and many > 60 and medium > 60, (name, rows[name])
 
     # retrain on the folder it wrote, without the service; --balanced needs --test

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from fgs_common.loopback import free_port
@@ -27,6 +28,7 @@ from fgs_common.wire import ClassifierOutput, ClassifierSpec
 from support.live_calls import JobState, generate, get_job, upload_classifier, wait_final, wait_for
 from support.stack import TENANT_KEYS
 
+pytestmark = pytest.mark.stack  # starts `fgs up`
 STEP_DEADLINE_S = 4
 # Past the step deadline plus a heartbeat period (1 s), with room for a loaded machine: a stuck step is the
 # watchdog's to end before RQ's abandon sweep takes the job (at 5 s, a tie, the sweep won on a loaded machine).

@@ -9,10 +9,12 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import StableUnCLIPImg2ImgPipeline
+from pydantic import ValidationError
 
 from fgs_classifier.hardness_stats import HardnessStats
 from fgs_classifier.registry import load_classifier
 from fgs_classifier.small_cnn import SmallCNN, export_classifier
+from fgs_common.exceptions import InvalidJob
 from fgs_common.wire import (
     ClassifierOutput,
     ClassifierSpec,
@@ -293,7 +295,7 @@ def test_bad_arguments_raise_a_clear_error(sampler, classifier, tmp_path, argume
     if arguments.pop("no_classifier", False):
         clf = None
     arguments.setdefault("seeds", [1])
-    with pytest.raises(ValueError, match=named):
+    with pytest.raises((InvalidJob, ValidationError), match=named):  # the sampler's check, or GenerationParams'
         run(sampler, classifier=clf, **arguments)
 
 

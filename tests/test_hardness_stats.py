@@ -197,6 +197,7 @@ def test_statistics_deleted_while_loaded_stay_readable(tmp_path):
     assert torch.allclose(stats.score(sample, classes), fitted.score(sample, classes))
 
 
+@pytest.mark.stack  # a fresh interpreter measures its own memory
 def test_streaming_fit_never_builds_the_dense_intensity_term(tmp_path):
     """[n, k, k] at n = 2,000 and k = 256 would be 1 GB in float64; the fit must stay far below that."""
     script = f"""

@@ -24,6 +24,7 @@ from fgs_client.pilot_sweep import (
     suggest_setting,
 )
 from fgs_client.preflight import match_classes
+from fgs_common.exceptions import UserInputError
 from fgs_common.wire import ClassifierSpec, Criterion, GenerationParams, ImageResult, JobState
 from support.dataset_trees import write_image
 
@@ -57,14 +58,14 @@ def test_rule_compares_each_gamma_with_its_own_baseline():
 
 def test_sweep_options_are_checked_by_name():
     assert parse_floats("0, 0.01,0.3", "omega") == [0.0, 0.01, 0.3]
-    with pytest.raises(ValueError, match="--omega"):
+    with pytest.raises(UserInputError, match="--omega"):
         parse_floats("0,a", "omega")
     assert resolve_classes(
         "nine,7", ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     ) == [9, 7]
-    with pytest.raises(ValueError, match="'ten'"):
+    with pytest.raises(UserInputError, match="'ten'"):
         resolve_classes("ten", ["zero", "one"])
-    with pytest.raises(ValueError, match=r"'crane' names several classes \(1, 3\): give the index"):
+    with pytest.raises(UserInputError, match=r"'crane' names several classes \(1, 3\): give the index"):
         resolve_classes("crane", ["kite", "crane", "bee", "crane"])
 
 
@@ -123,7 +124,7 @@ def test_a_classifier_listing_the_classes_in_another_order_is_swept_with_its_own
     one_real = {0: np.zeros((1, 2)), 2: np.zeros((1, 2))}
     pooled, _per_class = setting_rows(sweeps, settings, one_real, embed=lambda paths: np.zeros((len(paths), 2)))
     assert [r.intended_share for r in pooled] == [1.0, 1.0]  # counted against the classifier's index
-    with pytest.raises(ValueError, match="not the dataset's"):
+    with pytest.raises(UserInputError, match="not the dataset's"):
         match_classes(ClassifierSpec(num_classes=3, class_names=["a", "b", "c"], input_size=32), scanned.class_names)
 
 
@@ -140,6 +141,7 @@ def digits_classifier(tmp_path_factory):
     return root, archive, spec
 
 
+@pytest.mark.stack  # fgs up and the client CLI
 def test_sweep_end_to_end_on_fgs_digits(redis_server, digits_classifier, tmp_path):
     from fgs_lab.embedded_stack import run_client, start_embedded_stack
 
@@ -200,7 +202,7 @@ def test_sweep_end_to_end_on_fgs_digits(redis_server, digits_classifier, tmp_pat
     for setting in summary["settings"]:
         assert 0.0 <= setting["intended_share"] <= 1.0
         assert 0.0 <= setting["mean_criterion"] <= math.log(10) + 1e-6  # an entropy over 10 classes
-        assert setting["coverage"] >= 0.0
+        assert 0.0 <= setting["coverage"] <= 1.0  # a share of the real images (NaN: no neighbourhoods)
     assert summary["suggested"]["omega"] in (0.0, 0.3) and summary["reason"]
     assert set(summary["per_class"]) == {"seven", "nine"}
     for name in ("0007_seven", "0009_nine"):

@@ -11,10 +11,13 @@ import threading
 import time
 
 import httpx
+import pytest
 import redis
 
 from fgs_common.loopback import free_port
 from support.live_calls import JobState, generate, wait_final
+
+pytestmark = pytest.mark.stack  # starts `fgs up`
 
 
 def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_path):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.stack  # a fresh interpreter
+
 
 def test_service_and_wire_format_do_not_import_torch():
     code = (

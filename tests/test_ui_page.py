@@ -129,9 +129,12 @@ def classifier_id(ui_stack, classifier_files) -> str:
 
 
 @pytest.fixture(scope="module")
-def shared() -> dict:
-    """What one test leaves for the next (the finished job of alpha)."""
-    return {}
+def finished_job(ui_stack):
+    """A finished job of alpha with two images, for the tests that read one (they run alone or in any order)."""
+    with ui_stack.client("alpha") as alpha:
+        job = wait_final(alpha, generate(alpha, num_images=2, steps=2, guidance_every=1, seed=21))
+    assert job.state.value == "finished", job
+    return job
 
 
 def page_bytes(page, blob_url: str) -> bytes:
@@ -140,7 +143,7 @@ def page_bytes(page, blob_url: str) -> bytes:
     return bytes(numbers)
 
 
-def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_stack, classifier_id, artifacts, shared):
+def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_stack, classifier_id, artifacts):
     session = session_of("alpha")
     page = session.page
     with ui_stack.client("alpha") as alpha:
@@ -220,7 +223,6 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
             GRID_SHOWS_IDS,
             arg=disagreeing,
         )
-    shared["job"] = job
 
 
 def test_cancel_a_running_job_from_the_page(session_of, ui_stack):
@@ -238,10 +240,8 @@ def test_cancel_a_running_job_from_the_page(session_of, ui_stack):
         assert job.progress.images_done < 8
 
 
-def test_another_tenant_sees_none_of_the_first_tenants_work(session_of, ui_stack, shared):
-    job = shared.get("job")
-    if job is None:
-        pytest.skip("needs the finished job of the progress test")
+def test_another_tenant_sees_none_of_the_first_tenants_work(session_of, ui_stack, finished_job):
+    job = finished_job
     session = session_of("beta")
     page = session.page
     page.wait_for_selector("#jobs-count:not(:empty)")
@@ -267,10 +267,8 @@ def test_another_tenant_sees_none_of_the_first_tenants_work(session_of, ui_stack
     assert page.locator("#nav-operator").is_hidden()
 
 
-def test_thumbnail_endpoint_is_small_cached_and_tenant_checked(ui_stack, shared):
-    job = shared.get("job")
-    if job is None:
-        pytest.skip("needs the finished job of the progress test")
+def test_thumbnail_endpoint_is_small_cached_and_tenant_checked(ui_stack, finished_job):
+    job = finished_job
     image_id = job.results[0].image_id
     with ui_stack.client("alpha") as alpha, ui_stack.client("beta") as beta:
         response = alpha.get(f"/v1/images/{image_id}/thumbnail", params={"size": 64})

@@ -27,11 +27,12 @@ from enum import Enum
 from pathlib import Path
 
 from fgs_client.dataset_readers import RealImage, ScannedDataset
+from fgs_common.exceptions import UserInputError
 
 Unit = tuple[int, "str | None"]
 
 
-class PlanError(ValueError):
+class PlanError(UserInputError):
     """The target or the counts cannot make a plan."""
 
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from pydantic import ValidationError
@@ -26,10 +27,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 
 from fgs_client.balance_planner import BalancePlan, JobSlot, UnitCounts, build_jobs, parse_target, plan_balance
 from fgs_client.balance_state import STATE_NAME, BalanceState
-from fgs_client.dataset_readers import RealImage, ScannedDataset, SyntheticImage
+from fgs_client.dataset_readers import RealImage, ScannedDataset, SyntheticImage, read_classifier_spec, read_dataset
 from fgs_client.dataset_writer import (
     ManifestRow,
     carry_real_files,
+    generation_columns,
     remove_temporary_files,
     write_hf_metadata,
     write_index_files,
@@ -39,6 +41,7 @@ from fgs_client.dataset_writer import (
 from fgs_client.generation_options import validation_message
 from fgs_client.http_client import ApiError, Client
 from fgs_client.preflight import PREFLIGHT_IMAGES_PER_CLASS, PREFLIGHT_MAX_IMAGES, match_classes, run_preflight
+from fgs_common.exceptions import UserInputError
 from fgs_common.wire import (
     STORED,
     ClassifierSpec,
@@ -116,7 +119,7 @@ def check_out_dir(dataset: ScannedDataset, out: Path) -> None:
         return
     root, target = dataset.root.resolve(), out.resolve()
     if target == root or target.is_relative_to(root) or root.is_relative_to(target):
-        raise ValueError(f"--out {out} must lie outside the dataset root {dataset.root} (and not contain it)")
+        raise UserInputError(f"--out {out} must lie outside the dataset root {dataset.root} (and not contain it)")
 
 
 def check_balance_options(options: BalanceOptions) -> None:
@@ -124,15 +127,15 @@ def check_balance_options(options: BalanceOptions) -> None:
     for name in ("classifier", "classifier_spec", "hardness_stats"):
         path = getattr(options, name)
         if path is not None and not Path(path).is_file():
-            raise ValueError(f"--{name.replace('_', '-')} {path} does not exist")
+            raise UserInputError(f"--{name.replace('_', '-')} {path} does not exist")
     if options.classifier is not None and options.classifier_spec is None:
-        raise ValueError(
+        raise UserInputError(
             "--classifier needs --classifier-spec (the JSON spec: num_classes, input_size, mean, std, output)"
         )
     has_classifier = options.classifier is not None or options.classifier_id is not None
     criterion = options.generation.criterion
     if criterion is not Criterion.none and not has_classifier:
-        raise ValueError(
+        raise UserInputError(
             f"--criterion {criterion.value} scores images with your classifier: give --classifier FILE with "
             "--classifier-spec SPEC.json (or --classifier-id of one uploaded before), or run without feedback "
             "(--criterion none --omega 0)"
@@ -145,7 +148,7 @@ def check_balance_options(options: BalanceOptions) -> None:
             **options.generation_fields(),
         )
     except ValidationError as error:
-        raise ValueError(validation_message(error)) from None
+        raise UserInputError(validation_message(error)) from None
 
 
 # The service's 404 for a referenced object (fgs_service.errors.not_found).
@@ -218,7 +221,7 @@ class BalanceRun:
     def _check_before_submitting(self, state: BalanceState) -> None:
         """Prompts against the model's classes, the classifier's classes against the dataset's, and the classifier
         on the user's own images (once per classifier: its outcome is kept in the state file for the resumes): a
-        ValueError (nothing submitted) for what would ruin the run."""
+        UserInputError (nothing submitted) for what would ruin the run."""
         self._say("checking prompts against the model")
         check_prompts_against_model(self.client, self.dataset, self.console)
         spec = self._classifier_spec()
@@ -253,11 +256,11 @@ class BalanceRun:
             self.console.print(f"[yellow]warning:[/] {result.summary()}; running anyway (--force)", soft_wrap=True)
             state.set_meta(key, f"{result.summary()}; run anyway (--force)")
         else:
-            raise ValueError(result.refusal())
+            raise UserInputError(result.refusal())
 
     def _classifier_spec(self) -> ClassifierSpec | None:
         if self.options.classifier_spec is not None:
-            return ClassifierSpec.model_validate_json(self.options.classifier_spec.read_text(encoding="utf-8"))
+            return read_classifier_spec(self.options.classifier_spec)
         if self.options.classifier_id is not None:
             return self.client.classifier(self.options.classifier_id).spec
         return None
@@ -272,7 +275,7 @@ class BalanceRun:
             self.classifier_id = known
             return
         self._say(f"uploading the classifier {options.classifier.name} (the service checks it in a sandbox)")
-        spec = ClassifierSpec.model_validate_json(options.classifier_spec.read_text(encoding="utf-8"))
+        spec = read_classifier_spec(options.classifier_spec)
         uploaded = self.client.upload_classifier(options.classifier, spec, options.hardness_stats)
         state.set_meta(f"classifier:{digest}", uploaded.id)
         self.classifier_id = uploaded.id
@@ -333,7 +336,7 @@ class BalanceRun:
             if object_id != self.classifier_id:
                 return False
             if self.options.classifier is None:
-                raise ValueError(
+                raise UserInputError(
                     f"the classifier {object_id} (--classifier-id) is no longer on the service (deleted?): upload it "
                     "again, or give --classifier and --classifier-spec"
                 ) from error
@@ -530,7 +533,6 @@ class BalanceRun:
 
     # 7. index files and manifest
     def _finish(self, state: BalanceState) -> BalanceReport:
-        fields_ = self.options.generation_fields()
         rows: list[ManifestRow] = []
         for image in self.dataset.images:
             rows.append(
@@ -557,10 +559,7 @@ class BalanceRun:
                         slot.entry.group or "",
                         "synthetic",
                         seed=str(record["seed"]),
-                        criterion=fields_["criterion"],
-                        omega=str(request.omega if request else fields_["omega"]),
-                        gamma=str(request.gamma if request else fields_["gamma"]),
-                        dropout_p=str(request.dropout_p if request else fields_["dropout_p"]),
+                        **(generation_columns(request) if request else {}),
                         criterion_value="" if value is None else repr(float(value)),
                         job_id=job.job_id or "",
                         prompt=request.prompt if request else slot.prompt,
@@ -635,3 +634,18 @@ def balance_dataset(
         target = parse_target(target)
     plan = plan_balance(UnitCounts.from_dataset(dataset), target, images_per_job=options.images_per_job)
     return BalanceRun(client, dataset, out, plan, options, console=console).run()
+
+
+def balance(
+    client: Client, dataset: str, root: Path, out: Path, target: str | int | dict[str, int] = "max", **options: Any
+) -> BalanceReport:
+    """Balance a dataset on disk, as `fgs-client balance` does (resumable: call again with the same arguments).
+    `options`: the reader's (split_file, class_names_file, groups_csv, prompt_template, prompts_file), the
+    GenerationParams fields, and the BalanceOptions fields."""
+    reader_keys = ("split_file", "class_names_file", "groups_csv", "prompt_template", "prompts_file")
+    reader_options = {k: options.pop(k) for k in reader_keys if k in options}
+    generation = {k: options.pop(k) for k in list(options) if k in GenerationParams.model_fields}
+    balance_options = BalanceOptions(generation=GenerationParams(**generation), **options)
+    check_balance_options(balance_options)
+    scanned = read_dataset(dataset, Path(root), **reader_options)
+    return balance_dataset(client, scanned, Path(out), target, balance_options)

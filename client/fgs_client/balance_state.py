@@ -12,6 +12,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from fgs_common.exceptions import UserInputError
+
 STATE_NAME = ".fgs-balance.sqlite"  # a file, not a folder: ImageFolder-style loaders would read a folder as a class
 
 SCHEMA = """
@@ -34,7 +36,7 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, ord);
 """
 
 
-class StateConflict(Exception):
+class StateConflict(UserInputError):
     """The output directory holds the state of a different plan."""
 
 

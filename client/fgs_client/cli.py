@@ -13,27 +13,84 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from fgs_client.balance_planner import BalancePlan, PlanError, UnitCounts, parse_target, plan_balance, read_counts_csv
-from fgs_client.balance_state import STATE_NAME, BalanceState, StateConflict
-from fgs_client.dataset_readers import DatasetError, ScannedDataset, packaged_lines, packaged_path, read_dataset
-from fgs_client.generation_options import GenerationChoice, generation_options
-from fgs_client.http_client import ApiError, AuthenticationFailed, Client, FgsClientError, ServiceUnreachable
+from fgs_client.balance_state import STATE_NAME, BalanceState
+from fgs_client.dataset_readers import (
+    ScannedDataset,
+    packaged_lines,
+    packaged_path,
+    read_classifier_spec,
+    read_dataset,
+)
+from fgs_client.generation_options import GenerationChoice, generation_options, validation_message
+from fgs_client.http_client import (
+    ApiError,
+    AuthenticationFailed,
+    Client,
+    FgsClientError,
+    JobFailed,
+    ServiceUnreachable,
+)
 from fgs_client.preflight import match_classes
+from fgs_common.exceptions import UserInputError
 from fgs_common.presets import get_preset
 from fgs_common.settings import get_settings
-from fgs_common.wire import ClassifierSpec, GenerationParams
+from fgs_common.wire import GenerationParams
 
-app = typer.Typer(
-    help="fgs client: balance long-tailed datasets with feedback-guided synthetic images.", no_args_is_help=True
-)
 out_console = Console()
 err_console = Console(stderr=True)
 
 EXIT_FAILED_JOBS, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_API = 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+RESUMABLE_COMMANDS = {"balance"}  # a rerun of the same command goes on where it stopped
+# The one table from error type to exit code, for every command: the first row the error is an instance of
+# decides, and the third column is what to do next when the command resumes. An error of no type here (a pydantic
+# ValidationError or a TypeError from a bug among them) is no bad input: it shows its traceback and exits 1.
+EXIT_CODES: tuple[tuple[type[Exception], int, str], ...] = (
+    (UserInputError, EXIT_BAD_INPUT, ""),  # DatasetError, PlanError, StateConflict, InvalidJob, ...
+    (ServiceUnreachable, EXIT_UNREACHABLE, "Nothing is lost: rerun the same command when the service is up to resume."),
+    (AuthenticationFailed, EXIT_AUTH, ""),
+    (ApiError, EXIT_API, "Rerun the same command to resume."),
+    (JobFailed, EXIT_FAILED_JOBS, ""),
+)
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def exit_for(error: Exception, command: str | None) -> typer.Exit:
+    """The error's message on stderr and its exit code (EXIT_CODES)."""
+    for kind, code, resume_hint in EXIT_CODES:
+        if isinstance(error, kind):
+            message = f"the service refused a request: {error}" if isinstance(error, ApiError) else str(error)
+            if resume_hint and command in RESUMABLE_COMMANDS:
+                message = f"{message}. {resume_hint}"
+            return fail(message, code)
+    raise TypeError(f"{type(error).__name__} is not in EXIT_CODES") from error
+
+
+class _Commands(TyperGroup):
+    """Typer's command group, with every command's errors mapped to exit codes in one place (EXIT_CODES)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except tuple(kind for kind, _, _ in EXIT_CODES) as error:
+            raise exit_for(error, ctx.invoked_subcommand) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    help="fgs client: balance long-tailed datasets with feedback-guided synthetic images.",
+    no_args_is_help=True,
+)
 
 
 class DatasetName(str, Enum):
@@ -73,11 +130,6 @@ PromptsOption = Annotated[
         "name another class shares is keyed <class index>-<name>)",
     ),
 ]
-
-
-def fail(message: str, code: int) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 def make_client(url: str, api_key: str | None, **options) -> Client:
@@ -228,51 +280,44 @@ def balance(
             f"{preset.name}'s value) for feedback",
             soft_wrap=True,
         )
+    target_value = parse_target(target)
+    if counts is not None:
+        if not dry_run:
+            raise fail("--counts plans from counts only: add --dry-run (a real balance needs --root)", EXIT_BAD_INPUT)
+        if str(counts) == "builtin" and dataset is DatasetName.nicopp:
+            print_nicopp_groups(target_value)
+            print_generation(choice, target)
+            return
+        if str(counts) == "builtin":
+            if dataset is not DatasetName.imagenet_lt:
+                raise fail("--counts builtin exists for imagenet-lt and nico++ only", EXIT_BAD_INPUT)
+            counts = packaged_path("imagenet_lt_train_counts.csv")
+        print_plan(plan_balance(read_counts_csv(counts), target_value, images_per_job), grouped=_grouped_counts(counts))
+        print_generation(choice, target)
+        return
+    if root is None:
+        raise fail("--root is required (or --counts FILE with --dry-run)", EXIT_BAD_INPUT)
     try:
-        target_value = parse_target(target)
-        if counts is not None:
-            if not dry_run:
-                raise fail(
-                    "--counts plans from counts only: add --dry-run (a real balance needs --root)", EXIT_BAD_INPUT
-                )
-            if str(counts) == "builtin" and dataset is DatasetName.nicopp:
-                print_nicopp_groups(target_value)
-                print_generation(choice, target)
-                return
-            if str(counts) == "builtin":
-                if dataset is not DatasetName.imagenet_lt:
-                    raise fail("--counts builtin exists for imagenet-lt and nico++ only", EXIT_BAD_INPUT)
-                counts = packaged_path("imagenet_lt_train_counts.csv")
-            print_plan(
-                plan_balance(read_counts_csv(counts), target_value, images_per_job), grouped=_grouped_counts(counts)
-            )
-            print_generation(choice, target)
-            return
-        if root is None:
-            raise fail("--root is required (or --counts FILE with --dry-run)", EXIT_BAD_INPUT)
-        try:
-            check_balance_options(options)
-        except ValueError as error:
-            if not dry_run:
-                raise
-            # the dry run still shows the plan, and what a real run would refuse
-            err_console.print(f"[yellow]warning:[/] a real run refuses these settings: {error}", soft_wrap=True)
-        err_console.print(f"[dim]fgs:[/] reading the dataset in {root}", highlight=False)
-        scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
-        if scanned.skipped:
-            err_console.print(
-                f"[yellow]skipped {len(scanned.skipped):,} files that are not readable images[/] (first: "
-                f"{scanned.skipped[0].path}: {scanned.skipped[0].reason})",
-                soft_wrap=True,
-            )
-        plan = plan_balance(UnitCounts.from_dataset(scanned), target_value, images_per_job)
-        if dry_run:
-            print_plan(plan, grouped=scanned.groups is not None, dataset=scanned)
-            print_generation(choice, target)
-            check_prompts_if_reachable(url, api_key, scanned)
-            return
-    except (DatasetError, PlanError, ValueError) as error:
-        raise fail(str(error), EXIT_BAD_INPUT) from None
+        check_balance_options(options)
+    except UserInputError as error:
+        if not dry_run:
+            raise
+        # the dry run still shows the plan, and what a real run would refuse
+        err_console.print(f"[yellow]warning:[/] a real run refuses these settings: {error}", soft_wrap=True)
+    err_console.print(f"[dim]fgs:[/] reading the dataset in {root}", highlight=False)
+    scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
+    if scanned.skipped:
+        err_console.print(
+            f"[yellow]skipped {len(scanned.skipped):,} files that are not readable images[/] (first: "
+            f"{scanned.skipped[0].path}: {scanned.skipped[0].reason})",
+            soft_wrap=True,
+        )
+    plan = plan_balance(UnitCounts.from_dataset(scanned), target_value, images_per_job)
+    if dry_run:
+        print_plan(plan, grouped=scanned.groups is not None, dataset=scanned)
+        print_generation(choice, target)
+        check_prompts_if_reachable(url, api_key, scanned)
+        return
     # what is about to run, as the dry run shows it (the status stream: stdout keeps the result)
     print_plan(plan, grouped=scanned.groups is not None, dataset=scanned, console=err_console, max_rows=50)
     print_generation(choice, target, console=err_console)
@@ -282,18 +327,6 @@ def balance(
             report = BalanceRun(client, scanned, out, plan, options, console=err_console).run()
         except KeyboardInterrupt:
             raise fail(interrupted_message(out), EXIT_INTERRUPTED) from None
-        except StateConflict as error:
-            raise fail(str(error), EXIT_BAD_INPUT) from None
-        except ValueError as error:
-            raise fail(str(error), EXIT_BAD_INPUT) from None
-        except ServiceUnreachable as error:
-            raise fail(
-                f"{error}. Nothing is lost: rerun the same command when the service is up to resume.", EXIT_UNREACHABLE
-            ) from None
-        except AuthenticationFailed as error:
-            raise fail(str(error), EXIT_AUTH) from None
-        except ApiError as error:
-            raise fail(f"the service refused a request: {error}. Rerun the same command to resume.", EXIT_API) from None
     summary = (
         f"{report.synthetic_written:,}/{report.planned_images:,} synthetic images in {report.out} "
         f"({report.real_images:,} real, {report.skipped_files:,} files skipped, {report.retried_jobs} jobs "
@@ -388,8 +421,6 @@ def cancel(
                     if error.status not in (404, 409):  # gone, or already finished / failed / canceled
                         raise
                     already_done += 1
-    except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
-        raise fail(str(error), _exit_code(error)) from None
     finally:
         state.close()
     out_console.print(
@@ -471,25 +502,7 @@ def status(
             state.close()
     if job is not None:
         with make_client(url, api_key) as client:
-            try:
-                out_console.print_json(client.job(job).model_dump_json())
-            except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
-                raise fail(str(error), _exit_code(error)) from None
-
-
-def _exit_code(error: Exception) -> int:
-    if isinstance(error, ServiceUnreachable):
-        return EXIT_UNREACHABLE
-    if isinstance(error, AuthenticationFailed):
-        return EXIT_AUTH
-    return EXIT_API
-
-
-def _read_spec(path: Path) -> ClassifierSpec:
-    try:
-        return ClassifierSpec.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise fail(f"cannot read the classifier spec {path}: {error}", EXIT_BAD_INPUT) from None
+            out_console.print_json(client.job(job).model_dump_json())
 
 
 @app.command("upload-classifier")
@@ -508,12 +521,9 @@ def upload_classifier(
         raise fail(f"classifier archive {archive} does not exist", EXIT_BAD_INPUT)
     if hardness_stats is not None and not hardness_stats.is_file():
         raise fail(f"hardness statistics {hardness_stats} do not exist", EXIT_BAD_INPUT)
-    parsed = _read_spec(spec)
+    parsed = read_classifier_spec(spec)
     with make_client(url, api_key) as client:
-        try:
-            uploaded = client.upload_classifier(archive, parsed, hardness_stats, name=name)
-        except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
-            raise fail(str(error), _exit_code(error)) from None
+        uploaded = client.upload_classifier(archive, parsed, hardness_stats, name=name)
     out_console.print(uploaded.id)
 
 
@@ -525,14 +535,11 @@ def classifiers(
 ) -> None:
     """List your uploaded classifiers (id, name, upload date, classes), or delete one."""
     with make_client(url, api_key) as client:
-        try:
-            if delete is not None:
-                client.delete_classifier(delete)
-                out_console.print(f"deleted classifier {delete}")
-                return
-            listed = client.classifiers()
-        except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
-            raise fail(str(error), _exit_code(error)) from None
+        if delete is not None:
+            client.delete_classifier(delete)
+            out_console.print(f"deleted classifier {delete}")
+            return
+        listed = client.classifiers()
     table = Table(title="classifiers")
     for column in ("id", "name", "uploaded", "classes", "hardness stats"):
         table.add_column(column, overflow="fold")
@@ -555,15 +562,12 @@ def images(
     """List your uploaded conditioning images (id, name, size, upload date), newest last, or delete some. A job
     that still needs a deleted image and has not started fails saying so; a rerun of `balance` uploads it again."""
     with make_client(url, api_key) as client:
-        try:
-            for image_id in delete or ():
-                client.delete_image(image_id)
-                out_console.print(f"deleted image {image_id}")
-            if delete:
-                return
-            listed = client.images()
-        except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
-            raise fail(str(error), _exit_code(error)) from None
+        for image_id in delete or ():
+            client.delete_image(image_id)
+            out_console.print(f"deleted image {image_id}")
+        if delete:
+            return
+        listed = client.images()
     shown = listed[-limit:] if limit > 0 else []
     table = Table(title=f"uploaded images: {len(listed):,}" + (f", the newest {len(shown)}" if shown != listed else ""))
     for column in ("id", "name", "size", "uploaded"):
@@ -602,25 +606,17 @@ def hardness_stats_command(
         raise fail(
             f"hardness-stats needs the train extra (pip install 'fgs[train]'): {error}", EXIT_BAD_INPUT
         ) from None
-    parsed = _read_spec(spec)
-    try:
-        scanned = read_dataset(
-            dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups
-        )
-    except DatasetError as error:
-        raise fail(str(error), EXIT_BAD_INPUT) from None
+    parsed = read_classifier_spec(spec)
+    scanned = read_dataset(dataset.value, root, split_file=split_file, class_names_file=class_names, groups_csv=groups)
     if len(scanned.class_names) != parsed.num_classes:
         raise fail(
             f"the dataset has {len(scanned.class_names)} classes, the classifier spec {parsed.num_classes}",
             EXIT_BAD_INPUT,
         )
-    try:
-        model = load_classifier_archive(classifier, parsed)
-        embeddings, labels = embed_images(
-            model, [im.path for im in scanned.images], [im.class_index for im in scanned.images], batch_size=batch_size
-        )
-    except ValueError as error:
-        raise fail(str(error), EXIT_BAD_INPUT) from None
+    model = load_classifier_archive(classifier, parsed)
+    embeddings, labels = embed_images(
+        model, [im.path for im in scanned.images], [im.class_index for im in scanned.images], batch_size=batch_size
+    )
     stats = class_embedding_statistics(embeddings, labels, parsed.num_classes, shrinkage=shrinkage)
     stats.save(out)
     out_console.print(
@@ -748,40 +744,35 @@ def sweep(
         raise fail(f"sweep needs the train extra (pip install 'fgs[train]'): {error}", EXIT_BAD_INPUT) from None
     if generation.criterion.value == "none":
         raise fail("--criterion is needed: the sweep varies the feedback scale of a criterion", EXIT_BAD_INPUT)
-    parsed = _read_spec(classifier_spec)
-    try:
-        omegas = pilot_sweep.parse_floats(omega, "omega")
-        gammas = pilot_sweep.parse_floats(gamma, "gamma") if gamma else [generation.gamma]
-        settings = [pilot_sweep.SweepSetting(w, g) for g in gammas for w in sorted(omegas)]
-        for setting in settings:  # each setting must be a valid generation before anything is uploaded
-            GenerationParams.model_validate(generation.model_dump() | {"omega": setting.omega, "gamma": setting.gamma})
-        scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
-        chosen = pilot_sweep.resolve_classes(classes, scanned.class_names)
-        match = match_classes(parsed, scanned.class_names)  # by name, as `balance` matches them
-        if match.note:
-            err_console.print(f"[yellow]note:[/] {match.note}", soft_wrap=True)
-        model = load_classifier_archive(classifier, parsed)
-    except (DatasetError, ValueError) as error:
-        raise fail(str(error), EXIT_BAD_INPUT) from None
-    with make_client(url, api_key) as client:
+    parsed = read_classifier_spec(classifier_spec)
+    omegas = pilot_sweep.parse_floats(omega, "omega")
+    gammas = pilot_sweep.parse_floats(gamma, "gamma") if gamma else [generation.gamma]
+    settings = [pilot_sweep.SweepSetting(w, g) for g in gammas for w in sorted(omegas)]
+    for setting in settings:  # each setting must be a valid generation before anything is uploaded
         try:
-            classifier_id = client.upload_classifier(classifier, parsed, hardness_stats).id
-            sweeps = pilot_sweep.run_sweep(
-                client,
-                scanned,
-                chosen,
-                settings,
-                generation,
-                num_seeds=seeds,
-                seed=seed,
-                classifier_id=classifier_id,
-                out=out / "images",
-                classifier_index=match.classifier_index,
-            )
-        except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
-            raise fail(str(error), _exit_code(error)) from None
-        except (ValueError, RuntimeError) as error:
-            raise fail(str(error), EXIT_FAILED_JOBS) from None
+            GenerationParams.model_validate(generation.model_dump() | {"omega": setting.omega, "gamma": setting.gamma})
+        except ValidationError as error:
+            raise UserInputError(validation_message(error)) from None
+    scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
+    chosen = pilot_sweep.resolve_classes(classes, scanned.class_names)
+    match = match_classes(parsed, scanned.class_names)  # by name, as `balance` matches them
+    if match.note:
+        err_console.print(f"[yellow]note:[/] {match.note}", soft_wrap=True)
+    model = load_classifier_archive(classifier, parsed)
+    with make_client(url, api_key) as client:
+        classifier_id = client.upload_classifier(classifier, parsed, hardness_stats).id
+        sweeps = pilot_sweep.run_sweep(
+            client,
+            scanned,
+            chosen,
+            settings,
+            generation,
+            num_seeds=seeds,
+            seed=seed,
+            classifier_id=classifier_id,
+            out=out / "images",
+            classifier_index=match.classifier_index,
+        )
 
     def embed(paths: list[Path]):
         return embed_images(model, paths, [0] * len(paths))[0].numpy()

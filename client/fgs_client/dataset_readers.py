@@ -19,17 +19,28 @@ from importlib import resources
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
 
 from fgs_client.digits_lt import METADATA_FILE as DIGITS_LT_METADATA
 from fgs_common.atomic_files import atomic_writer, write_atomic
+from fgs_common.exceptions import UserInputError
+from fgs_common.wire import ClassifierSpec
 
 DATASET_NAMES = ("nico++", "imagenet-lt", "imagefolder", "digits-lt")
 NICOPP_TRAIN_DIR = "track_1/public_dg_0416/train"
 NICOPP_MAPPING = "track_1/dg_label_id_mapping.json"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """The dataset cannot be read as the named layout (missing root, missing index file, bad index)."""
+
+
+def read_classifier_spec(path: Path) -> ClassifierSpec:
+    """The team's ClassifierSpec JSON file; a UserInputError says what is wrong with it."""
+    try:
+        return ClassifierSpec.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValidationError) as error:
+        raise UserInputError(f"cannot read the classifier spec {path}: {error}") from None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from fgs_client.dataset_readers import ScannedDataset, SyntheticImage
 from fgs_common.atomic_files import atomic_path, atomic_writer, is_temporary_name, write_atomic
+from fgs_common.wire import GenerationParams
 
 MANIFEST_NAME = "manifest.csv"
 HF_METADATA_NAME = "metadata.csv"  # the name Hugging Face datasets' imagefolder loader looks for
@@ -41,6 +42,14 @@ class ManifestRow:
 
 # The CSV says `class` where the dataclass must say class_name.
 MANIFEST_COLUMNS = ["class" if f.name == "class_name" else f.name for f in fields(ManifestRow)]
+# The GenerationParams fields a synthetic image's row carries, as the service stored its request.
+GENERATION_COLUMNS = ("criterion", "omega", "gamma", "dropout_p")
+
+
+def generation_columns(params: GenerationParams) -> dict[str, str]:
+    """The manifest's generation columns of an image, from the (stored) request it was generated with."""
+    values = params.model_dump(mode="json", include=set(GENERATION_COLUMNS))
+    return {name: str(values[name]) for name in GENERATION_COLUMNS}
 
 
 def _to_csv(row: ManifestRow) -> dict:

@@ -6,7 +6,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
@@ -19,16 +19,12 @@ from fgs_common.wire import (
     ClassifierUploaded,
     ErrorResponse,
     GenerateRequest,
-    GenerationParams,
     ImageUploaded,
     JobAccepted,
     JobPublic,
     JobState,
     ModelInfo,
 )
-
-if TYPE_CHECKING:
-    from fgs_client.balance_runner import BalanceReport
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_RETRY_AFTER_S = 30.0
@@ -57,9 +53,11 @@ class ApiError(FgsClientError):
 
 
 class JobFailed(FgsClientError):
-    def __init__(self, job: JobPublic):
+    """A job ended failed or canceled; `context` (what the job was for) leads the message."""
+
+    def __init__(self, job: JobPublic, context: str = ""):
         error = job.error.message if job.error else job.state.value
-        super().__init__(f"job {job.job_id} {job.state.value}: {error}")
+        super().__init__(f"{context}job {job.job_id} {job.state.value}: {error}")
         self.job = job
 
 
@@ -271,19 +269,3 @@ class Client:
         if job.state is not JobState.finished:
             raise JobFailed(job)
         return GenerationResult(job=job, images=[self.image_bytes(r.image_id) for r in job.results])
-
-    def balance(
-        self, dataset: str, root: Path, out: Path, target: str | int | dict[str, int] = "max", **options: Any
-    ) -> BalanceReport:
-        """Balance a dataset on disk (see `fgs-client balance`); resumable: call again with the same arguments."""
-        from fgs_client.balance_runner import BalanceOptions, balance_dataset, check_balance_options
-        from fgs_client.dataset_readers import read_dataset
-
-        reader_keys = ("split_file", "class_names_file", "groups_csv", "prompt_template", "prompts_file")
-        reader_options = {k: options.pop(k) for k in reader_keys if k in options}
-        # generation parameters by their GenerationParams names, the rest as BalanceOptions fields
-        generation = {k: options.pop(k) for k in list(options) if k in GenerationParams.model_fields}
-        balance_options = BalanceOptions(generation=GenerationParams(**generation), **options)
-        check_balance_options(balance_options)
-        scanned = read_dataset(dataset, Path(root), **reader_options)
-        return balance_dataset(self, scanned, Path(out), target, balance_options)

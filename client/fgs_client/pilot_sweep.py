@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from fgs_common.exceptions import UserInputError
+
 SHARE_TOLERANCE = 0.10
 
 
@@ -102,31 +104,31 @@ class ClassSweep:
 
 
 def parse_floats(text: str, name: str) -> list[float]:
-    """'0,0.01,0.03' -> [0.0, 0.01, 0.03]; a ValueError names the option."""
+    """'0,0.01,0.03' -> [0.0, 0.01, 0.03]; a UserInputError names the option."""
     try:
         values = [float(item) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise ValueError(f"--{name} takes comma-separated numbers, got {text!r}") from None
+        raise UserInputError(f"--{name} takes comma-separated numbers, got {text!r}") from None
     if not values:
-        raise ValueError(f"--{name} needs at least one value")
+        raise UserInputError(f"--{name} needs at least one value")
     return values
 
 
 def resolve_classes(text: str, class_names: list[str]) -> list[int]:
-    """Class names or indices, comma-separated, to indices; a ValueError names what is unknown."""
+    """Class names or indices, comma-separated, to indices; a UserInputError names what is unknown."""
     indices = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
         if class_names.count(item) > 1:
             where = ", ".join(str(i) for i, name in enumerate(class_names) if name == item)
-            raise ValueError(f"--classes: {item!r} names several classes ({where}): give the index")
+            raise UserInputError(f"--classes: {item!r} names several classes ({where}): give the index")
         if item in class_names:
             indices.append(class_names.index(item))
         elif item.isdigit() and int(item) < len(class_names):
             indices.append(int(item))
         else:
-            raise ValueError(f"--classes: {item!r} is neither a class name nor an index of this dataset")
+            raise UserInputError(f"--classes: {item!r} is neither a class name nor an index of this dataset")
     if not indices:
-        raise ValueError("--classes needs at least one class")
+        raise UserInputError("--classes needs at least one class")
     return indices
 
 
@@ -149,6 +151,7 @@ def run_sweep(
     class_index each request carries, as `balance` sends it; the identity when None."""
     import random
 
+    from fgs_client.http_client import JobFailed
     from fgs_common.wire import GenerateRequest, JobState
 
     rng = random.Random(seed)
@@ -156,7 +159,7 @@ def run_sweep(
     for class_index in classes:
         real = [im for im in scanned.images if im.class_index == class_index]
         if not real:
-            raise ValueError(f"class {scanned.class_names[class_index]!r} has no real image to condition on")
+            raise UserInputError(f"class {scanned.class_names[class_index]!r} has no real image to condition on")
         pick = rng.choice(real)
         uploaded = client.upload_image(Path(pick.path).read_bytes(), Path(pick.path).name)
         target = classifier_index[class_index] if classifier_index is not None else class_index
@@ -178,8 +181,7 @@ def run_sweep(
     for (sweep, setting, _), job_id in zip(jobs, accepted.job_ids, strict=False):
         job = client.wait(job_id)
         if job.state is not JobState.finished:
-            message = job.error.message if job.error else job.state.value
-            raise RuntimeError(f"{sweep.class_name} {setting.label}: job {job_id} {job.state.value}: {message}")
+            raise JobFailed(job, context=f"{sweep.class_name} {setting.label}: ")
         folder = out / _slug(sweep.class_name) / _slug(setting.ascii_label)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []

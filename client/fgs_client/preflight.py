@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fgs_client.dataset_readers import ScannedDataset
+from fgs_common.exceptions import UserInputError
 from fgs_common.wire import ClassifierSpec
 
 # Training images per class the pre-flight scores. 20 is the Few-shot boundary (fewer than 20 training images),
@@ -45,11 +46,11 @@ class ClassMatch:
 
 
 def match_classes(spec: ClassifierSpec, dataset_classes: list[str]) -> ClassMatch:
-    """Line the classifier's classes up with the dataset's by name; a ValueError when they are not the same set,
+    """Line the classifier's classes up with the dataset's by name; a UserInputError when they are not the same set,
     or when they differ in order and a name repeats (two classes of one name cannot be told apart by name)."""
     if spec.class_names is None:
         if spec.num_classes != len(dataset_classes):
-            raise ValueError(
+            raise UserInputError(
                 f"the classifier has {spec.num_classes} classes but the dataset {len(dataset_classes)} "
                 f"({_some(dataset_classes)}); its spec names no classes, so they cannot be matched"
             )
@@ -62,12 +63,12 @@ def match_classes(spec: ClassifierSpec, dataset_classes: list[str]) -> ClassMatc
         # Identical lists match position by position, repeated names too (ImageNet has two "crane" classes).
         return ClassMatch(list(range(len(dataset_classes))), None)
     if sorted(spec.class_names) != sorted(dataset_classes):
-        raise ValueError(
+        raise UserInputError(
             "the classifier's classes are not the dataset's" + _difference(spec.class_names, dataset_classes)
         )
     repeated = sorted({name for name in dataset_classes if dataset_classes.count(name) > 1})
     if repeated:
-        raise ValueError(
+        raise UserInputError(
             "the classifier lists the dataset's classes in another order, and these names belong to more than one "
             f"class, so matching by name cannot tell which is which: {_some(repeated)}. List class_names in the "
             "spec in the classifier's output order with the dataset's classes in that same order"
@@ -175,7 +176,7 @@ def run_preflight(
     sample = sample_images(dataset, PREFLIGHT_IMAGES_PER_CLASS)
     predicted = classify_images(load_classifier_archive(archive, spec), [path for path, _ in sample])
     hits: dict[int, list[bool]] = {}
-    for (_path, class_index), guess in zip(sample, predicted, strict=True):
+    for (_, class_index), guess in zip(sample, predicted, strict=True):
         hits.setdefault(class_index, []).append(guess == match.classifier_index[class_index])
     correct = sum(sum(values) for values in hits.values())
     return PreflightResult(

@@ -25,6 +25,7 @@ from PIL import Image
 from fgs_classifier.hardness_stats import HardnessStats
 from fgs_classifier.registry import load_classifier
 from fgs_client.dataset_writer import MANIFEST_NAME, read_manifest
+from fgs_common.exceptions import UserInputError
 
 # ---------------------------------------------------------------- sampling
 
@@ -290,10 +291,10 @@ def embed_images(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [N, k] of images under a loaded classifier whose forward returns (logits, embedding)."""
     if classifier.spec.output.value != "logits_embedding":
-        raise ValueError("hardness statistics need a classifier whose spec output is 'logits_embedding'")
+        raise UserInputError("hardness statistics need a classifier whose spec output is 'logits_embedding'")
     chunks = [embedding.float().cpu() for _logits, embedding in _classifier_outputs(classifier, paths, batch_size)]
     if not chunks:
-        raise ValueError("no images to embed")
+        raise UserInputError("no images to embed")
     return torch.cat(chunks), torch.as_tensor(list(labels), dtype=torch.long)
 
 

@@ -7,16 +7,24 @@ The worker decides what to do with a job by the type of the error alone:
   callback drops its images from the batch at the next step boundary (fgs_worker.jobs), nothing is raised.
 - anything else (a ValueError from inside torch, a file briefly missing on a shared volume, a Redis blip) is
   retried with backoff, up to FGS_JOB_RETRIES times.
+
+`fgs-client` picks its exit code by type as well (one table, fgs_client.cli.EXIT_CODES): a `UserInputError` is
+input the user can fix (exit code 2); an error of no named type is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 
-class InvalidJob(ValueError):
-    """A job that cannot succeed on any worker; the message says what to fix.
+class UserInputError(Exception):
+    """Input the user can fix (a dataset, a plan, an option, a file, a classifier that does not fit); the message
+    says what to fix.
 
-    A ValueError, as diffusers' `check_inputs` raises, so callers of the sampler may catch either.
+    Not a ValueError: a ValueError from a bug (a pydantic ValidationError among them) must never pass for bad input.
     """
+
+
+class InvalidJob(UserInputError):
+    """A job that cannot succeed on any worker; the message says what to fix."""
 
     code = "invalid_job"
 

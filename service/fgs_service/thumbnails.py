@@ -3,19 +3,18 @@
     {data_dir}/tenants/{tenant}/thumbnails/{size}/{image_id}.webp
 
 Content ids never change meaning, so a cached thumbnail is valid forever; it is written atomically like
-every other artifact (two requests racing make the same bytes).
+every other artifact, with `fgs_common.atomic_files` (two requests racing make the same bytes).
 """
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
 from fgs_common.artifact_store import ArtifactStore
+from fgs_common.atomic_files import write_atomic
 
 THUMBNAIL_MEDIA_TYPE = "image/webp"
 
@@ -31,7 +30,7 @@ class ThumbnailCache:
             return None
         target = self.store.tenant_dir(tenant) / "thumbnails" / str(size) / f"{image_id}.webp"
         if not target.exists():
-            _write_atomically(target, _thumbnail_bytes(source, size))
+            write_atomic(target, _thumbnail_bytes(source, size))
         return target
 
 
@@ -42,15 +41,3 @@ def _thumbnail_bytes(source: Path, size: int) -> bytes:
         buffer = io.BytesIO()
         image.save(buffer, format="WEBP", quality=82, method=4)
     return buffer.getvalue()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

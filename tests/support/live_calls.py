@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,13 @@ def follow_events(client, job_id: str) -> list[JobProgressEvent | JobPublic]:
     return events
 
 
+def default_sigint() -> None:
+    """In a child before it runs: SIGINT back to its default. A suite started in the background (`pytest &`,
+    nohup in a script) ignores SIGINT, and children inherit an ignored signal: Python would then install no
+    KeyboardInterrupt handler, and a Ctrl-C a test sends would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def client_process(*args: str, url: str, key: str, **env: str) -> subprocess.Popen:
     """`fgs-client ARGS` in a subprocess against `url` with `key`; stdout and stderr together, as text."""
     return subprocess.Popen(
@@ -54,6 +62,7 @@ def client_process(*args: str, url: str, key: str, **env: str) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=default_sigint,
     )
 
 

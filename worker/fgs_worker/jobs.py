@@ -236,13 +236,6 @@ def _json_safe(value: float | None) -> tuple[float | None, bool]:
     return None, True
 
 
-def _json_safe(value: float | None) -> tuple[float | None, bool]:
-    """(value, False), or (None, True) for NaN and infinities, which JSON cannot carry."""
-    if value is None or math.isfinite(value):
-        return value, False
-    return None, True
-
-
 def _prepare(runtime: WorkerRuntime, member: _Member, limit: int) -> None:
     """Load what the member's images need and check its inputs; raise InvalidJob when it cannot run."""
     request = member.request

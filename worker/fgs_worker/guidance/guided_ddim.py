@@ -206,7 +206,7 @@ class GuidedDDIMSampler:
         params: GenerationParams | Sequence[GenerationParams],
         classifier: LoadedClassifier | None,
     ) -> None:
-        """Raise InvalidJob (a ValueError) naming the first bad argument; runs before any model work.
+        """Raise InvalidJob naming the first bad argument; runs before any model work.
 
         The parameters' own ranges are GenerationParams' (pydantic); what is checked here depends on the
         loaded model or classifier, and that the images of one call can share a loop.
