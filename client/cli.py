@@ -22,6 +22,7 @@ from fgs_client.dataset_readers import DatasetError, ScannedDataset, packaged_li
 from fgs_client.generation_options import GenerationChoice, generation_options
 from fgs_client.http_client import ApiError, AuthenticationFailed, Client, FgsClientError, ServiceUnreachable
 from fgs_client.preflight import match_classes
+from fgs_client.run_owner import RunHeld, RunStopped, take_over
 from fgs_common.presets import get_preset
 from fgs_common.settings import get_settings
 from fgs_common.wire import ClassifierSpec, GenerationParams
@@ -191,7 +192,12 @@ def balance(
     prompt_template: PromptTemplateOption = None,
     prompts: PromptsOption = None,
     force: Annotated[
-        bool, typer.Option("--force", help="submit even when the classifier pre-flight on your images fails")
+        bool,
+        typer.Option(
+            "--force",
+            help="submit even when the pre-flight refuses: prompts that name no class the model knows, or the "
+            "classifier scoring badly on your images",
+        ),
     ] = False,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
@@ -269,7 +275,7 @@ def balance(
         if dry_run:
             print_plan(plan, grouped=scanned.groups is not None, dataset=scanned)
             print_generation(choice, target)
-            check_prompts_if_reachable(url, api_key, scanned)
+            check_prompts_if_reachable(url, api_key, scanned, force)
             return
     except (DatasetError, PlanError, ValueError) as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
@@ -282,6 +288,8 @@ def balance(
             report = BalanceRun(client, scanned, out, plan, options, console=err_console).run()
         except KeyboardInterrupt:
             raise fail(interrupted_message(out), EXIT_INTERRUPTED) from None
+        except RunStopped as error:
+            raise fail(str(error), EXIT_INTERRUPTED) from None
         except StateConflict as error:
             raise fail(str(error), EXIT_BAD_INPUT) from None
         except ValueError as error:
@@ -305,6 +313,13 @@ def balance(
             "here is the layout's own index)"
         )
     )
+    if report.canceled_jobs:
+        err_console.print(summary, soft_wrap=True)
+        raise fail(
+            f"{len(report.canceled_jobs)} jobs were canceled on the service and not resubmitted (first: "
+            f"{report.canceled_jobs[0][1]}); rerun the same command to generate them",
+            EXIT_FAILED_JOBS,
+        )
     if report.failed_jobs:
         err_console.print(summary, soft_wrap=True)
         for key, message in report.failed_jobs[:20]:
@@ -316,15 +331,20 @@ def balance(
     out_console.print(f"balanced: {summary}", soft_wrap=True)
 
 
-def check_prompts_if_reachable(url: str, api_key: str | None, scanned: ScannedDataset) -> None:
+def check_prompts_if_reachable(url: str, api_key: str | None, scanned: ScannedDataset, force: bool) -> None:
     """The dry run's prompt check: against the model of the service at `url` when one answers, else a note."""
     from fgs_client.balance_runner import check_prompts_against_model
 
     try:
         with make_client(url, api_key, timeout_s=10, retries=0) as client:
-            check_prompts_against_model(client, scanned, err_console)
+            info = client.model_info()
     except (FgsClientError, ValueError) as error:  # ValueError: something else answers there
         err_console.print(f"[dim]fgs:[/] prompts not checked against the model ({error})", soft_wrap=True)
+        return
+    try:
+        check_prompts_against_model(info, scanned, err_console, force)
+    except ValueError as error:  # what the run would stop at
+        err_console.print(f"[red]error:[/] {error}", soft_wrap=True)
 
 
 def interrupted_message(out: Path) -> str:
@@ -356,10 +376,15 @@ def cancel(
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
 ) -> None:
-    """Cancel the jobs a balance run left on the service (rerunning `balance` later submits them again)."""
+    """Cancel the jobs of a balance run on the service (rerunning `balance` later submits them again). A client
+    still running that run is asked to stop first, so that it does not resubmit what this cancels."""
     path = out / STATE_NAME
     if not path.is_file():
         raise fail(f"{out} holds no balance run ({STATE_NAME} missing)", EXIT_BAD_INPUT)
+    try:
+        owner = take_over(out)
+    except RunHeld as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
     state = BalanceState(path)
     canceled = already_done = 0
     try:
@@ -388,10 +413,12 @@ def cancel(
                     if error.status not in (404, 409):  # gone, or already finished / failed / canceled
                         raise
                     already_done += 1
+        state.mark_canceled(f"canceled by fgs-client cancel --out {out}")
     except (ServiceUnreachable, AuthenticationFailed, ApiError) as error:
         raise fail(str(error), _exit_code(error)) from None
     finally:
         state.close()
+        owner.release()
     out_console.print(
         f"canceled {canceled:,} jobs of the run in {out} ({already_done:,} had already ended); "
         "rerun the same balance command to resume the run",

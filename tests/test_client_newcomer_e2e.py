@@ -66,14 +66,20 @@ def fruit_set(root: Path) -> Path:
     return root
 
 
-def test_prompts_the_model_never_saw_are_warned_about_before_submitting_and_a_prompts_file_fixes_them(stack, tmp_path):
+def test_prompts_the_model_never_saw_are_refused_before_submitting_and_a_prompts_file_fixes_them(stack, tmp_path):
     root = fruit_set(tmp_path / "fruit")
     base = ["balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "o")]
     code, dry = run_cli(stack, *base, "--dry-run")  # the dry run asks the service's model too
-    assert code == 0 and "10 of the prompts name no class the model" in dry, dry
-    code, output = run_cli(stack, *base, *FAST)
+    assert code == 0 and "error: 10 of the prompts name no class the model" in dry, dry
+    before = job_total(stack, "alpha")
+    code, output = run_cli(stack, *base, *FAST)  # no silent waste: nothing is submitted
+    assert code == 2 and "10 of the prompts name no class the model" in output, output
+    assert "'a handwritten digit {class_name}'" in output and "--force generates them anyway" in output
+    assert job_total(stack, "alpha") == before
+    code, output = run_cli(stack, *base, *FAST, "--force")
     assert code == 0, output
     warning = output.index("10 of the prompts name no class the model")
+    assert "generating anyway (--force)" in output
     assert "It knows zero, one, two" in output and "'a handwritten digit {class_name}'" in output
     assert warning < output.index("submitting the jobs")
     # a real run shows what it runs, as the dry run does: the plan and every parameter with its source
@@ -112,8 +118,9 @@ def test_the_balanced_output_loads_in_hugging_face_datasets_and_as_class_folders
     root = fruit_set(tmp_path / "fruit")
     out = tmp_path / "balanced"
     code, output = run_cli(
-        stack, "balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), "--no-progress", *FAST
-    )
+        stack, "balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), "--no-progress", *FAST,
+        "--force",  # fruit names the model does not know: the output's format is what this test is about
+    )  # fmt: skip
     assert code == 0, output
     assert "Hugging Face metadata" in output
     import datasets  # the dev extra
@@ -139,6 +146,7 @@ def test_a_classifier_listing_the_classes_in_another_order_is_mapped_and_other_c
     archive, spec = write_brightness_classifier(tmp_path / "clf", ["light", "grey", "dark"])
     out = tmp_path / "o"
     args = ["balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), *FAST]
+    args += ["--force"]  # prompts the model does not know (dark, grey, light): the classes are what is checked here
     code, output = run_cli(stack, *args, "--classifier", str(archive), "--classifier-spec", str(spec), tenant="beta")
     assert code == 0, output
     assert "another order; mapped by name" in output and "dark -> 2" in output and "light -> 0" in output
@@ -158,12 +166,19 @@ def test_a_classifier_listing_the_classes_in_another_order_is_mapped_and_other_c
     assert job_total(stack, "beta") == before
 
 
+def digit_prompts(tmp_path: Path) -> str:
+    """A --prompts file naming a digit the model knows for each brightness class."""
+    path = tmp_path / "digit-prompts.json"
+    path.write_text(json.dumps({name: f"a handwritten digit {DIGITS[i]}" for i, name in enumerate(BRIGHTNESS_ORDER)}))
+    return str(path)
+
+
 def test_a_spec_with_the_wrong_normalisation_is_refused_by_the_preflight_unless_forced(stack, tmp_path):
     root = tmp_path / "bright"
     make_brightness_set(root, {"dark": 4, "grey": 2, "light": 1})
     archive, spec = write_brightness_classifier(tmp_path / "clf", BRIGHTNESS_ORDER, mean=0.0, std=1.0)
     args = ["balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "o"), *FAST]
-    args += ["--classifier", str(archive), "--classifier-spec", str(spec)]
+    args += ["--classifier", str(archive), "--classifier-spec", str(spec), "--prompts", digit_prompts(tmp_path)]
     code, output = run_cli(stack, *args, tenant="capped")
     assert code == 2, output
     assert "pre-flight: the classifier recognises" in output and "mean/std" in output and "--force" in output
@@ -196,7 +211,7 @@ def test_ctrl_c_says_what_is_left_on_the_service_and_cancel_ends_it(stack, tmp_p
     out = tmp_path / "o"
     process = cli(
         stack, "balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), "--target", "12",
-        "--steps", "400", "--images-per-job", "2", "--no-progress",
+        "--steps", "400", "--images-per-job", "2", "--no-progress", "--force",
     )  # fmt: skip
     # 400 steps: with cross-job batching 109 tiny-model images at 30 steps were all done before the Ctrl-C came
     deadline = time.time() + 120

@@ -56,7 +56,7 @@ def test_state_binds_one_plan_and_commits_chunks_whole(tmp_path):
     state.record_done("0/0", "job-1", [{"path": "x.png", "seed": 1}])
     state.record_failed("0/1", "boom")
     assert state.counts() == {"done": (1, 4), "failed": (1, 4), "pending": (1, 2)}
-    assert state.reopen_failed() == 1
+    assert state.reopen_failed() == {"0/1"}
     state.record_upload("ab" * 32, "img-1")
     state.close()
     # what another process sees after the close (or a kill) is the committed state
