@@ -53,6 +53,7 @@ class JobImages:
     job_id: str
     request: GenerateRequest
     results: list[dict]
+    class_names: list[str] | None = None  # its classifier spec's, when it names them
 
     @classmethod
     def from_records(cls, records: dict[str, dict[str, str]]) -> list[JobImages]:
@@ -66,9 +67,18 @@ class JobImages:
             if raw
         ]
 
+    def class_name(self, index: int | None = None) -> str | None:
+        """The team's name of class `index` (default: the job's): the spec's name, else the job's prompt for its
+        own class; None for another class the spec does not name."""
+        index = self.request.class_index if index is None else index
+        if self.class_names is not None and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return self.request.prompt if index == self.request.class_index else None
+
     def items(self) -> list[GalleryItem]:
         request = self.request
         generation = request.generation_params()
+        class_name = self.class_name()
         # model_construct: the values come from our own records, already validated once
         return [
             GalleryItem.model_construct(
@@ -78,7 +88,11 @@ class JobImages:
                 predicted_class=result.get("predicted_class"),
                 job_id=self.job_id,
                 class_index=request.class_index,
+                class_name=class_name,
                 prompt=request.prompt,
+                predicted_name=None
+                if result.get("predicted_class") is None
+                else self.class_name(result["predicted_class"]),
                 generation=generation,
                 disagrees=None
                 if result.get("predicted_class") is None
@@ -105,7 +119,12 @@ def gallery_page(
         job_items = job.items()
         count = classes.setdefault(
             job.request.class_index,
-            ClassCount(class_index=job.request.class_index, prompt=job.request.prompt, images=0),
+            ClassCount(
+                class_index=job.request.class_index,
+                class_name=job.class_name(),
+                prompt=job.request.prompt,
+                images=0,
+            ),
         )
         count.images += len(job_items)
         items += [item for item in job_items if where.admits(item)]
@@ -140,7 +159,8 @@ def _row_of(item: GalleryItem, rows_by: CompareRows) -> tuple[tuple, str]:
 
 def compare_grid(jobs: list[JobImages], class_index: int, rows_by: CompareRows, max_seeds: int) -> CompareGrid:
     """Rows: the settings; columns: the first `max_seeds` seeds; a cell is the first image of that row and seed."""
-    items = [item for job in jobs if job.request.class_index == class_index for item in job.items()]
+    chosen = [job for job in jobs if job.request.class_index == class_index]
+    items = [item for job in chosen for item in job.items()]
     seeds = sorted({item.seed for item in items})[:max_seeds]
     column = {seed: index for index, seed in enumerate(seeds)}
     rows: dict[tuple, tuple[str, list[GalleryItem | None]]] = {}
@@ -151,6 +171,7 @@ def compare_grid(jobs: list[JobImages], class_index: int, rows_by: CompareRows, 
             cells[column[item.seed]] = item
     return CompareGrid(
         class_index=class_index,
+        class_name=chosen[0].class_name() if chosen else str(class_index),
         rows_by=rows_by,
         seeds=seeds,
         rows=[CompareRow(label=label, cells=cells) for _, (label, cells) in sorted(rows.items())],

@@ -334,13 +334,17 @@ def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, recor
     # the gallery: each result with its job's prompt, class and generation parameters
     page = api.get("/v1/views/gallery", params={"job_id": job_id}, headers=auth("alpha")).json()
     generation = {k: v for k, v in job["request"].items() if k in GenerationParams.model_fields}
+    # (seeds as strings: the page's JavaScript would round 64-bit ones; names: the prompt, no classifier spec here)
     assert page["items"] == [
         {
             **result,
+            "seed": str(result["seed"]),
             "criterion_not_finite": False,
             "job_id": job_id,
             "class_index": 1,
+            "class_name": "a digit",
             "prompt": "a digit",
+            "predicted_name": "a digit" if result["predicted_class"] == 1 else None,
             "generation": generation,
             "disagrees": result["predicted_class"] != 1,
         }
