@@ -95,6 +95,7 @@ class BalanceReport:
     retried_jobs: int = 0
     manifest: Path | None = None
     hf_metadata: Path | None = None  # metadata.csv for Hugging Face datasets' imagefolder loader
+    generation_speed: float | None = None  # images/s on the service: see BalanceRun._generation_speed
 
     @property
     def complete(self) -> bool:
@@ -193,6 +194,7 @@ class BalanceRun:
         self._running = 0  # jobs seen running in the last poll: "generating" rather than "waiting for a worker"
         self._owner: RunOwner | None = None  # the lock on `out` while `run` runs
         self._reopened: set[str] = set()  # failed or canceled before this rerun: resubmitted when found ended
+        self._generated: list[tuple[float, float, int]] = []  # (started, finished, images) of jobs collected now
 
     # 1-2. state
     def run(self) -> BalanceReport:
@@ -387,6 +389,7 @@ class BalanceRun:
             num_images=slot.num_images,
             classifier_id=self.classifier_id,
             seed=slot.seed,
+            group=slot.entry.group,
             **self.options.generation_fields(),
         )
 
@@ -550,6 +553,8 @@ class BalanceRun:
                 "result_mismatch",
                 f"job {job.job_id} finished with {len(job.results)} images, expected {slot.num_images}",
             )
+        if job.started_at and job.finished_at:
+            self._generated.append((job.started_at.timestamp(), job.finished_at.timestamp(), len(job.results)))
         records = []
         for index, result in enumerate(job.results):
             rel = synthetic_rel_path(self.dataset, slot, index)
@@ -621,11 +626,23 @@ class BalanceRun:
             retried_jobs=self.retried,
             manifest=manifest,
             hf_metadata=hf_metadata,
+            generation_speed=self._generation_speed(),
         )
+
+    def _generation_speed(self) -> float | None:
+        """Images per second of generation on the service: the images of the jobs this run collected over the
+        time from the first one's start to the last one's end (workers' clocks; queueing before the first start
+        and the client's own downloads left out, which the progress bar's collection rate counts)."""
+        if not self._generated:
+            return None
+        start = min(started for started, _, _ in self._generated)
+        end = max(finished for _, finished, _ in self._generated)
+        return sum(images for _, _, images in self._generated) / max(end - start, 1e-3)
 
 
 class _RateColumn(TextColumn):
-    """Images per second over the run."""
+    """Images collected per second over the run (queueing and downloads included; the final line states the
+    generation speed on the service)."""
 
     def __init__(self) -> None:
         super().__init__("")

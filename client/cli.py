@@ -305,7 +305,13 @@ def balance(
     summary = (
         f"{report.synthetic_written:,}/{report.planned_images:,} synthetic images in {report.out} "
         f"({report.real_images:,} real, {report.skipped_files:,} files skipped, {report.retried_jobs} jobs "
-        f"retried); manifest: {report.manifest}"
+        f"retried); "
+        + (
+            f"generated at {report.generation_speed:.2f} img/s (first start to last end on the service); "
+            if report.generation_speed
+            else ""
+        )
+        + f"manifest: {report.manifest}"
         + (
             f"; Hugging Face metadata: {report.hf_metadata}"
             if report.hf_metadata

@@ -248,6 +248,12 @@ class GenerateRequest(GenerationParams):
     seed: Annotated[
         int, Field(ge=0, le=MAX_SEED, description="image i of the job uses seed + i; seed + num_images - 1 ≤ 2^63 - 1")
     ] = 0
+    group: str | None = Field(
+        None,
+        max_length=200,
+        description="the dataset group the job fills (a NICO++ context, a Waterbirds background): provenance in "
+        "each PNG, and what the gallery filters by; generation ignores it",
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> GenerateRequest:

@@ -53,6 +53,7 @@ class GalleryItem(ImageResult):
     class_name: ClassName
     prompt: Prompt
     predicted_name: str | None = Field(None, description="the name of predicted_class (as class_name is named)")
+    group: str | None = Field(None, description="the dataset group its job fills (a NICO++ context), if any")
     generation: GenerationParams = Field(description="the generation parameters of its job")
     disagrees: bool | None = Field(None, description="the classifier predicts another class than the intended one")
 
@@ -70,6 +71,7 @@ class GalleryPage(BaseModel):
     offset: int = Field(description="index of this page's first image")
     limit: int = Field(description="page size asked for")
     classes: list[ClassCount] = Field(description="the classes in scope (before the class filter)")
+    groups: list[str] = Field(description="the groups in scope (before the group filter), sorted")
     conditioning_image_ids: list[str] = Field(description="real images the shown jobs were conditioned on (≤ 16)")
 
 

@@ -26,12 +26,15 @@ MAX_CONDITIONING_SHOWN = 16
 @dataclass(frozen=True)
 class GalleryFilter:
     class_index: int | None = None
+    group: str | None = None
     disagrees: bool | None = None
     min_criterion: float | None = None
     max_criterion: float | None = None
 
     def admits(self, item: GalleryItem) -> bool:
         if self.class_index is not None and item.class_index != self.class_index:
+            return False
+        if self.group is not None and item.group != self.group:
             return False
         if self.disagrees is not None and item.disagrees is not self.disagrees:
             return False
@@ -89,6 +92,7 @@ class JobImages:
                 job_id=self.job_id,
                 class_index=request.class_index,
                 class_name=class_name,
+                group=request.group,
                 prompt=request.prompt,
                 predicted_name=None
                 if result.get("predicted_class") is None
@@ -114,8 +118,11 @@ def gallery_page(
     jobs: list[JobImages], where: GalleryFilter, sort: GallerySort, offset: int, limit: int
 ) -> GalleryPage:
     classes: dict[int, ClassCount] = {}
+    groups: set[str] = set()
     items: list[GalleryItem] = []
     for job in jobs:
+        if job.request.group is not None:
+            groups.add(job.request.group)
         job_items = job.items()
         count = classes.setdefault(
             job.request.class_index,
@@ -142,6 +149,7 @@ def gallery_page(
         offset=offset,
         limit=limit,
         classes=sorted(classes.values(), key=lambda c: c.class_index),
+        groups=sorted(groups),
         conditioning_image_ids=conditioning[:MAX_CONDITIONING_SHOWN],
     )
 

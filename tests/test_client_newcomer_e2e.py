@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,9 @@ def fruit_set(root: Path) -> Path:
 
 
 def test_prompts_the_model_never_saw_are_refused_before_submitting_and_a_prompts_file_fixes_them(stack, tmp_path):
+    with stack.client("alpha") as client:  # what the model knows, without the servers' paths
+        info = client.get("/v1/model").json()
+    assert info["model"] == "tiny" and "/tmp" not in json.dumps(info), info
     root = fruit_set(tmp_path / "fruit")
     base = ["balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "o")]
     code, dry = run_cli(stack, *base, "--dry-run")  # the dry run asks the service's model too
@@ -95,6 +99,7 @@ def test_prompts_the_model_never_saw_are_refused_before_submitting_and_a_prompts
     code, output = run_cli(stack, *args, *FAST)
     assert code == 0, output
     assert "name no class" not in output
+    assert re.search(r"generated at \d+\.\d\d img/s \(first start to last end on the service\)", output), output
     with open(out / "manifest.csv", newline="") as handle:
         synthetic = [row for row in csv.DictReader(handle) if row["source"] == "synthetic"]
     assert {(row["class"], row["prompt"]) for row in synthetic} == {
@@ -125,9 +130,15 @@ def test_the_balanced_output_loads_in_hugging_face_datasets_and_as_class_folders
     assert "Hugging Face metadata" in output
     import datasets  # the dev extra
 
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hf"))
-    assert Counter(loaded["label"]) == {name: 2 for name in FRUIT}
+    # as the README says: the features file makes `label` a ClassLabel with the class names, `group` a string
+    features = datasets.Features.from_dict(json.loads((out / "features.json").read_text()))
+    loaded = datasets.load_dataset(
+        "imagefolder", data_dir=str(out), features=features, split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert loaded.features["label"].names == sorted(FRUIT)
+    assert Counter(loaded.features["label"].int2str(loaded["label"])) == {name: 2 for name in FRUIT}
     assert Counter(loaded["source"]) == {"real": 11, "synthetic": 9}
+    assert set(loaded["group"]) == {None}  # no groups: empty, not NaN
 
     # torchvision's ImageFolder: one folder per class, sorted names as class indices, image files inside
     dest = tmp_path / "by-class"
@@ -136,8 +147,11 @@ def test_the_balanced_output_loads_in_hugging_face_datasets_and_as_class_folders
     folders = sorted(p.name for p in dest.iterdir() if p.is_dir())
     assert folders == sorted(FRUIT)
     assert {name: len(list((dest / name).glob("*.png"))) for name in folders} == {name: 2 for name in FRUIT}
-    by_class = datasets.load_dataset("imagefolder", data_dir=str(dest), split="train", cache_dir=str(tmp_path / "hf2"))
-    assert Counter(by_class["label"]) == {name: 2 for name in FRUIT}
+    features = datasets.Features.from_dict(json.loads((dest / "features.json").read_text()))
+    by_class = datasets.load_dataset(
+        "imagefolder", data_dir=str(dest), features=features, split="train", cache_dir=str(tmp_path / "hf2")
+    )
+    assert Counter(by_class.features["label"].int2str(by_class["label"])) == {name: 2 for name in FRUIT}
 
 
 def test_a_classifier_listing_the_classes_in_another_order_is_mapped_and_other_classes_are_refused(stack, tmp_path):

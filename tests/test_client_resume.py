@@ -137,3 +137,22 @@ def test_cli_refuses_out_inside_root(tmp_path):
 def test_status_of_missing_run(tmp_path):
     result = runner.invoke(app, ["status", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "holds no balance run" in result.output
+
+
+def test_each_request_names_the_group_its_job_fills(tmp_path):
+    """What the gallery's group filter reads: a class x group run's requests carry their group."""
+    from fgs_client.balance_planner import UnitCounts, plan_balance
+    from fgs_client.balance_runner import BalanceOptions, BalanceRun
+    from fgs_client.dataset_readers import read_dataset
+    from support.dataset_trees import write_image
+
+    root = tmp_path / "data"
+    for path in ("a/0.png", "a/1.png", "a/2.png", "b/0.png"):
+        write_image(root / path)
+    groups = tmp_path / "groups.csv"
+    groups.write_text("path,group\na/0.png,grass\na/1.png,snow\na/2.png,grass\nb/0.png,snow\n")
+    dataset = read_dataset("imagefolder", root, groups_csv=groups)
+    plan = plan_balance(UnitCounts.from_dataset(dataset), "max", images_per_job=1)
+    run = BalanceRun(None, dataset, tmp_path / "out", plan, BalanceOptions(text_only=True, show_progress=False))
+    pairs = {(slot.entry.group, run._request(None, slot).group) for slot in run.slots}
+    assert {given for given, _ in pairs} == {"grass", "snow"} and all(given == sent for given, sent in pairs)

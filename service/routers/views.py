@@ -79,6 +79,9 @@ async def gallery(
     job_id: JobId = None,
     batch_id: BatchId = None,
     class_index: Annotated[int | None, Query(ge=0, description="only images of this intended class")] = None,
+    group: Annotated[
+        str | None, Query(max_length=200, description="only images of jobs of this group (a NICO++ context)")
+    ] = None,
     disagrees: Annotated[
         bool | None, Query(description="true: only images the classifier assigns to another class")
     ] = None,
@@ -89,7 +92,7 @@ async def gallery(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> GalleryPage:
     """A page of generated images with their settings and the classifier's verdict."""
-    where = GalleryFilter(class_index, disagrees, min_criterion, max_criterion)
+    where = GalleryFilter(class_index, group, disagrees, min_criterion, max_criterion)
     jobs = await anyio.to_thread.run_sync(_scope, queue, store, tenant, job_id, batch_id)
     return await anyio.to_thread.run_sync(gallery_page, jobs, where, sort, offset, limit)
 

@@ -410,6 +410,7 @@ function galleryQuery() {
   if (scope.batch) query.set("batch_id", scope.batch);
   const cls = $("gallery-class").value;
   if (cls !== "") query.set("class_index", cls);
+  if ($("gallery-group").value !== "") query.set("group", $("gallery-group").value);
   query.set("sort", $("gallery-sort").value);
   if ($("gallery-disagrees").checked) query.set("disagrees", "true");
   if ($("gallery-min").value !== "") query.set("min_criterion", $("gallery-min").value);
@@ -426,6 +427,7 @@ function openGallery(params) {
   if (changed) state.gallery.offset = 0;
   if (params.has("class")) $("gallery-class").value = params.get("class");
   else if (changed) $("gallery-class").value = "";
+  if (changed) $("gallery-group").value = "";
   $("gallery-title").textContent = scope.job ? `Gallery · job ${shortId(scope.job)}`
     : scope.batch ? `Gallery · batch ${shortId(scope.batch)}` : "Gallery · recent jobs";
   $("gallery-detail").hidden = true;
@@ -457,6 +459,11 @@ async function loadGallery() {
   select.replaceChildren(el("option", { value: "" }, "all"),
     ...page.classes.map((c) => el("option", { value: c.class_index, title: `class ${c.class_index}: ${c.prompt}` }, `${c.class_name} (${c.images})`)));
   select.value = chosen;
+  const groupSelect = $("gallery-group"); // class × group runs (NICO++): shown when the scope has groups
+  const chosenGroup = groupSelect.value;
+  groupSelect.replaceChildren(el("option", { value: "" }, "all"), ...page.groups.map((g) => el("option", { value: g }, g)));
+  groupSelect.value = page.groups.includes(chosenGroup) ? chosenGroup : "";
+  $("gallery-group-label").hidden = page.groups.length === 0;
   const real = $("gallery-real");
   real.replaceChildren(el("span", { class: "muted" }, "real"),
     ...page.conditioning_image_ids.map((id) => imageTile(id, "thumb real", "conditioning image")));
@@ -475,7 +482,7 @@ async function loadGallery() {
 function metaRows(item) {
   return [
     ["image", item.image_id], ["job", item.job_id], ["class", `${item.class_name} (class ${item.class_index})`],
-    ["prompt", item.prompt], ["seed", item.seed], ["criterion", item.generation.criterion], ["ω", item.generation.omega],
+    ["prompt", item.prompt], ...(item.group ? [["group", item.group]] : []), ["seed", item.seed], ["criterion", item.generation.criterion], ["ω", item.generation.omega],
     ["γ", item.generation.gamma], ["p", item.generation.dropout_p],
     ["predicted class", predicted(item)], ["criterion value", fmt(item.criterion_value, 4)],
   ];
@@ -609,7 +616,7 @@ $("signin-form").addEventListener("submit", async (event) => {
   }
 });
 $("sign-out").addEventListener("click", () => signOut(""));
-for (const id of ["gallery-class", "gallery-sort", "gallery-disagrees", "gallery-min", "gallery-max"]) {
+for (const id of ["gallery-class", "gallery-group", "gallery-sort", "gallery-disagrees", "gallery-min", "gallery-max"]) {
   $(id).addEventListener("change", () => { state.gallery.offset = 0; loadGallery(); });
 }
 $("gallery-prev").addEventListener("click", () => { state.gallery.offset = Math.max(0, state.gallery.offset - PAGE_SIZE); loadGallery(); });
