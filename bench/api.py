@@ -225,8 +225,8 @@ def main() -> None:
                 before = int(store.info("memory")["used_memory"])
                 plan_s = asyncio.run(submit_plan(base, jobs, args.chunk, args.concurrency))
                 after = int(store.info("memory")["used_memory"])
-                queued_jobs = sum(
-                    store.llen(k) for k in store.scan_iter(match="rq:queue:*") if store.type(k) == b"list"
+                queued_jobs = sum(  # RQ's queues, under whatever RQ_KEY_PREFIX the stack runs with
+                    store.llen(k) for k in store.scan_iter(match="*rq:queue:*") if store.type(k) == b"list"
                 )
             finally:
                 for process in processes:

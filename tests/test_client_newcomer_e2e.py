@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -66,14 +67,23 @@ def fruit_set(root: Path) -> Path:
     return root
 
 
-def test_prompts_the_model_never_saw_are_warned_about_before_submitting_and_a_prompts_file_fixes_them(stack, tmp_path):
+def test_prompts_the_model_never_saw_are_refused_before_submitting_and_a_prompts_file_fixes_them(stack, tmp_path):
+    with stack.client("alpha") as client:  # what the model knows, without the servers' paths
+        info = client.get("/v1/model").json()
+    assert info["model"] == "tiny" and "/tmp" not in json.dumps(info), info
     root = fruit_set(tmp_path / "fruit")
     base = ["balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "o")]
     code, dry = run_cli(stack, *base, "--dry-run")  # the dry run asks the service's model too
-    assert code == 0 and "10 of the prompts name no class the model" in dry, dry
-    code, output = run_cli(stack, *base, *FAST)
+    assert code == 0 and "error: 10 of the prompts name no class the model" in dry, dry
+    before = job_total(stack, "alpha")
+    code, output = run_cli(stack, *base, *FAST)  # no silent waste: nothing is submitted
+    assert code == 2 and "10 of the prompts name no class the model" in output, output
+    assert "'a handwritten digit {class_name}'" in output and "--force generates them anyway" in output
+    assert job_total(stack, "alpha") == before
+    code, output = run_cli(stack, *base, *FAST, "--force")
     assert code == 0, output
     warning = output.index("10 of the prompts name no class the model")
+    assert "generating anyway (--force)" in output
     assert "It knows zero, one, two" in output and "'a handwritten digit {class_name}'" in output
     assert warning < output.index("submitting the jobs")
     # a real run shows what it runs, as the dry run does: the plan and every parameter with its source
@@ -89,6 +99,7 @@ def test_prompts_the_model_never_saw_are_warned_about_before_submitting_and_a_pr
     code, output = run_cli(stack, *args, *FAST)
     assert code == 0, output
     assert "name no class" not in output
+    assert re.search(r"generated at \d+\.\d\d img/s \(first start to last end on the service\)", output), output
     with open(out / "manifest.csv", newline="") as handle:
         synthetic = [row for row in csv.DictReader(handle) if row["source"] == "synthetic"]
     assert {(row["class"], row["prompt"]) for row in synthetic} == {
@@ -112,15 +123,22 @@ def test_the_balanced_output_loads_in_hugging_face_datasets_and_as_class_folders
     root = fruit_set(tmp_path / "fruit")
     out = tmp_path / "balanced"
     code, output = run_cli(
-        stack, "balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), "--no-progress", *FAST
-    )
+        stack, "balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), "--no-progress", *FAST,
+        "--force",  # fruit names the model does not know: the output's format is what this test is about
+    )  # fmt: skip
     assert code == 0, output
     assert "Hugging Face metadata" in output
     import datasets  # the dev extra
 
-    loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hf"))
-    assert Counter(loaded["label"]) == {name: 2 for name in FRUIT}
+    # as the README says: the features file makes `label` a ClassLabel with the class names, `group` a string
+    features = datasets.Features.from_dict(json.loads((out / "features.json").read_text()))
+    loaded = datasets.load_dataset(
+        "imagefolder", data_dir=str(out), features=features, split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert loaded.features["label"].names == sorted(FRUIT)
+    assert Counter(loaded.features["label"].int2str(loaded["label"])) == {name: 2 for name in FRUIT}
     assert Counter(loaded["source"]) == {"real": 11, "synthetic": 9}
+    assert set(loaded["group"]) == {None}  # no groups: empty, not NaN
 
     # torchvision's ImageFolder: one folder per class, sorted names as class indices, image files inside
     dest = tmp_path / "by-class"
@@ -129,8 +147,11 @@ def test_the_balanced_output_loads_in_hugging_face_datasets_and_as_class_folders
     folders = sorted(p.name for p in dest.iterdir() if p.is_dir())
     assert folders == sorted(FRUIT)
     assert {name: len(list((dest / name).glob("*.png"))) for name in folders} == {name: 2 for name in FRUIT}
-    by_class = datasets.load_dataset("imagefolder", data_dir=str(dest), split="train", cache_dir=str(tmp_path / "hf2"))
-    assert Counter(by_class["label"]) == {name: 2 for name in FRUIT}
+    features = datasets.Features.from_dict(json.loads((dest / "features.json").read_text()))
+    by_class = datasets.load_dataset(
+        "imagefolder", data_dir=str(dest), features=features, split="train", cache_dir=str(tmp_path / "hf2")
+    )
+    assert Counter(by_class.features["label"].int2str(by_class["label"])) == {name: 2 for name in FRUIT}
 
 
 def test_a_classifier_listing_the_classes_in_another_order_is_mapped_and_other_classes_are_refused(stack, tmp_path):
@@ -139,6 +160,7 @@ def test_a_classifier_listing_the_classes_in_another_order_is_mapped_and_other_c
     archive, spec = write_brightness_classifier(tmp_path / "clf", ["light", "grey", "dark"])
     out = tmp_path / "o"
     args = ["balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), *FAST]
+    args += ["--force"]  # prompts the model does not know (dark, grey, light): the classes are what is checked here
     code, output = run_cli(stack, *args, "--classifier", str(archive), "--classifier-spec", str(spec), tenant="beta")
     assert code == 0, output
     assert "another order; mapped by name" in output and "dark -> 2" in output and "light -> 0" in output
@@ -158,12 +180,19 @@ def test_a_classifier_listing_the_classes_in_another_order_is_mapped_and_other_c
     assert job_total(stack, "beta") == before
 
 
+def digit_prompts(tmp_path: Path) -> str:
+    """A --prompts file naming a digit the model knows for each brightness class."""
+    path = tmp_path / "digit-prompts.json"
+    path.write_text(json.dumps({name: f"a handwritten digit {DIGITS[i]}" for i, name in enumerate(BRIGHTNESS_ORDER)}))
+    return str(path)
+
+
 def test_a_spec_with_the_wrong_normalisation_is_refused_by_the_preflight_unless_forced(stack, tmp_path):
     root = tmp_path / "bright"
     make_brightness_set(root, {"dark": 4, "grey": 2, "light": 1})
     archive, spec = write_brightness_classifier(tmp_path / "clf", BRIGHTNESS_ORDER, mean=0.0, std=1.0)
     args = ["balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(tmp_path / "o"), *FAST]
-    args += ["--classifier", str(archive), "--classifier-spec", str(spec)]
+    args += ["--classifier", str(archive), "--classifier-spec", str(spec), "--prompts", digit_prompts(tmp_path)]
     code, output = run_cli(stack, *args, tenant="capped")
     assert code == 2, output
     assert "pre-flight: the classifier recognises" in output and "mean/std" in output and "--force" in output
@@ -196,7 +225,7 @@ def test_ctrl_c_says_what_is_left_on_the_service_and_cancel_ends_it(stack, tmp_p
     out = tmp_path / "o"
     process = cli(
         stack, "balance", "--dataset", "imagefolder", "--root", str(root), "--out", str(out), "--target", "12",
-        "--steps", "400", "--images-per-job", "2", "--no-progress",
+        "--steps", "400", "--images-per-job", "2", "--no-progress", "--force",
     )  # fmt: skip
     # 400 steps: with cross-job batching 109 tiny-model images at 30 steps were all done before the Ctrl-C came
     deadline = time.time() + 120

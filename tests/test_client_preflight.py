@@ -3,6 +3,8 @@ on the user's own images through the workers' preprocessing (a real TorchScript 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fgs_client import balance_runner, preflight
@@ -117,6 +119,75 @@ def test_the_preflight_refuses_a_spec_with_the_wrong_normalisation(tmp_path, bri
     result = run_preflight(archive, parsed, brightness_set, match_classes(parsed, ORDER))
     assert not result.passed and result.accuracy < result.threshold
     assert "mean/std" in result.refusal() and "--force" in result.refusal()
+    assert "With mean 0.5, std 0.5 (0.5/0.5) this classifier scores 100%" in result.refusal()
+
+
+def test_a_classifier_trained_with_other_statistics_is_refused_naming_them(tmp_path):
+    """Issue 23's case: a spec saying 0.5/0.5 for a classifier trained with its data's own mean/std scores well
+    above the threshold (82 % here, 76 % there) and used to pass; the images' statistics score 100 %."""
+    root = tmp_path / "data"
+    make_brightness_set(root, {"dark": 12, "grey": 6, "light": 4})
+    dataset = read_dataset("imagefolder", root)
+    levels = [0.1] * 12 + [0.5] * 6 + [0.9] * 4  # what the team computed its statistics from
+    mean = sum(levels) / len(levels)
+    std = (sum((v - mean) ** 2 for v in levels) / len(levels)) ** 0.5
+    archive, spec_path = write_brightness_classifier(
+        tmp_path / "clf", ORDER, mean=0.5, std=0.5, trained_mean=mean, trained_std=std
+    )
+    parsed = ClassifierSpec.model_validate_json(spec_path.read_text())
+    result = run_preflight(archive, parsed, dataset, match_classes(parsed, ORDER))
+    assert result.accuracy == pytest.approx(18 / 22) and result.accuracy > result.threshold  # passed before
+    assert not result.passed and result.better.accuracy == 1.0
+    named = re.search(r"With mean \[(.+?)\], std \[(.+?)\] \(your training images' own statistics\)", result.refusal())
+    assert named, result.refusal()
+    named_mean, named_std = ([float(v) for v in group.split(", ")] for group in named.groups())
+    assert named_mean == pytest.approx([mean] * 3, abs=0.005) and named_std == pytest.approx([std] * 3, abs=0.005)
+    assert "scores 100% instead of 82%: your spec's mean/std look wrong" in result.refusal()
+    assert "mean 0, std 1 (no normalisation) 27%" in result.refusal()  # every alternative tried, with its score
+    # the spec with the values it names passes, and no alternative is tried on a well-fed classifier
+    fixed = parsed.model_copy(update={"mean": named_mean, "std": named_std})
+    result = run_preflight(archive, fixed, dataset, match_classes(fixed, ORDER))
+    assert result.passed and result.well_fed and result.accuracy == 1.0 and result.tried == ()
+
+
+def test_a_spec_listing_the_classes_in_another_order_than_the_outputs_is_refused_naming_class_order(
+    tmp_path, brightness_set
+):
+    archive, _spec_path = write_brightness_classifier(tmp_path / "clf", ["light", "grey", "dark"])
+    wrong = spec(ORDER)  # the dataset's order, not the classifier's
+    result = run_preflight(archive, wrong, brightness_set, match_classes(wrong, ORDER))
+    assert result.accuracy == pytest.approx(3 / 11) and result.better.accuracy == 1.0
+    assert "not in the classifier's output order" in result.refusal()
+    assert "dark -> 2, light -> 0" in result.refusal()
+
+
+def test_a_spec_mapped_by_name_that_fails_names_the_class_order_first(tmp_path, brightness_set):
+    # A 0/1 spec on a 0.5/0.5 classifier whose classes were mapped by name: the order just printed is suspect one.
+    archive, _ = write_brightness_classifier(tmp_path / "clf", ["light", "grey", "dark"])
+    wrong = ClassifierSpec(num_classes=3, class_names=["light", "grey", "dark"], input_size=8, mean=[0.0], std=[1.0])
+    result = run_preflight(archive, wrong, brightness_set, match_classes(wrong, ORDER))
+    assert result.better is not None and "mean 0.5, std 0.5" in result.refusal()
+    refused = preflight.PreflightResult(
+        result.accuracy, result.images, result.threshold, result.per_class, class_order_note=result.class_order_note
+    )
+    assert "Likely causes: the class order: the classifier lists the dataset's classes in another order" in (
+        refused.refusal()
+    )
+
+
+def test_below_ninety_percent_without_a_better_feeding_the_preflight_warns(tmp_path):
+    root = tmp_path / "data"
+    make_brightness_set(root, {"dark": 10, "grey": 7, "light": 2})
+    for i in range(2):  # two grey images filed under light: no feeding tells them from grey
+        (root / "grey" / f"{5 + i}.png").rename(root / "light" / f"grey{i}.png")
+    dataset = read_dataset("imagefolder", root)
+    archive, spec_path = write_brightness_classifier(tmp_path / "clf", ORDER)
+    parsed = ClassifierSpec.model_validate_json(spec_path.read_text())
+    result = run_preflight(archive, parsed, dataset, match_classes(parsed, ORDER))
+    assert result.accuracy == pytest.approx(17 / 19) and result.passed and not result.well_fed
+    # the images' statistics, none, ImageNet's, BGR (0.5/0.5 is the spec; 1 channel does not fit its Linear)
+    assert result.better is None and len(result.tried) == 4
+    assert "below 90%" in result.warning() and "no common alternative" in result.warning()
 
 
 def test_a_prompt_is_unknown_to_the_model_when_it_names_none_of_its_classes_as_a_whole_word():

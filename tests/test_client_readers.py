@@ -146,12 +146,14 @@ def test_class_folders_of_classes_that_share_a_name_are_apart_and_in_index_order
     # and Hugging Face datasets' metadata.csv beside them, the paths relative to dest
     with open(dest / "metadata.csv", newline="") as handle:
         metadata = list(csv.DictReader(handle))
-    assert [(r["file_name"], r["label"], r["class_index"]) for r in metadata] == [
-        ("0-kite/img0.png", "0-kite", "0"),
-        ("1-crane/img1.png", "1-crane", "1"),  # the two cranes stay two labels, as the folders are
-        ("2-bee/img2.png", "2-bee", "2"),
-        ("3-crane/img3.png", "3-crane", "3"),
+    assert [(r["file_name"], r["label"], r["class_name"], r["group"]) for r in metadata] == [
+        ("0-kite/img0.png", "0", "0-kite", ""),
+        ("1-crane/img1.png", "1", "1-crane", ""),  # the two cranes stay two labels, as the folders are
+        ("2-bee/img2.png", "2", "2-bee", ""),
+        ("3-crane/img3.png", "3", "3-crane", ""),
     ]
+    features = json.loads((dest / "features.json").read_text())
+    assert features["label"] == {"names": ["0-kite", "1-crane", "2-bee", "3-crane"], "_type": "ClassLabel"}
 
 
 @pytest.mark.parametrize(

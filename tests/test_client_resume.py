@@ -57,7 +57,7 @@ def test_state_binds_one_plan_and_commits_chunks_whole(tmp_path):
     state.record_done("0/0", "job-1", [{"path": "x.png", "seed": 1}])
     state.record_failed("0/1", "boom")
     assert state.counts() == {"done": (1, 4), "failed": (1, 4), "pending": (1, 2)}
-    assert state.reopen_failed() == 1
+    assert state.reopen_failed() == {"0/1"}
     state.record_upload("ab" * 32, "img-1")
     state.close()
     # what another process sees after the close (or a kill) is the committed state
@@ -147,3 +147,22 @@ def test_the_manifests_generation_columns_come_from_the_stored_request():
     columns = generation_columns(GenerateRequest.model_validate_json(stored, context=STORED))
     assert columns == {"criterion": "entropy", "omega": "0.05", "gamma": "2.0", "dropout_p": "0.5"}
     assert set(columns) <= set(MANIFEST_COLUMNS) & set(GenerationParams.model_fields)
+
+
+def test_each_request_names_the_group_its_job_fills(tmp_path):
+    """What the gallery's group filter reads: a class x group run's requests carry their group."""
+    from fgs_client.balance_planner import UnitCounts, plan_balance
+    from fgs_client.balance_runner import BalanceOptions, BalanceRun
+    from fgs_client.dataset_readers import read_dataset
+    from support.dataset_trees import write_image
+
+    root = tmp_path / "data"
+    for path in ("a/0.png", "a/1.png", "a/2.png", "b/0.png"):
+        write_image(root / path)
+    groups = tmp_path / "groups.csv"
+    groups.write_text("path,group\na/0.png,grass\na/1.png,snow\na/2.png,grass\nb/0.png,snow\n")
+    dataset = read_dataset("imagefolder", root, groups_csv=groups)
+    plan = plan_balance(UnitCounts.from_dataset(dataset), "max", images_per_job=1)
+    run = BalanceRun(None, dataset, tmp_path / "out", plan, BalanceOptions(text_only=True, show_progress=False))
+    pairs = {(slot.entry.group, run._request(None, slot).group) for slot in run.slots}
+    assert {given for given, _ in pairs} == {"grass", "snow"} and all(given == sent for given, sent in pairs)

@@ -10,6 +10,7 @@ import zlib
 import httpx
 import pytest
 import redis
+from rq import Queue
 
 from support.live_calls import png_bytes, upload_classifier
 
@@ -35,7 +36,7 @@ def queued_state(stack) -> tuple:
     client = redis.Redis.from_url(stack.redis_url)
     queues = sorted(client.smembers(f"{stack.prefix}:queues"))
     return (
-        tuple((q, client.llen(b"rq:queue:" + q)) for q in queues),
+        tuple((q, client.llen(Queue.redis_queue_namespace_prefix.encode() + q)) for q in queues),
         tuple(client.zcard(f"{stack.prefix}:tenant:{t}:jobs") for t in stack.keys),
         len(list(client.scan_iter(match=f"{stack.prefix}:job:*"))),
     )

@@ -15,7 +15,10 @@ import pytest
 import redis
 
 from fgs_common.loopback import free_port
+from fgs_service.cli import _without_password
+from fgs_service.redis_server import start_redis_server, stop_redis_server
 from support.live_calls import JobState, generate, wait_final
+from support.stack import start_stack
 
 pytestmark = pytest.mark.stack  # starts `fgs up`
 
@@ -56,6 +59,9 @@ def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_p
             time.sleep(0.1)
         output = "".join(lines)
         redis_url = re.search(r"started redis-server at (\S+)", output).group(1)
+        # the banner says what it joined: which Redis, under which prefixes, with which folders
+        banner = f"Redis {redis_url} (started above), key prefix fgs (RQ's: fgs:rq), data {tmp_path / 'data'}, "
+        assert banner + f"state {tmp_path / 'state'}" in output, output
         api_key = re.search(r"API key: (\S+)", output).group(1)
         base = f"http://127.0.0.1:{api_port}"
         deadline = time.time() + 120
@@ -94,3 +100,40 @@ def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_p
         raise AssertionError("the redis-server fgs up started still answers after Ctrl-C")
     except redis.ConnectionError:
         pass
+
+
+def test_two_deployments_on_one_redis_keep_every_key_under_their_own_prefix(tiny_model_dir, tmp_path):
+    """Two stacks, one Redis, different FGS_REDIS_PREFIX: each runs its own jobs, none of the other's, and RQ's own
+    keys (queues, job hashes, registries, workers) live under each one's prefix too: nothing under a bare `rq:`."""
+    process, url = start_redis_server()
+    stacks = []
+    try:
+        # Each child derives RQ_KEY_PREFIX from its own FGS_REDIS_PREFIX, as separately started deployments do (this
+        # test process exported its own for the children it starts: not inherited here).
+        plain = {"RQ_KEY_PREFIX": ""}
+        a = start_stack(url, tiny_model_dir, tmp_path / "a", workers=1, extra_env=plain)
+        stacks.append(a)
+        b = start_stack(url, tiny_model_dir, tmp_path / "b", workers=0, extra_env=plain)
+        stacks.append(b)
+        with a.client() as client_a, b.client() as client_b:
+            job_b = generate(client_b, steps=2)  # B has no worker: A's must never take it
+            job_a = generate(client_a, steps=2)
+            assert wait_final(client_a, job_a).state is JobState.finished
+            time.sleep(2.0)  # A's worker polls its queues every second
+            assert client_b.get(f"/v1/jobs/{job_b}").json()["state"] == "queued"
+            assert client_a.get(f"/v1/jobs/{job_b}").status_code == 404
+        keys = [key.decode() for key in redis.Redis.from_url(url).keys("*")]
+        assert any(key.startswith(f"{a.prefix}:rq:job:") for key in keys)
+        assert any(key.startswith(f"{b.prefix}:rq:queue:") for key in keys)
+        outside = [key for key in keys if not key.startswith((f"{a.prefix}:", f"{b.prefix}:"))]
+        assert outside == []
+    finally:
+        for stack in stacks:
+            stack.close()
+        stop_redis_server(process)
+
+
+def test_the_banner_never_prints_a_redis_password():
+    assert _without_password("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert _without_password("rediss://fgs:s3cret@cache:6380/1") == "rediss://fgs:***@cache:6380/1"
+    assert _without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"

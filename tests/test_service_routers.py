@@ -334,13 +334,18 @@ def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, recor
     # the gallery: each result with its job's prompt, class and generation parameters
     page = api.get("/v1/views/gallery", params={"job_id": job_id}, headers=auth("alpha")).json()
     generation = {k: v for k, v in job["request"].items() if k in GenerationParams.model_fields}
+    # (seeds as strings: the page's JavaScript would round 64-bit ones; names: the prompt, no classifier spec here)
     assert page["items"] == [
         {
             **result,
+            "seed": str(result["seed"]),
             "criterion_not_finite": False,
             "job_id": job_id,
             "class_index": 1,
+            "class_name": "a digit",
             "prompt": "a digit",
+            "predicted_name": "a digit" if result["predicted_class"] == 1 else None,
+            "group": None,
             "generation": generation,
             "disagrees": result["predicted_class"] != 1,
         }
@@ -474,3 +479,24 @@ def test_a_classifier_deleted_between_the_existence_check_and_the_reads_is_404_n
     spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
     uploaded = api.post("/v1/classifiers", files=files, data={"spec": spec}, headers=auth("alpha"))
     assert uploaded.status_code == 404, uploaded.text
+
+
+def test_the_gallery_filters_by_the_group_a_job_fills(api, records):
+    """Class x group runs (NICO++'s contexts): each request names its group; the gallery lists the groups in scope
+    and shows one group's images."""
+    made = {}
+    for index, group in enumerate(["grass", "snow", None]):
+        body = {**JOB, "num_images": 1, "seed": index} | ({"group": group} if group else {})
+        job_id = api.post("/v1/generate", json=body, headers=auth("alpha")).json()["job_id"]
+        results = [{"image_id": f"{index}" * 64, "seed": index, "criterion_value": None, "predicted_class": 1}]
+        assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
+        assert records.transition(
+            job_id, JobState.finished, (JobState.running,), images_done=1, finished_at=2.0, results=json.dumps(results)
+        )
+        made[group] = results[0]["image_id"]
+    page = api.get("/v1/views/gallery", headers=auth("alpha")).json()
+    assert page["groups"] == ["grass", "snow"] and len(page["items"]) == 3
+    snow = api.get("/v1/views/gallery", params={"group": "snow"}, headers=auth("alpha")).json()
+    assert [item["image_id"] for item in snow["items"]] == [made["snow"]] and snow["items"][0]["group"] == "snow"
+    assert snow["groups"] == ["grass", "snow"]  # the scope's groups, before the filter
+    assert api.get("/v1/views/gallery", params={"group": "x" * 201}, headers=auth("alpha")).status_code == 422

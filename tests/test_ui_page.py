@@ -172,7 +172,7 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
         assert job.progress.images_done == 6
         assert row.locator("td").nth(5).inner_text() != "–", "images/s is shown for a finished job"
         # the row's request, read from the nested record
-        assert row.locator("td").nth(1).inner_text() == "3 · a photo of digit three"
+        assert row.locator("td").nth(1).inner_text() == "a photo of digit three"  # its spec names no classes
         assert row.locator("td").nth(2).inner_text() == "entropy ω=0.05"
 
         row.locator("a", has_text="gallery").click()
@@ -205,7 +205,8 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
         )
         assert meta["seed"] == str(first.seed) and meta["criterion"] == "entropy" and meta["ω"] == "0.05"
         assert meta["γ"] == f"{GenerationParams().gamma:g}" and meta["p"] == "0"  # the defaults the job got
-        assert meta["predicted class"] == str(first.predicted_class)
+        expected = "a photo of digit three" if first.predicted_class == 3 else f"class {first.predicted_class}"
+        assert meta["predicted class"] == expected
         assert float(meta["criterion value"]) == pytest.approx(first.criterion_value, rel=1e-3)
         page.screenshot(path=str(artifacts / "ui_gallery.png"), full_page=True)
 
@@ -223,6 +224,63 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
             GRID_SHOWS_IDS,
             arg=disagreeing,
         )
+
+
+TEAM_NAMES = ["apple", "banana", "cherry", "lemon", "lime", "mango", "olive", "peach", "plum", "quince"]
+SEED = 975561995220926170  # past 2^53: a JavaScript number shows it as 975561995220926200
+
+
+def test_the_page_names_classes_as_the_team_does_and_shows_64_bit_seeds_exactly(session_of, ui_stack, classifier_files):
+    archive, spec = classifier_files
+    with ui_stack.client("alpha") as alpha:
+        uploaded = upload_classifier(alpha, archive.read_bytes(), spec.model_copy(update={"class_names": TEAM_NAMES}))
+        assert uploaded.status_code == 201, uploaded.text
+        job_id = generate(
+            alpha, prompt="a handwritten digit three", class_index=3, num_images=2, steps=2, guidance_every=1,
+            criterion="entropy", omega=0.05, classifier_id=uploaded.json()["id"], seed=SEED,
+        )  # fmt: skip
+        job = wait_final(alpha, job_id)
+        assert job.state.value == "finished"
+        view = alpha.get("/v1/views/gallery", params={"job_id": job_id}).json()
+        assert [item["seed"] for item in view["items"]] == [str(SEED), str(SEED + 1)]  # strings end to end
+    session = session_of("alpha")
+    page = session.page
+    row = page.locator(f"tr.job[data-job-id='{job_id}']")
+    page.wait_for_function(
+        "id => (document.querySelector(`tr.job[data-job-id='${id}'] td:nth-child(2)`) || {}).textContent"
+        " === 'lemon · a handwritten digit three'",
+        arg=job_id,
+    )
+    # the state filter: a finished job is shown under "finished", not under "queued or running"
+    page.select_option("#jobs-state", "active")
+    assert row.count() == 0
+    page.select_option("#jobs-state", "finished")
+    row.wait_for()
+    assert "img/s is generation speed" in page.inner_text("#jobs-legend")
+
+    page.goto(f"{ui_stack.base_url}/ui/#gallery?job={job_id}")
+    page.wait_for_selector("#gallery-grid[aria-busy=false]")
+    captions = page.locator("#gallery-grid figcaption").all_inner_texts()
+    names = [TEAM_NAMES[result.predicted_class] for result in job.results]
+    assert [caption.split("\n")[0] for caption in captions] == [f"seed {SEED}", f"seed {SEED + 1}"]
+    assert [f"ŷ={name}" in caption for caption, name in zip(captions, names, strict=True)] == [True, True]
+    assert page.locator("#gallery-class option", has_text="lemon (2)").count() == 1
+    page.click(f"#gallery-grid figure.tile[data-image-id='{job.results[0].image_id}']")
+    page.wait_for_selector("#gallery-detail:not([hidden])")
+    meta = dict(
+        zip(
+            page.locator("#detail-meta th").all_inner_texts(),
+            page.locator("#detail-meta td").all_inner_texts(),
+            strict=False,
+        )
+    )
+    assert meta["seed"] == str(SEED) and meta["class"] == "lemon (class 3)" and meta["predicted class"] == names[0]
+
+    page.goto(f"{ui_stack.base_url}/ui/#compare?class=3")
+    page.wait_for_selector("#compare-grid thead th")
+    assert page.locator("#compare-class option", has_text="lemon").count() == 1
+    assert page.inner_text("#compare-grid thead th >> nth=0") == "lemon"
+    assert f"seed {SEED}" in page.inner_text("#compare-grid thead")
 
 
 def test_cancel_a_running_job_from_the_page(session_of, ui_stack):

@@ -17,6 +17,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from PIL import Image
+from rq.defaults import RQ_KEY_PREFIX
 
 from fgs_common.job_records import Keys
 from fgs_common.wire import ClassifierSpec, JobPublic, JobState
@@ -47,7 +48,7 @@ def submit(client, **fields) -> str:
 def scheduled_retries(settings) -> int:
     """Jobs RQ holds for a retry after their backoff (the dev tenant queue's scheduled registry)."""
     queue_name = Keys(settings.redis_prefix).queue_name("dev")
-    return redis.Redis.from_url(settings.redis_url).zcard(f"rq:scheduled:{queue_name}")
+    return redis.Redis.from_url(settings.redis_url).zcard(f"{RQ_KEY_PREFIX}:scheduled:{queue_name}")
 
 
 def job(client, job_id: str) -> JobPublic:

@@ -6,7 +6,8 @@ Steps: 1. plan and fingerprint; 2. bind the state file (refuse a different plan)
 and the state commit gets the same jobs back); 6. poll, download finished jobs (temp name + rename), retry failed
 ones; 7. write the layout's index files, manifest.csv and the Hugging Face metadata.csv from the state.
 Before 4, nothing is submitted until the checks pass (`fgs_client.preflight`): prompts against the model's classes
-(a warning), the classifier's classes against the dataset's, and the classifier on a sample of the user's images.
+(refused unless --force), the classifier's classes against the dataset's, and the classifier on a sample of the
+user's images.
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ from fgs_client.dataset_writer import (
 )
 from fgs_client.generation_options import validation_message
 from fgs_client.http_client import ApiError, Client
-from fgs_client.preflight import PREFLIGHT_IMAGES_PER_CLASS, PREFLIGHT_MAX_IMAGES, match_classes, run_preflight
+from fgs_client.preflight import (
+    PREFLIGHT_IMAGES_PER_CLASS,
+    PREFLIGHT_MAX_IMAGES,
+    WELL_FED_ACCURACY,
+    match_classes,
+    run_preflight,
+)
+from fgs_client.run_owner import RunOwner
 from fgs_common.exceptions import UserInputError
 from fgs_common.wire import (
     STORED,
@@ -50,6 +58,7 @@ from fgs_common.wire import (
     GenerationParams,
     JobPublic,
     JobState,
+    ModelInfo,
 )
 
 
@@ -69,7 +78,7 @@ class BalanceOptions:
     poll_s: float = 0.5
     window: int = 64
     show_progress: bool = True
-    force: bool = False  # submit even when the classifier pre-flight refuses
+    force: bool = False  # submit even when the pre-flight refuses (unknown prompts, the classifier's score)
 
     def generation_fields(self) -> dict:
         """The generation parameters as JSON values (what the plan fingerprint and each request carry)."""
@@ -85,13 +94,15 @@ class BalanceReport:
     real_images: int
     skipped_files: int
     failed_jobs: list[tuple[str, str]] = field(default_factory=list)  # (plan slot, error)
+    canceled_jobs: list[tuple[str, str]] = field(default_factory=list)  # canceled on the service, not resubmitted
     retried_jobs: int = 0
     manifest: Path | None = None
     hf_metadata: Path | None = None  # metadata.csv for Hugging Face datasets' imagefolder loader
+    generation_speed: float | None = None  # images/s on the service: see BalanceRun._generation_speed
 
     @property
     def complete(self) -> bool:
-        return not self.failed_jobs and self.synthetic_written == self.planned_images
+        return not self.failed_jobs and not self.canceled_jobs and self.synthetic_written == self.planned_images
 
 
 def plan_fingerprint(dataset: ScannedDataset, plan: BalancePlan, slots: list[JobSlot], options: BalanceOptions) -> str:
@@ -184,18 +195,30 @@ class BalanceRun:
         self.classifier_index = list(range(len(dataset.class_names)))  # dataset class -> classifier output
         self._image_ids: dict[Path, str | None] = {}  # conditioning file -> uploaded id, for this run
         self._running = 0  # jobs seen running in the last poll: "generating" rather than "waiting for a worker"
+        self._owner: RunOwner | None = None  # the lock on `out` while `run` runs
+        self._reopened: set[str] = set()  # failed or canceled before this rerun: resubmitted when found ended
+        self._generated: list[tuple[float, float, int]] = []  # (started, finished, images) of jobs collected now
 
     # 1-2. state
     def run(self) -> BalanceReport:
         check_balance_options(self.options)
         check_out_dir(self.dataset, self.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        with RunOwner(self.out) as owner:  # one run, one owner: RunHeld naming the other client
+            owner.clear_stop()
+            self._owner = owner
+            try:
+                return self._run_owned()
+            finally:
+                self._owner = None
+
+    def _run_owned(self) -> BalanceReport:
         state = BalanceState(self.out / STATE_NAME)
         try:
             state.bind_plan(
                 self.fingerprint, [(s.key, i, s.num_images) for i, s in enumerate(self.slots)], self.options.chunk_size
             )
-            state.reopen_failed()
+            self._reopened = state.reopen_failed()
             # 3. real files; leftovers of an interrupted write
             carry_real_files(self.dataset, self.out, self.options.real_files)
             written_dirs = {
@@ -223,7 +246,7 @@ class BalanceRun:
         on the user's own images (once per classifier: its outcome is kept in the state file for the resumes): a
         UserInputError (nothing submitted) for what would ruin the run."""
         self._say("checking prompts against the model")
-        check_prompts_against_model(self.client, self.dataset, self.console)
+        check_prompts_against_model(self.client.model_info(), self.dataset, self.console, self.options.force)
         spec = self._classifier_spec()
         if spec is None:
             return
@@ -249,11 +272,16 @@ class BalanceRun:
                 "(pip install 'fgs[train]')",
                 soft_wrap=True,
             )
-        elif result.passed:
+        elif result.passed and result.well_fed:
             self.console.print(result.summary(), soft_wrap=True)
             state.set_meta(key, result.summary())
+        elif result.passed:  # above the threshold yet below what a well-fed classifier scores: said loudly
+            self.console.print(f"[bold red]WARNING:[/] {result.warning()}", soft_wrap=True, highlight=False)
+            state.set_meta(key, f"{result.summary()}; below {WELL_FED_ACCURACY:.0%}, warned")
         elif self.options.force:
-            self.console.print(f"[yellow]warning:[/] {result.summary()}; running anyway (--force)", soft_wrap=True)
+            self.console.print(
+                f"[yellow]warning:[/] {result.refusal()} — running anyway (--force)", soft_wrap=True, highlight=False
+            )
             state.set_meta(key, f"{result.summary()}; run anyway (--force)")
         else:
             raise UserInputError(result.refusal())
@@ -364,6 +392,7 @@ class BalanceRun:
             num_images=slot.num_images,
             classifier_id=self.classifier_id,
             seed=slot.seed,
+            group=slot.entry.group,
             **self.options.generation_fields(),
         )
 
@@ -377,6 +406,7 @@ class BalanceRun:
                 self._say(f"submitting the jobs ({len(chunks)} chunks of up to {self.options.chunk_size})")
             task = progress.add_task("submitting", total=total, completed=done_images, failures=0)
             for number, chunk in enumerate(chunks, start=1):
+                self._check_stop()
                 progress.update(task, description=f"uploading images, submitting jobs ({number}/{len(chunks)})")
                 self._submit_chunk(state, chunk, progress, task)
                 self._poll_once(state, progress, task)  # download early results while later chunks upload
@@ -386,6 +416,7 @@ class BalanceRun:
 
     def _poll_once(self, state: BalanceState, progress: Progress, task) -> bool:
         """One look at the oldest submitted jobs; True when any of them moved on."""
+        self._check_stop()
         moved = False
         self._running = 0
         for row in state.active(self.options.window):
@@ -396,6 +427,11 @@ class BalanceRun:
         waiting = "waiting for a worker" if not self._running and not moved else "generating"
         progress.update(task, description=waiting)
         return moved
+
+    def _check_stop(self) -> None:
+        """RunStopped when `fgs-client cancel` asked for the run (looked at between chunks and at every poll)."""
+        if self._owner is not None:
+            self._owner.check_stop()
 
     def _progress(self) -> Progress:
         return Progress(
@@ -479,7 +515,12 @@ class BalanceRun:
         if job.state is JobState.finished:
             self._download(state, row, job)
             return row.num_images
+        if job.state is JobState.canceled and row.key not in self._reopened:
+            # Someone canceled it on the service (the page, the API): never resubmitted behind their back.
+            state.record_canceled(row.key, f"job {job.job_id} was canceled on the service")
+            return 0
         if job.state in (JobState.failed, JobState.canceled):
+            self._reopened.discard(row.key)  # a rerun resubmits a job canceled before it, once
             message = job.error.message if job.error else job.state.value
             return self._retry_or_fail(state, row, f"job {job.job_id} {job.state.value}: {message}")
         return None
@@ -515,6 +556,8 @@ class BalanceRun:
                 "result_mismatch",
                 f"job {job.job_id} finished with {len(job.results)} images, expected {slot.num_images}",
             )
+        if job.started_at and job.finished_at:
+            self._generated.append((job.started_at.timestamp(), job.finished_at.timestamp(), len(job.results)))
         records = []
         for index, result in enumerate(job.results):
             rel = synthetic_rel_path(self.dataset, slot, index)
@@ -569,6 +612,7 @@ class BalanceRun:
         manifest = write_manifest(self.out, rows)
         hf_metadata = write_hf_metadata(self.out, rows)
         failed = [(r.key, r.error or "failed") for r in state.rows("failed")]
+        canceled = [(r.key, r.error or "canceled") for r in state.rows("canceled")]
         return BalanceReport(
             out=self.out,
             planned_images=self.plan.total_to_add,
@@ -577,14 +621,27 @@ class BalanceRun:
             real_images=len(self.dataset.images),
             skipped_files=len(self.dataset.skipped) + len(self.bad_conditioning),
             failed_jobs=failed,
+            canceled_jobs=canceled,
             retried_jobs=self.retried,
             manifest=manifest,
             hf_metadata=hf_metadata,
+            generation_speed=self._generation_speed(),
         )
+
+    def _generation_speed(self) -> float | None:
+        """Images per second of generation on the service: the images of the jobs this run collected over the
+        time from the first one's start to the last one's end (workers' clocks; queueing before the first start
+        and the client's own downloads left out, which the progress bar's collection rate counts)."""
+        if not self._generated:
+            return None
+        start = min(started for started, _, _ in self._generated)
+        end = max(finished for _, finished, _ in self._generated)
+        return sum(images for _, _, images in self._generated) / max(end - start, 1e-3)
 
 
 class _RateColumn(TextColumn):
-    """Images per second over the run."""
+    """Images collected per second over the run (queueing and downloads included; the final line states the
+    generation speed on the service)."""
 
     def __init__(self) -> None:
         super().__init__("")
@@ -596,23 +653,27 @@ class _RateColumn(TextColumn):
         return Text(f"{speed:.2f} img/s" if speed else "-- img/s", style="green")
 
 
-def check_prompts_against_model(client: Client, dataset: ScannedDataset, console: Console) -> None:
-    """Warn when prompts name no class the service's model was trained on (its model card, GET /v1/model), and
-    note when they name its classes in another form than it was trained with; a model that publishes no class
-    list (SD 2.1 unCLIP) knows any prompt."""
-    info = client.model_info()
+def check_prompts_against_model(
+    info: ModelInfo | None, dataset: ScannedDataset, console: Console, force: bool = False
+) -> None:
+    """Refuse (a UserInputError) prompts that name no class the service's model was trained on (its model card,
+    GET /v1/model): their images would follow the conditioning image alone, a whole run spent for nothing; with
+    `force`, warn and go on. Note when prompts name its classes in another form than it was trained with. A model
+    that publishes no class list (SD 2.1 unCLIP) knows any prompt."""
     if info is None or not info.class_names:
         return
     prompts = list(dict.fromkeys(dataset.prompt(c, g) for c, g in dataset.units()))
     unknown = info.unknown_prompt_classes(prompts)
     if unknown:
-        console.print(
-            f"[yellow]warning:[/] {len(unknown)} of the prompts name no class the model {info.model} was trained "
-            f"on (first: {', '.join(repr(p) for p in unknown[:5])}). It knows {', '.join(info.class_names)}, "
-            f"prompted as {info.prompt_template!r}: give --prompts FILE (class -> prompt) or --prompt-template, "
-            "or images will follow the conditioning image alone",
-            soft_wrap=True,
+        message = (
+            f"{len(unknown)} of the prompts name no class the model {info.model} was trained on (first: "
+            f"{', '.join(repr(p) for p in unknown[:5])}). It knows {', '.join(info.class_names)}, prompted as "
+            f"{info.prompt_template!r}: give --prompts FILE (class -> prompt) or --prompt-template, or images will "
+            "follow the conditioning image alone"
         )
+        if not force:
+            raise UserInputError(f"{message}; --force generates them anyway")
+        console.print(f"[yellow]warning:[/] {message}; generating anyway (--force)", soft_wrap=True)
         return
     if info.prompt_template:
         trained = {info.prompt_template.format(class_name=name).lower() for name in info.class_names}

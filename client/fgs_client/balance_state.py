@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     ord INTEGER NOT NULL,
     chunk INTEGER NOT NULL,
     num_images INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',  -- pending | submitted | done | failed
+    state TEXT NOT NULL DEFAULT 'pending',  -- pending | submitted | done | failed | canceled
     attempt INTEGER NOT NULL DEFAULT 0,
     job_id TEXT,
     batch_id TEXT,
@@ -157,9 +157,22 @@ class BalanceState:
     def record_failed(self, key: str, error: str) -> None:
         self._db.execute("UPDATE jobs SET state='failed', error=? WHERE key=?", (error, key))
 
-    def reopen_failed(self) -> int:
-        """A rerun gives failed jobs another round of retries."""
-        return self._db.execute("UPDATE jobs SET state='submitted' WHERE state='failed'").rowcount
+    def record_canceled(self, key: str, error: str) -> None:
+        """Canceled on the service (the page, the API, `fgs-client cancel`): never resubmitted by this run."""
+        self._db.execute("UPDATE jobs SET state='canceled', error=? WHERE key=?", (error, key))
+
+    def reopen_failed(self) -> set[str]:
+        """A rerun gives failed and canceled jobs another round of retries; returns their keys (a canceled job
+        among them is resubmitted: rerunning is how a user asks for it)."""
+        with self._db:
+            self._db.execute("BEGIN")
+            keys = {r[0] for r in self._db.execute("SELECT key FROM jobs WHERE state IN ('failed', 'canceled')")}
+            self._db.execute("UPDATE jobs SET state='submitted' WHERE state IN ('failed', 'canceled')")
+        return keys
+
+    def mark_canceled(self, error: str) -> int:
+        """Every submitted job canceled at once (`fgs-client cancel`, which holds the run): returns how many."""
+        return self._db.execute("UPDATE jobs SET state='canceled', error=? WHERE state='submitted'", (error,)).rowcount
 
     def rows(self, state: str | None = None) -> list[JobRow]:
         return self._rows("WHERE state=? ORDER BY ord", (state,)) if state else self._rows("ORDER BY ord")

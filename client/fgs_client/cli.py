@@ -37,6 +37,7 @@ from fgs_client.http_client import (
     ServiceUnreachable,
 )
 from fgs_client.preflight import match_classes
+from fgs_client.run_owner import RunStopped, take_over
 from fgs_common.exceptions import UserInputError
 from fgs_common.presets import get_preset
 from fgs_common.settings import get_settings
@@ -57,6 +58,7 @@ EXIT_CODES: tuple[tuple[type[Exception], int, str], ...] = (
     (AuthenticationFailed, EXIT_AUTH, ""),
     (ApiError, EXIT_API, "Rerun the same command to resume."),
     (JobFailed, EXIT_FAILED_JOBS, ""),
+    (RunStopped, EXIT_INTERRUPTED, ""),  # `fgs-client cancel --out` took the run over
 )
 
 
@@ -243,7 +245,12 @@ def balance(
     prompt_template: PromptTemplateOption = None,
     prompts: PromptsOption = None,
     force: Annotated[
-        bool, typer.Option("--force", help="submit even when the classifier pre-flight on your images fails")
+        bool,
+        typer.Option(
+            "--force",
+            help="submit even when the pre-flight refuses: prompts that name no class the model knows, or the "
+            "classifier scoring badly on your images",
+        ),
     ] = False,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
@@ -316,7 +323,7 @@ def balance(
     if dry_run:
         print_plan(plan, grouped=scanned.groups is not None, dataset=scanned)
         print_generation(choice, target)
-        check_prompts_if_reachable(url, api_key, scanned)
+        check_prompts_if_reachable(url, api_key, scanned, force)
         return
     # what is about to run, as the dry run shows it (the status stream: stdout keeps the result)
     print_plan(plan, grouped=scanned.groups is not None, dataset=scanned, console=err_console, max_rows=50)
@@ -330,7 +337,13 @@ def balance(
     summary = (
         f"{report.synthetic_written:,}/{report.planned_images:,} synthetic images in {report.out} "
         f"({report.real_images:,} real, {report.skipped_files:,} files skipped, {report.retried_jobs} jobs "
-        f"retried); manifest: {report.manifest}"
+        f"retried); "
+        + (
+            f"generated at {report.generation_speed:.2f} img/s (first start to last end on the service); "
+            if report.generation_speed
+            else ""
+        )
+        + f"manifest: {report.manifest}"
         + (
             f"; Hugging Face metadata: {report.hf_metadata}"
             if report.hf_metadata
@@ -338,6 +351,13 @@ def balance(
             "here is the layout's own index)"
         )
     )
+    if report.canceled_jobs:
+        err_console.print(summary, soft_wrap=True)
+        raise fail(
+            f"{len(report.canceled_jobs)} jobs were canceled on the service and not resubmitted (first: "
+            f"{report.canceled_jobs[0][1]}); rerun the same command to generate them",
+            EXIT_FAILED_JOBS,
+        )
     if report.failed_jobs:
         err_console.print(summary, soft_wrap=True)
         for key, message in report.failed_jobs[:20]:
@@ -349,15 +369,20 @@ def balance(
     out_console.print(f"balanced: {summary}", soft_wrap=True)
 
 
-def check_prompts_if_reachable(url: str, api_key: str | None, scanned: ScannedDataset) -> None:
+def check_prompts_if_reachable(url: str, api_key: str | None, scanned: ScannedDataset, force: bool) -> None:
     """The dry run's prompt check: against the model of the service at `url` when one answers, else a note."""
     from fgs_client.balance_runner import check_prompts_against_model
 
     try:
         with make_client(url, api_key, timeout_s=10, retries=0) as client:
-            check_prompts_against_model(client, scanned, err_console)
+            info = client.model_info()
     except (FgsClientError, ValueError) as error:  # ValueError: something else answers there
         err_console.print(f"[dim]fgs:[/] prompts not checked against the model ({error})", soft_wrap=True)
+        return
+    try:
+        check_prompts_against_model(info, scanned, err_console, force)
+    except UserInputError as error:  # what the run would stop at
+        err_console.print(f"[red]error:[/] {error}", soft_wrap=True)
 
 
 def interrupted_message(out: Path) -> str:
@@ -389,10 +414,12 @@ def cancel(
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
 ) -> None:
-    """Cancel the jobs a balance run left on the service (rerunning `balance` later submits them again)."""
+    """Cancel the jobs of a balance run on the service (rerunning `balance` later submits them again). A client
+    still running that run is asked to stop first, so that it does not resubmit what this cancels."""
     path = out / STATE_NAME
     if not path.is_file():
         raise fail(f"{out} holds no balance run ({STATE_NAME} missing)", EXIT_BAD_INPUT)
+    owner = take_over(out)  # RunHeld (a UserInputError) when the client holding the run does not stop
     state = BalanceState(path)
     canceled = already_done = 0
     try:
@@ -421,8 +448,10 @@ def cancel(
                     if error.status not in (404, 409):  # gone, or already finished / failed / canceled
                         raise
                     already_done += 1
+        state.mark_canceled(f"canceled by fgs-client cancel --out {out}")
     finally:
         state.close()
+        owner.release()
     out_console.print(
         f"canceled {canceled:,} jobs of the run in {out} ({already_done:,} had already ended); "
         "rerun the same balance command to resume the run",

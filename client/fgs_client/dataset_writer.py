@@ -6,6 +6,7 @@ torchvision's `ImageFolder`."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, fields, replace
@@ -20,6 +21,7 @@ from fgs_common.wire import GenerationParams
 
 MANIFEST_NAME = "manifest.csv"
 HF_METADATA_NAME = "metadata.csv"  # the name Hugging Face datasets' imagefolder loader looks for
+HF_FEATURES_NAME = "features.json"  # datasets.Features.from_dict(json.load(...)): label as a ClassLabel
 REAL_FILE_MODES = ("link", "copy")
 
 
@@ -130,8 +132,9 @@ def write_index_files(out: Path, dataset: ScannedDataset, synthetic: list[Synthe
 def write_hf_metadata(out: Path, rows: list[ManifestRow], folder: Path | None = None) -> Path | None:
     """`metadata.csv` for `datasets.load_dataset("imagefolder", data_dir=...)`, in `folder` of `out` (default: the
     folder that holds every image; its `file_name` column is relative to that folder): file_name, label (the class
-    name), class_index, group, source. None when the layout's own index already has that name there (NICO++'s
-    SubpopBench metadata.csv)."""
+    index), class_name, group (empty without groups), source; and beside it `features.json`, the `datasets.Features`
+    that make `label` a ClassLabel with the class names and `group` a string (read alone, an empty column is float
+    NaN). None when the layout's own index already has that name there (NICO++'s SubpopBench metadata.csv)."""
     if not rows:
         return None
     if folder is None:
@@ -141,10 +144,20 @@ def write_hf_metadata(out: Path, rows: list[ManifestRow], folder: Path | None = 
         return None
     with atomic_writer(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file_name", "label", "class_index", "group", "source"])
+        writer.writerow(["file_name", "label", "class_name", "group", "source"])
         for row in rows:
             rel = Path(row.path).relative_to(folder).as_posix()
-            writer.writerow([rel, row.class_name, row.class_index, row.group, row.source])
+            writer.writerow([rel, row.class_index, row.class_name, row.group, row.source])
+    names = class_folder_names(rows)  # a ClassLabel's names are unique: two "crane" classes become 134-, 517-crane
+    string = {"dtype": "string", "_type": "Value"}
+    features = {
+        "image": {"_type": "Image"},
+        "label": {"names": [names.get(i, str(i)) for i in range(max(names) + 1)], "_type": "ClassLabel"},
+        "class_name": string,
+        "group": string,
+        "source": string,
+    }
+    write_atomic(out / folder / HF_FEATURES_NAME, (json.dumps(features, indent=1) + "\n").encode())
     return path
 
 

@@ -298,16 +298,17 @@ def embed_images(
     return torch.cat(chunks), torch.as_tensor(list(labels), dtype=torch.long)
 
 
-def classify_images(classifier, paths: Sequence[Path], batch_size: int = 64) -> list[int]:
+def classify_images(classifier, paths: Sequence[Path], batch_size: int = 64, swap_channels: bool = False) -> list[int]:
     """The classifier's arg-max class of each image file (what the workers' feedback would take it for): each
     image at its own size in [0, 1] through `LoadedClassifier.preprocess`, the workers' resize, channel match and
-    normalisation, then the module."""
+    normalisation, then the module. `swap_channels` feeds BGR (the pre-flight's diagnosis of a BGR-trained one)."""
     labels: list[int] = []
+    order = [2, 1, 0] if swap_channels else [0, 1, 2]
     with torch.no_grad():
         for start in range(0, len(paths), batch_size):
             inputs = torch.cat(
                 [
-                    classifier.preprocess(image_tensor(p).unsqueeze(0).to(classifier.device, classifier.dtype))
+                    classifier.preprocess(image_tensor(p)[order].unsqueeze(0).to(classifier.device, classifier.dtype))
                     for p in paths[start : start + batch_size]
                 ]
             )

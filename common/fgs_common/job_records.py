@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,20 @@ from fgs_common.wire import (
 )
 
 ACTIVE_STATES = (JobState.queued, JobState.running)
+
+
+def export_rq_key_prefix() -> str:
+    """Put RQ's own keys (queues, job hashes, registries, workers, results) under FGS_REDIS_PREFIX, as
+    `{prefix}:rq:...`, so that two deployments on one Redis never see each other's jobs.
+
+    RQ 3.0 reads its key prefix from the environment (RQ_KEY_PREFIX, rq/defaults.py) once, when `rq` is first
+    imported; so the fgs_service and fgs_worker packages call this first thing (their `__init__`), before any of
+    their modules imports rq, and the processes they start inherit it. An RQ_KEY_PREFIX already set (by the
+    operator, or by the parent process) wins: a process's children agree with it; an empty one counts as unset.
+    """
+    if not os.environ.get("RQ_KEY_PREFIX"):
+        os.environ["RQ_KEY_PREFIX"] = f"{os.environ.get('FGS_REDIS_PREFIX') or 'fgs'}:rq"
+    return os.environ["RQ_KEY_PREFIX"]
 
 
 class Keys:

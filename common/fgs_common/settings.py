@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     default_redis_url: str = "redis://127.0.0.1:6379/0"
     """where `fgs up` looks for a Redis when FGS_REDIS_URL is unset"""
     redis_prefix: str = "fgs"
-    """key prefix for everything fgs stores in Redis"""
+    """key prefix for everything fgs stores in Redis, RQ's queues and jobs too (`{prefix}:rq`, job_records.py)"""
     data_dir: Path = Path(".fgs")
     """the artifact store (images, classifiers); a relative path is taken from the directory fgs starts in"""
     model: str = "fgs-digits"

@@ -223,8 +223,15 @@ ClassIndex = Annotated[
 ]
 
 
+# What /docs shows for a request, and what works as pasted against `fgs up` (the embedded fgs-digits model: class 7
+# is "seven", prompted as its card says): no ids, since uploads come first (the OpenAPI description's workflow).
+GENERATE_EXAMPLE = {"prompt": "a handwritten digit seven", "class_index": 7, "num_images": 4, "seed": 0}
+
+
 class GenerateRequest(GenerationParams):
     """Body of POST /v1/generate: N images of one class, optionally steered by the team's classifier."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [GENERATE_EXAMPLE]})
 
     prompt: Prompt
     class_index: ClassIndex
@@ -241,6 +248,12 @@ class GenerateRequest(GenerationParams):
     seed: Annotated[
         int, Field(ge=0, le=MAX_SEED, description="image i of the job uses seed + i; seed + num_images - 1 ≤ 2^63 - 1")
     ] = 0
+    group: str | None = Field(
+        None,
+        max_length=200,
+        description="the dataset group the job fills (a NICO++ context, a Waterbirds background): provenance in "
+        "each PNG, and what the gallery filters by; generation ignores it",
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> GenerateRequest:
@@ -358,7 +371,14 @@ class JobPublic(JobBase):
 
 
 class BatchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"jobs": [GENERATE_EXAMPLE, GENERATE_EXAMPLE | {"class_index": 1, "prompt": "a handwritten digit one"}]}
+            ]
+        },
+    )
     jobs: Annotated[
         list[GenerateRequest], Field(min_length=1, max_length=10_000, description="one request per job, all or nothing")
     ]
@@ -396,10 +416,22 @@ class ClassifierOutput(str, Enum):
     logits_embedding = "logits_embedding"  # a tuple (logits, embedding): the embedding feeds the hardness score
 
 
+# A digits classifier's spec, as /docs shows it (fgs-digits' ten classes, 32 x 32 grey input).
+CLASSIFIER_SPEC_EXAMPLE = {
+    "num_classes": 10,
+    "class_names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
+    "input_size": 32,
+    "in_channels": 1,
+    "mean": [0.5],
+    "std": [0.5],
+    "output": "logits",
+}
+
+
 class ClassifierSpec(BaseModel):
     """The JSON that travels with an uploaded classifier archive."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [CLASSIFIER_SPEC_EXAMPLE]})
 
     num_classes: Annotated[int, Field(ge=2, le=100_000, description="number of classes (logits)")]
     class_names: list[str] | None = Field(None, description="a name per class, in index order")

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PlainSerializer
 
 from fgs_common.wire import ClassIndex, GenerationParams, ImageResult, JobBase, Prompt
+
+# A seed in a view's JSON is a string: seeds reach 2^63 - 1 and JavaScript's numbers round integers past 2^53
+# (975561995220926170 shows as ...200), so the page never sees a seed as a number. The API's models keep integers.
+SeedText = Annotated[int, PlainSerializer(str, return_type=str, when_used="json")]
+ClassName = Annotated[
+    str, Field(description="the team's name of the class: its classifier spec's class_names, else the job's prompt")
+]
 
 
 class JobSummaries(BaseModel):
@@ -39,15 +47,20 @@ class GallerySort(str, Enum):
 class GalleryItem(ImageResult):
     """One generated image and how it was made: its result, with its job's prompt, class and settings."""
 
+    seed: SeedText = Field(description="the seed this image was sampled with (a string: 64 bits)")
     job_id: str = Field(description="the job that made it")
     class_index: ClassIndex
+    class_name: ClassName
     prompt: Prompt
+    predicted_name: str | None = Field(None, description="the name of predicted_class (as class_name is named)")
+    group: str | None = Field(None, description="the dataset group its job fills (a NICO++ context), if any")
     generation: GenerationParams = Field(description="the generation parameters of its job")
     disagrees: bool | None = Field(None, description="the classifier predicts another class than the intended one")
 
 
 class ClassCount(BaseModel):
     class_index: int = Field(description="a class in the gallery's scope")
+    class_name: ClassName
     prompt: str = Field(description="the prompt of its first job")
     images: int = Field(description="images of that class in scope")
 
@@ -58,6 +71,7 @@ class GalleryPage(BaseModel):
     offset: int = Field(description="index of this page's first image")
     limit: int = Field(description="page size asked for")
     classes: list[ClassCount] = Field(description="the classes in scope (before the class filter)")
+    groups: list[str] = Field(description="the groups in scope (before the group filter), sorted")
     conditioning_image_ids: list[str] = Field(description="real images the shown jobs were conditioned on (≤ 16)")
 
 
@@ -76,8 +90,9 @@ class CompareRow(BaseModel):
 
 class CompareGrid(BaseModel):
     class_index: int = Field(description="the class compared")
+    class_name: ClassName
     rows_by: CompareRows = Field(description="what varies down the rows")
-    seeds: list[int] = Field(description="the seed of each column")
+    seeds: list[SeedText] = Field(description="the seed of each column (strings: 64 bits)")
     rows: list[CompareRow] = Field(description="one row per setting")
 
 

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.settings import Settings, get_settings
+from fgs_service import openapi_document
 from fgs_service.auth import KeyRing
 from fgs_service.errors import install_error_handlers
 from fgs_service.job_queue import JobQueue
@@ -82,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="fgs",
         version="1",
         summary="Feedback-guided data synthesis: balance long-tailed datasets with classifier-guided unCLIP sampling",
+        description=openapi_document.DESCRIPTION,
+        generate_unique_id_function=openapi_document.operation_id,
         lifespan=lifespan,
         # served by fgs_service.routers.ui from vendored files: the defaults load Swagger UI and ReDoc from a CDN
         docs_url=None,
@@ -99,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (thumbnails, images, classifiers, generate, jobs, model, views, admin, health, metrics, presets, ui):
         app.include_router(module.router)
     ui.mount_static(app)
+    openapi_document.install(app)
     return app
 
 

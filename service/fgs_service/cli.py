@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
@@ -47,6 +48,15 @@ def _dev_key(state_dir: Path) -> str:
     path.write_text(key)
     path.chmod(0o600)
     return key
+
+
+def _without_password(url: str) -> str:
+    """A Redis URL fit to print: its password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _stop_requested(signum: int, frame) -> None:
@@ -160,6 +170,12 @@ def up(
             child.start()
         typer.echo(
             f"fgs API on http://{host}:{port} with {workers} worker(s), model {env.get('FGS_MODEL', settings.model)}"
+        )
+        joined = "started above" if redis_process else "joined: it was answering already"
+        typer.echo(  # what it joined: two deployments on one Redis differ by their key prefix
+            f"Redis {_without_password(url)} ({joined}), key prefix {settings.redis_prefix} (RQ's: "
+            f"{env.get('RQ_KEY_PREFIX', 'rq')}), data {settings.data_dir.resolve()}, "
+            f"state {settings.state_dir.resolve()}"
         )
         if "FGS_DEV_API_KEY" in env:
             typer.echo(f"API key: {env['FGS_DEV_API_KEY']}")

@@ -26,12 +26,15 @@ MAX_CONDITIONING_SHOWN = 16
 @dataclass(frozen=True)
 class GalleryFilter:
     class_index: int | None = None
+    group: str | None = None
     disagrees: bool | None = None
     min_criterion: float | None = None
     max_criterion: float | None = None
 
     def admits(self, item: GalleryItem) -> bool:
         if self.class_index is not None and item.class_index != self.class_index:
+            return False
+        if self.group is not None and item.group != self.group:
             return False
         if self.disagrees is not None and item.disagrees is not self.disagrees:
             return False
@@ -53,6 +56,7 @@ class JobImages:
     job_id: str
     request: GenerateRequest
     results: list[dict]
+    class_names: list[str] | None = None  # its classifier spec's, when it names them
 
     @classmethod
     def from_records(cls, records: dict[str, dict[str, str]]) -> list[JobImages]:
@@ -66,9 +70,18 @@ class JobImages:
             if raw
         ]
 
+    def class_name(self, index: int | None = None) -> str | None:
+        """The team's name of class `index` (default: the job's): the spec's name, else the job's prompt for its
+        own class; None for another class the spec does not name."""
+        index = self.request.class_index if index is None else index
+        if self.class_names is not None and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return self.request.prompt if index == self.request.class_index else None
+
     def items(self) -> list[GalleryItem]:
         request = self.request
         generation = request.generation_params()
+        class_name = self.class_name()
         # model_construct: the values come from our own records, already validated once
         return [
             GalleryItem.model_construct(
@@ -78,7 +91,12 @@ class JobImages:
                 predicted_class=result.get("predicted_class"),
                 job_id=self.job_id,
                 class_index=request.class_index,
+                class_name=class_name,
+                group=request.group,
                 prompt=request.prompt,
+                predicted_name=None
+                if result.get("predicted_class") is None
+                else self.class_name(result["predicted_class"]),
                 generation=generation,
                 disagrees=None
                 if result.get("predicted_class") is None
@@ -100,12 +118,20 @@ def gallery_page(
     jobs: list[JobImages], where: GalleryFilter, sort: GallerySort, offset: int, limit: int
 ) -> GalleryPage:
     classes: dict[int, ClassCount] = {}
+    groups: set[str] = set()
     items: list[GalleryItem] = []
     for job in jobs:
+        if job.request.group is not None:
+            groups.add(job.request.group)
         job_items = job.items()
         count = classes.setdefault(
             job.request.class_index,
-            ClassCount(class_index=job.request.class_index, prompt=job.request.prompt, images=0),
+            ClassCount(
+                class_index=job.request.class_index,
+                class_name=job.class_name(),
+                prompt=job.request.prompt,
+                images=0,
+            ),
         )
         count.images += len(job_items)
         items += [item for item in job_items if where.admits(item)]
@@ -123,6 +149,7 @@ def gallery_page(
         offset=offset,
         limit=limit,
         classes=sorted(classes.values(), key=lambda c: c.class_index),
+        groups=sorted(groups),
         conditioning_image_ids=conditioning[:MAX_CONDITIONING_SHOWN],
     )
 
@@ -140,7 +167,8 @@ def _row_of(item: GalleryItem, rows_by: CompareRows) -> tuple[tuple, str]:
 
 def compare_grid(jobs: list[JobImages], class_index: int, rows_by: CompareRows, max_seeds: int) -> CompareGrid:
     """Rows: the settings; columns: the first `max_seeds` seeds; a cell is the first image of that row and seed."""
-    items = [item for job in jobs if job.request.class_index == class_index for item in job.items()]
+    chosen = [job for job in jobs if job.request.class_index == class_index]
+    items = [item for job in chosen for item in job.items()]
     seeds = sorted({item.seed for item in items})[:max_seeds]
     column = {seed: index for index, seed in enumerate(seeds)}
     rows: dict[tuple, tuple[str, list[GalleryItem | None]]] = {}
@@ -151,6 +179,7 @@ def compare_grid(jobs: list[JobImages], class_index: int, rows_by: CompareRows, 
             cells[column[item.seed]] = item
     return CompareGrid(
         class_index=class_index,
+        class_name=chosen[0].class_name() if chosen else str(class_index),
         rows_by=rows_by,
         seeds=seeds,
         rows=[CompareRow(label=label, cells=cells) for _, (label, cells) in sorted(rows.items())],

@@ -300,7 +300,7 @@ class JobQueue:
         prefix = self.keys.prefix + ":"
         with self.rq_redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.llen(f"rq:queue:{name}")
+                pipe.llen(Queue.redis_queue_namespace_prefix + name)
             counts = pipe.execute()
         return {name.removeprefix(prefix): int(count) for name, count in zip(names, counts, strict=False)}
 

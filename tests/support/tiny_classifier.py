@@ -22,13 +22,14 @@ BRIGHTNESS_CLASSES = {"dark": 0.1, "grey": 0.5, "light": 0.9}
 
 
 class BrightnessClassifier(torch.nn.Module):
-    """Tells the grey levels of BRIGHTNESS_CLASSES apart after normalisation with mean 0.5 and std 0.5: logit k is
-    -(m - c_k)^2 up to a term common to all classes, m the mean input value, c_k class k's normalised level. It
-    knows its classes in `order`; fed pixels normalised otherwise, it takes most images for another class."""
+    """Tells the grey levels of BRIGHTNESS_CLASSES apart after normalisation with the mean and std it was "trained"
+    with (0.5 and 0.5 unless told): logit k is -(m - c_k)^2 up to a term common to all classes, m the mean input
+    value, c_k class k's normalised level. It knows its classes in `order`; fed pixels normalised otherwise, it
+    takes some or most images for another class."""
 
-    def __init__(self, order: list[str], size: int = 8):
+    def __init__(self, order: list[str], size: int = 8, trained_mean: float = 0.5, trained_std: float = 0.5):
         super().__init__()
-        centers = torch.tensor([(BRIGHTNESS_CLASSES[name] - 0.5) / 0.5 for name in order])
+        centers = torch.tensor([(BRIGHTNESS_CLASSES[name] - trained_mean) / trained_std for name in order])
         inputs = 3 * size * size
         self.head = torch.nn.Linear(inputs, len(order))
         with torch.no_grad():  # 2 c_k m - c_k^2, with m = sum(x) / inputs
@@ -39,15 +40,25 @@ class BrightnessClassifier(torch.nn.Module):
         return self.head(x.flatten(1))
 
 
-def write_brightness_classifier(directory, order: list[str], mean: float = 0.5, std: float = 0.5):
-    """The BrightnessClassifier as TorchScript and its spec (class_names in `order`); returns (archive, spec)."""
+def write_brightness_classifier(
+    directory,
+    order: list[str],
+    mean: float = 0.5,
+    std: float = 0.5,
+    trained_mean: float = 0.5,
+    trained_std: float = 0.5,
+):
+    """The BrightnessClassifier trained with `trained_mean`/`trained_std` as TorchScript, and a spec (class_names in
+    `order`) that says `mean`/`std`; returns (archive, spec)."""
     import json
     from pathlib import Path
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     archive = directory / "brightness.pt"
-    torch.jit.script(BrightnessClassifier(order).eval()).save(str(archive))
+    torch.jit.script(BrightnessClassifier(order, trained_mean=trained_mean, trained_std=trained_std).eval()).save(
+        str(archive)
+    )
     spec = directory / "brightness.json"
     spec.write_text(
         json.dumps({"num_classes": len(order), "class_names": order, "input_size": 8, "mean": [mean], "std": [std]})

@@ -33,7 +33,7 @@ from fgs_common.classifier_archive import (
 )
 from fgs_common.classifier_sandbox import run_classifier_check
 from fgs_common.settings import Settings
-from fgs_common.wire import ClassifierSpec, ClassifierUploaded
+from fgs_common.wire import CLASSIFIER_SPEC_EXAMPLE, ClassifierSpec, ClassifierUploaded
 from fgs_service.classifier_records import classifier_record, classifier_records
 from fgs_service.deps import CheckSlotsDep, SettingsDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
@@ -131,7 +131,7 @@ def _validated(
 @router.post("", status_code=201)
 def upload_classifier(
     archive: UploadFile,
-    spec: Annotated[str, Form(description="ClassifierSpec JSON")],
+    spec: Annotated[str, Form(description="ClassifierSpec JSON", examples=[json.dumps(CLASSIFIER_SPEC_EXAMPLE)])],
     tenant: TenantDep,
     store: StoreDep,
     settings: SettingsDep,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from fastapi import APIRouter
 
 from fgs_common.wire import ModelInfo
@@ -23,4 +25,15 @@ async def model_info(tenant: TenantDep, queue: JobQueueDep) -> ModelInfo:
             "no worker has published its model yet; retry once one has started",
             headers={"Retry-After": "30"},
         )
+    return without_server_paths(info)
+
+
+def without_server_paths(info: ModelInfo) -> ModelInfo:
+    """The model and its card by name, never by the workers' paths (/models/sd21-unclip says how the servers are
+    laid out, which no tenant needs): a folder as its last part, a card file as its name; URLs and ids stay."""
+    if "://" not in info.model and "/" in info.model:
+        info = info.model_copy(update={"model": PurePosixPath(info.model).name})
+    card = info.model_card
+    if card and "://" not in card and "/" in card:
+        info = info.model_copy(update={"model_card": f"{info.model}/{PurePosixPath(card).name}"})
     return info

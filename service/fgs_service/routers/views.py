@@ -7,10 +7,12 @@ from typing import Annotated
 import anyio.to_thread
 from fastapi import APIRouter, Query
 
+from fgs_common.artifact_store import ArtifactStore
 from fgs_common.job_records import job_base
 from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries
 from fgs_service.auth import Tenant
-from fgs_service.deps import JobQueueDep, TenantDep
+from fgs_service.classifier_records import classifier_record
+from fgs_service.deps import JobQueueDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
 from fgs_service.gallery import GalleryFilter, JobImages, compare_grid, gallery_page
 from fgs_service.job_queue import JobQueue
@@ -38,7 +40,9 @@ def job_summaries(
     return JobSummaries(jobs=jobs, total=queue.tenant_job_count(tenant), offset=offset)
 
 
-def _scope(queue: JobQueue, tenant: Tenant, job_id: str | None, batch_id: str | None) -> list[JobImages]:
+def _scope(
+    queue: JobQueue, store: ArtifactStore, tenant: Tenant, job_id: str | None, batch_id: str | None
+) -> list[JobImages]:
     """The jobs a gallery or grid covers: one job, one batch, or the tenant's recent jobs; all the caller's."""
     if job_id and batch_id:
         raise ApiError(422, "invalid_request", "give job_id or batch_id, not both")
@@ -55,16 +59,29 @@ def _scope(queue: JobQueue, tenant: Tenant, job_id: str | None, batch_id: str | 
     }
     if job_id and not records:
         raise not_found("job", job_id)
-    return JobImages.from_records(records)
+    jobs = JobImages.from_records(records)
+    names: dict[str, list[str] | None] = {}  # the team's class names, from each classifier's spec
+    for job in jobs:
+        classifier_id = job.request.classifier_id
+        if classifier_id is not None:
+            if classifier_id not in names:
+                record = classifier_record(store, tenant.name, classifier_id)
+                names[classifier_id] = record.spec.class_names if record else None
+            job.class_names = names[classifier_id]
+    return jobs
 
 
 @router.get("/gallery")
 async def gallery(
     tenant: TenantDep,
     queue: JobQueueDep,
+    store: StoreDep,
     job_id: JobId = None,
     batch_id: BatchId = None,
     class_index: Annotated[int | None, Query(ge=0, description="only images of this intended class")] = None,
+    group: Annotated[
+        str | None, Query(max_length=200, description="only images of jobs of this group (a NICO++ context)")
+    ] = None,
     disagrees: Annotated[
         bool | None, Query(description="true: only images the classifier assigns to another class")
     ] = None,
@@ -75,8 +92,8 @@ async def gallery(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> GalleryPage:
     """A page of generated images with their settings and the classifier's verdict."""
-    where = GalleryFilter(class_index, disagrees, min_criterion, max_criterion)
-    jobs = await anyio.to_thread.run_sync(_scope, queue, tenant, job_id, batch_id)
+    where = GalleryFilter(class_index, group, disagrees, min_criterion, max_criterion)
+    jobs = await anyio.to_thread.run_sync(_scope, queue, store, tenant, job_id, batch_id)
     return await anyio.to_thread.run_sync(gallery_page, jobs, where, sort, offset, limit)
 
 
@@ -84,6 +101,7 @@ async def gallery(
 async def compare(
     tenant: TenantDep,
     queue: JobQueueDep,
+    store: StoreDep,
     class_index: Annotated[int, Query(ge=0, description="the class to compare")],
     job_id: JobId = None,
     batch_id: BatchId = None,
@@ -91,5 +109,5 @@ async def compare(
     seeds: Annotated[int, Query(ge=1, le=32, description="columns: the first this many seeds")] = 8,
 ) -> CompareGrid:
     """One class across settings: a row per setting (ω, criterion, or all of them), a column per seed."""
-    jobs = await anyio.to_thread.run_sync(_scope, queue, tenant, job_id, batch_id)
+    jobs = await anyio.to_thread.run_sync(_scope, queue, store, tenant, job_id, batch_id)
     return compare_grid(jobs, class_index, rows, seeds)

@@ -169,7 +169,26 @@ const state = {
   admin: false,
   gallery: { scope: {}, offset: 0, total: 0 },
   timer: null,
+  classNames: new Map(), // classifier id -> its spec's class_names (null: it names none)
 };
+
+// The team's name of a job's class: its classifier spec's class_names, else the job's prompt (what the run calls
+// it); the model's class index stays in the title.
+function className(request) {
+  const names = request.classifier_id ? state.classNames.get(request.classifier_id) : null;
+  return (names && names[request.class_index]) || request.prompt;
+}
+
+async function loadClassNames(jobs) {
+  const unknown = jobs.some((j) => j.request.classifier_id && !state.classNames.has(j.request.classifier_id));
+  if (!unknown) return;
+  try {
+    for (const c of await apiJson("/v1/classifiers")) state.classNames.set(c.id, c.spec.class_names);
+  } catch (error) {
+    console.warn("classifier names not loaded", error);
+  }
+  for (const j of jobs) if (j.request.classifier_id && !state.classNames.has(j.request.classifier_id)) state.classNames.set(j.request.classifier_id, null);
+}
 
 // ---------- views ----------
 function show(view) {
@@ -210,6 +229,7 @@ async function refreshJobs() {
   const ids = new Set(page.jobs.map((j) => j.job_id));
   for (const id of [...state.jobs.keys()]) if (!ids.has(id)) state.jobs.delete(id);
   $("jobs-count").textContent = `${page.total} jobs`;
+  await loadClassNames(page.jobs);
   startStreams();
   renderJobs();
 }
@@ -291,7 +311,7 @@ function jobRow(job, nested) {
   }
   const row = el("tr", { class: nested ? "job nested" : "job", "data-job-id": job.job_id, "data-state": job.state },
     el("td", { class: "mono", title: job.job_id }, shortId(job.job_id)),
-    el("td", {}, `${request.class_index} · ${request.prompt}`),
+    el("td", { title: `class ${request.class_index} of the model; prompt: ${request.prompt}` }, classCell(request)),
     el("td", {}, request.criterion === "none" ? "no feedback" : `${request.criterion} ω=${request.omega}`),
     el("td", {}, stateBadge(job.state)),
     progressCell(progress.images_done, progress.images_total, step),
@@ -302,6 +322,11 @@ function jobRow(job, nested) {
     row.children[3].append(el("div", { class: "error small" }, `${job.error.code}: ${job.error.message}`));
   }
   return row;
+}
+
+function classCell(request) {
+  const name = className(request);
+  return name === request.prompt ? name : [name, el("span", { class: "muted" }, ` · ${request.prompt}`)];
 }
 
 function batchRow(batchId, jobs) {
@@ -330,20 +355,31 @@ function batchRow(batchId, jobs) {
     actions);
 }
 
+// The state filter: which jobs the table shows (a batch shows the jobs of its that pass).
+const STATE_FILTERS = { all: null, active: ["queued", "running"], queued: ["queued"], running: ["running"],
+  finished: ["finished"], failed: ["failed"], canceled: ["canceled"], ended: ["finished", "failed", "canceled"] };
+
 function renderJobs() {
-  const jobs = [...state.jobs.values()].sort((a, b) => seconds(b.created_at) - seconds(a.created_at));
+  const wanted = STATE_FILTERS[$("jobs-state").value];
+  const jobs = [...state.jobs.values()].filter((j) => !wanted || wanted.includes(j.state))
+    .sort((a, b) => seconds(b.created_at) - seconds(a.created_at));
   const rows = [];
   const batches = new Map();
   for (const job of jobs) {
-    if (!job.batch_id) { rows.push({ at: seconds(job.created_at), nodes: [jobRow(job, false)] }); continue; }
+    if (!job.batch_id) {
+      rows.push({ at: seconds(job.created_at), running: job.state === "running", nodes: [jobRow(job, false)] });
+      continue;
+    }
     if (!batches.has(job.batch_id)) batches.set(job.batch_id, []);
     batches.get(job.batch_id).push(job);
   }
   for (const [batchId, members] of batches) {
     members.sort((a, b) => seconds(a.created_at) - seconds(b.created_at));
-    rows.push({ at: seconds(members[0].created_at), nodes: [batchRow(batchId, members), ...members.map((j) => jobRow(j, true))] });
+    members.sort((a, b) => (b.state === "running") - (a.state === "running"));
+    rows.push({ at: seconds(members[0].created_at), running: members.some((j) => j.state === "running"),
+      nodes: [batchRow(batchId, members), ...members.map((j) => jobRow(j, true))] });
   }
-  rows.sort((a, b) => b.at - a.at);
+  rows.sort((a, b) => (b.running - a.running) || (b.at - a.at)); // running first, then newest
   $("jobs-body").replaceChildren(...rows.flatMap((r) => r.nodes));
   $("jobs-empty").hidden = jobs.length > 0;
 }
@@ -374,6 +410,7 @@ function galleryQuery() {
   if (scope.batch) query.set("batch_id", scope.batch);
   const cls = $("gallery-class").value;
   if (cls !== "") query.set("class_index", cls);
+  if ($("gallery-group").value !== "") query.set("group", $("gallery-group").value);
   query.set("sort", $("gallery-sort").value);
   if ($("gallery-disagrees").checked) query.set("disagrees", "true");
   if ($("gallery-min").value !== "") query.set("min_criterion", $("gallery-min").value);
@@ -390,6 +427,7 @@ function openGallery(params) {
   if (changed) state.gallery.offset = 0;
   if (params.has("class")) $("gallery-class").value = params.get("class");
   else if (changed) $("gallery-class").value = "";
+  if (changed) $("gallery-group").value = "";
   $("gallery-title").textContent = scope.job ? `Gallery · job ${shortId(scope.job)}`
     : scope.batch ? `Gallery · batch ${shortId(scope.batch)}` : "Gallery · recent jobs";
   $("gallery-detail").hidden = true;
@@ -419,8 +457,13 @@ async function loadGallery() {
   const select = $("gallery-class");
   const chosen = select.value;
   select.replaceChildren(el("option", { value: "" }, "all"),
-    ...page.classes.map((c) => el("option", { value: c.class_index }, `${c.class_index} · ${c.prompt} (${c.images})`)));
+    ...page.classes.map((c) => el("option", { value: c.class_index, title: `class ${c.class_index}: ${c.prompt}` }, `${c.class_name} (${c.images})`)));
   select.value = chosen;
+  const groupSelect = $("gallery-group"); // class × group runs (NICO++): shown when the scope has groups
+  const chosenGroup = groupSelect.value;
+  groupSelect.replaceChildren(el("option", { value: "" }, "all"), ...page.groups.map((g) => el("option", { value: g }, g)));
+  groupSelect.value = page.groups.includes(chosenGroup) ? chosenGroup : "";
+  $("gallery-group-label").hidden = page.groups.length === 0;
   const real = $("gallery-real");
   real.replaceChildren(el("span", { class: "muted" }, "real"),
     ...page.conditioning_image_ids.map((id) => imageTile(id, "thumb real", "conditioning image")));
@@ -438,11 +481,17 @@ async function loadGallery() {
 
 function metaRows(item) {
   return [
-    ["image", item.image_id], ["job", item.job_id], ["class", `${item.class_index} · ${item.prompt}`],
-    ["seed", item.seed], ["criterion", item.generation.criterion], ["ω", item.generation.omega],
+    ["image", item.image_id], ["job", item.job_id], ["class", `${item.class_name} (class ${item.class_index})`],
+    ["prompt", item.prompt], ...(item.group ? [["group", item.group]] : []), ["seed", item.seed], ["criterion", item.generation.criterion], ["ω", item.generation.omega],
     ["γ", item.generation.gamma], ["p", item.generation.dropout_p],
-    ["predicted class", item.predicted_class ?? "–"], ["criterion value", fmt(item.criterion_value, 4)],
+    ["predicted class", predicted(item)], ["criterion value", fmt(item.criterion_value, 4)],
   ];
+}
+
+// ŷ as the team names it (class_name's source), its index where no name is known
+function predicted(item) {
+  if (item.predicted_class === null || item.predicted_class === undefined) return "–";
+  return item.predicted_name ?? `class ${item.predicted_class}`;
 }
 
 function galleryTile(item) {
@@ -451,7 +500,7 @@ function galleryTile(item) {
   const figure = el("figure", {
     class: item.disagrees ? "tile disagrees" : "tile", "data-image-id": item.image_id, tabindex: 0,
     onclick: () => showDetail(item), onkeydown: (e) => { if (e.key === "Enter") showDetail(item); },
-  }, img, el("figcaption", {}, `seed ${item.seed}`, el("br"), `C=${fmt(item.criterion_value)} · ŷ=${item.predicted_class ?? "–"}${item.disagrees ? " ≠ y" : ""}`));
+  }, img, el("figcaption", {}, `seed ${item.seed}`, el("br"), `C=${fmt(item.criterion_value)} · ŷ=${predicted(item)}${item.disagrees ? ` ≠ ${item.class_name}` : ""}`));
   figure.loaded = imageUrl(thumbnailPath(item.image_id))
     .then((url) => { img.src = url; return img.decode().catch(() => {}); })
     .catch((error) => { img.alt = `not loaded: ${error.message}`; img.classList.add("broken"); });
@@ -491,11 +540,15 @@ async function openCompare(params) {
   batchSelect.replaceChildren(el("option", { value: "" }, "recent jobs"),
     ...batches.map((b) => el("option", { value: b }, shortId(b))));
   batchSelect.value = wanted;
-  const inScope = [...state.jobs.values()].filter((j) => !wanted || j.batch_id === wanted);
-  const classes = [...new Set(inScope.map((j) => j.request.class_index))].sort((a, b) => a - b);
+  const inScope = [...state.jobs.values()].filter((j) => !wanted || j.batch_id === wanted)
+    .sort((a, b) => seconds(b.created_at) - seconds(a.created_at));
+  await loadClassNames(inScope);
+  const names = new Map(); // class index -> its name in the newest job of the scope
+  for (const j of inScope) if (!names.has(j.request.class_index)) names.set(j.request.class_index, className(j.request));
+  const classes = [...names.keys()].sort((a, b) => a - b);
   const classSelect = $("compare-class");
   const chosen = params.get("class") || classSelect.value;
-  classSelect.replaceChildren(...classes.map((c) => el("option", { value: c }, c)));
+  classSelect.replaceChildren(...classes.map((c) => el("option", { value: c, title: `class ${c}` }, names.get(c))));
   if (classes.map(String).includes(chosen)) classSelect.value = chosen;
   loadCompare();
 }
@@ -514,7 +567,7 @@ async function loadCompare() {
     return;
   }
   table.replaceChildren(
-    el("thead", {}, el("tr", {}, el("th", {}, `class ${grid.class_index}`), ...grid.seeds.map((s) => el("th", {}, `seed ${s}`)))),
+    el("thead", {}, el("tr", {}, el("th", { title: `class ${grid.class_index}` }, grid.class_name), ...grid.seeds.map((s) => el("th", {}, `seed ${s}`)))),
     el("tbody", {}, ...grid.rows.map((row) => el("tr", {}, el("th", {}, row.label),
       ...row.cells.map((cell) => el("td", {}, cell ? imageTile(cell.image_id, "thumb", metaRows(cell).map(([k, v]) => `${k}: ${v}`).join("\n")) : "–"))))));
 }
@@ -563,7 +616,7 @@ $("signin-form").addEventListener("submit", async (event) => {
   }
 });
 $("sign-out").addEventListener("click", () => signOut(""));
-for (const id of ["gallery-class", "gallery-sort", "gallery-disagrees", "gallery-min", "gallery-max"]) {
+for (const id of ["gallery-class", "gallery-group", "gallery-sort", "gallery-disagrees", "gallery-min", "gallery-max"]) {
   $(id).addEventListener("change", () => { state.gallery.offset = 0; loadGallery(); });
 }
 $("gallery-prev").addEventListener("click", () => { state.gallery.offset = Math.max(0, state.gallery.offset - PAGE_SIZE); loadGallery(); });
@@ -571,6 +624,7 @@ $("gallery-next").addEventListener("click", () => { state.gallery.offset += PAGE
 $("compare-batch").addEventListener("change", () => openCompare(new URLSearchParams({ batch: $("compare-batch").value })));
 $("compare-class").addEventListener("change", loadCompare);
 $("compare-rows").addEventListener("change", loadCompare);
+$("jobs-state").addEventListener("change", renderJobs);
 window.addEventListener("hashchange", route);
 
 if (apiKey()) showSignedIn(); else show("signin");
