@@ -48,6 +48,20 @@ class Tenant:
     admin: bool = False
 
 
+# Where a key comes from and how to pass it: the first thing a newcomer with a 401 needs to know.
+KEY_HELP = (
+    "An API key comes from the service's operator (who adds its sha256 from `fgs hash-key KEY` to the keys file, "
+    "FGS_API_KEYS_FILE); on a local `fgs up` it is FGS_DEV_API_KEY. Pass it as 'Authorization: Bearer <key>', "
+    "or to fgs-client with --api-key or the FGS_API_KEY environment variable."
+)
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header (the scheme in any case, as HTTPBearer reads it)."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
+
+
 def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 

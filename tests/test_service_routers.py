@@ -19,9 +19,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from fgs_common.artifact_store import ArtifactStore
+from fgs_common.hardness_stats_format import encode_header, layout, metadata
 from fgs_common.job_records import JobRecords
 from fgs_common.loopback import free_port
-from fgs_common.wire import ClassifierSpec, GenerationParams, JobState
+from fgs_common.wire import ClassifierOutput, ClassifierSpec, GenerationParams, JobState
 from fgs_service.app import create_app
 from support.live_calls import png_bytes
 from support.service_settings import service_settings
@@ -66,15 +67,17 @@ def upload_classifier(api, tenant: str = "alpha", num_classes: int = 10, stats: 
     files = {"archive": ("clf.pt", torchscript_shaped_zip(), "application/octet-stream")}
     if stats is not None:
         files["hardness_stats"] = ("stats.safetensors", stats, "application/octet-stream")
-    spec = ClassifierSpec(num_classes=num_classes, input_size=32).model_dump_json()
+    output = ClassifierOutput.logits if stats is None else ClassifierOutput.logits_embedding
+    spec = ClassifierSpec(num_classes=num_classes, input_size=32, output=output).model_dump_json()
     response = api.post("/v1/classifiers", files=files, data={"spec": spec}, headers=auth(tenant))
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
 
-def safetensors_bytes() -> bytes:
-    header = b'{"__metadata__": {}}'
-    return len(header).to_bytes(8, "little") + header
+def safetensors_bytes(num_classes: int = 10, dim: int = 4) -> bytes:
+    """Hardness statistics of the v2 layout (zeros: the API reads only the header; a worker would score)."""
+    entries = layout(num_classes, dim, [1] * num_classes)
+    return encode_header(entries, metadata(num_classes, dim)) + bytes(sum(e.nbytes for e in entries))
 
 
 def test_probes_and_the_worker_count(api, records):

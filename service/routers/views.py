@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from fgs_common.job_records import job_base
 from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries
 from fgs_service.auth import Tenant
-from fgs_service.deps import JobQueueDep, TenantDep
+from fgs_service.deps import JobQueueDep, TenantDep, ViewSlot
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
 from fgs_service.gallery import GalleryFilter, JobImages, compare_grid, gallery_page
 from fgs_service.job_queue import JobQueue
@@ -58,7 +58,7 @@ def _scope(queue: JobQueue, tenant: Tenant, job_id: str | None, batch_id: str | 
     return JobImages.from_records(records)
 
 
-@router.get("/gallery")
+@router.get("/gallery", dependencies=[ViewSlot])
 async def gallery(
     tenant: TenantDep,
     queue: JobQueueDep,
@@ -80,7 +80,7 @@ async def gallery(
     return await anyio.to_thread.run_sync(gallery_page, jobs, where, sort, offset, limit)
 
 
-@router.get("/compare")
+@router.get("/compare", dependencies=[ViewSlot])
 async def compare(
     tenant: TenantDep,
     queue: JobQueueDep,
