@@ -54,6 +54,7 @@ def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_p
         output = "".join(lines)
         redis_url = re.search(r"started redis-server at (\S+)", output).group(1)
         api_key = re.search(r"API key: (\S+)", output).group(1)
+        assert "an admin key: no keys file is given" in output  # the banner says what the dev key may do
         base = f"http://127.0.0.1:{api_port}"
         deadline = time.time() + 120
         while time.time() < deadline:
