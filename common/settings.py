@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     another's median latency from 7 ms to 1.3 s (issue 19), so 64 bound that to a few tens of ms"""
     sse_retry_after_s: int = Field(default=5, ge=1)
     """Retry-After of that 429 (a stream ends with its job, or when its client goes)"""
+    gallery_cache_images: int = Field(default=50_000, ge=0)
+    """images of final jobs whose parsed gallery items one API process keeps (least recently used dropped): five
+    tenants' 10,000-image galleries. A gallery of cached jobs costs a filter and a sort (bench/gallery.py)"""
     max_view_requests_per_tenant: int = Field(default=2, ge=1)
     """gallery and compare requests (GET /v1/views/gallery, /compare) one tenant may have in progress on one API
     process; 429 with Retry-After 1 beyond. The page sends one at a time; four at once of one tenant raised

@@ -14,6 +14,7 @@ from fgs_common.classifier_sandbox import sweep_check_scratch
 from fgs_common.settings import Settings, get_settings
 from fgs_service.auth import KeyRing
 from fgs_service.errors import install_error_handlers
+from fgs_service.gallery import GalleryCache
 from fgs_service.job_queue import JobQueue
 from fgs_service.metrics import build_registry
 from fgs_service.request_gate import RequestGate
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "FGS_MAX_SSE_STREAMS_PER_TENANT",
         settings.sse_retry_after_s,
     )
+    app.state.gallery_cache = GalleryCache(settings.gallery_cache_images, settings.job_record_ttl_s)
     app.state.view_requests = TenantSlots(
         settings.max_view_requests_per_tenant,
         "too_many_view_requests",

@@ -16,6 +16,7 @@ from fgs_common.artifact_store import ArtifactStore
 from fgs_common.settings import Settings
 from fgs_service.auth import KEY_HELP, KeyRing, Tenant
 from fgs_service.errors import ApiError
+from fgs_service.gallery import GalleryCache
 from fgs_service.job_queue import JobQueue
 from fgs_service.tenant_limits import CheckSlots, TenantSlots
 
@@ -92,3 +93,10 @@ async def _sse_streams(request: Request) -> TenantSlots:
 
 
 SseStreamsDep = Annotated[TenantSlots, Depends(_sse_streams)]
+
+
+async def _gallery_cache(request: Request) -> GalleryCache:
+    return request.app.state.gallery_cache
+
+
+GalleryCacheDep = Annotated[GalleryCache, Depends(_gallery_cache)]

@@ -477,3 +477,37 @@ def test_a_classifier_deleted_between_the_existence_check_and_the_reads_is_404_n
     spec = ClassifierSpec(num_classes=10, input_size=32).model_dump_json()
     uploaded = api.post("/v1/classifiers", files=files, data={"spec": spec}, headers=auth("alpha"))
     assert uploaded.status_code == 404, uploaded.text
+
+
+def test_the_gallery_caches_final_jobs_only_and_for_their_tenant_only(redis_server, tmp_path, records):
+    """Issue 19: a final job is parsed once (GalleryCache); a running job's images are read again each time, and a
+    job whose record has expired leaves the gallery although it was cached."""
+    settings = service_settings(redis_server, tmp_path / "short-lived", job_record_ttl_s=4)
+    records = JobRecords(records.redis, settings.redis_prefix)
+    with TestClient(create_app(settings)) as api:
+        _gallery_cache_case(api, records)
+
+
+def _gallery_cache_case(api, records) -> None:
+    cache = api.app.state.gallery_cache
+    began = time.time()
+    running, final = (api.post("/v1/generate", json=JOB, headers=auth("alpha")).json()["job_id"] for _ in range(2))
+    first = [{"image_id": "c" * 64, "seed": 1, "criterion_value": None, "predicted_class": None}]
+    for job_id in (running, final):
+        assert records.transition(job_id, JobState.running, (JobState.queued,), results=json.dumps(first))
+    assert records.transition(final, JobState.finished, (JobState.running,), finished_at=2.0)
+
+    def gallery_ids(tenant: str = "alpha") -> list[str]:
+        page = api.get("/v1/views/gallery", headers=auth(tenant))
+        assert page.status_code == 200, page.text
+        return sorted(item["job_id"] for item in page.json()["items"])
+
+    assert gallery_ids() == sorted([running, final])
+    assert cache.get("alpha", final) is not None and cache.get("alpha", running) is None
+    assert cache.get("beta", final) is None  # keyed by tenant too
+    assert gallery_ids("beta") == []
+    more = first + [{"image_id": "d" * 64, "seed": 2, "criterion_value": None, "predicted_class": None}]
+    records.redis.hset(records.keys.job(running), "results", json.dumps(more))  # the running job progressed
+    assert gallery_ids() == sorted([running, running, final])
+    time.sleep(max(0.0, began + 4.5 - time.time()))  # both records expire (FGS_JOB_RECORD_TTL_S = 4)
+    assert gallery_ids() == [] and cache.get("alpha", final) is None

@@ -8,11 +8,12 @@ import anyio.to_thread
 from fastapi import APIRouter, Query
 
 from fgs_common.job_records import job_base
+from fgs_common.wire import JobState
 from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries
 from fgs_service.auth import Tenant
-from fgs_service.deps import JobQueueDep, TenantDep, ViewSlot
+from fgs_service.deps import GalleryCacheDep, JobQueueDep, TenantDep, ViewSlot
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
-from fgs_service.gallery import GalleryFilter, JobImages, compare_grid, gallery_page
+from fgs_service.gallery import GalleryCache, GalleryFilter, JobImages, compare_grid, gallery_page
 from fgs_service.job_queue import JobQueue
 
 router = APIRouter(prefix="/v1/views", tags=["views"], responses=ERROR_RESPONSES)
@@ -38,8 +39,12 @@ def job_summaries(
     return JobSummaries(jobs=jobs, total=queue.tenant_job_count(tenant), offset=offset)
 
 
-def _scope(queue: JobQueue, tenant: Tenant, job_id: str | None, batch_id: str | None) -> list[JobImages]:
-    """The jobs a gallery or grid covers: one job, one batch, or the tenant's recent jobs; all the caller's."""
+def _scope(
+    queue: JobQueue, cache: GalleryCache, tenant: Tenant, job_id: str | None, batch_id: str | None
+) -> list[JobImages]:
+    """The jobs a gallery or grid covers: one job, one batch, or the tenant's recent jobs; all the caller's.
+
+    Final jobs come from the cache once parsed; only the others' records are read and parsed."""
     if job_id and batch_id:
         raise ApiError(422, "invalid_request", "give job_id or batch_id, not both")
     if job_id:
@@ -50,18 +55,28 @@ def _scope(queue: JobQueue, tenant: Tenant, job_id: str | None, batch_id: str | 
             raise not_found("batch", batch_id)
     else:
         ids = queue.tenant_job_ids(tenant, 0, RECENT_JOBS)
+    jobs = {i: job for i in ids if (job := cache.get(tenant.name, i)) is not None}
+    missing = [i for i in ids if i not in jobs]
     records = {
-        i: raw for i, raw in zip(ids, queue.raw_many(ids), strict=False) if raw and raw.get("tenant") == tenant.name
+        i: raw
+        for i, raw in zip(missing, queue.raw_many(missing), strict=True)
+        if raw and raw.get("tenant") == tenant.name
     }
-    if job_id and not records:
+    for parsed in JobImages.from_records(records):
+        jobs[parsed.job_id] = parsed
+        raw = records[parsed.job_id]
+        if JobState(raw["state"]).is_terminal:
+            cache.put(tenant.name, parsed, float(raw["created_at"]))
+    if job_id and not jobs:
         raise not_found("job", job_id)
-    return JobImages.from_records(records)
+    return [jobs[i] for i in ids if i in jobs]
 
 
 @router.get("/gallery", dependencies=[ViewSlot])
 async def gallery(
     tenant: TenantDep,
     queue: JobQueueDep,
+    cache: GalleryCacheDep,
     job_id: JobId = None,
     batch_id: BatchId = None,
     class_index: Annotated[int | None, Query(ge=0, description="only images of this intended class")] = None,
@@ -76,7 +91,7 @@ async def gallery(
 ) -> GalleryPage:
     """A page of generated images with their settings and the classifier's verdict."""
     where = GalleryFilter(class_index, disagrees, min_criterion, max_criterion)
-    jobs = await anyio.to_thread.run_sync(_scope, queue, tenant, job_id, batch_id)
+    jobs = await anyio.to_thread.run_sync(_scope, queue, cache, tenant, job_id, batch_id)
     return await anyio.to_thread.run_sync(gallery_page, jobs, where, sort, offset, limit)
 
 
@@ -84,6 +99,7 @@ async def gallery(
 async def compare(
     tenant: TenantDep,
     queue: JobQueueDep,
+    cache: GalleryCacheDep,
     class_index: Annotated[int, Query(ge=0, description="the class to compare")],
     job_id: JobId = None,
     batch_id: BatchId = None,
@@ -91,5 +107,5 @@ async def compare(
     seeds: Annotated[int, Query(ge=1, le=32, description="columns: the first this many seeds")] = 8,
 ) -> CompareGrid:
     """One class across settings: a row per setting (ω, criterion, or all of them), a column per seed."""
-    jobs = await anyio.to_thread.run_sync(_scope, queue, tenant, job_id, batch_id)
+    jobs = await anyio.to_thread.run_sync(_scope, queue, cache, tenant, job_id, batch_id)
     return compare_grid(jobs, class_index, rows, seeds)
