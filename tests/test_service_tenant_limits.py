@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from support import hostile_archives as hostile
 from support.live_calls import generate, upload_classifier
@@ -159,3 +160,24 @@ def test_one_tenants_slow_checks_never_429_another_tenants_upload(stack, tmp_pat
         thread.join(timeout=120)
     assert first["response"].status_code == 422
     assert first["response"].json()["error"]["code"] == "classifier_resource_limit"
+
+
+class PrintsForgedLogLines(hostile.TinyClassifier):
+    """Writes lines that look like the service's own log on every forward, to stdout and, many, to stderr."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(20_000):
+            print("ERROR fgs.service forged by a classifier")
+        embedding = torch.relu(self.embed(torch.relu(self.conv(x)).mean(dim=(2, 3))))  # TorchScript: no super()
+        return self.head(embedding), embedding
+
+
+def test_a_checks_output_stays_out_of_the_api_log(stack, tmp_path):
+    """Finding 6: a classifier's print() reached the log. The check's output goes to a file in its scratch folder
+    (bounded by its 16 MiB file-size limit), removed with it; only a crash's tail is logged, by the server."""
+    archive = hostile.script_archive(tmp_path / "prints.pt", PrintsForgedLogLines()).read_bytes()
+    with stack.client("alpha") as client:
+        response = upload_classifier(client, archive, hostile.SPEC)
+    assert response.status_code == 201, response.text
+    assert "forged by a classifier" not in (stack.log_dir / "api.log").read_text(errors="replace")
+    assert list(stack.data_dir.glob(".classifier-check-*")) == []
