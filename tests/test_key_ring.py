@@ -38,10 +38,22 @@ def test_keys_from_file_inline_json_and_the_dev_key(tmp_path):
     assert ring.tenant_for("v-key-1") == Tenant("vision", 7)
     assert ring.tenant_for("v-key-2") == Tenant("vision", 7)
     assert ring.tenant_for("s-key") == Tenant("speech", 500)  # no cap of its own: the default
-    # the dev key is the local operator: its tenant sees the operator view (fgs_service.auth)
-    assert ring.tenant_for("dev-key") == Tenant("dev", 500, admin=True)
+    # beside a keys file the dev key is a tenant like the others: the keys file alone names operators
+    assert ring.tenant_for("dev-key") == Tenant("dev", 500, admin=False)
     assert ring.tenant_for("V-KEY-1") is None  # keys themselves are case-sensitive
     assert ring.tenant_for("") is None
+
+
+def test_the_dev_key_is_an_admin_key_only_without_a_keys_file(tmp_path):
+    """Issue 19: FGS_DEV_API_KEY was silently an admin key even beside a keys file."""
+    alone = KeyRing.from_settings(settings(tmp_path, dev_api_key="dev-key"))
+    assert alone.tenant_for("dev-key") == Tenant("dev", 500, admin=True)  # the local operator of `fgs up`
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({"tenants": [{"name": "ops", "key_sha256": [hash_key("o")], "admin": True}]}))
+    inline = json.dumps({"tenants": [{"name": "speech", "key_sha256": [hash_key("s-key")]}]})
+    for keys in ({"api_keys_file": keys_file}, {"api_keys": inline}):
+        ring = KeyRing.from_settings(settings(tmp_path, dev_api_key="dev-key", **keys))
+        assert ring.tenant_for("dev-key") == Tenant("dev", 500, admin=False), keys
 
 
 def test_no_keys_configured_admits_nobody(tmp_path):

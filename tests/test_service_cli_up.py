@@ -63,6 +63,7 @@ def test_fgs_up_runs_the_stack_and_ctrl_c_stops_everything(tiny_model_dir, tmp_p
         banner = f"Redis {redis_url} (started above), key prefix fgs (RQ's: fgs:rq), data {tmp_path / 'data'}, "
         assert banner + f"state {tmp_path / 'state'}" in output, output
         api_key = re.search(r"API key: (\S+)", output).group(1)
+        assert "an admin key: no keys file is given" in output  # the banner says what the dev key may do
         base = f"http://127.0.0.1:{api_port}"
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,79 @@ def test_statistics_over_the_cap_get_413_and_leave_nothing(stack, imagenet_lt_cl
     with stack.client("alpha") as client:
         assert client.get("/v1/classifiers").json() == listed
     assert leftovers(stack) == []
+
+
+# ---------------------------------------------------------------- hostile statistics (issue 19, finding 2)
+
+HOSTILE_GROWTH_BOUND_KIB = 64 * 1024  # the API's peak RSS over its RSS before: what parsing may cost at most
+
+
+def flood_header(path: Path, size: int) -> Path:
+    """The finding's `size`-byte JSON header `[{},{},...]`, written in blocks (the test process stays small too)."""
+    count = (size - 4) // 3
+    with open(path, "wb") as f:
+        f.write(size.to_bytes(8, "little") + b"[")
+        for start in range(0, count, 1 << 18):
+            f.write(b"{}," * min(1 << 18, count - start))
+        f.write(b"{}]".ljust(size - 1 - 3 * count))
+    return path
+
+
+def test_hostile_statistics_headers_are_422_before_any_check_and_the_api_stays_small(
+    stack, imagenet_lt_classifier, tmp_path
+):
+    """Finding 2: a 99 MB header took the API from 378 MiB to 2.74 GiB; 50,000 nested `[` raised RecursionError
+    (a 500). Now both are 422 with a message saying what is wrong, from the header's length or bracket skeleton
+    alone, and the API's peak RSS grows by less than HOSTILE_GROWTH_BOUND_KIB over all of them."""
+    archive, spec, stats = imagenet_lt_classifier
+    flood = flood_header(tmp_path / "flood.safetensors", 99_000_000)
+    assert flood.stat().st_size == 8 + 99_000_000
+    deep = tmp_path / "deep.safetensors"
+    nested = b"[" * 50_000 + b"]" * 50_000
+    deep.write_bytes(len(nested).to_bytes(8, "little") + nested)
+    # A real ImageNet-LT file whose last class's basis (a large tensor the old upload check never read) has the
+    # wrong dtype, a negative dimension, or a byte range past the file's end: each failed every job 3 times.
+    data = stats.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    damaged = {}
+    begin, end = header["class_basis.999"]["data_offsets"]  # the last tensor of the file
+    for name, (change, appended) in {
+        # F64 with a byte range of that size, the file longer to match: only the dtype is wrong
+        "dtype": ({"dtype": "F64", "data_offsets": [begin, 2 * end - begin]}, end - begin),
+        "negative-dims": ({"shape": [-s for s in header["class_basis.999"]["shape"]]}, 0),
+        "offsets": ({"data_offsets": [begin + 4096, end + 4096]}, 0),
+    }.items():
+        changed = json.loads(json.dumps(header))
+        changed["class_basis.999"].update(change)
+        encoded = json.dumps(changed).encode()
+        damaged[name] = tmp_path / f"{name}.safetensors"
+        with open(damaged[name], "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little") + encoded + data[8 + length :])
+            f.truncate(f.tell() + appended)
+    del data
+
+    with stack.client("alpha") as client:
+        listed = client.get("/v1/classifiers").json()
+    pid = stack.api.pid
+    before = memory_kib(pid)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    messages = {}
+    for name, path in {"flood": flood, "deep": deep, **damaged}.items():
+        response = upload(stack, archive, spec, path)
+        assert response.status_code == 422, (name, response.text)
+        assert response.json()["error"]["code"] == "invalid_hardness_stats"
+        messages[name] = response.json()["error"]["message"]
+    after = memory_kib(pid)
+    assert stack.api.poll() is None
+    grown = after["VmHWM"] - before["VmRSS"]
+    print(f"API RSS before {before['VmRSS'] / 1024:.0f} MiB, peak over the hostile uploads {after['VmHWM'] / 1024:.0f}")
+    assert grown < HOSTILE_GROWTH_BOUND_KIB, f"the API's peak RSS grew {grown / 1024:.0f} MiB"
+    assert "header is 99000000 bytes, more than the 4194304" in messages["flood"]
+    assert "nests deeper than a safetensors header" in messages["deep"]
+    assert "class_basis.999 is F64" in messages["dtype"]
+    assert "not a list of non-negative integers" in messages["negative-dims"]
+    assert "starts at byte" in messages["offsets"]
+    assert leftovers(stack) == []
+    with stack.client("alpha") as client:
+        assert client.get("/v1/classifiers").json() == listed  # nothing was stored

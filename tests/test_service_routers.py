@@ -19,9 +19,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from fgs_common.artifact_store import ArtifactStore
+from fgs_common.hardness_stats_format import encode_header, layout, metadata
 from fgs_common.job_records import JobRecords
 from fgs_common.loopback import free_port
-from fgs_common.wire import ClassifierSpec, GenerationParams, JobState
+from fgs_common.wire import ClassifierOutput, ClassifierSpec, GenerationParams, JobState
 from fgs_service.app import create_app
 from support.live_calls import png_bytes
 from support.service_settings import service_settings
@@ -66,15 +67,17 @@ def upload_classifier(api, tenant: str = "alpha", num_classes: int = 10, stats: 
     files = {"archive": ("clf.pt", torchscript_shaped_zip(), "application/octet-stream")}
     if stats is not None:
         files["hardness_stats"] = ("stats.safetensors", stats, "application/octet-stream")
-    spec = ClassifierSpec(num_classes=num_classes, input_size=32).model_dump_json()
+    output = ClassifierOutput.logits if stats is None else ClassifierOutput.logits_embedding
+    spec = ClassifierSpec(num_classes=num_classes, input_size=32, output=output).model_dump_json()
     response = api.post("/v1/classifiers", files=files, data={"spec": spec}, headers=auth(tenant))
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
 
-def safetensors_bytes() -> bytes:
-    header = b'{"__metadata__": {}}'
-    return len(header).to_bytes(8, "little") + header
+def safetensors_bytes(num_classes: int = 10, dim: int = 4) -> bytes:
+    """Hardness statistics of the v2 layout (zeros: the API reads only the header; a worker would score)."""
+    entries = layout(num_classes, dim, [1] * num_classes)
+    return encode_header(entries, metadata(num_classes, dim)) + bytes(sum(e.nbytes for e in entries))
 
 
 def test_probes_and_the_worker_count(api, records):
@@ -500,3 +503,37 @@ def test_the_gallery_filters_by_the_group_a_job_fills(api, records):
     assert [item["image_id"] for item in snow["items"]] == [made["snow"]] and snow["items"][0]["group"] == "snow"
     assert snow["groups"] == ["grass", "snow"]  # the scope's groups, before the filter
     assert api.get("/v1/views/gallery", params={"group": "x" * 201}, headers=auth("alpha")).status_code == 422
+
+
+def test_the_gallery_caches_final_jobs_only_and_for_their_tenant_only(redis_server, tmp_path, records):
+    """Issue 19: a final job is parsed once (GalleryCache); a running job's images are read again each time, and a
+    job whose record has expired leaves the gallery although it was cached."""
+    settings = service_settings(redis_server, tmp_path / "short-lived", job_record_ttl_s=4)
+    records = JobRecords(records.redis, settings.redis_prefix)
+    with TestClient(create_app(settings)) as api:
+        _gallery_cache_case(api, records)
+
+
+def _gallery_cache_case(api, records) -> None:
+    cache = api.app.state.gallery_cache
+    began = time.time()
+    running, final = (api.post("/v1/generate", json=JOB, headers=auth("alpha")).json()["job_id"] for _ in range(2))
+    first = [{"image_id": "c" * 64, "seed": 1, "criterion_value": None, "predicted_class": None}]
+    for job_id in (running, final):
+        assert records.transition(job_id, JobState.running, (JobState.queued,), results=json.dumps(first))
+    assert records.transition(final, JobState.finished, (JobState.running,), finished_at=2.0)
+
+    def gallery_ids(tenant: str = "alpha") -> list[str]:
+        page = api.get("/v1/views/gallery", headers=auth(tenant))
+        assert page.status_code == 200, page.text
+        return sorted(item["job_id"] for item in page.json()["items"])
+
+    assert gallery_ids() == sorted([running, final])
+    assert cache.get("alpha", final) is not None and cache.get("alpha", running) is None
+    assert cache.get("beta", final) is None  # keyed by tenant too
+    assert gallery_ids("beta") == []
+    more = first + [{"image_id": "d" * 64, "seed": 2, "criterion_value": None, "predicted_class": None}]
+    records.redis.hset(records.keys.job(running), "results", json.dumps(more))  # the running job progressed
+    assert gallery_ids() == sorted([running, running, final])
+    time.sleep(max(0.0, began + 4.5 - time.time()))  # both records expire (FGS_JOB_RECORD_TTL_S = 4)
+    assert gallery_ids() == [] and cache.get("alpha", final) is None

@@ -1,9 +1,10 @@
 """`python -m fgs_classifier.check --result FILE [limits] ARCHIVE SPEC_JSON [HARDNESS_STATS]`.
 
 Loads a classifier as a worker would and runs it once, inside the sandbox that `fgs_common.classifier_sandbox`
-describes: the first thing it does is confine itself (memory, CPU time, file size, no network), before torch is
-imported or the archive read. It writes its verdict as JSON to FILE: {"code", "message", "network_isolated"},
-code "ok" or the error code a client sees. The message is ours; torch's own text appears only as a short detail.
+describes: the first thing it does is tie its life to its parent's (PR_SET_PDEATHSIG) and confine itself (memory,
+CPU time, file size, no network), before torch is imported or the archive read. It writes its verdict as JSON to
+FILE: {"code", "message", "network_isolated"}, code "ok" or the error code a client sees. The message is ours;
+torch's own text appears only as a short detail.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from fgs_common.classifier_sandbox import confine_this_process
+from fgs_common.classifier_sandbox import confine_this_process, die_with_parent
 
 # What a file written by the check may hold at most: the verdict (the log's own size is bounded the same way).
 _MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -83,11 +84,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cpu-seconds", type=int, required=True)
     parser.add_argument("--max-unpacked-bytes", type=int, required=True)
     parser.add_argument("--require-network-isolation", action="store_true")
+    parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("archive")
     parser.add_argument("spec")
     parser.add_argument("stats", nargs="?")
     args = parser.parse_args(argv)
 
+    die_with_parent(args.parent_pid)
     isolated = confine_this_process(args.memory_bytes, args.cpu_seconds, _MAX_FILE_BYTES)
     if not isolated and args.require_network_isolation:
         code, message = (

@@ -45,10 +45,8 @@ resident for its largest class (bench/hardness_scale.py, bench/RESULTS.md). File
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -58,7 +56,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FORMAT = "fgs-hardness-stats-v2"
+from fgs_common.hardness_stats_format import FORMAT, LayoutEntry, encode_header, layout, read_hardness_header
+from fgs_common.hardness_stats_format import metadata as file_metadata
+
+__all__ = ["FORMAT", "ClassStatistics", "HardnessStats"]  # FORMAT: the file format's name, for callers
+
 # rho = RIDGE * mean(diag P): only keeps Cholesky/eigh defined for exactly singular inputs (as in v1 of this file).
 RIDGE = 1e-9
 # Scoring is done in float64: the embeddings come in float32 (the classifier's dtype, fgs_classifier.registry; a
@@ -69,9 +71,7 @@ DEFAULT_CACHED_CLASSES = 4
 # Rows per block when a stored matrix is converted to COMPUTE_DTYPE (2,048 x 256 float32: 2 MiB at a time).
 _READ_ROWS = 256
 
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
-_TORCH_DTYPE = {name: dtype for dtype, name in _SAFETENSORS_DTYPE.items()}
-_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSON header
+_TORCH_DTYPE = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64}
 
 ClassEmbeddings = Callable[[int], torch.Tensor]
 """Class index y -> that class's embeddings [n_y, k]; called twice per class (the fit's two passes)."""
@@ -83,10 +83,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _metadata(num_classes: int, dim: int) -> dict[str, str]:
-    return {"format": FORMAT, "num_classes": str(num_classes), "dim": str(dim)}
 
 
 def _ledoit_wolf_intensity(n: int, fourth_moment_sum: float, cov_norm2: float, distance2: float) -> float:
@@ -109,30 +105,6 @@ def _gram_norm2(centered: torch.Tensor) -> float:
     return float(gram.square().sum())
 
 
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-def _layout(num_classes: int, dim: int, ranks: Sequence[int]) -> list[_Entry]:
-    """Every tensor of a v2 file. 8-byte types first, so that every tensor starts aligned to its element size."""
-    entries = [
-        _Entry("counts", torch.int64, (num_classes,)),
-        _Entry("logdets", torch.float64, (num_classes,)),
-        _Entry("target_weights", torch.float64, (num_classes,)),
-        _Entry("target_eigenvalues", torch.float64, (dim,)),
-        _Entry("ridge", torch.float64, ()),
-        _Entry("target_eigenvectors", torch.float32, (dim, dim)),
-        _Entry("means", torch.float64, (num_classes, dim)),
-    ]
-    for y, rank in enumerate(ranks):
-        entries.append(_Entry(f"class_spectrum.{y}", torch.float32, (rank,)))
-        entries.append(_Entry(f"class_basis.{y}", torch.float32, (dim, rank)))
-    return entries
-
-
 class _SafetensorsWriter:
     """Writes a safetensors file whose tensor shapes are known up front, one tensor at a time, in any order.
 
@@ -140,30 +112,22 @@ class _SafetensorsWriter:
     so no tensor has to be held until the end: the fit writes each class as soon as it is factored.
     """
 
-    def __init__(self, path: Path, entries: list[_Entry], metadata: dict[str, str]):
-        header: dict[str, object] = {"__metadata__": metadata}
+    def __init__(self, path: Path, entries: list[LayoutEntry], metadata: dict[str, str]):
         offset = 0
-        self._slots: dict[str, tuple[int, _Entry]] = {}
+        self._slots: dict[str, tuple[int, LayoutEntry]] = {}
         for entry in entries:
-            nbytes = math.prod(entry.shape) * _element_size(entry.dtype)
-            header[entry.name] = {
-                "dtype": _SAFETENSORS_DTYPE[entry.dtype],
-                "shape": list(entry.shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
             self._slots[entry.name] = (offset, entry)
-            offset += nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
-        self._data_start = 8 + len(encoded)
+            offset += entry.nbytes
+        head = encode_header(entries, metadata)
+        self._data_start = len(head)
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._file.write(head)
         self._file.truncate(self._data_start + offset)
         self._written: set[str] = set()
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         offset, entry = self._slots[name]
-        tensor = tensor.detach().to("cpu", entry.dtype).contiguous()
+        tensor = tensor.detach().to("cpu", _TORCH_DTYPE[entry.dtype]).contiguous()
         if tuple(tensor.shape) != entry.shape:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {entry.shape}")
         self._file.seek(self._data_start + offset)
@@ -187,8 +151,9 @@ class _SafetensorsReader:
 
     Not `safetensors.safe_open`: that maps the whole file into the address space, and the API's classifier check
     runs under an address-space limit (FGS_CLASSIFIER_CHECK_MEMORY_BYTES) that statistics of several GB would
-    exceed. Here a read costs the bytes asked for. The header is checked as the safetensors library checks it:
-    known dtypes, each byte range the size of its shape, ranges inside the file.
+    exceed. Here a read costs the bytes asked for. The header is read and checked by
+    `fgs_common.hardness_stats_format.read_hardness_header`, the parser the API runs at upload: bounded, every
+    tensor's dtype, shape and byte range against the v2 layout and the file.
     """
 
     def __init__(self, path: Path):
@@ -203,28 +168,13 @@ class _SafetensorsReader:
             raise
 
     def _read_header(self) -> None:
-        size = os.fstat(self._file.fileno()).st_size
-        prefix = self._file.read(8)
-        if len(prefix) < 8:
-            raise ValueError("not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(size - 8, _MAX_HEADER_BYTES):
-            raise ValueError("not a safetensors file (bad header length)")
-        header = json.loads(self._file.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("not a safetensors file (the header is not a JSON object)")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + length
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
-        for name, info in header.items():
-            dtype = _TORCH_DTYPE.get(info.get("dtype"))
-            shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
-            if dtype is None:
-                raise ValueError(f"{name}: dtype {info.get('dtype')!r} is not one hardness statistics use")
-            if end - begin != math.prod(shape) * _element_size(dtype) or self.data_start + end > size:
-                raise ValueError(f"{name}: byte range {begin}-{end} does not fit its shape {list(shape)} or the file")
-            self._entries[name] = (dtype, shape, begin)
-        self.shapes = {name: shape for name, (_, shape, _) in self._entries.items()}
+        header = read_hardness_header(self._file.fileno())
+        self.metadata = header.metadata
+        self.data_start = header.data_start
+        self._entries = {
+            name: (_TORCH_DTYPE[tensor.dtype], tensor.shape, tensor.begin) for name, tensor in header.tensors.items()
+        }
+        self.shapes = {name: tensor.shape for name, tensor in header.tensors.items()}
 
     def __del__(self) -> None:
         file = getattr(self, "_file", None)
@@ -266,7 +216,7 @@ class _MemorySink:
 
 
 def _fit(class_embeddings: ClassEmbeddings, counts: Sequence[int], dim: int, shrinkage: float | None, sink) -> None:
-    """The two streaming passes; writes every tensor of `_layout` into `sink` (a writer or a dict)."""
+    """The two streaming passes; writes every tensor of `layout` into `sink` (a writer or a dict)."""
     num_classes, total = len(counts), int(sum(counts))
     f64 = torch.float64
 
@@ -411,9 +361,9 @@ class HardnessStats:
         _fit(class_embeddings, counts, embeddings.shape[1], shrinkage, sink)
         tensors = sink.tensors
         ranks = [tensors[f"class_basis.{y}"].shape[1] for y in range(num_classes)]
-        entries = _layout(num_classes, embeddings.shape[1], ranks)
+        entries = layout(num_classes, embeddings.shape[1], ranks)
         for entry in entries:  # stored precision, the same as a saved and reloaded file
-            tensors[entry.name] = tensors[entry.name].to(entry.dtype)
+            tensors[entry.name] = tensors[entry.name].to(_TORCH_DTYPE[entry.dtype])
         shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
         return cls(tensors.__getitem__, lambda name, start, stop: tensors[name][start:stop], shapes)
 
@@ -436,8 +386,8 @@ class HardnessStats:
             raise ValueError("need at least 2 embeddings to estimate covariances")
         if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
-        entries = _layout(len(counts), dim, [max(min(c - 1, dim), 0) for c in counts])
-        writer = _SafetensorsWriter(Path(path), entries, _metadata(len(counts), dim))
+        entries = layout(len(counts), dim, [max(min(c - 1, dim), 0) for c in counts])
+        writer = _SafetensorsWriter(Path(path), entries, file_metadata(len(counts), dim))
         try:
             _fit(class_embeddings, counts, dim, shrinkage, writer)
         except BaseException:
@@ -468,8 +418,8 @@ class HardnessStats:
     def save(self, path: Path) -> None:
         """Write the statistics as one safetensors file (format `fgs-hardness-stats-v2`), class by class."""
         ranks = [self._shapes[f"class_basis.{y}"][1] for y in range(self.num_classes)]
-        entries = _layout(self.num_classes, self.dim, ranks)
-        writer = _SafetensorsWriter(Path(path), entries, _metadata(self.num_classes, self.dim))
+        entries = layout(self.num_classes, self.dim, ranks)
+        writer = _SafetensorsWriter(Path(path), entries, file_metadata(self.num_classes, self.dim))
         try:
             for entry in entries:
                 writer.put(entry.name, self._read(entry.name))
@@ -482,15 +432,9 @@ class HardnessStats:
     ) -> HardnessStats:
         """Open statistics written by `save`/`fit_to_file` (safetensors: no pickle); reads no class factor yet.
 
-        Raises ValueError when the file is not v2 statistics or its shapes disagree.
+        Raises InvalidHardnessStats (a ValueError) when the file is not v2 statistics or a tensor does not fit.
         """
         source = _SafetensorsReader(Path(path))
-        if source.metadata.get("format") != FORMAT:
-            raise ValueError(
-                f"hardness statistics are format {source.metadata.get('format', 'unknown')!r}, not {FORMAT!r}: "
-                "recompute them with `fgs-client hardness-stats`"
-            )
-        _check_shapes(source.shapes)
         read, read_rows, shapes = source.read, source.read_rows, source.shapes
         return cls(read, read_rows, shapes, device=device, cached_classes=cached_classes)
 
@@ -613,20 +557,3 @@ class HardnessStats:
             scale = eigenvectors * (float(self.target_weights[y]) * self._eigenvalues + self._ridge).rsqrt()
             out[y] = (scale @ whitened @ scale.T).float()
         return out
-
-
-def _check_shapes(shapes: dict[str, tuple[int, ...]]) -> None:
-    if "means" not in shapes or len(shapes["means"]) != 2:
-        raise ValueError("hardness statistics lack 'means' [num_classes, k]")
-    num_classes, dim = shapes["means"]
-    ranks = []
-    for y in range(num_classes):
-        basis = shapes.get(f"class_basis.{y}")
-        if basis is None or len(basis) != 2 or basis[0] != dim:
-            raise ValueError(f"hardness statistics: class {y}'s basis is {basis}, expected [{dim}, r]")
-        ranks.append(basis[1])
-    for entry in _layout(num_classes, dim, ranks):
-        if shapes.get(entry.name) != entry.shape:
-            raise ValueError(
-                f"hardness statistics: {entry.name} has shape {shapes.get(entry.name)}, expected {entry.shape}"
-            )

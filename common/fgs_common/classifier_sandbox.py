@@ -7,9 +7,14 @@ check process:
   file-size and core-dump limits (resource.setrlimit), and its own network namespace (unshare) so that it has
   no network; where the kernel refuses a namespace (no CAP_SYS_ADMIN and unprivileged user namespaces off) it
   runs with the host's network unless FGS_CLASSIFIER_CHECK_REQUIRE_NETWORK_ISOLATION is set, and says so;
-- runs in its own session, killed as a group at the wall-clock limit;
-- reports through a result file as JSON written by our code; its stdout and stderr go to a log file that is
-  only ever logged on the server, never returned to a client.
+- runs in its own session, killed as a group at the wall-clock limit, and dies with its parent: its first step
+  asks the kernel for SIGKILL when the thread that started it ends (PR_SET_PDEATHSIG), so a SIGKILL of the API
+  or of a worker mid-check leaves no check running;
+- reports through a result file as JSON written by our code; its stdout and stderr go to a log file in its
+  scratch folder (bounded, as every file it writes, by its file-size limit) that is only ever logged on the
+  server, never returned to a client nor interleaved with the server's own log.
+Its scratch folder (`check_scratch`) is named after the process that made it (host, pid, start time), so that a
+process finding the folder of a dead owner removes it: the API at start-up, every check before it starts.
 This module does not import torch: the API uses it.
 """
 
@@ -20,11 +25,15 @@ import json
 import logging
 import os
 import resource
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +54,12 @@ _FIXED_ENV = {
 }
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
+_PR_SET_PDEATHSIG = 1
 _LOG_TAIL_BYTES = 4000
+SCRATCH_PREFIX = ".classifier-check-"
+# Scratch of another host (a shared data volume) is removed only once older than this: its owner cannot be asked
+# whether it lives, and no check outlives FGS_CLASSIFIER_CHECK_TIMEOUT_S plus its upload by anything near a day.
+_FOREIGN_SCRATCH_AGE_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,74 @@ def sandbox_environment(scratch: Path) -> dict[str, str]:
     """The check's whole environment: a few harmless inherited variables, its scratch folder, `_FIXED_ENV`."""
     inherited = {name: os.environ[name] for name in _INHERITED_ENV if name in os.environ}
     return {**inherited, "HOME": str(scratch), "TMPDIR": str(scratch), **_FIXED_ENV}
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, it names one
+    process for the life of the machine (a pid alone is reused, and is 1 in every container)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_name(pid: int) -> str:
+    return f"{socket.gethostname()}-{pid}-{_start_time(pid)}"
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the scratch folder `name` belongs to a live process (another host's: assumed alive)."""
+    parts = name[len(SCRATCH_PREFIX) :].rsplit("-", 3)  # host (may hold dashes), pid, start time, random
+    if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return True
+    return _start_time(int(parts[1])) == parts[2]
+
+
+def sweep_check_scratch(root: Path) -> list[str]:
+    """Remove the check scratch folders in `root` whose owner has died (and another host's after a day); their
+    names. The API runs it at start-up; every check (`check_scratch`) before it starts."""
+    removed = []
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            stale = not _owner_alive(path.name) or (time.time() - path.stat().st_mtime > _FOREIGN_SCRATCH_AGE_S)
+        except (OSError, ValueError):
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if removed:
+        logger.info("removed the classifier check scratch of processes that ended: %s", ", ".join(removed))
+    return removed
+
+
+@contextmanager
+def check_scratch(root: Path) -> Iterator[Path]:
+    """A private folder in `root` for one check (the check's home), removed afterwards; dead owners' are swept."""
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_check_scratch(root)
+    path = root / f"{SCRATCH_PREFIX}{_owner_name(os.getpid())}-{secrets.token_hex(6)}"
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask for SIGKILL when the thread that started this process ends; exit at once if it already has.
+
+    The check's first step. The parent's thread waits for the check (run_classifier_check), so it ends only when
+    its process dies. The getppid() comparison closes the window between fork and this call.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(3)
 
 
 def _unshare(flags: int) -> int:
@@ -101,6 +183,8 @@ def _command(archive: Path, spec: Path, stats: Path | None, result: Path, settin
         str(settings.classifier_check_cpu_s),
         "--max-unpacked-bytes",
         str(settings.max_classifier_unpacked_bytes),
+        "--parent-pid",
+        str(os.getpid()),
     ]
     if settings.classifier_check_require_network_isolation:
         command.append("--require-network-isolation")
@@ -124,7 +208,7 @@ def run_classifier_check(
     scratch: Path,
     on_wait: Callable[[], None] | None = None,
 ) -> CheckOutcome:
-    """Run the check on files in `scratch` (a private directory, the check's home) and say what it found.
+    """Run the check on files in `scratch` (a `check_scratch` folder, the check's home) and say what it found.
 
     `on_wait` is called about once a second while the check runs (a worker's heartbeat).
     """

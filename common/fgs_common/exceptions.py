@@ -35,6 +35,13 @@ class InvalidClassifier(InvalidJob):
     code = "invalid_classifier"
 
 
+class InvalidHardnessStats(InvalidClassifier):
+    """Hardness statistics a worker could not score with (not a v2 safetensors file, or a tensor that does not
+    fit the layout or the file); refused at upload (422) by the same check the worker's reader runs."""
+
+    code = "invalid_hardness_stats"
+
+
 class UnsafeClassifier(InvalidClassifier):
     """The archive could run code or touch the host if loaded or run; nothing of it was run."""
 

@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     http_header_timeout_s: float = Field(default=20.0, gt=0)
     """a connection must send a whole request head within this long (Apache mod_reqtimeout's default,
     header=20-40); slowloris"""
+    http_body_timeout_s: float = Field(default=20.0, gt=0)
+    """a request body's grace: its first bytes must come within this long (Apache mod_reqtimeout's default,
+    body=20); afterwards FGS_HTTP_BODY_MIN_RATE applies. A body is read only once its API key is known
+    (fgs_service.request_gate)"""
+    http_body_min_rate: int = Field(default=500, ge=1)
+    """bytes per second a request body must keep up after the grace (mod_reqtimeout's default, MinRate=500): by t
+    seconds in, 500 * (t - FGS_HTTP_BODY_TIMEOUT_S) bytes; slower is a 408. A 4 GiB upload needs 500 B/s"""
     http_keep_alive_s: int = Field(default=5, ge=1)
     """an idle keep-alive connection is closed after this long (uvicorn's default)"""
     redis_max_connections: int = Field(default=100, ge=1)
@@ -126,6 +133,11 @@ class Settings(BaseSettings):
     """classifier checks run at once; 429 beyond"""
     classifier_check_retry_after_s: int = Field(default=10, ge=1)
     """Retry-After of that 429"""
+    classifier_checks_per_tenant: int = Field(default=1, ge=1)
+    """checks one tenant may run (or wait for) at once, of FGS_CLASSIFIER_CHECKS_AT_ONCE: its next upload is its
+    own 429. An upload within its tenant's share waits for a free slot (at most FGS_CLASSIFIER_CHECK_TIMEOUT_S,
+    the longest a check holds one) instead of a 429: one tenant's slow checks never refuse another's upload
+    (issue 19: two slow uploads of one tenant gave every other tenant 429 for 100 s)"""
     classifier_check_require_network_isolation: bool = False
     """refuse uploads (503) where the kernel gives the check no network namespace of its own; off: the check then
     runs with the host's network and a warning is logged"""
@@ -147,6 +159,19 @@ class Settings(BaseSettings):
     worker_queue_poll_s: int = Field(default=1, ge=1)
     """how often an idle worker looks for new tenant queues"""
     sse_poll_s: float = 0.25
+    max_sse_streams_per_tenant: int = Field(default=64, ge=1)
+    """progress streams (GET /v1/jobs/{id}/events) one tenant may hold open on one API process; 429 beyond. Above
+    what fgs's own clients open (the page 3, bench/load.py 25 per tenant); 1,500 streams of one tenant raised
+    another's median latency from 7 ms to 1.3 s (issue 19), so 64 bound that to a few tens of ms"""
+    sse_retry_after_s: int = Field(default=5, ge=1)
+    """Retry-After of that 429 (a stream ends with its job, or when its client goes)"""
+    gallery_cache_images: int = Field(default=50_000, ge=0)
+    """images of final jobs whose parsed gallery items one API process keeps (least recently used dropped): five
+    tenants' 10,000-image galleries. A gallery of cached jobs costs a filter and a sort (bench/gallery.py)"""
+    max_view_requests_per_tenant: int = Field(default=2, ge=1)
+    """gallery and compare requests (GET /v1/views/gallery, /compare) one tenant may have in progress on one API
+    process; 429 with Retry-After 1 beyond. The page sends one at a time; four at once of one tenant raised
+    another's median latency to 521 ms (issue 19)"""
     worker_name: str | None = None
     """name of this worker in Redis and metrics; default host-random"""
 

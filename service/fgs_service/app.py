@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import gc
-import threading
 from contextlib import asynccontextmanager
 
 import redis
 import redis.asyncio
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fgs_common.artifact_store import ArtifactStore
+from fgs_common.classifier_sandbox import sweep_check_scratch
 from fgs_common.settings import Settings, get_settings
 from fgs_service import openapi_document
 from fgs_service.auth import KeyRing
 from fgs_service.errors import install_error_handlers
+from fgs_service.gallery import GalleryCache
 from fgs_service.job_queue import JobQueue
 from fgs_service.metrics import build_registry
+from fgs_service.request_gate import RequestGate
 from fgs_service.routers import (
     admin,
     classifiers,
@@ -34,6 +33,7 @@ from fgs_service.routers import (
     ui,
     views,
 )
+from fgs_service.tenant_limits import CheckSlots, TenantSlots
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.job_queue = JobQueue(app.state.redis, app.state.rq_redis, app.state.async_redis, settings)
         app.state.store = ArtifactStore(settings.data_dir)
+        sweep_check_scratch(settings.data_dir)  # what a killed API's classifier checks left
         app.state.keyring = KeyRing.from_settings(settings)
         app.state.metrics_registry = build_registry(app.state.job_queue)
         # Everything alive now lives as long as the process: keep the cyclic garbage collector from scanning
@@ -94,9 +95,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # On app.state, not through dependency_overrides: an override makes FastAPI re-inspect the dependency's
     # signature on every request (measured: 6% of an enqueue's CPU).
     app.state.settings = settings
-    app.state.classifier_check_slots = threading.BoundedSemaphore(settings.classifier_checks_at_once)
+    app.state.classifier_check_slots = CheckSlots(settings)
+    app.state.sse_streams = TenantSlots(
+        settings.max_sse_streams_per_tenant,
+        "too_many_streams",
+        "progress streams open",
+        "FGS_MAX_SSE_STREAMS_PER_TENANT",
+        settings.sse_retry_after_s,
+    )
+    app.state.gallery_cache = GalleryCache(settings.gallery_cache_images, settings.job_record_ttl_s)
+    app.state.view_requests = TenantSlots(
+        settings.max_view_requests_per_tenant,
+        "too_many_view_requests",
+        "gallery or compare requests",
+        "FGS_MAX_VIEW_REQUESTS_PER_TENANT",
+        1,
+    )
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestGate, settings=settings)
 
     # thumbnails before images: /v1/images/{id}/thumbnail must not be taken for an image id
     for module in (thumbnails, images, classifiers, generate, jobs, model, views, admin, health, metrics, presets, ui):
@@ -104,77 +120,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ui.mount_static(app)
     openapi_document.install(app)
     return app
-
-
-class BodyTooLarge(StarletteHTTPException):
-    """Raised from `receive` as soon as a body passes its route's limit (an HTTPException: FastAPI's body
-    parsing lets those through, where any other error would become a 400)."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body over {limit} bytes")
-        self.limit = limit
-
-
-class BodyLimit:
-    """413 for a request body over its route's limit: at once when its Content-Length says so (or is not a
-    number), else while it streams in, chunked bodies included, so no more than the limit is ever held.
-
-    Limits: JSON routes FGS_MAX_JSON_BODY_BYTES; image uploads FGS_MAX_UPLOAD_BYTES; classifier uploads the
-    archive plus statistics limits; each with 1 MiB for the multipart framing and form fields.
-    A plain ASGI middleware: Starlette's `@app.middleware("http")` wraps every request in extra tasks and
-    streams, which showed up as latency under load.
-    """
-
-    _FRAMING = 1 << 20
-
-    def __init__(self, app: ASGIApp, settings: Settings):
-        self.app = app
-        self.limits = {
-            "/v1/classifiers": (
-                settings.max_classifier_bytes
-                + settings.max_hardness_stats_bytes
-                + settings.max_upload_bytes
-                + self._FRAMING
-            ),
-            "/v1/images": settings.max_upload_bytes + self._FRAMING,
-        }
-        self.default = settings.max_json_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limits.get(scope["path"].rstrip("/"), self.default)
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            await _too_large(limit)(scope, receive, send)
-            return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(limit)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            await _too_large(limit)(scope, receive, send)
-
-
-def _too_large(limit: int) -> JSONResponse:
-    body = {"error": {"code": "upload_too_large", "message": f"request body over {limit} bytes"}}
-    # Connection: close, as the rest of the body is never read
-    return JSONResponse(body, status_code=413, headers={"Connection": "close"})

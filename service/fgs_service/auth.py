@@ -8,7 +8,9 @@ Keys file (FGS_API_KEYS_FILE, or the same JSON inline in FGS_API_KEYS):
 An admin tenant's key also opens the operator view (/v1/admin/..., every tenant's load and failures).
 
 `fgs hash-key KEY` prints a key's digest. FGS_DEV_API_KEY adds one tenant (FGS_DEV_TENANT, default "dev")
-for local use. API keys are long random strings, so an unsalted sha256 is enough to make a leaked file useless.
+for local use; it is an admin key only when no keys file is given (FGS_API_KEYS_FILE, FGS_API_KEYS): beside one,
+the keys file alone says who is an operator. API keys are long random strings, so an unsalted sha256 is
+enough to make a leaked file useless.
 """
 
 from __future__ import annotations
@@ -48,8 +50,28 @@ class Tenant:
     admin: bool = False
 
 
+# Where a key comes from and how to pass it: the first thing a newcomer with a 401 needs to know.
+KEY_HELP = (
+    "An API key comes from the service's operator (who adds its sha256 from `fgs hash-key KEY` to the keys file, "
+    "FGS_API_KEYS_FILE); on a local `fgs up` it is FGS_DEV_API_KEY. Pass it as 'Authorization: Bearer <key>', "
+    "or to fgs-client with --api-key or the FGS_API_KEY environment variable."
+)
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header (the scheme in any case, as HTTPBearer reads it)."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
+
+
 def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def dev_key_is_admin(settings: Settings) -> bool:
+    """Whether FGS_DEV_API_KEY opens the operator view: only without a keys file, where the local developer runs
+    the whole stack and is its operator too."""
+    return settings.api_keys_file is None and not settings.api_keys
 
 
 class KeyRing:
@@ -72,8 +94,7 @@ class KeyRing:
             for digest in entry.key_sha256:
                 by_digest[digest.lower()] = tenant
         if settings.dev_api_key:
-            # the local developer runs the whole stack: they are its operator too
-            dev = Tenant(settings.dev_tenant, settings.max_queued_images_per_tenant, admin=True)
+            dev = Tenant(settings.dev_tenant, settings.max_queued_images_per_tenant, admin=dev_key_is_admin(settings))
             by_digest[hash_key(settings.dev_api_key)] = dev
         return cls(by_digest)
 

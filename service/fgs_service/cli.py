@@ -59,6 +59,14 @@ def _without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _dev_key_role(settings) -> str:
+    from fgs_service.auth import dev_key_is_admin
+
+    if dev_key_is_admin(settings):
+        return "FGS_DEV_API_KEY, an admin key: no keys file is given"
+    return "FGS_DEV_API_KEY, not an admin key: the keys file names the operators"
+
+
 def _stop_requested(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
@@ -178,7 +186,7 @@ def up(
             f"state {settings.state_dir.resolve()}"
         )
         if "FGS_DEV_API_KEY" in env:
-            typer.echo(f"API key: {env['FGS_DEV_API_KEY']}")
+            typer.echo(f"API key: {env['FGS_DEV_API_KEY']} ({_dev_key_role(settings)})")
         while True:
             now = time.monotonic()
             for child in children:

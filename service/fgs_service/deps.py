@@ -6,7 +6,7 @@ thread hop per dependency per request was most of the enqueue latency under load
 
 from __future__ import annotations
 
-import threading
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,9 +14,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.settings import Settings
-from fgs_service.auth import KeyRing, Tenant
+from fgs_service.auth import KEY_HELP, KeyRing, Tenant
 from fgs_service.errors import ApiError
+from fgs_service.gallery import GalleryCache
 from fgs_service.job_queue import JobQueue
+from fgs_service.tenant_limits import CheckSlots, TenantSlots
 
 
 async def _settings(request: Request) -> Settings:
@@ -35,7 +37,7 @@ async def _store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
-async def _check_slots(request: Request) -> threading.BoundedSemaphore:
+async def _check_slots(request: Request) -> CheckSlots:
     return request.app.state.classifier_check_slots
 
 
@@ -48,24 +50,23 @@ async def _keyring(request: Request) -> KeyRing:
 _bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey", description="the tenant's API key")
 
 
-# Where a key comes from and how to pass it: the first thing a newcomer with a 401 needs to know.
-_KEY_HELP = (
-    "An API key comes from the service's operator (who adds its sha256 from `fgs hash-key KEY` to the keys file, "
-    "FGS_API_KEYS_FILE); on a local `fgs up` it is FGS_DEV_API_KEY. Pass it as 'Authorization: Bearer <key>', "
-    "or to fgs-client with --api-key or the FGS_API_KEY environment variable."
-)
-
-
 async def _tenant(
     keyring: Annotated[KeyRing, Depends(_keyring)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
     if credentials is None or not credentials.credentials.strip():
-        raise ApiError(401, "unauthorized", f"no API key was sent. {_KEY_HELP}")
+        raise ApiError(401, "unauthorized", f"no API key was sent. {KEY_HELP}")
     tenant = keyring.tenant_for(credentials.credentials.strip())
     if tenant is None:
-        raise ApiError(401, "unauthorized", f"the API key is not one this service knows. {_KEY_HELP}")
+        raise ApiError(401, "unauthorized", f"the API key is not one this service knows. {KEY_HELP}")
     return tenant
+
+
+async def _view_slot(request: Request, tenant: Annotated[Tenant, Depends(_tenant)]) -> AsyncIterator[None]:
+    """One of the tenant's gallery/compare slots (FGS_MAX_VIEW_REQUESTS_PER_TENANT), held while the request runs."""
+    slots: TenantSlots = request.app.state.view_requests
+    with slots.hold(tenant.name):
+        yield
 
 
 async def _admin(tenant: Annotated[Tenant, Depends(_tenant)]) -> Tenant:
@@ -80,5 +81,22 @@ JobQueueDep = Annotated[JobQueue, Depends(_job_queue)]
 StoreDep = Annotated[ArtifactStore, Depends(_store)]
 TenantDep = Annotated[Tenant, Depends(_tenant)]
 AdminDep = Annotated[Tenant, Depends(_admin)]
-# One slot per classifier check that may run at once (FGS_CLASSIFIER_CHECKS_AT_ONCE).
-CheckSlotsDep = Annotated[threading.BoundedSemaphore, Depends(_check_slots)]
+# The classifier check slots (FGS_CLASSIFIER_CHECKS_AT_ONCE, FGS_CLASSIFIER_CHECKS_PER_TENANT).
+CheckSlotsDep = Annotated[CheckSlots, Depends(_check_slots)]
+# Held for a gallery or compare request's duration: in the route's `dependencies`.
+ViewSlot = Depends(_view_slot)
+
+
+async def _sse_streams(request: Request) -> TenantSlots:
+    """The per-tenant count of open progress streams (FGS_MAX_SSE_STREAMS_PER_TENANT)."""
+    return request.app.state.sse_streams
+
+
+SseStreamsDep = Annotated[TenantSlots, Depends(_sse_streams)]
+
+
+async def _gallery_cache(request: Request) -> GalleryCache:
+    return request.app.state.gallery_cache
+
+
+GalleryCacheDep = Annotated[GalleryCache, Depends(_gallery_cache)]

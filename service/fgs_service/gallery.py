@@ -1,13 +1,19 @@
 """Gallery and compare grid: the images of a set of job records, filtered, sorted, paged or laid out by setting.
 
-Works on raw records (`JobQueue.raw_many`): at 10,000 images a page costs one Redis round trip and a sort
-of plain tuples; pydantic models are built only for the page returned.
+Works on raw records (`JobQueue.raw_many`). A finished, failed or canceled job never changes, and its record
+lives until its creation plus FGS_JOB_RECORD_TTL_S (the only expiry a record is given, never deleted before), so
+its parsed request and gallery items are kept in `GalleryCache` (per process, bounded in images) until then: a
+request reads the tenant's job ids and the records of the jobs still running, and at 10,000 images costs a filter
+and a sort of items already built (bench/gallery.py, bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from fgs_common.wire import STORED, GenerateRequest
 from fgs_common.wire_views import (
@@ -51,12 +57,13 @@ class GalleryFilter:
 
 @dataclass
 class JobImages:
-    """One job's request and results, as stored."""
+    """One job's request and results, as stored; its gallery items built once."""
 
     job_id: str
     request: GenerateRequest
     results: list[dict]
     class_names: list[str] | None = None  # its classifier spec's, when it names them
+    _items: list[GalleryItem] | None = field(default=None, repr=False)
 
     @classmethod
     def from_records(cls, records: dict[str, dict[str, str]]) -> list[JobImages]:
@@ -79,6 +86,12 @@ class JobImages:
         return self.request.prompt if index == self.request.class_index else None
 
     def items(self) -> list[GalleryItem]:
+        """The job's images as gallery items (built at the first call; read-only afterwards)."""
+        if self._items is None:
+            self._items = self._build_items()
+        return self._items
+
+    def _build_items(self) -> list[GalleryItem]:
         request = self.request
         generation = request.generation_params()
         class_name = self.class_name()
@@ -104,6 +117,45 @@ class JobImages:
             )
             for result in self.results
         ]
+
+
+class GalleryCache:
+    """Parsed jobs in a final state (they never change), least recently used dropped past `max_images` images, each
+    until its record expires (its creation plus the records' TTL).
+
+    Keyed by job id with its tenant: an entry is only ever returned for the tenant that owns the job.
+    """
+
+    def __init__(self, max_images: int, record_ttl_s: float):
+        self.max_images, self.record_ttl_s = max_images, record_ttl_s
+        self._jobs: OrderedDict[str, tuple[str, float, JobImages]] = OrderedDict()
+        self._images = 0
+        self._lock = threading.Lock()
+
+    def get(self, tenant: str, job_id: str) -> JobImages | None:
+        with self._lock:
+            entry = self._jobs.get(job_id)
+            if entry is None or entry[0] != tenant:
+                return None
+            if time.time() >= entry[1]:  # its record has expired: so has the job
+                self._images -= len(self._jobs.pop(job_id)[2].results)
+                return None
+            self._jobs.move_to_end(job_id)
+            return entry[2]
+
+    def put(self, tenant: str, job: JobImages, created_at: float) -> None:
+        """Keep a job in a final state, created (its record written) at `created_at`."""
+        with self._lock:
+            if job.job_id in self._jobs or len(job.results) > self.max_images:
+                return
+            self._jobs[job.job_id] = (tenant, created_at + self.record_ttl_s, job)
+            self._images += len(job.results)
+            while self._images > self.max_images:
+                _, (_, _, dropped) = self._jobs.popitem(last=False)
+                self._images -= len(dropped.results)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
 
 
 def _sort_key(sort: GallerySort):

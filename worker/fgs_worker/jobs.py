@@ -46,7 +46,7 @@ from rq.timeouts import BaseTimeoutException
 
 from fgs_classifier.registry import LoadedClassifier, load_classifier
 from fgs_common import telemetry
-from fgs_common.classifier_sandbox import run_classifier_check
+from fgs_common.classifier_sandbox import check_scratch, run_classifier_check
 from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob
 from fgs_common.job_records import now_ts
 from fgs_common.wire import STORED, ClassifierSpec, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
@@ -189,8 +189,7 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
         # The check and the load read one private copy of the archive, so what is loaded is what was checked,
         # and a delete by the tenant in between is an ArtifactGone, not a retried error. The statistics are
         # data, not code, and the hardness criterion opens them as it scores: they stay in the store.
-        with tempfile.TemporaryDirectory(prefix="fgs-classifier-check-") as scratch_dir:
-            scratch = Path(scratch_dir)
+        with check_scratch(Path(tempfile.gettempdir())) as scratch:  # a dead worker's is swept at start-up
             try:
                 stored = runtime.store.classifier_archive(folder)
                 archive = scratch / f"classifier{stored.suffix}"

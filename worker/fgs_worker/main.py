@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from fgs_common.atomic_files import write_atomic
+from fgs_common.classifier_sandbox import sweep_check_scratch
 from fgs_common.job_records import ACTIVE_STATES, now_ts
 from fgs_common.settings import Settings, get_settings
 from fgs_common.wire import ErrorBody, JobState
@@ -375,6 +377,7 @@ def run_worker(settings: Settings | None = None, name: str | None = None, ready_
     """
     settings = settings or get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    sweep_check_scratch(Path(tempfile.gettempdir()))  # what a killed worker's classifier check left
     log.info("loading model %s", settings.model)
     runtime = WorkerRuntime.load(settings, name=name)
     log.info("worker %s ready on %s", runtime.name, runtime.device)

@@ -1,23 +1,20 @@
 """Classifier upload: a TorchScript / torch.export archive, its spec JSON and optional hardness statistics.
 
 The service never imports torch, so it checks what it can without it (size, zip layout of a TorchScript or
-torch.export archive whose contents cannot run code: `fgs_common.classifier_archive.inspect_archive`; spec
-JSON; safetensors header) and then runs the archive once in a sandboxed subprocess
-(`fgs_common.classifier_sandbox`), which loads it the way a worker will and checks its outputs against the
-spec. At most FGS_CLASSIFIER_CHECKS_AT_ONCE checks run at once; an upload beyond that is a 429 with Retry-After.
-Only a classifier that passes is stored: a failure is a 4xx whose message fgs wrote (never the check's output)
-and nothing is written. An API-only install without torch skips the subprocess (FGS_CLASSIFIER_CHECK=false, or
-torch absent); the worker then runs the same sandboxed check at first use and fails that job with its message.
+torch.export archive whose contents cannot run code: `fgs_common.classifier_archive.inspect_archive`; spec JSON; the
+hardness statistics' header, `fgs_common.hardness_stats_format`) and then runs the archive once in a sandboxed
+subprocess (`fgs_common.classifier_sandbox`), which loads it the way a worker will and checks its outputs against
+the spec. At most FGS_CLASSIFIER_CHECKS_AT_ONCE checks run at once, at most FGS_CLASSIFIER_CHECKS_PER_TENANT of them
+one tenant's: an upload beyond its tenant's share is a 429 with Retry-After, one within it waits for a slot. Only a
+classifier that passes is stored: a failure is a 4xx whose message fgs wrote (never the check's output) and nothing
+is written. An API-only install without torch skips the subprocess (FGS_CLASSIFIER_CHECK=false, or torch absent);
+the worker then runs the same sandboxed check at first use and fails that job with its message.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import struct
-import tempfile
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -31,18 +28,20 @@ from fgs_common.classifier_archive import (
     UnsafeClassifierArchive,
     inspect_archive,
 )
-from fgs_common.classifier_sandbox import run_classifier_check
+from fgs_common.classifier_sandbox import check_scratch, run_classifier_check
+from fgs_common.exceptions import InvalidHardnessStats
+from fgs_common.hardness_stats_format import read_hardness_header
 from fgs_common.settings import Settings
-from fgs_common.wire import CLASSIFIER_SPEC_EXAMPLE, ClassifierSpec, ClassifierUploaded
+from fgs_common.wire import CLASSIFIER_SPEC_EXAMPLE, ClassifierOutput, ClassifierSpec, ClassifierUploaded
 from fgs_service.classifier_records import classifier_record, classifier_records
 from fgs_service.deps import CheckSlotsDep, SettingsDep, StoreDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
+from fgs_service.tenant_limits import CheckSlots
 from fgs_service.uploads import copy_limited, read_limited
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"], responses=ERROR_RESPONSES)
 
 _ARCHIVE_NAME = {ArchiveFormat.torchscript: "archive.pt", ArchiveFormat.torch_export: "archive.pt2"}
-_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
 
 
 def _parse_spec(spec: str) -> ClassifierSpec:
@@ -55,24 +54,26 @@ def _parse_spec(spec: str) -> ClassifierSpec:
         raise ApiError(422, "invalid_spec", f"classifier spec is not a valid ClassifierSpec: {details}") from None
 
 
-def _check_safetensors(path: Path) -> None:
-    """A safetensors file starts with an 8-byte little-endian header length and a JSON header (read from disk)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size < 8:
-            raise ApiError(422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
-            raise ApiError(
-                422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (bad header length)"
-            )
-        header = f.read(length)
-    try:
-        json.loads(header)
-    except ValueError:
+def _check_hardness_stats(path: Path, spec: ClassifierSpec) -> None:
+    """The header a worker will read, checked as the worker checks it (bounded; every tensor against the v2
+    layout and the file's size) and against the spec, before any check slot is taken."""
+    with open(path, "rb") as file:
+        try:
+            header = read_hardness_header(file.fileno())
+        except InvalidHardnessStats as error:
+            raise ApiError(422, "invalid_hardness_stats", str(error)) from None
+    if header.num_classes != spec.num_classes:
         raise ApiError(
-            422, "invalid_hardness_stats", "hardness statistics are not a safetensors file (header is not JSON)"
-        ) from None
+            422,
+            "invalid_hardness_stats",
+            f"hardness statistics have {header.num_classes} classes; the spec has {spec.num_classes}",
+        )
+    if spec.output is not ClassifierOutput.logits_embedding:
+        raise ApiError(
+            422,
+            "invalid_hardness_stats",
+            "hardness statistics need a classifier whose spec output is 'logits_embedding'",
+        )
 
 
 def _worker_check_available() -> bool:
@@ -84,21 +85,12 @@ _CHECK_STATUS = {"classifier_check_unavailable": 503}
 
 
 def _run_classifier_check(
-    archive: Path, spec: Path, stats: Path | None, settings: Settings, slots: threading.BoundedSemaphore
+    archive: Path, spec: Path, stats: Path | None, settings: Settings, slots: CheckSlots, tenant: str
 ) -> None:
-    """Load and run the classifier in the sandbox (torch stays out of the API process); 429 when no slot is free."""
-    if not slots.acquire(blocking=False):
-        raise ApiError(
-            429,
-            "classifier_checks_busy",
-            f"{settings.classifier_checks_at_once} classifier checks are running; retry in "
-            f"{settings.classifier_check_retry_after_s} s",
-            headers={"Retry-After": str(settings.classifier_check_retry_after_s)},
-        )
-    try:
+    """Load and run the classifier in the sandbox (torch stays out of the API process); 429 when the tenant's
+    share of the check slots is in use (`CheckSlots`)."""
+    with slots.hold(tenant):
         outcome = run_classifier_check(archive, spec, stats, settings, scratch=archive.parent)
-    finally:
-        slots.release()
     if not outcome.ok:
         raise ApiError(_CHECK_STATUS.get(outcome.code, 422), outcome.code, outcome.message)
 
@@ -109,7 +101,8 @@ def _validated(
     stats: Path | None,
     settings: Settings,
     scratch: Path,
-    slots: threading.BoundedSemaphore,
+    slots: CheckSlots,
+    tenant: str,
 ) -> ArchiveFormat:
     archive_path = scratch / "upload"
     archive_path.write_bytes(archive)
@@ -124,7 +117,7 @@ def _validated(
     if settings.classifier_check and _worker_check_available():
         named = archive_path.rename(scratch / _ARCHIVE_NAME[archive_format])
         (scratch / "spec.json").write_bytes(spec_json)
-        _run_classifier_check(named, scratch / "spec.json", stats, settings, slots)
+        _run_classifier_check(named, scratch / "spec.json", stats, settings, slots, tenant)
     return archive_format
 
 
@@ -149,9 +142,7 @@ def upload_classifier(
     parsed = _parse_spec(spec)
     archive_bytes = read_limited(archive, settings.max_classifier_bytes, "classifier archive")
     spec_json = parsed.model_dump_json().encode()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".classifier-check-", dir=settings.data_dir))
-    try:
+    with check_scratch(settings.data_dir) as scratch:  # swept at the API's start-up if the API is killed
         stats_path = None
         if hardness_stats is not None:
             stats_path = scratch / "hardness.safetensors"
@@ -162,14 +153,12 @@ def upload_classifier(
                 "hardness statistics",
                 "FGS_MAX_HARDNESS_STATS_BYTES",
             )
-            _check_safetensors(stats_path)
-        archive_format = _validated(archive_bytes, spec_json, stats_path, settings, scratch, check_slots)
+            _check_hardness_stats(stats_path, parsed)
+        archive_format = _validated(archive_bytes, spec_json, stats_path, settings, scratch, check_slots, tenant.name)
         archive_name = _ARCHIVE_NAME[archive_format]
         classifier_id = store.put_classifier(
             tenant.name, archive_bytes, archive_name, spec_json, stats_path, name=name or archive.filename or ""
         )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     record = classifier_record(store, tenant.name, classifier_id)
     if record is None:  # deleted by another request of the tenant's since it was stored
         raise not_found("classifier", classifier_id)

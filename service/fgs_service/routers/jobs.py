@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 import anyio
 import redis
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from fgs_common.wire import ErrorBody, JobListQuery, JobProgressEvent, JobPublic, JobsPublic
-from fgs_service.deps import JobQueueDep, SettingsDep, TenantDep
+from fgs_service.deps import JobQueueDep, SettingsDep, SseStreamsDep, TenantDep
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -58,14 +60,21 @@ def cancel_job(job: OwnedJob, tenant: TenantDep, queue: JobQueueDep) -> JobPubli
     "/{job_id}/events", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}}
 )
 async def job_events(
-    job: OwnedJob, request: Request, tenant: TenantDep, queue: JobQueueDep, settings: SettingsDep
+    job: OwnedJob,
+    request: Request,
+    tenant: TenantDep,
+    queue: JobQueueDep,
+    settings: SettingsDep,
+    streams: SseStreamsDep,
 ) -> StreamingResponse:
     """Server-sent events: a `progress` event (a JobProgressEvent: state and progress only) per change while the
     job is queued or running, then one `job` event (the whole JobPublic, results included) in its final state.
 
     When Redis stops answering, an `error` event (an ErrorBody, code `redis_unavailable`) ends the stream, so a
-    client knows to reconnect rather than take the closed stream for the job's end.
+    client knows to reconnect rather than take the closed stream for the job's end. A tenant holds at most
+    FGS_MAX_SSE_STREAMS_PER_TENANT streams open at once; beyond that, 429 with Retry-After.
     """
+    streams.acquire(tenant.name)
 
     async def stream():
         last = None
@@ -97,4 +106,24 @@ async def job_events(
                 return
             await asyncio.sleep(settings.sse_poll_s)
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _HeldStream(
+        stream(),
+        release=lambda: streams.release(tenant.name),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+class _HeldStream(StreamingResponse):
+    """A stream that gives its tenant's slot back however it ends (the job's end, a disconnect, an error),
+    also when the generator never started, where a `finally` in the generator would not run."""
+
+    def __init__(self, content, release: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()

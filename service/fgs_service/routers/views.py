@@ -9,12 +9,13 @@ from fastapi import APIRouter, Query
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.job_records import job_base
+from fgs_common.wire import JobState
 from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries
 from fgs_service.auth import Tenant
 from fgs_service.classifier_records import classifier_record
-from fgs_service.deps import JobQueueDep, StoreDep, TenantDep
+from fgs_service.deps import GalleryCacheDep, JobQueueDep, StoreDep, TenantDep, ViewSlot
 from fgs_service.errors import ERROR_RESPONSES, ApiError, not_found
-from fgs_service.gallery import GalleryFilter, JobImages, compare_grid, gallery_page
+from fgs_service.gallery import GalleryCache, GalleryFilter, JobImages, compare_grid, gallery_page
 from fgs_service.job_queue import JobQueue
 
 router = APIRouter(prefix="/v1/views", tags=["views"], responses=ERROR_RESPONSES)
@@ -41,9 +42,17 @@ def job_summaries(
 
 
 def _scope(
-    queue: JobQueue, store: ArtifactStore, tenant: Tenant, job_id: str | None, batch_id: str | None
+    queue: JobQueue,
+    store: ArtifactStore,
+    cache: GalleryCache,
+    tenant: Tenant,
+    job_id: str | None,
+    batch_id: str | None,
 ) -> list[JobImages]:
-    """The jobs a gallery or grid covers: one job, one batch, or the tenant's recent jobs; all the caller's."""
+    """The jobs a gallery or grid covers: one job, one batch, or the tenant's recent jobs; all the caller's.
+
+    Final jobs come from the cache once parsed (with the team's class names); only the others' records are read
+    and parsed."""
     if job_id and batch_id:
         raise ApiError(422, "invalid_request", "give job_id or batch_id, not both")
     if job_id:
@@ -54,28 +63,36 @@ def _scope(
             raise not_found("batch", batch_id)
     else:
         ids = queue.tenant_job_ids(tenant, 0, RECENT_JOBS)
+    jobs = {i: job for i in ids if (job := cache.get(tenant.name, i)) is not None}
+    missing = [i for i in ids if i not in jobs]
     records = {
-        i: raw for i, raw in zip(ids, queue.raw_many(ids), strict=False) if raw and raw.get("tenant") == tenant.name
+        i: raw
+        for i, raw in zip(missing, queue.raw_many(missing), strict=True)
+        if raw and raw.get("tenant") == tenant.name
     }
-    if job_id and not records:
-        raise not_found("job", job_id)
-    jobs = JobImages.from_records(records)
     names: dict[str, list[str] | None] = {}  # the team's class names, from each classifier's spec
-    for job in jobs:
-        classifier_id = job.request.classifier_id
+    for parsed in JobImages.from_records(records):
+        classifier_id = parsed.request.classifier_id
         if classifier_id is not None:
             if classifier_id not in names:
                 record = classifier_record(store, tenant.name, classifier_id)
                 names[classifier_id] = record.spec.class_names if record else None
-            job.class_names = names[classifier_id]
-    return jobs
+            parsed.class_names = names[classifier_id]
+        jobs[parsed.job_id] = parsed
+        raw = records[parsed.job_id]
+        if JobState(raw["state"]).is_terminal:
+            cache.put(tenant.name, parsed, float(raw["created_at"]))
+    if job_id and not jobs:
+        raise not_found("job", job_id)
+    return [jobs[i] for i in ids if i in jobs]
 
 
-@router.get("/gallery")
+@router.get("/gallery", dependencies=[ViewSlot])
 async def gallery(
     tenant: TenantDep,
     queue: JobQueueDep,
     store: StoreDep,
+    cache: GalleryCacheDep,
     job_id: JobId = None,
     batch_id: BatchId = None,
     class_index: Annotated[int | None, Query(ge=0, description="only images of this intended class")] = None,
@@ -93,15 +110,16 @@ async def gallery(
 ) -> GalleryPage:
     """A page of generated images with their settings and the classifier's verdict."""
     where = GalleryFilter(class_index, group, disagrees, min_criterion, max_criterion)
-    jobs = await anyio.to_thread.run_sync(_scope, queue, store, tenant, job_id, batch_id)
+    jobs = await anyio.to_thread.run_sync(_scope, queue, store, cache, tenant, job_id, batch_id)
     return await anyio.to_thread.run_sync(gallery_page, jobs, where, sort, offset, limit)
 
 
-@router.get("/compare")
+@router.get("/compare", dependencies=[ViewSlot])
 async def compare(
     tenant: TenantDep,
     queue: JobQueueDep,
     store: StoreDep,
+    cache: GalleryCacheDep,
     class_index: Annotated[int, Query(ge=0, description="the class to compare")],
     job_id: JobId = None,
     batch_id: BatchId = None,
@@ -109,5 +127,5 @@ async def compare(
     seeds: Annotated[int, Query(ge=1, le=32, description="columns: the first this many seeds")] = 8,
 ) -> CompareGrid:
     """One class across settings: a row per setting (ω, criterion, or all of them), a column per seed."""
-    jobs = await anyio.to_thread.run_sync(_scope, queue, store, tenant, job_id, batch_id)
+    jobs = await anyio.to_thread.run_sync(_scope, queue, store, cache, tenant, job_id, batch_id)
     return compare_grid(jobs, class_index, rows, seeds)
