@@ -63,11 +63,13 @@ def check_balanced_nicopp(out: Path, target: int = 3) -> list[dict]:
     assert {r["path"] for r in rows if r["source"] == "synthetic"} == synthetic_files
     real = {r["path"] for r in rows if r["source"] == "real"}
     index = train / "metadata.csv"  # Hugging Face datasets' index, in the folder that holds every image
-    assert index.read_text().startswith("file_name,label,class_index,group,source")
+    assert index.read_text().startswith("file_name,label,class_name,group,source")
+    features = train / "features.json"  # beside it: label as a ClassLabel
+    assert json.loads(features.read_text())["label"]["_type"] == "ClassLabel"
     assert real == {
         p.relative_to(out).as_posix()
         for p in train.rglob("*")
-        if p.is_file() and not p.name.startswith("fgs_") and p != index
+        if p.is_file() and not p.name.startswith("fgs_") and p not in (index, features)
     }
     by_group = Counter((r["class"], r["group"]) for r in rows)
     assert set(by_group.values()) == {target} and len(by_group) == 18

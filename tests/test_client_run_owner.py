@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fgs_client.balance_state import STATE_NAME, BalanceState
-from fgs_client.run_owner import RunHeld, RunOwner, take_over
+from fgs_client.run_owner import STOP_NAME, RunHeld, RunOwner, take_over
 from support.dataset_trees import write_image
 from support.live_calls import client_process
 from support.stack import start_stack
@@ -103,7 +103,7 @@ def test_cancel_during_a_live_balance_stops_it_and_leaves_every_job_canceled_non
     time.sleep(1.0)  # a client racing the cancel resubmitted within a poll (0.5 s)
     new = {job_id: state for job_id, state in tenant_jobs(stack).items() if job_id not in before}
     assert sorted(new) == sorted(job_ids) and set(new.values()) == {"canceled"}
-    assert not (out / ".fgs-balance.stop").exists()
+    assert not (out / STOP_NAME).exists()
 
 
 def test_jobs_canceled_on_the_service_are_reported_not_resubmitted_and_a_rerun_resumes_them(stack, tmp_path):
@@ -163,7 +163,7 @@ def test_cancel_refuses_naming_the_pid_of_an_owner_that_does_not_stop(tmp_path):
             take_over(tmp_path, wait_s=0.5)
         assert f"held by fgs-client PID {holder.pid} on " in str(refused.value)
         assert f"kill {holder.pid}" in str(refused.value)
-        assert not (tmp_path / ".fgs-balance.stop").exists()  # no stop left for a later run
+        assert not (tmp_path / STOP_NAME).exists()  # no stop left for a later run
     finally:
         holder.kill()
         holder.wait()

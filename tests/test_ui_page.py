@@ -230,14 +230,16 @@ TEAM_NAMES = ["apple", "banana", "cherry", "lemon", "lime", "mango", "olive", "p
 SEED = 975561995220926170  # past 2^53: a JavaScript number shows it as 975561995220926200
 
 
-def test_the_page_names_classes_as_the_team_does_and_shows_64_bit_seeds_exactly(session_of, ui_stack, classifier_files):
+def test_the_page_names_classes_as_the_team_does_and_shows_64_bit_seeds_exactly(
+    session_of, ui_stack, classifier_files, artifacts
+):
     archive, spec = classifier_files
     with ui_stack.client("alpha") as alpha:
         uploaded = upload_classifier(alpha, archive.read_bytes(), spec.model_copy(update={"class_names": TEAM_NAMES}))
         assert uploaded.status_code == 201, uploaded.text
         job_id = generate(
             alpha, prompt="a handwritten digit three", class_index=3, num_images=2, steps=2, guidance_every=1,
-            criterion="entropy", omega=0.05, classifier_id=uploaded.json()["id"], seed=SEED,
+            criterion="entropy", omega=0.05, classifier_id=uploaded.json()["id"], seed=SEED, group="grass",
         )  # fmt: skip
         job = wait_final(alpha, job_id)
         assert job.state.value == "finished"
@@ -265,6 +267,10 @@ def test_the_page_names_classes_as_the_team_does_and_shows_64_bit_seeds_exactly(
     assert [caption.split("\n")[0] for caption in captions] == [f"seed {SEED}", f"seed {SEED + 1}"]
     assert [f"ŷ={name}" in caption for caption, name in zip(captions, names, strict=True)] == [True, True]
     assert page.locator("#gallery-class option", has_text="lemon (2)").count() == 1
+    # the group menu (class x group runs): shown, since this job fills the group "grass"
+    assert page.is_visible("#gallery-group") and page.locator("#gallery-group option", has_text="grass").count() == 1
+    page.select_option("#gallery-group", "grass")
+    page.wait_for_function(GRID_SHOWS_IDS, arg=[result.image_id for result in job.results])
     page.click(f"#gallery-grid figure.tile[data-image-id='{job.results[0].image_id}']")
     page.wait_for_selector("#gallery-detail:not([hidden])")
     meta = dict(
@@ -275,6 +281,8 @@ def test_the_page_names_classes_as_the_team_does_and_shows_64_bit_seeds_exactly(
         )
     )
     assert meta["seed"] == str(SEED) and meta["class"] == "lemon (class 3)" and meta["predicted class"] == names[0]
+    assert meta["group"] == "grass"
+    page.screenshot(path=str(artifacts / "ui_team_names.png"), full_page=True)
 
     page.goto(f"{ui_stack.base_url}/ui/#compare?class=3")
     page.wait_for_selector("#compare-grid thead th")

@@ -17,10 +17,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fgs_client.balance_state import STATE_NAME
 from fgs_common.exceptions import UserInputError
 
-LOCK_NAME = ".fgs-balance.lock"
-STOP_NAME = ".fgs-balance.stop"
+# Beside the state file and named after it: the run's own files are `.fgs-balance.sqlite*` (the SQLite WAL too)
+LOCK_NAME = STATE_NAME + ".lock"
+STOP_NAME = STATE_NAME + ".stop"
 # A balance looks at the stop file at every poll (0.5 s by default) and between chunks; a chunk's submission
 # (up to 500 jobs and their image uploads) is the longest stretch without a look.
 STOP_WAIT_S = 60.0
