@@ -44,13 +44,13 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import BaseTimeoutException
 
-from fgs_classifier.registry import LoadedClassifier, load_classifier
 from fgs_common import telemetry
 from fgs_common.classifier_sandbox import run_classifier_check
 from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob
 from fgs_common.job_records import now_ts
 from fgs_common.wire import STORED, ClassifierSpec, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
 from fgs_worker.cancel import queue_cancel_check
+from fgs_worker.confined_classifier import ConfinedClassifier
 from fgs_worker.runtime import WorkerRuntime, current_runtime
 from fgs_worker.shared_batch import ExcInfo
 from fgs_worker.watchdog import WatchedJob, step_deadline_s
@@ -85,7 +85,7 @@ class _Member:
     created_at: float
     retries_left: int  # RQ's, for this job alone
     conditioning: list[Image.Image] = field(default_factory=list)
-    classifier: LoadedClassifier | None = None
+    classifier: ConfinedClassifier | None = None
     results: list[ImageResult] = field(default_factory=list)
     outcome: dict | None = None  # how it left the batch (finished, canceled, failed, lost); None while it runs
     failure: ExcInfo | None = None  # its sampler call failed with it alone in it: RQ retries or fails it
@@ -170,7 +170,7 @@ class _StepReporter:
         return {row for row, (member, _) in enumerate(self.rows) if member.outcome is None}
 
 
-def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
+def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> ConfinedClassifier:
     gone = ArtifactGone(
         f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
     )
@@ -183,12 +183,13 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
         raise gone from None
     spec = ClassifierSpec.model_validate_json(spec_bytes)
 
-    def load() -> LoadedClassifier:
-        # First load in this worker: run the archive in the sandbox before this process (the GPU, the Redis
-        # connection) touches it. The API checked it too, unless it runs without torch (FGS_CLASSIFIER_CHECK).
-        # The check and the load read one private copy of the archive, so what is loaded is what was checked,
-        # and a delete by the tenant in between is an ArtifactGone, not a retried error. The statistics are
-        # data, not code, and the hardness criterion opens them as it scores: they stay in the store.
+    def load() -> ConfinedClassifier:
+        # First load in this worker: run the archive in the sandbox first. The API checked it too, unless it runs
+        # without torch (FGS_CLASSIFIER_CHECK). Then its confined process (fgs_worker.confined_classifier) loads
+        # it: this process never does. The check and the child read one private copy of the archive (the child
+        # through an open file, which outlives the copy's folder), so what runs is what was checked, and a
+        # delete by the tenant in between is an ArtifactGone, not a retried error. The statistics are data, not
+        # code: the child reads them through an open file of the store's copy.
         with tempfile.TemporaryDirectory(prefix="fgs-classifier-check-") as scratch_dir:
             scratch = Path(scratch_dir)
             try:
@@ -206,13 +207,13 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
             outcome = run_classifier_check(archive, spec_path, stats, runtime.settings, scratch, on_wait=runtime.beat)
             if not outcome.ok:
                 raise InvalidClassifier(outcome.message)
-            return load_classifier(
-                archive,
-                spec,
-                stats,
-                device=runtime.device,
-                max_unpacked_bytes=runtime.settings.max_classifier_unpacked_bytes,
-            )
+            classifier = ConfinedClassifier(archive, spec, stats, runtime.settings, on_wait=runtime.beat)
+        try:
+            classifier.start()
+        except BaseException:
+            classifier.close()
+            raise
+        return classifier
 
     return runtime.classifiers.get(f"{tenant}/{classifier_id}", load)
 

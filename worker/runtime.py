@@ -127,6 +127,7 @@ class WorkerRuntime:
         self.redis.set(self.keys.model_info(), self.model_info().model_dump_json())
 
     def retire(self) -> None:
+        self.classifiers.close()  # their processes would die with this one anyway (PR_SET_PDEATHSIG)
         self.redis.delete(self.keys.worker_alive(self.name), telemetry.worker_gauge_key(self.keys.prefix, self.name))
 
 
