@@ -136,14 +136,14 @@ class Settings(BaseSettings):
     classifier_run_memory_bytes: int = Field(default=3 * 1024**3, ge=512 * 1024**2)
     """address-space limit (RLIMIT_AS) of a classifier's run-time process. Below the check's 4 GiB because it
     must bound a classifier that allocates only at batch sizes the check never tries (issue 19: 3 GiB at other
-    batch sizes took a worker to 3.6 GiB). Measured (bench/RESULTS.md, 6 Dec): the process of the fgs-digits
-    classifier peaks at about 0.7 GiB of address space (torch itself) at batch 8 with its backward; 3 GiB leaves
-    2.3 GiB for a larger classifier's weights and activations"""
+    batch sizes took a worker to 3.6 GiB). Measured (bench/confined_classifier.py, bench/RESULTS.md, 6 Dec): the
+    process of a 10-class SmallCNN on fgs-digits peaks at 0.61 GiB of address space (torch itself) at batch 8
+    with its backward; 3 GiB leaves about 2.4 GiB for a larger classifier's weights and activations"""
     classifier_call_timeout_s: float = Field(default=30.0, gt=0)
     """deadline of one call into a classifier's run-time process (forward, criterion and backward of a batch);
     past it the process is killed and the job fails with `classifier_timeout`. Half of FGS_STEP_DEADLINE_BASE_S,
     so a hanging classifier fails its job before the watchdog would end the whole worker; a fgs-digits call at
-    batch 8 takes milliseconds (bench/RESULTS.md)"""
+    batch 8 takes 0.1 s on 2 loaded CPU cores (bench/RESULTS.md)"""
     classifier_check: bool = True
     """run uploaded classifiers once in a subprocess (needs the worker extra) before accepting them"""
     unavailable_retry_after_s: int = Field(default=5, ge=1)
