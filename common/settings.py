@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     (bench/RESULTS.md, bench/sampler.py, 27 Nov): on 2 CPU cores unguided throughput at B = 8 is 2.7x that at B = 1
     and only 6% above B = 4, so 8 takes nearly all the gain while a step's memory and deadline
     (FGS_STEP_DEADLINE_*) stay small; a GPU gains from more (bench/gpu.py)"""
+    chunk_target_s: float = Field(default=10.0, gt=0)
+    """how long one sampler call of a lone job (a chunk of its images) should take. The worker starts at
+    FGS_MAX_BATCH_IMAGES images, halves a chunk that took longer, doubles one that took under half
+    (fgs_worker.runtime.record_chunk), and between chunks yields to another tenant's queued job (issue 19: a
+    1-image job waited 90.9 s behind one 64-image job). So a tenant waits about this long behind another's large
+    job. 10 s: a batch of 8 at 30 steps of fgs-digits on 2 CPU cores (0.3-0.6 s per step at B = 8,
+    bench/RESULTS.md) takes 9-18 s, so CPU chunks settle at 4-8 images, where per-image throughput differs by 6 %
+    (bench/sampler.py, bench/RESULTS.md), while the wait stays about 10 s instead of the whole job"""
     batch_across_jobs: bool = True
     """a worker taking a job of fewer than FGS_MAX_BATCH_IMAGES images also claims queued jobs that can share its
     sampler call (fgs_worker.shared_batch); off: one job per call, as before issue 15. On by default: our
