@@ -8,10 +8,13 @@ while a chunk is running.
 
 from __future__ import annotations
 
+import io
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from fgs_common.telemetry import counter_field, counter_key
 from fgs_common.wire import JobPublic, JobState
@@ -121,9 +124,19 @@ def test_a_preempted_job_resumes_where_it_stopped_with_the_same_images(setup):
     assert resumed.state is JobState.finished and resumed.progress.images_done == 12, resumed
     assert [r.seed for r in resumed.results] == [body["seed"] + i for i in range(12)]
     assert images_generated(worker, settings, "alpha") == 24  # none twice: 12 for each job
-    # image ids are the sha256 of the PNG (pixels and metadata): the resumed job wrote the same files as a job
-    # that ran at once (an image depends on its seed only)
-    assert [r.image_id for r in resumed.results] == [r.image_id for r in alone.results]
+    # an image depends on its seed only: the resumed job's images are the ones a job run at once gets, up to the
+    # 8-bit rounding of float differences between batch sizes (test_guided_ddim.py: at most 1e-4 before rounding)
+    for mine, reference in zip(resumed.results, alone.results, strict=True):
+        difference = np.abs(
+            pixels(client, headers["alpha"], mine.image_id) - pixels(client, headers["alpha"], reference.image_id)
+        )
+        assert difference.max() <= 1, (mine.seed, difference.max())
+
+
+def pixels(client, headers, image_id: str) -> np.ndarray:
+    response = client.get(f"/v1/images/{image_id}", headers=headers)
+    assert response.status_code == 200
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(int)
 
 
 def test_a_preempted_job_can_be_canceled_while_it_waits(setup):
