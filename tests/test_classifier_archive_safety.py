@@ -166,3 +166,80 @@ def test_the_sandboxed_check_says_which_step_failed(tmp_path):
     refused = run_classifier_check(archive, bad, None, settings, scratch=tmp_path)
     assert refused.code == "invalid_classifier_spec"
     assert refused.message.startswith("the classifier spec could not be read") and "damaged" not in refused.message
+
+
+class _Features(torch.nn.Module):
+    """What the memory-unsafe classifiers below share: (logits, embedding) of 3 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 10)
+
+    def out(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(features), features
+
+
+class _UnsafeIndex(_Features):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.zeros(x.shape[0], dtype=torch.long)
+        return self.out(torch.ops.aten._unsafe_index(x, [index]).mean(dim=(2, 3)))
+
+
+class _SparseConstructor(_Features):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dense = torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.long), torch.ones(1), [4]).to_dense()
+        return self.out(x.mean(dim=(2, 3)) + dense.sum())
+
+
+class _ToDense(_Features):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.out(x.to_dense().mean(dim=(2, 3)))
+
+
+class _AsStrided(_Features):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.out(x.as_strided([x.shape[0], 3], [1, 1]))
+
+
+class _SetStorage(_Features):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        borrowed = torch.empty(0)
+        borrowed.set_(x)
+        return self.out(borrowed.mean(dim=(2, 3)))
+
+
+class _StorageOffset(_Features):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.out(x.mean(dim=(2, 3)) + x.storage_offset())
+
+
+@pytest.mark.parametrize(
+    "module, operator",
+    [
+        (hostile.WritesOutOfBounds(), "aten::_sparse_coo_tensor_unsafe"),  # issue 19's finding
+        (_UnsafeIndex(), "aten::_unsafe_index"),
+        (_SparseConstructor(), "aten::sparse_coo_tensor"),
+        (_ToDense(), "aten::to_dense"),
+        (_AsStrided(), "aten::as_strided"),
+        (_SetStorage(), "aten::set_"),
+        (_StorageOffset(), "aten::storage_offset"),
+    ],
+    ids=["unsafe-sparse-finding", "unsafe-op", "sparse-constructor", "to-dense", "as-strided", "set", "storage"],
+)
+def test_graph_check_refuses_operators_that_reach_memory_unchecked(tmp_path, module, operator):
+    """Every class of memory-unsafe operator is refused before the classifier runs (each module runs fine at the
+    check's batch of 2 when scripted: only the allow-list stands between it and a worker)."""
+    scripted = torch.jit.script(module)
+    scripted(torch.rand(2, 3, 32, 32))  # runs: nothing else would have stopped it
+    with pytest.raises(UnsafeClassifierArchive, match=operator):
+        check_script_module(scripted)
+    archive = hostile.script_archive(tmp_path / "unsafe.pt", module)
+    with pytest.raises(UnsafeClassifier, match="out of bounds"):
+        load_classifier(archive, hostile.SPEC)
+
+
+def test_graph_check_refuses_raw_strides_in_an_export(tmp_path):
+    path = tmp_path / "strided.pt2"
+    torch.export.save(torch.export.export(_AsStrided(), (torch.rand(2, 3, 32, 32),)), str(path))
+    with pytest.raises(UnsafeClassifier, match="aten::as_strided"):
+        load_classifier(path, hostile.SPEC)

@@ -3,7 +3,8 @@
 `fgs_common.classifier_archive` already refused archives whose code or program JSON names a denied operator; this
 is the check on what torch actually compiled: every method of every submodule of a TorchScript module, with
 calls inlined, and every node of every graph of an exported program. Allowed: operators of the aten and prim
-namespaces, except those that read or write files; for exported programs also shape arithmetic.
+namespaces, except those that read or write files and those that reach memory through indices, sizes, strides or
+storage the classifier chose without a bounds check (`memory_unsafe`); for exported programs also shape arithmetic.
 """
 
 from __future__ import annotations
@@ -34,6 +35,45 @@ def _file_operators() -> frozenset[str]:
     return frozenset(named)
 
 
+# Operators that read or write memory where a classifier's own indices, sizes or strides say, unchecked. Issue 19:
+# `_sparse_coo_tensor_unsafe(index, values, [4]).to_dense()` with an out-of-range index wrote out of bounds and
+# crashed the worker. By name: anything `unsafe` (`_sparse_coo_tensor_unsafe`, `_unsafe_index`, `unsafe_split`),
+# anything sparse (constructors and conversions: a sparse tensor is tenant-built indices), `to_dense`, views by
+# raw strides (`as_strided*`), storage-level operators, nested tensors built from a buffer and offsets, and the
+# index_put whose `unsafe` flag skips the bounds check.
+_MEMORY_UNSAFE_WORDS = ("unsafe", "sparse", "storage")
+_MEMORY_UNSAFE_PREFIXES = ("as_strided", "_nested_", "to_dense", "_to_dense", "coalesce", "_coalesce")
+_MEMORY_UNSAFE_NAMES = frozenset(
+    {
+        "set_",
+        "set",
+        "set_data",
+        "_index_put_impl_",
+        "_index_put_impl",
+        "indices",
+        "_indices",
+        "_values",
+        "crow_indices",
+        "col_indices",
+        "ccol_indices",
+        "row_indices",
+        "_reshape_alias",
+        "_reshape_alias_copy",
+    }
+)
+
+
+def memory_unsafe(name: str) -> bool:
+    """Whether an operator (its name without namespace and overload) is refused as `_MEMORY_UNSAFE_WORDS` says."""
+    if name.startswith("is_"):  # questions (is_sparse), not accesses
+        return False
+    return (
+        any(word in name for word in _MEMORY_UNSAFE_WORDS)
+        or name.startswith(_MEMORY_UNSAFE_PREFIXES)
+        or name in _MEMORY_UNSAFE_NAMES
+    )
+
+
 def _check_operator(kind: str, where: str) -> None:
     namespace, _, name = kind.partition("::")
     if namespace not in ALLOWED_OP_NAMESPACES:
@@ -42,6 +82,11 @@ def _check_operator(kind: str, where: str) -> None:
         )
     if name in DENIED_OP_NAMES or kind in _file_operators():
         raise UnsafeClassifierArchive(f"{where} uses {kind[:200]!r}: classifiers may not read or write files")
+    if memory_unsafe(name.split(".", 1)[0]):
+        raise UnsafeClassifierArchive(
+            f"{where} uses {kind[:200]!r}: classifiers may not use sparse tensors, raw strides, storage or unchecked "
+            "indexing (operators that can reach memory out of bounds)"
+        )
 
 
 def _walk_script_nodes(block, where: str) -> None:

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ from fgs_common.classifier_archive import (
 )
 from fgs_common.exceptions import InvalidClassifier, UnsafeClassifier
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
+
+Resident = TypeVar("Resident")
 
 
 @dataclass
@@ -196,6 +199,12 @@ def _check_against_spec(classifier: LoadedClassifier) -> None:
             )
 
 
+def _close(item: object) -> None:
+    close = getattr(item, "close", None)
+    if close is not None:
+        close()
+
+
 def load_classifier(
     archive_path: Path,
     spec: ClassifierSpec,
@@ -232,18 +241,20 @@ def load_classifier(
     return classifier
 
 
-class ClassifierRegistry:
-    """LRU of resident classifiers keyed by (tenant, classifier id), with hit/miss/eviction counters."""
+class ClassifierRegistry(Generic[Resident]):
+    """LRU of resident classifiers keyed by (tenant, classifier id), with hit/miss/eviction counters. A worker
+    keeps its confined classifiers here (fgs_worker.confined_classifier): an evicted one is closed (its process
+    ended)."""
 
     def __init__(self, capacity: int, on_event: Callable[[str], None] | None = None):
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
-        self._items: OrderedDict[str, LoadedClassifier] = OrderedDict()
+        self._items: OrderedDict[str, Resident] = OrderedDict()
         self._lock = threading.Lock()
         self._on_event = on_event or (lambda event: None)
 
-    def get(self, key: str, load: Callable[[], LoadedClassifier]) -> LoadedClassifier:
+    def get(self, key: str, load: Callable[[], Resident]) -> Resident:
         """The resident classifier for `key`, loading it with `load()` on a miss."""
         with self._lock:
             if key in self._items:
@@ -253,12 +264,22 @@ class ClassifierRegistry:
         classifier = load()
         with self._lock:
             self._on_event("miss")
+            evicted = [self._items[key]] if key in self._items else []  # loaded twice meanwhile: the older goes
             self._items[key] = classifier
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+                evicted.append(self._items.popitem(last=False)[1])
                 self._on_event("eviction")
+        for item in evicted:
+            _close(item)
         return classifier
+
+    def close(self) -> None:
+        """Close every resident classifier (the worker's end)."""
+        with self._lock:
+            items, self._items = list(self._items.values()), OrderedDict()
+        for item in items:
+            _close(item)
 
     def __len__(self) -> int:
         return len(self._items)

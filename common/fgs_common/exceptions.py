@@ -61,3 +61,36 @@ class EnqueueInProgress(Exception):
     def __init__(self, retry_after_s: int):
         super().__init__(f"a request with this Idempotency-Key is still being queued; retry in {retry_after_s} s")
         self.retry_after_s = retry_after_s
+
+
+class ClassifierRunFailed(InvalidClassifier):
+    """The tenant's classifier failed in its confined process at run time (fgs_worker.confined_classifier): it
+    crashed, ran past its deadline or past its memory limit. Its job fails at once (a retry would only repeat it);
+    the worker goes on and starts the classifier's process again on its next use."""
+
+    code = "classifier_run_failed"
+
+
+class ClassifierCrashed(ClassifierRunFailed):
+    """The classifier's process ended during a call (a signal such as SIGSEGV, or an exit)."""
+
+    code = "classifier_crashed"
+
+
+class ClassifierTimedOut(ClassifierRunFailed):
+    """The classifier's process did not answer within FGS_CLASSIFIER_CALL_TIMEOUT_S."""
+
+    code = "classifier_timeout"
+
+
+class ClassifierOutOfMemory(ClassifierRunFailed):
+    """The classifier asked for more memory than its process may have (FGS_CLASSIFIER_RUN_MEMORY_BYTES)."""
+
+    code = "classifier_resource_limit"
+
+
+class ClassifierRaised(RuntimeError):
+    """The classifier raised an error in its confined process (a shape it cannot take, say): retried with backoff
+    as any error from inside torch is, since the classifier's process stays usable."""
+
+    code = "classifier_error"

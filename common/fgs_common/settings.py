@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     (bench/RESULTS.md, bench/sampler.py, 27 Nov): on 2 CPU cores unguided throughput at B = 8 is 2.7x that at B = 1
     and only 6% above B = 4, so 8 takes nearly all the gain while a step's memory and deadline
     (FGS_STEP_DEADLINE_*) stay small; a GPU gains from more (bench/gpu.py)"""
+    chunk_target_s: float = Field(default=10.0, gt=0)
+    """how long one sampler call of a lone job (a chunk of its images) should take. The worker starts at
+    FGS_MAX_BATCH_IMAGES images, halves a chunk that took longer, doubles one that took under half
+    (fgs_worker.runtime.record_chunk), and between chunks yields to another tenant's queued job (issue 19: a
+    1-image job waited 90.9 s behind one 64-image job). So a tenant waits about this long behind another's large
+    job. 10 s: a batch of 8 at 30 steps of fgs-digits on 2 CPU cores (0.3-0.6 s per step at B = 8,
+    bench/RESULTS.md) takes 9-18 s, so CPU chunks settle at 4-8 images, where per-image throughput differs by 6 %
+    (bench/sampler.py, bench/RESULTS.md), while the wait stays about 10 s instead of the whole job"""
     batch_across_jobs: bool = True
     """a worker taking a job of fewer than FGS_MAX_BATCH_IMAGES images also claims queued jobs that can share its
     sampler call (fgs_worker.shared_batch); off: one job per call, as before issue 15. On by default: our
@@ -143,6 +151,19 @@ class Settings(BaseSettings):
     runs with the host's network and a warning is logged"""
     max_classifier_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES
     """total unpacked size of a classifier archive (zip bombs)"""
+    # At run time a worker runs each loaded classifier in a confined child process (fgs_worker.confined_classifier)
+    # with the check's confinement; only its memory limit and its per-call deadline are its own.
+    classifier_run_memory_bytes: int = Field(default=3 * 1024**3, ge=512 * 1024**2)
+    """address-space limit (RLIMIT_AS) of a classifier's run-time process. Below the check's 4 GiB because it
+    must bound a classifier that allocates only at batch sizes the check never tries (issue 19: 3 GiB at other
+    batch sizes took a worker to 3.6 GiB). Measured (bench/confined_classifier.py, bench/RESULTS.md, 6 Dec): the
+    process of a 10-class SmallCNN on fgs-digits peaks at 0.61 GiB of address space (torch itself) at batch 8
+    with its backward; 3 GiB leaves about 2.4 GiB for a larger classifier's weights and activations"""
+    classifier_call_timeout_s: float = Field(default=30.0, gt=0)
+    """deadline of one call into a classifier's run-time process (forward, criterion and backward of a batch);
+    past it the process is killed and the job fails with `classifier_timeout`. Half of FGS_STEP_DEADLINE_BASE_S,
+    so a hanging classifier fails its job before the watchdog would end the whole worker; a fgs-digits call at
+    batch 8 takes 0.1 s on 2 loaded CPU cores (bench/RESULTS.md)"""
     classifier_check: bool = True
     """run uploaded classifiers once in a subprocess (needs the worker extra) before accepting them"""
     unavailable_retry_after_s: int = Field(default=5, ge=1)

@@ -174,3 +174,66 @@ def with_zip_bomb(source: Path, target: Path, unpacked_bytes: int) -> Path:
         for _ in range(unpacked_bytes // len(chunk)):
             member.write(chunk)
     return target
+
+
+# Issue 19's run-time findings: classifiers that behave at the check's batch of 2 and not at any other (the 2 is
+# written out in each: TorchScript does not read a module-level constant).
+
+
+class WritesOutOfBounds(nn.Module):
+    """At any batch but the check's, `_sparse_coo_tensor_unsafe(index, values, [4]).to_dense()` with an index far
+    out of range: the dense copy writes 2**40 elements past its buffer (SIGSEGV every time, torch 2.13 CPU)."""
+
+    def __init__(self, index: int = 1 << 40):
+        super().__init__()
+        self.index = index
+        self.head = nn.Linear(3, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = x.mean(dim=(2, 3))
+        if x.shape[0] != 2:
+            index = torch.full([1, 1], self.index, dtype=torch.long)
+            dense = torch.ops.aten._sparse_coo_tensor_unsafe(index, torch.ones(1), [4]).to_dense()
+            features = features + dense.sum() * 0
+        return self.head(features), features
+
+
+class AllocatesAtOtherBatches(nn.Module):
+    """Asks for `gib` GiB at any batch but the check's (uncommitted: only an address-space limit stops it)."""
+
+    def __init__(self, gib: int):
+        super().__init__()
+        self.gib = gib
+        self.head = nn.Linear(3, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = x.mean(dim=(2, 3))
+        if x.shape[0] != 2:
+            waste = torch.empty(self.gib * 1024 * 1024 * 1024, dtype=torch.uint8)
+            features = features + waste[0].float() * 0
+        return self.head(features), features
+
+
+class SpinsAtOtherBatches(nn.Module):
+    """Loops on the CPU at any batch but the check's."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = 0
+        if x.shape[0] != 2:
+            for i in range(1 << 60):
+                total = (total + i) % 7
+        features = x.mean(dim=(2, 3)) + total
+        return self.head(features), features
+
+
+class PrintsEveryForward(TinyClassifier):
+    """The tiny classifier, printing a line that looks like the worker's own log on every forward."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        print("2026-12-06 12:00:00 fgs.worker INFO job forged finished")
+        embedding = torch.relu(self.embed(torch.relu(self.conv(x)).mean(dim=(2, 3))))
+        return self.head(embedding), embedding

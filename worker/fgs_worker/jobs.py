@@ -7,9 +7,10 @@ images to the artifact store.
          (fgs_worker.shared_batch), each with an owner token of its own
       3. per job, load conditioning images and the classifier (resident LRU; a first load is checked in the
          sandbox first) and check its inputs: a job that cannot run fails alone
-      4. sample in chunks of at most FGS_MAX_BATCH_IMAGES, writing each chunk's PNGs before reporting progress;
-         between steps each job's progress, fence and cancel flag are checked, and a canceled or lost job's
-         images leave the batch while the others go on
+      4. sample in chunks of about FGS_CHUNK_TARGET_S (at most FGS_MAX_BATCH_IMAGES images), writing each chunk's
+         PNGs before reporting progress; between steps each job's progress, fence and cancel flag are checked,
+         and a canceled or lost job's images leave the batch while the others go on; between chunks a job yields
+         to another tenant's queued job (back to `queued` with its images, resumed after them by RQ's repeat)
       5. mark each job finished (or canceled / failed) in one step, fenced by its own token
 
 Failures are told apart by type (fgs_common.exceptions): an InvalidJob (bad arguments that only the model can
@@ -34,6 +35,7 @@ import tempfile
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,13 +46,13 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import BaseTimeoutException
 
-from fgs_classifier.registry import LoadedClassifier, load_classifier
 from fgs_common import telemetry
 from fgs_common.classifier_sandbox import check_scratch, run_classifier_check
 from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob
 from fgs_common.job_records import now_ts
 from fgs_common.wire import STORED, ClassifierSpec, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
 from fgs_worker.cancel import queue_cancel_check
+from fgs_worker.confined_classifier import ConfinedClassifier
 from fgs_worker.runtime import WorkerRuntime, current_runtime
 from fgs_worker.shared_batch import ExcInfo
 from fgs_worker.watchdog import WatchedJob, step_deadline_s
@@ -85,7 +87,7 @@ class _Member:
     created_at: float
     retries_left: int  # RQ's, for this job alone
     conditioning: list[Image.Image] = field(default_factory=list)
-    classifier: LoadedClassifier | None = None
+    classifier: ConfinedClassifier | None = None
     results: list[ImageResult] = field(default_factory=list)
     outcome: dict | None = None  # how it left the batch (finished, canceled, failed, lost); None while it runs
     failure: ExcInfo | None = None  # its sampler call failed with it alone in it: RQ retries or fails it
@@ -170,7 +172,7 @@ class _StepReporter:
         return {row for row, (member, _) in enumerate(self.rows) if member.outcome is None}
 
 
-def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> LoadedClassifier:
+def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> ConfinedClassifier:
     gone = ArtifactGone(
         f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
     )
@@ -183,12 +185,13 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
         raise gone from None
     spec = ClassifierSpec.model_validate_json(spec_bytes)
 
-    def load() -> LoadedClassifier:
-        # First load in this worker: run the archive in the sandbox before this process (the GPU, the Redis
-        # connection) touches it. The API checked it too, unless it runs without torch (FGS_CLASSIFIER_CHECK).
-        # The check and the load read one private copy of the archive, so what is loaded is what was checked,
-        # and a delete by the tenant in between is an ArtifactGone, not a retried error. The statistics are
-        # data, not code, and the hardness criterion opens them as it scores: they stay in the store.
+    def load() -> ConfinedClassifier:
+        # First load in this worker: run the archive in the sandbox first. The API checked it too, unless it runs
+        # without torch (FGS_CLASSIFIER_CHECK). Then its confined process (fgs_worker.confined_classifier) loads
+        # it: this process never does. The check and the child read one private copy of the archive (the child
+        # through an open file, which outlives the copy's folder), so what runs is what was checked, and a
+        # delete by the tenant in between is an ArtifactGone, not a retried error. The statistics are data, not
+        # code: the child reads them through an open file of the store's copy.
         with check_scratch(Path(tempfile.gettempdir())) as scratch:  # a dead worker's is swept at start-up
             try:
                 stored = runtime.store.classifier_archive(folder)
@@ -205,13 +208,13 @@ def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) ->
             outcome = run_classifier_check(archive, spec_path, stats, runtime.settings, scratch, on_wait=runtime.beat)
             if not outcome.ok:
                 raise InvalidClassifier(outcome.message)
-            return load_classifier(
-                archive,
-                spec,
-                stats,
-                device=runtime.device,
-                max_unpacked_bytes=runtime.settings.max_classifier_unpacked_bytes,
-            )
+            classifier = ConfinedClassifier(archive, spec, stats, runtime.settings, on_wait=runtime.beat)
+        try:
+            classifier.start()
+        except BaseException:
+            classifier.close()
+            raise
+        return classifier
 
     return runtime.classifiers.get(f"{tenant}/{classifier_id}", load)
 
@@ -376,8 +379,9 @@ def _sample_isolating_failures(runtime: WorkerRuntime, chunk: list[tuple[_Member
     return sampling_s
 
 
-def _generate(runtime: WorkerRuntime, members: list[_Member]) -> None:
-    """Run every member's images, in chunks of at most FGS_MAX_BATCH_IMAGES; each member ends on its own."""
+def _generate(runtime: WorkerRuntime, members: list[_Member], should_yield: Callable[[], bool]) -> None:
+    """Run every member's images in chunks of about FGS_CHUNK_TARGET_S (`runtime.chunk_images`); each member ends on
+    its own. Between chunks, when `should_yield()`, the job leaves the worker (`_yield`) with its images so far."""
     limit = runtime.model_info().max_pixels_per_image
     for member in members:
         try:
@@ -389,19 +393,48 @@ def _generate(runtime: WorkerRuntime, members: list[_Member]) -> None:
         # and the abandon clock starts with the step clock, so that a step stuck from the start is the
         # watchdog's to end (step_timeout, said as such), not RQ's abandon sweep's (a bare AbandonedJobError)
         runtime.beat(force=True)
-    rows = [(m, i) for m in members if m.outcome is None for i in range(m.request.num_images)]
-    size = runtime.settings.max_batch_images
-    sampling_s = 0.0
-    for start in range(0, len(rows), size):
+    # a job that yielded before has its first images already (their results kept by `_claim`)
+    rows = [(m, i) for m in members if m.outcome is None for i in range(len(m.results), m.request.num_images)]
+    sampling_s, start = 0.0, 0
+    while start < len(rows):
+        # a shared batch (FGS_MAX_BATCH_IMAGES at most in all) stays one call; a lone job is cut to the time target
+        size = runtime.chunk_images(members[0].params) if len(members) == 1 else runtime.settings.max_batch_images
         chunk = [(m, i) for m, i in rows[start : start + size] if m.outcome is None and m.failure is None]
+        start += size
         if chunk:
-            sampling_s += _sample_isolating_failures(runtime, chunk)
+            chunk_s = _sample_isolating_failures(runtime, chunk)
+            runtime.record_chunk(len(chunk), members[0].params, chunk_s)
+            sampling_s += chunk_s
+        if start < len(rows) and should_yield():
+            _yield(runtime, members)
+            break
     telemetry.observe(runtime.redis, runtime.keys.prefix, "sampling_seconds", sampling_s)
     for member in members:
         if member.outcome is None and member.failure is None:
             results = json.dumps([r.model_dump() for r in member.results])
             images = len(member.results)
             _end(runtime, member, JobState.finished, {"images": images}, images_done=images, results=results)
+
+
+def _yield(runtime: WorkerRuntime, members: list[_Member]) -> None:
+    """Give the worker to another tenant: each member still running goes back to `queued` with its images so far
+    (its record keeps them; `preempted_at` says when) and resumes after them when claimed again. RQ queues the job
+    again at the end of its queue (a repeat, set up by run_generate_job), so the round robin serves the others
+    first."""
+    for member in members:
+        if member.outcome is not None or member.failure is not None:
+            continue
+        if runtime.records.transition(
+            member.job_id,
+            JobState.queued,
+            (JobState.running,),
+            expect_owner=member.owner,
+            resume="1",
+            preempted_at=now_ts(),
+        ):
+            _leave(runtime, member, {"preempted": len(member.results)})
+        else:
+            _lost(runtime, member)
 
 
 def _claim(runtime: WorkerRuntime, job_id: str, raw: dict[str, str], retries_left: int, take_over: bool):
@@ -411,14 +444,17 @@ def _claim(runtime: WorkerRuntime, job_id: str, raw: dict[str, str], retries_lef
     started = now_ts()
     # The fence: every later write of this attempt carries this token (fgs_common.job_records).
     owner = f"{runtime.name}:{uuid.uuid4().hex[:12]}"
+    # A job that yielded (`_yield`: field `resume`) resumes after the images it has; any other starts over.
+    results = (raw.get("results") or "[]") if raw.get("resume") == "1" else "[]"
     claim = dict(
         started_at=started,
         worker=runtime.name,
         owner=owner,
         step=0,
         steps_total=request.steps,
-        images_done=0,
-        results="[]",
+        images_done=len(json.loads(results)),
+        results=results,
+        resume="",
         error="",
     )
     records = runtime.records
@@ -440,7 +476,9 @@ def _claim(runtime: WorkerRuntime, job_id: str, raw: dict[str, str], retries_lef
     created = float(raw["created_at"])
     telemetry.observe(runtime.redis, runtime.keys.prefix, "queue_wait_seconds", max(0.0, started - created))
     params = request.generation_params()
-    return _Member(job_id, owner, raw["tenant"], request, params, created, retries_left)
+    member = _Member(job_id, owner, raw["tenant"], request, params, created, retries_left)
+    member.results = [ImageResult.model_validate(result) for result in json.loads(results)]
+    return member
 
 
 def _claim_companions(runtime: WorkerRuntime, leader: _Member, raw: dict[str, str], rq_job) -> list[_Member]:
@@ -481,6 +519,22 @@ def _settle_companions(runtime: WorkerRuntime, companions: list[_Member], batch_
             runtime.companions.finish(member.job_id, result=member.outcome)
 
 
+def _yield_check(runtime: WorkerRuntime, rq_job, members: list[_Member]) -> Callable[[], bool]:
+    """Whether the job should leave the worker between chunks: another tenant's job is queued. Only a job running
+    alone yields (a job with companions is small: it ends within a chunk or two anyway); RQ then runs it again
+    (a repeat of its RQ job, queued at the end of its queue once this execution ends)."""
+
+    def should_yield() -> bool:
+        if len(members) != 1 or rq_job is None or runtime.others_waiting is None:
+            return False
+        if not runtime.others_waiting(rq_job.origin):
+            return False
+        rq_job.repeats_left, rq_job.repeat_intervals = 1, [0]
+        return True
+
+    return should_yield
+
+
 def run_generate_job(job_id: str | None = None) -> dict:
     """Run job `job_id` (default: the current RQ job's id, which is the fgs job id) and its companions.
 
@@ -509,7 +563,7 @@ def run_generate_job(job_id: str | None = None) -> dict:
         runtime.current_jobs = [(m.job_id, m.owner) for m in members]
         if runtime.watchdog is not None:
             _arm_watchdog(runtime, members)
-        _generate(runtime, members)
+        _generate(runtime, members, _yield_check(runtime, rq_job, members))
     except Exception as error:
         failure = sys.exc_info()
         for member in members:

@@ -4,7 +4,8 @@
 jobs) that
 - rediscovers tenant queues while idle (a tenant's queue appears with its first job),
 - serves them round-robin, starting after the tenant it served last, so a tenant with a million queued images
-  cannot starve one with ten,
+  cannot starve one with ten; a job of many chunks yields between them when another tenant's job is queued
+  (fgs_worker.jobs, FGS_CHUNK_TARGET_S), so one large job holds the worker for about one chunk,
 - fills the sampler call of a small job with queued jobs that can share it (fgs_worker.shared_batch), each kept
   as an RQ job of its own (heartbeats, expiry, success or retry),
 - moves due retries (RQ's scheduled-job registry, for retry backoff) back into their queues,
@@ -116,6 +117,7 @@ class FgsWorker(SimpleWorker):
         runtime.on_heartbeat = self._rq_heartbeat
         runtime.expire_execution = self._expire_execution
         runtime.companions = SharedBatch(self, runtime.records)
+        runtime.others_waiting = self._others_waiting
         if watchdog:
             runtime.watchdog = JobWatchdog(runtime.settings, runtime.records, runtime.redis, runtime.keys.cancel)
 
@@ -220,6 +222,18 @@ class FgsWorker(SimpleWorker):
             names = names[cut:] + names[:cut]
         self.queues = [Queue(n, connection=self.connection, serializer=JSONSerializer) for n in names]
         self._ordered_queues = self.queues[:]
+
+    def _others_waiting(self, queue_name: str) -> bool:
+        """Whether a tenant queue other than `queue_name` holds a job (every tenant queue, also those that appeared
+        since this job started): the running job then yields at its next chunk boundary (fgs_worker.jobs)."""
+        names = self.runtime.redis.smembers(self.runtime.keys.tenant_queues())
+        others = [Queue(n, connection=self.connection, serializer=JSONSerializer) for n in names if n != queue_name]
+        if not others:
+            return False
+        with self.connection.pipeline(transaction=False) as pipe:
+            for queue in others:
+                pipe.llen(queue.key)
+            return any(pipe.execute())
 
     def reorder_queues(self, reference_queue: Queue) -> None:
         self._last_served = reference_queue.name

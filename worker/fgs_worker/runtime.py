@@ -54,6 +54,8 @@ class WorkerRuntime:
     current_jobs: list[tuple[str, str]] = field(default_factory=list)  # (job id, owner token) of the batch running
     expire_execution: Any = None  # set by the worker: hands the running jobs' RQ executions to the abandon sweep
     companions: Any = None  # set by the worker: fgs_worker.shared_batch.SharedBatch (None: every job runs alone)
+    others_waiting: Any = None  # set by the worker: (queue name) -> whether another tenant's queue holds a job
+    chunk_work: float | None = None  # image-steps x megapixels one chunk may hold (chunk_images, record_chunk)
 
     @classmethod
     def load(cls, settings: Settings, name: str | None = None) -> WorkerRuntime:
@@ -109,6 +111,29 @@ class WorkerRuntime:
         if self.on_heartbeat is not None:
             self.on_heartbeat()
 
+    def chunk_images(self, params: GenerationParams) -> int:
+        """Images in the next sampler call of a job, between 1 and FGS_MAX_BATCH_IMAGES: as many as the work a
+        chunk may hold (`record_chunk`) allows at this job's steps and size; the most before any chunk was timed."""
+        if self.chunk_work is None:
+            return self.settings.max_batch_images
+        per_image = params.steps * self._megapixels(params)
+        return max(1, min(self.settings.max_batch_images, int(self.chunk_work / per_image)))
+
+    def record_chunk(self, images: int, params: GenerationParams, seconds: float) -> None:
+        """Adjust the work a chunk may hold from one sampler call's time: doubled while calls take under half of
+        FGS_CHUNK_TARGET_S, halved when one takes longer. Doubling and halving, not a speed per image: a call has
+        a fixed cost (prompts, embeddings, the records) that a per-image speed would charge to each image."""
+        work = images * params.steps * self._megapixels(params)
+        target = self.settings.chunk_target_s
+        if seconds > target:
+            self.chunk_work = work / 2
+        elif seconds < target / 2 and images >= self.chunk_images(params):  # a full chunk, and quick
+            self.chunk_work = 2 * work
+
+    def _megapixels(self, params: GenerationParams) -> float:
+        width, height = self.sampler.image_size(params)
+        return width * height / 1e6
+
     def model_info(self) -> ModelInfo:
         width, height = self.sampler.image_size(GenerationParams())
         limit = self.settings.max_pixels_per_image or MAX_PIXELS_FACTOR * width * height
@@ -127,6 +152,7 @@ class WorkerRuntime:
         self.redis.set(self.keys.model_info(), self.model_info().model_dump_json())
 
     def retire(self) -> None:
+        self.classifiers.close()  # their processes would die with this one anyway (PR_SET_PDEATHSIG)
         self.redis.delete(self.keys.worker_alive(self.name), telemetry.worker_gauge_key(self.keys.prefix, self.name))
 
 

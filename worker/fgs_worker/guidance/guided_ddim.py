@@ -40,8 +40,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from fgs_classifier.registry import LoadedClassifier
 from fgs_common.exceptions import InvalidJob
 from fgs_common.wire import Criterion, DropoutScaling, FeedbackInput, FeedbackResolution, GenerationParams, GradientPath
-from fgs_worker.guidance import criteria
+from fgs_worker.guidance.feedback_classifier import FeedbackClassifier, as_feedback_classifier
 from fgs_worker.guidance.precision import at_least_float32, compute_dtype
+
+# What the sampler takes as its classifier: the worker's confined one, or a LoadedClassifier run in process.
+Classifier = FeedbackClassifier | LoadedClassifier
 
 # on_step(step, steps_total) -> the indices (into seeds) of the images to go on with; None: all still wanted
 StepCallback = Callable[[int, int], Collection[int] | None]
@@ -155,6 +158,23 @@ def released_feedback_latents(x0_hat: torch.Tensor, z_t: torch.Tensor, alpha_t: 
     return x0_hat * blend + z_t * (1 - blend)
 
 
+class ClassifierCriterion(torch.autograd.Function):
+    """C(f_phi(pixels)) per image, from the classifier's own call: it returns C and dC/dpixels at once (in a worker,
+    from the classifier's confined process: fgs_worker.confined_classifier). Backward hands dC/dpixels to autograd,
+    which carries it on through the decode and Eq. 11 to z_t in this process."""
+
+    @staticmethod
+    def forward(ctx, pixels, classifier: FeedbackClassifier, criterion: Criterion, labels: torch.Tensor):
+        values, gradient = classifier.criterion_and_gradient(pixels.detach(), criterion, labels)
+        ctx.save_for_backward(gradient.to(pixels.dtype))
+        return values.to(pixels.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        (gradient,) = ctx.saved_tensors
+        return gradient * grad_values.view(-1, *[1] * (gradient.ndim - 1)), None, None, None
+
+
 def min_max_stretch(pixels: torch.Tensor) -> torch.Tensor:
     """Each image shifted by its minimum and divided by its new maximum, both held constant (fg_pipe.py,
     process_image), so the classifier sees [0, 1] whatever the decode's range; the gradient flows through the
@@ -204,7 +224,7 @@ class GuidedDDIMSampler:
         conditioning_images: Sequence[PIL.Image.Image | None],
         seeds: Sequence[int],
         params: GenerationParams | Sequence[GenerationParams],
-        classifier: LoadedClassifier | None,
+        classifier: Classifier | None,
     ) -> None:
         """Raise InvalidJob naming the first bad argument; runs before any model work.
 
@@ -244,15 +264,16 @@ class GuidedDDIMSampler:
         criterion = params.criterion
         if criterion is Criterion.none:
             return
+        classifier = as_feedback_classifier(classifier)
         if classifier is None:
             raise InvalidJob(f"criterion '{criterion.value}' needs a classifier")
         for index in per_image(class_index, len(seeds), "class_index"):
-            if not 0 <= index < classifier.num_classes:
+            if not 0 <= index < classifier.spec.num_classes:
                 raise InvalidJob(
-                    f"class_index {index} is outside the classifier's {classifier.num_classes} classes "
+                    f"class_index {index} is outside the classifier's {classifier.spec.num_classes} classes "
                     "(classifier with the wrong number of classes?)"
                 )
-        if criterion is Criterion.hardness and classifier.hardness_stats is None:
+        if criterion is Criterion.hardness and not classifier.has_hardness_stats:
             raise InvalidJob("criterion 'hardness' needs a classifier uploaded with hardness statistics")
 
     # ------------------------------------------------------------------------------------------------------
@@ -319,7 +340,7 @@ class GuidedDDIMSampler:
         raise InvalidJob(f"unsupported prediction_type '{kind}' (epsilon or v_prediction)")
 
     def decode_for_classifier(
-        self, x0_latents: torch.Tensor, classifier: LoadedClassifier, resolution: FeedbackResolution
+        self, x0_latents: torch.Tensor, classifier: Classifier, resolution: FeedbackResolution
     ) -> torch.Tensor:
         """VAE-decode predicted x0 latents to pixels in [0, 1] (differentiably) for the classifier.
 
@@ -346,7 +367,7 @@ class GuidedDDIMSampler:
         guided_output: torch.Tensor,
         cond_prompt_embeds: torch.Tensor,
         cond_image_embeds: torch.Tensor,
-        classifier: LoadedClassifier,
+        classifier: Classifier,
         criterion: Criterion,
         labels: torch.Tensor,
         gradient_path: GradientPath,
@@ -382,24 +403,11 @@ class GuidedDDIMSampler:
             )
         else:
             pixels = self.decode_for_classifier(x0_hat, classifier, resolution)
-        logits, embedding = classifier(pixels)
-        return criteria.evaluate(criterion, logits, labels, embedding, classifier.hardness_stats)
+        return ClassifierCriterion.apply(pixels, as_feedback_classifier(classifier), criterion, labels)
 
     def feedback_gradient(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
         """grad_z C per image (Eq. 1's feedback term), rescaled to the norm of that image's latents."""
         return rescaled_criterion_gradient(latents, lambda z: self.feedback_criterion(z, **kwargs))
-
-    @torch.no_grad()
-    def score(
-        self, pixels: torch.Tensor, classifier: LoadedClassifier, criterion: Criterion, labels: torch.Tensor
-    ) -> tuple[list[float] | None, list[list[float]]]:
-        """Criterion value (None for criterion 'none') and class probabilities of images [B, 3, H, W] in [0, 1]."""
-        logits, embedding = classifier(pixels.to(classifier.device))
-        probabilities = torch.softmax(logits.float(), dim=-1).tolist()
-        if criterion is Criterion.none:
-            return None, probabilities
-        values = criteria.evaluate(criterion, logits, labels, embedding, classifier.hardness_stats)
-        return values.tolist(), probabilities
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -411,7 +419,7 @@ class GuidedDDIMSampler:
         conditioning_images: Sequence[PIL.Image.Image | None] = (),
         seeds: Sequence[int],
         params: GenerationParams | Sequence[GenerationParams] | None = None,
-        classifier: LoadedClassifier | None = None,
+        classifier: Classifier | None = None,
         on_step: StepCallback | None = None,
     ) -> SampleOutput:
         """Sample one image per seed; see the module docstring for the algorithm.
@@ -422,6 +430,7 @@ class GuidedDDIMSampler:
         """
         pipe = self.pipeline
         batch = len(seeds)
+        classifier = as_feedback_classifier(classifier)
         all_params = [p.generation_params() for p in per_image(params or GenerationParams(), batch, "params")]
         # 1. Check inputs, before any model work.
         self.check_inputs(
@@ -506,7 +515,7 @@ class GuidedDDIMSampler:
         pixels = (decoded / 2 + 0.5).clamp(0, 1).float()
         values = probabilities = None
         if classifier is not None:
-            values, probabilities = self.score(pixels, classifier, criterion, state.labels)
+            values, probabilities = classifier.score(pixels, criterion, state.labels)
         arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         images = [PIL.Image.fromarray(array) for array in arrays]
         return SampleOutput(
