@@ -2,7 +2,8 @@
 # Run the whole test suite from a fresh clone: set up, then pytest. Tests start their own redis-server,
 # uvicorn and workers on free loopback ports; nothing else needs to run.
 #   ./scripts/test.sh --fast   the unit layer only (`-m unit`: in-process tests, no Redis, no child process;
-#                              tests/conftest.py), without the deployment tools; the goal is under 2 minutes
+#                              tests/conftest.py) less the tests that run the diffusion model (`model`), without
+#                              the deployment tools; the goal is under 2 minutes
 # Further arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,6 @@ echo "==> ruff (lint and format, settings in pyproject.toml)"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 if [ "$fast" = 1 ]; then
-  exec .venv/bin/python -m pytest -q -p no:cacheprovider -m unit "$@"
+  exec .venv/bin/python -m pytest -q -p no:cacheprovider -m "unit and not model" "$@"
 fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -4,7 +4,7 @@ the layers every test is sorted into.
 Everything is real: no Redis, API or worker is mocked. Tests never touch the Redis on 6379: each session starts
 its own redis-server on a free port with persistence off.
 
-Layers (pytest markers, `-m unit` selects one; `./scripts/test.sh --fast` runs the unit layer):
+Layers (pytest markers, `-m unit` selects one):
 - unit: in one process, no Redis. Enforced: a unit test that starts a process or reaches a server over TCP fails
   (a connection refused is no contact: a test may check what happens when nothing answers).
 - redis: uses the session's private redis-server (`redis_server`); our own components may start their children
@@ -13,7 +13,8 @@ Layers (pytest markers, `-m unit` selects one; `./scripts/test.sh --fast` runs t
   sandbox, a fresh interpreter, outside tools.
 A test is sorted by an explicit marker (on the test or the module's `pytestmark`), else by what it uses: the
 `live_stack` fixture or a module that imports the stack helpers -> stack; the `redis_server` fixture -> redis;
-anything else -> unit.
+anything else -> unit. Across the layers, `model` marks the tests that run the diffusion model in process
+(minutes of CPU). `./scripts/test.sh --fast` runs `-m "unit and not model"`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from fgs_client.digits_lt import digits_split, generator_indices, load_digit_arr
 from fgs_lab.digits_model_evaluation import generator_style_classifier, mean_pairwise_distance, sample_digits
 from fgs_lab.digits_model_training import StyleProbabilities, build_style_bank
 
+pytestmark = pytest.mark.model  # the diffusion model in process: minutes of CPU, so not in --fast
 MODEL_DIR = Path(__file__).resolve().parents[1] / "worker" / "fgs_worker" / "models" / "fgs-digits"
 
 

@@ -34,6 +34,7 @@ from fgs_worker.guidance.guided_ddim import (
 from fgs_worker.model_loading import load_pipeline
 from fgs_worker.tiny_model import TinyConfig, save_tiny_model
 
+pytestmark = pytest.mark.model  # the diffusion model in process: minutes of CPU, so not in --fast
 PROMPT = "a handwritten digit seven"
 
 

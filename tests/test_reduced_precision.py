@@ -23,6 +23,7 @@ from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler, _Rows
 from fgs_worker.model_loading import TINY_MODEL, load_pipeline, model_dtype
 from fgs_worker.runtime import WorkerRuntime
 
+pytestmark = pytest.mark.model  # the diffusion model in process: minutes of CPU, so not in --fast
 PROMPT = "a handwritten digit seven"
 REDUCED = [torch.bfloat16, torch.float16]
 CRITERIA = [Criterion.loss, Criterion.entropy, Criterion.hardness]
