@@ -616,7 +616,11 @@ def check_prompts_against_model(client: Client, dataset: ScannedDataset, console
         )
         return
     if info.prompt_template:
-        trained = {info.prompt_template.format(class_name=name).lower() for name in info.class_names}
+        trained = {  # a card with contexts (fgs-digits-contexts) was trained on "{class_name} in {group}"
+            info.prompt_template.format(class_name=name, group=context).lower()
+            for name in info.class_names
+            for context in info.contexts or [""]
+        }
         other = [p for p in prompts if p.lower() not in trained]
         if other:
             console.print(
