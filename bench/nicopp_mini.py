@@ -135,6 +135,7 @@ def generator(
     steps: int = typer.Option(20),
     threads: int = typer.Option(1),
     out: Path = typer.Option(BENCH / "fgs_digits_contexts.json"),
+    wait_for_model: bool = typer.Option(False, help="fit the evaluator, then wait for a training run to save MODEL"),
 ) -> None:
     """Share of samples whose class and context a real-only digit + context classifier recognises: text only
     (every group) and text + image (conditioned on a train image of the same group; the 40 non-empty groups)."""
@@ -148,6 +149,8 @@ def generator(
     truth_c, truth_x = validation.groups.numpy() // 6, validation.groups.numpy() % 6
     evaluator_acc = {"class": float((cls == truth_c).mean()), "context": float((ctx == truth_x).mean())}
     log(f"evaluator on real validation: {evaluator_acc}")
+    while wait_for_model and not (Path(model) / "training.json").is_file():  # written last by the trainer
+        time.sleep(10)
     sampler = GuidedDDIMSampler(load_pipeline(model, device="cpu"))
     dataset, train = read_train(root)
     variant = {"text only": Variant("text", "text only", text_only=True), "text + image": Variant("p0", "p=0")}

@@ -141,8 +141,8 @@ def synthetic_set(
 def context_evaluator(seed: int = 1) -> DigitClassifier:
     """A 60-way (class x context) MLP on real drawings only: the generator-split digits drawn afresh in every
     context (another drawing seed than the generator's bank; no sample of any model)."""
-    bank = build_context_bank(ContextsPlan(seed=1000 + seed, draws_per_context=2))
-    return fit_classifier(bank.images, bank.labels, seed, max_iter=200)
+    bank = build_context_bank(ContextsPlan(seed=1000 + seed, draws_per_context=1))
+    return fit_classifier(bank.images, bank.labels, seed, max_iter=60)
 
 
 def class_and_context(evaluator: DigitClassifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
