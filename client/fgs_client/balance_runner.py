@@ -676,7 +676,11 @@ def check_prompts_against_model(
         console.print(f"[yellow]warning:[/] {message}; generating anyway (--force)", soft_wrap=True)
         return
     if info.prompt_template:
-        trained = {info.prompt_template.format(class_name=name).lower() for name in info.class_names}
+        trained = {  # a card with contexts (fgs-digits-contexts) was trained on "{class_name} in {group}"
+            info.prompt_template.format(class_name=name, group=context).lower()
+            for name in info.class_names
+            for context in info.contexts or [""]
+        }
         other = [p for p in prompts if p.lower() not in trained]
         if other:
             console.print(

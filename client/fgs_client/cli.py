@@ -704,6 +704,43 @@ def digits_lt(
     )
 
 
+@app.command("digits-contexts")
+def digits_contexts(
+    out: Annotated[Path, typer.Option("--out", help="where the NICO++-layout tree, validation/ and test/ go")] = Path(
+        "digits-contexts"
+    ),
+) -> None:
+    """Write Digits-Contexts, NICO++ in miniature: handwritten digits drawn in NICO++'s six contexts, the train
+    split group-imbalanced (each digit mostly in one or two contexts, 20 of 60 groups empty), validation and test
+    group-balanced, in NICO++'s released layout for `balance --dataset nico++`, with the embedded
+    fgs-digits-contexts model. Needs scikit-learn (the `train` extra)."""
+    from fgs_client.digits_contexts import METADATA_FILE, build_digits_contexts
+
+    if (out / METADATA_FILE).is_file():
+        out_console.print(f"{out} already holds Digits-Contexts")
+    else:
+        try:
+            build_digits_contexts(out)
+        except ImportError as error:
+            raise fail(f"{error}; install the train extra: pip install 'fgs[train]'", EXIT_BAD_INPUT) from None
+    metadata = json.loads((out / METADATA_FILE).read_text())
+    train = sum(sum(row.values()) for row in metadata["train_counts"].values())
+    groups = len(metadata["class_names"]) * len(metadata["contexts"])
+    out_console.print(
+        f"{out}/{metadata['layout']['train']}: {train} images in {groups - len(metadata['empty_groups'])} of "
+        f"{groups} class x context groups (largest {metadata['largest_group']}, {len(metadata['empty_groups'])} empty)",
+        soft_wrap=True,
+    )
+    held_out = groups * metadata["validation_per_group"], groups * metadata["test_per_group"]
+    out_console.print(f"{out}/validation: {held_out[0]} images, {out}/test: {held_out[1]} images, group-balanced")
+    out_console.print(
+        f"balance it: FGS_MODEL=fgs-digits-contexts fgs up, then fgs-client balance --dataset nico++ --root {out} "
+        f"--preset paper-nicopp --target {metadata['largest_group']} --classifier YOURS.pt --classifier-spec SPEC.json",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
 @app.command("class-folders")
 def class_folders(
     out: Annotated[Path, typer.Option("--out", help="a balanced dataset written by `balance` (holds manifest.csv)")],

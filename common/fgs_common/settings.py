@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".fgs")
     """the artifact store (images, classifiers); a relative path is taken from the directory fgs starts in"""
     model: str = "fgs-digits"
-    """'fgs-digits' (embedded), 'tiny' (random weights) or a diffusers directory"""
+    """'fgs-digits' or 'fgs-digits-contexts' (embedded), 'tiny' (random weights) or a diffusers directory"""
     api_keys_file: Path | None = None
     api_keys: str | None = None
     """the keys file's JSON inline (for containers without a mounted file)"""

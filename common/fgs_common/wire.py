@@ -294,7 +294,12 @@ class ModelInfo(BaseModel):
         None, description="the classes the model was trained on, from its model card (null: not known)"
     )
     prompt_template: str | None = Field(
-        None, description="the prompt form it was trained with, '{class_name}' standing for a class name"
+        None,
+        description="the prompt form it was trained with, '{class_name}' standing for a class name (and '{group}' "
+        "for a context, e.g. '{class_name} in {group}')",
+    )
+    contexts: list[str] | None = Field(
+        None, description="the contexts ('{group}' of the prompt form) the model was trained on, from its model card"
     )
     model_card: str | None = Field(None, description="where the model card lies (a path in the worker image or URL)")
 

@@ -229,16 +229,26 @@ def training(*modules: torch.nn.Module) -> Iterator[None]:
 # 2. CLIP towers
 
 
+def digit_prompts() -> list[str]:
+    """fgs-digits' prompts, one per class: a style bank's label indexes them."""
+    return [class_prompt(name) for name in CLASS_NAMES]
+
+
 def train_towers(
-    pipeline: StableUnCLIPImg2ImgPipeline, bank: StyleBank, plan: TrainingPlan, progress: Progress
+    pipeline: StableUnCLIPImg2ImgPipeline,
+    bank: StyleBank,
+    plan: TrainingPlan,
+    progress: Progress,
+    prompts: list[str] | None = None,
 ) -> None:
-    """Contrastive image/prompt training of both towers plus a thumbnail-reconstruction head on the image embedding."""
+    """Contrastive image/prompt training of both towers plus a thumbnail-reconstruction head on the image embedding.
+    `bank.labels` index `prompts` (default: the ten digit prompts)."""
     generator = torch.Generator().manual_seed(plan.seed + 1)
     d = pipeline.image_encoder.config.projection_dim
     thumbnail_head = torch.nn.Linear(d, 3 * 8 * 8)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
     tokens = pipeline.tokenizer(
-        [class_prompt(name) for name in CLASS_NAMES],
+        prompts or digit_prompts(),
         padding="max_length",
         max_length=pipeline.tokenizer.model_max_length,
         return_tensors="pt",
@@ -264,7 +274,7 @@ def train_towers(
                 @ F.normalize(text_embeds, dim=-1).T
             )
             labels = bank.labels[batch]
-            # CLIP's symmetric loss with the ten class prompts as the texts: image -> prompt, and prompt -> its images.
+            # CLIP's symmetric loss with the prompts as the texts: image -> prompt, and prompt -> its images.
             image_to_text = F.cross_entropy(logits, labels)
             present = labels.unique()
             text_to_image = F.cross_entropy(
@@ -362,15 +372,18 @@ def train_unet(
     image_embeds: torch.Tensor,
     plan: TrainingPlan,
     progress: Progress,
+    prompts: list[str] | None = None,
 ) -> None:
-    """Denoising training with the DDIM scheduler's schedule and prediction type; the UNet ends as its EMA."""
+    """Denoising training with the DDIM scheduler's schedule and prediction type; the UNet ends as its EMA.
+    `bank.labels` index `prompts` (default: the ten digit prompts)."""
     generator = torch.Generator().manual_seed(plan.seed + 3)
     scheduler = pipeline.scheduler
     unet = pipeline.unet
     latent_mean, latent_std = encode_latents(pipeline, bank.images)
     scaling = pipeline.vae.config.scaling_factor
     with torch.no_grad():
-        texts = prompt_states(pipeline, [class_prompt(name) for name in CLASS_NAMES] + [""])
+        prompts = prompts or digit_prompts()
+        texts = prompt_states(pipeline, [*prompts, ""])
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=plan.unet_lr, weight_decay=0.01)
     num_timesteps = scheduler.config.num_train_timesteps
@@ -390,7 +403,7 @@ def train_unet(
                 target = noise
             text_index = torch.where(
                 torch.rand(plan.unet_batch, generator=generator) < plan.text_drop,
-                torch.full_like(bank.labels[batch], len(CLASS_NAMES)),
+                torch.full_like(bank.labels[batch], len(prompts)),
                 bank.labels[batch],
             )
             with torch.no_grad():

@@ -137,7 +137,7 @@ def up(
     port: Annotated[int, typer.Option(help="API port")] = 8000,
     workers: Annotated[int, typer.Option(min=0, help="worker processes")] = 1,
     model: Annotated[
-        str | None, typer.Option(help="'fgs-digits' (embedded), 'tiny', or a local SD 2.1 unCLIP directory")
+        str | None, typer.Option(help="'fgs-digits', 'fgs-digits-contexts' (embedded), 'tiny', or an SD 2.1 unCLIP dir")
     ] = None,
 ) -> None:
     """API + workers (+ a local redis-server when none is configured or answering). Ctrl-C stops them all.

@@ -17,11 +17,14 @@ from fgs_common.atomic_files import atomic_directory
 
 EMBEDDED_MODELS_DIR = Path(__file__).parent / "models"
 EMBEDDED_MODEL = "fgs-digits"
+# Every model shipped under models/: fgs-digits, and fgs-digits-contexts (digits in NICO++'s six contexts).
+EMBEDDED_MODEL_NAMES = (EMBEDDED_MODEL, "fgs-digits-contexts")
 TINY_MODEL = "tiny"
 
 
 def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
-    """The directory holding `model`: 'fgs-digits' (embedded), 'tiny' (random weights, built once) or a path."""
+    """The directory holding `model`: an embedded model's name (EMBEDDED_MODEL_NAMES), 'tiny' (random weights,
+    built once) or a path."""
     if model == TINY_MODEL:
         from fgs_worker.tiny_model import save_tiny_model
 
@@ -33,11 +36,12 @@ def resolve_model_dir(model: str, cache_dir: Path | None = None) -> Path:
             with atomic_directory(target) as staging:
                 save_tiny_model(staging)
         return target
-    path = EMBEDDED_MODELS_DIR / model if model == EMBEDDED_MODEL else Path(model).expanduser()
+    path = EMBEDDED_MODELS_DIR / model if model in EMBEDDED_MODEL_NAMES else Path(model).expanduser()
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"model '{model}': {path} is not a diffusers pipeline directory (no model_index.json). "
-            "Point --model / FGS_MODEL at a local copy of stable-diffusion-2-1-unclip, or use 'fgs-digits' or 'tiny'."
+            "Point --model / FGS_MODEL at a local copy of stable-diffusion-2-1-unclip, or use "
+            f"{', '.join(repr(name) for name in EMBEDDED_MODEL_NAMES)} or 'tiny'."
         )
     return path
 

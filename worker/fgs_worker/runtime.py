@@ -144,6 +144,7 @@ class WorkerRuntime:
             max_pixels_per_image=limit,
             class_names=self.model_card.get("class_names"),
             prompt_template=self.model_card.get("prompt_template"),
+            contexts=self.model_card.get("contexts"),
             model_card=self.model_card.get("card"),
         )
 

@@ -1,0 +1,74 @@
+"""The committed `fgs-digits-contexts` pipeline: the worker loads it by name through the SD 2.1 unCLIP code path,
+its card names classes, contexts and the prompt form, and a prompt's context shows in the sample's colours."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fgs_client.digits_contexts import CONTEXTS, context_background
+from fgs_client.digits_lt import CLASS_NAMES
+from fgs_common.wire import GenerationParams
+from fgs_lab.contexts_model_training import build_context_bank
+from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
+from fgs_worker.model_loading import EMBEDDED_MODELS_DIR, load_pipeline, read_model_card, resolve_model_dir
+
+MODEL = "fgs-digits-contexts"
+# The weights are not committed yet (bench/RESULTS.md: the first training lost colour); these tests run, and hold
+# it to its card, as soon as examples/train_fgs_digits_contexts.py has written
+# worker/fgs_worker/models/fgs-digits-contexts.
+shipped = pytest.mark.skipif(
+    not (EMBEDDED_MODELS_DIR / MODEL / "model_index.json").is_file(), reason=f"{MODEL} is not trained yet"
+)
+
+
+@pytest.fixture(scope="module")
+def sampler() -> GuidedDDIMSampler:
+    torch.set_num_threads(2)
+    return GuidedDDIMSampler(load_pipeline(MODEL, device="cpu"))
+
+
+@shipped
+def test_card_and_size() -> None:
+    directory = resolve_model_dir(MODEL)
+    assert directory == EMBEDDED_MODELS_DIR / MODEL
+    card = read_model_card(MODEL)
+    assert card["class_names"] == list(CLASS_NAMES) and card["contexts"] == list(CONTEXTS)
+    assert card["prompt_template"] == "{class_name} in {group}" and card["card"].endswith("README.md")
+    assert sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) <= 20_000_000
+    record = json.loads((directory / "training.json").read_text())
+    assert record["generator_digits"] >= 420 and record["context_bank_images"] == record["generator_digits"] * 12
+
+
+@shipped
+def test_the_context_of_a_text_only_prompt_shows_in_its_colours(sampler: GuidedDDIMSampler) -> None:
+    """Text-only samples of "<digit> in <context>": each sample's mean colour is nearest to its own context's
+    mean background colour (drawn by the miniature's renderer) for most samples."""
+    rng = np.random.default_rng(0)
+    reference = {
+        c: np.mean([context_background(c, rng)[0].reshape(-1, 3).mean(0) for _ in range(20)], 0) for c in CONTEXTS
+    }
+    prompts = [f"{CLASS_NAMES[k % 10]} in {context}" for k, context in enumerate(CONTEXTS * 2)]
+    output = sampler(
+        prompt=prompts,
+        class_index=[k % 10 for k in range(len(prompts))],
+        seeds=list(range(len(prompts))),
+        params=GenerationParams(steps=10, gamma=3.0),
+    )
+    hits = 0
+    for pixels, context in zip(output.pixels, CONTEXTS * 2, strict=True):
+        mean = pixels.reshape(3, -1).mean(1).numpy()
+        hits += min(CONTEXTS, key=lambda c: np.abs(reference[c] - mean).sum()) == context
+    assert hits >= 10, f"{hits} of 12 samples in their prompt's context"
+
+
+def test_the_bank_holds_only_generator_digits_in_every_context() -> None:
+    from fgs_client.digits_contexts import generator_indices
+    from fgs_lab.contexts_model_training import ContextsPlan
+
+    bank = build_context_bank(ContextsPlan(draws_per_context=1))
+    assert set(bank.sources.tolist()) == set(generator_indices())
+    assert len(bank.labels) == 6 * len(generator_indices()) and set(bank.labels.tolist()) == set(range(60))
