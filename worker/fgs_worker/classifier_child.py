@@ -20,25 +20,16 @@ What the classifier prints goes to a file its parent reads, bounds and empties; 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import mmap
 import os
 import signal
 import sys
 
-from fgs_common.classifier_sandbox import confine_this_process
+from fgs_common.classifier_sandbox import confine_this_process, die_with_parent
 
-_PR_SET_PDEATHSIG = 1
 # Largest output of the classifier's process (its stdout and stderr file, emptied by the parent after each call).
 MAX_OUTPUT_BYTES = 1024 * 1024
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before the line above: nobody would ever end this process
-        os._exit(0)
 
 
 class _Shared:
@@ -115,7 +106,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--require-network-isolation", action="store_true")
     args = parser.parse_args(argv)
 
-    _die_with_parent(args.parent_pid)
+    die_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     isolated = confine_this_process(args.memory_bytes, args.cpu_seconds, MAX_OUTPUT_BYTES)
     # Output past MAX_OUTPUT_BYTES is dropped (the write fails), rather than ending the process.

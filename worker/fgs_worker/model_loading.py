@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 from diffusers import StableUnCLIPImg2ImgPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPImageProcessorPil
+from transformers.utils import logging as transformers_logging
 
 from fgs_common.atomic_files import atomic_directory
 
@@ -88,7 +91,15 @@ def load_pipeline(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or model_dtype("auto", device)
     path = resolve_model_dir(model, cache_dir)
-    pipeline = StableUnCLIPImg2ImgPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+    # The image processor is the PIL one, named: without torchvision (never installed beside the pinned CPU torch)
+    # transformers picks it anyway, after a warning at every worker start. Same config file, same pixels.
+    diffusers_logging.disable_progress_bar()  # a worker's log is lines, not bars ("Loading weights: 36/36")
+    transformers_logging.disable_progress_bar()
+    processor = CLIPImageProcessorPil.from_pretrained(path / "feature_extractor", local_files_only=True)
+    # low_cpu_mem_usage=False: what diffusers falls back to without accelerate, said so it does not warn at every start
+    pipeline = StableUnCLIPImg2ImgPipeline.from_pretrained(
+        path, dtype=dtype, local_files_only=True, feature_extractor=processor, low_cpu_mem_usage=False
+    )
     pipeline.set_progress_bar_config(disable=True)
     pipeline = pipeline.to(device)
     for component in (pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.image_encoder):
