@@ -135,7 +135,7 @@ def digits_classifier(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("sweep")
     root = build_digits_lt(work / "digits-lt")
-    model = train_small_cnn(load_split(root, "train"), "balanced_softmax", 0, TrainConfig(steps=40))
+    model = train_small_cnn(load_split(root, "train"), 0, TrainConfig(steps=40))
     archive, spec = export_digits_classifier(model, work / "classifier")
     return root, archive, spec
 
