@@ -942,12 +942,13 @@ def main(
                 ]
                 for v in recipe_variants + [v for v in chosen if v not in recipe_variants]
             }
-            sets = {v.name: experiment.synthetic_sets(v, futures[v.name]) for v in recipe_variants}
-            for recipe in RETRAIN_RECIPES:
-                recipes[recipe.name] = {
-                    v.name: experiment.retrain(v, sets[v.name], recipe, RECIPE_CLASSIFIER_SEEDS)
-                    for v in recipe_variants
-                }
+            sets = {}
+            for v in recipe_variants:  # trains on one variant's sets while the next one's are generated
+                sets[v.name] = experiment.synthetic_sets(v, futures[v.name])
+                for recipe in RETRAIN_RECIPES:
+                    recipes.setdefault(recipe.name, {})[v.name] = experiment.retrain(
+                        v, sets[v.name], recipe, RECIPE_CLASSIFIER_SEEDS
+                    )
             recipe_path = experiment.work / "recipe_selection.json"
             if not recipe_path.is_file():
                 recipe_path.write_text(json.dumps(select_recipe(recipes, results["real_only"]), indent=1))
