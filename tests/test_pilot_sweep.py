@@ -257,7 +257,7 @@ def test_sweep_end_to_end_on_fgs_digits(redis_server, digits_classifier, tmp_pat
         with Image.open(out / f"grid_{name}.png") as grid:
             # the paper's layout: two rows (ω = 0, 0.3), one column per γ (one here) after the real image
             assert grid.size == (GRID_LABEL_WIDTH + 2 * 32 + 8, 16 + 2 * 32)
-            first_seed = sorted((out / "images" / name.split("_")[1] / "omega=0.3_gamma=3").glob("seed_*.png"))[0]
+            first_seed = sorted((out / "images" / name.split("_")[1]).glob("omega_0.3_gamma_*/seed_*.png"))[0]
             with Image.open(first_seed) as image:
                 expected = np.asarray(image.convert("RGB").resize((32, 32)), dtype=float)
             cell = np.asarray(grid.convert("RGB"), dtype=float)[16 + 32 : 16 + 64, GRID_LABEL_WIDTH + 40 :]
