@@ -191,7 +191,8 @@ TEST_HISTORY = (
     "",
     "This run's test numbers are therefore not a first look at these images: the variants and levers compared here "
     "were shaped by reads 1 to 4. What this run adds is choices made on validation alone, five generation seeds and "
-    "t-based intervals.",
+    "t-based intervals. The reports of reads 3 and 4 (the source of the `digits` preset and of the defaults' "
+    "Digits-LT numbers in common/presets.py and the README) stay in git: `git show e35969a:bench/digits_lt.md`.",
 )
 # The ω family the sweep rule is validated on: same p, γ, scaling and feedback input, ω varied.
 OMEGA_FAMILY = ("plain_p05", "entropy_w0.03", "entropy_w0.1")
@@ -1033,6 +1034,15 @@ def main(
         "rule_agreement": rule,
         "runtime": runtime,
     }
+    # The `digits` preset (common/presets.py) follows the best of all from the latest run that compared guided with
+    # plain variants on validation; a run without a guided variant carries the previous one forward.
+    previous = json.loads(report.with_suffix(".json").read_text()) if report.with_suffix(".json").is_file() else {}
+    if summary["best_guided"] is not None or not previous:
+        summary["preset_selection"] = dict(summary["best_overall"] or {}, source=f"this run ({runtime['finished']})")
+    else:
+        summary["preset_selection"] = previous.get("preset_selection") or dict(
+            previous["best_overall"], source=f"the run of {previous['runtime']['finished']}"
+        )
     summary["recipe_selection"] = recipe_choice
     summary["comparisons"] = comparison_rows(test, selection) if test else []
     report.with_suffix(".json").write_text(json.dumps(summary, indent=1))

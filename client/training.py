@@ -152,10 +152,10 @@ def balanced_softmax_loss(
 
     `class_counts` (counts or frequencies) is the label distribution of the minibatches the model trains on:
     the real class counts for instance-sampled real images, `RealSyntheticBatchSampler.class_frequencies` for
-    its batches (uniform: the loss is then plain cross-entropy). The paper (App. F, J.1) and our Digits-LT
-    experiment (fgs_lab.digits_classifier) pass the real counts on top of class-balanced batches instead, a
-    second push towards the rare classes paid for in Many (the paper's Fig. 16); with a short training run it
-    can drive Many and Medium to 0 % (examples/retrain_on_balanced.py, before it took the batches' prior).
+    its batches (uniform: the loss is then plain cross-entropy). The real counts on top of class-balanced
+    batches (our former reading of the paper's App. F, J.1; the recipe `real_counts_50`) are a second push towards
+    the rare classes paid for in Many (the paper's Fig. 16); with a short training run they can drive Many and
+    Medium to 0 %. Which prior the tools use is `RETRAIN_RECIPE`'s.
 
     A class with no training image would get log 0 = -inf; it is counted as one image (with frequencies: as
     the rarest class present, if that is less) instead, so its logit is pushed down strongly but the loss stays
