@@ -112,7 +112,14 @@ class Variant:
 # they vary it; one ω per criterion first, then more ω, the other feedback input and the other gradient path.
 VARIANTS = (
     Variant("plain_p05", "plain, p=0.5, γ=3", dropout_p=0.5),
-    Variant("entropy_w0.03", "entropy ω=0.03, p=0.5, γ=3", "entropy", 0.03, dropout_p=0.5, feedback_input="released"),
+    Variant(
+        "entropy_w0.03",
+        "entropy ω=0.03, p=0.5, γ=3, released input (the digits preset)",
+        "entropy",
+        0.03,
+        dropout_p=0.5,
+        feedback_input="released",
+    ),
     Variant("loss_w0.03", "loss ω=0.03, p=0.5, γ=3", "loss", 0.03, dropout_p=0.5, feedback_input="released"),
     Variant(
         "hardness_w0.03", "hardness ω=0.03, p=0.5, γ=3", "hardness", 0.03, dropout_p=0.5, feedback_input="released"
@@ -153,14 +160,15 @@ COMPARISONS = (
 # What the 6 Dec 2026 run changed from the plan above, each decided before any validation number of it was seen.
 PLAN_CHANGES = (
     "The plan: 7 variants (VARIANTS), 5 generation × 10 classifier seeds each, the recipe chosen on the plain and "
-    "entropy sets with 4 classifier seeds. On the shared 2-core machine (load 14 to 21 from other work) a 415-image "
-    "plain set took 204 to 265 s, an entropy set about 11 min, and one classifier 40 s, so at 14:31 UTC, before any "
-    "validation number was seen, the run was cut to the first variant of VARIANTS (plain, p 0.5, γ 3) with all its "
-    "seeds, and the recipe chosen on its sets with 2 classifier seeds per candidate (RECIPE_VARIANTS, "
-    "RECIPE_CLASSIFIER_SEEDS). Comparison (b) needs a guided variant: not read.",
+    "entropy sets with 4 classifier seeds per candidate. On the shared 2-core machine (load 11 to 21 from other "
+    "work) a 415-image plain set took 204 to 265 s, an entropy set 6 to 11 min, and one classifier 16 to 70 s, so at "
+    "14:31 UTC, before any validation number was seen, the run was cut to the first two variants of VARIANTS (plain "
+    "p 0.5 γ 3; entropy ω 0.03, the `digits` preset) with all their seeds, and the recipe chosen on the plain sets "
+    "with 2 classifier seeds per candidate (RECIPE_VARIANTS, RECIPE_CLASSIFIER_SEEDS). Loss and hardness: not run.",
     "Two earlier starts of the worker ran with two torch threads each and made about 4 images a minute under that "
-    "load; with OMP_NUM_THREADS=1 (every start after 14:02 UTC) it made about 80. The runtime counts from the first "
-    "start, 13:52 UTC.",
+    "load; with OMP_NUM_THREADS=1 (every start after 14:02 UTC) one worker made about 80. The runtime counts from "
+    "the first start, 13:52 UTC; helper processes trained some of the same seeded models in parallel (a saved model "
+    "is reused).",
 )
 # Every earlier read of the images that are now the test split (git log -p -- bench/digits_lt.md), stated in the
 # report before this run's comparisons. Until 28 Nov 17:08 there was no validation split: "test" was 80 digits per
@@ -1034,11 +1042,13 @@ def main(
         "rule_agreement": rule,
         "runtime": runtime,
     }
-    # The `digits` preset (common/presets.py) follows the best of all from the latest run that compared guided with
-    # plain variants on validation; a run without a guided variant carries the previous one forward.
+    # The `digits` preset (common/presets.py) is the best guided variant on validation (a preset for feedback;
+    # whether feedback beats plain sampling is comparison (b)); a run without a guided variant carries the previous
+    # choice forward.
     previous = json.loads(report.with_suffix(".json").read_text()) if report.with_suffix(".json").is_file() else {}
     if summary["best_guided"] is not None or not previous:
-        summary["preset_selection"] = dict(summary["best_overall"] or {}, source=f"this run ({runtime['finished']})")
+        chosen_preset = summary["best_guided"] or summary["best_overall"] or {}
+        summary["preset_selection"] = dict(chosen_preset, source=f"this run ({runtime['finished']})")
     else:
         summary["preset_selection"] = previous.get("preset_selection") or dict(
             previous["best_overall"], source=f"the run of {previous['runtime']['finished']}"
