@@ -503,9 +503,12 @@ class Experiment:
             for g in self.generation_seeds:
                 subset = budget_subset(load_synthetic(self.set_dir(variant, g)), fraction)
                 result["images"].append(len(subset))
-                result["test"].append(
-                    [self.accuracy(self.fit(self.train + subset, s, recipe), test) for s in self.classifier_seeds]
-                )
+                row = []
+                for s in self.classifier_seeds:
+                    path = self.model_path(f"budget{int(100 * fraction)}_{variant.name}", g, s, recipe.name)
+                    model = self.load_model(path) if path.is_file() else self.fit(self.train + subset, s, recipe, path)
+                    row.append(self.accuracy(model, test))
+                result["test"].append(row)
             self.store(key, result)
         return result
 
