@@ -241,7 +241,7 @@ def run(
     validation = read_part(root, "validation")
 
     def fit(data: GroupedSet, seed: int):
-        return train_small_cnn(data.images, "balanced_softmax", seed, config)
+        return train_small_cnn(data.images, seed, config)  # the one recipe (fgs_client.training.RETRAIN_RECIPE)
 
     log("real only")
     models = {("real", 0, s): fit(train, s) for s in range(classifier_seeds)}

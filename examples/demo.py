@@ -5,8 +5,8 @@
 3. Start the embedded stack (`fgs up --model fgs-digits`) in the background.
 4. `fgs-client balance --dataset digits-lt --criterion entropy --classifier ...`: fill every class up to --target
    with images guided by that classifier; then `fgs-client grid` for contact sheets. Stop the stack.
-5. Retrain the same CNN on real + synthetic (50/50 batches, Balanced Softmax) and print Overall / Many / Medium /
-   Few test accuracy before and after.
+5. Retrain the same CNN on real + synthetic with fgs's retraining recipe (`fgs_client.training.RETRAIN_RECIPE`,
+   chosen on Digits-LT validation) and print Overall / Many / Medium / Few test accuracy before and after.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fgs_client.digits_lt import build_digits_lt
+from fgs_client.training import RETRAIN_RECIPE
 from fgs_common.presets import DIGITS_CHOICE
 from fgs_lab import digits_classifier as digits
 from fgs_lab.embedded_stack import run_client, start_embedded_stack
@@ -88,7 +89,7 @@ def main(
         console.print(f"{root}: {len(train)} train images per class {counts.tolist()}, {len(test)} test images")
 
     with Stage(2, "train a SmallCNN on the long-tailed split (Balanced Softmax)"):
-        before_model = digits.train_small_cnn(train, "balanced_softmax", seed)
+        before_model = digits.train_small_cnn(train, seed)
         before = digits.evaluate(before_model, test, counts, thresholds)
         archive, spec = digits.export_digits_classifier(before_model, classifier_dir)
         console.print(f"test accuracy {100 * before.overall:.1f}%, Few {100 * before.few:.1f}%; exported to {archive}")
@@ -108,11 +109,9 @@ def main(
     finally:
         stack.stop()
 
-    with Stage(5, "retrain on real + synthetic (50/50 batches, Balanced Softmax)"):
+    with Stage(5, f"retrain on real + synthetic (recipe {RETRAIN_RECIPE.name}: {RETRAIN_RECIPE.description})"):
         synthetic = digits.load_synthetic(balanced)
-        after = digits.evaluate(
-            digits.train_small_cnn(train + synthetic, "balanced_softmax", seed), test, counts, thresholds
-        )
+        after = digits.evaluate(digits.train_small_cnn(train + synthetic, seed), test, counts, thresholds)
 
     table = Table(
         title=(
@@ -137,10 +136,9 @@ def main(
     )
     console.print(table)
     console.print(
-        "[dim]The retraining is the paper's (App. F, J.1): class-balanced batches and Balanced Softmax with the real "
-        "class counts, which corrects the imbalance twice and buys Few with Many and Medium. With the batches' own "
-        "prior instead (examples/retrain_on_balanced.py) Digits-LT validation measured Overall 85.0 / Many 92.5 / "
-        "Few 77.5 against 60.4 / 51.3 / 85.5 (bench/retrain_prior.py, 5 seeds; bench/RESULTS.md).[/]"
+        f"[dim]Retrained with fgs's recipe `{RETRAIN_RECIPE.name}` ({RETRAIN_RECIPE.description}), the one chosen "
+        "on Digits-LT validation among fgs_client.training.RETRAIN_RECIPES; what the others measured: "
+        "bench/digits_lt.md.[/]"
     )
     console.print(
         f"balanced dataset: {balanced}\nmanifest:         {balanced / 'manifest.csv'}\n"

@@ -9,15 +9,14 @@ The paper's loop (its Fig. 2), in five steps:
 2. Train a small CNN on the real images alone (the baseline) and export it as fgs takes a classifier: a
    TorchScript archive and its spec (the README's step 2). It is the feedback classifier unless you pass your own
    (`--classifier`, `--classifier-spec`).
-3. Balance the training set with the service: `Client.balance`, the Python form of `fgs-client balance` (the
-   same generation flags and `--preset`); the classifier is checked on your images first, then steers with the
-   criterion (`--preset digits`: entropy at ω 0.03). `--balanced OUT` skips steps 2 and 3 and retrains on a
+3. Balance the training set with the service: `fgs_client.balance_runner.balance`, the Python form of `fgs-client
+   balance` (the same generation flags and `--preset`); the classifier is checked on your images first, then steers
+   with the criterion (`--preset digits`: entropy at ω 0.03). `--balanced OUT` skips steps 2 and 3 and retrains on a
    folder `fgs-client balance` already wrote.
 4. Retrain the same CNN on real + synthetic with `fgs_client.training`: `ManifestDataset` (the rows of
-   manifest.csv), `RealSyntheticBatchSampler` (50/50 real/synthetic, class-balanced batches, paper App. J.1)
-   and `balanced_softmax_loss`, whose prior is the label distribution of the batches: the real counts for the
-   baseline's instance-sampled batches, `RealSyntheticBatchSampler.class_frequencies` here (taking the real
-   counts again would correct the imbalance twice; see balanced_softmax_loss).
+   manifest.csv) and `RETRAIN_RECIPE`, the retraining recipe every fgs tool uses (chosen on Digits-LT
+   validation, bench/digits_lt.md): its `plan` gives the minibatches and the loss's prior, its `loss` the loss.
+   The real-only baseline is the same recipe without synthetic images (Balanced Softmax, real counts).
 5. Print test accuracy by shot (`shot_accuracy`) of both: Many / Medium / Few, with thresholds you pass for your
    dataset's size (Digits-LT's: Many > 20, Few < 6 train images; ImageNet-LT's defaults are 100 and 20).
 
@@ -44,7 +43,7 @@ from fgs_client.dataset_readers import ScannedDataset, read_dataset
 from fgs_client.digits_lt import FEW_BELOW, MANY_ABOVE, METADATA_FILE, build_digits_lt
 from fgs_client.generation_options import generation_options
 from fgs_client.http_client import FgsClientError
-from fgs_client.training import ManifestDataset, RealSyntheticBatchSampler, balanced_softmax_loss, shot_accuracy
+from fgs_client.training import RETRAIN_RECIPE, ManifestDataset, shot_accuracy
 from fgs_common.exceptions import UserInputError
 from fgs_common.settings import get_settings
 from fgs_common.wire import ClassifierSpec, Criterion, GenerationParams
@@ -102,21 +101,15 @@ class RealImages(torch.utils.data.Dataset):
 
 
 def train(data: TrainingImages, num_classes: int, steps: int, seed: int, name: str) -> torch.nn.Module:
-    """`steps` minibatches of 32: 50/50 real/synthetic and class-balanced when there are synthetic images, else
-    instance-sampled; Balanced Softmax with the class distribution of those batches as its prior."""
+    """`steps` minibatches of 32 and the loss of RETRAIN_RECIPE (real only: instance-sampled, Balanced Softmax
+    with the real counts)."""
     torch.manual_seed(seed)
     model = small_cnn(num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    if any(data.is_synthetic):
-        sampler = RealSyntheticBatchSampler(data.labels, data.is_synthetic, 32, 0.5, num_batches=steps, seed=seed)
-        batches, prior = list(sampler), sampler.class_frequencies
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        batches = [torch.randint(len(data), (32,), generator=generator).tolist() for _ in range(steps)]
-        prior = torch.bincount(torch.tensor(data.labels), minlength=num_classes)
-    for indices in track(batches, description=f"training on {name}", console=console, transient=True):
+    batches, prior = RETRAIN_RECIPE.plan(data.labels, data.is_synthetic, 32, steps, seed, num_classes)
+    for indices in track(list(batches), description=f"training on {name}", console=console, transient=True):
         images, labels = zip(*(data[i] for i in indices), strict=True)
-        loss = balanced_softmax_loss(model(torch.stack(images)), torch.tensor(labels), prior)
+        loss = RETRAIN_RECIPE.loss(model(torch.stack(images)), torch.tensor(labels), prior)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,6 +1,7 @@
 """bench/digits_lt.py --quick end to end: Digits-LT, real CNNs, `fgs up` (tiny model) on a private Redis,
-`fgs-client balance` for two variants x two generation seeds, retraining, validation selection, the test
-comparison, the budget curve, the sweep rule's agreement, report and grids."""
+`fgs-client balance` for two variants x two generation seeds, the retraining recipe chosen on validation, the
+variants retrained with it, validation selection, the two test comparisons, the budget curve, the sweep rule's
+agreement, report and grids."""
 
 from __future__ import annotations
 
@@ -46,17 +47,32 @@ def test_digits_lt_quick_writes_report_and_grids(redis_server, tmp_path):
         assert rows and " ± " in rows[0], (label, rows)
         with Image.open(grids / f"{name}.png") as grid:
             assert grid.width >= 8 * 40 and grid.height >= 10 * 80
+    # the recipe: every candidate measured on validation, one chosen by the declared rule before any variant is judged
+    from fgs_client.training import RETRAIN_RECIPES
+
+    recipe = json.loads((tmp_path / "work" / "recipe_selection.json").read_text())
+    assert recipe["recipe"] in {r.name for r in RETRAIN_RECIPES} and recipe["rule"].startswith("the highest mean")
+    for candidate in RETRAIN_RECIPES:
+        assert re.search(rf"^\| `{candidate.name}`( \*\*\(chosen\)\*\*)? \| \d+\.\d ± ", text, flags=re.M), candidate
+    log = result.stdout
+    assert log.index("recipe chosen on validation") < log.index("plain_p05: validation Few")
     # the selection is written (file and report) before the test split is read
     selection = json.loads((tmp_path / "work" / "selection.json").read_text())
     assert (selection["best_plain"], selection["best_guided"]) == ("plain_p05", "entropy_w0.1")
-    log = result.stdout
     assert log.index("selection written before test is read") < log.index("budget 25%")
-    assert text.index("## Selection") < text.index("## Test")
-    comparison = re.findall(
-        r"^\| \*\*best guided − best plain\*\* \(pre-declared\) \| ([+-]\d+\.\d) ± (\d+\.\d) \|", text, flags=re.M
-    )
-    assert comparison, text
-    assert "Verdict on the pre-declared comparison:" in text
+    assert text.index("## Earlier reads of the test split") < text.index("## Selection") < text.index("## Test")
+    assert "+3.8 ± 5.0" in text  # the negative verdict of the first validation-first run is in the history
+    # the two pre-declared comparisons: mean ± SE [t-based 95 % interval], df = generation seeds - 1 = 1
+    assert "df = 1." in text
+    for name in ("(a) chosen synthetic variant − real only", "(b) best guided − best plain"):
+        cells = re.findall(
+            rf"^\| {re.escape(name)}: [^|]+ \| ([+-]\d+\.\d) ± (\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] \|",
+            text,
+            flags=re.M,
+        )
+        assert cells, (name, text)
+        mean, se, low, high = (float(v) for v in cells[0])
+        assert low <= mean <= high and abs((high - low) / 2 - 12.71 * se) <= 0.2  # t(0.975, 1) = 12.71
     real = re.findall(r"\| real only \(Balanced Softmax\) \| (\d+\.\d) ± \d+\.\d \|", text)
     assert real and 10.0 < float(real[0]) <= 100.0  # a trained CNN beats chance (10 %) on validation
     # the budget curve for both chosen variants: balance target 12, classes five .. nine lack 3, 6, 8, 9, 10 images
@@ -65,7 +81,7 @@ def test_digits_lt_quick_writes_report_and_grids(redis_server, tmp_path):
     assert re.search(r"Rule's pick: ω=\S+ .* Best validation Few: ω=\S+\. \*\*(Agree|Disagree)\*\*", text)
     summary = json.loads(report.with_suffix(".json").read_text())
     assert summary["best_overall"]["name"] in ("plain_p05", "entropy_w0.1")
-    assert len(summary["test_few_guided_minus_plain"]) == 2
+    assert summary["recipe_selection"]["recipe"] == recipe["recipe"] and len(summary["comparisons"]) == 2
 
 
 def test_synthetic_set_metrics_on_known_distributions():

@@ -15,6 +15,8 @@ from PIL import Image
 from fgs_client.dataset_readers import read_dataset
 from fgs_client.pilot_sweep import (
     GRID_LABEL_WIDTH,
+    RULE_STATUS,
+    ClassSweep,
     SettingRow,
     SweepSetting,
     parse_floats,
@@ -22,6 +24,8 @@ from fgs_client.pilot_sweep import (
     run_sweep,
     setting_rows,
     suggest_setting,
+    validated_suggestion,
+    write_grid,
 )
 from fgs_client.preflight import match_classes
 from fgs_common.exceptions import UserInputError
@@ -54,6 +58,48 @@ def test_rule_compares_each_gamma_with_its_own_baseline():
     ]
     pick, _ = suggest_setting(rows)
     assert (pick.setting.omega, pick.setting.gamma) == (0.1, 1)  # 0.55 is within 0.10 of γ=1's own 0.60
+
+
+def test_no_suggestion_without_a_rule_validated_on_digits_lt():
+    import fgs_client.pilot_sweep as pilot_sweep
+
+    assert pilot_sweep.VALIDATED_RULE is None  # bench/digits_lt.md records no rule that agreed with validation
+    assert validated_suggestion([row(0, 0.95, 0.10), row(0.1, 0.9, 0.6)]) is None
+
+
+def solid(path, color) -> object:
+    Image.new("RGB", (20, 20), color).save(path)
+    return path
+
+
+def test_grid_layouts_place_each_image_by_omega_gamma_and_seed(tmp_path):
+    omegas, gammas = (0.0, 0.1), (1.0, 3.0, 5.0)
+    settings = [SweepSetting(w, g) for g in gammas for w in omegas]  # the CLI's order: γ outer, ω inner
+    colors = {s: (int(200 * s.omega / 0.1) + 20, int(40 * s.gamma), 7) for s in settings}
+    images = {
+        s: [solid(tmp_path / f"{s.omega}_{s.gamma}_{k}.png", colors[s] if k == 0 else (255, 255, 0)) for k in range(2)]
+        for s in settings
+    }
+    sweep = ClassSweep(3, "three", solid(tmp_path / "real.png", (0, 0, 255)), images, {}, {})
+    size, header = 24, 16
+    paper = np.asarray(Image.open(write_grid(sweep, settings, tmp_path / "paper.png", size)).convert("RGB"))
+    # rows ω (2), columns γ (3) after the real image, 8 px gap: only the first seed is drawn
+    assert paper.shape == (header + 2 * size, GRID_LABEL_WIDTH + 4 * size + 8, 3)
+    for r, w in enumerate(omegas):
+        assert tuple(paper[header + r * size + size // 2, GRID_LABEL_WIDTH + size // 2]) == (0, 0, 255)
+        for c, g in enumerate(gammas):
+            left = GRID_LABEL_WIDTH + (c + 1) * size + 8
+            assert tuple(paper[header + r * size + size // 2, left + size // 2]) == colors[SweepSetting(w, g)]
+    seeds = np.asarray(
+        Image.open(write_grid(sweep, settings, tmp_path / "seeds.png", size, layout="seeds")).convert("RGB")
+    )
+    assert seeds.shape == (header + 6 * size, GRID_LABEL_WIDTH + 3 * size + 8, 3)  # a row per setting, 2 seeds
+    for r, s in enumerate(settings):
+        middle = header + r * size + size // 2
+        assert tuple(seeds[middle, GRID_LABEL_WIDTH + size + 8 + size // 2]) == colors[s]
+        assert tuple(seeds[middle, GRID_LABEL_WIDTH + 2 * size + 8 + size // 2]) == (255, 255, 0)
+    with pytest.raises(ValueError, match="grid layout 'diagonal'"):
+        write_grid(sweep, settings, tmp_path / "x.png", size, layout="diagonal")
 
 
 def test_sweep_options_are_checked_by_name():
@@ -136,7 +182,7 @@ def digits_classifier(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("sweep")
     root = build_digits_lt(work / "digits-lt")
-    model = train_small_cnn(load_split(root, "train"), "balanced_softmax", 0, TrainConfig(steps=40))
+    model = train_small_cnn(load_split(root, "train"), 0, TrainConfig(steps=40))
     archive, spec = export_digits_classifier(model, work / "classifier")
     return root, archive, spec
 
@@ -196,18 +242,27 @@ def test_sweep_end_to_end_on_fgs_digits(redis_server, digits_classifier, tmp_pat
                 capture=True,
             )
     assert refused.value.returncode == 2 and "--criterion" in refused.value.output
-    assert "suggested:" in output
+    # no rule has agreed with Digits-LT validation: no suggestion, and the reason, on screen and in sweep.md
+    assert "suggested:" not in output and "no suggestion: no suggestion rule has been validated" in output
+    assert "No suggestion: no suggestion rule has been validated" in (out / "sweep.md").read_text()
+    assert "Suggested:" not in (out / "sweep.md").read_text()
     summary = json.loads((out / "sweep.json").read_text())
     assert [(s["omega"], s["images"]) for s in summary["settings"]] == [(0.0, 6), (0.3, 6)]
     for setting in summary["settings"]:
         assert 0.0 <= setting["intended_share"] <= 1.0
         assert 0.0 <= setting["mean_criterion"] <= math.log(10) + 1e-6  # an entropy over 10 classes
         assert 0.0 <= setting["coverage"] <= 1.0  # a share of the real images (NaN: no neighbourhoods)
-    assert summary["suggested"]["omega"] in (0.0, 0.3) and summary["reason"]
+    assert summary["suggested"] is None and summary["reason"] == RULE_STATUS and summary["grid_layout"] == "paper"
     assert set(summary["per_class"]) == {"seven", "nine"}
+    assert "paper layout: the paper's Figures 12-14: rows ω" in " ".join(output.split())
     for name in ("0007_seven", "0009_nine"):
         with Image.open(out / f"grid_{name}.png") as grid:
-            # two rows (ω = 0, 0.3), the real image then three seeds per row
-            assert grid.size == (GRID_LABEL_WIDTH + 4 * 32 + 8, 16 + 2 * 32)
+            # the paper's layout: two rows (ω = 0, 0.3), one column per γ (one here) after the real image
+            assert grid.size == (GRID_LABEL_WIDTH + 2 * 32 + 8, 16 + 2 * 32)
+            first_seed = sorted((out / "images" / name.split("_")[1]).glob("omega_0.3_gamma_*/seed_*.png"))[0]
+            with Image.open(first_seed) as image:
+                expected = np.asarray(image.convert("RGB").resize((32, 32)), dtype=float)
+            cell = np.asarray(grid.convert("RGB"), dtype=float)[16 + 32 : 16 + 64, GRID_LABEL_WIDTH + 40 :]
+            assert np.abs(cell - expected).mean() < 8  # ω = 0.3 is the second row, γ the only column
     assert len(list((out / "images" / "seven").glob("*/seed_*.png"))) == 6
     assert "| ω=0.3 γ=" in (out / "sweep.md").read_text()

@@ -787,6 +787,12 @@ def sweep(
         Path | None, typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")
     ] = None,
     size: Annotated[int, typer.Option("--size", help="grid thumbnail side in pixels")] = 96,
+    grid_layout: Annotated[
+        str,
+        typer.Option(
+            "--grid-layout", help="paper: rows ω, columns γ, one seed (Figs. 12-14); seeds: a row per setting"
+        ),
+    ] = "paper",
     split_file: Annotated[Path | None, typer.Option("--split-file")] = None,
     class_names: Annotated[Path | None, typer.Option("--class-names")] = None,
     groups: Annotated[Path | None, typer.Option("--groups")] = None,
@@ -798,7 +804,8 @@ def sweep(
     generation: GenerationParams,
 ) -> None:
     """A pilot before the big job: a few images per (ω, γ) for a few classes; a grid PNG per class, a table per
-    setting (intended-class share, mean criterion, density and coverage) and a suggested setting.
+    setting (intended-class share, mean criterion, density and coverage); a suggested setting only from a rule
+    validated on Digits-LT (none is yet: it says why).
     Needs the `train` extra (torch) to embed the images with the classifier."""
     import json
 
@@ -810,6 +817,8 @@ def sweep(
         raise fail(f"sweep needs the train extra (pip install 'fgs[train]'): {error}", EXIT_BAD_INPUT) from None
     if generation.criterion.value == "none":
         raise fail("--criterion is needed: the sweep varies the feedback scale of a criterion", EXIT_BAD_INPUT)
+    if grid_layout not in pilot_sweep.GRID_LAYOUTS:
+        raise fail(f"--grid-layout: choose one of {', '.join(pilot_sweep.GRID_LAYOUTS)}", EXIT_BAD_INPUT)
     parsed = read_classifier_spec(classifier_spec)
     omegas = pilot_sweep.parse_floats(omega, "omega")
     gammas = pilot_sweep.parse_floats(gamma, "gamma") if gamma else [generation.gamma]
@@ -845,12 +854,14 @@ def sweep(
 
     real = {c: embed([im.path for im in scanned.images if im.class_index == c][:500]) for c in chosen}
     pooled, per_class = pilot_sweep.setting_rows(sweeps, settings, real, embed)
-    suggestion = pilot_sweep.suggest_setting(pooled)
+    suggestion = pilot_sweep.validated_suggestion(pooled)
     grids = [
-        pilot_sweep.write_grid(s, settings, out / f"grid_{s.class_index:04d}_{s.class_name}.png", size) for s in sweeps
+        pilot_sweep.write_grid(s, settings, out / f"grid_{s.class_index:04d}_{s.class_name}.png", size, grid_layout)
+        for s in sweeps
     ]
     criterion = generation.criterion.value
-    (out / "sweep.md").write_text(pilot_sweep.sweep_markdown(pooled, per_class, suggestion, criterion, grids))
+    markdown = pilot_sweep.sweep_markdown(pooled, per_class, suggestion, criterion, grids, grid_layout)
+    (out / "sweep.md").write_text(markdown)
     (out / "sweep.json").write_text(
         json.dumps(
             {
@@ -858,8 +869,9 @@ def sweep(
                 "base": generation.model_dump(mode="json"),
                 "settings": [r.as_dict() for r in pooled],
                 "per_class": {name: [r.as_dict() for r in rows] for name, rows in per_class.items()},
-                "suggested": suggestion[0].as_dict(),
-                "reason": suggestion[1],
+                "suggested": suggestion[0].as_dict() if suggestion else None,
+                "reason": suggestion[1] if suggestion else pilot_sweep.RULE_STATUS,
+                "grid_layout": grid_layout,
             },
             indent=1,
         )
@@ -877,8 +889,15 @@ def sweep(
             f"{r.coverage:.2f}",
         )
     out_console.print(table)
-    out_console.print(f"suggested: {suggestion[1]}", soft_wrap=True)
-    out_console.print(f"grids: {', '.join(str(g) for g in grids)}; table: {out / 'sweep.md'}", soft_wrap=True)
+    if suggestion:
+        out_console.print(f"suggested: {suggestion[1]}", soft_wrap=True)
+    else:
+        out_console.print(f"no suggestion: {pilot_sweep.RULE_STATUS}", soft_wrap=True)
+    out_console.print(
+        f"grids ({grid_layout} layout: {pilot_sweep.GRID_LAYOUTS[grid_layout]}): {', '.join(str(g) for g in grids)}; "
+        f"table: {out / 'sweep.md'}",
+        soft_wrap=True,
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m fgs_client.cli`

@@ -2,6 +2,8 @@
 
 - `RealSyntheticBatchSampler`: a fixed real/synthetic ratio in every minibatch (paper App. J.1: 50/50), class-balanced;
 - `balanced_softmax_loss`: Balanced Softmax (Ren et al. 2020): cross-entropy of logits + log class prior;
+- `RetrainRecipe`, `RETRAIN_RECIPE`: THE way every fgs tool retrains on real + synthetic (batches and loss), the
+  one chosen on Digits-LT validation among `RETRAIN_RECIPES` (bench/digits_lt.md);
 - `shot_accuracy`: Many (>100) / Medium (20..100) / Few (<20) training images per class, as
   classifier-balancing reports;
 - `group_accuracy`: per-group, worst-group and mean-group accuracy as SubpopBench reports them;
@@ -16,6 +18,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -150,10 +153,10 @@ def balanced_softmax_loss(
 
     `class_counts` (counts or frequencies) is the label distribution of the minibatches the model trains on:
     the real class counts for instance-sampled real images, `RealSyntheticBatchSampler.class_frequencies` for
-    its batches (uniform: the loss is then plain cross-entropy). The paper (App. F, J.1) and our Digits-LT
-    experiment (fgs_lab.digits_classifier) pass the real counts on top of class-balanced batches instead, a
-    second push towards the rare classes paid for in Many (the paper's Fig. 16); with a short training run it
-    can drive Many and Medium to 0 % (examples/retrain_on_balanced.py, before it took the batches' prior).
+    its batches (uniform: the loss is then plain cross-entropy). The real counts on top of class-balanced
+    batches (our former reading of the paper's App. F, J.1; the recipe `real_counts_50`) are a second push towards
+    the rare classes paid for in Many (the paper's Fig. 16); with a short training run they can drive Many and
+    Medium to 0 %. Which prior the tools use is `RETRAIN_RECIPE`'s.
 
     A class with no training image would get log 0 = -inf; it is counted as one image (with frequencies: as
     the rarest class present, if that is less) instead, so its logit is pushed down strongly but the loss stays
@@ -166,6 +169,93 @@ def balanced_softmax_loss(
         raise ValueError(f"class_counts has {counts.numel()} entries; the logits have {logits.shape[-1]} classes")
     log_prior = torch.log(counts / counts.sum())
     return F.cross_entropy(logits + log_prior, labels, reduction=reduction)
+
+
+# ---------------------------------------------------------------- the retraining recipe
+
+
+@dataclass(frozen=True)
+class RetrainRecipe:
+    """How a classifier is retrained on real + synthetic images: which minibatches it sees and which loss.
+
+    - `synthetic_share`: the share of synthetic images in every minibatch, class-balanced over the whole batch
+      (`RealSyntheticBatchSampler`; the paper's App. J.1 uses 0.5); None draws uniformly from the balanced set
+      (real and synthetic alike: its natural share, 415 / 600 on Digits-LT).
+    - `prior`: Balanced Softmax's prior. "real_counts": the real class counts whatever the batches (our former
+      reading of the paper's App. F: it corrects the imbalance a second time on class-balanced batches);
+      "batches": the class distribution of the minibatches the model sees (uniform for class-balanced ones, so
+      the loss is then plain cross-entropy); "none": plain cross-entropy.
+
+    Without synthetic images every recipe trains the same real-only baseline: instance-sampled batches and
+    Balanced Softmax with the real counts (then also the batches' distribution)."""
+
+    name: str
+    synthetic_share: float | None
+    prior: Literal["real_counts", "batches", "none"]
+    description: str
+
+    def plan(
+        self,
+        labels: Sequence[int],
+        is_synthetic: Sequence[bool],
+        batch_size: int,
+        num_batches: int,
+        seed: int,
+        num_classes: int | None = None,
+    ) -> tuple[Iterator[list[int]], torch.Tensor | None]:
+        """(the minibatches of example indices, the prior `loss` takes: counts or frequencies over `num_classes`
+        classes (default: the largest label + 1), or None)."""
+        labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+        synthetic_t = torch.as_tensor(list(is_synthetic), dtype=torch.bool)
+        num_classes = num_classes or int(labels_t.max()) + 1
+        real_counts = torch.bincount(labels_t[~synthetic_t], minlength=num_classes)
+        if not bool(synthetic_t.any()) or self.synthetic_share is None:
+            generator = torch.Generator().manual_seed(seed)
+            batches = (
+                torch.randint(0, len(labels_t), (batch_size,), generator=generator).tolist() for _ in range(num_batches)
+            )
+            if not bool(synthetic_t.any()):
+                return batches, real_counts
+            drawn = torch.bincount(labels_t, minlength=num_classes)  # uniform draws: the set's own distribution
+            return batches, {"real_counts": real_counts, "batches": drawn, "none": None}[self.prior]
+        sampler = RealSyntheticBatchSampler(
+            labels_t.tolist(), synthetic_t.tolist(), batch_size, 1.0 - self.synthetic_share, num_batches, seed
+        )
+        return iter(sampler), {"real_counts": real_counts, "batches": sampler.class_frequencies, "none": None}[
+            self.prior
+        ]
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """Balanced Softmax with `prior` (from `plan`), plain cross-entropy without one."""
+        return F.cross_entropy(logits, labels) if prior is None else balanced_softmax_loss(logits, labels, prior)
+
+
+# The candidates bench/digits_lt.py compares on Digits-LT validation (issue 21), declared before its run.
+RETRAIN_RECIPES = (
+    RetrainRecipe(
+        "real_counts_50", 0.5, "real_counts", "50 % synthetic, class-balanced; Balanced Softmax, real counts"
+    ),
+    RetrainRecipe("batches_50", 0.5, "batches", "50 % synthetic, class-balanced; the batches' prior (= cross-entropy)"),
+    RetrainRecipe(
+        "batches_25", 0.25, "batches", "25 % synthetic, class-balanced; the batches' prior (= cross-entropy)"
+    ),
+    RetrainRecipe("cross_entropy_set", None, "none", "plain cross-entropy, uniform draws from the balanced set"),
+)
+
+
+def retrain_recipe(name: str) -> RetrainRecipe:
+    """The candidate of RETRAIN_RECIPES called `name`."""
+    for recipe in RETRAIN_RECIPES:
+        if recipe.name == name:
+            return recipe
+    raise ValueError(f"no retraining recipe {name!r}; known: {', '.join(r.name for r in RETRAIN_RECIPES)}")
+
+
+# THE recipe of every fgs tool that retrains (the demo, examples/retrain_on_balanced.py, bench/digits_lt.py's
+# variants, fgs_lab.digits_classifier): chosen on Digits-LT validation by the rule declared in bench/digits_lt.py
+# (RECIPE_RULE), recorded in bench/digits_lt.md. tests/test_retrain_recipe.py fails if a tool trains otherwise.
+RETRAIN_RECIPE = retrain_recipe("batches_50")
 
 
 # ---------------------------------------------------------------- evaluation

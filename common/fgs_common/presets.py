@@ -46,7 +46,8 @@ class PresetList(BaseModel):
 
 # Our Digits-LT validation choice (bench/digits_lt.json "selection"; tests/test_presets.py checks they agree).
 DIGITS_VALIDATION = "our Digits-LT validation selection (bench/digits_lt.md, bench/digits_lt.json)"
-# The best of all variants on Digits-LT validation (Few accuracy; bench/digits_lt.md, 28 Nov 2026, 21:12 UTC run).
+# The best guided variant on Digits-LT validation: chosen 28 Nov 2026 (git show e35969a:bench/digits_lt.md), kept
+# by the 6 Dec run at the preset's scale (bench/digits_lt.md), where it gained nothing over plain sampling.
 DIGITS_CHOICE: dict[str, Any] = {
     "criterion": "entropy",
     "omega": 0.03,
@@ -55,12 +56,12 @@ DIGITS_CHOICE: dict[str, Any] = {
     "dropout_scaling": "inverted",
     "feedback_input": "released",
 }
-# Values the validation run varied in one direction only, said per value (bench/digits_lt.md, 28 Nov 2026, 21:12).
+# Values the validation run varied in one direction only, said per value (git show e35969a:bench/digits_lt.md).
 DIGITS_NOT_SWEPT = {
     "gamma": "Digits-LT validation: γ 5 against 3 lost Few with plain (59.4 vs 63.2) and guided (61.2 vs 63.3) "
-    "sampling, and more Fréchet distance (bench/digits_lt.md)",
+    "sampling, and more Fréchet distance (28 Nov 2026 run: git show e35969a:bench/digits_lt.md)",
     "dropout_scaling": "Digits-LT validation: without the 1/(1-p) rescaling Few fell from 63.2 to 49.6 ± 2.8 "
-    "(plain, p 0.5; bench/digits_lt.md)",
+    "(plain, p 0.5; 28 Nov 2026 run: git show e35969a:bench/digits_lt.md)",
 }
 
 _PAPER_SAMPLING = {

@@ -1,10 +1,9 @@
 """Train and evaluate the Digits-LT SmallCNN (the demo and bench/digits_lt.py share this one loop).
 
-Real-only training draws instance-balanced minibatches (ERM or Balanced Softmax with the real class counts);
-real + synthetic training draws the paper's 50/50 real/synthetic, class-balanced minibatches
-(fgs_client.training.RealSyntheticBatchSampler). Balanced Softmax takes the real class counts as its prior by
-default (one prior everywhere, whatever the synthetic budget: our reading of the paper's App. F and G.1); with
-`TrainConfig(synthetic_prior="batches")` it takes the batches' own class distribution (bench/retrain_prior.py).
+Minibatches and loss come from a `fgs_client.training.RetrainRecipe`: `RETRAIN_RECIPE`, the one every fgs tool
+retrains with, unless a bench passes a candidate of `RETRAIN_RECIPES` to compare them (bench/digits_lt.py).
+Real-only training is the same under every recipe: instance-sampled minibatches, Balanced Softmax with the real
+class counts.
 """
 
 from __future__ import annotations
@@ -12,20 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from fgs_classifier.small_cnn import SmallCNN, export_classifier
 from fgs_client.digits_lt import CLASS_NAMES, METADATA_FILE
-from fgs_client.training import (
-    RealSyntheticBatchSampler,
-    ShotAccuracy,
-    balanced_softmax_loss,
-    image_tensor,
-    shot_accuracy,
-)
+from fgs_client.training import RETRAIN_RECIPE, RetrainRecipe, ShotAccuracy, image_tensor, shot_accuracy
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
 
 
@@ -95,17 +87,12 @@ class TrainConfig:
     width: int = 16  # SmallCNN channels: small enough that a run takes seconds on a shared 2-core CPU
     lr: float = 3e-3
     weight_decay: float = 5e-4
-    # Balanced Softmax's prior with synthetic images: "real" (the real class counts on class-balanced batches,
-    # the paper's App. F / J.1 and what bench/digits_lt.py measured) or "batches" (the batches' own class
-    # distribution, RealSyntheticBatchSampler.class_frequencies). bench/retrain_prior.py compares them.
-    synthetic_prior: Literal["real", "batches"] = "real"
 
 
-def train_small_cnn(train: ImageSet, loss: str, seed: int, config: TrainConfig = TrainConfig()) -> SmallCNN:
-    """A SmallCNN trained on `train`. loss: 'erm' or 'balanced_softmax'. With synthetic images in `train`,
-    minibatches are half real, half synthetic and class-balanced (RealSyntheticBatchSampler)."""
-    if loss not in ("erm", "balanced_softmax"):
-        raise ValueError("loss must be 'erm' or 'balanced_softmax'")
+def train_small_cnn(
+    train: ImageSet, seed: int, config: TrainConfig = TrainConfig(), recipe: RetrainRecipe = RETRAIN_RECIPE
+) -> SmallCNN:
+    """A SmallCNN trained on `train` (real, or real + synthetic) with `recipe`'s minibatches and loss."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = SmallCNN(len(CLASS_NAMES), width=config.width, embedding_dim=2 * config.width)
@@ -113,31 +100,12 @@ def train_small_cnn(train: ImageSet, loss: str, seed: int, config: TrainConfig =
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.15
     )
-    counts = torch.bincount(train.labels[~train.synthetic], minlength=len(CLASS_NAMES))  # the real class counts
-    if bool(train.synthetic.any()):
-        sampler = RealSyntheticBatchSampler(
-            train.labels.tolist(), train.synthetic.tolist(), config.batch_size, 0.5, num_batches=config.steps, seed=seed
-        )
-        batches = iter(sampler)
-        if config.synthetic_prior == "batches":
-            counts = sampler.class_frequencies
-        elif config.synthetic_prior != "real":
-            raise ValueError("synthetic_prior must be 'real' or 'batches'")
-    else:
-        batches = (
-            torch.randint(0, len(train), (config.batch_size,), generator=generator).tolist()
-            for _ in range(config.steps)
-        )
+    batches, prior = recipe.plan(train.labels.tolist(), train.synthetic.tolist(), config.batch_size, config.steps, seed)
     model.train()
     for indices in batches:
         images = _shifted(train.images[indices], generator)
         logits, _ = model(images)
-        labels = train.labels[indices]
-        value = (
-            balanced_softmax_loss(logits, labels, counts)
-            if loss == "balanced_softmax"
-            else F.cross_entropy(logits, labels)
-        )
+        value = recipe.loss(logits, train.labels[indices], prior)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
