@@ -26,6 +26,7 @@ from fgs_lab.digits_model_training import (
     Progress,
     StyleBank,
     TrainingPlan,
+    TrainingResult,
     embed_images,
     encode_latents,
     train_towers,
@@ -71,17 +72,9 @@ def build_context_bank(plan: ContextsPlan) -> StyleBank:
     return StyleBank(stacked, torch.tensor(prompt_labels), torch.tensor(sources))
 
 
-@dataclass
-class ContextsTrainingResult:
-    pipeline: object
-    seconds: dict[str, float]
-    bank_size: int
-    generator_digits: int
-
-
 def train_fgs_digits_contexts(
     workdir: Path, plan: ContextsPlan = ContextsPlan(), progress: Progress = Progress()
-) -> ContextsTrainingResult:
+) -> TrainingResult:
     """Build the `DIGITS_CONFIG` pipeline and train it stage by stage on the context bank."""
     torch.manual_seed(plan.seed)
     stages = plan.stages
@@ -117,4 +110,4 @@ def train_fgs_digits_contexts(
         pipeline.image_normalizer,
     ):
         module.eval().requires_grad_(False)
-    return ContextsTrainingResult(pipeline, seconds, len(bank.labels), len(set(bank.sources.tolist())))
+    return TrainingResult(pipeline, seconds, len(bank.labels), len(set(bank.sources.tolist())))
