@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fgs_classifier.hardness_stats import FORMAT, HardnessStats
+from fgs_common.exceptions import InvalidHardnessStats
 from fgs_common.wire import Criterion
 from fgs_worker.guidance import criteria
 
@@ -234,7 +235,7 @@ def test_old_dense_files_and_damaged_files_are_refused_with_a_clear_message(tmp_
         str(old),
         metadata={"format": "fgs-hardness-stats-v1"},
     )
-    with pytest.raises(ValueError, match="fgs-client hardness-stats"):
+    with pytest.raises(InvalidHardnessStats, match="fgs-client hardness-stats"):
         HardnessStats.load(old)
 
     embeddings, labels, _ = synthetic_embeddings(8, [6, 6])
@@ -248,7 +249,7 @@ def test_old_dense_files_and_damaged_files_are_refused_with_a_clear_message(tmp_
     encoded = json.dumps(header).encode()
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
-    with pytest.raises(ValueError, match="class 1's basis"):
+    with pytest.raises(InvalidHardnessStats, match="class 1's basis"):
         HardnessStats.load(damaged)
 
 

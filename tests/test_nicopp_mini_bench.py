@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.stack  # the bench runs as a child process
 REPO = Path(__file__).resolve().parents[1]
 
 

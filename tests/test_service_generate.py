@@ -87,7 +87,10 @@ def test_generate_entropy_feedback_matches_in_process_sampler(live_stack, classi
     )
     torch.set_num_threads(threads)
     for expected, got in zip(out.images, downloaded, strict=False):
-        np.testing.assert_array_equal(np.asarray(expected.convert("RGB")), got)
+        # The worker's classifier computes C and its gradient in its confined child (issue 19), in-process here:
+        # float rounding may move a pixel by one 8-bit level, never more, and only a few of them.
+        difference = np.abs(np.asarray(expected.convert("RGB"), np.int16) - np.asarray(got, np.int16))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (difference.max(), (difference > 0).mean())
 
 
 def test_metrics_after_a_job_have_real_values_and_pass_promtool(live_stack):

@@ -147,7 +147,10 @@ def test_large_statistics_are_streamed_to_disk_and_scored_by_the_worker(stack, i
         torch.set_num_threads(threads)
     assert [r.criterion_value for r in final.results] == pytest.approx(out.criterion_values, rel=1e-6)
     for expected, got in zip(out.images, downloaded, strict=False):
-        np.testing.assert_array_equal(np.asarray(expected.convert("RGB")), got)
+        # The worker's classifier computes C and its gradient in its confined child (issue 19), in-process here:
+        # float rounding may move a pixel by one 8-bit level, never more, and only a few of them.
+        difference = np.abs(np.asarray(expected.convert("RGB"), np.int16) - np.asarray(got, np.int16))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (difference.max(), (difference > 0).mean())
 
 
 def test_statistics_over_the_cap_get_413_and_leave_nothing(stack, imagenet_lt_classifier, tmp_path):
