@@ -12,7 +12,6 @@ Seeded and deterministic on CPU for a given thread count; `examples/train_fgs_di
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,18 +21,12 @@ import torch
 from fgs_client.digits_contexts import CONTEXTS, PROMPT_TEMPLATE, SPLIT_SEED, contexts_split, draw_in_context
 from fgs_client.digits_lt import CLASS_NAMES, load_digit_arrays, upscaled_ink
 from fgs_lab.digits_model_training import (
-    DIGITS_CONFIG,
     Progress,
     StyleBank,
     TrainingPlan,
     TrainingResult,
-    embed_images,
-    encode_latents,
-    train_towers,
-    train_unet,
-    train_vae,
+    train_stages,
 )
-from fgs_worker.tiny_model import build_tiny_pipeline
 
 
 def context_prompts() -> list[str]:
@@ -75,39 +68,7 @@ def build_context_bank(plan: ContextsPlan) -> StyleBank:
 def train_fgs_digits_contexts(
     workdir: Path, plan: ContextsPlan = ContextsPlan(), progress: Progress = Progress()
 ) -> TrainingResult:
-    """Build the `DIGITS_CONFIG` pipeline and train it stage by stage on the context bank."""
-    torch.manual_seed(plan.seed)
-    stages = plan.stages
-    prompts = context_prompts()
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    pipeline = build_tiny_pipeline(Path(workdir), DIGITS_CONFIG, seed=plan.seed)
-    bank = build_context_bank(plan)
-    seconds["context bank"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    train_towers(pipeline, bank, stages, progress, prompts)
-    image_embeds = embed_images(pipeline, bank.images)
-    with torch.no_grad():  # unCLIP's noise augmentation acts on a unit-scale vector (as fgs-digits)
-        pipeline.image_normalizer.mean.copy_(image_embeds.mean(0, keepdim=True))
-        pipeline.image_normalizer.std.copy_(image_embeds.std(0, keepdim=True))
-    seconds["CLIP towers"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    train_vae(pipeline, bank, stages, progress)
-    latent_mean, _ = encode_latents(pipeline, bank.images)
-    pipeline.vae.register_to_config(scaling_factor=float(1.0 / latent_mean.std()))
-    seconds["VAE"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    train_unet(pipeline, bank, image_embeds, stages, progress, prompts)
-    seconds["UNet"] = time.perf_counter() - start
-    for module in (
-        pipeline.unet,
-        pipeline.vae,
-        pipeline.text_encoder,
-        pipeline.image_encoder,
-        pipeline.image_normalizer,
-    ):
-        module.eval().requires_grad_(False)
-    return TrainingResult(pipeline, seconds, len(bank.labels), len(set(bank.sources.tolist())))
+    """Build the `DIGITS_CONFIG` pipeline and train it with fgs-digits' stages on the context bank."""
+    return train_stages(
+        workdir, plan.stages, lambda: build_context_bank(plan), progress, context_prompts(), bank_name="context bank"
+    )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,15 +442,34 @@ def train_fgs_digits(
     workdir: Path, plan: TrainingPlan = TrainingPlan(), progress: Progress = Progress()
 ) -> TrainingResult:
     """Build the `DIGITS_CONFIG` pipeline (tokenizer written under `workdir`) and train it stage by stage."""
+    return train_stages(
+        workdir,
+        plan,
+        lambda: build_style_bank(plan.styles_per_digit, plan.seed, plan.styles, plan.split_seed),
+        progress,
+        bank_name="style bank",
+    )
+
+
+def train_stages(
+    workdir: Path,
+    plan: TrainingPlan,
+    build_bank: Callable[[], StyleBank],
+    progress: Progress,
+    prompts: list[str] | None = None,
+    bank_name: str = "bank",
+) -> TrainingResult:
+    """The one stage sequence of every embedded model: bank, CLIP towers, VAE, UNet (`bank.labels` index
+    `prompts`; default: the ten digit prompts). fgs-digits and fgs-digits-contexts differ only in bank and prompts."""
     torch.manual_seed(plan.seed)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     pipeline = build_tiny_pipeline(Path(workdir), DIGITS_CONFIG, seed=plan.seed)
-    bank = build_style_bank(plan.styles_per_digit, plan.seed, plan.styles, plan.split_seed)
-    seconds["style bank"] = time.perf_counter() - start
+    bank = build_bank()
+    seconds[bank_name] = time.perf_counter() - start
 
     start = time.perf_counter()
-    train_towers(pipeline, bank, plan, progress)
+    train_towers(pipeline, bank, plan, progress, prompts)
     image_embeds = embed_images(pipeline, bank.images)
     # The normalizer holds the embedding statistics so that unCLIP's noise augmentation acts on a unit-scale vector.
     with torch.no_grad():
@@ -465,7 +484,7 @@ def train_fgs_digits(
     seconds["VAE"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    train_unet(pipeline, bank, image_embeds, plan, progress)
+    train_unet(pipeline, bank, image_embeds, plan, progress, prompts)
     seconds["UNet"] = time.perf_counter() - start
     for module in (
         pipeline.unet,
