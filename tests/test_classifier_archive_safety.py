@@ -9,8 +9,8 @@ import torch
 
 from fgs_classifier.graph_check import check_script_module
 from fgs_classifier.registry import load_classifier
-from fgs_common.classifier_archive import ArchiveTooLarge, UnsafeClassifierArchive, inspect_archive
-from fgs_common.exceptions import UnsafeClassifier
+from fgs_common.classifier_archive import inspect_archive
+from fgs_common.exceptions import ArchiveTooLarge, UnsafeClassifier, UnsafeClassifierArchive
 from support import hostile_archives as hostile
 
 
@@ -119,11 +119,11 @@ def test_zip_bomb_is_refused_by_its_declared_size(tmp_path):
 )
 def test_torchscript_code_scan_refuses_what_loading_could_run(source, named):
     """The scan runs before torch.jit.load, which compiles this code and runs its __setstate__."""
-    from fgs_common.classifier_archive import _check_torchscript_code
+    from fgs_common.classifier_operators import check_torchscript_code
 
-    _check_torchscript_code("code/ok.py", b"x = ops.aten.relu(ops.prim.unchecked_cast(y))")
+    check_torchscript_code("code/ok.py", b"x = ops.aten.relu(ops.prim.unchecked_cast(y))")
     with pytest.raises(UnsafeClassifierArchive, match=named):
-        _check_torchscript_code("code/hostile.py", source.encode())
+        check_torchscript_code("code/hostile.py", source.encode())
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,7 @@ def test_torchscript_code_scan_refuses_what_loading_could_run(source, named):
 )
 def test_shape_expressions_are_arithmetic_only(expression, safe):
     """torch.export's deserializer hands these strings to sympy.sympify, which evaluates them as Python."""
-    from fgs_common.classifier_archive import check_symbolic_expression
+    from fgs_common.classifier_operators import check_symbolic_expression
 
     if safe:
         check_symbolic_expression(expression)

@@ -1,6 +1,6 @@
 """The operator allow-list, checked over a loaded classifier's graphs before any of them runs.
 
-`fgs_common.classifier_archive` already refused archives whose code or program JSON names a denied operator; this
+`fgs_common.classifier_operators` already refused archives whose code or program JSON names a denied operator; this
 is the check on what torch actually compiled: every method of every submodule of a TorchScript module, with
 calls inlined, and every node of every graph of an exported program. Allowed: operators of the aten and prim
 namespaces, except those that read or write files and those that reach memory through indices, sizes, strides or
@@ -13,12 +13,8 @@ import functools
 
 import torch
 
-from fgs_common.classifier_archive import (
-    ALLOWED_EXPORT_CALLABLES,
-    ALLOWED_OP_NAMESPACES,
-    DENIED_OP_NAMES,
-    UnsafeClassifierArchive,
-)
+from fgs_common.classifier_operators import ALLOWED_EXPORT_CALLABLES, ALLOWED_OP_NAMESPACES, DENIED_OP_NAMES
+from fgs_common.exceptions import UnsafeClassifierArchive
 
 # Calls that inlining leaves in place are calls into C++ custom classes or module interfaces: code we cannot see.
 _OPAQUE_CALLS = frozenset({"prim::CallMethod", "prim::CallFunction"})

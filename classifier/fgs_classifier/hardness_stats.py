@@ -16,12 +16,8 @@ so a 5-image class gets mostly the pooled shape and a 1,000-image class mostly i
 only keeps the factorisations defined for exactly singular inputs. `shrinkage` fixes w_y for every class; with
 w_y = 0 and n_y > k this is the paper's plain sample covariance (plus rho).
 
-Memory. The Ledoit-Wolf pi term, (1/n^2) sum_i ||x_i x_i^T - S||_F^2, would need [n, k, k] outer products. With
-centred x_i and S = (1/n) sum_i x_i x_i^T it has the closed form (sum_i ||x_i||^4 - n ||S||_F^2) / n^2, and
-||S_y||_F = ||X_y X_y^T||_F / n_y (the n_y x n_y Gram matrix), tr(S_y P) = ||X_y V Lambda^1/2||_F^2 / n_y. The
-fit streams the embeddings class by class, twice (pass 1: means, pooled scatter; pass 2: one class's factor at a
-time), holding O(n_y k + k^2) numbers: at ImageNet-LT scale (k = 2,048) well under a gigabyte, never the
-115,846 x 2,048 x 2,048 outer products (3.9 TB) nor the 1,000 dense k x k precisions (16.8 GB in float32).
+The fit (`fgs_classifier.hardness_stats_fit`) streams the embeddings class by class, twice, in O(n_y k + k^2)
+memory.
 
 Storage. With P = V Lambda V^T (eigendecomposition, once) and D_y = w_y Lambda + rho (diagonal),
 
@@ -46,7 +42,6 @@ resident for its largest class (bench/hardness_scale.py, bench/RESULTS.md). File
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -56,13 +51,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgs_common.hardness_stats_format import FORMAT, LayoutEntry, encode_header, layout, read_hardness_header
+from fgs_classifier.hardness_stats_fit import ClassEmbeddings, check_fit_arguments, embeddings_by_class, fit_statistics
+from fgs_common.hardness_stats_format import FORMAT, HardnessStatsFile, HardnessStatsWriter, layout
 from fgs_common.hardness_stats_format import metadata as file_metadata
 
 __all__ = ["FORMAT", "ClassStatistics", "HardnessStats"]  # FORMAT: the file format's name, for callers
 
-# rho = RIDGE * mean(diag P): only keeps Cholesky/eigh defined for exactly singular inputs (as in v1 of this file).
-RIDGE = 1e-9
 # Scoring is done in float64: the embeddings come in float32 (the classifier's dtype, fgs_classifier.registry; a
 # 16-bit one would be upcast here too) and one class's tensors are small.
 COMPUTE_DTYPE = torch.float64
@@ -73,113 +67,27 @@ _READ_ROWS = 256
 
 _TORCH_DTYPE = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64}
 
-ClassEmbeddings = Callable[[int], torch.Tensor]
-"""Class index y -> that class's embeddings [n_y, k]; called twice per class (the fit's two passes)."""
-
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _write_tensor(writer: HardnessStatsWriter, name: str, tensor: torch.Tensor) -> None:
+    """`tensor` in the dtype and shape the file's layout gives `name`, written through the one writer."""
+    entry = writer.entries[name]
+    tensor = tensor.detach().to("cpu", _TORCH_DTYPE[entry.dtype]).contiguous()
+    if tuple(tensor.shape) != entry.shape:
+        raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {entry.shape}")
+    writer.put(name, tensor.numpy().tobytes() if tensor.numel() else b"")
 
 
-def _ledoit_wolf_intensity(n: int, fourth_moment_sum: float, cov_norm2: float, distance2: float) -> float:
-    """Ledoit-Wolf intensity pi/gamma clipped to [0, 1] (Lemma 3.2-3.4), from moments of n centred samples.
-
-    pi    = (1/n^2) sum_i ||x_i x_i^T - S||_F^2 = (sum_i ||x_i||^4 - n ||S||_F^2) / n^2   (S = (1/n) sum x_i x_i^T)
-    gamma = ||S - target||_F^2 = `distance2`
-    """
-    if n < 2:
-        return 1.0
-    pi_hat = (fourth_moment_sum - n * cov_norm2) / n**2
-    if distance2 <= 0:
-        return 1.0
-    return min(max(pi_hat / distance2, 0.0), 1.0)
-
-
-def _gram_norm2(centered: torch.Tensor) -> float:
-    """||X^T X||_F^2 = ||X X^T||_F^2, through whichever of the two is smaller."""
-    gram = centered @ centered.T if centered.shape[0] <= centered.shape[1] else centered.T @ centered
-    return float(gram.square().sum())
-
-
-class _SafetensorsWriter:
-    """Writes a safetensors file whose tensor shapes are known up front, one tensor at a time, in any order.
-
-    The header (8-byte little-endian length, then JSON with each tensor's dtype, shape and byte range) goes first,
-    so no tensor has to be held until the end: the fit writes each class as soon as it is factored.
-    """
-
-    def __init__(self, path: Path, entries: list[LayoutEntry], metadata: dict[str, str]):
-        offset = 0
-        self._slots: dict[str, tuple[int, LayoutEntry]] = {}
-        for entry in entries:
-            self._slots[entry.name] = (offset, entry)
-            offset += entry.nbytes
-        head = encode_header(entries, metadata)
-        self._data_start = len(head)
-        self._file = open(path, "wb")
-        self._file.write(head)
-        self._file.truncate(self._data_start + offset)
-        self._written: set[str] = set()
-
-    def put(self, name: str, tensor: torch.Tensor) -> None:
-        offset, entry = self._slots[name]
-        tensor = tensor.detach().to("cpu", _TORCH_DTYPE[entry.dtype]).contiguous()
-        if tuple(tensor.shape) != entry.shape:
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {entry.shape}")
-        self._file.seek(self._data_start + offset)
-        self._file.write(tensor.numpy().tobytes() if tensor.numel() else b"")
-        self._written.add(name)
-
-    def close(self) -> None:
-        missing = self._slots.keys() - self._written
-        self._file.close()
-        if missing:
-            raise RuntimeError(f"hardness statistics file left without {sorted(missing)[:5]}")
-
-    def abort(self) -> None:
-        """Close and remove a file that a failed fit left half written."""
-        self._file.close()
-        Path(self._file.name).unlink(missing_ok=True)
-
-
-class _SafetensorsReader:
-    """Reads tensors of one safetensors file, or row ranges of them, with seek and readinto.
-
-    Not `safetensors.safe_open`: that maps the whole file into the address space, and the API's classifier check
-    runs under an address-space limit (FGS_CLASSIFIER_CHECK_MEMORY_BYTES) that statistics of several GB would
-    exceed. Here a read costs the bytes asked for. The header is read and checked by
-    `fgs_common.hardness_stats_format.read_hardness_header`, the parser the API runs at upload: bounded, every
-    tensor's dtype, shape and byte range against the v2 layout and the file.
-    """
+class _TensorReader:
+    """Tensors, or row ranges of them, of one v2 file read through `HardnessStatsFile` (pread: a read costs the
+    bytes asked for, never a map of the whole file)."""
 
     def __init__(self, path: Path):
-        self.path = path
-        # Open for the reader's life, read with pread: statistics their tenant deletes stay readable to a job
-        # already scoring with them (DELETE /v1/classifiers/{id} lets a running job finish).
-        self._file = open(path, "rb")
-        try:
-            self._read_header()
-        except BaseException:
-            self._file.close()
-            raise
-
-    def _read_header(self) -> None:
-        header = read_hardness_header(self._file.fileno())
-        self.metadata = header.metadata
-        self.data_start = header.data_start
-        self._entries = {
-            name: (_TORCH_DTYPE[tensor.dtype], tensor.shape, tensor.begin) for name, tensor in header.tensors.items()
-        }
-        self.shapes = {name: tensor.shape for name, tensor in header.tensors.items()}
-
-    def __del__(self) -> None:
-        file = getattr(self, "_file", None)
-        if file is not None:
-            file.close()
+        self._file = HardnessStatsFile(path)
+        self.shapes = {name: tensor.shape for name, tensor in self._file.header.tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]
@@ -194,113 +102,10 @@ class _SafetensorsReader:
         return self._read_flat(name, start * row, stop * row).reshape(stop - start, *shape[1:])
 
     def _read_flat(self, name: str, first: int, last: int) -> torch.Tensor:
-        dtype, _, begin = self._entries[name]
-        out = torch.empty(last - first, dtype=dtype)
+        out = torch.empty(last - first, dtype=_TORCH_DTYPE[self._file.header.tensors[name].dtype])
         if last > first:
-            buffer = memoryview(out.numpy().view(np.uint8))
-            offset, done = self.data_start + begin + first * _element_size(dtype), 0
-            while done < len(buffer):
-                read = os.preadv(self._file.fileno(), [buffer[done:]], offset + done)
-                if read == 0:
-                    raise ValueError(f"{self.path} is shorter than its header says")
-                done += read
+            self._file.read_into(name, first * out.element_size(), memoryview(out.numpy().view(np.uint8)))
         return out
-
-
-class _MemorySink:
-    def __init__(self):
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def put(self, name: str, tensor: torch.Tensor) -> None:
-        self.tensors[name] = tensor.detach().cpu()
-
-
-def _fit(class_embeddings: ClassEmbeddings, counts: Sequence[int], dim: int, shrinkage: float | None, sink) -> None:
-    """The two streaming passes; writes every tensor of `layout` into `sink` (a writer or a dict)."""
-    num_classes, total = len(counts), int(sum(counts))
-    f64 = torch.float64
-
-    def embeddings_of(y: int) -> torch.Tensor:
-        x = class_embeddings(y)
-        if x.ndim != 2 or x.shape != (counts[y], dim):
-            raise ValueError(f"class {y}: embeddings of shape {tuple(x.shape)}, expected ({counts[y]}, {dim})")
-        return x.detach().to("cpu", f64)
-
-    # 1. Pass 1: class means and the pooled within-class scatter, with sum_i ||x_i - mu_y||^4 for its intensity.
-    means = torch.zeros(num_classes, dim, dtype=f64)
-    scatter = torch.zeros(dim, dim, dtype=f64)
-    fourth_moment_sum = 0.0
-    for y in range(num_classes):
-        if counts[y] == 0:
-            continue
-        x = embeddings_of(y)
-        means[y] = x.mean(0)
-        centered = x - means[y]
-        scatter.addmm_(centered.T, centered)
-        fourth_moment_sum += float(centered.square().sum(1).square().sum())
-        del x, centered
-    present = torch.tensor([c > 0 for c in counts])
-    counts_tensor = torch.tensor(list(counts), dtype=torch.int64)
-    # A class without any image gets the global mean (and the pooled covariance, below).
-    means[~present] = (counts_tensor[present, None].to(f64) * means[present]).sum(0) / total
-
-    # 2. The pooled covariance, Ledoit-Wolf shrunk towards tr(S)/k I; the target P = V Lambda V^T for all classes.
-    pooled = scatter.div_(total)
-    identity_scale = float(torch.trace(pooled)) / dim
-    pooled_norm2 = float(pooled.square().sum())
-    distance2 = float((pooled - identity_scale * torch.eye(dim, dtype=f64)).square().sum())
-    lam = _ledoit_wolf_intensity(total, fourth_moment_sum, pooled_norm2, distance2)
-    target = pooled.mul_(1 - lam)
-    target.diagonal().add_(lam * identity_scale)
-    ridge = RIDGE * max(float(target.diagonal().mean()), 1e-12)
-    eigenvalues, eigenvectors = torch.linalg.eigh(target)
-    del target, scatter, pooled
-    eigenvalues = eigenvalues.clamp_min(0.0)  # P is positive semi-definite; eigh may return -1e-17
-    target_norm2 = float(eigenvalues.square().sum())
-
-    sink.put("counts", counts_tensor)
-    sink.put("target_eigenvalues", eigenvalues)
-    sink.put("ridge", torch.tensor(ridge, dtype=f64))
-    sink.put("target_eigenvectors", eigenvectors)
-    sink.put("means", means)
-
-    # 3. Pass 2, one class at a time: its intensity w_y, the factor W_y and its thin SVD (module docstring).
-    logdets = torch.empty(num_classes, dtype=f64)
-    weights = torch.ones(num_classes, dtype=f64)
-    for y in range(num_classes):
-        n, rank = counts[y], max(min(counts[y] - 1, dim), 0)
-        weight = 1.0
-        rotated = None
-        if n > 0:
-            centered = embeddings_of(y) - means[y]
-            rotated = centered @ eigenvectors  # rows V^T (x_i - mu_y)
-            if shrinkage is not None:
-                weight = shrinkage
-            else:
-                class_norm2 = _gram_norm2(centered) / n**2  # ||S_y||_F^2
-                cross = float((rotated.square() * eigenvalues).sum()) / n  # tr(S_y P)
-                fourth = float(centered.square().sum(1).square().sum())
-                weight = _ledoit_wolf_intensity(n, fourth, class_norm2, class_norm2 - 2 * cross + target_norm2)
-            del centered
-        diagonal = weight * eigenvalues + ridge  # D_y
-        basis = torch.zeros(dim, rank, dtype=f64)
-        spectrum = torch.zeros(rank, dtype=f64)
-        if rank > 0 and weight < 1.0:
-            factor = (rotated * math.sqrt((1 - weight) / n) / diagonal.sqrt()).T  # W_y, k x n_y
-            left, singular, _ = torch.linalg.svd(factor, full_matrices=False)
-            # Numerical rank as numpy.linalg.matrix_rank: smaller singular values are rounding noise of zero.
-            keep = singular[:rank] > singular.max() * max(factor.shape) * torch.finfo(f64).eps
-            kept = int(keep.sum())
-            basis[:, :kept] = left[:, :kept]
-            spectrum[:kept] = singular[:kept].square()
-            del factor, left
-        logdets[y] = diagonal.log().sum() + torch.log1p(spectrum).sum()
-        weights[y] = weight
-        sink.put(f"class_spectrum.{y}", spectrum)
-        sink.put(f"class_basis.{y}", basis)
-        del rotated
-    sink.put("logdets", logdets)
-    sink.put("target_weights", weights)
 
 
 @dataclass
@@ -356,10 +161,13 @@ class HardnessStats:
         `shrinkage` fixes the weight w_y of the pooled covariance for every class; None picks it per class
         (Ledoit-Wolf). A class without any image gets the pooled covariance and the global mean.
         """
-        counts, class_embeddings = cls._check_fit_inputs(embeddings, labels, num_classes, shrinkage)
-        sink = _MemorySink()
-        _fit(class_embeddings, counts, embeddings.shape[1], shrinkage, sink)
-        tensors = sink.tensors
+        counts, class_embeddings = embeddings_by_class(embeddings, labels, num_classes, shrinkage)
+        tensors: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, tensor: torch.Tensor) -> None:
+            tensors[name] = tensor.detach().cpu()
+
+        fit_statistics(class_embeddings, counts, embeddings.shape[1], shrinkage, keep)
         ranks = [tensors[f"class_basis.{y}"].shape[1] for y in range(num_classes)]
         entries = layout(num_classes, embeddings.shape[1], ranks)
         for entry in entries:  # stored precision, the same as a saved and reloaded file
@@ -382,36 +190,15 @@ class HardnessStats:
         stays O(max_y n_y * dim + dim^2) however many classes there are.
         """
         counts = [int(c) for c in counts]
-        if sum(counts) < 2:
-            raise ValueError("need at least 2 embeddings to estimate covariances")
-        if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
-            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+        check_fit_arguments(sum(counts), shrinkage)
         entries = layout(len(counts), dim, [max(min(c - 1, dim), 0) for c in counts])
-        writer = _SafetensorsWriter(Path(path), entries, file_metadata(len(counts), dim))
+        writer = HardnessStatsWriter(Path(path), entries, file_metadata(len(counts), dim))
         try:
-            _fit(class_embeddings, counts, dim, shrinkage, writer)
+            fit_statistics(class_embeddings, counts, dim, shrinkage, lambda name, t: _write_tensor(writer, name, t))
         except BaseException:
             writer.abort()
             raise
         writer.close()
-
-    @staticmethod
-    def _check_fit_inputs(
-        embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float | None
-    ) -> tuple[list[int], ClassEmbeddings]:
-        if embeddings.ndim != 2 or labels.ndim != 1 or embeddings.shape[0] != labels.shape[0]:
-            raise ValueError("embeddings must be [N, k] and labels [N]")
-        if embeddings.shape[0] < 2:
-            raise ValueError("need at least 2 embeddings to estimate covariances")
-        if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
-            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
-        labels = labels.detach().long()
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"labels must be in [0, {num_classes})")
-        order = torch.argsort(labels, stable=True)
-        counts = torch.bincount(labels, minlength=num_classes).tolist()
-        starts = [0] + torch.tensor(counts).cumsum(0).tolist()
-        return counts, lambda y: embeddings[order[starts[y] : starts[y + 1]]]
 
     # ---------------------------------------------------------------- files
 
@@ -419,10 +206,10 @@ class HardnessStats:
         """Write the statistics as one safetensors file (format `fgs-hardness-stats-v2`), class by class."""
         ranks = [self._shapes[f"class_basis.{y}"][1] for y in range(self.num_classes)]
         entries = layout(self.num_classes, self.dim, ranks)
-        writer = _SafetensorsWriter(Path(path), entries, file_metadata(self.num_classes, self.dim))
+        writer = HardnessStatsWriter(Path(path), entries, file_metadata(self.num_classes, self.dim))
         try:
             for entry in entries:
-                writer.put(entry.name, self._read(entry.name))
+                _write_tensor(writer, entry.name, self._read(entry.name))
         finally:
             writer.close()
 
@@ -432,9 +219,9 @@ class HardnessStats:
     ) -> HardnessStats:
         """Open statistics written by `save`/`fit_to_file` (safetensors: no pickle); reads no class factor yet.
 
-        Raises InvalidHardnessStats (a ValueError) when the file is not v2 statistics or a tensor does not fit.
+        Raises InvalidHardnessStats when the file is not v2 statistics or a tensor does not fit.
         """
-        source = _SafetensorsReader(Path(path))
+        source = _TensorReader(Path(path))
         read, read_rows, shapes = source.read, source.read_rows, source.shapes
         return cls(read, read_rows, shapes, device=device, cached_classes=cached_classes)
 

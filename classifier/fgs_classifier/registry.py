@@ -24,15 +24,14 @@ import torch.nn.functional as F
 
 from fgs_classifier.graph_check import check_exported_program, check_script_module
 from fgs_classifier.hardness_stats import HardnessStats
-from fgs_common.classifier_archive import (
-    DEFAULT_MAX_UNPACKED_BYTES,
-    ArchiveFormat,
+from fgs_common.classifier_archive import DEFAULT_MAX_UNPACKED_BYTES, ArchiveFormat, inspect_archive
+from fgs_common.exceptions import (
     ArchiveTooLarge,
+    InvalidClassifier,
     NotAClassifierArchive,
+    UnsafeClassifier,
     UnsafeClassifierArchive,
-    inspect_archive,
 )
-from fgs_common.exceptions import InvalidClassifier, UnsafeClassifier
 from fgs_common.wire import ClassifierOutput, ClassifierSpec
 
 Resident = TypeVar("Resident")

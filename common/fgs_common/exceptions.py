@@ -35,6 +35,16 @@ class InvalidClassifier(InvalidJob):
     code = "invalid_classifier"
 
 
+class ClassifierRefused(InvalidClassifier):
+    """A step of classifier acceptance (fgs_common.classifier_acceptance) refused the classifier. `reason` is the
+    error code the API answers an upload with (`unsafe_classifier_archive`, `classifier_mismatch`, ...); the
+    message is fgs's own words, never the check's output. To a worker it is an InvalidClassifier: the job fails."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class InvalidHardnessStats(InvalidClassifier):
     """Hardness statistics a worker could not score with (not a v2 safetensors file, or a tensor that does not
     fit the layout or the file); refused at upload (422) by the same check the worker's reader runs."""
@@ -46,6 +56,19 @@ class UnsafeClassifier(InvalidClassifier):
     """The archive could run code or touch the host if loaded or run; nothing of it was run."""
 
     code = "unsafe_classifier"
+
+
+class NotAClassifierArchive(ValueError):
+    """The file is not a TorchScript or torch.export archive (fgs_common.classifier_archive)."""
+
+
+class UnsafeClassifierArchive(ValueError):
+    """The archive is a classifier archive, but loading or running it could run code or touch the host
+    (fgs_common.classifier_archive, fgs_common.classifier_operators, fgs_classifier.graph_check)."""
+
+
+class ArchiveTooLarge(ValueError):
+    """The archive unpacks to more bytes than fgs accepts (a zip bomb, or simply too big)."""
 
 
 class ArtifactGone(InvalidJob):

@@ -1,4 +1,6 @@
-"""The hardness statistics file (safetensors, format `fgs-hardness-stats-v2`): its layout and its one header parser.
+"""The hardness statistics file (safetensors, format `fgs-hardness-stats-v2`): its layout, its one header parser,
+and the one reader and writer of its tensors' bytes (`HardnessStatsFile`, `HardnessStatsWriter`; torch-free: the
+conversion to tensors is `fgs_classifier.hardness_stats`'s).
 
 Both the API (at upload, without torch) and `fgs_classifier.hardness_stats` (the worker, when it scores) read a
 file's header here, so a file the worker would refuse is refused at upload: the same layout, dtypes, shapes and
@@ -23,6 +25,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from fgs_common.exceptions import InvalidHardnessStats
 
@@ -93,18 +96,23 @@ def metadata(num_classes: int, dim: int) -> dict[str, str]:
     return {"format": FORMAT, "num_classes": str(num_classes), "dim": str(dim)}
 
 
+def _placements(entries: list[LayoutEntry]) -> dict[str, tuple[int, int]]:
+    """Each entry's byte range [begin, end) in the data, one after another from byte 0 in the order given."""
+    placed, offset = {}, 0
+    for entry in entries:
+        placed[entry.name] = (offset, offset + entry.nbytes)
+        offset += entry.nbytes
+    return placed
+
+
 def encode_header(entries: list[LayoutEntry], meta: dict[str, str]) -> bytes:
     """A file's first bytes: the header's 8-byte little-endian length, then its JSON placing `entries` one after
     another from byte 0 of the data, padded so that the data starts 8-byte aligned (as safetensors' writer does)."""
     header: dict[str, object] = {"__metadata__": meta}
-    offset = 0
+    placed = _placements(entries)
     for entry in entries:
-        header[entry.name] = {
-            "dtype": entry.dtype,
-            "shape": list(entry.shape),
-            "data_offsets": [offset, offset + entry.nbytes],
-        }
-        offset += entry.nbytes
+        begin, end = placed[entry.name]
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [begin, end]}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     return struct.pack("<Q", len(encoded)) + encoded
@@ -214,3 +222,77 @@ def read_hardness_header(fd: int) -> HardnessHeader:
     meta, tensors = _parse_header(raw, size)
     num_classes, dim = _check_layout(meta, tensors)
     return HardnessHeader(meta, 8 + length, tensors, num_classes, dim)
+
+
+class HardnessStatsFile:
+    """A v2 file open for reading: its checked header, and any byte range of a tensor, read with pread.
+
+    Not `safetensors.safe_open`: that maps the whole file into the address space, and the classifier check runs
+    under an address-space limit (FGS_CLASSIFIER_CHECK_MEMORY_BYTES) that statistics of several GB would exceed.
+    Here a read costs the bytes asked for. The file stays open for the object's life: statistics their tenant
+    deletes stay readable to a job already scoring with them (DELETE /v1/classifiers/{id} lets it finish).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "rb")
+        try:
+            self.header = read_hardness_header(self._file.fileno())
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __del__(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
+
+    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        """Fill `buffer` with tensor `name`'s bytes from `offset` (counted from the tensor's first byte)."""
+        tensor = self.header.tensors[name]
+        if offset < 0 or offset + len(buffer) > tensor.end - tensor.begin:
+            raise ValueError(f"{name}: bytes {offset}..{offset + len(buffer)} lie outside the tensor")
+        position, done = self.header.data_start + tensor.begin + offset, 0
+        while done < len(buffer):
+            read = os.preadv(self._file.fileno(), [buffer[done:]], position + done)
+            if read == 0:
+                raise ValueError(f"{self.path} is shorter than its header says")
+            done += read
+
+
+class HardnessStatsWriter:
+    """Writes a v2 file whose layout is known up front, one tensor at a time, in any order.
+
+    The header goes first, so no tensor has to be held until the end: the fit writes each class as soon as it is
+    factored. `close` refuses a file left without one of its tensors; `abort` removes a half-written one.
+    """
+
+    def __init__(self, path: Path, entries: list[LayoutEntry], meta: dict[str, str]):
+        self.entries = {entry.name: entry for entry in entries}
+        self._placed = _placements(entries)
+        head = encode_header(entries, meta)
+        self._data_start = len(head)
+        self._file = open(path, "wb")
+        self._file.write(head)
+        self._file.truncate(self._data_start + sum(entry.nbytes for entry in entries))
+        self._written: set[str] = set()
+
+    def put(self, name: str, data: bytes | memoryview) -> None:
+        """Write tensor `name`'s bytes (little-endian, C order: `entries[name].nbytes` of them)."""
+        begin, end = self._placed[name]
+        if len(data) != end - begin:
+            raise ValueError(f"{name}: {len(data)} bytes, expected {end - begin}")
+        self._file.seek(self._data_start + begin)
+        self._file.write(data)
+        self._written.add(name)
+
+    def close(self) -> None:
+        missing = self._placed.keys() - self._written
+        self._file.close()
+        if missing:
+            raise RuntimeError(f"hardness statistics file left without {sorted(missing)[:5]}")
+
+    def abort(self) -> None:
+        """Close and remove a file that a failed fit left half written."""
+        self._file.close()
+        Path(self._file.name).unlink(missing_ok=True)

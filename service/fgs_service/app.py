@@ -36,6 +36,27 @@ from fgs_service.routers import (
 from fgs_service.tenant_limits import CheckSlots, TenantSlots
 
 
+def _open_redis(app: FastAPI, settings: Settings) -> None:
+    """The app's Redis clients on `app.state`. Two pools on one server: our records are text, RQ's job hashes are
+    bytes. The enqueue path has an asyncio client of its own, so that a POST /v1/generate never waits for a
+    threadpool thread. Blocking pools: under a burst of requests a request waits for a connection (up to
+    FGS_REDIS_POOL_TIMEOUT_S) instead of failing, as redis-py's default pool does past 100 connections."""
+    url, size, wait = settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s
+    app.state.redis = redis.Redis(
+        connection_pool=redis.BlockingConnectionPool.from_url(
+            url, max_connections=size, timeout=wait, decode_responses=True
+        )
+    )
+    app.state.rq_redis = redis.Redis(
+        connection_pool=redis.BlockingConnectionPool.from_url(url, max_connections=size, timeout=wait)
+    )
+    app.state.async_redis = redis.asyncio.Redis(
+        connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=size, timeout=wait, decode_responses=True
+        )
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; `settings` defaults to the environment's (FGS_*)."""
     settings = settings or get_settings()
@@ -44,26 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Two pools on one server: our records are text, RQ's job hashes are bytes. The enqueue path has an
-        # asyncio client of its own, so that a POST /v1/generate never waits for a threadpool thread.
-        # Blocking pools: under a burst of requests a request waits for a connection (up to
-        # FGS_REDIS_POOL_TIMEOUT_S) instead of failing, as redis-py's default pool does past 100 connections.
-        size, wait = settings.redis_max_connections, settings.redis_pool_timeout_s
-        app.state.redis = redis.Redis(
-            connection_pool=redis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=size, timeout=wait, decode_responses=True
-            )
-        )
-        app.state.rq_redis = redis.Redis(
-            connection_pool=redis.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=size, timeout=wait
-            )
-        )
-        app.state.async_redis = redis.asyncio.Redis(
-            connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=size, timeout=wait, decode_responses=True
-            )
-        )
+        _open_redis(app, settings)
         app.state.job_queue = JobQueue(app.state.redis, app.state.rq_redis, app.state.async_redis, settings)
         app.state.store = ArtifactStore(settings.data_dir)
         sweep_check_scratch(settings.data_dir)  # what a killed API's classifier checks left

@@ -29,9 +29,7 @@ import io
 import json
 import logging
 import math
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -47,10 +45,10 @@ from rq import get_current_job
 from rq.timeouts import BaseTimeoutException
 
 from fgs_common import telemetry
-from fgs_common.classifier_sandbox import check_scratch, run_classifier_check
-from fgs_common.exceptions import ArtifactGone, InvalidClassifier, InvalidJob
+from fgs_common.classifier_acceptance import checked_stored_copy, stored_classifier
+from fgs_common.exceptions import ArtifactGone, InvalidJob
 from fgs_common.job_records import now_ts
-from fgs_common.wire import STORED, ClassifierSpec, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
+from fgs_common.wire import STORED, ErrorBody, GenerateRequest, GenerationParams, ImageResult, JobState
 from fgs_worker.cancel import queue_cancel_check
 from fgs_worker.confined_classifier import ConfinedClassifier
 from fgs_worker.runtime import WorkerRuntime, current_runtime
@@ -173,42 +171,17 @@ class _StepReporter:
 
 
 def _load_classifier(runtime: WorkerRuntime, tenant: str, classifier_id: str) -> ConfinedClassifier:
-    gone = ArtifactGone(
-        f"classifier {classifier_id} is no longer in the artifact store (deleted by its tenant?): upload it again"
-    )
-    folder = runtime.store.classifier_dir(tenant, classifier_id)
-    if folder is None:
-        raise gone
-    try:
-        spec_bytes = (folder / "spec.json").read_bytes()
-    except FileNotFoundError:  # deleted since classifier_dir found it
-        raise gone from None
-    spec = ClassifierSpec.model_validate_json(spec_bytes)
+    stored = stored_classifier(runtime.store, tenant, classifier_id)
 
     def load() -> ConfinedClassifier:
-        # First load in this worker: run the archive in the sandbox first. The API checked it too, unless it runs
-        # without torch (FGS_CLASSIFIER_CHECK). Then its confined process (fgs_worker.confined_classifier) loads
-        # it: this process never does. The check and the child read one private copy of the archive (the child
-        # through an open file, which outlives the copy's folder), so what runs is what was checked, and a
-        # delete by the tenant in between is an ArtifactGone, not a retried error. The statistics are data, not
-        # code: the child reads them through an open file of the store's copy.
-        with check_scratch(Path(tempfile.gettempdir())) as scratch:  # a dead worker's is swept at start-up
-            try:
-                stored = runtime.store.classifier_archive(folder)
-                archive = scratch / f"classifier{stored.suffix}"
-                shutil.copyfile(stored, archive)
-            except FileNotFoundError:
-                raise gone from None
-            stats = folder / "hardness.safetensors"
-            stats = stats if stats.exists() else None
-            if not folder.exists():  # deleted meanwhile: not loaded (and cached) without its statistics
-                raise gone
-            spec_path = scratch / "spec.json"
-            spec_path.write_bytes(spec_bytes)
-            outcome = run_classifier_check(archive, spec_path, stats, runtime.settings, scratch, on_wait=runtime.beat)
-            if not outcome.ok:
-                raise InvalidClassifier(outcome.message)
-            classifier = ConfinedClassifier(archive, spec, stats, runtime.settings, on_wait=runtime.beat)
+        # First load in this worker: the archive passes acceptance first (fgs_common.classifier_acceptance: a
+        # private copy checked in the sandbox; the API checked it too, unless it runs without torch). Then its
+        # confined process (fgs_worker.confined_classifier) loads it: this process never does. The child reads the
+        # checked copy through an open file, which outlives the copy's folder, so what runs is what was checked.
+        with checked_stored_copy(stored, runtime.settings, on_wait=runtime.beat) as checked:
+            classifier = ConfinedClassifier(
+                checked.archive, stored.spec, checked.stats, runtime.settings, on_wait=runtime.beat
+            )
         try:
             classifier.start()
         except BaseException:
