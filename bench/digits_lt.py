@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -62,49 +62,11 @@ from fgs_lab.digits_classifier import (
 )
 from fgs_lab.embedded_stack import run_client, start_embedded_stack
 from fgs_lab.synthetic_set_metrics import frechet_distance
+from fgs_lab.variants import Variant
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 SHOTS = ("overall", "many", "medium", "few")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One way of generating: every generation parameter the bench varies, given explicitly to `fgs-client`."""
-
-    name: str
-    label: str
-    criterion: str = "none"
-    omega: float = 0.0
-    gamma: float = 3.0
-    dropout_p: float = 0.0
-    dropout_scaling: str = "inverted"
-    feedback_input: str = "x0"
-    gradient_path: str = "unet"
-
-    @property
-    def guided(self) -> bool:
-        return self.criterion != "none"
-
-    def args(self) -> tuple[str, ...]:
-        return (
-            "--criterion",
-            self.criterion,
-            "--omega",
-            str(self.omega),
-            "--gamma",
-            str(self.gamma),
-            "--dropout-p",
-            str(self.dropout_p),
-            "--dropout-scaling",
-            self.dropout_scaling,
-            "--feedback-input",
-            self.feedback_input,
-            "--gradient-path",
-            self.gradient_path,
-            "--feedback-resolution",
-            "full",
-        )
 
 
 # The variants, in priority order (issue 21): a run too short for all drops them from the end, never seeds. The

@@ -9,9 +9,6 @@ Seeded: the same seed, step counts and thread count give the same weights. The t
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +18,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fgs_lab.digits_model_training import TrainingPlan, train_fgs_digits
+from fgs_lab.model_directory import save_model_directory, scaled_plan
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "worker" / "fgs_worker" / "models" / "fgs-digits"
@@ -48,15 +46,8 @@ def main(
 ) -> None:
     """Train fgs-digits on the generator split of sklearn's digits and save it to OUT."""
     torch.set_num_threads(threads)
-    plan = TrainingPlan(seed=seed)
-    if scale != 1.0:
-        plan = dataclasses.replace(
-            plan,
-            tower_steps=max(1, int(plan.tower_steps * scale)),
-            vae_steps=max(1, int(plan.vae_steps * scale)),
-            unet_steps=max(1, int(plan.unet_steps * scale)),
-        )
-    start = time.perf_counter()
+    plan = scaled_plan(TrainingPlan(seed=seed), scale)
+    start, cpu_start = time.perf_counter(), time.process_time()
     columns = (
         TextColumn("{task.description:<12}"),
         BarColumn(),
@@ -67,25 +58,16 @@ def main(
     )
     with tempfile.TemporaryDirectory() as workdir, Progress(*columns) as bars:
         result = train_fgs_digits(Path(workdir), plan, RichProgress(bars))
-    total = time.perf_counter() - start
-    readme = out / "README.md"
-    kept_readme = readme.read_text() if readme.exists() else None  # hand-written: training notes and measured numbers
-    if out.exists():
-        shutil.rmtree(out)
-    result.pipeline.save_pretrained(out, safe_serialization=True)
-    if kept_readme is not None:
-        readme.write_text(kept_readme)
-    record = {
-        "plan": dataclasses.asdict(plan),
-        "threads": threads,
-        "seconds": {**{k: round(v, 1) for k, v in result.seconds.items()}, "total": round(total, 1)},
-        "style_bank_images": result.bank_size,
-        "generator_digits": result.generator_digits,
-        "torch": torch.__version__,
-    }
-    (out / "training.json").write_text(json.dumps(record, indent=1))
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"saved {out} ({size / 1e6:.1f} MB) in {total / 60:.1f} min: {record['seconds']}")
+    save_model_directory(
+        result,
+        out,
+        plan,
+        threads,
+        time.perf_counter() - start,
+        time.process_time() - cpu_start,
+        style_bank_images=result.bank_size,
+        generator_digits=result.generator_digits,
+    )
 
 
 if __name__ == "__main__":

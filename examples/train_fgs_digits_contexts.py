@@ -12,9 +12,7 @@ hand-written README.md.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import typer
 from fgs_client.digits_contexts import CONTEXTS, PROMPT_TEMPLATE
 from fgs_client.digits_lt import CLASS_NAMES
 from fgs_lab.contexts_model_training import ContextsPlan, train_fgs_digits_contexts
+from fgs_lab.model_directory import save_model_directory, scaled_plan
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "worker" / "fgs_worker" / "models" / "fgs-digits-contexts"
@@ -44,57 +43,22 @@ def main(
     """Train fgs-digits-contexts on the miniature's generator digits drawn in every context, and save it to OUT."""
     torch.set_num_threads(threads)
     plan = ContextsPlan(seed=seed)
-    if scale != 1.0:
-        stages = plan.stages
-        plan = dataclasses.replace(
-            plan,
-            stages=dataclasses.replace(
-                stages,
-                seed=seed,
-                tower_steps=max(1, int(stages.tower_steps * scale)),
-                vae_steps=max(1, int(stages.vae_steps * scale)),
-                unet_steps=max(1, int(stages.unet_steps * scale)),
-            ),
-        )
-    else:
-        plan = dataclasses.replace(plan, stages=dataclasses.replace(plan.stages, seed=seed))
-    start = time.perf_counter()
-    cpu_start = time.process_time()
+    plan = dataclasses.replace(plan, stages=scaled_plan(dataclasses.replace(plan.stages, seed=seed), scale))
+    start, cpu_start = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as workdir:
         result = train_fgs_digits_contexts(Path(workdir), plan, log_progress)
-    total = time.perf_counter() - start
-    cpu = time.process_time() - cpu_start
-    readme = out / "README.md"
-    kept_readme = readme.read_text() if readme.exists() else None  # hand-written: the card and measured numbers
-    if out.exists():
-        shutil.rmtree(out)
-    result.pipeline.save_pretrained(out, safe_serialization=True)
-    if kept_readme is not None:
-        readme.write_text(kept_readme)
-    card = {
-        "class_names": list(CLASS_NAMES),
-        "contexts": list(CONTEXTS),
-        "prompt_template": PROMPT_TEMPLATE,
-        "card": "README.md",
-    }
-    (out / "model_card.json").write_text(json.dumps(card, indent=1))
-    weights = {
-        str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(out.rglob("*.safetensors"))
-    }
-    record = {
-        "plan": dataclasses.asdict(plan),
-        "threads": threads,
-        "seconds": {**{k: round(v, 1) for k, v in result.seconds.items()}, "total": round(total, 1)},
-        "cpu_seconds": round(cpu, 1),
-        "context_bank_images": result.bank_size,
-        "generator_digits": result.generator_digits,
-        "sha256": weights,
-        "torch": torch.__version__,
-    }
-    (out / "training.json").write_text(json.dumps(record, indent=1))
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"saved {out} ({size / 1e6:.1f} MB) in {total / 60:.1f} min ({cpu / 60:.1f} CPU min): {record['seconds']}")
+    save_model_directory(
+        result,
+        out,
+        plan,
+        threads,
+        time.perf_counter() - start,
+        time.process_time() - cpu_start,
+        context_bank_images=result.bank_size,
+        generator_digits=result.generator_digits,
+    )
+    card = {"class_names": list(CLASS_NAMES), "contexts": list(CONTEXTS), "prompt_template": PROMPT_TEMPLATE}
+    (out / "model_card.json").write_text(json.dumps({**card, "card": "README.md"}, indent=1))
 
 
 if __name__ == "__main__":

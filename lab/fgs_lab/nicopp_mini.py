@@ -22,10 +22,10 @@ from fgs_client.balance_planner import ConditioningSource, UnitCounts, build_job
 from fgs_client.dataset_readers import ScannedDataset, read_dataset
 from fgs_client.digits_contexts import CONTEXTS, read_held_out
 from fgs_client.training import GroupAccuracy, group_accuracy
-from fgs_common.wire import GenerationParams
 from fgs_lab.contexts_model_training import ContextsPlan, build_context_bank, prompt_index
 from fgs_lab.digits_classifier import ImageSet, load_paths, predict
 from fgs_lab.digits_model_evaluation import DigitClassifier, fit_classifier
+from fgs_lab.variants import Variant
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 
 
@@ -64,35 +64,6 @@ def accuracy_by_group(model, held_out: GroupedSet) -> GroupAccuracy:
     """Worst-group and average accuracy (paper Table 1's columns; groups are equal-sized, so they agree with
     SubpopBench's mean over groups)."""
     return group_accuracy(predict(model, held_out.images.images), held_out.images.labels, held_out.groups)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One way of generating, every parameter explicit."""
-
-    name: str
-    label: str
-    criterion: str = "none"
-    omega: float = 0.0
-    gamma: float = 3.0
-    dropout_p: float = 0.0
-    text_only: bool = False
-    feedback_input: str = "x0"
-
-    @property
-    def guided(self) -> bool:
-        return self.criterion != "none"
-
-    def params(self, steps: int, guidance_every: int) -> GenerationParams:
-        return GenerationParams(
-            criterion=self.criterion,
-            omega=self.omega,
-            gamma=self.gamma,
-            dropout_p=self.dropout_p,
-            feedback_input=self.feedback_input,
-            steps=steps,
-            guidance_every=guidance_every,
-        )
 
 
 def synthetic_set(
