@@ -40,7 +40,6 @@ from fgs_client.digits_lt import CLASS_NAMES
 from fgs_lab.digits_classifier import TrainConfig, export_digits_classifier, train_small_cnn
 from fgs_lab.nicopp_mini import (
     GroupedSet,
-    Variant,
     accuracy_by_group,
     class_and_context,
     context_evaluator,
@@ -49,6 +48,7 @@ from fgs_lab.nicopp_mini import (
     read_train,
     synthetic_set,
 )
+from fgs_lab.variants import Variant
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import load_pipeline
 
@@ -220,6 +220,11 @@ def run(
     guidance_every: int = typer.Option(3, help="feedback every k steps (the preset: 5 of 30)"),
     generation_seeds: int = typer.Option(3),
     classifier_seeds: int = typer.Option(10),
+    selection_seeds: int = typer.Option(
+        3,
+        help="classifier seeds per (variant, generation seed) on validation; the two chosen variants then get all"
+        " --classifier-seeds (the CPU cost: bench/nicopp_mini.md)",
+    ),
     train_steps: int = typer.Option(800),
     variants: str = typer.Option(",".join(v.name for v in VARIANTS)),
     threads: int = typer.Option(1),
@@ -230,6 +235,7 @@ def run(
     torch.set_num_threads(threads)
     if quick:
         target, steps, guidance_every, generation_seeds, classifier_seeds, train_steps = 2, 2, 1, 2, 2, 20
+        selection_seeds = 1
         variants = ",".join(QUICK_VARIANTS)
     chosen = [v for v in VARIANTS if v.name in variants.split(",")]
     config = TrainConfig(steps=train_steps)
@@ -255,6 +261,17 @@ def run(
     sampler = GuidedDDIMSampler(load_pipeline(model, device="cpu"))
     seconds: dict[str, float] = {}
     pictures: dict[str, tuple[list[Image.Image], list[int]]] = {}
+    sets: dict[tuple[str, int], GroupedSet] = {}
+    selection_seeds = min(selection_seeds, classifier_seeds)
+
+    def validate(name: str, g: int, seeds: range) -> None:
+        for s in seeds:
+            models[(name, g, s)] = fit(train + sets[(name, g)], s)
+            val[name][(g, s)] = asdict(accuracy_by_group(models[(name, g, s)], validation))
+        (work / "validation_so_far.json").write_text(
+            json.dumps({n: {f"{g},{s}": r for (g, s), r in t.items()} for n, t in val.items()}, indent=1)
+        )
+
     for variant in chosen:
         val[variant.name] = {}
         begin = time.perf_counter()
@@ -262,14 +279,13 @@ def run(
             generated, images = synthetic_set(
                 sampler, dataset, target, variant, g, steps, guidance_every, classifier=feedback
             )
+            sets[(variant.name, g)] = generated
             if g == 0:
                 pictures[variant.name] = (images, generated.groups.tolist())
-            for s in range(classifier_seeds):
-                models[(variant.name, g, s)] = fit(train + generated, s)
-                val[variant.name][(g, s)] = asdict(accuracy_by_group(models[(variant.name, g, s)], validation))
+            validate(variant.name, g, range(selection_seeds))
             log(
                 f"{variant.name} g{g}: {len(generated.groups)} images, validation WGA "
-                f"{np.mean([val[variant.name][(g, s)]['worst_group'] for s in range(classifier_seeds)]):.3f}"
+                f"{np.mean([val[variant.name][(g, s)]['worst_group'] for s in range(selection_seeds)]):.3f}"
             )
         seconds[variant.name] = round(time.perf_counter() - begin, 1)
 
@@ -291,6 +307,10 @@ def run(
     }
     (work / "selection.json").write_text(json.dumps(selection, indent=1))
     log(f"selection (validation only): {selection}")
+    for name in (selection["best_plain"], selection["best_guided"]):
+        for g in range(generation_seeds if name else 0):
+            validate(name, g, range(selection_seeds, classifier_seeds))  # the rest of the seeds, for the test
+        log(f"{name}: {classifier_seeds} classifier seeds trained")
 
     # Test, read once: real only, best plain, best guided.
     test = read_part(root, "test")
@@ -333,6 +353,7 @@ def run(
             "guidance_every": guidance_every,
             "generation_seeds": generation_seeds,
             "classifier_seeds": classifier_seeds,
+            "selection_seeds": selection_seeds,
             "train_steps": train_steps,
             "quick": quick,
         },
@@ -360,13 +381,13 @@ def write_report(record, val, test_results, chosen, path: Path) -> None:
 
     labels = {"real": "real only"} | {v.name: v.label for v in chosen}
     lines = [
-        "| variant | validation WGA | validation average | test WGA | test average |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | (g, s) pairs on validation | validation WGA | validation average | test WGA | test average |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, table in val.items():
         test = test_results.get(name)
         lines.append(
-            f"| {labels[name]} | {cell(table, 'worst_group')} | {cell(table, 'overall')} | "
+            f"| {labels[name]} | {len(table)} | {cell(table, 'worst_group')} | {cell(table, 'overall')} | "
             f"{cell(test, 'worst_group') if test else '—'} | {cell(test, 'overall') if test else '—'} |"
         )
     comparison = record["comparison"]
