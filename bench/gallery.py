@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 
 from fgs_common.job_records import now_ts
 from fgs_common.settings import Settings
-from fgs_common.wire import GenerateRequest, JobState
+from fgs_common.wire import GenerateRequest, ImageResult, JobState
 from fgs_service.app import create_app
 from fgs_service.auth import Tenant, hash_key
 from fgs_service.gallery import GalleryCache
@@ -70,18 +70,18 @@ def write_jobs(settings: Settings) -> None:
     queue = JobQueue(sync, raw, None, settings)
     for number, (job_id, request) in enumerate(zip(job_ids, requests, strict=True)):
         results = [
-            {
-                "image_id": f"{number:032x}{seed:032x}",
-                "seed": seed,
-                "criterion_value": (seed % 97) / 40,
-                "predicted_class": seed % CLASSES,
-            }
+            ImageResult(
+                image_id=f"{number:032x}{seed:032x}",
+                seed=seed,
+                criterion_value=(seed % 97) / 40,
+                predicted_class=seed % CLASSES,
+            )
             for seed in request.seeds()
         ]
-        assert queue.records.transition(job_id, JobState.running, (JobState.queued,), started_at=now_ts())
-        assert queue.records.transition(
-            job_id, JobState.finished, (JobState.running,), finished_at=now_ts(), results=json.dumps(results)
-        )
+        records = queue.records
+        assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=now_ts(), owner="bench")
+        assert records.set_progress(job_id, "bench", results_from=0, results=results)
+        assert records.transition(job_id, JobState.finished, (JobState.running,), finished_at=now_ts())
     raw.delete(queue.queue("bench").key)
 
 

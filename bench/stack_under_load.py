@@ -267,7 +267,7 @@ def audit(stack: LocalStack, log: LoadLog, outages: list[tuple[float, float]] = 
             findings["accepted job not finished"].append(f"{job_id}: {record['state']} {record.get('error', '')[:200]}")
             continue
         finished_by_tenant[tenant] += 1
-        results = json.loads(record["results"])
+        results = [json.loads(entry) for entry in client.lrange(f"{stack.prefix}:results:{job_id}", 0, -1)]
         if len(results) != int(record["images_total"]):
             findings["wrong image count"].append(job_id)
         for result in results:

@@ -86,7 +86,7 @@ def write_batch(settings: Settings) -> str:
     rng = np.random.default_rng(0)
     for job_id, request in zip(job_ids, requests, strict=False):
         assert queue.records.transition(
-            job_id, JobState.running, (JobState.queued,), started_at=now_ts(), worker="bench"
+            job_id, JobState.running, (JobState.queued,), started_at=now_ts(), worker="bench", owner="bench"
         )
         results = []
         for seed in request.seeds():
@@ -97,14 +97,9 @@ def write_batch(settings: Settings) -> str:
                 tenant.name, png_with_metadata(pixels, {"seed": seed, "criterion_value": value}), "png"
             )
             results.append(ImageResult(image_id=image_id, seed=seed, criterion_value=value, predicted_class=predicted))
-        payload = json.dumps([r.model_dump() for r in results])
+        assert queue.records.set_progress(job_id, "bench", results_from=0, results=results)
         assert queue.records.transition(
-            job_id,
-            JobState.finished,
-            (JobState.running,),
-            finished_at=now_ts(),
-            images_done=len(results),
-            results=payload,
+            job_id, JobState.finished, (JobState.running,), finished_at=now_ts(), images_done=len(results)
         )
     raw.delete(queue.queue("bench").key)  # nothing for a worker to pick up
     return batch_id

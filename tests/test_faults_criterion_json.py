@@ -65,10 +65,10 @@ def test_a_nan_criterion_value_is_null_with_a_flag(redis_server, tiny_model_dir,
             worker.execute_job(*result)
 
             for job_id in batch.json()["job_ids"]:
-                stored = redis.Redis.from_url(redis_server, decode_responses=True).hget(
-                    f"{settings.redis_prefix}:job:{job_id}", "results"
+                stored = redis.Redis.from_url(redis_server, decode_responses=True).lrange(
+                    f"{settings.redis_prefix}:results:{job_id}", 0, -1
                 )
-                results = strict_json(stored)
+                results = [strict_json(entry) for entry in stored]
                 answer = client.get(f"/v1/jobs/{job_id}")
                 job = strict_json(answer.text)
                 assert job["state"] == "finished", job

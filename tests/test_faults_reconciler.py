@@ -53,11 +53,11 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_put_back_and_ru
     redis_server, tiny_model_dir, tmp_path
 ):
     """The 30-minute soak lost a job that way: a worker took it off its queue and was SIGKILLed before RQ
-    registered the execution. Here the taking is done by the workers' own script (fgs_worker.main._TAKE_JOB),
+    registered the execution. Here the taking is done by the workers' own script (fgs_common.rq_adapter.TAKE_JOB_LUA),
     leaving exactly what such a worker leaves; then a worker starts, and the job must run without a retry."""
     from rq import Queue
 
-    from fgs_worker.main import _TAKE_JOB
+    from fgs_common.rq_adapter import TAKE_JOB_LUA
 
     stack = stack_that_gives_up_fast(redis_server, tiny_model_dir, tmp_path, workers=0)
     rq_redis = redis.Redis.from_url(stack.redis_url)
@@ -66,7 +66,7 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_put_back_and_ru
             body = {"prompt": "a digit", "class_index": 1, "num_images": 1, "steps": 2, "guidance_every": 1}
             job_id = client.post("/v1/generate", json=body).json()["job_id"]
             queue = Queue(f"{stack.prefix}:alpha", connection=rq_redis)
-            taken = rq_redis.register_script(_TAKE_JOB)(keys=[queue.key, queue.intermediate_queue_key])
+            taken = rq_redis.register_script(TAKE_JOB_LUA)(keys=[queue.key, queue.intermediate_queue_key])
             assert taken[1].decode() == job_id and rq_redis.llen(queue.key) == 0  # in hand, nowhere else
 
             stack.spawn_worker()

@@ -65,8 +65,8 @@ def test_enqueue_writes_record_rq_job_and_reservation_together(harness):
     enqueued = harness.enqueue(ALPHA, [request(3)])
     assert enqueued.replayed is False and len(enqueued.ids) == 1
     job_id = enqueued.ids[0]
-    raw = harness.queue.records.raw(job_id)
-    assert (raw["tenant"], raw["state"], raw["images_total"]) == ("alpha", "queued", "3")
+    record = harness.queue.records.read(job_id)
+    assert (record.tenant, record.state, record.images_total) == ("alpha", JobState.queued, 3)
     assert harness.queued_images(ALPHA) == 3
     assert harness.rq_length(ALPHA) == 1
     assert Job.exists(job_id, connection=harness.rq_redis)
@@ -119,13 +119,13 @@ def test_a_request_over_the_cap_is_refused_and_rolled_back(harness):
 def test_cancel_removes_a_queued_job_and_flags_a_running_one(harness):
     queued, running = harness.enqueue(ALPHA, [request(2), request(1)], batch_id="b").ids
     assert harness.queue.cancel(ALPHA, queued) is True
-    assert harness.queue.records.raw(queued)["state"] == "canceled"
+    assert harness.queue.records.read(queued).state is JobState.canceled
     assert not Job.exists(queued, connection=harness.rq_redis)
     assert harness.rq_length(ALPHA) == 1
     assert harness.queue.cancel(ALPHA, queued) is False  # already final
     assert harness.queue.records.transition(running, JobState.running, (JobState.queued,))
     assert harness.queue.cancel(ALPHA, running) is True
-    assert harness.queue.records.raw(running)["state"] == "running"  # the worker stops it at its next step
+    assert harness.queue.records.read(running).state is JobState.running  # the worker stops it at its next step
     assert harness.redis.get(harness.queue.keys.cancel(running)) == "1"
     assert harness.queued_images(ALPHA) == 1
 

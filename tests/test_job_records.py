@@ -8,9 +8,9 @@ import threading
 import pytest
 import redis
 
-from fgs_common.job_records import ACTIVE_STATES, JobRecords, job_public
+from fgs_common.job_records import ACTIVE_STATES, JobRecords
 from fgs_common.telemetry import counter_field, counter_key
-from fgs_common.wire import GenerateRequest, JobState
+from fgs_common.wire import GenerateRequest, ImageResult, JobState
 from support.service_settings import fresh_prefix
 
 TENANT = "alpha"
@@ -53,16 +53,33 @@ def entered(records: JobRecords, state: JobState) -> float:
 def test_a_job_runs_and_finishes_moving_each_counter_once(records):
     create_job(records, "j1", num_images=3)
     assert queued_images(records) == 3 and entered(records, JobState.queued) == 1
-    assert records.transition("j1", *CLAIM, step=0, steps_total=2) is True
+    assert records.transition("j1", *CLAIM, step=0, steps_total=2, owner="w1") is True
     assert queued_images(records) == 3  # running images still count against the cap
-    results = [{"image_id": "ab" * 32, "seed": 7}]
-    assert records.transition("j1", JobState.finished, (JobState.running,), images_done=3, results=results) is True
-    raw = records.raw("j1")
-    assert raw["state"] == "finished" and raw["images_done"] == "3"
+    assert records.set_progress("j1", "w1", results_from=0, results=[ImageResult(image_id="ab" * 32, seed=7)])
+    assert records.transition("j1", JobState.finished, (JobState.running,), images_done=3) is True
+    record = records.read("j1")
+    assert record.state is JobState.finished and record.images_done == 3
     assert queued_images(records) == 0
     assert [entered(records, s) for s in JobState] == [1, 1, 1, 0, 0]
-    job = job_public("j1", raw)
+    job = record.public()
     assert job.state is JobState.finished and [(r.image_id, r.seed) for r in job.results] == [("ab" * 32, 7)]
+
+
+def test_results_are_appended_at_their_index_by_their_owner_and_a_new_claim_empties_them(records):
+    """Each chunk appends its results; a chunk sampled again replaces what it had reported; a worker that lost the
+    job writes none; a claim that does not resume starts the list over."""
+    create_job(records, "j1", num_images=3)
+    assert records.transition("j1", *CLAIM, owner="w1")
+    image = [ImageResult(image_id=f"{i:064x}", seed=i) for i in range(4)]
+    assert records.set_progress("j1", "w1", results_from=0, results=image[:2], images_done=2)
+    assert records.set_progress("j1", "w1", results_from=1, results=[image[3]], images_done=2)  # sampled again
+    assert records.set_progress("j1", "someone-else", results_from=2, results=[image[2]]) is False
+    record = records.read("j1")
+    assert [r.seed for r in record.results] == [0, 3] and record.images_done == 2
+    assert records.read("j1", with_results=False).results is None
+    assert 0 < records.redis.ttl(records.keys.results("j1")) <= records.redis.ttl(records.keys.job("j1"))
+    assert records.transition("j1", *TAKE_OVER, expect_owner="w1", owner="w2", clear_results=True)
+    assert records.read("j1").results == ()
 
 
 @pytest.mark.parametrize("final", [JobState.finished, JobState.failed, JobState.canceled])
@@ -76,8 +93,8 @@ def test_no_transition_leaves_a_final_state(records, final):
     before = records.redis.hgetall(counter_key(records.keys.prefix))
     for new, allowed in ALL_TRANSITIONS:
         assert records.transition("j1", new, allowed, error="late") is False, (new, allowed)
-    raw = records.raw("j1")
-    assert raw["state"] == final.value and "error" not in raw  # refused changes write no field either
+    stored = records.redis.hgetall(records.keys.job("j1"))
+    assert stored["state"] == final.value and "error" not in stored  # refused changes write no field either
     assert records.redis.hgetall(counter_key(records.keys.prefix)) == before
     assert queued_images(records) == 0
 
@@ -85,8 +102,8 @@ def test_no_transition_leaves_a_final_state(records, final):
 def test_a_retry_keeps_the_images_reserved(records):
     create_job(records, "j1", num_images=4)
     assert records.transition("j1", *CLAIM)
-    assert records.transition("j1", *RETRY, error='{"code": "retrying"}')
-    assert records.raw("j1")["state"] == "queued"
+    assert records.transition("j1", *RETRY, error='{"code": "retrying", "message": "again"}')
+    assert records.read("j1").state is JobState.queued
     assert queued_images(records) == 4
     assert entered(records, JobState.queued) == 2  # created, then requeued
     assert records.transition("j1", *CANCEL)
@@ -126,6 +143,6 @@ def test_a_released_count_never_goes_below_zero(records):
 
 def test_a_missing_job_is_refused_and_reads_empty(records):
     assert records.transition("nope", *CLAIM) is False
-    assert records.raw("nope") == {}
+    assert records.read("nope") is None
     assert records.tenant_of("nope") is None
     assert records.redis.exists(records.keys.job("nope")) == 0

@@ -22,11 +22,23 @@ from fgs_common.artifact_store import ArtifactStore
 from fgs_common.hardness_stats_format import encode_header, layout, metadata
 from fgs_common.job_records import JobRecords
 from fgs_common.loopback import free_port
-from fgs_common.wire import ClassifierOutput, ClassifierSpec, GenerationParams, JobState
+from fgs_common.wire import ClassifierOutput, ClassifierSpec, GenerationParams, ImageResult, JobState
 from fgs_service.app import create_app
 from support.live_calls import png_bytes
 from support.service_settings import service_settings
 from support.stack import CAPPED_MAX_IMAGES, TENANT_KEYS
+
+WORKER_TOKEN = "test-worker:token"
+
+
+def run_as_a_worker(records: JobRecords, job_id: str, results: list[dict], claimed: bool = False) -> None:
+    """What a worker writes for a queued job: its claim (unless `claimed`), its results, its end (`finished`)."""
+    if not claimed:
+        assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0, owner=WORKER_TOKEN)
+    written = [ImageResult.model_validate(result) for result in results]
+    assert records.set_progress(job_id, WORKER_TOKEN, results_from=0, results=written)
+    assert records.transition(job_id, JobState.finished, (JobState.running,), images_done=len(results), finished_at=2.0)
+
 
 JOB = {"prompt": "a digit", "class_index": 1, "num_images": 2, "steps": 2, "guidance_every": 1}
 
@@ -229,11 +241,8 @@ def test_jobs_stored_before_the_omega_rule_are_still_read(api, records):
     job_id = api.post("/v1/generate", json=JOB, headers=headers).json()["job_id"]
     old_request = {**JOB, "omega": 0.5}  # criterion none: the format JobRecords.create stores (defaults left out)
     records.redis.set(records.keys.request(job_id), json.dumps(old_request))
-    assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
     results = [{"image_id": "a" * 64, "seed": 0, "criterion_value": None, "predicted_class": 1}]
-    assert records.transition(
-        job_id, JobState.finished, (JobState.running,), finished_at=2.0, results=json.dumps(results)
-    )
+    run_as_a_worker(records, job_id, results)
 
     listed = api.get("/v1/jobs", headers=auth("alpha"))
     assert listed.status_code == 200, listed.text
@@ -265,11 +274,9 @@ def test_events_carry_progress_while_a_job_runs_and_the_whole_record_at_its_end(
 
     def work() -> None:  # what a worker writes, while the stream is open
         time.sleep(0.5)
-        records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
+        records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0, owner=WORKER_TOKEN)
         time.sleep(0.5)
-        records.transition(
-            job_id, JobState.finished, (JobState.running,), images_done=2, finished_at=2.0, results=json.dumps(results)
-        )
+        run_as_a_worker(records, job_id, results, claimed=True)
 
     worker = threading.Thread(target=work)
     worker.start()
@@ -326,10 +333,7 @@ def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, recor
         {"image_id": "a" * 64, "seed": 40, "criterion_value": 0.5, "predicted_class": 1},
         {"image_id": "b" * 64, "seed": 41, "criterion_value": None, "predicted_class": 7},
     ]
-    assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
-    assert records.transition(
-        job_id, JobState.finished, (JobState.running,), images_done=2, finished_at=2.0, results=json.dumps(results)
-    )
+    run_as_a_worker(records, job_id, results)
     job = api.get(f"/v1/jobs/{job_id}", headers=auth("alpha")).json()
     # the jobs table: the same record as GET /v1/jobs/{id}, without the results
     summaries = api.get("/v1/views/jobs", headers=auth("alpha")).json()
@@ -492,10 +496,7 @@ def test_the_gallery_filters_by_the_group_a_job_fills(api, records):
         body = {**JOB, "num_images": 1, "seed": index} | ({"group": group} if group else {})
         job_id = api.post("/v1/generate", json=body, headers=auth("alpha")).json()["job_id"]
         results = [{"image_id": f"{index}" * 64, "seed": index, "criterion_value": None, "predicted_class": 1}]
-        assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=1.0)
-        assert records.transition(
-            job_id, JobState.finished, (JobState.running,), images_done=1, finished_at=2.0, results=json.dumps(results)
-        )
+        run_as_a_worker(records, job_id, results)
         made[group] = results[0]["image_id"]
     page = api.get("/v1/views/gallery", headers=auth("alpha")).json()
     assert page["groups"] == ["grass", "snow"] and len(page["items"]) == 3
@@ -518,9 +519,10 @@ def _gallery_cache_case(api, records) -> None:
     cache = api.app.state.gallery_cache
     began = time.time()
     running, final = (api.post("/v1/generate", json=JOB, headers=auth("alpha")).json()["job_id"] for _ in range(2))
-    first = [{"image_id": "c" * 64, "seed": 1, "criterion_value": None, "predicted_class": None}]
+    first = [ImageResult(image_id="c" * 64, seed=1)]
     for job_id in (running, final):
-        assert records.transition(job_id, JobState.running, (JobState.queued,), results=json.dumps(first))
+        assert records.transition(job_id, JobState.running, (JobState.queued,), owner="w")
+        assert records.set_progress(job_id, "w", results_from=0, results=first)
     assert records.transition(final, JobState.finished, (JobState.running,), finished_at=2.0)
 
     def gallery_ids(tenant: str = "alpha") -> list[str]:
@@ -532,8 +534,8 @@ def _gallery_cache_case(api, records) -> None:
     assert cache.get("alpha", final) is not None and cache.get("alpha", running) is None
     assert cache.get("beta", final) is None  # keyed by tenant too
     assert gallery_ids("beta") == []
-    more = first + [{"image_id": "d" * 64, "seed": 2, "criterion_value": None, "predicted_class": None}]
-    records.redis.hset(records.keys.job(running), "results", json.dumps(more))  # the running job progressed
+    more = [ImageResult(image_id="d" * 64, seed=2)]
+    assert records.set_progress(running, "w", results_from=1, results=more)  # the running job progressed
     assert gallery_ids() == sorted([running, running, final])
     time.sleep(max(0.0, began + 4.5 - time.time()))  # both records expire (FGS_JOB_RECORD_TTL_S = 4)
     assert gallery_ids() == [] and cache.get("alpha", final) is None

@@ -119,11 +119,11 @@ def test_a_job_in_a_shared_batch_has_its_pixels_alone_and_a_later_tenant_is_not_
     states = [job(alpha, i).state for i in alpha_ids]
     assert states == [JobState.finished] * 7 + [JobState.queued] * 3, states  # 7 + beta's 1 = 8 images
     records = JobRecords(worker.runtime.redis, settings.redis_prefix)
-    ran = [records.raw(i) for i in [*alpha_ids[:7], shared_id]]
-    assert {r["worker"] for r in ran} == {"shared"}
+    ran = [records.read(i) for i in [*alpha_ids[:7], shared_id]]
+    assert {r.worker for r in ran} == {"shared"}
     # one sampler call: every job had started before any finished
-    assert max(float(r["started_at"]) for r in ran) < min(float(r["finished_at"]) for r in ran)
-    assert len({r["owner"] for r in ran}) == 8  # a token of its own each
+    assert max(r.started_at for r in ran) < min(r.finished_at for r in ran)
+    assert len({r.owner for r in ran}) == 8  # a token of its own each
     for before, after in zip(alone.results, shared.results, strict=True):
         assert after.seed == before.seed
         # the same seeds give the same pixels (within a rounding of the float image, as for in-job batches)
@@ -231,7 +231,7 @@ def test_a_companion_taken_over_by_another_worker_is_not_written_to(setup):
 
     def take_over():
         # what another worker's claim of an abandoned job writes: a new owner token, from the current owner only
-        owner = records.raw(second)["owner"]
+        owner = records.read(second).owner
         assert records.transition(
             second, JobState.running, (JobState.running,), expect_owner=owner, owner="other:token", worker="other"
         )
@@ -241,9 +241,9 @@ def test_a_companion_taken_over_by_another_worker_is_not_written_to(setup):
         run_next_job(worker)
     finally:
         handle.remove()
-    lost = records.raw(second)
-    assert (lost["state"], lost["owner"], lost["worker"]) == ("running", "other:token", "other")
-    assert lost["images_done"] == "0" and lost["results"] == "[]"  # no progress, image or end written after
+    lost = records.read(second)
+    assert (lost.state, lost.owner, lost.worker) == (JobState.running, "other:token", "other")
+    assert lost.images_done == 0 and lost.results == ()  # no progress, image or end written after
     for job_id in (first, third):
         done = job(alpha, job_id)
         assert done.state is JobState.finished and len(done.results) == 1, done

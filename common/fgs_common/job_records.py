@@ -1,9 +1,11 @@
 """Job records in Redis: the key layout and the state machine shared by the API and the workers.
 
-A job record is one Redis hash, `{prefix}:job:{id}`, next to (not inside) RQ's own job hash: RQ carries the
-work, the record carries what the API reports (state, progress, results, error). Every state change runs as
-one Lua script, so the state, the tenant's queued-image count and the jobs-by-state counter move together
-and a change from a state the job is no longer in is refused (a canceled job cannot become running).
+A job record is a Redis hash, `{prefix}:job:{id}`, with its request and its results list beside it, next to (not
+inside) RQ's own job hash: RQ carries the work, the record carries what the API reports (state, progress,
+results, error). Every state change runs as one Lua script, so the state, the tenant's queued-image count and the
+jobs-by-state counter move together and a change from a state the job is no longer in is refused (a canceled job
+cannot become running). Results are appended after each chunk (`queue_progress`), never rewritten as a whole.
+Reads return a `JobRecord` (fgs_common.job_record), parsed here once.
 The client is duck-typed: this module imports neither redis nor torch.
 """
 
@@ -11,38 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import Any
 
+from fgs_common.job_record import JobRecord
 from fgs_common.telemetry import counter_field, counter_key
-from fgs_common.wire import (
-    STORED,
-    ErrorBody,
-    GenerateRequest,
-    ImageResult,
-    JobBase,
-    JobProgress,
-    JobPublic,
-    JobState,
-)
+from fgs_common.wire import GenerateRequest, ImageResult, JobState
 
 ACTIVE_STATES = (JobState.queued, JobState.running)
-
-
-def export_rq_key_prefix() -> str:
-    """Put RQ's own keys (queues, job hashes, registries, workers, results) under FGS_REDIS_PREFIX, as
-    `{prefix}:rq:...`, so that two deployments on one Redis never see each other's jobs.
-
-    RQ 3.0 reads its key prefix from the environment (RQ_KEY_PREFIX, rq/defaults.py) once, when `rq` is first
-    imported; so the fgs_service and fgs_worker packages call this first thing (their `__init__`), before any of
-    their modules imports rq, and the processes they start inherit it. An RQ_KEY_PREFIX already set (by the
-    operator, or by the parent process) wins: a process's children agree with it; an empty one counts as unset.
-    """
-    if not os.environ.get("RQ_KEY_PREFIX"):
-        os.environ["RQ_KEY_PREFIX"] = f"{os.environ.get('FGS_REDIS_PREFIX') or 'fgs'}:rq"
-    return os.environ["RQ_KEY_PREFIX"]
 
 
 class Keys:
@@ -58,6 +37,10 @@ class Keys:
         """The job's GenerateRequest JSON, beside the record: a hash whose values all stay under 64 bytes is
         stored compactly by Redis (listpack), which keeps a queued million-image plan small."""
         return f"{self.prefix}:req:{job_id}"
+
+    def results(self, job_id: str) -> str:
+        """The job's results: a list of ImageResult JSONs, one per image written, appended after each chunk."""
+        return f"{self.prefix}:results:{job_id}"
 
     def tenant_jobs(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:jobs"
@@ -96,10 +79,10 @@ class Keys:
         return f"{self.prefix}:worker:*"
 
 
-# KEYS: job hash, tenant queued-image counter, metrics counter hash
+# KEYS: job hash, tenant queued-image counter, metrics counter hash, results list
 # ARGV: new state, comma-separated allowed current states, counter field of the new state,
 #       "1" when the new state is terminal, the owner token the record must carry ("" = any owner),
-#       then field/value pairs to write
+#       "1" to empty the results list, then field/value pairs to write
 _TRANSITION_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
@@ -108,7 +91,8 @@ for s in string.gmatch(ARGV[2], '[^,]+') do if s == state then allowed = true en
 if not allowed then return 0 end
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[5] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[6] == '1' then redis.call('DEL', KEYS[4]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[4] == '1' then
   local n = tonumber(redis.call('HGET', KEYS[1], 'images_total') or '0')
   local left = redis.call('DECRBY', KEYS[2], n)
@@ -118,11 +102,24 @@ redis.call('HINCRBYFLOAT', KEYS[3], ARGV[3], 1)
 return 1
 """
 
-# KEYS: job hash. ARGV: owner token, then field/value pairs. Written only while the job runs under that owner.
+# KEYS: job hash, results list. ARGV: owner token, the index the new results start at ("" = no results), their
+# count n, the n results, then field/value pairs. Written only while the job runs under that owner. The results
+# go to their index (what lies at or past it is dropped first: a sampler call that failed after reporting is
+# sampled again), and the list lives as long as the record.
 _PROGRESS_LUA = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(ARGV[3])
+if ARGV[2] ~= '' then
+  local from = tonumber(ARGV[2])
+  if from == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, from - 1) end
+  if n > 0 then
+    redis.call('RPUSH', KEYS[2], unpack(ARGV, 4, 3 + n))
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+  end
+end
+for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
@@ -132,10 +129,6 @@ def _pairs(fields: dict[str, Any]) -> list[Any]:
     for name, value in fields.items():
         argv += [name, value if isinstance(value, (str, int, float)) else json.dumps(value)]
     return argv
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class JobRecords:
@@ -176,10 +169,17 @@ class JobRecords:
 
     # ---- state changes ----
     def transition(
-        self, job_id: str, new: JobState, allowed: tuple[JobState, ...], expect_owner: str = "", **fields: Any
+        self,
+        job_id: str,
+        new: JobState,
+        allowed: tuple[JobState, ...],
+        expect_owner: str = "",
+        clear_results: bool = False,
+        **fields: Any,
     ) -> bool:
         """Move the job to `new` if it is in one of `allowed` (and, with `expect_owner`, still carries that
-        owner token); write `fields` in the same step. False if refused.
+        owner token); write `fields` (and with `clear_results` empty its results) in the same step. False if
+        refused.
 
         The owner token is the fence: a worker claims a job with a token of its own (field `owner`) and passes
         it on every later write, so a worker that lost the job (paused past the abandon time while another
@@ -194,30 +194,66 @@ class JobRecords:
             counter_field("jobs", {"tenant": tenant, "criterion": criterion, "status": new.value}),
             "1" if new.is_terminal else "0",
             expect_owner,
+            "1" if clear_results else "0",
         ]
         argv += _pairs(fields)
-        keys = [self.keys.job(job_id), self.keys.queued_images(tenant), counter_key(self.keys.prefix)]
+        keys = [
+            self.keys.job(job_id),
+            self.keys.queued_images(tenant),
+            counter_key(self.keys.prefix),
+            self.keys.results(job_id),
+        ]
         return self._transition(keys=keys, args=argv) == 1
 
-    def set_progress(self, job_id: str, owner: str, **fields: Any) -> bool:
-        """Write progress fields of a running job owned by `owner`; False (nothing written) if it lost the job."""
-        return self._progress(keys=[self.keys.job(job_id)], args=[owner, *_pairs(fields)]) == 1
+    def set_progress(
+        self, job_id: str, owner: str, results_from: int | None = None, results: Sequence[ImageResult] = (), **fields
+    ) -> bool:
+        """Write progress `fields` of a running job owned by `owner`, and with `results_from` its `results` at that
+        index of its results list (what lay at or past it is dropped); False (nothing written) if it lost the job."""
+        return self._progress(**self._progress_call(job_id, owner, results_from, results, fields)) == 1
 
-    def queue_progress(self, pipe: Any, job_id: str, owner: str, **fields: Any) -> None:
+    def queue_progress(
+        self,
+        pipe: Any,
+        job_id: str,
+        owner: str,
+        results_from: int | None = None,
+        results: Sequence[ImageResult] = (),
+        **fields: Any,
+    ) -> None:
         """`set_progress` appended to `pipe` (one round trip for the jobs of a shared batch); its reply is 1 when
         written, 0 when the job was lost."""
-        self._progress(keys=[self.keys.job(job_id)], args=[owner, *_pairs(fields)], client=pipe)
+        self._progress(**self._progress_call(job_id, owner, results_from, results, fields), client=pipe)
+
+    def _progress_call(
+        self, job_id: str, owner: str, results_from: int | None, results: Sequence[ImageResult], fields: dict
+    ) -> dict[str, list]:
+        added = [result.model_dump_json() for result in results]
+        start = "" if results_from is None else results_from
+        args = [owner, start, len(added), *added, *_pairs(fields)]
+        return {"keys": [self.keys.job(job_id), self.keys.results(job_id)], "args": args}
 
     # ---- reads ----
-    def raw(self, job_id: str) -> dict[str, str]:
-        """The record's fields plus 'request' (the GenerateRequest JSON); {} when there is no such job."""
+    def read(self, job_id: str, with_results: bool = True) -> JobRecord | None:
+        """The job's record (without its results list unless `with_results`); None when there is no such job."""
+        return self.read_many([job_id], with_results)[0]
+
+    def read_many(self, job_ids: list[str], with_results: bool = True) -> list[JobRecord | None]:
+        """`read` for many jobs in one round trip; None for a job that no longer exists."""
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.job(job_id))
-            pipe.get(self.keys.request(job_id))
-            fields, request = pipe.execute()
-        if fields and request:
-            fields["request"] = request
-        return fields if fields and request else {}
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+                pipe.get(self.keys.request(job_id))
+                if with_results:
+                    pipe.lrange(self.keys.results(job_id), 0, -1)
+            replies = pipe.execute()
+        width = 3 if with_results else 2
+        records: list[JobRecord | None] = []
+        for i, job_id in enumerate(job_ids):
+            fields, request = replies[width * i], replies[width * i + 1]
+            results = replies[width * i + 2] if with_results else None
+            records.append(JobRecord.parse(job_id, fields, request, results) if fields and request else None)
+        return records
 
     def tenant_of(self, job_id: str) -> str | None:
         return self.redis.hget(self.keys.job(job_id), "tenant")
@@ -234,36 +270,6 @@ def shared_batch_key(request: GenerateRequest, tenant: str) -> str:
     """A short digest of `request.shared_batch_key`: jobs of equal digests may share one sampler call
     (fgs_worker.shared_batch). 16 hex digits keep the record's hash compact (under 64 bytes a value)."""
     return hashlib.sha256(repr(request.shared_batch_key(tenant)).encode()).hexdigest()[:16]
-
-
-def _ts(value: str | None) -> datetime | None:
-    return datetime.fromtimestamp(float(value), UTC) if value else None
-
-
-def job_base(job_id: str, raw: dict[str, str]) -> JobBase:
-    """The wire view of one stored record without its results (a record read without them will do)."""
-    return JobBase(
-        job_id=job_id,
-        state=JobState(raw["state"]),
-        request=GenerateRequest.model_validate_json(raw["request"], context=STORED),
-        progress=JobProgress(
-            images_done=int(raw.get("images_done", 0)),
-            images_total=int(raw.get("images_total", 0)),
-            step=int(raw.get("step", 0)),
-            steps_total=int(raw.get("steps_total", 0)),
-        ),
-        error=ErrorBody.model_validate_json(raw["error"]) if raw.get("error") else None,
-        batch_id=raw.get("batch_id") or None,
-        created_at=_ts(raw.get("created_at")) or utc_now(),
-        started_at=_ts(raw.get("started_at")),
-        finished_at=_ts(raw.get("finished_at")),
-    )
-
-
-def job_public(job_id: str, raw: dict[str, str]) -> JobPublic:
-    """The wire view of one stored record, with its results."""
-    results = [ImageResult.model_validate(r) for r in json.loads(raw.get("results", "[]"))]
-    return JobPublic(**dict(job_base(job_id, raw)), results=results)
 
 
 def now_ts() -> float:

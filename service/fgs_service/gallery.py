@@ -1,6 +1,6 @@
 """Gallery and compare grid: the images of a set of job records, filtered, sorted, paged or laid out by setting.
 
-Works on raw records (`JobQueue.raw_many`). A finished, failed or canceled job never changes, and its record
+Works on job records (`JobQueue.records_of`). A finished, failed or canceled job never changes, and its record
 lives until its creation plus FGS_JOB_RECORD_TTL_S (the only expiry a record is given, never deleted before), so
 its parsed request and gallery items are kept in `GalleryCache` (per process, bounded in images) until then: a
 request reads the tenant's job ids and the records of the jobs still running, and at 10,000 images costs a filter
@@ -9,13 +9,13 @@ and a sort of items already built (bench/gallery.py, bench/RESULTS.md).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from fgs_common.wire import STORED, GenerateRequest
+from fgs_common.job_record import JobRecord
+from fgs_common.wire import GenerateRequest, ImageResult
 from fgs_common.wire_views import (
     ClassCount,
     CompareGrid,
@@ -61,21 +61,13 @@ class JobImages:
 
     job_id: str
     request: GenerateRequest
-    results: list[dict]
+    results: tuple[ImageResult, ...]
     class_names: list[str] | None = None  # its classifier spec's, when it names them
     _items: list[GalleryItem] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_records(cls, records: dict[str, dict[str, str]]) -> list[JobImages]:
-        return [
-            cls(
-                job_id,
-                GenerateRequest.model_validate_json(raw["request"], context=STORED),
-                json.loads(raw.get("results") or "[]"),
-            )
-            for job_id, raw in records.items()
-            if raw
-        ]
+    def from_records(cls, records: list[JobRecord]) -> list[JobImages]:
+        return [cls(record.job_id, record.request, record.results or ()) for record in records]
 
     def class_name(self, index: int | None = None) -> str | None:
         """The team's name of class `index` (default: the job's): the spec's name, else the job's prompt for its
@@ -98,22 +90,18 @@ class JobImages:
         # model_construct: the values come from our own records, already validated once
         return [
             GalleryItem.model_construct(
-                image_id=result["image_id"],
-                seed=result["seed"],
-                criterion_value=result.get("criterion_value"),
-                predicted_class=result.get("predicted_class"),
+                image_id=result.image_id,
+                seed=result.seed,
+                criterion_value=result.criterion_value,
+                predicted_class=result.predicted_class,
                 job_id=self.job_id,
                 class_index=request.class_index,
                 class_name=class_name,
                 group=request.group,
                 prompt=request.prompt,
-                predicted_name=None
-                if result.get("predicted_class") is None
-                else self.class_name(result["predicted_class"]),
+                predicted_name=None if result.predicted_class is None else self.class_name(result.predicted_class),
                 generation=generation,
-                disagrees=None
-                if result.get("predicted_class") is None
-                else result["predicted_class"] != request.class_index,
+                disagrees=None if result.predicted_class is None else result.predicted_class != request.class_index,
             )
             for result in self.results
         ]

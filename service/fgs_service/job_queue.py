@@ -7,8 +7,8 @@ anywhere in between leaves only reservations, which expire: no quota and no key 
 is the API's hot path, so it runs on the event loop with the asyncio Redis client: RQ only appends commands to the
 pipeline it is handed (nothing in `enqueue_many` reads from Redis), and we send that pipeline ourselves.
 The rarer calls (cancel, reconcile, inspection) use the blocking clients from the threadpool. The routers read
-through this class only (`job`, `list_jobs`, `batch_summary`, `live_worker_names`, `live_workers`, `ping`):
-key names stay here and in `fgs_common.job_records`.
+through this class only (`job`, `list_jobs`, `records_of`, `batch_summary`, `live_worker_names`, `live_workers`,
+`ping`): key names stay here and in `fgs_common.job_records`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from rq.serializers import JSONSerializer
 
 from fgs_common import telemetry
 from fgs_common.exceptions import EnqueueInProgress
-from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, job_public, now_ts
+from fgs_common.job_record import JobRecord
+from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, now_ts
+from fgs_common.rq_adapter import queue_key, remove_queued_job
 from fgs_common.settings import Settings
 from fgs_common.wire import BatchPublic, GenerateRequest, JobPublic, JobsPublic, JobState, ModelInfo
 from fgs_common.wire_views import TenantLoadPublic, WorkerPublic
@@ -220,22 +222,20 @@ class JobQueue:
 
     def job(self, tenant: Tenant, job_id: str) -> JobPublic | None:
         """The tenant's job, reconciled with RQ; None when there is no such job or it is another tenant's."""
-        raw = self.records.raw(job_id)
-        if not raw or raw.get("tenant") != tenant.name:
+        record = self.records.read(job_id)
+        if record is None or record.tenant != tenant.name:
             return None
-        return job_public(job_id, self.reconcile(job_id, raw))
+        return self.reconcile(record).public()
 
     def list_jobs(self, tenant: Tenant, state: JobState | None, limit: int, offset: int) -> JobsPublic:
         """A page of the tenant's jobs, newest first; `state` filters within the page; `total`: all the tenant's
         jobs, what limit and offset page through."""
         ids = self.redis.zrevrange(self.keys.tenant_jobs(tenant.name), offset, offset + limit - 1)
-        jobs = []
-        for job_id in ids:
-            raw = self.records.raw(job_id)
-            if raw:
-                job = job_public(job_id, raw)
-                if state is None or job.state is state:
-                    jobs.append(job)
+        jobs = [
+            record.public()
+            for record in self.records.read_many(ids)
+            if record is not None and (state is None or record.state is state)
+        ]
         return JobsPublic(jobs=jobs, count=len(jobs), total=self.tenant_job_count(tenant))
 
     def batch_summary(self, tenant: Tenant, batch_id: str) -> BatchPublic | None:
@@ -269,38 +269,37 @@ class JobQueue:
         if self.records.transition(job_id, JobState.canceled, (JobState.queued,), finished_at=now_ts()):
             # Only a job still in the list is ours to delete; one a worker already popped is skipped by the
             # worker (its claim queued -> running fails) and expires with RQ's result TTL.
-            if self.rq_redis.lrem(self.queue(tenant.name).key, 1, job_id):
-                self.rq_redis.delete(Job.key_for(job_id))
+            remove_queued_job(self.rq_redis, self.queue(tenant.name), job_id)
             return True
-        raw = self.records.raw(job_id)
-        if raw.get("state") == JobState.running.value:
+        record = self.records.read(job_id, with_results=False)
+        if record is not None and record.state is JobState.running:
             # the worker checks this flag between denoising steps (fgs_worker.cancel)
             self.redis.set(self.keys.cancel(job_id), "1", ex=self.settings.job_timeout_s + 600)
             return True
         return False
 
     # ---- failures RQ saw but the job never reported (worker killed hard, timeout in teardown) ----
-    def reconcile(self, job_id: str, raw: dict[str, str]) -> dict[str, str]:
-        """If RQ has given up on an active job, record it as failed with RQ's error."""
-        if raw.get("state") not in {s.value for s in ACTIVE_STATES}:
-            return raw
+    def reconcile(self, record: JobRecord) -> JobRecord:
+        """If RQ has given up on an active job, record it as failed with RQ's error; the record as it is now."""
+        if record.state not in ACTIVE_STATES:
+            return record
         try:
-            job = Job.fetch(job_id, connection=self.rq_redis, serializer=JSONSerializer)
+            job = Job.fetch(record.job_id, connection=self.rq_redis, serializer=JSONSerializer)
         except Exception:  # no RQ job left: nothing to reconcile
-            return raw
+            return record
         if job.get_status(refresh=False) != JobStatus.FAILED:
-            return raw
+            return record
         message = (job.exc_info or "the worker stopped without reporting").strip().splitlines()[-1][:2000]
         error = {"code": "worker_failed", "message": message}
-        self.records.transition(job_id, JobState.failed, ACTIVE_STATES, error=error, finished_at=now_ts())
-        return self.records.raw(job_id)
+        self.records.transition(record.job_id, JobState.failed, ACTIVE_STATES, error=error, finished_at=now_ts())
+        return self.records.read(record.job_id) or record
 
     def queue_depths(self) -> dict[str, int]:
         names = sorted(self.redis.smembers(self.keys.tenant_queues()))
         prefix = self.keys.prefix + ":"
         with self.rq_redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.llen(Queue.redis_queue_namespace_prefix + name)
+                pipe.llen(queue_key(name))
             counts = pipe.execute()
         return {name.removeprefix(prefix): int(count) for name, count in zip(names, counts, strict=False)}
 
@@ -312,25 +311,10 @@ class JobQueue:
     def tenant_job_count(self, tenant: Tenant) -> int:
         return int(self.redis.zcard(self.keys.tenant_jobs(tenant.name)))
 
-    def raw_many(self, job_ids: list[str], with_results: bool = True) -> list[dict[str, str]]:
-        """Like `records.raw` for many jobs in one round trip; {} for a job that no longer exists.
-
-        Without results only the small fields are read: a job's results JSON is most of its record.
-        """
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                if with_results:
-                    pipe.hgetall(self.keys.job(job_id))
-                else:
-                    pipe.hmget(self.keys.job(job_id), *SUMMARY_FIELDS)
-                pipe.get(self.keys.request(job_id))
-            replies = pipe.execute()
-        records = []
-        for fields, request in zip(replies[0::2], replies[1::2], strict=False):
-            if not with_results:
-                fields = {name: value for name, value in zip(SUMMARY_FIELDS, fields, strict=False) if value is not None}
-            records.append(dict(fields, request=request) if fields and request else {})
-        return records
+    def records_of(self, job_ids: list[str], with_results: bool = True) -> list[JobRecord | None]:
+        """The jobs' records in one round trip (None for a job that no longer exists); without results only the
+        record's small fields and its request are read."""
+        return self.records.read_many(job_ids, with_results)
 
     def cancel_batch(self, tenant: Tenant, job_ids: list[str]) -> int:
         """Cancel every job of a batch that is not final yet; returns how many were canceled."""
@@ -381,7 +365,7 @@ class JobQueue:
             for name, beat in zip(names, beats, strict=False)
         ]
 
-    def recent_job_records(self) -> dict[str, dict[str, str]]:
+    def recent_job_records(self) -> list[JobRecord]:
         """Records (without results) of the jobs RQ ran lately: running, finished within its result TTL, failed.
 
         RQ keeps a finished job for `result_ttl` (600 s), which bounds how far back the throughput reaches.
@@ -393,9 +377,7 @@ class JobQueue:
                 + self._registry_job_ids("failed_job_registry", newest=FAILED_JOBS_SHOWN)
             )
         )
-        return {
-            job_id: raw for job_id, raw in zip(job_ids, self.raw_many(job_ids, with_results=False), strict=False) if raw
-        }
+        return [record for record in self.records.read_many(job_ids, with_results=False) if record is not None]
 
     def _registry_job_ids(self, registry: str, newest: int | None = None) -> list[str]:
         """Job ids in one RQ registry of every tenant queue; read only (RQ's cleanup is the workers' job)."""
@@ -406,20 +388,4 @@ class JobQueue:
         return ids
 
 
-# What a job summary reads of a record (everything but the results list).
-SUMMARY_FIELDS = (
-    "tenant",
-    "state",
-    "criterion",
-    "images_total",
-    "images_done",
-    "step",
-    "steps_total",
-    "batch_id",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "error",
-    "worker",
-)
 FAILED_JOBS_SHOWN = 50

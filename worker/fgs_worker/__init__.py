@@ -2,9 +2,7 @@
 
 import logging
 
-from fgs_common.job_records import export_rq_key_prefix
-
-export_rq_key_prefix()  # before any module of this package imports rq (fgs_common.job_records says why)
+import fgs_common.rq_adapter  # noqa: F401  (first: it sets RQ's key prefix before rq is imported)
 
 
 class _KnownTorchvisionNotice(logging.Filter):

@@ -2,7 +2,9 @@
 
 `WorkerRuntime.load` is the one-time setup (cog's `setup()`): the unCLIP pipeline, the sampler, the classifier
 LRU and the Redis clients. The worker sets it as the current runtime around each job (a context variable, not a
-module-level global), and `fgs_worker.jobs` reads it with `current_runtime()`.
+module-level global), and `fgs_worker.jobs` reads it with `current_runtime()`. What the job code needs from the
+RQ worker itself is `WorkerHost`, which the worker attaches once (`attach`); a runtime no worker runs has a
+`DetachedHost`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 import torch
@@ -25,6 +27,8 @@ from fgs_common.settings import Settings
 from fgs_common.wire import GenerationParams, ModelInfo
 from fgs_worker.guidance.guided_ddim import GuidedDDIMSampler
 from fgs_worker.model_loading import default_device, load_pipeline, model_dtype, read_model_card
+from fgs_worker.shared_batch import ExcInfo
+from fgs_worker.watchdog import JobWatchdog, NullWatchdog
 
 # Default largest image, in multiples of the model's native pixel count: 4 = twice the native side. unCLIP and
 # SD 2.x UNets were trained at their native size and their attention cost grows with the square of the pixels;
@@ -32,6 +36,50 @@ from fgs_worker.model_loading import default_device, load_pipeline, model_dtype,
 MAX_PIXELS_FACTOR = 4
 
 _CURRENT: contextvars.ContextVar[WorkerRuntime] = contextvars.ContextVar("fgs_worker_runtime")
+
+
+class WorkerHost(Protocol):
+    """What the job code needs from the RQ worker that runs it (fgs_worker.main.FgsWorker)."""
+
+    watchdog: JobWatchdog | NullWatchdog
+
+    def rq_heartbeat(self) -> None:
+        """Keep RQ's view of the worker and of the executions it runs alive (called on every beat)."""
+
+    def expire_executions(self) -> None:
+        """Hand the running jobs' RQ executions to the abandon sweep (the watchdog, before it ends the process)."""
+
+    def others_waiting(self, queue_name: str) -> bool:
+        """Whether a tenant queue other than `queue_name` holds a job (a long job then yields its worker)."""
+
+    def claim_companions(self, origin: str, batch_key: str, images: int) -> list[tuple[str, int]]:
+        """Claim queued jobs that can share the running job's sampler call (fgs_worker.shared_batch): (job id, RQ
+        retries left) each."""
+
+    def finish_companion(self, job_id: str, result: Any = None, exc_info: ExcInfo | None = None) -> None:
+        """How a claimed companion ended: a result, or the exception RQ retries or files it failed with."""
+
+
+class DetachedHost:
+    """The host of a runtime no RQ worker runs: no RQ to tell, no watchdog, no companions, nobody waiting."""
+
+    def __init__(self) -> None:
+        self.watchdog = NullWatchdog()
+
+    def rq_heartbeat(self) -> None:
+        pass
+
+    def expire_executions(self) -> None:
+        pass
+
+    def others_waiting(self, queue_name: str) -> bool:
+        return False
+
+    def claim_companions(self, origin: str, batch_key: str, images: int) -> list[tuple[str, int]]:
+        return []
+
+    def finish_companion(self, job_id: str, result: Any = None, exc_info: ExcInfo | None = None) -> None:
+        raise RuntimeError(f"job {job_id} is no companion: a detached runtime claims none")
 
 
 @dataclass
@@ -49,12 +97,8 @@ class WorkerRuntime:
     model_id: str
     model_card: dict = field(default_factory=dict)  # model_card.json beside the weights: class names, prompt form
     last_beat: float = field(default=0.0)
-    on_heartbeat: Any = None  # set by the worker: refreshes RQ's worker and job heartbeats
-    watchdog: Any = None  # set by the worker: fgs_worker.watchdog.JobWatchdog (None: no watchdog, in-process tests)
+    host: WorkerHost = field(default_factory=DetachedHost)  # the RQ worker running this runtime (`attach`)
     current_jobs: list[tuple[str, str]] = field(default_factory=list)  # (job id, owner token) of the batch running
-    expire_execution: Any = None  # set by the worker: hands the running jobs' RQ executions to the abandon sweep
-    companions: Any = None  # set by the worker: fgs_worker.shared_batch.SharedBatch (None: every job runs alone)
-    others_waiting: Any = None  # set by the worker: (queue name) -> whether another tenant's queue holds a job
     chunk_work: float | None = None  # image-steps x megapixels one chunk may hold (chunk_images, record_chunk)
 
     @classmethod
@@ -91,13 +135,17 @@ class WorkerRuntime:
             model_card=read_model_card(settings.model),
         )
 
+    def attach(self, host: WorkerHost) -> None:
+        """The RQ worker that runs this runtime (once, when it is built around it)."""
+        self.host = host
+
     def beat(self, force: bool = False) -> None:
         """Mark this worker alive (readiness, metrics); at most once per heartbeat_s unless forced."""
         now = time.time()
         if not force and now - self.last_beat < self.settings.heartbeat_s:
             return
         self.last_beat = now
-        ttl = self.settings.abandoned_after_s  # the same TTL as the job's RQ heartbeat (FgsWorker._rq_heartbeat)
+        ttl = self.settings.abandoned_after_s  # the same TTL as the job's RQ heartbeat (FgsWorker.rq_heartbeat)
         gauges: dict[str, float] = {"last_heartbeat": now}
         if self.device.type == "cuda":
             gauges["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
@@ -108,8 +156,7 @@ class WorkerRuntime:
             pipe.expire(gauge_key, ttl)
             telemetry.incr_counter(pipe, self.keys.prefix, "worker_heartbeats")
             pipe.execute()
-        if self.on_heartbeat is not None:
-            self.on_heartbeat()
+        self.host.rq_heartbeat()
 
     def chunk_images(self, params: GenerationParams) -> int:
         """Images in the next sampler call of a job, between 1 and FGS_MAX_BATCH_IMAGES: as many as the work a

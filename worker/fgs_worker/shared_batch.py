@@ -7,58 +7,35 @@ plus the classifier), up to FGS_MAX_BATCH_IMAGES images in all; a lone job start
 - Fairness: candidates are read from the heads of the tenant queues and taken one per tenant in turn, starting
   after the job's own tenant (the worker's round robin), so one tenant's thousands of small jobs fill a batch no
   more than another tenant's one job does.
-- Atomic and crash-safe: one Lua script removes each chosen job from its RQ queue and, in the same step, marks it
-  started in RQ (status, worker, an execution in the queue's started-job registry). A job another worker took
-  first is not ours; a worker killed at any point after the script leaves its companions to RQ's abandon sweep
-  (retried with their own retry counts, or failed and then reconciled), exactly like the job RQ handed it.
+- Atomic and crash-safe: one Lua script (`RqWorker.claim_queued`, fgs_common.rq_adapter) removes each chosen
+  job from its RQ queue and, in the same step, marks it started in RQ (status, worker, an execution in the queue's
+  started-job registry). A job another worker took first is not ours; a worker killed at any point after the
+  script leaves its companions to RQ's abandon sweep (retried with their own retry counts, or failed and then
+  reconciled), exactly like the job RQ handed it.
 - Each companion keeps its own RQ job: heartbeats, the watchdog's expiry, and at the end RQ's own success or
-  failure handling (`settle`): a job that failed alone (fgs_worker.jobs samples each job of a failed shared
+  failure handling (`settle`): a job that failed alone (fgs_worker.batch_sampling samples each job of a failed shared
   call again on its own) is retried with its own retries.
 
-The job records (claim, progress, fencing by owner token) are `fgs_worker.jobs`' business, as for any job.
+The job records (claim, progress, fencing by owner token) are `fgs_worker.job_claim`'s business, as for any job.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import uuid
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from rq import Queue
-from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job
-from rq.serializers import JSONSerializer
-from rq.utils import current_timestamp, now, utcformat
 
+from fgs_common.rq_adapter import Execution, RqWorker
 from fgs_common.wire import JobState
 
 log = logging.getLogger("fgs.worker.shared_batch")
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
-
-# KEYS: per chosen job, its RQ queue list, its queue's started-job registry, its RQ job hash
-# ARGV: the registry score (expiry), the worker's name, the start time (RQ's format), then per job: id, execution id
-# Returns one flag per job: 1 claimed, 0 already taken by another worker (or canceled and removed by the API).
-_CLAIM_LUA = """
-local claimed = {}
-for i = 1, #KEYS / 3 do
-  local job_id, execution_id = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
-  local queue, started, job = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  if redis.call('LREM', queue, 1, job_id) == 1 then
-    redis.call('ZADD', started, ARGV[1], job_id .. ':' .. execution_id)
-    redis.call('HSET', job, 'status', 'started', 'worker_name', ARGV[2], 'started_at', ARGV[3],
-               'last_heartbeat', ARGV[3])
-    redis.call('PERSIST', job)
-    claimed[i] = 1
-  else
-    claimed[i] = 0
-  end
-end
-return claimed
-"""
 
 
 def pick_round_robin(heads: list[list[tuple[str, str, int]]], batch_key: str, images: int) -> list[tuple[int, str]]:
@@ -100,13 +77,12 @@ class Companion:
 
 
 class SharedBatch:
-    """One per worker (`runtime.companions`): claims companions, keeps their RQ executions, settles them."""
+    """One per worker (`FgsWorker.shared_batch`): claims companions, keeps their RQ executions, settles them. The
+    RQ side of each (its start and end as an execution of this worker) is `RqWorker`'s (fgs_common.rq_adapter)."""
 
-    def __init__(self, worker: Any, records: Any):
+    def __init__(self, worker: RqWorker, records: Any):
         self.worker = worker
         self.records = records  # fgs_common.job_records.JobRecords
-        self.connection = worker.connection
-        self._claim = self.connection.register_script(_CLAIM_LUA)
         self.companions: dict[str, Companion] = {}
 
     def claim(self, origin: str, batch_key: str, images: int) -> list[tuple[str, int]]:
@@ -115,29 +91,20 @@ class SharedBatch:
         if origin in names:  # start after the leader's tenant, end with it (round robin)
             cut = names.index(origin) + 1
             names = names[cut:] + names[:cut]
-        queues = [Queue(name, connection=self.connection, serializer=JSONSerializer) for name in names]
+        queues = [self.worker.queue(name) for name in names]
         heads = self._heads(queues, images)
         chosen = pick_round_robin(heads, batch_key, images)
         if not chosen:
             return []
-        ttl = self.worker.runtime.settings.abandoned_after_s
-        execution_ids = [uuid.uuid4().hex for _ in chosen]
-        keys: list[str] = []
-        argv: list[Any] = [current_timestamp() + ttl, self.worker.name, utcformat(now())]
-        for (q, job_id), execution_id in zip(chosen, execution_ids, strict=True):
-            keys += [queues[q].key, queues[q].started_job_registry.key, Job.key_for(job_id)]
-            argv += [job_id, execution_id]
-        flags = self._claim(keys=keys, args=argv)
         claimed = []
-        for (q, job_id), execution_id, flag in zip(chosen, execution_ids, flags, strict=True):
-            if int(flag) == 1:
-                companion = self._start(job_id, queues[q], execution_id, ttl)
-                claimed.append((job_id, companion.job.retries_left or 0))
+        for job, queue, execution in self.worker.claim_queued([(queues[q], job_id) for q, job_id in chosen]):
+            self.companions[job.id] = Companion(job, queue, execution)
+            claimed.append((job.id, job.retries_left or 0))
         return claimed
 
     def _heads(self, queues: list[Queue], images: int) -> list[list[tuple[str, str, int]]]:
         """The first `images` jobs of each queue that are still queued in their records: (id, batch key, images)."""
-        with self.connection.pipeline(transaction=False) as pipe:
+        with self.worker.connection.pipeline(transaction=False) as pipe:
             for queue in queues:
                 pipe.lrange(queue.key, 0, images - 1)
             listed = [[i.decode() for i in ids] for ids in pipe.execute()]
@@ -155,22 +122,6 @@ class SharedBatch:
             heads.append(head)
         return heads
 
-    def _start(self, job_id: str, queue: Queue, execution_id: str, ttl: int) -> Companion:
-        """The rest of RQ's start of an execution (Execution.create without the registry entry the script made)."""
-        job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
-        execution = Execution(id=execution_id, job_id=job_id, connection=self.connection, worker_name=self.worker.name)
-        execution._job = job
-        with self.connection.pipeline() as pipe:
-            execution.save(ttl=ttl, pipeline=pipe)
-            ExecutionRegistry(job_id=job_id, connection=pipe).add(execution=execution, ttl=ttl, pipeline=pipe)
-            pipe.sadd(execution.worker_executions_key, execution.composite_key)
-            pipe.expire(execution.worker_executions_key, ttl + 60)
-            pipe.execute()
-        self.worker.executions[execution.id] = execution
-        companion = Companion(job, queue, execution)
-        self.companions[job_id] = companion
-        return companion
-
     def finish(self, job_id: str, result: Any = None, exc_info: ExcInfo | None = None) -> None:
         """How companion `job_id` ended for its record: a result (RQ files it finished) or an exception (RQ
         retries it with its own retries left, or files it failed). RQ hears of it in `settle`."""
@@ -181,23 +132,18 @@ class SharedBatch:
         """RQ's own end of every companion (after the worker's job): success, or failure with its retry."""
         companions, self.companions = self.companions, {}
         for companion in companions.values():
-            job, queue, execution = companion.job, companion.queue, companion.execution
             if companion.exc_info is None and not companion.finished:
                 companion.exc_info = _exc_info(RuntimeError("the shared batch ended without reporting this job"))
-            try:
-                if companion.exc_info is None:
-                    self.worker._finalize_success(job, queue, execution, companion.result)
-                else:
-                    self.worker._finalize_failure(job, queue, execution, companion.exc_info)
-            finally:
-                self.worker.executions.pop(execution.id, None)
+            self.worker.finalize(
+                companion.job, companion.queue, companion.execution, companion.result, companion.exc_info
+            )
 
     def drop(self) -> list[Execution]:
         """Forget every companion without telling RQ (Redis went away): their executions, no longer heartbeated,
         are retried by the abandon sweep once Redis is back."""
         companions, self.companions = self.companions, {}
         for companion in companions.values():
-            self.worker.executions.pop(companion.execution.id, None)
+            self.worker.forget_execution(companion.execution)
         return [c.execution for c in companions.values()]
 
 

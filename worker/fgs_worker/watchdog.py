@@ -58,6 +58,22 @@ class _Armed:
     expire_execution: Callable[[], None]  # makes RQ take the executions for abandoned at its next sweep
 
 
+class NullWatchdog:
+    """No watchdog (a runtime no worker runs): every call does nothing."""
+
+    def arm(self, jobs: list[WatchedJob], first_deadline_s: float, step_s: float, expire_execution) -> None:
+        pass
+
+    def release(self, job_id: str) -> None:
+        pass
+
+    def step_done(self) -> None:
+        pass
+
+    def disarm(self) -> None:
+        pass
+
+
 class JobWatchdog:
     """One per worker process; `arm` at job start, `step_done` after each step, `disarm` at the end."""
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter
 
-from fgs_common.job_records import job_base
+from fgs_common.job_record import JobRecord
 from fgs_common.wire import ErrorResponse, JobState
 from fgs_common.wire_views import FailedJob, OperatorOverview, ThroughputMinute
 from fgs_service.deps import AdminDep, JobQueueDep
@@ -23,20 +23,16 @@ def _utc(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, UTC) if ts else None
 
 
-def _share_in(raw: dict[str, str], low: float, high: float, now: float) -> float:
+def _share_in(record: JobRecord, low: float, high: float, now: float) -> float:
     """The share of a job's run time that falls in [low, high): its images are counted evenly over that time."""
-    start = float(raw["started_at"])
-    end = float(raw["finished_at"]) if raw.get("finished_at") else now
+    start = record.started_at or now
+    end = record.finished_at or now
     overlap = min(end, high) - max(start, low)
     return max(overlap, 0.0) / max(end - start, 1e-3)
 
 
-def _images_between(records: dict[str, dict[str, str]], low: float, high: float, now: float) -> float:
-    return sum(
-        int(raw.get("images_done") or 0) * _share_in(raw, low, high, now)
-        for raw in records.values()
-        if raw.get("started_at")
-    )
+def _images_between(records: list[JobRecord], low: float, high: float, now: float) -> float:
+    return sum(record.images_done * _share_in(record, low, high, now) for record in records if record.started_at)
 
 
 @router.get("/overview")
@@ -48,9 +44,9 @@ def overview(_: AdminDep, queue: JobQueueDep) -> OperatorOverview:
     minutes = [(first_minute + i) * 60 for i in range(THROUGHPUT_MINUTES)]
     failed = sorted(
         (
-            FailedJob(**dict(job_base(job_id, raw)), tenant=raw.get("tenant", ""))
-            for job_id, raw in records.items()
-            if raw.get("state") == JobState.failed.value
+            FailedJob(**dict(record.base()), tenant=record.tenant)
+            for record in records
+            if record.state is JobState.failed
         ),
         key=lambda job: job.finished_at or datetime.min.replace(tzinfo=UTC),
         reverse=True,

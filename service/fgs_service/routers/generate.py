@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.exceptions import EnqueueInProgress
+from fgs_common.pixel_limit import over_pixel_limit
 from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted
 from fgs_common.wire_views import BatchCanceled
 from fgs_service.auth import Tenant
@@ -57,14 +58,9 @@ async def check_image_size(queue: JobQueue, requests: list[GenerateRequest]) -> 
     if info is None:
         return  # no worker has started yet: the worker refuses it (InvalidJob) instead
     for request in requests:
-        width, height = request.width or info.native_width, request.height or info.native_height
-        if width * height > info.max_pixels_per_image:
-            raise ApiError(
-                422,
-                "image_too_large",
-                f"{width}x{height} = {width * height} pixels per image; model "
-                f"{info.model} takes at most {info.max_pixels_per_image} (GET /v1/model)",
-            )
+        too_large = over_pixel_limit(request.width, request.height, info)
+        if too_large is not None:
+            raise ApiError(422, "image_too_large", too_large)
 
 
 async def _enqueue(queue, tenant: Tenant, requests: list[GenerateRequest], batch_id: str | None, key: str | None):

@@ -8,8 +8,6 @@ import anyio.to_thread
 from fastapi import APIRouter, Query
 
 from fgs_common.artifact_store import ArtifactStore
-from fgs_common.job_records import job_base
-from fgs_common.wire import JobState
 from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries
 from fgs_service.auth import Tenant
 from fgs_service.classifier_records import classifier_record
@@ -36,8 +34,7 @@ def job_summaries(
 ) -> JobSummaries:
     """The caller's jobs without their results lists, newest first: light enough to poll."""
     ids = queue.tenant_job_ids(tenant, offset, limit)
-    records = queue.raw_many(ids, with_results=False)
-    jobs = [job_base(job_id, raw) for job_id, raw in zip(ids, records, strict=False) if raw]
+    jobs = [record.base() for record in queue.records_of(ids, with_results=False) if record is not None]
     return JobSummaries(jobs=jobs, total=queue.tenant_job_count(tenant), offset=offset)
 
 
@@ -66,12 +63,12 @@ def _scope(
     jobs = {i: job for i in ids if (job := cache.get(tenant.name, i)) is not None}
     missing = [i for i in ids if i not in jobs]
     records = {
-        i: raw
-        for i, raw in zip(missing, queue.raw_many(missing), strict=True)
-        if raw and raw.get("tenant") == tenant.name
+        record.job_id: record
+        for record in queue.records_of(missing)
+        if record is not None and record.tenant == tenant.name
     }
     names: dict[str, list[str] | None] = {}  # the team's class names, from each classifier's spec
-    for parsed in JobImages.from_records(records):
+    for parsed in JobImages.from_records(list(records.values())):
         classifier_id = parsed.request.classifier_id
         if classifier_id is not None:
             if classifier_id not in names:
@@ -79,9 +76,9 @@ def _scope(
                 names[classifier_id] = record.spec.class_names if record else None
             parsed.class_names = names[classifier_id]
         jobs[parsed.job_id] = parsed
-        raw = records[parsed.job_id]
-        if JobState(raw["state"]).is_terminal:
-            cache.put(tenant.name, parsed, float(raw["created_at"]))
+        record = records[parsed.job_id]
+        if record.state.is_terminal:
+            cache.put(tenant.name, parsed, record.created_at or 0.0)
     if job_id and not jobs:
         raise not_found("job", job_id)
     return [jobs[i] for i in ids if i in jobs]

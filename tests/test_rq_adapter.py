@@ -1,0 +1,52 @@
+"""RQ's internals have one home, `fgs_common.rq_adapter`, written against one RQ release: the installed rq must be
+that release, and no other module of ours reaches into RQ's private methods, fields or Redis structures."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import rq
+
+from fgs_common import rq_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+# What only the adapter may name: RQ's private methods and fields, its modules of internals, its own Redis keys.
+RQ_INTERNALS = re.compile(
+    r"\._finalize_|\._job\b|_ordered_queues|\._stop_requested|\.executions\b|intermediate_queue|repeats_left|"
+    r"redis_queue_namespace_prefix|Job\.key_for|from rq\.(worker|executions|registry|utils|defaults) import|"
+    r"dequeue_job_and_maintain_ttl|prepare_job_execution|get_heartbeat_ttl|RQ_KEY_PREFIX\"\]"
+)
+
+
+def test_the_installed_rq_is_the_one_the_adapter_was_written_for():
+    assert rq.__version__ == rq_adapter.WRITTEN_FOR_RQ, (
+        f"rq {rq.__version__} is installed, but fgs_common/rq_adapter.py was written against rq "
+        f"{rq_adapter.WRITTEN_FOR_RQ}: it overrides RQ's private methods and writes RQ's own Redis structures, "
+        f"which any release may change. Install rq=={rq_adapter.WRITTEN_FOR_RQ}, or read the new release's worker, "
+        "job, execution and registry code against the adapter, rerun the worker and queue tests, and move "
+        "WRITTEN_FOR_RQ."
+    )
+
+
+def test_no_other_module_of_ours_touches_rq_internals():
+    offenders = []
+    for folder in ("common", "service", "worker", "classifier"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path == Path(rq_adapter.__file__).resolve():
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if RQ_INTERNALS.search(line):
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert offenders == [], "RQ internals outside fgs_common/rq_adapter.py:\n" + "\n".join(offenders)
+
+
+def test_the_internals_check_finds_what_it_looks_for():
+    """The pattern can fail: lines as they stood before the adapter existed are caught."""
+    before = [
+        "            self.worker._finalize_success(job, queue, execution, companion.result)",
+        "        rq_job.repeats_left, rq_job.repeat_intervals = 1, [0]",
+        "                pipe.llen(Queue.redis_queue_namespace_prefix + name)",
+        "from rq.worker import SimpleWorker, WorkerStatus",
+    ]
+    assert all(RQ_INTERNALS.search(line) for line in before)
