@@ -260,7 +260,8 @@ def balance(
     choice: GenerationChoice,
 ) -> None:
     """Fill what each class or group lacks with generated images and write the balanced dataset to --out."""
-    from fgs_client.balance_runner import BalanceOptions, BalanceRun, check_balance_options
+    from fgs_client.balance_options import BalanceOptions, check_balance_options
+    from fgs_client.balance_runner import BalanceRun
 
     if choice.preset is not None and "target" not in choice.explicit:
         target = str(choice.preset.target.value)  # the preset's target unless --target was given
@@ -371,7 +372,7 @@ def balance(
 
 def check_prompts_if_reachable(url: str, api_key: str | None, scanned: ScannedDataset, force: bool) -> None:
     """The dry run's prompt check: against the model of the service at `url` when one answers, else a note."""
-    from fgs_client.balance_runner import check_prompts_against_model
+    from fgs_client.balance_inputs import check_prompts_against_model
 
     try:
         with make_client(url, api_key, timeout_s=10, retries=0) as client:
@@ -429,7 +430,8 @@ def cancel(
             batches.setdefault(row.batch_id or "", []).append(row)
         singly = batches.pop("", [])
         with make_client(url, api_key) as client:
-            # A chunk is one batch: one DELETE per batch; jobs submitted singly (retries, a full queue) one by one.
+            # Every job is in a batch: one DELETE per batch; one by one only the jobs an earlier client version
+            # submitted outside any batch, and those of a batch the service no longer knows.
             for batch_id, batch_rows in batches.items():
                 try:
                     now = client.cancel_batch(batch_id)
