@@ -81,6 +81,19 @@ def check_balanced_nicopp(out: Path, target: int = 3) -> list[dict]:
     return rows
 
 
+def tenant_job_ids(stack, tenant: str) -> set[str]:
+    with stack.client(tenant) as client:
+        return {job["job_id"] for job in client.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]}
+
+
+def run_batches(stack, tenant: str, out: Path) -> dict[str, list[str]]:
+    """The batches the run in `out` recorded, each with its job ids as the service's batch view lists them."""
+    with sqlite3.connect(out / STATE_NAME) as db:
+        batch_ids = [row[0] for row in db.execute("SELECT batch_id FROM batches ORDER BY rowid")]
+    with stack.client(tenant) as client:
+        return {batch_id: client.get(f"/v1/batches/{batch_id}").json()["job_ids"] for batch_id in batch_ids}
+
+
 @pytest.fixture
 def nico_root(tmp_path) -> Path:
     root = tmp_path / "nico"
@@ -445,11 +458,17 @@ def test_failing_jobs_are_retried_then_reported(live_stack, tmp_path):
     out3 = tmp_path / "out3"
     args3 = tuple(a if a != str(out) else str(out3) for a in args)
     args3 = tuple("3" if a == "2" and i > 0 and args3[i - 1] == "--images-per-job" else a for i, a in enumerate(args3))
+    before = tenant_job_ids(live_stack, "alpha")  # tests run one at a time: the new jobs are this run's
     code, output = run_cli(*args3, key=live_stack.keys["alpha"], url=live_stack.base_url, timeout=240)
     assert code == 1, output
     assert "1 jobs failed after 1 retries" in output and "refuses batches of 3" in output
     with sqlite3.connect(out3 / STATE_NAME) as db:
         assert db.execute("SELECT state, attempt FROM jobs").fetchall() == [("failed", 1)]
+    # the first attempt and its retry, each in a batch the run recorded: the batch views cover both
+    run_jobs = tenant_job_ids(live_stack, "alpha") - before
+    batches = run_batches(live_stack, "alpha", out3)
+    assert len(run_jobs) == 2 and len(batches) == 2
+    assert {job_id for job_ids in batches.values() for job_id in job_ids} == run_jobs
     rows = read_manifest_rows(out3)
     assert [r["source"] for r in rows].count("synthetic") == 0 and len(rows) == 7
     assert not list((out3 / "bee").glob("fgs_*"))
@@ -466,6 +485,7 @@ def test_balance_larger_than_the_tenant_queue_cap(live_stack, tmp_path):
         for i in range(n):
             write_image(root / class_name / f"{i}.png", i)
     out = tmp_path / "out"
+    before = tenant_job_ids(live_stack, "capped")
     code, output = run_cli(
         "balance",
         "--dataset",
@@ -482,4 +502,16 @@ def test_balance_larger_than_the_tenant_queue_cap(live_stack, tmp_path):
     assert code == 0, output
     assert len(list((out / "bee").glob("fgs_*.png"))) == 12
     with sqlite3.connect(out / STATE_NAME) as db:
-        assert db.execute("SELECT COUNT(*), COUNT(batch_id) FROM jobs WHERE state='done'").fetchone() == (3, 0)
+        assert db.execute("SELECT COUNT(*), COUNT(batch_id) FROM jobs WHERE state='done'").fetchone() == (3, 3)
+    # jobs sent alone when the queue was full are batches of one: the batch views cover every job of the run,
+    # the gallery of each batch every image
+    batches = run_batches(live_stack, "capped", out)
+    synthetic = [r for r in read_manifest_rows(out) if r["source"] == "synthetic"]
+    assert {job_id for job_ids in batches.values() for job_id in job_ids} == {r["job_id"] for r in synthetic}
+    assert {r["job_id"] for r in synthetic} == tenant_job_ids(live_stack, "capped") - before
+    shown = []
+    with live_stack.client("capped") as client:
+        for batch_id in batches:
+            page = client.get("/v1/views/gallery", params={"batch_id": batch_id, "limit": 500}).json()
+            shown += [item["job_id"] for item in page["items"]]
+    assert sorted(shown) == sorted(r["job_id"] for r in synthetic)  # one item per image, every image

@@ -23,8 +23,8 @@ def test_cancel_deletes_each_batch_once_and_single_jobs_one_by_one(redis_server,
         out.mkdir()
         state = BalanceState(out / STATE_NAME)
         state.bind_plan("plan", [("0/0", 0, 1), ("0/1", 1, 1), ("0/2", 2, 1)], chunk_size=3)
-        state.record_chunk_submitted(batch.batch_id, [("0/0", batch.job_ids[0], "{}"), ("0/1", batch.job_ids[1], "{}")])
-        state.record_chunk_submitted(None, [("0/2", single, "{}")])
+        state.record_batch_submitted(batch.batch_id, [("0/0", batch.job_ids[0], "{}"), ("0/1", batch.job_ids[1], "{}")])
+        state.record_batch_submitted(None, [("0/2", single, "{}")])
         state.close()
 
         calls = []

@@ -12,8 +12,9 @@ import zipfile
 
 import pytest
 
+from fgs_client.balance_options import BalanceOptions
 from fgs_client.balance_planner import UnitCounts, plan_balance
-from fgs_client.balance_runner import BalanceOptions, BalanceRun
+from fgs_client.balance_runner import BalanceRun
 from fgs_client.balance_state import STATE_NAME, BalanceState
 from fgs_client.dataset_readers import read_dataset
 from fgs_client.http_client import Client
@@ -55,40 +56,41 @@ def make_run(client: Client, tmp_path) -> BalanceRun:
 def open_state(run: BalanceRun) -> BalanceState:
     run.out.mkdir(parents=True, exist_ok=True)
     state = BalanceState(run.out / STATE_NAME)
-    state.bind_plan(run.fingerprint, [(s.key, i, s.num_images) for i, s in enumerate(run.slots)], 500)
+    run.bind(state)
     return state
 
 
 def submit_chunk(run: BalanceRun, state: BalanceState) -> None:
-    with run._progress() as progress:
-        run._submit_chunk(state, 0, progress, progress.add_task("submitting", total=2, failures=0))
+    run.submitter.submit_chunk(state, 0, collect_some=lambda: None)
 
 
 def test_a_rerun_uploads_again_the_classifier_and_images_deleted_since_the_state_saved_them(client, tmp_path):
     first = make_run(client, tmp_path)
     state = open_state(first)
-    first._resolve_classifier(state)  # the first run uploaded both, then was interrupted before submitting
-    image_ids = {first._image_id(state, image) for slot in first.slots for image in slot.conditioning}
-    assert image_ids and first.classifier_id
-    client._request("DELETE", f"/v1/classifiers/{first.classifier_id}")
+    first.inputs.resolve_classifier(state)  # the first run uploaded both, then was interrupted before submitting
+    image_ids = {first.inputs.image_id(state, image) for slot in first.slots for image in slot.conditioning}
+    assert image_ids and first.inputs.classifier_id
+    client._request("DELETE", f"/v1/classifiers/{first.inputs.classifier_id}")
     for image_id in image_ids:
         client._request("DELETE", f"/v1/images/{image_id}")
     state.close()
 
     rerun = make_run(client, tmp_path)
     state = open_state(rerun)
-    rerun._resolve_classifier(state)  # the saved id, which the service no longer has
+    rerun.inputs.resolve_classifier(state)  # the saved id, which the service no longer has
     submit_chunk(rerun, state)
     submitted = state.active(10)
     assert len(submitted) == 2 and all(row.job_id for row in submitted)
-    assert client.classifier(rerun.classifier_id).id == rerun.classifier_id  # uploaded again
+    assert client.classifier(rerun.inputs.classifier_id).id == rerun.inputs.classifier_id  # uploaded again
     assert image_ids <= {image.id for image in client.images()}
 
     # a failed job's retry (its classifier deleted while it was queued) is built afresh too
-    client._request("DELETE", f"/v1/classifiers/{rerun.classifier_id}")
+    client._request("DELETE", f"/v1/classifiers/{rerun.inputs.classifier_id}")
     row = submitted[0]
-    assert rerun._retry_or_fail(state, row, "classifier ... is no longer in the artifact store") == 0
+    with rerun.progress_line(state) as progress:
+        collector = rerun.collector(progress, reopened=set())
+        assert collector._retry_or_fail(state, row, "classifier ... is no longer in the artifact store") == 0
     retried = next(r for r in state.active(10) if r.key == row.key)
     assert retried.attempt == 1 and retried.job_id != row.job_id
-    assert client.classifier(rerun.classifier_id).id == rerun.classifier_id
+    assert client.classifier(rerun.inputs.classifier_id).id == rerun.inputs.classifier_id
     state.close()

@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from fgs_client import balance_runner, preflight
+from fgs_client import balance_inputs, preflight
+from fgs_client.balance_options import BalanceOptions
 from fgs_client.balance_planner import UnitCounts, plan_balance
-from fgs_client.balance_runner import BalanceOptions, BalanceRun
+from fgs_client.balance_runner import BalanceRun
 from fgs_client.balance_state import STATE_NAME, BalanceState
 from fgs_client.dataset_readers import read_dataset
 from fgs_client.preflight import (
@@ -223,15 +224,15 @@ def test_a_passed_preflight_is_kept_in_the_state_file_and_a_resume_skips_it(
     plan = plan_balance(UnitCounts.from_dataset(brightness_set), "max", images_per_job=2)
     runs = []
     monkeypatch.setattr(
-        balance_runner, "run_preflight", lambda *args: runs.append(args) or preflight.run_preflight(*args)
+        balance_inputs, "run_preflight", lambda *args: runs.append(args) or preflight.run_preflight(*args)
     )
     with in_process_client(service_settings(redis_server, tmp_path / "service")) as client:
         for _ in range(2):  # the run, then its resume
             run = BalanceRun(client, brightness_set, tmp_path / "out", plan, options)
             run.out.mkdir(exist_ok=True)
             state = BalanceState(run.out / STATE_NAME)
-            state.bind_plan(run.fingerprint, [(s.key, i, s.num_images) for i, s in enumerate(run.slots)], 500)
-            run._check_before_submitting(state)
+            run.bind(state)
+            run.inputs.check_before_submitting(state)
             state.close()
     assert len(runs) == 1
     write_brightness_classifier(tmp_path / "clf", ORDER, mean=0.0, std=1.0)  # the same paths, another spec
@@ -240,7 +241,7 @@ def test_a_passed_preflight_is_kept_in_the_state_file_and_a_resume_skips_it(
             run = BalanceRun(client, brightness_set, tmp_path / "out", plan, options)
             state = BalanceState(run.out / STATE_NAME)
             try:
-                run._check_before_submitting(state)
+                run.inputs.check_before_submitting(state)
             finally:
                 state.close()
     assert len(runs) == 2

@@ -51,7 +51,7 @@ def test_state_binds_one_plan_and_commits_chunks_whole(tmp_path):
     with pytest.raises(StateConflict, match="different plan"):
         state.bind_plan("plan-b", [], chunk_size=2)
     assert state.pending_chunks() == [0, 1]
-    state.record_chunk_submitted("batch-1", [("0/0", "job-1", "{}"), ("0/1", "job-2", "{}")])
+    state.record_batch_submitted("batch-1", [("0/0", "job-1", "{}"), ("0/1", "job-2", "{}")])
     assert state.pending_chunks() == [1]
     assert [r.job_id for r in state.active(10)] == ["job-1", "job-2"]
     state.record_done("0/0", "job-1", [{"path": "x.png", "seed": 1}])
@@ -151,8 +151,9 @@ def test_the_manifests_generation_columns_come_from_the_stored_request():
 
 def test_each_request_names_the_group_its_job_fills(tmp_path):
     """What the gallery's group filter reads: a class x group run's requests carry their group."""
+    from fgs_client.balance_options import BalanceOptions
     from fgs_client.balance_planner import UnitCounts, plan_balance
-    from fgs_client.balance_runner import BalanceOptions, BalanceRun
+    from fgs_client.balance_runner import BalanceRun
     from fgs_client.dataset_readers import read_dataset
     from support.dataset_trees import write_image
 
@@ -164,5 +165,49 @@ def test_each_request_names_the_group_its_job_fills(tmp_path):
     dataset = read_dataset("imagefolder", root, groups_csv=groups)
     plan = plan_balance(UnitCounts.from_dataset(dataset), "max", images_per_job=1)
     run = BalanceRun(None, dataset, tmp_path / "out", plan, BalanceOptions(text_only=True, show_progress=False))
-    pairs = {(slot.entry.group, run._request(None, slot).group) for slot in run.slots}
+    pairs = {(slot.entry.group, run.inputs.request(None, slot).group) for slot in run.slots}
     assert {given for given, _ in pairs} == {"grass", "snow"} and all(given == sent for given, sent in pairs)
+
+
+def test_other_images_at_the_same_paths_are_another_plan(tmp_path):
+    """The plan fingerprint (the state's binding and every Idempotency-Key) covers the conditioning images' bytes:
+    a second dataset at the same paths neither resumes the first one's state nor gets its jobs back."""
+    from fgs_client.balance_options import BalanceOptions
+    from fgs_client.balance_planner import UnitCounts, plan_balance
+    from fgs_client.balance_runner import BalanceRun
+    from fgs_client.dataset_readers import read_dataset
+    from support.dataset_trees import write_image
+
+    def run_on(values: tuple[int, ...]) -> BalanceRun:
+        root = tmp_path / "data"
+        for index, value in enumerate(values):
+            write_image(root / ("a" if index < 2 else "b") / f"{index}.png", value=value)
+        dataset = read_dataset("imagefolder", root)
+        plan = plan_balance(UnitCounts.from_dataset(dataset), "max", images_per_job=1)
+        return BalanceRun(None, dataset, tmp_path / "out", plan, BalanceOptions(show_progress=False))
+
+    first = run_on((1, 2, 3))
+    assert run_on((1, 2, 3)).fingerprint == first.fingerprint  # the same bytes: the same plan (a resume)
+    other = run_on((4, 5, 6))  # the same file names, other pixels
+    assert [s.key for s in other.slots] == [s.key for s in first.slots]
+    assert other.fingerprint != first.fingerprint
+    state = BalanceState(tmp_path / STATE_NAME)
+    first.bind(state)
+    with pytest.raises(StateConflict, match="different plan"):
+        other.bind(state)
+    state.close()
+
+
+def test_a_state_file_of_an_earlier_version_records_the_batches_its_jobs_name(tmp_path):
+    state = BalanceState(tmp_path / STATE_NAME)
+    state.bind_plan("plan", [("0/0", 0, 1), ("0/1", 1, 1), ("0/2", 2, 1)], chunk_size=3)
+    state.record_batch_submitted("batch-1", [("0/0", "job-1", "{}"), ("0/1", "job-2", "{}")])
+    state.record_batch_submitted(None, [("0/2", "job-3", "{}")])  # a retry an earlier version sent alone
+    state._db.execute("DROP TABLE batches")  # what that version wrote: no table of batches
+    state.close()
+    state = BalanceState(tmp_path / STATE_NAME)
+    assert state.batch_ids() == ["batch-1"]
+    state.record_resubmitted("0/2", 1, "job-4", "batch-2")
+    assert state.batch_ids() == ["batch-1", "batch-2"]
+    assert [r.batch_id for r in state.rows()] == ["batch-1", "batch-1", "batch-2"]
+    state.close()

@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, ord);
+-- every batch the run submitted (a chunk, a job submitted alone when the queue was full, a retry), in order: what
+-- the service's batch views of the run are; a job's row names only the batch of its latest attempt
+CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY);
 """
 
 
@@ -61,7 +64,10 @@ class BalanceState:
         self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        had_batches = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='batches'").fetchone() is not None
         self._db.executescript(SCHEMA)
+        if not had_batches:  # a state file of an earlier version (or a new one): the batches its jobs name
+            self._db.execute("INSERT INTO batches SELECT DISTINCT batch_id FROM jobs WHERE batch_id IS NOT NULL")
 
     def close(self) -> None:
         self._db.close()
@@ -131,10 +137,13 @@ class BalanceState:
     def chunk_rows(self, chunk: int) -> list[JobRow]:
         return self._rows("WHERE chunk=? ORDER BY ord", (chunk,))
 
-    def record_chunk_submitted(self, batch_id: str | None, submitted: list[tuple[str, str, str]]) -> None:
-        """(key, job_id, request JSON) for every job of a chunk, in one transaction."""
+    def record_batch_submitted(self, batch_id: str | None, submitted: list[tuple[str, str, str]]) -> None:
+        """(key, job_id, request JSON) for every job of a batch, and the batch, in one transaction (None: jobs an
+        earlier client version submitted outside any batch)."""
         with self._db:
             self._db.execute("BEGIN")
+            if batch_id is not None:
+                self._db.execute("INSERT OR IGNORE INTO batches (batch_id) VALUES (?)", (batch_id,))
             self._db.executemany(
                 "UPDATE jobs SET state='submitted', job_id=?, batch_id=?, request=? WHERE key=? AND state='pending'",
                 [(job_id, batch_id, request, key) for key, job_id, request in submitted],
@@ -143,16 +152,33 @@ class BalanceState:
     def active(self, limit: int) -> list[JobRow]:
         return self._rows("WHERE state='submitted' ORDER BY ord LIMIT ?", (limit,))
 
+    def active_in_batches(self, batch_ids: list[str]) -> dict[str, int]:
+        """batch id -> how many of the run's submitted (not yet collected) jobs it holds."""
+        if not batch_ids:
+            return {}
+        marks = ",".join("?" * len(batch_ids))
+        sql = f"SELECT batch_id, COUNT(*) FROM jobs WHERE state='submitted' AND batch_id IN ({marks}) GROUP BY batch_id"
+        return dict(self._db.execute(sql, batch_ids).fetchall())
+
+    def batch_ids(self) -> list[str]:
+        """Every batch the run submitted, oldest first."""
+        return [r[0] for r in self._db.execute("SELECT batch_id FROM batches ORDER BY rowid")]
+
     def record_done(self, key: str, job_id: str, results: list[dict]) -> None:
         self._db.execute(
             "UPDATE jobs SET state='done', job_id=?, results=?, error=NULL WHERE key=?",
             (job_id, json.dumps(results), key),
         )
 
-    def record_resubmitted(self, key: str, attempt: int, job_id: str) -> None:
-        self._db.execute(
-            "UPDATE jobs SET state='submitted', attempt=?, job_id=?, batch_id=NULL WHERE key=?", (attempt, job_id, key)
-        )
+    def record_resubmitted(self, key: str, attempt: int, job_id: str, batch_id: str) -> None:
+        """A retry: the job's new attempt, in its own batch, in one transaction."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR IGNORE INTO batches (batch_id) VALUES (?)", (batch_id,))
+            self._db.execute(
+                "UPDATE jobs SET state='submitted', attempt=?, job_id=?, batch_id=? WHERE key=?",
+                (attempt, job_id, batch_id, key),
+            )
 
     def record_failed(self, key: str, error: str) -> None:
         self._db.execute("UPDATE jobs SET state='failed', error=? WHERE key=?", (error, key))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -36,12 +36,17 @@ from fgs_client.http_client import (
     JobFailed,
     ServiceUnreachable,
 )
-from fgs_client.preflight import match_classes
+from fgs_client.preflight import ClassMatch, match_classes
 from fgs_client.run_owner import RunStopped, take_over
 from fgs_common.exceptions import UserInputError
 from fgs_common.presets import get_preset
 from fgs_common.settings import get_settings
-from fgs_common.wire import GenerationParams
+from fgs_common.wire import ClassifierSpec, GenerationParams
+
+if TYPE_CHECKING:  # the run's modules load when a command runs: `fgs-client --help` stays quick
+    from fgs_client.balance_finish import BalanceReport
+    from fgs_client.balance_options import BalanceOptions
+    from fgs_client.pilot_sweep import SettingRow, SweepSetting
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -200,58 +205,75 @@ def _print_plan_table(plan: BalancePlan, grouped: bool, console: Console, datase
     console.print(table)
 
 
+DatasetOption = Annotated[DatasetName, typer.Option("--dataset", help="layout of the data on disk")]
+HardnessStatsOption = Annotated[Path | None, typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")]
+# `balance`'s own options
+BalanceOutOption = Annotated[
+    Path | None, typer.Option("--out", help="where the balanced dataset goes (default: <root>-balanced)")
+]
+TargetOption = Annotated[
+    str,
+    typer.Option(
+        "--target",
+        help="'max', a number per unit, a JSON object/file of per-class totals, or imbalanced-learn's forms: "
+        "'not majority', 'all', 'minority', 'not minority', a ratio of the largest class (e.g. 0.5)",
+    ),
+]
+CountsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--counts", help="counts CSV instead of images (dry run only); 'builtin': the packaged ImageNet-LT train counts"
+    ),
+]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="print the plan and exit")]
+TextOnlyOption = Annotated[
+    bool, typer.Option("--text-only", help="condition on the class prompt alone, not on real images")
+]
+PlanSeedOption = Annotated[int, typer.Option("--seed", help="plan seed: conditioning picks and generation seeds")]
+MaxRetriesOption = Annotated[int, typer.Option("--max-retries", help="retries per failed job in one run")]
+ClassifierUploadOption = Annotated[
+    Path | None, typer.Option("--classifier", help="TorchScript/torch.export archive to upload")
+]
+SpecOption = Annotated[Path | None, typer.Option("--classifier-spec", help="its ClassifierSpec JSON")]
+ClassifierIdOption = Annotated[str | None, typer.Option("--classifier-id", help="an already uploaded classifier")]
+RealFilesOption = Annotated[RealFiles, typer.Option("--real-files", help="how real images enter --out")]
+SplitFileOption = Annotated[Path | None, typer.Option("--split-file", help="imagenet-lt: the train split file")]
+ClassNamesOption = Annotated[Path | None, typer.Option("--class-names", help="imagenet-lt: class-name file")]
+GroupsOption = Annotated[Path | None, typer.Option("--groups", help="imagefolder: CSV path,group")]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="submit even when the pre-flight refuses: prompts that name no class the model knows, or the "
+        "classifier scoring badly on your images",
+    ),
+]
+
+
 @app.command()
 @generation_options(on_invalid=lambda message: fail(message, EXIT_BAD_INPUT))
 def balance(
-    dataset: Annotated[DatasetName, typer.Option("--dataset", help="layout of the data on disk")],
+    dataset: DatasetOption,
     root: Annotated[Path | None, typer.Option("--root", help="the dataset root")] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="where the balanced dataset goes (default: <root>-balanced)")
-    ] = None,
-    target: Annotated[
-        str,
-        typer.Option(
-            "--target",
-            help="'max', a number per unit, a JSON object/file of per-class totals, or imbalanced-learn's forms: "
-            "'not majority', 'all', 'minority', 'not minority', a ratio of the largest class (e.g. 0.5)",
-        ),
-    ] = "max",
-    counts: Annotated[
-        Path | None,
-        typer.Option(
-            "--counts",
-            help="counts CSV instead of images (dry run only); 'builtin': the packaged ImageNet-LT train counts",
-        ),
-    ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and exit")] = False,
-    text_only: Annotated[
-        bool, typer.Option("--text-only", help="condition on the class prompt alone, not on real images")
-    ] = False,
+    out: BalanceOutOption = None,
+    target: TargetOption = "max",
+    counts: CountsOption = None,
+    dry_run: DryRunOption = False,
+    text_only: TextOnlyOption = False,
     images_per_job: Annotated[int, typer.Option("--images-per-job")] = 8,
-    seed: Annotated[int, typer.Option("--seed", help="plan seed: conditioning picks and generation seeds")] = 0,
-    max_retries: Annotated[int, typer.Option("--max-retries", help="retries per failed job in one run")] = 3,
-    classifier: Annotated[
-        Path | None, typer.Option("--classifier", help="TorchScript/torch.export archive to upload")
-    ] = None,
-    classifier_spec: Annotated[Path | None, typer.Option("--classifier-spec", help="its ClassifierSpec JSON")] = None,
-    hardness_stats: Annotated[
-        Path | None, typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")
-    ] = None,
-    classifier_id: Annotated[str | None, typer.Option("--classifier-id", help="an already uploaded classifier")] = None,
-    real_files: Annotated[RealFiles, typer.Option("--real-files", help="how real images enter --out")] = RealFiles.link,
-    split_file: Annotated[Path | None, typer.Option("--split-file", help="imagenet-lt: the train split file")] = None,
-    class_names: Annotated[Path | None, typer.Option("--class-names", help="imagenet-lt: class-name file")] = None,
-    groups: Annotated[Path | None, typer.Option("--groups", help="imagefolder: CSV path,group")] = None,
+    seed: PlanSeedOption = 0,
+    max_retries: MaxRetriesOption = 3,
+    classifier: ClassifierUploadOption = None,
+    classifier_spec: SpecOption = None,
+    hardness_stats: HardnessStatsOption = None,
+    classifier_id: ClassifierIdOption = None,
+    real_files: RealFilesOption = RealFiles.link,
+    split_file: SplitFileOption = None,
+    class_names: ClassNamesOption = None,
+    groups: GroupsOption = None,
     prompt_template: PromptTemplateOption = None,
     prompts: PromptsOption = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="submit even when the pre-flight refuses: prompts that name no class the model knows, or the "
-            "classifier scoring badly on your images",
-        ),
-    ] = False,
+    force: ForceOption = False,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -260,11 +282,10 @@ def balance(
     choice: GenerationChoice,
 ) -> None:
     """Fill what each class or group lacks with generated images and write the balanced dataset to --out."""
-    from fgs_client.balance_runner import BalanceOptions, BalanceRun, check_balance_options
+    from fgs_client.balance_options import BalanceOptions
 
     if choice.preset is not None and "target" not in choice.explicit:
         target = str(choice.preset.target.value)  # the preset's target unless --target was given
-
     options = BalanceOptions(
         generation=generation,
         text_only=text_only,
@@ -279,46 +300,15 @@ def balance(
         show_progress=progress,
         force=force,
     )
-    if generation.scores_without_steering:
-        preset = get_preset("paper-imagenet-lt")
-        err_console.print(
-            f"[yellow]note:[/] --criterion {generation.criterion.value} at --omega 0 scores each image without "
-            f"steering it (a control run); give --omega (e.g. {preset.generation_params().omega:g}, preset "
-            f"{preset.name}'s value) for feedback",
-            soft_wrap=True,
-        )
+    note_control_run(generation)
     target_value = parse_target(target)
     if counts is not None:
-        if not dry_run:
-            raise fail("--counts plans from counts only: add --dry-run (a real balance needs --root)", EXIT_BAD_INPUT)
-        if str(counts) == "builtin" and dataset is DatasetName.nicopp:
-            print_nicopp_groups(target_value)
-            print_generation(choice, target)
-            return
-        if str(counts) == "builtin":
-            if dataset is not DatasetName.imagenet_lt:
-                raise fail("--counts builtin exists for imagenet-lt and nico++ only", EXIT_BAD_INPUT)
-            counts = packaged_path("imagenet_lt_train_counts.csv")
-        print_plan(plan_balance(read_counts_csv(counts), target_value, images_per_job), grouped=_grouped_counts(counts))
-        print_generation(choice, target)
+        print_plan_from_counts(dataset, counts, target_value, images_per_job, dry_run, choice, target)
         return
     if root is None:
         raise fail("--root is required (or --counts FILE with --dry-run)", EXIT_BAD_INPUT)
-    try:
-        check_balance_options(options)
-    except UserInputError as error:
-        if not dry_run:
-            raise
-        # the dry run still shows the plan, and what a real run would refuse
-        err_console.print(f"[yellow]warning:[/] a real run refuses these settings: {error}", soft_wrap=True)
-    err_console.print(f"[dim]fgs:[/] reading the dataset in {root}", highlight=False)
-    scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
-    if scanned.skipped:
-        err_console.print(
-            f"[yellow]skipped {len(scanned.skipped):,} files that are not readable images[/] (first: "
-            f"{scanned.skipped[0].path}: {scanned.skipped[0].reason})",
-            soft_wrap=True,
-        )
+    check_options_of_run(options, dry_run)
+    scanned = scan_for_balance(dataset, root, split_file, class_names, groups, prompt_template, prompts)
     plan = plan_balance(UnitCounts.from_dataset(scanned), target_value, images_per_job)
     if dry_run:
         print_plan(plan, grouped=scanned.groups is not None, dataset=scanned)
@@ -328,12 +318,94 @@ def balance(
     # what is about to run, as the dry run shows it (the status stream: stdout keeps the result)
     print_plan(plan, grouped=scanned.groups is not None, dataset=scanned, console=err_console, max_rows=50)
     print_generation(choice, target, console=err_console)
-    out = out or root.with_name(root.name + "-balanced")
+    report = run_balance(url, api_key, scanned, out or root.with_name(root.name + "-balanced"), plan, options)
+    report_balance(report, max_retries)
+
+
+def note_control_run(generation: GenerationParams) -> None:
+    """A criterion at omega 0 scores without steering: say so, with the value that steers."""
+    if generation.scores_without_steering:
+        preset = get_preset("paper-imagenet-lt")
+        err_console.print(
+            f"[yellow]note:[/] --criterion {generation.criterion.value} at --omega 0 scores each image without "
+            f"steering it (a control run); give --omega (e.g. {preset.generation_params().omega:g}, preset "
+            f"{preset.name}'s value) for feedback",
+            soft_wrap=True,
+        )
+
+
+def print_plan_from_counts(
+    dataset: DatasetName,
+    counts: Path,
+    target_value: str | int | float | dict[str, int],
+    images_per_job: int,
+    dry_run: bool,
+    choice: GenerationChoice,
+    target: str,
+) -> None:
+    """`balance --counts FILE --dry-run`: the plan from counts alone (no images, no service)."""
+    if not dry_run:
+        raise fail("--counts plans from counts only: add --dry-run (a real balance needs --root)", EXIT_BAD_INPUT)
+    if str(counts) == "builtin" and dataset is DatasetName.nicopp:
+        print_nicopp_groups(target_value)
+        print_generation(choice, target)
+        return
+    if str(counts) == "builtin":
+        if dataset is not DatasetName.imagenet_lt:
+            raise fail("--counts builtin exists for imagenet-lt and nico++ only", EXIT_BAD_INPUT)
+        counts = packaged_path("imagenet_lt_train_counts.csv")
+    print_plan(plan_balance(read_counts_csv(counts), target_value, images_per_job), grouped=_grouped_counts(counts))
+    print_generation(choice, target)
+
+
+def check_options_of_run(options: BalanceOptions, dry_run: bool) -> None:
+    """What a real run would refuse: refused, or on a dry run (which still shows the plan) a warning."""
+    from fgs_client.balance_options import check_balance_options
+
+    try:
+        check_balance_options(options)
+    except UserInputError as error:
+        if not dry_run:
+            raise
+        err_console.print(f"[yellow]warning:[/] a real run refuses these settings: {error}", soft_wrap=True)
+
+
+def scan_for_balance(
+    dataset: DatasetName,
+    root: Path,
+    split_file: Path | None,
+    class_names: Path | None,
+    groups: Path | None,
+    prompt_template: str | None,
+    prompts: Path | None,
+) -> ScannedDataset:
+    """`scan`, saying so, and naming the files skipped as not readable images."""
+    err_console.print(f"[dim]fgs:[/] reading the dataset in {root}", highlight=False)
+    scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
+    if scanned.skipped:
+        err_console.print(
+            f"[yellow]skipped {len(scanned.skipped):,} files that are not readable images[/] (first: "
+            f"{scanned.skipped[0].path}: {scanned.skipped[0].reason})",
+            soft_wrap=True,
+        )
+    return scanned
+
+
+def run_balance(
+    url: str, api_key: str | None, scanned: ScannedDataset, out: Path, plan: BalancePlan, options: BalanceOptions
+) -> BalanceReport:
+    """The run against the service; Ctrl-C exits 130 saying what is left on the service and the two ways on."""
+    from fgs_client.balance_runner import BalanceRun
+
     with make_client(url, api_key) as client:
         try:
-            report = BalanceRun(client, scanned, out, plan, options, console=err_console).run()
+            return BalanceRun(client, scanned, out, plan, options, console=err_console).run()
         except KeyboardInterrupt:
             raise fail(interrupted_message(out), EXIT_INTERRUPTED) from None
+
+
+def report_balance(report: BalanceReport, max_retries: int) -> None:
+    """The run's last line on stdout; jobs canceled on the service or failed: on stderr, and exit 1."""
     summary = (
         f"{report.synthetic_written:,}/{report.planned_images:,} synthetic images in {report.out} "
         f"({report.real_images:,} real, {report.skipped_files:,} files skipped, {report.retried_jobs} jobs "
@@ -371,7 +443,7 @@ def balance(
 
 def check_prompts_if_reachable(url: str, api_key: str | None, scanned: ScannedDataset, force: bool) -> None:
     """The dry run's prompt check: against the model of the service at `url` when one answers, else a note."""
-    from fgs_client.balance_runner import check_prompts_against_model
+    from fgs_client.balance_inputs import check_prompts_against_model
 
     try:
         with make_client(url, api_key, timeout_s=10, retries=0) as client:
@@ -429,7 +501,8 @@ def cancel(
             batches.setdefault(row.batch_id or "", []).append(row)
         singly = batches.pop("", [])
         with make_client(url, api_key) as client:
-            # A chunk is one batch: one DELETE per batch; jobs submitted singly (retries, a full queue) one by one.
+            # Every job is in a batch: one DELETE per batch; one by one only the jobs an earlier client version
+            # submitted outside any batch, and those of a batch the service no longer knows.
             for batch_id, batch_rows in batches.items():
                 try:
                     now = client.cancel_batch(batch_id)
@@ -765,7 +838,7 @@ def class_folders(
 @app.command()
 @generation_options(on_invalid=lambda message: fail(message, EXIT_BAD_INPUT), exclude=("omega", "gamma"))
 def sweep(
-    dataset: Annotated[DatasetName, typer.Option("--dataset", help="layout of the data on disk")],
+    dataset: DatasetOption,
     root: Annotated[Path, typer.Option("--root", help="the dataset root")],
     classes: Annotated[str, typer.Option("--classes", help="comma-separated class names or indices (a few rare ones)")],
     classifier: Annotated[
@@ -783,9 +856,7 @@ def sweep(
         int, typer.Option("--seeds", min=1, max=64, help="images per class and setting (the same seeds in each)")
     ] = 4,
     seed: Annotated[int, typer.Option("--seed", help="first generation seed; also picks the conditioning image")] = 0,
-    hardness_stats: Annotated[
-        Path | None, typer.Option("--hardness-stats", help="safetensors from `hardness-stats`")
-    ] = None,
+    hardness_stats: HardnessStatsOption = None,
     size: Annotated[int, typer.Option("--size", help="grid thumbnail side in pixels")] = 96,
     grid_layout: Annotated[
         str,
@@ -807,32 +878,18 @@ def sweep(
     setting (intended-class share, mean criterion, density and coverage); a suggested setting only from a rule
     validated on Digits-LT (none is yet: it says why).
     Needs the `train` extra (torch) to embed the images with the classifier."""
-    import json
-
     from fgs_client import pilot_sweep
 
     try:
         from fgs_client.training import embed_images, load_classifier_archive
     except ImportError as error:
         raise fail(f"sweep needs the train extra (pip install 'fgs[train]'): {error}", EXIT_BAD_INPUT) from None
-    if generation.criterion.value == "none":
-        raise fail("--criterion is needed: the sweep varies the feedback scale of a criterion", EXIT_BAD_INPUT)
-    if grid_layout not in pilot_sweep.GRID_LAYOUTS:
-        raise fail(f"--grid-layout: choose one of {', '.join(pilot_sweep.GRID_LAYOUTS)}", EXIT_BAD_INPUT)
+    check_sweep_options(generation, grid_layout)
     parsed = read_classifier_spec(classifier_spec)
-    omegas = pilot_sweep.parse_floats(omega, "omega")
-    gammas = pilot_sweep.parse_floats(gamma, "gamma") if gamma else [generation.gamma]
-    settings = [pilot_sweep.SweepSetting(w, g) for g in gammas for w in sorted(omegas)]
-    for setting in settings:  # each setting must be a valid generation before anything is uploaded
-        try:
-            GenerationParams.model_validate(generation.model_dump() | {"omega": setting.omega, "gamma": setting.gamma})
-        except ValidationError as error:
-            raise UserInputError(validation_message(error)) from None
+    settings = sweep_settings(generation, omega, gamma)
     scanned = scan(dataset, root, split_file, class_names, groups, prompt_template, prompts)
     chosen = pilot_sweep.resolve_classes(classes, scanned.class_names)
-    match = match_classes(parsed, scanned.class_names)  # by name, as `balance` matches them
-    if match.note:
-        err_console.print(f"[yellow]note:[/] {match.note}", soft_wrap=True)
+    match = match_classifier(parsed, scanned)
     model = load_classifier_archive(classifier, parsed)
     with make_client(url, api_key) as client:
         classifier_id = client.upload_classifier(classifier, parsed, hardness_stats).id
@@ -854,11 +911,58 @@ def sweep(
 
     real = {c: embed([im.path for im in scanned.images if im.class_index == c][:500]) for c in chosen}
     pooled, per_class = pilot_sweep.setting_rows(sweeps, settings, real, embed)
-    suggestion = pilot_sweep.validated_suggestion(pooled)
     grids = [
         pilot_sweep.write_grid(s, settings, out / f"grid_{s.class_index:04d}_{s.class_name}.png", size, grid_layout)
         for s in sweeps
     ]
+    report_sweep(out, generation, pooled, per_class, grids, grid_layout, f"{len(chosen)} classes x {seeds} seeds")
+
+
+def match_classifier(spec: ClassifierSpec, scanned: ScannedDataset) -> ClassMatch:
+    """The classifier's classes matched to the dataset's by name, as `balance` matches them, with its note."""
+    match = match_classes(spec, scanned.class_names)
+    if match.note:
+        err_console.print(f"[yellow]note:[/] {match.note}", soft_wrap=True)
+    return match
+
+
+def check_sweep_options(generation: GenerationParams, grid_layout: str) -> None:
+    from fgs_client import pilot_sweep
+
+    if generation.criterion.value == "none":
+        raise fail("--criterion is needed: the sweep varies the feedback scale of a criterion", EXIT_BAD_INPUT)
+    if grid_layout not in pilot_sweep.GRID_LAYOUTS:
+        raise fail(f"--grid-layout: choose one of {', '.join(pilot_sweep.GRID_LAYOUTS)}", EXIT_BAD_INPUT)
+
+
+def sweep_settings(generation: GenerationParams, omega: str, gamma: str | None) -> list[SweepSetting]:
+    """The (omega, gamma) settings to try, each checked as a generation before anything is uploaded."""
+    from fgs_client import pilot_sweep
+
+    omegas = pilot_sweep.parse_floats(omega, "omega")
+    gammas = pilot_sweep.parse_floats(gamma, "gamma") if gamma else [generation.gamma]
+    settings = [pilot_sweep.SweepSetting(w, g) for g in gammas for w in sorted(omegas)]
+    for setting in settings:
+        try:
+            GenerationParams.model_validate(generation.model_dump() | {"omega": setting.omega, "gamma": setting.gamma})
+        except ValidationError as error:
+            raise UserInputError(validation_message(error)) from None
+    return settings
+
+
+def report_sweep(
+    out: Path,
+    generation: GenerationParams,
+    pooled: list[SettingRow],
+    per_class: dict[str, list[SettingRow]],
+    grids: list[Path],
+    grid_layout: str,
+    scope: str,
+) -> None:
+    """sweep.md and sweep.json in `out`, and the table, the suggestion (or why none) and the files on stdout."""
+    from fgs_client import pilot_sweep
+
+    suggestion = pilot_sweep.validated_suggestion(pooled)
     criterion = generation.criterion.value
     markdown = pilot_sweep.sweep_markdown(pooled, per_class, suggestion, criterion, grids, grid_layout)
     (out / "sweep.md").write_text(markdown)
@@ -876,7 +980,7 @@ def sweep(
             indent=1,
         )
     )
-    table = Table(title=f"pilot sweep: {len(chosen)} classes x {seeds} seeds per setting")
+    table = Table(title=f"pilot sweep: {scope} per setting")
     for column in ("setting", "images", "intended share", f"mean {criterion}", "density", "coverage"):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for r in pooled:
