@@ -12,28 +12,27 @@ is the app's work). Each figure is the median of --repeat requests.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import redis
-import redis.asyncio
 from fastapi.testclient import TestClient
 
-from fgs_common.job_records import now_ts
 from fgs_common.settings import Settings
-from fgs_common.wire import GenerateRequest, ImageResult, JobState
+from fgs_common.wire import ImageResult
 from fgs_service.app import create_app
 from fgs_service.auth import Tenant, hash_key
 from fgs_service.gallery import GalleryCache
-from fgs_service.job_queue import JobQueue
 from fgs_service.redis_server import start_redis_server, stop_redis_server
+
+sys.path.insert(0, str(Path(__file__).parent))
+from finished_jobs import digit_requests, write_finished_jobs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS, IMAGES_PER_JOB, CLASSES = 500, 20, 10
@@ -41,35 +40,11 @@ KEY = "bench-gallery-key-" + "g" * 24
 
 
 def write_jobs(settings: Settings) -> None:
-    """JOBS finished jobs of IMAGES_PER_JOB images each, through JobQueue and the job records (no PNGs: the
-    gallery's JSON is what is timed, not thumbnails)."""
-    sync = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    raw = redis.Redis.from_url(settings.redis_url)
-    tenant = Tenant("bench", 10**9)
-    requests = [
-        GenerateRequest(
-            prompt=f"a photo of digit {j % CLASSES}",
-            class_index=j % CLASSES,
-            num_images=IMAGES_PER_JOB,
-            seed=1000 * j,
-            criterion="entropy",
-            omega=[0.0, 0.03, 0.1, 0.3][(j // CLASSES) % 4],
-            classifier_id="0" * 64,
-        )
-        for j in range(JOBS)
-    ]
+    """JOBS finished jobs of IMAGES_PER_JOB images each (no PNGs: the gallery's JSON is what is timed, not
+    thumbnails)."""
 
-    async def enqueue() -> list[str]:
-        async_redis = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
-        queue = JobQueue(sync, raw, async_redis, settings)
-        enqueued = await queue.enqueue(tenant, requests)
-        await async_redis.aclose()
-        return enqueued.ids
-
-    job_ids = asyncio.run(enqueue())
-    queue = JobQueue(sync, raw, None, settings)
-    for number, (job_id, request) in enumerate(zip(job_ids, requests, strict=True)):
-        results = [
+    def results_of(number: int, request) -> list[ImageResult]:
+        return [
             ImageResult(
                 image_id=f"{number:032x}{seed:032x}",
                 seed=seed,
@@ -78,11 +53,8 @@ def write_jobs(settings: Settings) -> None:
             )
             for seed in request.seeds()
         ]
-        records = queue.records
-        assert records.transition(job_id, JobState.running, (JobState.queued,), started_at=now_ts(), owner="bench")
-        assert records.set_progress(job_id, "bench", results_from=0, results=results)
-        assert records.transition(job_id, JobState.finished, (JobState.running,), finished_at=now_ts())
-    raw.delete(queue.queue("bench").key)
+
+    write_finished_jobs(settings, Tenant("bench", 10**9), digit_requests(JOBS, IMAGES_PER_JOB, CLASSES), results_of)
 
 
 def median_ms(client: TestClient, path: str, repeat: int) -> float:

@@ -12,30 +12,29 @@ decoded and a frame has been drawn; thumbnails are cold (made on first request),
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import redis
-import redis.asyncio
 from PIL import Image
 
 from fgs_common.artifact_store import ArtifactStore
-from fgs_common.job_records import now_ts
 from fgs_common.loopback import free_port
 from fgs_common.settings import Settings
-from fgs_common.wire import GenerateRequest, ImageResult, JobState
+from fgs_common.wire import ImageResult
 from fgs_lab.live_stack import spawn_api, wait_until_serving
 from fgs_service.auth import Tenant, hash_key
-from fgs_service.job_queue import JobQueue
 from fgs_service.redis_server import start_redis_server, stop_redis_server
+
+sys.path.insert(0, str(Path(__file__).parent))
+from finished_jobs import digit_requests, write_finished_jobs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS, IMAGES_PER_JOB, CLASSES = 40, 250, 10
@@ -56,53 +55,23 @@ def png_with_metadata(pixels: np.ndarray, parameters: dict) -> bytes:
 
 
 def write_batch(settings: Settings) -> str:
-    """40 finished jobs of 250 images each (distinct PNGs), through JobQueue and the job records."""
-    sync = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    raw = redis.Redis.from_url(settings.redis_url)
-    tenant = Tenant("bench", 10**9)
-    requests = [
-        GenerateRequest(
-            prompt=f"a photo of digit {j % CLASSES}",
-            class_index=j % CLASSES,
-            num_images=IMAGES_PER_JOB,
-            seed=1000 * j,
-            criterion="entropy",
-            omega=[0.0, 0.03, 0.1, 0.3][(j // CLASSES) % 4],
-            classifier_id="0" * 64,
-        )
-        for j in range(JOBS)
-    ]
-
-    async def enqueue() -> tuple[str, list[str]]:
-        async_redis = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
-        queue = JobQueue(sync, raw, async_redis, settings)
-        enqueued = await queue.enqueue(tenant, requests, batch_id="b" * 32)
-        await async_redis.aclose()
-        return enqueued.batch_id, enqueued.ids
-
-    batch_id, job_ids = asyncio.run(enqueue())
-    queue = JobQueue(sync, raw, None, settings)
+    """40 finished jobs of 250 images each (distinct PNGs in the artifact store), as one batch."""
     store = ArtifactStore(settings.data_dir)
     rng = np.random.default_rng(0)
-    for job_id, request in zip(job_ids, requests, strict=False):
-        assert queue.records.transition(
-            job_id, JobState.running, (JobState.queued,), started_at=now_ts(), worker="bench", owner="bench"
-        )
+
+    def results_of(number: int, request) -> list[ImageResult]:
         results = []
         for seed in request.seeds():
             pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
             value = float(rng.uniform(0, 2.3))
             predicted = int(rng.integers(0, CLASSES))
-            image_id = store.put_image(
-                tenant.name, png_with_metadata(pixels, {"seed": seed, "criterion_value": value}), "png"
-            )
+            png = png_with_metadata(pixels, {"seed": seed, "criterion_value": value})
+            image_id = store.put_image("bench", png, "png")
             results.append(ImageResult(image_id=image_id, seed=seed, criterion_value=value, predicted_class=predicted))
-        assert queue.records.set_progress(job_id, "bench", results_from=0, results=results)
-        assert queue.records.transition(
-            job_id, JobState.finished, (JobState.running,), finished_at=now_ts(), images_done=len(results)
-        )
-    raw.delete(queue.queue("bench").key)  # nothing for a worker to pick up
-    return batch_id
+        return results
+
+    requests = digit_requests(JOBS, IMAGES_PER_JOB, CLASSES)
+    return write_finished_jobs(settings, Tenant("bench", 10**9), requests, results_of, batch_id="b" * 32)
 
 
 MEASURE = """async ([action, page]) => {
