@@ -88,7 +88,7 @@ def test_prompts_the_model_never_saw_are_refused_before_submitting_and_a_prompts
     assert warning < output.index("submitting the jobs")
     # a real run shows what it runs, as the dry run does: the plan and every parameter with its source
     assert output.index("balance plan") < output.index("generation parameters") < warning
-    assert "default (common/fgs_common/wire.py)" in output
+    assert "default (fgs_common/wire/generation.py)" in output
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({f: f"a handwritten digit {d}" for f, d in zip(FRUIT, DIGITS, strict=True)}))

@@ -15,8 +15,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from fgs_common.wire import STORED, GenerateRequest
-from fgs_common.wire_views import (
+from fgs_common.wire import (
+    STORED,
     ClassCount,
     CompareGrid,
     CompareRow,
@@ -24,6 +24,7 @@ from fgs_common.wire_views import (
     GalleryItem,
     GalleryPage,
     GallerySort,
+    GenerateRequest,
 )
 
 MAX_CONDITIONING_SHOWN = 16

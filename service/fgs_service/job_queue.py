@@ -30,8 +30,16 @@ from fgs_common import telemetry
 from fgs_common.exceptions import EnqueueInProgress
 from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, job_public, now_ts
 from fgs_common.settings import Settings
-from fgs_common.wire import BatchPublic, GenerateRequest, JobPublic, JobsPublic, JobState, ModelInfo
-from fgs_common.wire_views import TenantLoadPublic, WorkerPublic
+from fgs_common.wire import (
+    BatchPublic,
+    GenerateRequest,
+    JobPublic,
+    JobsPublic,
+    JobState,
+    ModelInfo,
+    TenantLoadPublic,
+    WorkerPublic,
+)
 from fgs_service.auth import Tenant
 
 JOB_FUNCTION = "fgs_worker.jobs.run_generate_job"

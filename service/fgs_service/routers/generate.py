@@ -10,8 +10,15 @@ from fastapi import APIRouter, Header
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.exceptions import EnqueueInProgress
-from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted
-from fgs_common.wire_views import BatchCanceled
+from fgs_common.wire import (
+    BatchAccepted,
+    BatchCanceled,
+    BatchCreate,
+    BatchPublic,
+    Criterion,
+    GenerateRequest,
+    JobAccepted,
+)
 from fgs_service.auth import Tenant
 from fgs_service.classifier_records import classifier_record
 from fgs_service.deps import JobQueueDep, StoreDep, TenantDep

@@ -9,8 +9,7 @@ from fastapi import APIRouter, Query
 
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.job_records import job_base
-from fgs_common.wire import JobState
-from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries
+from fgs_common.wire import CompareGrid, CompareRows, GalleryPage, GallerySort, JobState, JobSummaries
 from fgs_service.auth import Tenant
 from fgs_service.classifier_records import classifier_record
 from fgs_service.deps import GalleryCacheDep, JobQueueDep, StoreDep, TenantDep, ViewSlot
