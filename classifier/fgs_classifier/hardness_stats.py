@@ -159,7 +159,7 @@ class _SafetensorsReader:
     def __init__(self, path: Path):
         self.path = path
         # Open for the reader's life, read with pread: statistics their tenant deletes stay readable to a job
-        # already scoring with them (DELETE /v1/classifiers/{id} lets a running job finish).
+        # already scoring with them (DELETE /v1/classifiers/{classifier_id} lets a running job finish).
         self._file = open(path, "rb")
         try:
             self._read_header()

@@ -5,7 +5,8 @@ where a family has both: `generation` (GenerationParams -> GenerateRequest, Mode
 JobPublic, progress, the jobs list), `batches`, `uploads` (images and classifiers), `errors`, `views` (the page's
 read-only views).
 Everyone else imports from here, never from a family's module (tests/test_import_rules.py holds that): a model
-moves between families without an import changing.
+moves between families without an import changing. Each id has one name everywhere on the wire: `job_id`,
+`batch_id`, `image_id`, `classifier_id` (tests/test_service_openapi_ids.py walks the OpenAPI document for it).
 """
 
 from fgs_common.wire.batches import BatchAccepted, BatchCanceled, BatchCreate, BatchPublic

@@ -1,4 +1,5 @@
-"""Uploads: what jobs refer to by id, a conditioning image and the team's classifier (with its `ClassifierSpec`)."""
+"""Uploads: what jobs refer to by id, a conditioning image (`image_id`) and the team's classifier
+(`classifier_id`, with its `ClassifierSpec`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class ImageUploaded(BaseModel):
     """An uploaded conditioning image: its content id, size, name and upload time."""
 
-    id: str = Field(description="the image's id: sha256 of its bytes")
+    image_id: str = Field(description="the image's id (sha256 of its bytes): what conditioning_image_ids take")
     width: int = Field(description="width in pixels")
     height: int = Field(description="height in pixels")
     name: str = Field("", description="the file name it was uploaded with")
@@ -65,7 +66,11 @@ class ClassifierSpec(BaseModel):
 
 
 class ClassifierUploaded(BaseModel):
-    id: str = Field(description="the classifier's id: digest of archive, spec and statistics")
+    """An uploaded classifier: its id, name, upload time and spec."""
+
+    classifier_id: str = Field(
+        description="the classifier's id (digest of archive, spec and statistics): what classifier_id takes"
+    )
     name: str = Field("", description="the name it was uploaded with (default: the archive's file name)")
     created_at: datetime | None = Field(None, description="when it was first uploaded")
     spec: ClassifierSpec = Field(description="the spec it was uploaded with")

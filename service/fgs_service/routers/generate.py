@@ -1,4 +1,4 @@
-"""POST /v1/generate (one job), POST /v1/batches (a whole plan), GET /v1/batches/{id}."""
+"""POST /v1/generate (one job), POST /v1/batches (a whole plan), GET /v1/batches/{batch_id}."""
 
 from __future__ import annotations
 
