@@ -202,7 +202,7 @@ def main() -> None:
                 store = redis.Redis.from_url(redis_url)
                 with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
                     image_ids = [
-                        client.post("/v1/images", files={"file": (f"{i}.png", png(i), "image/png")}).json()["id"]
+                        client.post("/v1/images", files={"file": (f"{i}.png", png(i), "image/png")}).json()["image_id"]
                         for i in range(16)
                     ]
                 body = {

@@ -81,8 +81,8 @@ def test_a_rerun_uploads_again_the_classifier_and_images_deleted_since_the_state
     submit_chunk(rerun, state)
     submitted = state.active(10)
     assert len(submitted) == 2 and all(row.job_id for row in submitted)
-    assert client.classifier(rerun.inputs.classifier_id).id == rerun.inputs.classifier_id  # uploaded again
-    assert image_ids <= {image.id for image in client.images()}
+    assert client.classifier(rerun.inputs.classifier_id).classifier_id == rerun.inputs.classifier_id  # uploaded again
+    assert image_ids <= {image.image_id for image in client.images()}
 
     # a failed job's retry (its classifier deleted while it was queued) is built afresh too
     client._request("DELETE", f"/v1/classifiers/{rerun.inputs.classifier_id}")
@@ -92,5 +92,5 @@ def test_a_rerun_uploads_again_the_classifier_and_images_deleted_since_the_state
         assert collector._retry_or_fail(state, row, "classifier ... is no longer in the artifact store") == 0
     retried = next(r for r in state.active(10) if r.key == row.key)
     assert retried.attempt == 1 and retried.job_id != row.job_id
-    assert client.classifier(rerun.inputs.classifier_id).id == rerun.inputs.classifier_id
+    assert client.classifier(rerun.inputs.classifier_id).classifier_id == rerun.inputs.classifier_id
     state.close()

@@ -88,7 +88,7 @@ def test_prompts_the_model_never_saw_are_refused_before_submitting_and_a_prompts
     assert warning < output.index("submitting the jobs")
     # a real run shows what it runs, as the dry run does: the plan and every parameter with its source
     assert output.index("balance plan") < output.index("generation parameters") < warning
-    assert "default (common/fgs_common/wire.py)" in output
+    assert "default (fgs_common/wire/generation.py)" in output
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({f: f"a handwritten digit {d}" for f, d in zip(FRUIT, DIGITS, strict=True)}))
@@ -276,7 +276,7 @@ def test_a_wrong_key_says_where_a_key_comes_from_and_classifiers_are_listed_by_n
     code, _ = run_cli(stack, "classifiers", "--delete", classifier_id)
     assert code == 0
     with stack.client("alpha") as client:
-        assert classifier_id not in {c["id"] for c in client.get("/v1/classifiers").json()}
+        assert classifier_id not in {c["classifier_id"] for c in client.get("/v1/classifiers").json()}
     assert httpx.get(f"{stack.base_url}/v1/jobs").json()["error"]["message"].startswith("no API key was sent")
 
 
@@ -286,12 +286,12 @@ def test_conditioning_images_are_listed_by_name_and_deleted_from_the_command_lin
         files = {"file": ("my-seven.png", (tmp_path / "my-seven.png").read_bytes(), "image/png")}
         uploaded = client.post("/v1/images", files=files)
     assert uploaded.status_code == 201, uploaded.text
-    image_id = uploaded.json()["id"]
+    image_id = uploaded.json()["image_id"]
     code, listed = run_cli(stack, "images")
     assert code == 0 and "my-seven.png" in listed and image_id[:12] in listed, listed
     code, output = run_cli(stack, "images", "--delete", image_id)
     assert code == 0 and f"deleted image {image_id}" in output
     with stack.client("alpha") as client:
-        assert image_id not in {i["id"] for i in client.get("/v1/images").json()}
+        assert image_id not in {i["image_id"] for i in client.get("/v1/images").json()}
     code, output = run_cli(stack, "images", "--delete", image_id)  # gone already: a 404, said as such
     assert code != 0 and f"no image with id {image_id!r}" in output, output

@@ -56,7 +56,7 @@ def test_a_nan_criterion_value_is_null_with_a_flag(redis_server, tiny_model_dir,
                 "guidance_every": 1,
                 "criterion": "loss",
                 "omega": 0.01,
-                "classifier_id": uploaded.json()["id"],
+                "classifier_id": uploaded.json()["classifier_id"],
             }
             # two jobs queued together: the worker runs them as one shared batch (issue 15), each checked
             batch = client.post("/v1/batches", json={"jobs": [body, dict(body, seed=5, omega=0.02)]})

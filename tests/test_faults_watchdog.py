@@ -148,7 +148,7 @@ def test_a_classifier_that_hangs_on_a_batch_of_one_fails_its_job_while_others_fi
         hanging = {
             "criterion": "loss",
             "omega": 0.05,
-            "classifier_id": uploaded.json()["id"],
+            "classifier_id": uploaded.json()["classifier_id"],
             "num_images": 1,
             "steps": 2,
             "guidance_every": 1,

@@ -90,11 +90,15 @@ def test_the_rule_catches_a_lazy_forbidden_import(tmp_path, monkeypatch):
     assert forbidden_imports("fgs_worker") == ["worker/fgs_worker/jobs.py:2 imports fgs_client"]
 
 
+def module_name(path: Path, folder: Path) -> str:
+    """`wire/jobs.py` -> `wire.jobs`; a subpackage's `wire/__init__.py` -> `wire` (what `import ...wire` runs)."""
+    parts = path.relative_to(folder).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
 def module_imports(folder: Path, package: str) -> dict[str, set[str]]:
     """Module -> the modules of the same package it imports (function-local imports included)."""
-    modules = {
-        path.relative_to(folder).with_suffix("").as_posix().replace("/", "."): path for path in folder.rglob("*.py")
-    }
+    modules = {module_name(path, folder): path for path in folder.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         targets = set()
@@ -147,6 +151,59 @@ def test_the_cycle_check_finds_a_lazy_cycle(tmp_path):
     graph = module_imports(tmp_path, "fgs_client")
     assert graph == {"http_client": {"balance_runner"}, "balance_runner": {"http_client"}, "cli": {"http_client"}}
     assert import_cycle(graph) == ["balance_runner", "http_client", "balance_runner"]
+
+
+def test_the_cycle_check_sees_a_subpackage_init(tmp_path):
+    """A family module that imports its own package's entry point closes a cycle through the `__init__`."""
+    (tmp_path / "wire").mkdir()
+    (tmp_path / "wire" / "__init__.py").write_text("from fgs_common.wire.jobs import JobState\n")
+    (tmp_path / "wire" / "jobs.py").write_text("from fgs_common.wire import GenerateRequest\n")
+    graph = module_imports(tmp_path, "fgs_common")
+    assert import_cycle(graph) == ["wire", "wire.jobs", "wire"]
+
+
+WIRE = "fgs_common.wire"
+
+
+def python_files() -> list[Path]:
+    """Every Python file of the repository (packages, tests, lab, bench, examples, scripts), virtualenvs and other
+    hidden folders left out."""
+    return [p for p in REPO.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
+
+
+def test_the_wire_has_one_entry_point():
+    """`from fgs_common.wire import X` is the one way in: outside the package nothing imports a family module
+    (`fgs_common.wire.jobs`), so a model can move between families without an import changing."""
+    wire_folder = package_folder("fgs_common") / "wire"
+    problems = []
+    for path in python_files():
+        if path.is_relative_to(wire_folder):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            problems += [
+                f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in names if n.startswith(WIRE + ".")
+            ]
+    assert problems == []
+
+
+def test_the_wire_entry_point_exports_every_family_model():
+    """Each public name a family defines is importable from `fgs_common.wire` (the entry point forgets none)."""
+    import importlib
+    import pkgutil
+
+    wire = importlib.import_module(WIRE)
+    missing = []
+    for info in pkgutil.iter_modules(wire.__path__):
+        family = importlib.import_module(f"{WIRE}.{info.name}")
+        tree = ast.parse(Path(family.__file__).read_text(encoding="utf-8"))
+        defined = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+        defined += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)]
+        missing += [f"{info.name}.{name}" for name in defined if not name.startswith("_") and not hasattr(wire, name)]
+    assert missing == []
 
 
 @pytest.mark.stack  # a fresh interpreter

@@ -123,7 +123,7 @@ class RecordingClient:
         self.requests = []
 
     def upload_image(self, data, filename):
-        return SimpleNamespace(id="a" * 64)
+        return SimpleNamespace(image_id="a" * 64)
 
     def submit_batch(self, requests):
         self.requests += requests

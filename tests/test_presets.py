@@ -117,12 +117,12 @@ def test_an_explicit_target_overrides_the_preset_target():
 
 def test_fields_a_preset_does_not_set_keep_their_defaults():
     output = dry_run("--preset", "paper-imagenet-lt")
-    assert row(output, "noise_level") == ("0", "default (common/fgs_common/wire.py)")
+    assert row(output, "noise_level") == ("0", "default (fgs_common/wire/generation.py)")
 
 
 def test_without_a_preset_the_defaults_apply():
     output = dry_run()
-    assert row(output, "gamma") == (str(GenerationParams().gamma), "default (common/fgs_common/wire.py)")
+    assert row(output, "gamma") == (str(GenerationParams().gamma), "default (fgs_common/wire/generation.py)")
 
 
 def test_an_unknown_preset_is_a_clear_error():

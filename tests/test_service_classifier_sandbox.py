@@ -39,7 +39,7 @@ def test_exported_classifier_uploads_and_serves_a_feedback_job(live_stack, tmp_p
     with live_stack.client("alpha") as client:
         uploaded = upload_classifier(client, archive.read_bytes(), hostile.SPEC, filename="classifier.pt2")
         assert uploaded.status_code == 201, uploaded.text
-        classifier_id = uploaded.json()["id"]
+        classifier_id = uploaded.json()["classifier_id"]
         # 3 images: the static export (batch 2) runs in a full and a padded chunk
         job_id = generate(
             client, num_images=3, criterion="entropy", omega=0.5, classifier_id=classifier_id, steps=4, guidance_every=2

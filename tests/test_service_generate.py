@@ -18,10 +18,10 @@ def test_generate_entropy_feedback_matches_in_process_sampler(live_stack, classi
     with live_stack.client("alpha") as client:
         image = client.post("/v1/images", files={"file": ("cond.png", png_bytes(1), "image/png")})
         assert image.status_code == 201, image.text
-        image_id = image.json()["id"]
+        image_id = image.json()["image_id"]
         uploaded = upload_classifier(client, archive.read_bytes(), spec)
         assert uploaded.status_code == 201, uploaded.text
-        classifier_id = uploaded.json()["id"]
+        classifier_id = uploaded.json()["classifier_id"]
 
         body = {
             "prompt": "a photo of digit three",

@@ -103,7 +103,7 @@ def test_large_statistics_are_streamed_to_disk_and_scored_by_the_worker(stack, i
     grown = after["VmHWM"] - before["VmRSS"]
     assert grown * 1024 < size / 8, f"the API's peak RSS grew {grown / 1024:.0f} MiB for {size / 2**20:.0f} MiB"
 
-    classifier_id = uploaded.json()["id"]
+    classifier_id = uploaded.json()["classifier_id"]
     stored = stack.data_dir / "tenants" / "alpha" / "classifiers" / classifier_id / "hardness.safetensors"
     assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(stats.read_bytes()).digest()
     assert leftovers(stack) == []

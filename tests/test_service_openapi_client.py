@@ -102,8 +102,8 @@ def test_a_generated_client_uploads_generates_waits_and_downloads(stack, tmp_pat
         body=models.GenerateRequest(
             prompt="a photo of digit one",
             class_index=1,
-            conditioning_image_ids=[image.id],
-            classifier_id=classifier.id,
+            conditioning_image_ids=[image.image_id],
+            classifier_id=classifier.classifier_id,
             criterion=models.Criterion.ENTROPY,
             omega=0.1,
             steps=2,

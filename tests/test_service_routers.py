@@ -83,7 +83,7 @@ def upload_classifier(api, tenant: str = "alpha", num_classes: int = 10, stats: 
     spec = ClassifierSpec(num_classes=num_classes, input_size=32, output=output).model_dump_json()
     response = api.post("/v1/classifiers", files=files, data={"spec": spec}, headers=auth(tenant))
     assert response.status_code == 201, response.text
-    return response.json()["id"]
+    return response.json()["classifier_id"]
 
 
 def safetensors_bytes(num_classes: int = 10, dim: int = 4) -> bytes:
@@ -141,8 +141,8 @@ def test_image_upload_download_and_tenancy(api):
     assert response.status_code == 201
     uploaded = response.json()
     assert uploaded.pop("created_at")
-    assert uploaded == {"id": hashlib.sha256(data).hexdigest(), "width": 16, "height": 16, "name": "a.png"}
-    image_id = response.json()["id"]
+    assert uploaded == {"image_id": hashlib.sha256(data).hexdigest(), "width": 16, "height": 16, "name": "a.png"}
+    image_id = response.json()["image_id"]
     download = api.get(f"/v1/images/{image_id}", headers=auth("alpha"))
     assert download.status_code == 200 and download.content == data
     assert download.headers["content-type"] == "image/png"
@@ -156,13 +156,14 @@ def test_image_upload_download_and_tenancy(api):
 def test_uploaded_images_have_a_name_and_date_and_their_tenant_deletes_them(api, settings):
     first, second = png_bytes(seed=5, size=16), png_bytes(seed=6, size=16)
     ids = [
-        api.post("/v1/images", files={"file": (name, data, "image/png")}, headers=auth("alpha")).json()["id"]
+        api.post("/v1/images", files={"file": (name, data, "image/png")}, headers=auth("alpha")).json()["image_id"]
         for name, data in (("one.png", first), ("two.png", second))
     ]
     again = api.post("/v1/images", files={"file": ("renamed.png", first, "image/png")}, headers=auth("alpha")).json()
     assert again["name"] == "one.png"  # the same bytes keep their first name and date
     listed = api.get("/v1/images", headers=auth("alpha")).json()
-    assert [(i["id"], i["name"], i["width"]) for i in listed] == [(ids[0], "one.png", 16), (ids[1], "two.png", 16)]
+    expected = [(ids[0], "one.png", 16), (ids[1], "two.png", 16)]
+    assert [(i["image_id"], i["name"], i["width"]) for i in listed] == expected
     assert all(i["created_at"] for i in listed)
     assert api.get("/v1/images", headers=auth("beta")).json() == []
     assert api.delete(f"/v1/images/{ids[0]}", headers=auth("beta")).status_code == 404
@@ -175,7 +176,7 @@ def test_uploaded_images_have_a_name_and_date_and_their_tenant_deletes_them(api,
     assert api.delete(f"/v1/images/{ids[0]}", headers=auth("alpha")).status_code == 204
     assert list(thumbnails.glob(f"*/{ids[0]}.webp")) == []  # no thumbnail outlives its image
     assert api.get(f"/v1/images/{ids[0]}", headers=auth("alpha")).status_code == 404
-    assert [i["id"] for i in api.get("/v1/images", headers=auth("alpha")).json()] == [ids[1]]
+    assert [i["image_id"] for i in api.get("/v1/images", headers=auth("alpha")).json()] == [ids[1]]
     job = {**JOB, "conditioning_image_ids": [ids[0]]}
     assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404
 
@@ -183,7 +184,7 @@ def test_uploaded_images_have_a_name_and_date_and_their_tenant_deletes_them(api,
 def test_an_upload_record_deleted_while_the_images_are_listed_is_left_out(api, settings, monkeypatch):
     image_id = api.post(
         "/v1/images", files={"file": ("one.png", png_bytes(seed=5, size=16), "image/png")}, headers=auth("alpha")
-    ).json()["id"]
+    ).json()["image_id"]
     record = settings.data_dir / "tenants" / "alpha" / "uploads" / f"{image_id}.json"
     real_glob = Path.glob
 
@@ -335,7 +336,7 @@ def test_the_page_views_read_jobs_and_images_as_the_wire_defines_them(api, recor
     ]
     run_as_a_worker(records, job_id, results)
     job = api.get(f"/v1/jobs/{job_id}", headers=auth("alpha")).json()
-    # the jobs table: the same record as GET /v1/jobs/{id}, without the results
+    # the jobs table: the same record as GET /v1/jobs/{job_id}, without the results
     summaries = api.get("/v1/views/jobs", headers=auth("alpha")).json()
     assert summaries["total"] == 1 and summaries["jobs"] == [{k: v for k, v in job.items() if k != "results"}]
     # the gallery: each result with its job's prompt, class and generation parameters
@@ -409,7 +410,7 @@ def test_classifier_upload_read_and_list(api):
     record = api.get(f"/v1/classifiers/{with_stats}", headers=auth("alpha")).json()
     assert record["has_hardness_stats"] is True and record["spec"]["num_classes"] == 10
     listed = api.get("/v1/classifiers", headers=auth("alpha")).json()
-    assert sorted(c["id"] for c in listed) == sorted([plain, with_stats])
+    assert sorted(c["classifier_id"] for c in listed) == sorted([plain, with_stats])
     assert api.get("/v1/classifiers", headers=auth("beta")).json() == []
     assert api.get(f"/v1/classifiers/{plain}", headers=auth("beta")).status_code == 404
     pickle = api.post(
@@ -442,15 +443,16 @@ def test_classifiers_have_a_name_and_date_and_their_tenant_deletes_them(api):
     ).json()
     unnamed = upload_classifier(api, num_classes=10, stats=safetensors_bytes())
     listed = api.get("/v1/classifiers", headers=auth("alpha")).json()
-    assert [(c["id"], c["name"]) for c in listed] == [(named["id"], "digits cnn v1"), (unnamed, "clf.pt")]
+    expected = [(named["classifier_id"], "digits cnn v1"), (unnamed, "clf.pt")]
+    assert [(c["classifier_id"], c["name"]) for c in listed] == expected
     assert all(c["created_at"] for c in listed) and listed[0]["created_at"] <= listed[1]["created_at"]
-    assert api.delete(f"/v1/classifiers/{named['id']}", headers=auth("beta")).status_code == 404
-    assert api.delete(f"/v1/classifiers/{named['id']}", headers=auth("alpha")).status_code == 204
-    assert api.get(f"/v1/classifiers/{named['id']}", headers=auth("alpha")).status_code == 404
-    assert [c["id"] for c in api.get("/v1/classifiers", headers=auth("alpha")).json()] == [unnamed]
-    gone = api.delete(f"/v1/classifiers/{named['id']}", headers=auth("alpha"))
+    assert api.delete(f"/v1/classifiers/{named['classifier_id']}", headers=auth("beta")).status_code == 404
+    assert api.delete(f"/v1/classifiers/{named['classifier_id']}", headers=auth("alpha")).status_code == 204
+    assert api.get(f"/v1/classifiers/{named['classifier_id']}", headers=auth("alpha")).status_code == 404
+    assert [c["classifier_id"] for c in api.get("/v1/classifiers", headers=auth("alpha")).json()] == [unnamed]
+    gone = api.delete(f"/v1/classifiers/{named['classifier_id']}", headers=auth("alpha"))
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
-    job = {**JOB, "criterion": "entropy", "classifier_id": named["id"]}
+    job = {**JOB, "criterion": "entropy", "classifier_id": named["classifier_id"]}
     assert api.post("/v1/generate", json=job, headers=auth("alpha")).status_code == 404
 
 

@@ -11,10 +11,10 @@ from support.stack import CAPPED_MAX_IMAGES
 def test_other_tenants_objects_are_404(live_stack, classifier_files):
     archive, spec = classifier_files
     with live_stack.client("alpha") as alpha, live_stack.client("beta") as beta:
-        image_id = alpha.post("/v1/images", files={"file": ("a.png", png_bytes(7), "image/png")}).json()["id"]
+        image_id = alpha.post("/v1/images", files={"file": ("a.png", png_bytes(7), "image/png")}).json()["image_id"]
         classifier = upload_classifier(alpha, archive.read_bytes(), spec)
         assert classifier.status_code == 201, classifier.text
-        classifier_id = classifier.json()["id"]
+        classifier_id = classifier.json()["classifier_id"]
         job_id = generate(alpha, steps=400, num_images=4, conditioning_image_ids=[image_id])
 
         for method, path in [
@@ -29,7 +29,7 @@ def test_other_tenants_objects_are_404(live_stack, classifier_files):
             assert response.json()["error"]["code"] == "not_found"
         assert job_id not in [j["job_id"] for j in beta.get("/v1/jobs").json()["jobs"]]
         assert job_id in [j["job_id"] for j in alpha.get("/v1/jobs").json()["jobs"]]
-        assert classifier_id not in [c["id"] for c in beta.get("/v1/classifiers").json()]
+        assert classifier_id not in [c["classifier_id"] for c in beta.get("/v1/classifiers").json()]
         # beta cannot use alpha's image or classifier either
         assert generate_status(beta, conditioning_image_ids=[image_id]) == 404
         assert generate_status(beta, classifier_id=classifier_id, criterion="entropy", omega=0.1) == 404

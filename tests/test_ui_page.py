@@ -125,7 +125,7 @@ def classifier_id(ui_stack, classifier_files) -> str:
     with ui_stack.client("alpha") as alpha:
         response = upload_classifier(alpha, archive.read_bytes(), spec)
     assert response.status_code == 201, response.text
-    return response.json()["id"]
+    return response.json()["classifier_id"]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_progress_reaches_100_and_gallery_shows_the_jobs_images(session_of, ui_s
         )
         assert not [u for u in session.urls if re.search(r"/v1/images/[0-9a-f]{64}$", u)], "full images in the grid"
 
-        # the side panel shows the full image: the same bytes as GET /v1/images/{id}, and its metadata
+        # the side panel shows the full image: the same bytes as GET /v1/images/{image_id}, and its metadata
         first = job.results[0]
         page.click(f"#gallery-grid figure.tile[data-image-id='{first.image_id}']")
         page.wait_for_function(
@@ -239,7 +239,7 @@ def test_the_page_names_classes_as_the_team_does_and_shows_64_bit_seeds_exactly(
         assert uploaded.status_code == 201, uploaded.text
         job_id = generate(
             alpha, prompt="a handwritten digit three", class_index=3, num_images=2, steps=2, guidance_every=1,
-            criterion="entropy", omega=0.05, classifier_id=uploaded.json()["id"], seed=SEED, group="grass",
+            criterion="entropy", omega=0.05, classifier_id=uploaded.json()["classifier_id"], seed=SEED, group="grass",
         )  # fmt: skip
         job = wait_final(alpha, job_id)
         assert job.state.value == "finished"
@@ -359,7 +359,7 @@ def test_operator_view_for_admin_keys_only(session_of, ui_stack, artifacts):
     with ui_stack.client("alpha") as alpha, ui_stack.client("ops") as ops:
         assert alpha.get("/v1/admin/overview").status_code == 403
         # a job that fails on every attempt: its stored conditioning image is damaged behind the API's back
-        image_id = alpha.post("/v1/images", files={"file": ("c.png", png_bytes(5), "image/png")}).json()["id"]
+        image_id = alpha.post("/v1/images", files={"file": ("c.png", png_bytes(5), "image/png")}).json()["image_id"]
         (ui_stack.data_dir / "tenants" / "alpha" / "images" / f"{image_id}.png").write_bytes(b"damaged")
         failing = generate(alpha, num_images=1, steps=2, guidance_every=1, conditioning_image_ids=[image_id])
         assert wait_final(alpha, failing).state.value == "failed"

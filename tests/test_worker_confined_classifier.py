@@ -157,13 +157,13 @@ def test_hostile_classifiers_fail_their_own_jobs_and_the_worker_serves_another_t
             archive = hostile.script_archive(tmp_path / f"{name}.pt", module)
             uploaded = upload_classifier(alpha, archive.read_bytes(), hostile.SPEC)
             assert uploaded.status_code == 201, uploaded.text  # the check's batch of 2 shows nothing
-            jobs[name] = generate(alpha, classifier_id=uploaded.json()["id"], **guided)
+            jobs[name] = generate(alpha, classifier_id=uploaded.json()["classifier_id"], **guided)
         failed = {name: wait_final(alpha, job_id, timeout=300) for name, job_id in jobs.items()}
     with stack.client("beta") as beta:
         archive = hostile.script_archive(tmp_path / "tiny.pt", hostile.TinyClassifier())
         uploaded = upload_classifier(beta, archive.read_bytes(), hostile.SPEC)
         assert uploaded.status_code == 201, uploaded.text
-        served = wait_final(beta, generate(beta, classifier_id=uploaded.json()["id"], **guided), timeout=300)
+        served = wait_final(beta, generate(beta, classifier_id=uploaded.json()["classifier_id"], **guided), timeout=300)
     crashed, out_of_memory = failed["out_of_bounds"], failed["allocates_3_gib"]
     assert crashed.state is JobState.failed and crashed.error.code == "classifier_crashed", crashed
     assert "SIGSEGV" in crashed.error.message

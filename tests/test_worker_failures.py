@@ -89,7 +89,7 @@ def test_an_invalid_job_fails_at_once_with_its_message(setup):
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
     uploaded = client.post("/v1/images", files={"file": ("red.png", buffer.getvalue(), "image/png")})
     assert uploaded.status_code == 201, uploaded.text
-    image_id = uploaded.json()["id"]
+    image_id = uploaded.json()["image_id"]
     job_id = submit(client, conditioning_image_ids=[image_id])
     # the image goes away for good before a worker takes the job
     path = worker.runtime.store.image_path("dev", image_id)
@@ -118,7 +118,7 @@ def upload_unchecked_classifier(client) -> str:
         data={"spec": spec},
     )
     assert uploaded.status_code == 201, uploaded.text
-    return uploaded.json()["id"]
+    return uploaded.json()["classifier_id"]
 
 
 def test_a_queued_job_whose_classifier_was_deleted_fails_at_once_saying_so(setup):

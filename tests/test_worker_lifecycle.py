@@ -51,7 +51,7 @@ def test_failing_job_is_retried_then_failed_with_its_error(own_stack):
     from rq.serializers import JSONSerializer
 
     with own_stack.client("beta") as client:
-        image_id = client.post("/v1/images", files={"file": ("c.png", png_bytes(9), "image/png")}).json()["id"]
+        image_id = client.post("/v1/images", files={"file": ("c.png", png_bytes(9), "image/png")}).json()["image_id"]
         # Damage the stored file behind the API's back: every attempt fails while reading it.
         stored = own_stack.data_dir / "tenants" / "beta" / "images" / f"{image_id}.png"
         stored.write_bytes(b"damaged")

@@ -135,8 +135,8 @@ class RunInputs:
         self.say(f"uploading the classifier {options.classifier.name} (the service checks it in a sandbox)")
         spec = read_classifier_spec(options.classifier_spec)
         uploaded = self.client.upload_classifier(options.classifier, spec, options.hardness_stats)
-        state.set_meta(f"classifier:{digest}", uploaded.id)
-        self.classifier_id = uploaded.id
+        state.set_meta(f"classifier:{digest}", uploaded.classifier_id)
+        self.classifier_id = uploaded.classifier_id
 
     def _classifier_digest(self, with_stats: bool) -> str:
         """sha256 of the classifier archive and spec (and its hardness statistics): what the state keys it by."""
@@ -167,8 +167,8 @@ class RunInputs:
             self.bad_conditioning.add(image.path)
             return None
         uploaded = self.client.upload_image(data, filename=image.path.name)
-        state.record_upload(digest, uploaded.id)
-        return uploaded.id
+        state.record_upload(digest, uploaded.image_id)
+        return uploaded.image_id
 
     def request(self, state: BalanceState, slot: JobSlot) -> GenerateRequest:
         ids = [self.image_id(state, image) for image in slot.conditioning]
@@ -219,7 +219,7 @@ class RunInputs:
             self.classifier_id = None
             self.resolve_classifier(state)
             return True
-        present = {image.id for image in self.client.images()}
+        present = {image.image_id for image in self.client.images()}
         forgotten = state.forget_uploads_except(present)
         self._image_ids = {path: i for path, i in self._image_ids.items() if i is None or i in present}
         if forgotten:

@@ -626,7 +626,7 @@ def upload_classifier(
     parsed = read_classifier_spec(spec)
     with make_client(url, api_key) as client:
         uploaded = client.upload_classifier(archive, parsed, hardness_stats, name=name)
-    out_console.print(uploaded.id)
+    out_console.print(uploaded.classifier_id)
 
 
 @app.command()
@@ -648,7 +648,7 @@ def classifiers(
     for item in listed:
         uploaded_at = item.created_at.strftime("%Y-%m-%d %H:%M") if item.created_at else ""
         names = ", ".join(item.spec.class_names) if item.spec.class_names else f"{item.spec.num_classes} (unnamed)"
-        table.add_row(item.id, item.name, uploaded_at, names, "yes" if item.has_hardness_stats else "no")
+        table.add_row(item.classifier_id, item.name, uploaded_at, names, "yes" if item.has_hardness_stats else "no")
     out_console.print(table)
 
 
@@ -676,7 +676,7 @@ def images(
         table.add_column(column, overflow="fold")
     for item in shown:
         uploaded_at = item.created_at.strftime("%Y-%m-%d %H:%M") if item.created_at else ""
-        table.add_row(item.id, item.name, f"{item.width}x{item.height}", uploaded_at)
+        table.add_row(item.image_id, item.name, f"{item.width}x{item.height}", uploaded_at)
     out_console.print(table)
 
 
@@ -892,7 +892,7 @@ def sweep(
     match = match_classifier(parsed, scanned)
     model = load_classifier_archive(classifier, parsed)
     with make_client(url, api_key) as client:
-        classifier_id = client.upload_classifier(classifier, parsed, hardness_stats).id
+        classifier_id = client.upload_classifier(classifier, parsed, hardness_stats).classifier_id
         sweeps = pilot_sweep.run_sweep(
             client,
             scanned,

@@ -47,7 +47,8 @@ class GenerationChoice:
             return "--" + name.replace("_", "-") + " (given)"
         if self.preset is not None and name in self.preset.params:
             return f"preset {self.preset.name}: {self.preset.params[name].source}"
-        return "default (common/fgs_common/wire.py)"
+        # the module whose comments give each default's source, as a path inside the installed package
+        return f"default ({GenerationParams.__module__.replace('.', '/')}.py)"
 
 
 def given_parameters(ctx: typer.Context) -> frozenset[str]:

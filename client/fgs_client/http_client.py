@@ -169,11 +169,11 @@ class Client:
         return [ImageUploaded.model_validate(i) for i in self._request("GET", "/v1/images").json()]
 
     def delete_image(self, image_id: str) -> None:
-        """DELETE /v1/images/{id}: a job that still needs it and has not started fails saying so."""
+        """DELETE /v1/images/{image_id}: a job that still needs it and has not started fails saying so."""
         self._request("DELETE", f"/v1/images/{image_id}")
 
     def classifier(self, classifier_id: str) -> ClassifierUploaded:
-        """GET /v1/classifiers/{id}: an uploaded classifier's spec, name and date."""
+        """GET /v1/classifiers/{classifier_id}: an uploaded classifier's spec, name and date."""
         return ClassifierUploaded.model_validate(self._request("GET", f"/v1/classifiers/{classifier_id}").json())
 
     def classifiers(self) -> list[ClassifierUploaded]:
@@ -181,7 +181,7 @@ class Client:
         return [ClassifierUploaded.model_validate(c) for c in self._request("GET", "/v1/classifiers").json()]
 
     def delete_classifier(self, classifier_id: str) -> None:
-        """DELETE /v1/classifiers/{id}."""
+        """DELETE /v1/classifiers/{classifier_id}."""
         self._request("DELETE", f"/v1/classifiers/{classifier_id}")
 
     def model_info(self) -> ModelInfo | None:
@@ -233,11 +233,12 @@ class Client:
         self._request("DELETE", f"/v1/jobs/{job_id}")
 
     def cancel_batch(self, batch_id: str) -> int:
-        """DELETE /v1/batches/{id}: cancel the batch's jobs that have not ended; returns how many were canceled."""
+        """DELETE /v1/batches/{batch_id}: cancel the batch's jobs that have not ended; returns how many were
+        canceled."""
         return int(self._request("DELETE", f"/v1/batches/{batch_id}").json()["canceled"])
 
     def image_bytes(self, image_id: str) -> bytes:
-        """GET /v1/images/{id}: the PNG."""
+        """GET /v1/images/{image_id}: the PNG."""
         return self._request("GET", f"/v1/images/{image_id}").content
 
     def wait(self, job_id: str, poll_s: float = 0.5, timeout_s: float | None = None) -> JobPublic:

@@ -187,7 +187,7 @@ def run_sweep(
                 **params.model_dump(),
                 prompt=scanned.prompt(class_index, pick.group),
                 class_index=target,
-                conditioning_image_ids=[uploaded.id],
+                conditioning_image_ids=[uploaded.image_id],
                 num_images=num_seeds,
                 seed=seed,
                 classifier_id=classifier_id,

@@ -97,8 +97,8 @@ class ArtifactStore:
         """The records of the tenant's uploaded images whose file is still there."""
         folder = self.tenant_dir(tenant) / "uploads"
         paths = sorted(folder.glob("*.json")) if folder.exists() else []
-        records = [record | {"id": p.stem} for p in paths if _ID.match(p.stem) and (record := _read_json(p))]
-        return [r for r in records if self.image_path(tenant, r["id"]) is not None]
+        records = [record | {"image_id": p.stem} for p in paths if _ID.match(p.stem) and (record := _read_json(p))]
+        return [r for r in records if self.image_path(tenant, r["image_id"]) is not None]
 
     def delete_image(self, tenant: str, image_id: str) -> bool:
         """Remove an image (uploaded or generated), its upload record and thumbnails; False when the tenant has

@@ -2,7 +2,8 @@
 --preset NAME` and by GET /v1/presets.
 
 A preset sets some GenerationParams fields and a balance target; every field it does not set keeps the
-GenerationParams default (whose own provenance is in common/fgs_common/wire.py). Explicit flags override a preset.
+GenerationParams default (whose own provenance is in common/fgs_common/wire/generation.py). Explicit flags
+override a preset.
 Sources are the paper (Askari-Hemmat et al., TMLR 2024; section or appendix), the released code
 (github.com/facebookresearch/Feedback-guided-Data-Synthesis; file), or our own measurement (where it is recorded).
 """

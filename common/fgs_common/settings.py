@@ -181,7 +181,7 @@ class Settings(BaseSettings):
     """how often an idle worker looks for new tenant queues"""
     sse_poll_s: float = 0.25
     max_sse_streams_per_tenant: int = Field(default=64, ge=1)
-    """progress streams (GET /v1/jobs/{id}/events) one tenant may hold open on one API process; 429 beyond. Above
+    """progress streams (GET /v1/jobs/{job_id}/events) one tenant may hold open on one API process; 429 beyond. Above
     what fgs's own clients open (the page 3, bench/load.py 25 per tenant); 1,500 streams of one tenant raised
     another's median latency from 7 ms to 1.3 s (issue 19), so 64 bound that to a few tens of ms"""
     sse_retry_after_s: int = Field(default=5, ge=1)

@@ -116,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestGate, settings=settings)
 
-    # thumbnails before images: /v1/images/{id}/thumbnail must not be taken for an image id
+    # thumbnails before images: /v1/images/{image_id}/thumbnail must not be taken for an image id
     for module in (thumbnails, images, classifiers, generate, jobs, model, views, admin, health, metrics, presets, ui):
         app.include_router(module.router)
     ui.mount_static(app)

@@ -25,7 +25,7 @@ def classifier_record(store: ArtifactStore, tenant: str, classifier_id: str) -> 
             meta = {"name": "", "created_at": datetime.fromtimestamp(folder.stat().st_mtime, UTC).isoformat()}
     except FileNotFoundError:
         return None
-    return ClassifierUploaded(id=classifier_id, spec=spec, has_hardness_stats=has_stats, **meta)
+    return ClassifierUploaded(classifier_id=classifier_id, spec=spec, has_hardness_stats=has_stats, **meta)
 
 
 def classifier_records(store: ArtifactStore, tenant: str) -> list[ClassifierUploaded]:
@@ -33,4 +33,4 @@ def classifier_records(store: ArtifactStore, tenant: str) -> list[ClassifierUplo
     folder = store.tenant_dir(tenant) / "classifiers"
     ids = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
     records = [classifier_record(store, tenant, i) for i in ids]
-    return sorted((r for r in records if r is not None), key=lambda r: (r.created_at, r.id))
+    return sorted((r for r in records if r is not None), key=lambda r: (r.created_at, r.classifier_id))

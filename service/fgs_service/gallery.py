@@ -15,8 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from fgs_common.job_record import JobRecord
-from fgs_common.wire import GenerateRequest, ImageResult
-from fgs_common.wire_views import (
+from fgs_common.wire import (
     ClassCount,
     CompareGrid,
     CompareRow,
@@ -24,6 +23,8 @@ from fgs_common.wire_views import (
     GalleryItem,
     GalleryPage,
     GallerySort,
+    GenerateRequest,
+    ImageResult,
 )
 
 MAX_CONDITIONING_SHOWN = 16

@@ -32,8 +32,16 @@ from fgs_common.job_record import JobRecord
 from fgs_common.job_records import ACTIVE_STATES, JobRecords, Keys, now_ts
 from fgs_common.rq_adapter import queue_key, remove_queued_job
 from fgs_common.settings import Settings
-from fgs_common.wire import BatchPublic, GenerateRequest, JobPublic, JobsPublic, JobState, ModelInfo
-from fgs_common.wire_views import TenantLoadPublic, WorkerPublic
+from fgs_common.wire import (
+    BatchPublic,
+    GenerateRequest,
+    JobPublic,
+    JobsPublic,
+    JobState,
+    ModelInfo,
+    TenantLoadPublic,
+    WorkerPublic,
+)
 from fgs_service.auth import Tenant
 
 JOB_FUNCTION = "fgs_worker.jobs.run_generate_job"

@@ -15,10 +15,10 @@ fgs generates labelled images for the rare classes of a dataset with feedback-gu
 
 ## Workflow
 1. **Upload** what the jobs refer to. A conditioning image: `POST /v1/images` (multipart field `file`) answers
-   `ImageUploaded` whose `id` goes into `conditioning_image_ids`. For feedback guidance, your classifier:
+   `ImageUploaded` whose `image_id` goes into `conditioning_image_ids`. For feedback guidance, your classifier:
    `POST /v1/classifiers` (multipart: `archive`, a TorchScript `.pt` or torch.export `.pt2`; `spec`, a
-   `ClassifierSpec` as JSON; optionally `hardness_stats`) answers `ClassifierUploaded` whose `id` goes into
-   `classifier_id`.
+   `ClassifierSpec` as JSON; optionally `hardness_stats`) answers `ClassifierUploaded` whose `classifier_id` goes
+   into the request's `classifier_id`.
 2. **Generate**: `POST /v1/generate` with a `GenerateRequest` answers 202 with a `job_id`; many jobs at once,
    all or nothing: `POST /v1/batches`. An `Idempotency-Key` header makes a retried POST return the first jobs.
 3. **Watch**: `GET /v1/jobs/{job_id}` until `state` is `finished`, `failed` or `canceled`, or follow the
@@ -26,7 +26,9 @@ fgs generates labelled images for the rare classes of a dataset with feedback-gu
 4. **Download**: each of the job's `results[i].image_id` at `GET /v1/images/{image_id}`: a PNG whose `fgs` text
    chunk holds the request, seed, model and criterion value.
 
-Every call but the health checks takes `Authorization: Bearer <API key>`. Errors are
+Each id has one name wherever it appears, in bodies, paths and queries: `image_id`, `classifier_id`, `job_id`,
+`batch_id` (a list of them: `job_ids`, `conditioning_image_ids`). Every call but the health checks takes
+`Authorization: Bearer <API key>`. Errors are
 `{"error": {"code": ..., "message": ...}}`: the message says what to fix.
 
 ## Generated clients

@@ -9,8 +9,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 
 from fgs_common.job_record import JobRecord
-from fgs_common.wire import ErrorResponse, JobState
-from fgs_common.wire_views import FailedJob, OperatorOverview, ThroughputMinute
+from fgs_common.wire import ErrorResponse, FailedJob, JobState, OperatorOverview, ThroughputMinute
 from fgs_service.deps import AdminDep, JobQueueDep
 from fgs_service.errors import ERROR_RESPONSES
 

@@ -1,4 +1,4 @@
-"""POST /v1/generate (one job), POST /v1/batches (a whole plan), GET /v1/batches/{id}."""
+"""POST /v1/generate (one job), POST /v1/batches (a whole plan), GET /v1/batches/{batch_id}."""
 
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ from fastapi import APIRouter, Header
 from fgs_common.artifact_store import ArtifactStore
 from fgs_common.exceptions import EnqueueInProgress
 from fgs_common.pixel_limit import over_pixel_limit
-from fgs_common.wire import BatchAccepted, BatchCreate, BatchPublic, Criterion, GenerateRequest, JobAccepted
-from fgs_common.wire_views import BatchCanceled
+from fgs_common.wire import (
+    BatchAccepted,
+    BatchCanceled,
+    BatchCreate,
+    BatchPublic,
+    Criterion,
+    GenerateRequest,
+    JobAccepted,
+)
 from fgs_service.auth import Tenant
 from fgs_service.classifier_records import classifier_record
 from fgs_service.deps import JobQueueDep, StoreDep, TenantDep

@@ -61,14 +61,14 @@ def upload_image(file: UploadFile, tenant: TenantDep, store: StoreDep, settings:
     image_id = store.put_image(tenant.name, data, fmt)
     name = (file.filename or "")[:200]
     record = store.record_upload(tenant.name, image_id, {"name": name, "width": width, "height": height})
-    return ImageUploaded(id=image_id, **record)
+    return ImageUploaded(image_id=image_id, **record)
 
 
 @router.get("")
 def list_images(tenant: TenantDep, store: StoreDep) -> list[ImageUploaded]:
     """The caller's uploaded conditioning images (not the generated ones), oldest first."""
     uploaded = [ImageUploaded.model_validate(record) for record in store.uploads(tenant.name)]
-    return sorted(uploaded, key=lambda image: (image.created_at, image.id))
+    return sorted(uploaded, key=lambda image: (image.created_at, image.image_id))
 
 
 @router.delete("/{image_id}", status_code=204)

@@ -1,4 +1,4 @@
-"""GET /v1/images/{id}/thumbnail: a small WebP of an image, for grids (the page never loads full images there)."""
+"""GET /v1/images/{image_id}/thumbnail: a small WebP of an image, for grids (the page never loads full images there)."""
 
 from __future__ import annotations
 

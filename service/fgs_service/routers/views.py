@@ -8,7 +8,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Query
 
 from fgs_common.artifact_store import ArtifactStore
-from fgs_common.wire_views import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries
+from fgs_common.wire import CompareGrid, CompareRows, GalleryPage, GallerySort, JobSummaries
 from fgs_service.auth import Tenant
 from fgs_service.classifier_records import classifier_record
 from fgs_service.deps import GalleryCacheDep, JobQueueDep, StoreDep, TenantDep, ViewSlot

@@ -183,7 +183,7 @@ async function loadClassNames(jobs) {
   const unknown = jobs.some((j) => j.request.classifier_id && !state.classNames.has(j.request.classifier_id));
   if (!unknown) return;
   try {
-    for (const c of await apiJson("/v1/classifiers")) state.classNames.set(c.id, c.spec.class_names);
+    for (const c of await apiJson("/v1/classifiers")) state.classNames.set(c.classifier_id, c.spec.class_names);
   } catch (error) {
     console.warn("classifier names not loaded", error);
   }

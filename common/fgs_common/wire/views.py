@@ -1,7 +1,7 @@
-"""Wire models of the read-only views behind the web page: job summaries, gallery, compare grid, operator view.
+"""The read-only views behind the web page: job summaries, gallery, compare grid, operator view.
 
-Beside `fgs_common.wire` (the generation API) rather than in it: these are views over job records that the
-page and scripts read, and no request body depends on them.
+Views over job records that the page and scripts read, built on the job and generation models; no request body
+depends on them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, PlainSerializer
 
-from fgs_common.wire import ClassIndex, GenerationParams, ImageResult, JobBase, Prompt
+from fgs_common.wire.generation import ClassIndex, GenerationParams, Prompt
+from fgs_common.wire.jobs import ImageResult, JobBase
 
 # A seed in a view's JSON is a string: seeds reach 2^63 - 1 and JavaScript's numbers round integers past 2^53
 # (975561995220926170 shows as ...200), so the page never sees a seed as a number. The API's models keep integers.
@@ -94,13 +95,6 @@ class CompareGrid(BaseModel):
     rows_by: CompareRows = Field(description="what varies down the rows")
     seeds: list[SeedText] = Field(description="the seed of each column (strings: 64 bits)")
     rows: list[CompareRow] = Field(description="one row per setting")
-
-
-class BatchCanceled(BaseModel):
-    """DELETE /v1/batches/{id}: how many of its jobs this call canceled."""
-
-    batch_id: str = Field(description="the batch")
-    canceled: int = Field(description="jobs canceled now (queued ones never run, running ones stop at their next step)")
 
 
 class TenantLoadPublic(BaseModel):

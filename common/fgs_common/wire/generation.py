@@ -1,17 +1,17 @@
-"""The wire format of fgs API v1: the one definition, imported by service, worker and client.
+"""The generation request: the sampling parameters (`GenerationParams`), a job's request (`GenerateRequest`) and
+what the workers' model takes (`ModelInfo`).
 
-Pulls in neither torch nor FastAPI. Every default of GenerationParams says where it comes from: the paper
-(Askari-Hemmat et al., TMLR 2024), its released code (github.com/facebookresearch/Feedback-guided-Data-Synthesis),
-or our Digits-LT validation run (bench/digits_lt.md). Named settings with a source per value: presets.py.
+Every default of GenerationParams says where it comes from: the paper (Askari-Hemmat et al., TMLR 2024), its
+released code (github.com/facebookresearch/Feedback-guided-Data-Synthesis), or our Digits-LT validation run
+(bench/digits_lt.md). Named settings with a source per value: fgs_common.presets.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -64,20 +64,6 @@ class DropoutScaling(str, Enum):
 
     inverted = "inverted"  # multiply the kept units by 1 / (1 - p): the expected embedding is unchanged
     zero = "zero"  # only zero the dropped units, as torch's dropout without rescaling would
-
-
-class JobState(str, Enum):
-    """One job lifecycle for worker, API and client."""
-
-    queued = "queued"
-    running = "running"
-    finished = "finished"
-    failed = "failed"
-    canceled = "canceled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (JobState.finished, JobState.failed, JobState.canceled)
 
 
 def _finite(name: str, value: float) -> float:
@@ -310,182 +296,3 @@ class ModelInfo(BaseModel):
         # whole words only, so that "one" is not found in "phone"; a class name may be several words
         known = [re.compile(rf"\b{re.escape(name.lower())}\b") for name in self.class_names]
         return [p for p in prompts if not any(name.search(p.lower()) for name in known)]
-
-
-class ErrorBody(BaseModel):
-    """What went wrong, for a person: a stable code and a message (HTTP errors and failed jobs alike)."""
-
-    code: str = Field(description="machine-readable reason, e.g. invalid_job, worker_error, not_found")
-    message: str = Field(description="what went wrong and what to do about it")
-
-
-class JobAccepted(BaseModel):
-    """202 of POST /v1/generate: where to follow the job."""
-
-    job_id: str = Field(description="the new job's id")
-
-
-class JobProgress(BaseModel):
-    """How far a job is: images written, and the step of the chunk being sampled."""
-
-    images_done: int = Field(0, description="images written to the artifact store so far")
-    images_total: int = Field(0, description="images the job makes in all")
-    step: int = Field(0, description="denoising step of the chunk being sampled")
-    steps_total: int = Field(0, description="denoising steps per chunk")
-
-
-class ImageResult(BaseModel):
-    image_id: str = Field(description="id of the generated PNG (GET /v1/images/{id})")
-    seed: int = Field(description="the seed this image was sampled with")
-    criterion_value: float | None = Field(
-        None, description="final criterion value C; null without a classifier, or when it was not finite"
-    )
-    criterion_not_finite: bool = Field(
-        False, description="the criterion's value was NaN or infinite (JSON cannot carry it; criterion_value is null)"
-    )
-    predicted_class: int | None = Field(None, description="the classifier's arg-max class for the image")
-
-
-class JobBase(BaseModel):
-    """A job without its results: what the page's jobs table reads; `JobPublic` adds the results."""
-
-    job_id: str = Field(description="the job's id")
-    state: JobState = Field(description="queued, running, finished, failed or canceled")
-    request: GenerateRequest = Field(description="the request the job was created with")
-    progress: JobProgress = Field(description="images and denoising steps done")
-    error: ErrorBody | None = Field(None, description="why the job failed (or is being retried)")
-    batch_id: str | None = Field(None, description="the batch the job belongs to, if any")
-    created_at: datetime = Field(description="when the job was queued")
-    started_at: datetime | None = Field(None, description="when a worker took the job")
-    finished_at: datetime | None = Field(None, description="when the job reached its final state")
-
-
-class JobProgressEvent(BaseModel):
-    """A `progress` event of GET /v1/jobs/{id}/events: what changed while the job runs, without its request."""
-
-    job_id: str = Field(description="the job's id")
-    state: JobState = Field(description="queued or running (the final state comes as a `job` event)")
-    progress: JobProgress = Field(description="images and denoising steps done")
-    error: ErrorBody | None = Field(None, description="why the last attempt failed, while the job is retried")
-
-
-class JobPublic(JobBase):
-    """A job with one result per image written so far."""
-
-    results: list[ImageResult] = Field(default_factory=list, description="one entry per image written so far")
-
-
-class BatchCreate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"jobs": [GENERATE_EXAMPLE, GENERATE_EXAMPLE | {"class_index": 1, "prompt": "a handwritten digit one"}]}
-            ]
-        },
-    )
-    jobs: Annotated[
-        list[GenerateRequest], Field(min_length=1, max_length=10_000, description="one request per job, all or nothing")
-    ]
-
-
-class BatchAccepted(BaseModel):
-    batch_id: str = Field(description="the new batch's id")
-    job_ids: list[str] = Field(description="its jobs' ids, in request order")
-
-
-class BatchPublic(BaseModel):
-    """GET /v1/batches/{id}: a batch's jobs and how far they are, counted by state."""
-
-    batch_id: str = Field(description="the batch's id")
-    job_ids: list[str] = Field(description="its jobs' ids, in request order")
-    counts: dict[JobState, int] = Field(description="number of its jobs in each state")
-    images_done: int = Field(description="images written, over all its jobs")
-    images_total: int = Field(description="images requested, over all its jobs")
-
-
-class ImageUploaded(BaseModel):
-    """An uploaded conditioning image: its content id, size, name and upload time."""
-
-    id: str = Field(description="the image's id: sha256 of its bytes")
-    width: int = Field(description="width in pixels")
-    height: int = Field(description="height in pixels")
-    name: str = Field("", description="the file name it was uploaded with")
-    created_at: datetime | None = Field(None, description="when it was first uploaded")
-
-
-class ClassifierOutput(str, Enum):
-    """What the archive's forward returns."""
-
-    logits = "logits"
-    logits_embedding = "logits_embedding"  # a tuple (logits, embedding): the embedding feeds the hardness score
-
-
-# A digits classifier's spec, as /docs shows it (fgs-digits' ten classes, 32 x 32 grey input).
-CLASSIFIER_SPEC_EXAMPLE = {
-    "num_classes": 10,
-    "class_names": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
-    "input_size": 32,
-    "in_channels": 1,
-    "mean": [0.5],
-    "std": [0.5],
-    "output": "logits",
-}
-
-
-class ClassifierSpec(BaseModel):
-    """The JSON that travels with an uploaded classifier archive."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [CLASSIFIER_SPEC_EXAMPLE]})
-
-    num_classes: Annotated[int, Field(ge=2, le=100_000, description="number of classes (logits)")]
-    class_names: list[str] | None = Field(None, description="a name per class, in index order")
-    input_size: Annotated[int, Field(ge=8, le=1024, description="side of the square input in pixels")]
-    in_channels: Literal[1, 3] = Field(3, description="1 (grey) or 3 (RGB) input channels")
-    mean: Annotated[list[float], Field(min_length=1, max_length=3, description="mean per channel")] = [0.5, 0.5, 0.5]
-    std: Annotated[list[float], Field(min_length=1, max_length=3, description="std per channel")] = [0.5, 0.5, 0.5]
-    output: ClassifierOutput = Field(ClassifierOutput.logits, description="what the forward returns")
-
-    @model_validator(mode="after")
-    def _check(self) -> ClassifierSpec:
-        if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {self.num_classes}")
-        for name, values in (("mean", self.mean), ("std", self.std)):
-            if len(values) not in (1, self.in_channels):
-                raise ValueError(f"{name} must have 1 or in_channels={self.in_channels} values")
-        if any(s <= 0 or not math.isfinite(s) for s in self.std):
-            raise ValueError("std values must be positive and finite")
-        return self
-
-
-class ClassifierUploaded(BaseModel):
-    id: str = Field(description="the classifier's id: digest of archive, spec and statistics")
-    name: str = Field("", description="the name it was uploaded with (default: the archive's file name)")
-    created_at: datetime | None = Field(None, description="when it was first uploaded")
-    spec: ClassifierSpec = Field(description="the spec it was uploaded with")
-    has_hardness_stats: bool = Field(description="whether hardness statistics came with it")
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody = Field(description="the error")
-
-
-# A tenant holds at most max_queued_images (2,000,000 by default) queued jobs plus its kept history; a billion
-# is past any real list and far inside what Redis accepts as a range index (a signed 64-bit integer).
-MAX_LIST_OFFSET = 1_000_000_000
-
-
-class JobListQuery(BaseModel):
-    """The query of GET /v1/jobs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    state: JobState | None = Field(None, description="only jobs in this state")
-    limit: int = Field(100, ge=1, le=1000, description="at most this many jobs")
-    offset: int = Field(0, ge=0, le=MAX_LIST_OFFSET, description="skip this many of the newest jobs first")
-
-
-class JobsPublic(BaseModel):
-    jobs: list[JobPublic] = Field(description="the jobs, newest first")
-    count: int = Field(description="number of jobs in this page")
-    total: int = Field(description="the tenant's jobs in all states, the range that limit and offset page through")
