@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from fgs_common.job_records import Keys
 from fgs_common.loopback import free_port
 from fgs_common.telemetry import counter_key, parse_counter_field
 from fgs_lab.live_stack import spawn_api, spawn_worker, wait_until_serving
@@ -267,7 +268,7 @@ def audit(stack: LocalStack, log: LoadLog, outages: list[tuple[float, float]] = 
             findings["accepted job not finished"].append(f"{job_id}: {record['state']} {record.get('error', '')[:200]}")
             continue
         finished_by_tenant[tenant] += 1
-        results = [json.loads(entry) for entry in client.lrange(f"{stack.prefix}:results:{job_id}", 0, -1)]
+        results = [json.loads(entry) for entry in client.lrange(Keys(stack.prefix).results(job_id), 0, -1)]
         if len(results) != int(record["images_total"]):
             findings["wrong image count"].append(job_id)
         for result in results:

@@ -1,5 +1,5 @@
-"""A balance run collects per batch: one GET /v1/batches/{id} per batch and poll, and a job read on its own only in
-a batch where more jobs ended than the run has collected. Every job it submits lies in a batch it records.
+"""A balance run collects per batch: one GET /v1/batches/{batch_id} per batch and poll, and a job read on its own
+only in a batch where more jobs ended than the run has collected. Every job it submits lies in a batch it records.
 
 The API in process (TestClient) on the session's redis-server, no workers: every job stays queued until the test
 cancels it on the service.

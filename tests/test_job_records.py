@@ -3,6 +3,7 @@ queued-image count and the jobs-by-state counter together, once, and never out o
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -80,6 +81,18 @@ def test_results_are_appended_at_their_index_by_their_owner_and_a_new_claim_empt
     assert 0 < records.redis.ttl(records.keys.results("j1")) <= records.redis.ttl(records.keys.job("j1"))
     assert records.transition("j1", *TAKE_OVER, expect_owner="w1", owner="w2", clear_results=True)
     assert records.read("j1").results == ()
+
+
+def test_a_record_of_the_earlier_layout_keeps_its_results(records):
+    """Before results had a list of their own they were one JSON array in the job hash: a finished job stored
+    then (records live 30 days) still shows its images."""
+    create_job(records, "old", num_images=2)
+    assert records.transition("old", *CLAIM, owner="w1")
+    assert records.transition("old", JobState.finished, (JobState.running,), images_done=2)
+    earlier = [ImageResult(image_id=f"{i:064x}", seed=i).model_dump(mode="json") for i in range(2)]
+    records.redis.hset(records.keys.job("old"), "results", json.dumps(earlier))
+    assert [r.seed for r in records.read("old").results] == [0, 1]
+    assert len(records.read("old").public().results) == 2
 
 
 @pytest.mark.parametrize("final", [JobState.finished, JobState.failed, JobState.canceled])

@@ -1,5 +1,5 @@
-"""Collecting a balance run's jobs: the service is asked per batch (GET /v1/batches/{id}: counts by state), and
-only a batch in which more jobs ended than the run has collected has its jobs read one by one (GET /v1/jobs/{id},
+"""Collecting a balance run's jobs: the service is asked per batch (GET /v1/batches/{batch_id}: counts by state), and
+only a batch in which more jobs ended than the run has collected has its jobs read one by one (GET /v1/jobs/{job_id},
 which carries the results); finished jobs are downloaded (temp name + rename), failed ones retried, and jobs
 canceled on the service recorded as canceled, never resubmitted."""
 
@@ -18,7 +18,7 @@ from fgs_client.http_client import ApiError, Client
 from fgs_common.wire import BatchPublic, JobPublic, JobState
 
 # A batch's counts are the stored states as they are; a job whose worker died hard is recorded failed only when
-# it is read on its own (GET /v1/jobs/{id} reconciles it with RQ). So every so many polls, the oldest jobs are
+# it is read on its own (GET /v1/jobs/{job_id} reconciles it with RQ). So every so many polls, the oldest jobs are
 # read one by one whatever their batch says.
 FULL_LOOK_EVERY = 20
 
@@ -33,7 +33,7 @@ def newly_ended(batch: BatchPublic, active: int) -> int:
     """Jobs of the batch that ended (or whose record expired) and that the run has not collected: `active` is how
     many of its jobs the run's state still holds as submitted."""
     ended = sum(count for state, count in batch.counts.items() if state.is_terminal)
-    expired = len(batch.job_ids) - sum(batch.counts.values())  # GET /v1/jobs/{id} answers 404 for them
+    expired = len(batch.job_ids) - sum(batch.counts.values())  # GET /v1/jobs/{job_id} answers 404 for them
     return ended + expired - (len(batch.job_ids) - active)
 
 

@@ -2,7 +2,8 @@
 
     {data_dir}/tenants/{tenant}/images/{sha256}.{png|jpeg|webp}   uploaded conditioning images and generated PNGs
     {data_dir}/tenants/{tenant}/uploads/{sha256}.json   an uploaded image's record (name, date, size)
-    {data_dir}/tenants/{tenant}/classifiers/{id}/archive.{pt|pt2}, spec.json, meta.json[, hardness.safetensors]
+    {data_dir}/tenants/{tenant}/classifiers/{classifier_id}/archive.{pt|pt2}, spec.json, meta.json,
+        [hardness.safetensors]
 
 `meta.json` holds what is not content (the name it was uploaded with, when): the id stays a digest of the content.
 
@@ -108,7 +109,7 @@ class ArtifactStore:
             return False
         path.unlink(missing_ok=True)
         (self.tenant_dir(tenant) / "uploads" / f"{image_id}.json").unlink(missing_ok=True)
-        # its cached thumbnails (fgs_service.thumbnails: thumbnails/{size}/{id}.webp), which would outlive it
+        # its cached thumbnails (fgs_service.thumbnails: thumbnails/{size}/{image_id}.webp), which would outlive it
         for thumbnail in (self.tenant_dir(tenant) / "thumbnails").glob(f"*/{image_id}.webp"):
             thumbnail.unlink(missing_ok=True)
         return True

@@ -230,7 +230,7 @@ class HardnessStatsFile:
     Not `safetensors.safe_open`: that maps the whole file into the address space, and the classifier check runs
     under an address-space limit (FGS_CLASSIFIER_CHECK_MEMORY_BYTES) that statistics of several GB would exceed.
     Here a read costs the bytes asked for. The file stays open for the object's life: statistics their tenant
-    deletes stay readable to a job already scoring with them (DELETE /v1/classifiers/{id} lets it finish).
+    deletes stay readable to a job already scoring with them (DELETE /v1/classifiers/{classifier_id} lets it finish).
     """
 
     def __init__(self, path: Path):

@@ -1,5 +1,6 @@
 """`JobRecord`: one stored job, typed. Read by `fgs_common.job_records.JobRecords.read` (the API's reads, the
-worker's claim, the reconcilers) and parsed there once; nothing else reads a record's fields by name.
+worker's claim, the reconcilers) and parsed there once; besides it, only narrow reads of a few fields
+(`JobRecords.summaries`, the queue's list pages) name fields.
 
 A record is three Redis values (`fgs_common.job_records.Keys`): the hash of small fields (state, progress,
 owner, times), the GenerateRequest JSON beside it, and the list of ImageResult JSONs, one per image written, which
@@ -8,6 +9,7 @@ the worker appends to after each chunk.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -66,7 +68,7 @@ class JobRecord:
             owner=fields.get("owner", ""),
             resume=fields.get("resume") == "1",
             error=ErrorBody.model_validate_json(fields["error"]) if fields.get("error") else None,
-            results=None if results is None else tuple(ImageResult.model_validate_json(r) for r in results),
+            results=None if results is None else _results(results, fields.get("results")),
         )
 
     def base(self) -> JobBase:
@@ -91,3 +93,11 @@ class JobRecord:
     def public(self) -> JobPublic:
         """The wire view with the results (a record read without them shows none)."""
         return JobPublic(**dict(self.base()), results=list(self.results or ()))
+
+
+def _results(listed: list[str], in_hash: str | None) -> tuple[ImageResult, ...]:
+    """The results list; for a record written before results had a list of their own (6 Dec 2026), the JSON
+    array its hash kept in `results` (records live 30 days: a finished job of an earlier version keeps its images)."""
+    if not listed and in_hash:
+        return tuple(ImageResult.model_validate(result) for result in json.loads(in_hash))
+    return tuple(ImageResult.model_validate_json(result) for result in listed)

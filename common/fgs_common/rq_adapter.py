@@ -29,6 +29,8 @@ def export_rq_key_prefix() -> str:
     inherit it. An RQ_KEY_PREFIX already set (by the operator, or by the parent process) wins: a process's children
     agree with it; an empty one counts as unset.
     """
+    # The one read of an FGS_ setting outside fgs_common.settings: it must happen before rq is imported, which is
+    # before a Settings object can exist in a process (its default, "fgs", is Settings.redis_prefix's).
     if not os.environ.get("RQ_KEY_PREFIX"):
         os.environ["RQ_KEY_PREFIX"] = f"{os.environ.get('FGS_REDIS_PREFIX') or 'fgs'}:rq"
     return os.environ["RQ_KEY_PREFIX"]

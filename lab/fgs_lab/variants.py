@@ -10,8 +10,9 @@ from fgs_common.wire import GenerationParams
 
 @dataclass(frozen=True)
 class Variant:
-    """A named setting. The defaults are GenerationParams' except `feedback_input` (x0: a variant that wants the
-    released code's input says so) and `text_only` (no conditioning image at all: the prompt alone)."""
+    """A named setting, every generation parameter the experiments vary. Defaults: γ 3 (the value every recorded
+    experiment used; GenerationParams' own is 5), feedback input x0 (a variant that wants the released code's input
+    says so), and `text_only` (no conditioning image at all: the prompt alone); the rest are GenerationParams'."""
 
     name: str
     label: str

@@ -1,4 +1,5 @@
-"""The RQ adapter: one queue per tenant, JSON serializer, timeouts and retries with backoff.
+"""The job queue and the data-access layer under the routes: one RQ queue per tenant, JSON serializer, timeouts and
+retries with backoff (RQ internals: fgs_common.rq_adapter).
 
 An enqueue first reserves, in one Lua step, the tenant's quota and the Idempotency-Key (a reservation that
 expires after FGS_ENQUEUE_RESERVATION_TTL_S), then writes the job records, the RQ jobs, the tenant's

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 from rq import Queue
 from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
@@ -176,7 +177,11 @@ class FgsWorker(RqWorker):
 
     def _reconcile(self, job_id: str) -> int:
         records = self.runtime.records
-        record = records.read(job_id, with_results=False)
+        try:
+            record = records.read(job_id, with_results=False)
+        except ValidationError as error:  # a record this version cannot read: never a reason for RQ to quit
+            log.warning("job %s: record unreadable, left as it is: %s", job_id, error)
+            return 0
         if record is None or record.state not in ACTIVE_STATES:
             return 0
         try:
