@@ -10,7 +10,6 @@ Seeded: the same seed, step counts and thread count give the same weights. The t
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fgs_lab.digits_model_training import TrainingPlan, train_fgs_digits
-from fgs_lab.model_directory import save_model_directory, scaled_plan
+from fgs_lab.model_directory import save_model_directory, scaled_plan, started
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "worker" / "fgs_worker" / "models" / "fgs-digits"
@@ -47,7 +46,7 @@ def main(
     """Train fgs-digits on the generator split of sklearn's digits and save it to OUT."""
     torch.set_num_threads(threads)
     plan = scaled_plan(TrainingPlan(seed=seed), scale)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    since = started()
     columns = (
         TextColumn("{task.description:<12}"),
         BarColumn(),
@@ -58,16 +57,7 @@ def main(
     )
     with tempfile.TemporaryDirectory() as workdir, Progress(*columns) as bars:
         result = train_fgs_digits(Path(workdir), plan, RichProgress(bars))
-    save_model_directory(
-        result,
-        out,
-        plan,
-        threads,
-        time.perf_counter() - start,
-        time.process_time() - cpu_start,
-        style_bank_images=result.bank_size,
-        generator_digits=result.generator_digits,
-    )
+    save_model_directory(result, out, plan, threads, since, bank="style_bank")
 
 
 if __name__ == "__main__":

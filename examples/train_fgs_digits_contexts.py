@@ -23,7 +23,7 @@ import typer
 from fgs_client.digits_contexts import CONTEXTS, PROMPT_TEMPLATE
 from fgs_client.digits_lt import CLASS_NAMES
 from fgs_lab.contexts_model_training import ContextsPlan, train_fgs_digits_contexts
-from fgs_lab.model_directory import save_model_directory, scaled_plan
+from fgs_lab.model_directory import save_model_directory, scaled_plan, started
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "worker" / "fgs_worker" / "models" / "fgs-digits-contexts"
@@ -44,19 +44,10 @@ def main(
     torch.set_num_threads(threads)
     plan = ContextsPlan(seed=seed)
     plan = dataclasses.replace(plan, stages=scaled_plan(dataclasses.replace(plan.stages, seed=seed), scale))
-    start, cpu_start = time.perf_counter(), time.process_time()
+    since = started()
     with tempfile.TemporaryDirectory() as workdir:
         result = train_fgs_digits_contexts(Path(workdir), plan, log_progress)
-    save_model_directory(
-        result,
-        out,
-        plan,
-        threads,
-        time.perf_counter() - start,
-        time.process_time() - cpu_start,
-        context_bank_images=result.bank_size,
-        generator_digits=result.generator_digits,
-    )
+    save_model_directory(result, out, plan, threads, since, bank="context_bank")
     card = {"class_names": list(CLASS_NAMES), "contexts": list(CONTEXTS), "prompt_template": PROMPT_TEMPLATE}
     (out / "model_card.json").write_text(json.dumps({**card, "card": "README.md"}, indent=1))
 

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -27,11 +28,17 @@ def scaled_plan(plan: TrainingPlan, scale: float) -> TrainingPlan:
     )
 
 
+def started() -> tuple[float, float]:
+    """Wall and CPU clocks now, for `save_model_directory`'s record of the training's time."""
+    return time.perf_counter(), time.process_time()
+
+
 def save_model_directory(
-    result: TrainingResult, out: Path, plan: object, threads: int, wall_s: float, cpu_s: float, **facts: object
+    result: TrainingResult, out: Path, plan: object, threads: int, since: tuple[float, float], bank: str
 ) -> dict:
     """Overwrite `out` with the pipeline (safetensors, diffusers layout), keep its hand-written README.md, and
-    write `training.json`; `facts` are the trainer's own counts. Returns the record."""
+    write `training.json` (`bank`: what the trainer calls its bank, e.g. "style_bank"). Returns the record."""
+    wall_s, cpu_s = time.perf_counter() - since[0], time.process_time() - since[1]
     readme = out / "README.md"
     kept_readme = readme.read_text() if readme.exists() else None  # hand-written: the card and measured numbers
     if out.exists():
@@ -44,7 +51,8 @@ def save_model_directory(
         "threads": threads,
         "seconds": {**{k: round(v, 1) for k, v in result.seconds.items()}, "total": round(wall_s, 1)},
         "cpu_seconds": round(cpu_s, 1),
-        **facts,
+        f"{bank}_images": result.bank_size,
+        "generator_digits": result.generator_digits,
         "sha256": {
             str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(out.rglob("*.safetensors"))
