@@ -39,6 +39,8 @@ from fgs_service.redis_server import start_redis_server, stop_redis_server
 
 TENANTS = {f"team{i}": f"load-key-team{i}-" + "k" * 24 for i in range(4)}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# How long a client follows one job before it gives up on it (the audit then reports the job unfinished).
+FOLLOW_S = 900.0
 
 
 def machine() -> str:
@@ -197,21 +199,26 @@ async def _client(number: int, stack: LocalStack, until: float, log: LoadLog, jo
                 await call("list", "GET", "/v1/jobs", params={"limit": 20})
 
 
-async def _follow(http, call, job_id: str, by_sse: bool, log: LoadLog) -> tuple[str, list]:
-    """Until the job is final (bounded): by SSE (reconnecting after an `error` event) or by polling."""
-    deadline = time.time() + 900
+async def _follow(http, call, job_id: str, by_sse: bool, log: LoadLog, follow_s: float = FOLLOW_S) -> tuple[str, list]:
+    """Until the job is final, or ("unknown", []) after `follow_s`: by SSE (reconnecting after an `error` event)
+    or by polling. The deadline holds inside a stream too: one that only sends keep-alives (a job nobody ends)
+    never returns on its own, and its client would never let the run reach its audit."""
+    deadline = time.time() + follow_s
     while time.time() < deadline:
         if by_sse:
             began = time.time()
             try:
-                async with http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=120) as stream:
-                    log.note("events", stream.status_code, began)
-                    last = None
-                    async for line in stream.aiter_lines():
-                        if line.startswith("data: "):
-                            last = json.loads(line[6:])
-                    if last is not None and last.get("state") in ("finished", "failed", "canceled"):
-                        return last["state"], last.get("results", [])
+                async with asyncio.timeout(deadline - time.time()):
+                    async with http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=120) as stream:
+                        log.note("events", stream.status_code, began)
+                        last = None
+                        async for line in stream.aiter_lines():
+                            if line.startswith("data: "):
+                                last = json.loads(line[6:])
+                if last is not None and last.get("state") in ("finished", "failed", "canceled"):
+                    return last["state"], last.get("results", [])
+            except TimeoutError:
+                break
             except httpx.HTTPError as error:
                 log.transport_errors[type(error).__name__] += 1
             await asyncio.sleep(1.0)

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 import redis
 import redis.asyncio
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
 
 from fgs_common.wire import GenerateRequest, JobState
 from fgs_service.auth import Tenant
@@ -178,3 +179,42 @@ def test_live_workers_are_those_with_a_heartbeat_key(harness):
     harness.redis.set(harness.queue.keys.worker_alive("w-a"), "1", ex=30)
     harness.redis.set("some-other-prefix:worker:w-c", "1", ex=30)
     assert harness.queue.live_worker_names() == ["w-a", "w-b"]
+
+
+@pytest.mark.parametrize(("state", "rq_end"), [("running", "finished"), ("running", "gone"), ("queued", "gone")])
+def test_an_active_job_rq_will_not_run_again_and_no_live_worker_holds_is_failed_as_worker_lost(harness, state, rq_end):
+    """The 30-minute soak's stuck job, whatever ended its RQ job: read (GET, and the SSE stream, which reads
+    through `JobQueue.job`), it is failed with `worker_lost` once neither RQ nor a live worker will end it."""
+    (job_id,) = harness.enqueue(ALPHA, [request(num_images=2)]).ids
+    alive = harness.queue.keys.worker_alive("w-gone")
+    rq_job = Job.fetch(job_id, connection=harness.rq_redis, serializer=JSONSerializer)
+    if state == "running":
+        assert harness.queue.records.transition(
+            job_id, JobState.running, (JobState.queued,), worker="w-gone", owner="w-gone:token"
+        )
+        rq_job.set_status(JobStatus.STARTED)
+        harness.redis.set(alive, "1", ex=30)
+        assert harness.queue.job(ALPHA, job_id).state is JobState.running  # RQ runs it
+    else:
+        assert harness.queue.job(ALPHA, job_id).state is JobState.queued  # RQ will run it
+    if rq_end == "finished":
+        rq_job.set_status(JobStatus.FINISHED)
+    else:
+        rq_job.delete()
+    if state == "running":
+        assert harness.queue.job(ALPHA, job_id).state is JobState.running  # its worker is alive: it may end it
+        harness.redis.delete(alive)
+    lost = harness.queue.job(ALPHA, job_id)
+    assert lost.state is JobState.failed and lost.error.code == "worker_lost", lost
+    assert "nothing will run it" in lost.error.message
+    assert harness.queued_images(ALPHA) == 0
+
+
+def test_a_job_rq_filed_failed_is_failed_with_rqs_error_whatever_its_worker(harness):
+    (job_id,) = harness.enqueue(ALPHA, [request()]).ids
+    assert harness.queue.records.transition(job_id, JobState.running, (JobState.queued,), worker="w-1", owner="t")
+    harness.redis.set(harness.queue.keys.worker_alive("w-1"), "1", ex=30)
+    rq_job = Job.fetch(job_id, connection=harness.rq_redis, serializer=JSONSerializer)
+    rq_job.set_status(JobStatus.FAILED)
+    failed = harness.queue.job(ALPHA, job_id)
+    assert failed.state is JobState.failed and failed.error.code == "worker_failed", failed

@@ -263,3 +263,36 @@ def test_the_claim_takes_one_job_per_tenant_in_turn_so_a_big_backlog_starves_no_
     assert pick_round_robin(heads, "k", 7) == [(0, "b1"), (1, "g1"), (2, "a0"), (1, "g3"), (2, "a1")]
     assert pick_round_robin(heads, "k", 1) == [(0, "b1")]
     assert pick_round_robin(heads, "none", 7) == []
+
+
+@pytest.mark.parametrize("lost_is", ["leader", "companion"])
+def test_a_job_lost_to_another_worker_is_left_to_it_in_rq(setup, lost_is):
+    """The 30-minute soak: a worker that lost a job (paused past the abandon time, another worker took the job over)
+    ended that job's RQ job as a success when its batch ended; RQ then never retried it once its new owner was
+    killed, and the record stayed `running` forever. The losing worker must end only its own execution: RQ keeps
+    the job started (its new owner's), and no entry of the stale execution is left for the abandon sweep to retry."""
+    clients, worker, settings = setup
+    alpha = clients["alpha"]
+    leader, companion, other = submit_batch(alpha, [dict(JOB, seed=k) for k in range(3)])
+    lost_id = leader if lost_is == "leader" else companion
+    records = JobRecords(worker.runtime.redis, settings.redis_prefix)
+
+    def take_over():
+        owner = records.read(lost_id).owner
+        assert records.transition(
+            lost_id, JobState.running, (JobState.running,), expect_owner=owner, owner="other:token", worker="other"
+        )
+
+    handle = on_unet_call(worker, 2, take_over)
+    try:
+        run_next_job(worker)
+    finally:
+        handle.remove()
+    lost_rq_job = Job.fetch(lost_id, connection=worker.connection, serializer=JSONSerializer)
+    assert lost_rq_job.get_status() == "started", "the losing worker ended the RQ job of a job it no longer owns"
+    assert lost_id not in lost_rq_job.started_job_registry.get_job_ids(cleanup=False)
+    assert worker.executions == {}
+    kept = job(alpha, other)
+    assert kept.state is JobState.finished and len(kept.results) == 1, kept
+    kept_rq_job = Job.fetch(other, connection=worker.connection, serializer=JSONSerializer)
+    assert kept_rq_job.get_status() == "finished"

@@ -65,6 +65,11 @@ def remove_queued_job(connection: Any, queue: Queue, job_id: str) -> bool:
     return True
 
 
+# What the enqueued function returns for a job another worker owns now (fgs_worker.job_results.lost): RQ's
+# success path sees it and ends only this worker's execution, never the job (`RqWorker._finalize_success`).
+LOST = {"lost": True}
+
+
 def repeat_at_end_of_queue(job: Job) -> None:
     """RQ runs the job once more after this execution, queued at the end of its queue (a job that yields)."""
     job.repeats_left, job.repeat_intervals = 1, [0]
@@ -134,7 +139,8 @@ class RqWorker(SimpleWorker):
     - `get_heartbeat_ttl`, `heartbeat_executions`, `expire_executions`: executions live `execution_ttl_s` past
       their last beat, which our beats refresh, and the watchdog expires;
     - `claim_queued`, `finalize`, `forget_execution`: executions started and ended beside the worker's own job
-      (the companions of a shared batch).
+      (the companions of a shared batch);
+    - `_finalize_success`: a job whose result is `LOST` (another worker took it over) is left as it is in RQ.
     """
 
     def __init__(self, queues: list[Queue], name: str, connection: Any, maintenance_interval: int, execution_ttl_s):
@@ -324,3 +330,18 @@ class RqWorker(SimpleWorker):
 
     def forget_execution(self, execution: Execution) -> None:
         self.executions.pop(execution.id, None)
+
+    def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
+        """RQ's success path, except for a job this worker lost (`LOST`): it belongs to the worker that took it
+        over, whose execution RQ runs now. Ending it here (RQ's own path: status `finished`, result kept 600 s)
+        hid that execution from the abandon sweep: the new owner killed after that, the job stayed `running` in
+        its record forever (the 30-minute soak). Only this worker's stale execution is deleted; the abandon sweep
+        that retried the job already took its started-registry entry out, and our heartbeats never put it back
+        (they refresh entries that exist only), so the job is not retried a second time."""
+        if return_value != LOST:
+            super()._finalize_success(job, queue, execution, return_value)
+            return
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
+        self.log.info("Worker %s: %s: job lost to another worker, left to it (%s)", self.name, queue.name, job.id)

@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio.to_thread
 from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -51,6 +52,8 @@ MODEL_INFO_CACHE_S = 5.0
 # A batch of more jobs than this is turned into Redis commands in a worker thread, not on the event loop
 # (500 jobs take ~0.1 s of CPU, which would stall every other request meanwhile).
 INLINE_JOBS = 16
+# RQ states after which RQ runs a job no more (FAILED aside: RQ's error is the job's).
+RQ_ENDED = frozenset({JobStatus.FINISHED, JobStatus.STOPPED, JobStatus.CANCELED})
 
 
 # KEYS: tenant queued-image counter, tenant reservations (sorted set: member "token:images", score = expiry),
@@ -289,17 +292,36 @@ class JobQueue:
 
     # ---- failures RQ saw but the job never reported (worker killed hard, timeout in teardown) ----
     def reconcile(self, record: JobRecord) -> JobRecord:
-        """If RQ has given up on an active job, record it as failed with RQ's error; the record as it is now."""
+        """Settle an active job that RQ will not run again; the record as it is now.
+
+        - RQ filed it failed (its worker killed with no retries left): `failed`, `worker_failed`, RQ's error.
+        - RQ counts it ended (finished, stopped, canceled) or has dropped its job hash, and no live worker holds
+          the record: `failed`, `worker_lost`. Nothing would ever move it otherwise, and a client following it
+          (SSE, which reads through here) would wait forever; the 30-minute soak had one. It is failed, not
+          requeued: its RQ retries and backoff are gone with its RQ job, and an owner whose heartbeat key merely
+          expired (a paused worker) may resume; a failed record fences it out, a second run would not.
+        """
         if record.state not in ACTIVE_STATES:
             return record
         try:
             job = Job.fetch(record.job_id, connection=self.rq_redis, serializer=JSONSerializer)
-        except Exception:  # no RQ job left: nothing to reconcile
-            return record
-        if job.get_status(refresh=False) != JobStatus.FAILED:
-            return record
-        message = (job.exc_info or "the worker stopped without reporting").strip().splitlines()[-1][:2000]
-        error = {"code": "worker_failed", "message": message}
+        except NoSuchJobError:
+            job = None
+        status = job.get_status(refresh=False) if job is not None else None
+        if status == JobStatus.FAILED:
+            message = (job.exc_info or "the worker stopped without reporting").strip().splitlines()[-1][:2000]
+            error = {"code": "worker_failed", "message": message}
+        elif job is not None and status not in RQ_ENDED:
+            return record  # RQ runs it, or will
+        elif record.worker and self.redis.exists(self.keys.worker_alive(record.worker)):
+            return record  # its worker may still end it
+        else:
+            ended = "has no job for it any more" if job is None else f"counts it {status.value}"
+            message = (
+                f"the job was left {record.state.value} by worker {record.worker or '(none)'}, which is gone, and "
+                f"RQ {ended}: nothing will run it; submit it again"
+            )
+            error = {"code": "worker_lost", "message": message}
         self.records.transition(record.job_id, JobState.failed, ACTIVE_STATES, error=error, finished_at=now_ts())
         return self.records.read(record.job_id) or record
 

@@ -16,6 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 from fgs_common import telemetry
 from fgs_common.exceptions import InvalidJob
 from fgs_common.job_records import now_ts
+from fgs_common.rq_adapter import LOST
 from fgs_common.wire import ErrorBody, ImageResult, JobState
 from fgs_worker.job_claim import BatchMember
 from fgs_worker.runtime import WorkerRuntime
@@ -139,5 +140,6 @@ def record_failure(runtime: WorkerRuntime, member: BatchMember, error: Exception
 
 
 def lost(runtime: WorkerRuntime, member: BatchMember) -> None:
-    """Another worker owns the job now (we were paused or cut off past the abandon time): leave it alone."""
-    leave_batch(runtime, member, {"lost": True})
+    """Another worker owns the job now (we were paused or cut off past the abandon time): leave it alone, in its
+    record and in RQ (the `LOST` outcome ends only this worker's execution, fgs_common.rq_adapter)."""
+    leave_batch(runtime, member, LOST)

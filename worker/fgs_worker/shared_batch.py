@@ -13,8 +13,10 @@ plus the classifier), up to FGS_MAX_BATCH_IMAGES images in all; a lone job start
   script leaves its companions to RQ's abandon sweep (retried with their own retry counts, or failed and then
   reconciled), exactly like the job RQ handed it.
 - Each companion keeps its own RQ job: heartbeats, the watchdog's expiry, and at the end RQ's own success or
-  failure handling (`settle`): a job that failed alone (fgs_worker.batch_sampling samples each job of a failed shared
-  call again on its own) is retried with its own retries.
+  failure handling (`settle`), except for a companion lost to another worker, whose RQ job is left to its new
+  owner (only this worker's execution ends, `fgs_common.rq_adapter.LOST`): a job that failed alone
+  (fgs_worker.batch_sampling samples each job of a failed shared call again on its own) is retried with its own
+  retries.
 
 The job records (claim, progress, fencing by owner token) are `fgs_worker.job_claim`'s business, as for any job.
 """
@@ -123,8 +125,9 @@ class SharedBatch:
         return heads
 
     def finish(self, job_id: str, result: Any = None, exc_info: ExcInfo | None = None) -> None:
-        """How companion `job_id` ended for its record: a result (RQ files it finished) or an exception (RQ
-        retries it with its own retries left, or files it failed). RQ hears of it in `settle`."""
+        """How companion `job_id` ended for its record: a result (RQ files it finished; `LOST`, a job another
+        worker took over, is left to that worker in RQ) or an exception (RQ retries it with its own retries left,
+        or files it failed). RQ hears of it in `settle`."""
         companion = self.companions[job_id]
         companion.result, companion.exc_info, companion.finished = result, exc_info, True
 
