@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load_bench_module():
     spec = importlib.util.spec_from_file_location("stack_under_load", REPO / "bench" / "stack_under_load.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
