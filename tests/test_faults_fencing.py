@@ -19,6 +19,22 @@ from support.live_calls import JobState, generate, wait_final, wait_for
 from support.stack import start_stack
 
 
+def stop_until_taken_over(stack, records, record_key: str):
+    """SIGSTOP the worker running the job until the other one has taken it over (once the stopped one's heartbeats
+    are older than FGS_ABANDONED_AFTER_S) and sampled a step, then SIGCONT it; (its name, its process)."""
+    first = records.hget(record_key, "worker")
+    zombie = stack.workers[int(first.split("-")[0][1:])]
+    zombie.send_signal(signal.SIGSTOP)
+    try:
+        deadline = time.time() + 90
+        while records.hget(record_key, "worker") == first or int(records.hget(record_key, "step") or 0) < 1:
+            assert time.time() < deadline, "no worker took the stopped worker's job over"
+            time.sleep(0.1)
+    finally:
+        zombie.send_signal(signal.SIGCONT)
+    return first, zombie
+
+
 def test_a_stopped_and_resumed_worker_cannot_write_to_the_job_it_lost(redis_server, tiny_model_dir, tmp_path):
     stack = start_stack(redis_server, tiny_model_dir, tmp_path, workers=2, extra_env={"FGS_ABANDONED_AFTER_S": "3"})
     records = redis.Redis.from_url(stack.redis_url, decode_responses=True)
@@ -27,17 +43,7 @@ def test_a_stopped_and_resumed_worker_cannot_write_to_the_job_it_lost(redis_serv
             job_id = generate(client, num_images=4, steps=60, guidance_every=5)
             wait_for(client, job_id, lambda j: j.state is JobState.running and j.progress.step >= 2, timeout=120)
             record_key = f"{stack.prefix}:job:{job_id}"
-            first = records.hget(record_key, "worker")
-            zombie = stack.workers[int(first.split("-")[0][1:])]
-            zombie.send_signal(signal.SIGSTOP)
-            try:
-                # the other worker takes the job over once the zombie's heartbeats are older than 3 s
-                deadline = time.time() + 90
-                while records.hget(record_key, "worker") == first or int(records.hget(record_key, "step") or 0) < 1:
-                    assert time.time() < deadline, "no worker took the stopped worker's job over"
-                    time.sleep(0.1)
-            finally:
-                zombie.send_signal(signal.SIGCONT)
+            _, zombie = stop_until_taken_over(stack, records, record_key)
             taker = records.hget(record_key, "worker")
 
             finished = wait_final(client, job_id, timeout=240)
@@ -74,16 +80,7 @@ def test_a_job_whose_new_owner_is_killed_after_the_old_one_resumed_is_retried_an
             job_id = generate(client, num_images=4, steps=400, guidance_every=5)
             wait_for(client, job_id, lambda j: j.state is JobState.running and j.progress.step >= 2, timeout=120)
             record_key = f"{stack.prefix}:job:{job_id}"
-            first = records.hget(record_key, "worker")
-            zombie = stack.workers[int(first.split("-")[0][1:])]
-            zombie.send_signal(signal.SIGSTOP)
-            try:
-                deadline = time.time() + 90
-                while records.hget(record_key, "worker") == first or int(records.hget(record_key, "step") or 0) < 1:
-                    assert time.time() < deadline, "no worker took the stopped worker's job over"
-                    time.sleep(0.1)
-            finally:
-                zombie.send_signal(signal.SIGCONT)
+            first, zombie = stop_until_taken_over(stack, records, record_key)
             taker_name = records.hget(record_key, "worker")
             taker = stack.workers[int(taker_name.split("-")[0][1:])]
 
