@@ -9,6 +9,7 @@ while a chunk is running.
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import numpy as np
@@ -151,3 +152,23 @@ def test_a_preempted_job_can_be_canceled_while_it_waits(setup):
     canceled = job(client, headers["alpha"], large)
     assert canceled.state is JobState.canceled, canceled
     assert images_generated(worker, settings, "alpha") == waiting.progress.images_done  # none after it yielded
+
+
+def test_a_job_paused_by_an_earlier_version_resumes_with_its_images(setup):
+    """Before 6 Dec 2026 a record kept its results as one JSON array in its hash; a job that yielded under that
+    version and resumes under this one keeps the images it had."""
+    client, headers, worker, settings = setup
+    body = dict(LARGE, num_images=12)
+    paused = submit(client, headers["alpha"], body)
+    small, _ = run_with_beta_arriving(client, headers, worker)
+    keys, redis = worker.runtime.keys, worker.runtime.redis
+    earlier = [json.loads(result) for result in redis.lrange(keys.results(paused), 0, -1)]
+    assert 1 <= len(earlier) < 12
+    redis.hset(keys.job(paused), "results", json.dumps(earlier))  # the record as the earlier version left it
+    redis.delete(keys.results(paused))
+    run_next_job(worker)  # beta's
+    resumed = run_until_final(client, headers["alpha"], worker, paused)
+    assert resumed.state is JobState.finished and resumed.progress.images_done == 12, resumed
+    assert [r.seed for r in resumed.results] == [body["seed"] + i for i in range(12)]
+    assert [r.image_id for r in resumed.results[: len(earlier)]] == [r["image_id"] for r in earlier]
+    assert images_generated(worker, settings, "alpha") == 12
