@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 RQ_INTERNALS = re.compile(
     r"\._finalize_|\._job\b|_ordered_queues|\._stop_requested|\.executions\b|intermediate_queue|repeats_left|"
     r"redis_queue_namespace_prefix|Job\.key_for|from rq\.(worker|executions|registry|utils|defaults) import|"
-    r"dequeue_job_and_maintain_ttl|prepare_job_execution|get_heartbeat_ttl|RQ_KEY_PREFIX\"\]"
+    r"dequeue_job_and_maintain_ttl|prepare_job_execution|get_heartbeat_ttl|RQ_KEY_PREFIX\"\]|"
+    # RQ's worker methods: overridden, or called out of RQ's own order, only in the adapter (its hooks are ours)
+    r"def (execute_job|run_maintenance_tasks|check_for_suspension|heartbeat|teardown|perform_job|handle_job_\w+)\(|"
+    r"should_run_maintenance_tasks|\.run_maintenance_tasks\(|super\(\)\.(execute_job|heartbeat|teardown)\("
 )
 
 
@@ -48,5 +51,8 @@ def test_the_internals_check_finds_what_it_looks_for():
         "        rq_job.repeats_left, rq_job.repeat_intervals = 1, [0]",
         "                pipe.llen(Queue.redis_queue_namespace_prefix + name)",
         "from rq.worker import SimpleWorker, WorkerStatus",
+        "    def run_maintenance_tasks(self):",  # fgs_worker.main overrode RQ's worker methods until 6 Dec 2026
+        "            if self.should_run_maintenance_tasks:",
+        "            super().execute_job(job, queue)",
     ]
     assert all(RQ_INTERNALS.search(line) for line in before)

@@ -5,7 +5,8 @@ when another RQ is installed: rerun the worker and queue tests (tests/test_worke
 test_job_queue.py, test_faults_*.py) against it and change this module, then the pin.
 
 The API (fgs_service.job_queue) and the worker (fgs_worker.main, fgs_worker.shared_batch, fgs_worker.jobs) use
-RQ's public API directly and everything else through here. The fgs_service and fgs_worker packages import this
+RQ's public API directly (queues, jobs, `get_current_job`) and everything else through here: `FgsWorker` overrides
+no method of RQ's worker, it implements `RqWorker`'s hooks. The fgs_service and fgs_worker packages import this
 module first (their `__init__`): it sets RQ's key prefix before rq is imported.
 """
 
@@ -129,11 +130,16 @@ return claimed
 
 
 class RqWorker(SimpleWorker):
-    """RQ's non-forking worker as fgs drives it: the overrides of RQ's private methods and every use of its private
-    fields and structures. `fgs_worker.main.FgsWorker` subclasses it and implements `poll_for_job`.
+    """RQ's non-forking worker as fgs drives it: every override of RQ's worker methods and every use of its private
+    fields and structures. `fgs_worker.main.FgsWorker` subclasses it and implements the hooks below (`poll_for_job`,
+    `wait_for_redis`, `maintain`, `run_job`, `retire`), never an RQ method.
 
-    - `dequeue_job_and_maintain_ttl`: our loop (`poll_for_job`), which also stops on a signal that came while RQ
-      still counted the worker busy;
+    - `dequeue_job_and_maintain_ttl`: our idle loop: RQ's worker heartbeat, its maintenance when due, then
+      `poll_for_job`; it also stops on a signal that came while RQ still counted the worker busy;
+    - `check_for_suspension`, `heartbeat`, `run_maintenance_tasks`: a Redis outage (`outage_errors`) is handed to
+      `wait_for_redis` instead of ending the worker; maintenance runs inside `maintain`;
+    - `execute_job`: RQ's execution of a job runs inside `run_job`, and what RQ's cleanup left is forgotten after;
+    - `teardown`: RQ's, then `retire`;
     - `reorder_queues`, `serve_in_order`: the round robin starts after the queue served last (`last_served`);
     - `prepare_job_execution`: every job passes through its queue's intermediate list (`take_job`);
     - `get_heartbeat_ttl`, `heartbeat_executions`, `expire_executions`: executions live `execution_ttl_s` past
@@ -158,11 +164,31 @@ class RqWorker(SimpleWorker):
         self._put_back = connection.register_script(_PUT_BACK_LUA)
         self._claim_queued = connection.register_script(_CLAIM_QUEUED_LUA)
 
-    # ---- the loop ----
+    # ---- the hooks a subclass implements: where RQ's worker hands over to fgs ----
+    # Errors that mean Redis is unreachable: RQ's calls that raise them go to `wait_for_redis`, and the worker
+    # carries on when it returns.
+    outage_errors: tuple[type[BaseException], ...] = ()
+
     def poll_for_job(self) -> tuple[Job, Queue] | None:
-        """One pass of the idle loop: the next job and its queue, or None to look again."""
+        """One pass of the idle loop, after RQ's heartbeat and maintenance: the next job and its queue, or None."""
         raise NotImplementedError
 
+    def wait_for_redis(self, error: BaseException) -> None:
+        """Return once Redis answers again (or raise StopRequested); the default gives up at once."""
+        raise error
+
+    def maintain(self, rq_maintenance: Callable[[], None]) -> None:
+        """One maintenance pass; `rq_maintenance` is RQ's own (its abandoned-job sweep among others)."""
+        rq_maintenance()
+
+    def run_job(self, job: Job, queue: Queue, rq_execute: Callable[[], None]) -> None:
+        """Run one job; `rq_execute` is RQ's execution of it (the enqueued function, then RQ's success or failure)."""
+        rq_execute()
+
+    def retire(self) -> None:
+        """The worker stops (after RQ's teardown)."""
+
+    # ---- RQ's worker methods, each handing over to a hook ----
     @property
     def stop_requested(self) -> bool:
         return self._stop_requested
@@ -175,10 +201,45 @@ class RqWorker(SimpleWorker):
                 # A stop signal that came while RQ still counted us busy (between the end of a job and the
                 # set_state above) only set this flag; RQ checks it once per job, this loop once per poll.
                 raise StopRequested()
+            self.heartbeat()
+            if self.should_run_maintenance_tasks:
+                self.run_maintenance_tasks()
             result = self.poll_for_job()
             if result is not None:
                 self.reorder_queues(result[1])
                 return result
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except self.outage_errors as error:
+            self.wait_for_redis(error)
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        if pipeline is not None:  # inside a pipeline: nothing reaches Redis until the caller executes it
+            return super().heartbeat(timeout, pipeline=pipeline)
+        try:
+            return super().heartbeat(timeout)
+        except self.outage_errors as error:
+            self.wait_for_redis(error)
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            self.maintain(super().run_maintenance_tasks)
+        except self.outage_errors as error:
+            self.wait_for_redis(error)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        try:
+            self.run_job(job, queue, lambda: super(RqWorker, self).execute_job(job, queue))
+        finally:
+            # RQ forgets an execution in its cleanup, which a Redis error skips: forget what is left (the
+            # companions' too), so the next job's heartbeats refresh the right one.
+            self.forget_executions()
+
+    def teardown(self) -> None:
+        super().teardown()
+        self.retire()
 
     # ---- queues ----
     def queue(self, name: str) -> Queue:

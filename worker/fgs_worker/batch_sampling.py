@@ -21,7 +21,7 @@ from fgs_worker.cancel import queue_cancel_check
 from fgs_worker.job_claim import BatchMember
 from fgs_worker.job_inputs import load_inputs
 from fgs_worker.job_results import end_job, fail_job, leave_batch, lost, record_failure, write_chunk
-from fgs_worker.runtime import WorkerRuntime
+from fgs_worker.runtime import WorkerRuntime, current_host
 
 log = logging.getLogger("fgs.worker.jobs")
 
@@ -43,7 +43,7 @@ class StepReporter:
 
     def __call__(self, step: int, steps_total: int) -> set[int] | None:
         runtime = self.runtime
-        runtime.host.watchdog.step_done()
+        current_host().watchdog.step_done()
         live = [m for m in self.members if m.outcome is None]
         with runtime.redis.pipeline(transaction=False) as pipe:
             for member in live:
@@ -91,7 +91,7 @@ def _fail_alone(runtime: WorkerRuntime, member: BatchMember) -> None:
         return
     record_failure(runtime, member, error)
     member.failure = (kind, error, trace)  # only once recorded: if recording raised, the batch's handler records it
-    runtime.host.watchdog.release(member.job_id)
+    current_host().watchdog.release(member.job_id)
 
 
 def sample_isolating_failures(runtime: WorkerRuntime, chunk: Rows) -> float:
@@ -143,7 +143,7 @@ def sample_batch(runtime: WorkerRuntime, members: list[BatchMember], should_yiel
             load_inputs(runtime, member, model)
         except InvalidJob as error:  # this job cannot succeed on any worker: fail it now, not the others
             fail_job(runtime, member, error)
-    runtime.host.watchdog.step_done()  # set-up done (images, classifier load and check): steps get step deadlines
+    current_host().watchdog.step_done()  # set-up done (images, classifier load and check): steps get step deadlines
     # and the abandon clock starts with the step clock, so that a step stuck from the start is the watchdog's to
     # end (step_timeout, said as such), not RQ's abandon sweep's (a bare AbandonedJobError)
     runtime.beat(force=True)

@@ -14,7 +14,7 @@ from fgs_common.job_record import JobRecord
 from fgs_common.job_records import now_ts
 from fgs_common.wire import GenerateRequest, GenerationParams, ImageResult, JobState
 from fgs_worker.confined_classifier import ConfinedClassifier
-from fgs_worker.runtime import WorkerRuntime
+from fgs_worker.runtime import WorkerRuntime, current_host
 from fgs_worker.shared_batch import ExcInfo
 
 
@@ -96,11 +96,11 @@ def claim_companions(runtime: WorkerRuntime, leader: BatchMember, record: JobRec
     if images <= 0 or not runtime.settings.batch_across_jobs or not record.batch_key:
         return []
     members = []
-    for job_id, retries_left in runtime.host.claim_companions(origin, record.batch_key, images):
+    for job_id, retries_left in current_host().claim_companions(origin, record.batch_key, images):
         companion = runtime.records.read(job_id)
         member = claim_job(runtime, companion, retries_left, take_over=False) if companion is not None else None
         if member is None:  # canceled (or expired) between the look at the queue and the claim
-            runtime.host.finish_companion(job_id, result={"skipped": "job is no longer queued"})
+            current_host().finish_companion(job_id, result={"skipped": "job is no longer queued"})
         else:
             members.append(member)
     return members

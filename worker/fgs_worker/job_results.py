@@ -19,7 +19,7 @@ from fgs_common.job_records import now_ts
 from fgs_common.rq_adapter import LOST
 from fgs_common.wire import ErrorBody, ImageResult, JobState
 from fgs_worker.job_claim import BatchMember
-from fgs_worker.runtime import WorkerRuntime
+from fgs_worker.runtime import WorkerRuntime, current_host
 
 PNG_METADATA_KEY = "fgs"
 
@@ -114,7 +114,7 @@ def end_job(runtime: WorkerRuntime, member: BatchMember, state: JobState, outcom
 
 def leave_batch(runtime: WorkerRuntime, member: BatchMember, outcome: dict | None) -> None:
     member.outcome = outcome
-    runtime.host.watchdog.release(member.job_id)
+    current_host().watchdog.release(member.job_id)
 
 
 def fail_job(runtime: WorkerRuntime, member: BatchMember, error: InvalidJob) -> None:

@@ -35,7 +35,7 @@ from fgs_common.rq_adapter import repeat_at_end_of_queue
 from fgs_worker.batch_sampling import sample_batch
 from fgs_worker.job_claim import BatchMember, claim_companions, claim_job
 from fgs_worker.job_results import record_failure
-from fgs_worker.runtime import WorkerRuntime, current_runtime
+from fgs_worker.runtime import WorkerRuntime, current_host, current_runtime
 from fgs_worker.shared_batch import ExcInfo
 from fgs_worker.watchdog import WatchedJob, step_deadline_s
 
@@ -46,7 +46,7 @@ def _arm_watchdog(runtime: WorkerRuntime, members: list[BatchMember]) -> None:
     images = min(sum(m.request.num_images for m in members), runtime.settings.max_batch_images)
     step_s = step_deadline_s(runtime.settings, images, width, height)
     watched = [WatchedJob(m.job_id, m.owner, m.retries_left) for m in members]
-    host = runtime.host
+    host = current_host()
     host.watchdog.arm(watched, runtime.settings.job_setup_deadline_s + step_s, step_s, host.expire_executions)
 
 
@@ -55,9 +55,9 @@ def _settle_companions(runtime: WorkerRuntime, companions: list[BatchMember], ba
     RQ retries with the companion's own count or files as failed."""
     for member in companions:
         if member.outcome is None:
-            runtime.host.finish_companion(member.job_id, exc_info=member.failure or batch_failure)
+            current_host().finish_companion(member.job_id, exc_info=member.failure or batch_failure)
         else:
-            runtime.host.finish_companion(member.job_id, result=member.outcome)
+            current_host().finish_companion(member.job_id, result=member.outcome)
 
 
 def _yield_check(runtime: WorkerRuntime, rq_job, members: list[BatchMember]) -> Callable[[], bool]:
@@ -68,7 +68,7 @@ def _yield_check(runtime: WorkerRuntime, rq_job, members: list[BatchMember]) -> 
     def should_yield() -> bool:
         if len(members) != 1 or rq_job is None:
             return False
-        if not runtime.host.others_waiting(rq_job.origin):
+        if not current_host().others_waiting(rq_job.origin):
             return False
         repeat_at_end_of_queue(rq_job)
         return True
@@ -116,7 +116,7 @@ def run_generate_job(job_id: str | None = None) -> dict:
             raise
         return leader.outcome
     finally:
-        runtime.host.watchdog.disarm()
+        current_host().watchdog.disarm()
     _settle_companions(runtime, members[1:])
     if leader.failure is not None and leader.outcome is None:
         raise leader.failure[1]  # RQ retries or fails the worker's own job, as for any exception

@@ -41,7 +41,7 @@ from fgs_common.job_records import ACTIVE_STATES, now_ts
 from fgs_common.rq_adapter import RqWorker, queue_key
 from fgs_common.settings import Settings, get_settings
 from fgs_common.wire import ErrorBody, JobState
-from fgs_worker.runtime import WorkerRuntime, reset_current_runtime, set_current_runtime
+from fgs_worker.runtime import WorkerRuntime, running_jobs
 from fgs_worker.shared_batch import ExcInfo, SharedBatch
 from fgs_worker.watchdog import JobWatchdog, NullWatchdog
 
@@ -64,8 +64,11 @@ class FgsWorker(RqWorker):
     """A non-forking RQ worker over all tenant queues, round-robin.
 
     What it changes of RQ's own worker, through RQ's private methods and structures, is in
-    `fgs_common.rq_adapter.RqWorker` (pinned to the RQ it was written for); here is what fgs does with it.
+    `fgs_common.rq_adapter.RqWorker` (pinned to the RQ it was written for); this class implements that adapter's
+    hooks (what fgs does at each point) and is the job code's `WorkerHost`, and overrides no method of RQ's.
     """
+
+    outage_errors = REDIS_DOWN
 
     def __init__(self, runtime: WorkerRuntime, watchdog: bool = True):
         self.runtime = runtime
@@ -84,9 +87,9 @@ class FgsWorker(RqWorker):
         self.watchdog: JobWatchdog | NullWatchdog = (
             JobWatchdog(settings, runtime.records, runtime.redis, runtime.keys.cancel) if watchdog else NullWatchdog()
         )
-        runtime.attach(self)  # the job code reaches this worker as its WorkerHost only
 
-    # ---- what the job code asks of its worker (fgs_worker.runtime.WorkerHost; expire_executions: RqWorker's) ----
+    # ---- what the job code asks of its worker (fgs_worker.runtime.WorkerHost, `current_host()` in a job;
+    # expire_executions: RqWorker's) ----
     def claim_companions(self, origin: str, batch_key: str, images: int) -> list[tuple[str, int]]:
         return self.shared_batch.claim(origin, batch_key, images)
 
@@ -116,7 +119,7 @@ class FgsWorker(RqWorker):
             return any(pipe.execute())
 
     # ---- Redis outages ----
-    def _wait_for_redis(self, error: Exception) -> None:
+    def wait_for_redis(self, error: BaseException) -> None:
         """Log, then wait until Redis answers again (capped backoff). The model stays resident."""
         log.error("worker %s: Redis unavailable (%s: %s); waiting for it", self.name, type(error).__name__, error)
         attempt = 0
@@ -132,31 +135,15 @@ class FgsWorker(RqWorker):
             return
         raise StopRequested()
 
-    def check_for_suspension(self, burst: bool) -> None:
-        try:
-            super().check_for_suspension(burst)
-        except REDIS_DOWN as error:
-            self._wait_for_redis(error)
-
-    def run_maintenance_tasks(self):
-        try:
-            # the tenant queues first: at start-up RQ knows only the idle queue, and the first pass is the one
-            # that retries a job this process was working on when its watchdog ended it
-            self._refresh_queues()
-            self.runtime.publish_model_info()  # again after a Redis that lost it (no AOF) comes back
-            self.requeue_jobs_lost_in_hand()
-            super().run_maintenance_tasks()
-            self.reconcile_failed_jobs()
-        except REDIS_DOWN as error:
-            self._wait_for_redis(error)
-
-    def heartbeat(self, timeout=None, pipeline=None):
-        if pipeline is not None:
-            return super().heartbeat(timeout, pipeline=pipeline)
-        try:
-            return super().heartbeat(timeout)
-        except REDIS_DOWN as error:
-            self._wait_for_redis(error)
+    # ---- maintenance ----
+    def maintain(self, rq_maintenance) -> None:
+        # the tenant queues first: at start-up RQ knows only the idle queue, and the first pass is the one
+        # that retries a job this process was working on when its watchdog ended it
+        self._refresh_queues()
+        self.runtime.publish_model_info()  # again after a Redis that lost it (no AOF) comes back
+        self.requeue_jobs_lost_in_hand()
+        rq_maintenance()
+        self.reconcile_failed_jobs()
 
     # ---- RQ's verdicts into our records ----
     def reconcile_failed_jobs(self) -> int:
@@ -221,29 +208,26 @@ class FgsWorker(RqWorker):
 
     def poll_for_job(self) -> tuple[Job, Queue] | None:
         try:
-            self.heartbeat()
             self.runtime.beat(force=True)
-            if self.should_run_maintenance_tasks:
-                self.run_maintenance_tasks()
             self._refresh_queues()
             self.enqueue_due_retries(
                 lambda job_id: log.warning("retry of job %s dropped: moved by another worker, or gone", job_id)
             )
             result = self.take_job(self.runtime.settings.worker_queue_poll_s, IDLE_POLL_S)
         except REDIS_DOWN as error:
-            self._wait_for_redis(error)
+            self.wait_for_redis(error)
             return None
         if result is not None:
             log.info("worker %s: job %s from %s", self.name, result[0].id, result[1].name)
         return result
 
     # ---- jobs ----
-    def execute_job(self, job, queue):
-        token = set_current_runtime(self.runtime)
+    def run_job(self, job: Job, queue: Queue, rq_execute) -> None:
         self.runtime.current_jobs = []  # set by run_generate_job once it owns the records
         try:
-            super().execute_job(job, queue)
-            self.shared_batch.settle()  # RQ's end of each companion, after the job that claimed them
+            with running_jobs(self.runtime, self):
+                rq_execute()
+                self.shared_batch.settle()  # RQ's end of each companion, after the job that claimed them
         except REDIS_DOWN as error:
             # Redis went away mid-job (RQ could not even record the failure). Once it is back, the RQ executions
             # (the job's and its companions') are taken for abandoned and retried (their heartbeats stopped);
@@ -251,21 +235,16 @@ class FgsWorker(RqWorker):
             dropped, self.runtime.current_jobs = self.runtime.current_jobs, []
             self.shared_batch.drop()
             self.watchdog.disarm()
-            self._wait_for_redis(error)
+            self.wait_for_redis(error)
             message = ErrorBody(code="retrying", message=f"Redis became unavailable mid-job ({error})")
             for job_id, owner in dropped:
                 self.runtime.records.transition(
                     job_id, JobState.queued, (JobState.running,), expect_owner=owner, error=message.model_dump_json()
                 )
         finally:
-            # RQ forgets an execution in its cleanup, which a Redis error skips: forget what is left (the
-            # companions' too, fgs_worker.shared_batch), so the next job's heartbeats refresh the right one.
-            self.shared_batch.drop()
-            self.forget_executions()
-            reset_current_runtime(token)
+            self.shared_batch.drop()  # the companions RQ did not end (a Redis error skipped it)
 
-    def teardown(self):
-        super().teardown()
+    def retire(self) -> None:
         self.runtime.retire()
 
 

@@ -3,8 +3,8 @@
 `WorkerRuntime.load` is the one-time setup (cog's `setup()`): the unCLIP pipeline, the sampler, the classifier
 LRU and the Redis clients. The worker sets it as the current runtime around each job (a context variable, not a
 module-level global), and `fgs_worker.jobs` reads it with `current_runtime()`. What the job code needs from the
-RQ worker itself is `WorkerHost`, which the worker attaches once (`attach`); a runtime no worker runs has a
-`DetachedHost`.
+RQ worker itself is `WorkerHost`: the worker sets itself as the current host beside the runtime
+(`running_jobs`), and the job code reads it with `current_host()`; outside a job the host is a `DetachedHost`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import contextvars
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +38,7 @@ from fgs_worker.watchdog import JobWatchdog, NullWatchdog
 MAX_PIXELS_FACTOR = 4
 
 _CURRENT: contextvars.ContextVar[WorkerRuntime] = contextvars.ContextVar("fgs_worker_runtime")
+_HOST: contextvars.ContextVar[WorkerHost] = contextvars.ContextVar("fgs_worker_host")
 
 
 class WorkerHost(Protocol):
@@ -97,7 +100,6 @@ class WorkerRuntime:
     model_id: str
     model_card: dict = field(default_factory=dict)  # model_card.json beside the weights: class names, prompt form
     last_beat: float = field(default=0.0)
-    host: WorkerHost = field(default_factory=DetachedHost)  # the RQ worker running this runtime (`attach`)
     current_jobs: list[tuple[str, str]] = field(default_factory=list)  # (job id, owner token) of the batch running
     chunk_work: float | None = None  # image-steps x megapixels one chunk may hold (chunk_images, record_chunk)
 
@@ -135,10 +137,6 @@ class WorkerRuntime:
             model_card=read_model_card(settings.model),
         )
 
-    def attach(self, host: WorkerHost) -> None:
-        """The RQ worker that runs this runtime (once, when it is built around it)."""
-        self.host = host
-
     def beat(self, force: bool = False) -> None:
         """Mark this worker alive (readiness, metrics); at most once per heartbeat_s unless forced."""
         now = time.time()
@@ -156,7 +154,7 @@ class WorkerRuntime:
             pipe.expire(gauge_key, ttl)
             telemetry.incr_counter(pipe, self.keys.prefix, "worker_heartbeats")
             pipe.execute()
-        self.host.rq_heartbeat()
+        current_host().rq_heartbeat()
 
     def chunk_images(self, params: GenerationParams) -> int:
         """Images in the next sampler call of a job, between 1 and FGS_MAX_BATCH_IMAGES: as many as the work a
@@ -213,9 +211,20 @@ def current_runtime() -> WorkerRuntime:
         ) from None
 
 
-def set_current_runtime(runtime: WorkerRuntime) -> contextvars.Token:
-    return _CURRENT.set(runtime)
+_DETACHED = DetachedHost()
 
 
-def reset_current_runtime(token: contextvars.Token) -> None:
-    _CURRENT.reset(token)
+def current_host() -> WorkerHost:
+    """The RQ worker running the current job; a `DetachedHost` outside one."""
+    return _HOST.get(_DETACHED)
+
+
+@contextmanager
+def running_jobs(runtime: WorkerRuntime, host: WorkerHost) -> Iterator[None]:
+    """Inside: `current_runtime()` is `runtime` and `current_host()` is `host` (the worker, around each job)."""
+    runtime_token, host_token = _CURRENT.set(runtime), _HOST.set(host)
+    try:
+        yield
+    finally:
+        _HOST.reset(host_token)
+        _CURRENT.reset(runtime_token)
