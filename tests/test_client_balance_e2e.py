@@ -139,6 +139,12 @@ def test_balance_nicopp_writes_exact_counts_and_manifest(live_stack, nico_root, 
     assert read_manifest_rows(out) == rows
     code, output = run_cli("status", "--out", str(out), key=live_stack.keys["alpha"], url=live_stack.base_url)
     assert code == 0 and "done" in output and "46" in output
+    with sqlite3.connect(out / STATE_NAME) as db:
+        batch_ids = [batch_id for (batch_id,) in db.execute("SELECT batch_id FROM batches ORDER BY rowid")]
+    assert f"{len(batch_ids)} batch(es) submitted; the newest: {batch_ids[-1]}" in output
+    with live_stack.client("alpha") as client:  # the ids the status names are the service's batches of the run
+        jobs = {job_id for batch_id in batch_ids for job_id in client.get(f"/v1/batches/{batch_id}").json()["job_ids"]}
+    assert jobs == {r["job_id"] for r in rows if r["source"] == "synthetic"}
 
 
 def job_states(out: Path) -> Counter:

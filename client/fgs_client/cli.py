@@ -600,6 +600,12 @@ def status(
             out_console.print(table)
             for row in state.rows("failed")[:20]:
                 out_console.print(f"failed {row.key}: {row.error}")
+            if batch_ids := state.batch_ids():  # the service's view of the run, counts by state per batch
+                out_console.print(
+                    f"{len(batch_ids)} batch(es) submitted; the newest: {batch_ids[-1]} "
+                    f"(GET {url.rstrip('/')}/v1/batches/ID for any of them: {', '.join(batch_ids[-5:])})",
+                    soft_wrap=True,
+                )
         finally:
             state.close()
     if job is not None:
