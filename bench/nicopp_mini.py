@@ -35,7 +35,7 @@ import typer
 from PIL import Image, ImageDraw
 
 from fgs_classifier.registry import load_classifier
-from fgs_client.digits_contexts import CONTEXTS, METADATA_FILE, build_digits_contexts
+from fgs_client.digits_contexts import CONTEXTS, METADATA_FILE, TRAIN_PROFILE, build_digits_contexts, train_count
 from fgs_client.digits_lt import CLASS_NAMES
 from fgs_lab.digits_classifier import TrainConfig, export_digits_classifier, train_small_cnn
 from fgs_lab.nicopp_mini import (
@@ -370,14 +370,45 @@ def run(
     log(f"done in {record['runtime_s']} s")
 
 
+def mean_and_se(table: dict[tuple[int, int], float]) -> tuple[float, float]:
+    """Mean ± SE over generation seeds (each g's mean over s); with one g (real only), over its classifier seeds."""
+    means = per_seed_means(table)
+    if len(means) > 1:
+        mean, se, *_ = t_interval(means)
+        return mean, se
+    values = list(table.values())
+    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def by_train_count(test_results: dict[str, dict[tuple[int, int], dict]], labels: dict[str, str]) -> list[str]:
+    """Descriptive (not pre-declared): test accuracy by the group's number of real training images, and how many
+    of the 60 groups sit at 0 % (mean over runs)."""
+    counts = sorted(set(TRAIN_PROFILE))
+    groups_of = {
+        n: [group_id(c, x) for c in range(len(CLASS_NAMES)) for x in CONTEXTS if train_count(c, x) == n] for n in counts
+    }
+    header = " | ".join(f"{n} ({len(groups_of[n])} groups)" if n == 0 else str(n) for n in counts)
+    groups = len(CONTEXTS) * len(CLASS_NAMES)
+    lines = [
+        f"| test accuracy by the group's train count | {header} | groups at 0 % (of {groups}) |",
+        "|---|" + "---:|" * (len(counts) + 1),
+    ]
+    for name, table in test_results.items():
+        cells = []
+        for n in counts:
+            mean, se = mean_and_se(
+                {k: float(np.mean([r["per_group"][str(group)] for group in groups_of[n]])) for k, r in table.items()}
+            )
+            cells.append(f"{100 * mean:.1f} ± {100 * se:.1f}")
+        at_zero = np.mean([sum(1 for a in r["per_group"].values() if a == 0) for r in table.values()])
+        lines.append(f"| {labels[name]} | " + " | ".join(cells) + f" | {at_zero:.1f} |")
+    return lines
+
+
 def write_report(record, val, test_results, chosen, path: Path) -> None:
     def cell(table, metric):
-        means = per_seed_means({k: v[metric] for k, v in table.items()})
-        if len(means) > 1:
-            mean, se, *_ = t_interval(means)
-            return f"{100 * mean:.1f} ± {100 * se:.1f}"
-        s_values = [v[metric] for v in table.values()]
-        return f"{100 * np.mean(s_values):.1f} ± {100 * np.std(s_values, ddof=1) / math.sqrt(len(s_values)):.1f}"
+        mean, se = mean_and_se({k: v[metric] for k, v in table.items()})
+        return f"{100 * mean:.1f} ± {100 * se:.1f}"
 
     labels = {"real": "real only"} | {v.name: v.label for v in chosen}
     lines = [
@@ -398,7 +429,27 @@ def write_report(record, val, test_results, chosen, path: Path) -> None:
             f"SE {100 * comparison['se']:.1f} over {comparison['df'] + 1} generation seeds (df {comparison['df']}), "
             f"95 % t interval [{100 * comparison['ci95'][0]:+.1f}, {100 * comparison['ci95'][1]:+.1f}].",
         ]
+    lines += ["", *by_train_count(test_results, labels)]
     path.write_text("\n".join(lines) + "\n")
+
+
+@app.command()
+def report(
+    record_path: Path = typer.Argument(REPO / "out" / "nicopp-mini-bench" / "nicopp_mini.json"),
+    out: Path = typer.Option(REPO / "out" / "nicopp-mini-bench" / "nicopp_mini.md"),
+) -> None:
+    """The tables again from a finished run's nicopp_mini.json (no training, no generation)."""
+    record = json.loads(record_path.read_text())
+
+    def tables(part: str) -> dict[str, dict[tuple[int, int], dict]]:
+        return {
+            name: {tuple(int(i) for i in key.split(",")): r for key, r in table.items()}
+            for name, table in record[part].items()
+        }
+
+    chosen = [v for v in VARIANTS if v.name in record["variants"]]
+    write_report(record, tables("validation"), tables("test"), chosen, out)
+    print(out.read_text())
 
 
 if __name__ == "__main__":

@@ -50,6 +50,23 @@ def test_nicopp_mini_quick(tiny_model_dir, tmp_path):
         assert 0.0 <= row["worst_group"] <= row["overall"] <= 1.0
     text = (work / "nicopp_mini.md").read_text()
     assert "Pre-declared test comparison" in text and "df 1" in text
+    by_count = [line for line in text.splitlines() if line.startswith("| real only | ") and line.count("±") == 5]
+    assert len(by_count) == 1 and "groups at 0 % (of 60)" in text  # accuracy by the group's train count
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "nicopp_mini.py"),
+            "report",
+            str(work / "nicopp_mini.json"),
+            "--out",
+            str(tmp_path / "again.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "again.md").read_text() == text  # the tables, rebuilt from the record alone
     sheets = sorted((work / "grids").glob("*.png"))
     assert len(sheets) == 10
     with Image.open(sheets[0]) as sheet:
