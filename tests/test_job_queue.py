@@ -11,6 +11,7 @@ import redis.asyncio
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from fgs_common.telemetry import worker_gauge_key
 from fgs_common.wire import GenerateRequest, JobState
 from fgs_service.auth import Tenant
 from fgs_service.job_queue import JobQueue, QueueFull
@@ -218,3 +219,20 @@ def test_a_job_rq_filed_failed_is_failed_with_rqs_error_whatever_its_worker(harn
     rq_job.set_status(JobStatus.FAILED)
     failed = harness.queue.job(ALPHA, job_id)
     assert failed.state is JobState.failed and failed.error.code == "worker_failed", failed
+
+
+def test_live_workers_name_the_job_each_runs(harness):
+    """The operator view's workers: each live worker with its last beat and the running job its record names."""
+    (job_id,) = harness.enqueue(ALPHA, [request()]).ids
+    harness.enqueue(BETA, [request()])  # queued: no worker shows it
+    assert harness.queue.records.transition(job_id, JobState.running, (JobState.queued,), worker="w-a", owner="t")
+    started = harness.queue.queue(ALPHA.name).started_job_registry
+    harness.rq_redis.zadd(started.key, {f"{job_id}:execution-1": 9e9})  # RQ's entry for a running execution
+    for name in ("w-a", "w-b"):
+        harness.redis.set(harness.queue.keys.worker_alive(name), "1", ex=30)
+    harness.redis.hset(worker_gauge_key(harness.queue.keys.prefix, "w-a"), "last_heartbeat", 1.0e9)
+    workers = {w.name: w for w in harness.queue.live_workers()}
+    assert set(workers) == {"w-a", "w-b"}
+    assert (workers["w-a"].job_id, workers["w-a"].job_tenant) == (job_id, "alpha")
+    assert workers["w-a"].last_heartbeat.timestamp() == 1.0e9
+    assert workers["w-b"].job_id is None and workers["w-b"].last_heartbeat is None

@@ -257,15 +257,14 @@ class JobQueue:
             return None
         counts = {state: 0 for state in JobState}
         done = total = 0
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), "state", "images_done", "images_total")
-            for state, images_done, images_total in pipe.execute():
-                if state is None:  # the record expired before the batch did
-                    continue
-                counts[JobState(state)] += 1
-                done += int(images_done or 0)
-                total += int(images_total or 0)
+        for state, images_done, images_total in self.records.summaries(
+            job_ids, "state", "images_done", "images_total"
+        ).values():
+            if state is None:  # the record expired before the batch did
+                continue
+            counts[JobState(state)] += 1
+            done += int(images_done or 0)
+            total += int(images_total or 0)
         return BatchPublic(batch_id=batch_id, job_ids=job_ids, counts=counts, images_done=done, images_total=total)
 
     def batch_job_ids(self, tenant: Tenant, batch_id: str) -> list[str] | None:
@@ -379,12 +378,9 @@ class JobQueue:
         with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hget(telemetry.worker_gauge_key(self.keys.prefix, name), "last_heartbeat")
-            for job_id in started:
-                pipe.hmget(self.keys.job(job_id), "worker", "tenant", "state")
-            replies = pipe.execute()
-        beats = replies[: len(names)]
+            beats = pipe.execute()
         running = {}
-        for job_id, (worker, tenant, state) in zip(started, replies[len(names) :], strict=False):
+        for job_id, (worker, tenant, state) in self.records.summaries(started, "worker", "tenant", "state").items():
             if worker and state == JobState.running.value:
                 running[worker] = {"job_id": job_id, "job_tenant": tenant}
         return [
