@@ -394,13 +394,15 @@ def by_train_count(test_results: dict[str, dict[tuple[int, int], dict]], labels:
         "|---|" + "---:|" * (len(counts) + 1),
     ]
     for name, table in test_results.items():
+        # per_group's keys are ints as measured and strings as read back from the JSON record
+        per_group = {k: {int(group): a for group, a in r["per_group"].items()} for k, r in table.items()}
         cells = []
         for n in counts:
             mean, se = mean_and_se(
-                {k: float(np.mean([r["per_group"][str(group)] for group in groups_of[n]])) for k, r in table.items()}
+                {k: float(np.mean([accuracy[group] for group in groups_of[n]])) for k, accuracy in per_group.items()}
             )
             cells.append(f"{100 * mean:.1f} ± {100 * se:.1f}")
-        at_zero = np.mean([sum(1 for a in r["per_group"].values() if a == 0) for r in table.values()])
+        at_zero = np.mean([sum(1 for a in accuracy.values() if a == 0) for accuracy in per_group.values()])
         lines.append(f"| {labels[name]} | " + " | ".join(cells) + f" | {at_zero:.1f} |")
     return lines
 
