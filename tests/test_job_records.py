@@ -95,6 +95,24 @@ def test_a_record_of_the_earlier_layout_keeps_its_results(records):
     assert len(records.read("old").public().results) == 2
 
 
+def test_a_restart_forgets_the_earlier_layouts_results_and_a_resume_moves_them(records):
+    """A job of the earlier layout that starts over (a take-over) shows none of its old results; one that resumes
+    keeps them, in its list from then on."""
+    earlier = [ImageResult(image_id=f"{i:064x}", seed=i) for i in range(2)]
+    for job_id in ("over", "resumed"):
+        create_job(records, job_id, num_images=4)
+        assert records.transition(job_id, *CLAIM, owner="w1")
+        records.redis.hset(
+            records.keys.job(job_id), "results", json.dumps([r.model_dump(mode="json") for r in earlier])
+        )
+    assert records.transition("over", *TAKE_OVER, expect_owner="w1", owner="w2", clear_results=True)
+    assert records.read("over").results == ()
+    assert records.adopt_earlier_results("resumed", "w1", earlier)
+    assert records.set_progress("resumed", "w1", results_from=2, results=[ImageResult(image_id="c" * 64, seed=2)])
+    assert [r.seed for r in records.read("resumed").results] == [0, 1, 2]
+    assert records.adopt_earlier_results("resumed", "w1", earlier) is False  # moved once
+
+
 @pytest.mark.parametrize("final", [JobState.finished, JobState.failed, JobState.canceled])
 def test_no_transition_leaves_a_final_state(records, final):
     create_job(records, "j1", num_images=2)

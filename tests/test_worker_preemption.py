@@ -172,3 +172,4 @@ def test_a_job_paused_by_an_earlier_version_resumes_with_its_images(setup):
     assert [r.seed for r in resumed.results] == [body["seed"] + i for i in range(12)]
     assert [r.image_id for r in resumed.results[: len(earlier)]] == [r["image_id"] for r in earlier]
     assert images_generated(worker, settings, "alpha") == 12
+    assert not redis.hexists(keys.job(paused), "results")  # moved into the list when it resumed

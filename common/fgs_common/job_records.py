@@ -82,7 +82,7 @@ class Keys:
 # KEYS: job hash, tenant queued-image counter, metrics counter hash, results list
 # ARGV: new state, comma-separated allowed current states, counter field of the new state,
 #       "1" when the new state is terminal, the owner token the record must carry ("" = any owner),
-#       "1" to empty the results list, then field/value pairs to write
+#       "1" to empty the results list (and the earlier layout's results field), then field/value pairs to write
 _TRANSITION_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
@@ -91,7 +91,7 @@ for s in string.gmatch(ARGV[2], '[^,]+') do if s == state then allowed = true en
 if not allowed then return 0 end
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[5] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
-if ARGV[6] == '1' then redis.call('DEL', KEYS[4]) end
+if ARGV[6] == '1' then redis.call('DEL', KEYS[4]); redis.call('HDEL', KEYS[1], 'results') end
 for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[4] == '1' then
   local n = tonumber(redis.call('HGET', KEYS[1], 'images_total') or '0')
@@ -211,6 +211,18 @@ class JobRecords:
         """Write progress `fields` of a running job owned by `owner`, and with `results_from` its `results` at that
         index of its results list (what lay at or past it is dropped); False (nothing written) if it lost the job."""
         return self._progress(**self._progress_call(job_id, owner, results_from, results, fields)) == 1
+
+    def adopt_earlier_results(self, job_id: str, owner: str, results: Sequence[ImageResult]) -> bool:
+        """A record of the earlier layout (before 6 Dec 2026 its results were one JSON array in the hash's `results`
+        field) that resumes under `owner`: `results` (as read) into its list, the field deleted, in one MULTI.
+        False when the record has no such field (nothing to do)."""
+        if not self.redis.hexists(self.keys.job(job_id), "results"):
+            return False
+        with self.redis.pipeline(transaction=True) as pipe:
+            self.queue_progress(pipe, job_id, owner, results_from=0, results=results)
+            pipe.hdel(self.keys.job(job_id), "results")
+            pipe.execute()
+        return True
 
     def queue_progress(
         self,

@@ -78,9 +78,9 @@ def claim_job(runtime: WorkerRuntime, record: JobRecord, retries_left: int, take
     if not claimed:
         return None
     if results:
-        # The results list written again, as it is: a job paused by a version that kept its results in the job
-        # hash (before 6 Dec 2026) has none in its list, and the chunks written after the first would hide them.
-        records.set_progress(job_id, owner, results_from=0, results=results)
+        # A job paused by a version that kept its results in the job hash has none in its list: moved there, or
+        # the chunks written from now on would hide them.
+        records.adopt_earlier_results(job_id, owner, results)
     created = record.created_at or started
     telemetry.observe(runtime.redis, runtime.keys.prefix, "queue_wait_seconds", max(0.0, started - created))
     params = record.request.generation_params()
