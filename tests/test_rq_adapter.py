@@ -17,7 +17,8 @@ RQ_INTERNALS = re.compile(
     r"redis_queue_namespace_prefix|Job\.key_for|from rq\.(worker|executions|registry|utils|defaults) import|"
     r"dequeue_job_and_maintain_ttl|prepare_job_execution|get_heartbeat_ttl|RQ_KEY_PREFIX\"\]|"
     # RQ's worker methods: overridden, or called out of RQ's own order, only in the adapter (its hooks are ours)
-    r"def (execute_job|run_maintenance_tasks|check_for_suspension|heartbeat|teardown|perform_job|handle_job_\w+)\(|"
+    r"def (execute_job|run_maintenance_tasks|check_for_suspension|heartbeat|teardown|perform_job|handle_job_\w+|"
+    r"reorder_queues|work|request_stop|request_force_stop|bootstrap|register_birth|register_death)\(|"
     r"should_run_maintenance_tasks|\.run_maintenance_tasks\(|super\(\)\.(execute_job|heartbeat|teardown)\("
 )
 

@@ -238,8 +238,10 @@ class RqWorker(SimpleWorker):
             self.forget_executions()
 
     def teardown(self) -> None:
-        super().teardown()
-        self.retire()
+        try:
+            super().teardown()  # RQ's register_death, which a Redis outage makes raise
+        finally:
+            self.retire()
 
     # ---- queues ----
     def queue(self, name: str) -> Queue:

@@ -97,7 +97,7 @@ class FgsWorker(RqWorker):
         self.shared_batch.finish(job_id, result=result, exc_info=exc_info)
 
     def rq_heartbeat(self) -> None:
-        """Called on every beat: keep RQ's view of this worker and its jobs alive during long jobs.
+        """Called on every beat inside a job: keep RQ's view of this worker and its jobs alive during long jobs.
 
         RQ scores a job's execution in the queue's started-job registry with an expiry time; another worker's
         maintenance retries an execution whose time has passed (AbandonedJobError). Refreshing it with

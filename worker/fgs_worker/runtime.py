@@ -47,7 +47,8 @@ class WorkerHost(Protocol):
     watchdog: JobWatchdog | NullWatchdog
 
     def rq_heartbeat(self) -> None:
-        """Keep RQ's view of the worker and of the executions it runs alive (called on every beat)."""
+        """Keep RQ's view of the worker and of the executions it runs alive (called on every beat inside a job;
+        between jobs RQ's own worker heartbeat runs in the idle loop, fgs_common.rq_adapter)."""
 
     def expire_executions(self) -> None:
         """Hand the running jobs' RQ executions to the abandon sweep (the watchdog, before it ends the process)."""
@@ -64,7 +65,8 @@ class WorkerHost(Protocol):
 
 
 class DetachedHost:
-    """The host of a runtime no RQ worker runs: no RQ to tell, no watchdog, no companions, nobody waiting."""
+    """The host outside a job (a worker's idle beats, or a runtime no RQ worker runs): no executions to keep alive,
+    no watchdog, no companions, nobody waiting."""
 
     def __init__(self) -> None:
         self.watchdog = NullWatchdog()
