@@ -602,8 +602,9 @@ def status(
                 out_console.print(f"failed {row.key}: {row.error}")
             if batch_ids := state.batch_ids():  # the service's view of the run, counts by state per batch
                 out_console.print(
-                    f"{len(batch_ids)} batch(es) submitted; the newest: {batch_ids[-1]} "
-                    f"(GET {url.rstrip('/')}/v1/batches/ID for any of them: {', '.join(batch_ids[-5:])})",
+                    f"{len(batch_ids)} batch(es) submitted; the newest: {batch_ids[-1]} (GET /v1/batches/ID on the "
+                    f"service the run used shows any of them by state; the last {min(5, len(batch_ids))}: "
+                    f"{', '.join(batch_ids[-5:])})",
                     soft_wrap=True,
                 )
         finally:
