@@ -21,6 +21,7 @@ jobs) that
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import tempfile
@@ -263,6 +264,10 @@ def run_worker(settings: Settings | None = None, name: str | None = None, ready_
     sweep_check_scratch(Path(tempfile.gettempdir()))  # what a killed worker's classifier check left
     log.info("loading model %s", settings.model)
     runtime = WorkerRuntime.load(settings, name=name)
+    # The model's Python objects live as long as the process: out of the collector's way, so that no collection
+    # walks them again. A worker's exit after SIGTERM spent its time in the interpreter's last collection: 1.8 s
+    # with fgs-digits on 2 quiet cores, 0.27 s frozen (2 runs each, 6 Dec 2026), and 12 to 20 s under load.
+    gc.freeze()
     log.info("worker %s ready on %s", runtime.name, runtime.device)
     worker = FgsWorker(runtime)
     try:
