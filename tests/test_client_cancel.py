@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from fgs_client import cli
 from fgs_client.balance_state import STATE_NAME, BalanceState
 from fgs_common.wire import GenerateRequest, JobState
+from support.live_calls import recorded_calls
 from support.service_settings import in_process_client, service_settings
 
 REQUEST = GenerateRequest(prompt="a digit", class_index=1, steps=2, guidance_every=1)
@@ -27,14 +28,7 @@ def test_cancel_deletes_each_batch_once_and_single_jobs_one_by_one(redis_server,
         state.record_batch_submitted(None, [("0/2", single, "{}")])
         state.close()
 
-        calls = []
-        request = client._http.request
-
-        def recorded(method, path, **kwargs):
-            calls.append((method, path))
-            return request(method, path, **kwargs)
-
-        monkeypatch.setattr(client._http, "request", recorded)
+        calls = recorded_calls(client, monkeypatch)
         monkeypatch.setattr(client, "close", lambda: None)
         monkeypatch.setattr(cli, "make_client", lambda url, api_key: client)
         result = CliRunner().invoke(cli.app, ["cancel", "--out", str(out)])

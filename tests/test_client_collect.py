@@ -16,6 +16,7 @@ from fgs_client.balance_state import STATE_NAME, BalanceState
 from fgs_client.dataset_readers import read_dataset
 from fgs_common.wire import JobState
 from support.dataset_trees import write_image
+from support.live_calls import recorded_calls
 from support.service_settings import in_process_client, service_settings
 
 
@@ -36,18 +37,6 @@ def run_and_state(redis_server, tmp_path):
         run.submitter.submit_chunk(state, 0, collect_some=lambda: None)
         yield run, state
         state.close()
-
-
-def recorded_calls(client, monkeypatch) -> list[tuple[str, str]]:
-    calls = []
-    request = client._http.request
-
-    def recorded(method, path, **kwargs):
-        calls.append((method, path))
-        return request(method, path, **kwargs)
-
-    monkeypatch.setattr(client._http, "request", recorded)
-    return calls
 
 
 def test_a_poll_asks_per_batch_and_reads_jobs_only_where_some_ended(run_and_state, monkeypatch):

@@ -223,17 +223,14 @@ def test_a_job_that_breaks_a_shared_call_is_charged_alone_and_its_batchmates_fin
     assert done.state is JobState.finished and len(done.results) == 3, done
 
 
-def test_a_companion_taken_over_by_another_worker_is_not_written_to(setup):
-    clients, worker, settings = setup
-    alpha = clients["alpha"]
-    first, second, third = submit_batch(alpha, [dict(JOB, seed=k) for k in range(3)])
-    records = JobRecords(worker.runtime.redis, settings.redis_prefix)
+def run_taken_over_at_second_unet_call(worker, records: JobRecords, job_id: str) -> None:
+    """Run the next batch while, at its 2nd UNet call, job `job_id` is taken over as another worker's claim of an
+    abandoned job does: a new owner token, written from the current owner only."""
 
     def take_over():
-        # what another worker's claim of an abandoned job writes: a new owner token, from the current owner only
-        owner = records.read(second).owner
+        owner = records.read(job_id).owner
         assert records.transition(
-            second, JobState.running, (JobState.running,), expect_owner=owner, owner="other:token", worker="other"
+            job_id, JobState.running, (JobState.running,), expect_owner=owner, owner="other:token", worker="other"
         )
 
     handle = on_unet_call(worker, 2, take_over)
@@ -241,6 +238,14 @@ def test_a_companion_taken_over_by_another_worker_is_not_written_to(setup):
         run_next_job(worker)
     finally:
         handle.remove()
+
+
+def test_a_companion_taken_over_by_another_worker_is_not_written_to(setup):
+    clients, worker, settings = setup
+    alpha = clients["alpha"]
+    first, second, third = submit_batch(alpha, [dict(JOB, seed=k) for k in range(3)])
+    records = JobRecords(worker.runtime.redis, settings.redis_prefix)
+    run_taken_over_at_second_unet_call(worker, records, second)
     lost = records.read(second)
     assert (lost.state, lost.owner, lost.worker) == (JobState.running, "other:token", "other")
     assert lost.images_done == 0 and lost.results == ()  # no progress, image or end written after
@@ -276,18 +281,7 @@ def test_a_job_lost_to_another_worker_is_left_to_it_in_rq(setup, lost_is):
     leader, companion, other = submit_batch(alpha, [dict(JOB, seed=k) for k in range(3)])
     lost_id = leader if lost_is == "leader" else companion
     records = JobRecords(worker.runtime.redis, settings.redis_prefix)
-
-    def take_over():
-        owner = records.read(lost_id).owner
-        assert records.transition(
-            lost_id, JobState.running, (JobState.running,), expect_owner=owner, owner="other:token", worker="other"
-        )
-
-    handle = on_unet_call(worker, 2, take_over)
-    try:
-        run_next_job(worker)
-    finally:
-        handle.remove()
+    run_taken_over_at_second_unet_call(worker, records, lost_id)
     lost_rq_job = Job.fetch(lost_id, connection=worker.connection, serializer=JSONSerializer)
     assert lost_rq_job.get_status() == "started", "the losing worker ended the RQ job of a job it no longer owns"
     assert lost_id not in lost_rq_job.started_job_registry.get_job_ids(cleanup=False)

@@ -105,3 +105,16 @@ __all__ = [
     "wait_final",
     "generate",
 ]
+
+
+def recorded_calls(client, monkeypatch) -> list[tuple[str, str]]:
+    """The (method, path) of every request an fgs_client.Client sends from now on (the calls still go out)."""
+    calls = []
+    request = client._http.request
+
+    def recorded(method, path, **kwargs):
+        calls.append((method, path))
+        return request(method, path, **kwargs)
+
+    monkeypatch.setattr(client._http, "request", recorded)
+    return calls

@@ -26,6 +26,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,7 @@ class FgsWorker(RqWorker):
         raise StopRequested()
 
     # ---- maintenance ----
-    def maintain(self, rq_maintenance) -> None:
+    def maintain(self, rq_maintenance: Callable[[], None]) -> None:
         # the tenant queues first: at start-up RQ knows only the idle queue, and the first pass is the one
         # that retries a job this process was working on when its watchdog ended it
         self._refresh_queues()
@@ -223,7 +224,7 @@ class FgsWorker(RqWorker):
         return result
 
     # ---- jobs ----
-    def run_job(self, job: Job, queue: Queue, rq_execute) -> None:
+    def run_job(self, job: Job, queue: Queue, rq_execute: Callable[[], None]) -> None:
         self.runtime.current_jobs = []  # set by run_generate_job once it owns the records
         try:
             with running_jobs(self.runtime, self):
