@@ -145,13 +145,23 @@ def test_pixel_diversity_across_seeds_grows_with_dropout(sampler):
     assert values[0] < values[1] < values[2], values
 
 
+@pytest.fixture(scope="module")
+def sampler_float64(model_dir) -> GuidedDDIMSampler:
+    """The same model in float64. Feedback amplifies rounding: in float32 on an AMD EPYC (AVX2, 2026-12-06) one of
+    the four images below came out 6.4e-3 away from its single call at ω 0.2 through the U-Net (the other three
+    within 2e-5; the machines of earlier sessions kept all four within 1e-4): the batched convolutions round
+    differently, and the entropy's gradient crosses a kink. In float64 all four are within 3e-6, so a real mixing
+    of the batch's rows still shows and rounding does not."""
+    return GuidedDDIMSampler(load_pipeline(str(model_dir), device="cpu", dtype=torch.float64))
+
+
 @pytest.mark.parametrize("path", list(GradientPath))
-def test_batch_of_four_equals_four_single_calls_with_feedback(sampler, classifier, path):
+def test_batch_of_four_equals_four_single_calls_with_feedback(sampler_float64, classifier, path):
     images, seeds = random_images(4, seed=2), [21, 22, 23, 24]
     common = dict(criterion="entropy", omega=0.2, classifier=classifier, dropout_p=0.3, gradient_path=path)
-    batch = run(sampler, conditioning_images=images, seeds=seeds, **common)
+    batch = run(sampler_float64, conditioning_images=images, seeds=seeds, **common)
     for i, seed in enumerate(seeds):
-        single = run(sampler, conditioning_images=[images[i]], seeds=[seed], **common)
+        single = run(sampler_float64, conditioning_images=[images[i]], seeds=[seed], **common)
         assert (single.pixels[0] - batch.pixels[i]).abs().max().item() <= 1e-4
         assert single.criterion_values[0] == pytest.approx(batch.criterion_values[i], abs=1e-4)
 
