@@ -150,8 +150,8 @@ def sampler_float64(model_dir) -> GuidedDDIMSampler:
     """The same model in float64. Feedback amplifies rounding: in float32 on an AMD EPYC (AVX2, 2026-12-06) one of
     the four images below came out 6.4e-3 away from its single call at ω 0.2 through the U-Net (the other three
     within 2e-5; the machines of earlier sessions kept all four within 1e-4): the batched convolutions round
-    differently, and the entropy's gradient crosses a kink. In float64 all four are within 3e-6, so a real mixing
-    of the batch's rows still shows and rounding does not."""
+    differently (1.5e-6 apart without feedback) and ω·∇C blows that up for one image. In float64 all four are within
+    3e-6, so a real mixing of the batch's rows still shows and rounding does not."""
     return GuidedDDIMSampler(load_pipeline(str(model_dir), device="cpu", dtype=torch.float64))
 
 
