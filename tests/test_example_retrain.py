@@ -12,6 +12,7 @@ from fgs_worker.model_loading import EMBEDDED_MODEL, EMBEDDED_MODELS_DIR
 from support.stack import start_stack
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "retrain_on_balanced.py"
+TRAIN = ("--train-steps", "150")
 
 
 def accuracy_rows(output: str) -> dict[str, list[float]]:
@@ -30,8 +31,10 @@ def test_the_retraining_example_trains_exports_balances_with_feedback_and_retrai
     work = tmp_path / "work"
     try:
         # the digits preset's entropy feedback, from the baseline the example trains and exports itself
+        # 150 training minibatches, not the example's 300: half the test's CPU; every model still clears the
+        # accuracy floor below with room (76 / 87 / 91 real only, 2026-12-06)
         small = ["--preset", "digits", "--target", "6", "--steps", "6", "--guidance-every", "2", "--no-progress"]
-        done = run_example(*small, "--work", str(work), env=env)
+        done = run_example(*small, *TRAIN, "--work", str(work), env=env)
     finally:
         stack.close()
     assert done.returncode == 0, done.stdout + done.stderr
@@ -51,7 +54,7 @@ def test_the_retraining_example_trains_exports_balances_with_feedback_and_retrai
     refused = run_example("--balanced", str(balanced), env=env)
     assert refused.returncode == 2 and "give --test" in refused.stdout + refused.stderr
     test = str(work / "digits-lt" / "test")
-    again = run_example("--balanced", str(balanced), "--test", test, "--no-progress", env=env)
+    again = run_example("--balanced", str(balanced), "--test", test, "--no-progress", *TRAIN, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     # real + synthetic read from manifest.csv both times: the same seeds and data give the same model
     assert accuracy_rows(" ".join(again.stdout.split()))["real + synthetic"] == rows["real + synthetic"]
