@@ -28,4 +28,7 @@ echo "==> ruff (lint and format, settings in pyproject.toml)"
 if [ "$fast" = 1 ]; then
   exec .venv/bin/python -m pytest -q -p no:cacheprovider -m "unit and not model" "$@"
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# One test process per core, whole modules each (module fixtures start once), in the order tests/conftest.py
+# gives them: the suite waits on its children (uvicorn, workers, CLIs) much of the time, so serially it kept a
+# 2-core machine only 55 % busy (bench/RESULTS.md, "The test suite"). `-n 0` after the script's name runs serially.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile --no-loadscope-reorder "$@"

@@ -52,6 +52,13 @@ def layer_of(item: pytest.Item) -> str:
     return "unit"
 
 
+def run_rank(item: pytest.Item) -> int:
+    """Where the item's module runs: process-starting modules first, in-process model modules next, the short
+    in-process ones last (see `pytest_collection_modifyitems`)."""
+    layer = item.stash[LAYER]
+    return 0 if layer == "stack" else 1 if item.get_closest_marker("model") else 2 if layer == "redis" else 3
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -59,6 +66,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.stash[LAYER] = layer
         if item.get_closest_marker(layer) is None:
             item.add_marker(layer)
+    # Whole modules in the order of their most expensive layer, collection order within a rank and a module.
+    # scripts/test.sh hands modules to two test processes in this order (pytest-xdist, --dist loadfile): the long
+    # stack modules start early and the short unit modules fill the end, so no process idles while the other runs
+    # one long test alone (xdist's own order, most tests first, left the two longest, one test each, to the end).
+    rank: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        module = item.nodeid.split("::")[0]
+        rank[module] = min(rank.get(module, 3), run_rank(item))
+        first.setdefault(module, index)
+    items.sort(key=lambda item: (rank[item.nodeid.split("::")[0]], first[item.nodeid.split("::")[0]]))
 
 
 def _refuse(what: str):
