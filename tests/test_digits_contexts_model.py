@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from fgs_client.digits_contexts import CONTEXTS
 from fgs_client.digits_lt import CLASS_NAMES
@@ -26,7 +25,6 @@ shipped = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def sampler() -> GuidedDDIMSampler:
-    torch.set_num_threads(2)
     return GuidedDDIMSampler(load_pipeline(MODEL, device="cpu"))
 
 

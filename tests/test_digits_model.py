@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import StableUnCLIPImg2ImgPipeline
 
 from fgs_client.digits_lt import digits_split, generator_indices, load_digit_arrays, original_style_image
@@ -19,7 +18,6 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "worker" / "fgs_worker" / "mod
 
 @pytest.fixture(scope="module")
 def pipeline() -> StableUnCLIPImg2ImgPipeline:
-    torch.set_num_threads(2)
     loaded = StableUnCLIPImg2ImgPipeline.from_pretrained(MODEL_DIR, local_files_only=True)
     loaded.set_progress_bar_config(disable=True)
     return loaded
