@@ -4,8 +4,12 @@ that release, and no other module of ours reaches into RQ's private methods, fie
 from __future__ import annotations
 
 import re
+import threading
+import time
+import uuid
 from pathlib import Path
 
+import redis
 import rq
 
 from fgs_common import rq_adapter
@@ -18,7 +22,8 @@ RQ_INTERNALS = re.compile(
     r"dequeue_job_and_maintain_ttl|prepare_job_execution|get_heartbeat_ttl|RQ_KEY_PREFIX\"\]|"
     # RQ's worker methods: overridden, or called out of RQ's own order, only in the adapter (its hooks are ours)
     r"def (execute_job|run_maintenance_tasks|check_for_suspension|heartbeat|teardown|perform_job|handle_job_\w+|"
-    r"reorder_queues|work|request_stop|request_force_stop|bootstrap|register_birth|register_death)\(|"
+    r"reorder_queues|work|request_stop|request_force_stop|bootstrap|register_birth|register_death|subscribe|"
+    r"unsubscribe)\(|"
     r"should_run_maintenance_tasks|\.run_maintenance_tasks\(|super\(\)\.(execute_job|heartbeat|teardown)\("
 )
 
@@ -57,3 +62,23 @@ def test_the_internals_check_finds_what_it_looks_for():
         "            super().execute_job(job, queue)",
     ]
     assert all(RQ_INTERNALS.search(line) for line in before)
+
+
+def test_a_workers_command_listener_stops_within_seconds(redis_server):
+    """RQ 3.0 listens for commands a minute per wait and redis-py 8's stop() waits for the listener: a worker's
+    shutdown once hung a minute in RQ's `unsubscribe` (`RqWorker.subscribe`). Stopped with no message to wake it,
+    ours ends within a few of its polls."""
+    connection = redis.Redis.from_url(redis_server)
+    queue = rq.Queue(f"adapter-test-{uuid.uuid4().hex[:8]}", connection=connection)
+    worker = rq_adapter.RqWorker([queue], f"adapter-{uuid.uuid4().hex[:8]}", connection, 60, 60)
+    worker.subscribe()
+    try:
+        time.sleep(0.5)  # the listener is in its wait
+        started = time.monotonic()
+        stopper = threading.Thread(target=worker.pubsub_thread.stop, daemon=True)
+        stopper.start()
+        stopper.join(timeout=10)
+        assert not stopper.is_alive(), "the listener still runs 10 s after it was asked to stop"
+        assert time.monotonic() - started <= 3 * rq_adapter.PUBSUB_POLL_S
+    finally:
+        worker.pubsub.close()

@@ -34,7 +34,11 @@ def test_ready_file_written_when_loaded_and_removed_on_sigterm(redis_server, tin
         answer = {"status": "ready", "redis": True, "workers": 1, "store_writable": True, "store_error": None}
         assert httpx.get(f"{stack.base_url}/readyz", timeout=5).json() == answer
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=30) == 0
+        try:
+            code = worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, (code, (tmp_path / "worker.log").read_text()[-3000:])
         assert not ready.exists()
     finally:
         if worker.poll() is None:

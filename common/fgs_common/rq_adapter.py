@@ -19,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 WRITTEN_FOR_RQ = "3.0.0"
+# How often the worker's command listener (RQ's pubsub thread) looks up from its wait: what stopping it can take
+PUBSUB_POLL_S = 1.0
 
 
 def export_rq_key_prefix() -> str:
@@ -140,6 +142,8 @@ class RqWorker(SimpleWorker):
       `wait_for_redis` instead of ending the worker; maintenance runs inside `maintain`;
     - `execute_job`: RQ's execution of a job runs inside `run_job`, and what RQ's cleanup left is forgotten after;
     - `teardown`: RQ's, then `retire`;
+    - `subscribe`: RQ's, with a listener that looks up every `PUBSUB_POLL_S`, so that RQ's `unsubscribe` at
+      shutdown does not wait a minute on it;
     - `reorder_queues`, `serve_in_order`: the round robin starts after the queue served last (`last_served`);
     - `prepare_job_execution`: every job passes through its queue's intermediate list (`take_job`);
     - `get_heartbeat_ttl`, `heartbeat_executions`, `expire_executions`: executions live `execution_ttl_s` past
@@ -208,6 +212,19 @@ class RqWorker(SimpleWorker):
             if result is not None:
                 self.reorder_queues(result[1])
                 return result
+
+    def subscribe(self) -> None:
+        # RQ 3.0 listens on its command channel with get_message(timeout=60), and redis-py 8's
+        # PubSubWorkerThread.stop() waits for the listener to end: a worker's shutdown hung up to 60 s in
+        # `unsubscribe` whenever the UNSUBSCRIBE reply was read before the stop flag was set (the listener went
+        # back to its minute's wait). Seen under load (tests/test_worker_lifecycle.py, 6 Dec 2026); a command
+        # still wakes the listener at once.
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=PUBSUB_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def check_for_suspension(self, burst: bool) -> None:
         try:
