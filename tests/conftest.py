@@ -15,6 +15,9 @@ A test is sorted by an explicit marker (on the test or the module's `pytestmark`
 `live_stack` fixture or a module that imports the stack helpers -> stack; the `redis_server` fixture -> redis;
 anything else -> unit. Across the layers, `model` marks the tests that run the diffusion model in process
 (minutes of CPU). `./scripts/test.sh --fast` runs `-m "unit and not model"`.
+
+Run order: whole modules, those that start processes first, then the in-process model modules, then the rest
+(`pytest_collection_modifyitems`); `./scripts/test.sh` hands them out in that order to one test process per core.
 """
 
 from __future__ import annotations
