@@ -28,11 +28,12 @@ echo "==> ruff (lint and format, settings in pyproject.toml)"
 if [ "$fast" = 1 ]; then
   exec .venv/bin/python -m pytest -q -p no:cacheprovider -m "unit and not model" "$@"
 fi
-# One test process per core, whole modules each (module fixtures start once), in the order tests/conftest.py
+# One test process per CPU, whole modules each (module fixtures start once), in the order tests/conftest.py
 # gives them: the suite waits on its children (uvicorn, workers, CLIs) much of the time, so serially it kept a
 # 2-core machine only 55 % busy (bench/RESULTS.md, "The test suite"). `-n 0` after the script's name runs serially.
 # One intra-op thread in every process the suite starts (the stack's workers already run with one): two test
 # processes that each ran the sampler on two threads kept a third process off the cores, and idle OpenMP threads
 # spin (tests/test_reduced_precision.py: 350 s of CPU with two threads on a loaded machine, about 40 s with one).
 export OMP_NUM_THREADS=1
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile --no-loadscope-reorder "$@"
+# At most 4 processes: each starts its own Redis and a stack of API and two workers; measured at 2 (this machine).
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder "$@"

@@ -70,7 +70,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.get_closest_marker(layer) is None:
             item.add_marker(layer)
     # Whole modules in the order of their most expensive layer, collection order within a rank and a module.
-    # scripts/test.sh hands modules to two test processes in this order (pytest-xdist, --dist loadfile): the long
+    # scripts/test.sh hands modules to its test processes in this order (pytest-xdist, --dist loadfile): the long
     # stack modules start early and the short unit modules fill the end, so no process idles while the other runs
     # one long test alone (xdist's own order, most tests first, left the two longest, one test each, to the end).
     rank: dict[str, int] = {}

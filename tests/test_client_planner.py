@@ -164,7 +164,8 @@ def test_the_digits_lt_command_writes_an_imagefolder_to_try_fgs_on(tmp_path):
     out = tmp_path / "digits-lt"
     result = runner.invoke(app, ["digits-lt", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    # the CLI's console took its width when it was imported: a long tmp path wraps lines wherever it falls
+    # line breaks folded: the CLI's console wraps at the terminal's width (fixed at import when COLUMNS is set
+    # then), and a long tmp path (a pytest-xdist worker's) moves where they fall
     said = " ".join(result.output.split())
     assert "185 images (zero 60, one 41" in said and "nine 2)" in said
     train = read_dataset("imagefolder", out / "train")

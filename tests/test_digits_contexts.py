@@ -35,7 +35,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("contexts") / "mini"
     result = CliRunner().invoke(app, ["digits-contexts", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    said = " ".join(result.output.split())  # wrapped at the width the CLI's console took when it was imported
+    said = " ".join(result.output.split())  # line breaks folded: see the rebuild test below
     assert "360 images in 40 of 60 class x context groups (largest 24, 20 empty)" in said
     assert "--dataset nico++" in said and "--target 24" in said
     return out
@@ -114,5 +114,6 @@ def test_seeded_rebuild_is_identical_and_the_command_does_not_overwrite(built: P
     again = build_digits_contexts(tmp_path / "again")
     assert tree_digest(again) == tree_digest(built)
     result = CliRunner().invoke(app, ["digits-contexts", "--out", str(built)])
-    # the CLI's console took its width when it was imported, so a long path wraps the line wherever it falls
+    # line breaks folded: the CLI's console wraps at the terminal's width (fixed at import when COLUMNS is set
+    # then), and a long tmp path (a pytest-xdist worker's) moves where they fall
     assert result.exit_code == 0 and "already holds Digits-Contexts" in " ".join(result.output.split())

@@ -151,7 +151,8 @@ def sampler_float64(model_dir) -> GuidedDDIMSampler:
     the four images below came out 6.4e-3 away from its single call at ω 0.2 through the U-Net (the other three
     within 2e-5; the machines of earlier sessions kept all four within 1e-4): the batched convolutions round
     differently (1.5e-6 apart without feedback) and ω·∇C blows that up for one image. In float64 all four are within
-    3e-6, so a real mixing of the batch's rows still shows and rounding does not."""
+    3e-6 (the classifier stays in float32), so the test holds them to 1e-5: a real mixing of the batch's rows
+    still shows, rounding does not."""
     return GuidedDDIMSampler(load_pipeline(str(model_dir), device="cpu", dtype=torch.float64))
 
 
@@ -162,7 +163,7 @@ def test_batch_of_four_equals_four_single_calls_with_feedback(sampler_float64, c
     batch = run(sampler_float64, conditioning_images=images, seeds=seeds, **common)
     for i, seed in enumerate(seeds):
         single = run(sampler_float64, conditioning_images=[images[i]], seeds=[seed], **common)
-        assert (single.pixels[0] - batch.pixels[i]).abs().max().item() <= 1e-4
+        assert (single.pixels[0] - batch.pixels[i]).abs().max().item() <= 1e-5
         assert single.criterion_values[0] == pytest.approx(batch.criterion_values[i], abs=1e-4)
 
 

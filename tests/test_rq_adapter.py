@@ -23,7 +23,7 @@ RQ_INTERNALS = re.compile(
     # RQ's worker methods: overridden, or called out of RQ's own order, only in the adapter (its hooks are ours)
     r"def (execute_job|run_maintenance_tasks|check_for_suspension|heartbeat|teardown|perform_job|handle_job_\w+|"
     r"reorder_queues|work|request_stop|request_force_stop|bootstrap|register_birth|register_death|subscribe|"
-    r"unsubscribe)\(|"
+    r"unsubscribe)\(|_pubsub_exception_handler|\.pubsub_thread\b|"
     r"should_run_maintenance_tasks|\.run_maintenance_tasks\(|super\(\)\.(execute_job|heartbeat|teardown)\("
 )
 
@@ -60,6 +60,8 @@ def test_the_internals_check_finds_what_it_looks_for():
         "    def run_maintenance_tasks(self):",  # fgs_worker.main overrode RQ's worker methods until 6 Dec 2026
         "            if self.should_run_maintenance_tasks:",
         "            super().execute_job(job, queue)",
+        "    def subscribe(self) -> None:",  # RqWorker's since 6 Dec 2026: the command listener's wait
+        "            sleep_time=PUBSUB_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler",
     ]
     assert all(RQ_INTERNALS.search(line) for line in before)
 
