@@ -17,7 +17,7 @@ anything else -> unit. Across the layers, `model` marks the tests that run the d
 (minutes of CPU). `./scripts/test.sh --fast` runs `-m "unit and not model"`.
 
 Run order: whole modules, those that start processes first, then the in-process model modules, then the rest
-(`pytest_collection_modifyitems`); `./scripts/test.sh` hands them out in that order to one test process per core.
+(`pytest_collection_modifyitems`); `./scripts/test.sh` hands them out in that order to one test process per CPU.
 """
 
 from __future__ import annotations
@@ -76,10 +76,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank: dict[str, int] = {}
     first: dict[str, int] = {}
     for index, item in enumerate(items):
-        module = item.nodeid.split("::")[0]
-        rank[module] = min(rank.get(module, 3), run_rank(item))
-        first.setdefault(module, index)
-    items.sort(key=lambda item: (rank[item.nodeid.split("::")[0]], first[item.nodeid.split("::")[0]]))
+        rank[item.path] = min(rank.get(item.path, 3), run_rank(item))
+        first.setdefault(item.path, index)
+    items.sort(key=lambda item: (rank[item.path], first[item.path]))
 
 
 def _refuse(what: str):
