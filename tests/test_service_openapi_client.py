@@ -1,6 +1,6 @@
 """A third party's generated client works as it is: openapi-python-client (the dev extra) generates a client from
 the live /openapi.json, and that code alone uploads an image and a classifier, submits a guided job, waits on it and
-downloads its PNG (a live uvicorn and a worker on the tiny model)."""
+downloads its PNG (the session's live uvicorn and workers on the tiny model)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from support.live_calls import png_bytes
-from support.stack import start_stack
 from support.tiny_classifier import TinyClassifier
 
 PACKAGE = "fgs_generated_client"
@@ -32,13 +31,6 @@ content_type_overrides:
   image/png: application/octet-stream
   image/webp: application/octet-stream
 """
-
-
-@pytest.fixture(scope="module")
-def stack(redis_server, tiny_model_dir, tmp_path_factory):
-    live = start_stack(redis_server, tiny_model_dir, tmp_path_factory.mktemp("generated"), workers=1)
-    yield live
-    live.close()
 
 
 def generate_client(base_url: str, directory: Path):
@@ -67,7 +59,8 @@ def generate_client(base_url: str, directory: Path):
         sys.path.remove(str(directory))
 
 
-def test_a_generated_client_uploads_generates_waits_and_downloads(stack, tmp_path):
+def test_a_generated_client_uploads_generates_waits_and_downloads(live_stack, tmp_path):
+    stack = live_stack  # the session's stack: this test needs nothing of its own
     generated = generate_client(stack.base_url, tmp_path)
     api = importlib.import_module(f"{PACKAGE}.api")
     models = importlib.import_module(f"{PACKAGE}.models")
