@@ -12,14 +12,13 @@ repeats, and the ratio of the means.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-
-import torch
 
 CHILD = """
 import gc, json, resource, sys, time
@@ -28,24 +27,23 @@ if sys.argv[1] == "collector on":
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-wall = time.perf_counter()
+cpu0, wall0 = cpu(), time.perf_counter()
 import fgs_worker.main
 from fgs_worker.model_loading import load_pipeline
-imported = (cpu(), time.perf_counter() - wall)
+imported = {"import_cpu": cpu() - cpu0, "import_wall": time.perf_counter() - wall0, "collecting": gc.isenabled()}
 load_pipeline(sys.argv[2], device="cpu")
-print(json.dumps({"import_cpu": imported[0], "import_wall": imported[1], "total_cpu": cpu(),
-                  "total_wall": time.perf_counter() - wall, "collector_on_after_import": gc.isenabled()}))
+print(json.dumps(imported | {"total_cpu": cpu() - cpu0, "total_wall": time.perf_counter() - wall0}))
 """
 KINDS = ("collector on", "as shipped")
 
 
 def start(kind: str, model: str) -> dict[str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # as a worker of `fgs up` on this machine (fgs_common.settings)
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, kind, model], env=env, capture_output=True, text=True, check=True
-    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # as the test suite's workers (tests/support/stack.py)
+    done = subprocess.run([sys.executable, "-c", CHILD, kind, model], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"a {kind!r} start failed:\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    assert row.pop("collector_on_after_import"), "the collector must be back on once the worker has imported"
+    assert row.pop("collecting"), f"{kind}: the collector must be on again once the worker has imported"
     return row
 
 
@@ -56,8 +54,10 @@ def mean_se(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny (built in memory) or a model directory")
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=6, help="starts of each kind (at least 2: the SE)")
     args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2 (the standard error needs two starts)")
     start("as shipped", args.model)  # warm-up: page cache and .pyc files
     runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
     for _ in range(args.repeats):
@@ -65,7 +65,8 @@ def main() -> None:
             runs[kind].append(start(kind, args.model))
     print(
         f"# bench/worker_start.py: model={args.model}, {args.repeats} starts of each kind, alternating; "
-        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+        f"torch {importlib.metadata.version('torch')}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.1f}"
     )
     print("| phase | measure | collector on (s) | as shipped (s) | as shipped / collector on |")
     print("|---|---|---|---|---|")

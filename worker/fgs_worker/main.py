@@ -22,41 +22,42 @@ from __future__ import annotations
 
 import gc
 
-# Importing torch, diffusers and transformers leaves about 450,000 objects the collector tracks and next to no
-# garbage, and with the collector on it walks them over a thousand times while they load (gc.get_stats(): 10,000
-# objects freed in 1,206 collections): a tenth of a worker's start-up CPU (bench/worker_start.py). Off for the
-# imports below; on again after them.
+# Importing torch, diffusers and transformers leaves about 450,000 objects that the collector tracks
+# (len(gc.get_objects())) and next to no garbage: with the collector on, a worker has run 1,206 collections by the
+# end of these imports, and they have freed 10,000 objects in all (gc.get_stats()). That is a tenth of a worker's
+# start-up CPU (bench/worker_start.py). Off for the imports below; on again after them, also when one of them
+# fails (tests import this module into the test process).
 _collecting = gc.isenabled()
 gc.disable()
+try:
+    import argparse
+    import logging
+    import sys
+    import tempfile
+    import time
+    from collections.abc import Callable
+    from pathlib import Path
+    from typing import Any
 
-import argparse
-import logging
-import sys
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+    import redis
+    from pydantic import ValidationError
+    from rq import Queue
+    from rq.exceptions import StopRequested
+    from rq.job import Job, JobStatus
+    from rq.serializers import JSONSerializer
 
-import redis
-from pydantic import ValidationError
-from rq import Queue
-from rq.exceptions import StopRequested
-from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
-
-from fgs_common.atomic_files import write_atomic
-from fgs_common.classifier_sandbox import sweep_check_scratch
-from fgs_common.job_records import ACTIVE_STATES, now_ts
-from fgs_common.rq_adapter import RqWorker, queue_key
-from fgs_common.settings import Settings, get_settings
-from fgs_common.wire import ErrorBody, JobState
-from fgs_worker.runtime import WorkerRuntime, running_jobs
-from fgs_worker.shared_batch import ExcInfo, SharedBatch
-from fgs_worker.watchdog import JobWatchdog, NullWatchdog
-
-if _collecting:
-    gc.enable()
+    from fgs_common.atomic_files import write_atomic
+    from fgs_common.classifier_sandbox import sweep_check_scratch
+    from fgs_common.job_records import ACTIVE_STATES, now_ts
+    from fgs_common.rq_adapter import RqWorker, queue_key
+    from fgs_common.settings import Settings, get_settings
+    from fgs_common.wire import ErrorBody, JobState
+    from fgs_worker.runtime import WorkerRuntime, running_jobs
+    from fgs_worker.shared_batch import ExcInfo, SharedBatch
+    from fgs_worker.watchdog import JobWatchdog, NullWatchdog
+finally:
+    if _collecting:
+        gc.enable()
 
 log = logging.getLogger("fgs.worker")
 
